@@ -1,0 +1,2039 @@
+"""minisup: a process supervisor in one file that speaks Circus's protocol.
+
+minisup starts the programs an INI file describes, restarts them when they
+die, stops them cleanly and answers a ZeroMQ control socket in Circus's JSON
+protocol, so ``circusctl``, ``circus.client.CircusClient`` and ``python -m
+minisup ctl`` all drive it.
+
+Threads
+-------
+Each piece of mutable state has exactly one owning thread; threads meet only
+at a ``queue`` plus a wake-up pipe, never at a lock around shared state.
+
+* The **main thread** runs the CLI and alone installs signal handlers.  A
+  handler only submits a job and wakes the worker (``Daemon.request_quit``).
+* The **controller thread** (``Controller``) alone touches zmq sockets.  It
+  blocks in a ``zmq.Poller`` over the ROUTER control socket and its own
+  wake-up pipe, decodes and validates each request, hands it to the worker
+  as a ``Job`` and sends back whatever replies the worker has posted.
+* The **worker thread** (``Arbiter``) alone touches watchers and processes.
+  It blocks in a selector over its wake-up pipe and one pidfd per child, so a
+  child's death is seen the moment it happens.  Each tick it drains every
+  queued job, reaps what died, then ``manage_watchers`` spawns, signals and
+  kills against deadlines on a monotonic (injectable) clock.  It never
+  sleeps: the selector's timeout is the time to the next deadline.
+
+Life of a process
+-----------------
+A watcher in state ``starting`` or ``active`` keeps ``numprocesses`` children
+running.  Each child leads its own process group, so a Ctrl-C at the terminal
+reaches only the daemon.  Stopping a child sends ``stop_signal`` and sets a
+deadline ``graceful_timeout`` ahead; a child still alive then gets SIGKILL
+(to its whole group).  The worker alone waits for children, one pid at a
+time, so an in-process daemon never reaps its host's other children and a
+pid is never signalled after it was reaped (and could have been reused).
+A child that dies while wanted is replaced at once; one that keeps dying
+young is replaced after a growing delay, so a crash loop never spins.
+
+Protocol
+--------
+A request is one JSON frame ``{"id", "command", "properties", "msg_type"}``
+on a ROUTER socket; the reply carries ``status``, ``time``, ``id`` and, on
+error, ``reason`` and Circus's ``errno``.  A command with ``waiting: true``
+is answered when its action completes, later, without blocking any loop.
+
+Sections
+--------
+Errors, Helpers, Config, Process, Watcher, Arbiter, Commands, Controller,
+Daemon, Client, CLI; ``grep -n '^# ===' minisup.py`` lists them.
+"""
+
+from __future__ import annotations
+
+__version__ = "0.1.0"
+
+import argparse
+import configparser
+import dataclasses
+import fnmatch
+import functools
+import ipaddress
+import json
+import logging
+import os
+import queue
+import re
+import selectors
+import shlex
+import signal
+import socket
+import stat
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+import traceback
+from collections.abc import Callable, Iterable
+from typing import Any, NamedTuple, Self
+
+import zmq
+
+__all__ = [
+    "CallError", "Client", "Config", "ConfigError", "Daemon", "MinisupError",
+    "WatcherConfig", "load_config", "main", "parse_config",
+]
+
+logger = logging.getLogger("minisup")
+
+#: pidfd_open (Linux 5.3+) lets the worker's selector see a child's death.
+HAS_PIDFD = hasattr(os, "pidfd_open")
+
+
+# ============================================================== Errors ======
+
+# Circus's wire error numbers.
+NOT_SPECIFIED = 0
+INVALID_JSON = 1
+UNKNOWN_COMMAND = 2
+MESSAGE_ERROR = 3
+OS_ERROR = 4
+COMMAND_ERROR = 5
+BAD_MSG_DATA_ERROR = 6
+
+
+class MinisupError(Exception):
+    """Base of every error minisup raises; ``errno`` is the wire number."""
+
+    errno = COMMAND_ERROR
+
+    def __init__(self, reason: str, errno: int | None = None) -> None:
+        super().__init__(reason)
+        self.reason = reason
+        self.tb: str | None = None
+        if errno is not None:
+            self.errno = errno
+
+    def __str__(self) -> str:
+        return self.reason
+
+
+class MessageError(MinisupError):
+    """A request that is malformed or names something that does not exist."""
+
+    errno = MESSAGE_ERROR
+
+
+class ConfigError(MinisupError):
+    """A bad configuration: names the file, section, option and value."""
+
+    errno = MESSAGE_ERROR
+
+    def __init__(self, reason: str, source: str | None = None,
+                 section: str | None = None, option: str | None = None,
+                 value: Any = None) -> None:
+        self.source, self.section = source, section
+        self.option, self.value = option, value
+        where = ": ".join(p for p in (source, section and f"[{section}]") if p)
+        what = f"{option} = {value!r}: " if option else ""
+        super().__init__(f"{where}: {what}{reason}" if where else what + reason)
+
+
+class CallError(MinisupError):
+    """The client got no answer from the daemon in time."""
+
+    errno = NOT_SPECIFIED
+
+
+# ============================================================= Helpers ======
+
+TRUE_WORDS = {"1", "true", "yes", "on", "y", "t"}
+FALSE_WORDS = {"0", "false", "no", "off", "n", "f", ""}
+
+
+def parse_bool(text: str) -> bool:
+    """Parse an INI boolean the way Circus accepts them; raise ValueError."""
+    word = text.strip().lower()
+    if word in TRUE_WORDS:
+        return True
+    if word in FALSE_WORDS:
+        return False
+    raise ValueError("not a boolean (use true or false)")
+
+
+def parse_signal(value: str | int) -> int:
+    """Return the signal number for 9, "9", "KILL" or "SIGKILL"."""
+    if isinstance(value, int) and not isinstance(value, bool):
+        number = value
+    elif isinstance(value, str) and value.strip().isdigit():
+        number = int(value)
+    elif isinstance(value, str):
+        name = value.strip().upper()
+        name = name if name.startswith("SIG") else "SIG" + name
+        try:
+            return int(signal.Signals[name])
+        except KeyError:
+            raise ValueError("not a signal name") from None
+    else:
+        raise ValueError("not a signal")
+    if number not in signal.valid_signals():
+        raise ValueError("not a valid signal number")
+    return number
+
+
+class Waker:
+    """A non-blocking pipe that wakes a thread blocked in poll or select.
+
+    ``wake`` may be called from any thread and from signal handlers; only the
+    owning thread calls ``drain``.
+    """
+
+    def __init__(self) -> None:
+        self.read_fd, self.write_fd = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
+
+    def fileno(self) -> int:
+        return self.read_fd
+
+    def wake(self) -> None:
+        try:
+            os.write(self.write_fd, b"\0")
+        except (BlockingIOError, OSError):
+            # A full pipe already guarantees a wake-up; a closed one means
+            # the owner has gone away and nobody needs waking.
+            pass
+
+    def drain(self) -> None:
+        try:
+            while os.read(self.read_fd, 4096):
+                pass
+        except BlockingIOError:
+            pass
+
+    def close(self) -> None:
+        for fd in (self.read_fd, self.write_fd):
+            try:
+                os.close(fd)
+            except OSError:
+                pass  # already closed: close() is idempotent
+
+
+def default_endpoint() -> str:
+    """The private ipc endpoint that ``run`` and ``ctl`` agree on by default."""
+    runtime = os.environ.get("XDG_RUNTIME_DIR")
+    if runtime and os.path.isdir(runtime) and os.access(runtime, os.W_OK):
+        folder = os.path.join(runtime, "minisup")
+    else:
+        folder = os.path.join(tempfile.gettempdir(), f"minisup-{os.geteuid()}")
+    return "ipc://" + os.path.join(folder, "control.sock")
+
+
+LOOPBACK_NAMES = {"localhost", "localhost.localdomain", "ip6-localhost"}
+
+
+def check_endpoint(endpoint: str) -> str:
+    """Return ``endpoint`` if minisup may bind it; raise ConfigError if not.
+
+    Until the control channel has authentication, only ipc:// and loopback
+    tcp:// endpoints are allowed: anyone who reaches the socket can run
+    commands as the daemon's user.
+    """
+    if endpoint.startswith("ipc://") and len(endpoint) > len("ipc://"):
+        return endpoint
+    match = re.fullmatch(r"tcp://\[?([^\]]+?)\]?:(\d+|\*)", endpoint)
+    if not match:
+        raise ConfigError("use ipc://PATH or tcp://127.0.0.1:PORT",
+                          option="endpoint", value=endpoint)
+    host = match.group(1)
+    try:
+        loopback = ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        loopback = host.lower() in LOOPBACK_NAMES
+    if not loopback:
+        raise ConfigError(
+            "refusing to listen beyond loopback: the control channel has no "
+            "authentication yet", option="endpoint", value=endpoint)
+    return endpoint
+
+
+def prepare_ipc_endpoint(endpoint: str) -> str | None:
+    """Make the private folder of an ipc endpoint; return the socket path.
+
+    Called by the controller thread before it binds.  The default folder is
+    created 0700; a folder owned by another user is refused, since whoever
+    owns it could swap the socket.  A socket that a live daemon still
+    answers on is refused too: libzmq would silently unlink and steal it.
+    """
+    if not endpoint.startswith("ipc://"):
+        return None
+    path = os.path.abspath(endpoint[len("ipc://"):])
+    folder = os.path.dirname(path)
+    os.makedirs(folder, mode=0o700, exist_ok=True)
+    info = os.stat(folder)
+    if info.st_uid != os.geteuid():
+        raise ConfigError(f"folder {folder} belongs to uid {info.st_uid}",
+                          option="endpoint", value=endpoint)
+    if endpoint == default_endpoint() and stat.S_IMODE(info.st_mode) != 0o700:
+        os.chmod(folder, 0o700)
+    if os.path.exists(path) and _socket_answers(path):
+        raise ConfigError("another daemon is already listening there",
+                          option="endpoint", value=endpoint)
+    return path
+
+
+def _socket_answers(path: str) -> bool:
+    """Tell whether something accepts connections on the unix socket path."""
+    probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    try:
+        probe.settimeout(1.0)
+        probe.connect(path)
+        return True
+    except OSError:
+        return False  # refused or not a socket: a stale file, safe to reuse
+    finally:
+        probe.close()
+
+
+# ============================================================== Config ======
+
+class Kind(NamedTuple):
+    """How one option is read from INI text and checked from JSON."""
+
+    from_text: Callable[[str], Any]
+    from_json: Callable[[Any], Any]
+
+
+def _is_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _json_int(minimum: int) -> Callable[[Any], int]:
+    def check(value: Any) -> int:
+        if not _is_int(value):
+            raise ValueError("isn't an integer")
+        if value < minimum:
+            raise ValueError(f"must be at least {minimum}")
+        return value
+    return check
+
+
+def _text_int(minimum: int) -> Callable[[str], int]:
+    def parse(text: str) -> int:
+        try:
+            value = int(text.strip())
+        except ValueError:
+            raise ValueError("not an integer") from None
+        return _json_int(minimum)(value)
+    return parse
+
+
+def _json_seconds(value: Any) -> float:
+    if not (_is_int(value) or isinstance(value, float)):
+        raise ValueError("isn't a number")
+    if not value >= 0 or value == float("inf"):
+        raise ValueError("must be a finite number of seconds >= 0")
+    return float(value)
+
+
+def _text_seconds(text: str) -> float:
+    try:
+        value = float(text.strip())
+    except ValueError:
+        raise ValueError("not a number of seconds") from None
+    return _json_seconds(value)
+
+
+def _json_bool(value: Any) -> bool:
+    if not isinstance(value, bool):
+        raise TypeError("isn't a boolean")
+    return value
+
+
+def _json_str(value: Any) -> str:
+    if not isinstance(value, str):
+        raise TypeError("isn't a string")
+    return value
+
+
+def _json_signal(value: Any) -> int:
+    if isinstance(value, bool) or not isinstance(value, (int, str)):
+        raise TypeError("isn't a signal")
+    return parse_signal(value)
+
+
+def _json_args(value: Any) -> list[str]:
+    if isinstance(value, str):
+        return shlex.split(value)
+    if isinstance(value, list) and all(isinstance(a, str) for a in value):
+        return list(value)
+    raise ValueError("must be a string or a list of strings")
+
+
+def _json_env(value: Any) -> dict[str, str]:
+    if not isinstance(value, dict) or not all(
+            isinstance(v, str) for v in value.values()):
+        raise ValueError("must be an object of strings")
+    return dict(value)
+
+
+def _not_in_ini(text: str) -> Any:
+    raise ValueError("set it in an [env] or [env:NAME] section")
+
+
+INT = Kind(_text_int(-2**63), _json_int(-2**63))
+COUNT = Kind(_text_int(0), _json_int(0))
+RETRIES = Kind(_text_int(-1), _json_int(-1))
+SECONDS = Kind(_text_seconds, _json_seconds)
+BOOL = Kind(parse_bool, _json_bool)
+STR = Kind(str.strip, _json_str)
+SIGNAL = Kind(parse_signal, _json_signal)
+ARGS = Kind(shlex.split, _json_args)
+ENV = Kind(_not_in_ini, _json_env)
+
+#: Watcher options minisup understands: name -> kind.  Defaults live on
+#: WatcherConfig.  ``add`` and the INI reader both go through this table.
+WATCHER_OPTIONS: dict[str, Kind] = {
+    "cmd": STR, "args": ARGS, "numprocesses": COUNT, "working_dir": STR,
+    "shell": BOOL, "copy_env": BOOL, "env": ENV, "graceful_timeout": SECONDS,
+    "stop_signal": SIGNAL, "respawn": BOOL, "autostart": BOOL,
+    "warmup_delay": SECONDS, "priority": INT, "singleton": BOOL,
+    "max_retry": RETRIES, "retry_in": SECONDS,
+}
+
+#: Circus options minisup does not implement yet: refused, never ignored.
+NOT_YET_OPTIONS = {
+    "uid", "gid", "send_hup", "stop_children", "hooks", "stdout_stream",
+    "stderr_stream", "max_age", "max_age_variance", "close_child_stdin",
+    "close_child_stdout", "close_child_stderr", "use_sockets", "umask",
+    "copy_path", "shell_args", "executable", "stdin_socket",
+}
+NOT_YET_PREFIXES = ("stdout_stream.", "stderr_stream.", "rlimit_", "hooks.")
+
+#: ``[circus]`` options: name -> kind.
+GLOBAL_OPTIONS: dict[str, Kind] = {
+    "endpoint": STR, "check_delay": SECONDS, "warmup_delay": SECONDS,
+    "loglevel": STR, "logoutput": STR,
+}
+
+
+@dataclasses.dataclass
+class WatcherConfig:
+    """What one ``[watcher:NAME]`` section (or an ``add``) asks for."""
+
+    name: str
+    cmd: str
+    args: list[str] = dataclasses.field(default_factory=list)
+    numprocesses: int = 1
+    working_dir: str | None = None
+    shell: bool = False
+    copy_env: bool = False
+    env: dict[str, str] = dataclasses.field(default_factory=dict)
+    graceful_timeout: float = 30.0
+    stop_signal: int = int(signal.SIGTERM)
+    respawn: bool = True
+    autostart: bool = True
+    warmup_delay: float = 0.0
+    priority: int = 0
+    singleton: bool = False
+    max_retry: int = 5
+    retry_in: float = 1.0
+
+    def __post_init__(self) -> None:
+        self.name = self.name.lower()
+        if self.singleton:
+            self.numprocesses = min(self.numprocesses, 1)
+
+    def options(self) -> dict[str, Any]:
+        """Every option as JSON-ready values (what ``options`` replies)."""
+        return {k: v for k, v in dataclasses.asdict(self).items() if k != "name"}
+
+
+@dataclasses.dataclass
+class Config:
+    """A whole daemon configuration; ``load_config`` makes one from a file."""
+
+    watchers: list[WatcherConfig] = dataclasses.field(default_factory=list)
+    endpoint: str = dataclasses.field(default_factory=default_endpoint)
+    check_delay: float = 5.0
+    warmup_delay: float = 0.0
+    loglevel: str = "info"
+    logoutput: str = "-"
+    source: str | None = None
+    warnings: list[str] = dataclasses.field(default_factory=list)
+
+
+def load_config(path: str | os.PathLike) -> Config:
+    """Read and check an INI file; raise ConfigError.  Starts nothing."""
+    source = os.fspath(path)
+    try:
+        with open(source, encoding="utf-8") as stream:
+            text = stream.read()
+    except (OSError, UnicodeDecodeError) as exc:
+        raise ConfigError(f"cannot read the file: {exc}", source) from None
+    return parse_config(text, source)
+
+
+def parse_config(text: str, source: str = "<string>",
+                 environ: dict[str, str] | None = None) -> Config:
+    """Check Circus-style INI ``text`` and return a Config; pure.
+
+    ``environ`` (default ``os.environ``) expands ``$VAR`` in env sections.
+    An unknown option is a warning in ``Config.warnings``; a bad value is a
+    ConfigError naming the file, section, option and value.
+    """
+    parser = configparser.ConfigParser(
+        interpolation=None, inline_comment_prefixes=(";",),
+        default_section="\0")
+    parser.optionxform = str  # env names keep their case
+    try:
+        parser.read_string(text, source)
+    except configparser.Error as exc:
+        raise ConfigError(str(exc).replace("\n", " "), source) from None
+    config = Config(source=source)
+    environ = os.environ if environ is None else environ
+    if parser.has_section("circus"):
+        _read_global(config, parser["circus"])
+    envs = [(s[len("env"):].lstrip(":"), _read_env(parser[s], environ))
+            for s in parser.sections() if s == "env" or s.startswith("env:")]
+    for section in parser.sections():
+        if section.startswith("watcher:"):
+            config.watchers.append(_read_watcher(config, parser[section], envs))
+        elif section != "circus" and not section.startswith("env"):
+            config.warnings.append(
+                f"{source}: [{section}]: section not supported, ignored")
+    return config
+
+
+def _read_global(config: Config, section: configparser.SectionProxy) -> None:
+    for option, text in section.items():
+        key = option.lower()
+        kind = GLOBAL_OPTIONS.get(key)
+        if kind is None:
+            config.warnings.append(f"{config.source}: [circus]: unknown option "
+                                   f"{option!r}, ignored")
+            continue
+        value = _parse_value(kind, config.source, "circus", option, text)
+        setattr(config, key, value)
+    try:
+        check_endpoint(config.endpoint)
+    except ConfigError as exc:
+        raise ConfigError(exc.reason.split(": ", 1)[-1], config.source,
+                          "circus", "endpoint", config.endpoint) from None
+
+
+def _parse_value(kind: Kind, source: str | None, section: str, option: str,
+                 text: str) -> Any:
+    try:
+        return kind.from_text(text)
+    except ValueError as exc:
+        raise ConfigError(str(exc), source, section, option, text) from None
+
+
+def _read_env(section: configparser.SectionProxy,
+              environ: dict[str, str]) -> dict[str, str]:
+    return {name: expand_vars(value, environ) for name, value in section.items()}
+
+
+def expand_vars(text: str, environ: dict[str, str]) -> str:
+    """Replace ``$VAR`` and ``${VAR}`` from ``environ`` (unknown: empty)."""
+    return re.sub(r"\$(?:\{(\w+)\}|(\w+))",
+                  lambda m: environ.get(m.group(1) or m.group(2), ""), text)
+
+
+def _read_watcher(config: Config, section: configparser.SectionProxy,
+                  envs: list[tuple[str, dict[str, str]]]) -> WatcherConfig:
+    name = section.name[len("watcher:"):].strip()
+    if not name:
+        raise ConfigError("a watcher needs a name", config.source, section.name)
+    values: dict[str, Any] = {}
+    for option, text in section.items():
+        key = option.lower()
+        kind = WATCHER_OPTIONS.get(key)
+        if kind is None or kind is ENV:
+            config.warnings.append(f"{config.source}: [{section.name}]: unknown "
+                                   f"or unsupported option {option!r}, ignored")
+            continue
+        values[key] = _parse_value(kind, config.source, section.name, option, text)
+    if not values.get("cmd"):
+        raise ConfigError("cmd is required", config.source, section.name, "cmd", "")
+    env: dict[str, str] = {}
+    for patterns, variables in envs:
+        if not patterns or any(fnmatch.fnmatch(name.lower(), p.strip().lower())
+                               for p in patterns.split(",")):
+            env.update(variables)
+    return WatcherConfig(name=name, env=env, **values)
+
+
+def watcher_config_from_json(name: Any, cmd: Any, args: Any,
+                             options: Any) -> WatcherConfig:
+    """Build a WatcherConfig from ``add`` properties; raise MessageError.
+
+    Types are strict, as in Circus: ``"3"`` is not an integer.
+    """
+    values: dict[str, Any] = {}
+    if options is not None and not isinstance(options, dict):
+        raise MessageError("'options' must be an object")
+    for key, value in dict(options or {}, cmd=cmd).items():
+        if key == "args" and args is not None:
+            continue
+        values[key] = _check_json_option(key, value)
+    if args is not None:
+        values["args"] = _check_json_option("args", args)
+    if not values["cmd"]:
+        raise MessageError("'cmd' must not be empty")
+    return WatcherConfig(name=name, **values)
+
+
+def _check_json_option(key: str, value: Any) -> Any:
+    kind = WATCHER_OPTIONS.get(key)
+    if kind is None:
+        if key in NOT_YET_OPTIONS or key.startswith(NOT_YET_PREFIXES):
+            raise MessageError(f"option {key!r} is not supported by minisup yet")
+        raise MessageError(f"unknown key {key!r}")
+    try:
+        return kind.from_json(value)
+    except (ValueError, TypeError) as exc:
+        raise MessageError(f"{key!r} {exc}") from None
+
+
+# ============================================================= Process ======
+
+SUBSTITUTION = re.compile(r"\$\(circus\.([\w.]+)\)", re.IGNORECASE)
+
+
+def substitute(text: str, wid: int, env: dict[str, str]) -> str:
+    """Expand ``$(circus.wid)`` and ``$(circus.env.NAME)`` in ``text``.
+
+    Anything else in that form is left as written, as Circus does.
+    """
+    def replace(match: re.Match[str]) -> str:
+        key = match.group(1)
+        if key.lower() == "wid":
+            return str(wid)
+        if key.lower().startswith("env."):
+            return env.get(key[4:], os.environ.get(key[4:], ""))
+        return match.group(0)
+    return SUBSTITUTION.sub(replace, text)
+
+
+def child_env(config: WatcherConfig, wid: int) -> dict[str, str]:
+    """The environment of one child: only the configured variables unless
+    ``copy_env``, as in Circus."""
+    env = dict(os.environ) if config.copy_env else {}
+    base = dict(env)
+    for name, value in config.env.items():
+        env[name] = substitute(value, wid, base)
+    return env
+
+
+def child_argv(config: WatcherConfig, wid: int,
+               env: dict[str, str]) -> list[str] | str:
+    """The command line of one child: a list, or one string under a shell."""
+    cmd = substitute(config.cmd, wid, env)
+    args = [substitute(a, wid, env) for a in config.args]
+    if config.shell:
+        return " ".join([cmd, *map(shlex.quote, args)])
+    return shlex.split(cmd) + args
+
+
+class Process:
+    """One child process.  Owned by the worker thread.
+
+    ``stop_deadline`` is set once the stop signal was sent; ``killed`` once
+    SIGKILL was.  The process is reaped only by ``poll`` (one pid at a time).
+    """
+
+    def __init__(self, popen: subprocess.Popen, wid: int, started: float) -> None:
+        self.popen = popen
+        self.pid = popen.pid
+        self.wid = wid
+        self.started = started
+        self.stop_deadline: float | None = None
+        self.killed = False
+        self.pidfd: int | None = None
+        if HAS_PIDFD:
+            try:
+                # A zombie still has a pidfd, so this cannot miss a child
+                # that died already; it simply reads as exited at once.
+                self.pidfd = os.pidfd_open(self.pid)
+            except OSError:
+                self.pidfd = None  # old kernel: the worker polls instead
+
+    @property
+    def stopping(self) -> bool:
+        return self.stop_deadline is not None
+
+    def send_signal(self, signum: int, group: bool = False) -> bool:
+        """Signal the child (or its process group); False if it is gone.
+
+        Safe against pid reuse: the pid cannot be recycled until the worker
+        reaps it in ``poll``, and only the worker calls both.
+        """
+        if self.popen.returncode is not None:
+            return False
+        try:
+            if group:
+                os.killpg(self.pid, signum)
+            else:
+                os.kill(self.pid, signum)
+        except (ProcessLookupError, PermissionError):
+            return False  # exited (zombie group) or setuid'd away from us
+        return True
+
+    def stop(self, signum: int, deadline: float) -> None:
+        """Send the stop signal and remember when SIGKILL is due."""
+        self.stop_deadline = deadline
+        self.send_signal(signum)
+
+    def kill(self) -> None:
+        """SIGKILL the child's whole process group, so no helper lingers."""
+        self.killed = True
+        self.send_signal(signal.SIGKILL, group=True)
+
+    def poll(self) -> int | None:
+        """Reap the child if it exited; its exit code, -signum if killed."""
+        return self.popen.poll()
+
+    def close(self) -> None:
+        """Release the pidfd; called once the child has been reaped."""
+        if self.pidfd is not None:
+            os.close(self.pidfd)
+            self.pidfd = None
+
+
+def spawn_process(config: WatcherConfig, wid: int, now: float) -> Process:
+    """Start one child of ``config``; raise OSError if it cannot start.
+
+    No preexec_fn: Popen's own ``process_group`` keeps the vfork fast path,
+    and each child leads its own group so the terminal's Ctrl-C reaches
+    only the daemon, which then stops the children in order.
+    """
+    env = child_env(config, wid)
+    popen = subprocess.Popen(
+        child_argv(config, wid, env), shell=config.shell, env=env,
+        cwd=config.working_dir or None, stdin=subprocess.DEVNULL,
+        close_fds=True, process_group=0)
+    return Process(popen, wid, now)
+
+
+# ============================================================= Watcher ======
+
+STOPPED, STARTING, ACTIVE, STOPPING = "stopped", "starting", "active", "stopping"
+
+#: A child that dies younger than this counts towards a crash loop.
+MIN_UPTIME = 1.0
+#: First retry of a crash loop is at once; then this doubles up to the cap.
+BACKOFF_FIRST, BACKOFF_CAP = 0.1, 5.0
+
+
+class Watcher:
+    """Keeps ``numprocesses`` children of one program.  Owned by the worker.
+
+    Methods for the arbiter: ``start``, ``stop``, ``restart``, ``reload``,
+    ``set_numprocesses``, ``reap`` and ``manage`` (each tick), which returns
+    the processes it spawned so the arbiter can watch their pidfds.
+    """
+
+    def __init__(self, config: WatcherConfig,
+                 spawn: Callable[[WatcherConfig, int, float], Process] = spawn_process
+                 ) -> None:
+        self.config = config
+        self.name = config.name
+        self.numprocesses = config.numprocesses
+        self.state = STOPPED
+        self.processes: dict[int, Process] = {}
+        self.retries = 0
+        self.last_error: str | None = None
+        self.last_exit: int | None = None
+        self.restarts = 0
+        self._spawn = spawn
+        self._next_spawn = 0.0
+        self._restart_pending = False
+        self._crashes = 0
+
+    # -- state -------------------------------------------------------------
+
+    def _set_state(self, state: str) -> None:
+        if state != self.state:
+            logger.info("%s: %s -> %s", self.name, self.state, state)
+            self.state = state
+
+    @property
+    def settled(self) -> bool:
+        """True when no start, stop or restart is in progress."""
+        return self.state in (ACTIVE, STOPPED) and not self._restart_pending
+
+    def running(self) -> list[Process]:
+        """Children that are not being stopped, oldest first."""
+        return sorted((p for p in self.processes.values() if not p.stopping),
+                      key=lambda p: (p.started, p.pid))
+
+    def pids(self) -> list[int]:
+        return [p.pid for p in self.running()]
+
+    # -- transitions asked for by commands ----------------------------------
+
+    def start(self, not_before: float = 0.0) -> None:
+        """Begin (or resume) keeping the children running."""
+        if self.state == STOPPING:
+            self._restart_pending = True
+            return
+        if self.state == STOPPED:
+            self.retries, self.last_error, self._crashes = 0, None, 0
+            self._next_spawn = not_before
+            self._set_state(STARTING)
+
+    def stop(self, now: float) -> None:
+        """Begin a graceful stop of every child."""
+        self._restart_pending = False
+        if self.state == STOPPED and not self.processes:
+            return
+        self._set_state(STOPPING)
+        for process in self.running():
+            self._stop_process(process, now)
+        if not self.processes:
+            self._set_state(STOPPED)
+
+    def restart(self, now: float) -> None:
+        """Stop every child, then start again once all have exited."""
+        self.stop(now)
+        self.start()
+
+    def reload(self, now: float) -> None:
+        """Spawn fresh children now and stop the old ones gracefully."""
+        if self.state in (STOPPED, STOPPING):
+            self.start()
+            return
+        old = self.running()
+        self._next_spawn = now
+        for process in old:
+            self._stop_process(process, now)
+        self._set_state(STARTING)
+
+    def set_numprocesses(self, count: int) -> None:
+        """Change how many children are wanted (a singleton stays at 1)."""
+        self.numprocesses = max(0, min(count, 1) if self.config.singleton else count)
+        if self.state == ACTIVE:
+            self._set_state(STARTING)
+
+    def abandon(self) -> None:
+        """Stop managing without stopping the children (``rm nostop``).
+
+        The arbiter still reaps them when they exit, and stops them when
+        the daemon quits: minisup never leaves a child it started behind.
+        """
+        self._restart_pending = False
+        self._set_state(STOPPED)
+
+    def kill_all(self) -> None:
+        """SIGKILL every child now (the daemon's forced quit)."""
+        self._restart_pending = False
+        self._set_state(STOPPING if self.processes else STOPPED)
+        for process in self.processes.values():
+            process.stop_deadline = process.stop_deadline or 0.0
+            process.kill()
+
+    # -- per tick -------------------------------------------------------------
+
+    def reap(self, process: Process, code: int, now: float) -> None:
+        """Forget a child that exited and note whether it died young."""
+        self.processes.pop(process.pid, None)
+        self.last_exit = code
+        how = f"killed by {_signal_name(-code)}" if code < 0 else f"exited {code}"
+        if process.stopping:
+            logger.info("%s: pid %d stopped (%s)", self.name, process.pid, how)
+            return
+        logger.info("%s: pid %d %s after %.3fs", self.name, process.pid, how,
+                    now - process.started)
+        if self.state not in (STARTING, ACTIVE):
+            return
+        self.restarts += 1
+        self._crashes = self._crashes + 1 if now - process.started < MIN_UPTIME else 0
+        if self._crashes > 1:
+            delay = min(BACKOFF_FIRST * 2 ** (self._crashes - 2), BACKOFF_CAP)
+            self._next_spawn = max(self._next_spawn, now + delay)
+            logger.info("%s: crash loop, next spawn in %.1fs", self.name, delay)
+
+    def manage(self, now: float) -> list[Process]:
+        """Move toward the wanted state; return the children it spawned."""
+        self._escalate(now)
+        if self.state == STOPPING and not self.processes:
+            self._set_state(STOPPED)
+            if self._restart_pending:
+                self._restart_pending = False
+                self.start(now)
+        if self.state not in (STARTING, ACTIVE):
+            return []
+        running = self.running()
+        for process in running[:max(0, len(running) - self.numprocesses)]:
+            self._stop_process(process, now)
+        spawned = self._fill(now) if self.state == STARTING or self.config.respawn else []
+        if self.state == STARTING and len(self.running()) >= self.numprocesses:
+            self._set_state(ACTIVE)
+        elif self.state == ACTIVE and not self.processes and not self.config.respawn:
+            self._set_state(STOPPED)
+        return spawned
+
+    def next_deadline(self) -> float | None:
+        """When ``manage`` next has something to do on its own, if ever."""
+        deadlines = [p.stop_deadline for p in self.processes.values()
+                     if p.stopping and not p.killed]
+        wants = self.state in (STARTING, ACTIVE) and (
+            self.state == STARTING or self.config.respawn)
+        if wants and len(self.running()) < self.numprocesses:
+            deadlines.append(self._next_spawn)
+        return min(deadlines) if deadlines else None
+
+    def _fill(self, now: float) -> list[Process]:
+        spawned: list[Process] = []
+        while len(self.running()) < self.numprocesses and now >= self._next_spawn:
+            process = self._spawn_one(now)
+            if process is None:
+                break
+            spawned.append(process)
+            if self.config.warmup_delay:
+                self._next_spawn = now + self.config.warmup_delay
+                break
+        return spawned
+
+    def _spawn_one(self, now: float) -> Process | None:
+        wid = self._free_wid()
+        try:
+            process = self._spawn(self.config, wid, now)
+        except (OSError, ValueError, subprocess.SubprocessError) as exc:
+            self._spawn_failed(exc, now)
+            return None
+        self.retries = 0
+        self.processes[process.pid] = process
+        logger.info("%s: spawned pid %d (wid %d)", self.name, process.pid, wid)
+        return process
+
+    def _spawn_failed(self, exc: Exception, now: float) -> None:
+        self.retries += 1
+        limit = self.config.max_retry
+        attempts = "unlimited" if limit < 0 else str(limit + 1)
+        logger.error("%s: spawn failed (attempt %d of %s): %s", self.name,
+                     self.retries, attempts, exc)
+        if 0 <= limit < self.retries:
+            self.last_error = f"spawn failed {self.retries} times: {exc}"
+            logger.error("%s: giving up: %s", self.name, self.last_error)
+            self.stop(now)
+        else:
+            self._next_spawn = now + self.config.retry_in
+
+    def _free_wid(self) -> int:
+        used = {p.wid for p in self.processes.values()}
+        return next(w for w in range(1, len(used) + 2) if w not in used)
+
+    def _stop_process(self, process: Process, now: float) -> None:
+        timeout = self.config.graceful_timeout
+        logger.info("%s: stopping pid %d with %s (%gs grace)", self.name,
+                    process.pid, _signal_name(self.config.stop_signal), timeout)
+        process.stop(self.config.stop_signal, now + timeout)
+        if timeout == 0:
+            process.kill()
+
+    def _escalate(self, now: float) -> None:
+        for process in self.processes.values():
+            if process.stopping and not process.killed and now >= process.stop_deadline:
+                logger.warning("%s: pid %d still alive after %gs, SIGKILL",
+                               self.name, process.pid, self.config.graceful_timeout)
+                process.kill()
+
+
+def _signal_name(signum: int) -> str:
+    try:
+        return signal.Signals(signum).name
+    except ValueError:
+        return f"signal {signum}"
+
+
+# ============================================================= Arbiter ======
+
+Outcome = dict[str, Any] | MinisupError
+
+
+@dataclasses.dataclass
+class Job:
+    """One command for the worker thread.
+
+    ``handler(arbiter, properties)`` runs on the worker and returns a result
+    dict or a Pending; ``reply`` is then called exactly once, on the worker,
+    with the result dict or a MinisupError.
+    """
+
+    command: str
+    handler: Callable[[Arbiter, dict[str, Any]], dict[str, Any] | Pending]
+    properties: dict[str, Any]
+    reply: Callable[[Outcome], None]
+
+
+@dataclasses.dataclass
+class Pending:
+    """A deferred reply: answered once ``done()`` holds, with ``result()``."""
+
+    done: Callable[[], bool]
+    result: Callable[[], dict[str, Any]]
+
+
+#: Commands still served while the daemon shuts down.
+SHUTDOWN_COMMANDS = {"list", "status", "numprocesses", "numwatchers", "quit",
+                     "options", "globaloptions"}
+#: Without pidfds, how often the worker polls each child for its exit.
+FALLBACK_POLL = 0.05
+
+
+class Arbiter:
+    """Owns every watcher and process; ``run`` is the worker thread.
+
+    Other threads only call ``submit``.  ``poll`` and ``tick`` are the two
+    halves of one loop turn, public so that tests can drive an arbiter on a
+    fake clock without a thread.
+    """
+
+    def __init__(self, config: Config, clock: Callable[[], float] = time.monotonic,
+                 spawn: Callable[[WatcherConfig, int, float], Process] = spawn_process
+                 ) -> None:
+        self.config = config
+        self.clock = clock
+        self.watchers: dict[str, Watcher] = {}
+        self.done = False
+        self._spawn = spawn
+        self._jobs: queue.SimpleQueue[Job] = queue.SimpleQueue()
+        self._waker = Waker()
+        self._selector = selectors.DefaultSelector()
+        self._selector.register(self._waker, selectors.EVENT_READ, None)
+        self._waiting: list[tuple[Job, Pending]] = []
+        self._retiring: list[Watcher] = []  # removed by rm, children not gone
+        self._quit_stages: list[list[Watcher]] | None = None
+        for watcher_config in config.watchers:
+            self.add_watcher(watcher_config)
+
+    # -- for other threads ---------------------------------------------------
+
+    def submit(self, job: Job) -> None:
+        """Queue a job and wake the worker.  Any thread; never blocks."""
+        self._jobs.put(job)
+        self._waker.wake()
+
+    # -- the loop --------------------------------------------------------------
+
+    def run(self) -> None:
+        """Serve until quit.  If the loop itself fails, kill every child
+        first: a supervisor that dies must not leave orphans behind."""
+        try:
+            timeout: float | None = 0.0
+            while not self.done:
+                self.poll(timeout)
+                timeout = self.tick()
+        except BaseException:
+            logger.exception("worker thread failed; killing every child")
+            self.kill_everything(wait=True)
+            raise
+
+    def poll(self, timeout: float | None) -> None:
+        """Block until a child exits, a job arrives or ``timeout`` passes,
+        then reap every child that exited."""
+        events = self._selector.select(timeout)
+        for key, _ in events:
+            if key.data is None:
+                self._waker.drain()
+            else:
+                self._reap(*key.data)
+        if not events or any(p.pidfd is None for _, p in self._all_processes()):
+            self._sweep()
+
+    def tick(self) -> float | None:
+        """Run queued jobs, manage watchers and answer finished waiters.
+
+        Returns how long the loop may block before the next deadline.
+        """
+        self._run_jobs()
+        now = self.clock()
+        self.manage_watchers(now)
+        self._answer_waiters()
+        if self.quit_finished:
+            for job, _ in self._waiting:
+                job.reply(MinisupError("the daemon quit first", BAD_MSG_DATA_ERROR))
+            self._waiting, self.done = [], True
+        return self._timeout(now)
+
+    @property
+    def quit_finished(self) -> bool:
+        """True once a quit has stopped every child."""
+        return self._quit_stages == []
+
+    def manage_watchers(self, now: float) -> None:
+        """Let each watcher spawn, signal and kill toward its wanted state."""
+        for watcher in [*self.watchers.values(), *self._retiring]:
+            for process in watcher.manage(now):
+                self._watch(watcher, process)
+        self._retiring = [w for w in self._retiring
+                          if w.processes or w.state != STOPPED]
+        if self._quit_stages:
+            self._advance_quit(now)
+
+    def close(self) -> None:
+        """Release the selector, pipe and pidfds; after ``run`` returned."""
+        for _, process in self._all_processes():
+            process.close()
+        self._selector.close()
+        self._waker.close()
+
+    # -- children ----------------------------------------------------------------
+
+    def _all_processes(self) -> Iterable[tuple[Watcher, Process]]:
+        for watcher in [*self.watchers.values(), *self._retiring]:
+            for process in list(watcher.processes.values()):
+                yield watcher, process
+
+    def _watch(self, watcher: Watcher, process: Process) -> None:
+        if process.pidfd is not None:
+            self._selector.register(process.pidfd, selectors.EVENT_READ,
+                                    (watcher, process))
+
+    def _reap(self, watcher: Watcher, process: Process) -> None:
+        code = process.poll()
+        if code is None:
+            return  # not exited after all; its pidfd will fire again
+        if process.pidfd is not None:
+            self._selector.unregister(process.pidfd)
+            process.close()
+        watcher.reap(process, code, self.clock())
+
+    def _sweep(self) -> None:
+        # Without a pidfd (or as a periodic safety net) ask each child.
+        for watcher, process in self._all_processes():
+            self._reap(watcher, process)
+
+    def _timeout(self, now: float) -> float:
+        timeout = self.config.check_delay
+        for watcher in [*self.watchers.values(), *self._retiring]:
+            deadline = watcher.next_deadline()
+            if deadline is not None:
+                timeout = min(timeout, max(0.0, deadline - now))
+        if not HAS_PIDFD:
+            timeout = min(timeout, FALLBACK_POLL)
+        return timeout
+
+    # -- jobs ----------------------------------------------------------------------
+
+    def _run_jobs(self) -> None:
+        while True:
+            try:
+                job = self._jobs.get_nowait()
+            except queue.Empty:
+                return
+            self._run(job)
+
+    def _run(self, job: Job) -> None:
+        try:
+            if self._quit_stages is not None and job.command not in SHUTDOWN_COMMANDS:
+                raise MinisupError("the daemon is shutting down")
+            outcome = job.handler(self, job.properties)
+        except MinisupError as exc:
+            job.reply(exc)
+            return
+        except OSError as exc:
+            job.reply(MinisupError(str(exc), OS_ERROR))
+            return
+        except Exception as exc:  # noqa: BLE001 - logged with its traceback
+            job.reply(server_error(job.command, exc))
+            return
+        if isinstance(outcome, Pending):
+            self._waiting.append((job, outcome))
+        else:
+            job.reply(outcome)
+
+    def _answer_waiters(self) -> None:
+        still: list[tuple[Job, Pending]] = []
+        for job, pending in self._waiting:
+            if not pending.done():
+                still.append((job, pending))
+                continue
+            try:
+                outcome: Outcome = pending.result()
+            except MinisupError as exc:
+                outcome = exc
+            except Exception as exc:  # noqa: BLE001 - logged with its traceback
+                outcome = server_error(job.command, exc)
+            job.reply(outcome)
+        self._waiting = still
+
+    # -- operations for the command handlers ----------------------------------
+
+    def get_watcher(self, name: str) -> Watcher:
+        """The watcher called ``name`` (any case); MessageError if none."""
+        try:
+            return self.watchers[name.lower()]
+        except KeyError:
+            raise MessageError(f"program {name} not found") from None
+
+    def add_watcher(self, config: WatcherConfig) -> Watcher:
+        """Register a new, stopped watcher; error if the name is taken."""
+        if config.name in self.watchers:
+            raise MinisupError(f"{config.name!r} already exist", COMMAND_ERROR)
+        watcher = Watcher(config, self._spawn)
+        self.watchers[config.name] = watcher
+        logger.info("%s: added", watcher.name)
+        return watcher
+
+    def remove_watcher(self, watcher: Watcher, stop: bool = True) -> None:
+        """Unlist ``watcher``; its children are stopped (or, with
+        ``stop=False``, left to exit) and still reaped."""
+        del self.watchers[watcher.name]
+        if stop:
+            watcher.stop(self.clock())
+        else:
+            watcher.abandon()
+        self._retiring.append(watcher)
+        logger.info("%s: removed", watcher.name)
+
+    def start_watchers(self, watchers: list[Watcher]) -> None:
+        """Start ``watchers``, higher priority first, each group
+        ``warmup_delay`` after the one before (a deadline, not a sleep)."""
+        now = self.clock()
+        ordered = sorted(watchers, key=lambda w: -w.config.priority)
+        for index, watcher in enumerate(ordered):
+            watcher.start(not_before=now + index * self.config.warmup_delay)
+
+    def begin_quit(self) -> None:
+        """Stop every watcher, lowest priority first, then end the loop."""
+        if self._quit_stages is not None:
+            return
+        logger.info("quitting: stopping every watcher")
+        everyone = [*self.watchers.values(), *self._retiring]
+        priorities = sorted({w.config.priority for w in everyone})
+        self._quit_stages = [[w for w in everyone if w.config.priority == p]
+                             for p in priorities]
+        self._advance_quit(self.clock(), first=True)
+
+    def kill_everything(self, wait: bool = False) -> None:
+        """SIGKILL every child now: a second Ctrl-C, or a failed loop."""
+        self.begin_quit()
+        for watcher in [*self.watchers.values(), *self._retiring]:
+            watcher.kill_all()
+            if wait:
+                for process in list(watcher.processes.values()):
+                    process.popen.wait()  # SIGKILLed: returns at once
+                    self._reap(watcher, process)
+
+    def _advance_quit(self, now: float, first: bool = False) -> None:
+        stages = self._quit_stages or []
+        if first and stages:
+            for watcher in stages[0]:
+                watcher.stop(now)
+        while stages and all(w.state == STOPPED and not w.processes
+                             for w in stages[0]):
+            stages.pop(0)
+            for watcher in stages[0] if stages else []:
+                watcher.stop(now)
+
+
+def server_error(command: str, exc: Exception) -> MinisupError:
+    """Log an unexpected failure and turn it into an errno 5 reply."""
+    logger.error("command %r failed", command, exc_info=exc)
+    error = MinisupError(f"command {command!r} failed: {exc!r}", COMMAND_ERROR)
+    error.tb = "".join(traceback.format_exception(exc))
+    return error
+
+
+# ============================================================ Commands ======
+# Each handler runs on the worker thread with properties the controller has
+# already checked, and returns a reply dict or a Pending (for ``waiting``).
+
+Handler = Callable[[Arbiter, dict[str, Any]], "dict[str, Any] | Pending"]
+
+
+class Command(NamedTuple):
+    """A wire command: its handler and the properties it reads."""
+
+    handler: Handler
+    required: tuple[str, ...] = ()
+    optional: tuple[str, ...] = ()
+
+
+#: Property name -> (accepted JSON types, how to say it in an error).
+PROPERTY_TYPES: dict[str, tuple[tuple[type, ...], str]] = {
+    "name": ((str,), "a string"), "cmd": ((str,), "a string"),
+    "args": ((str, list), "a string or a list"),
+    "options": ((dict,), "an object"), "nb": ((int,), "an integer >= 0"),
+    "waiting": ((bool,), "a boolean"), "start": ((bool,), "a boolean"),
+    "nostop": ((bool,), "a boolean"), "graceful": ((bool,), "a boolean"),
+}
+
+
+def check_properties(command: Command, properties: Any) -> dict[str, Any]:
+    """Check a request's properties against ``command``; raise MessageError."""
+    if properties is None or properties == []:
+        properties = {}
+    if not isinstance(properties, dict):
+        raise MessageError("'properties' must be an object")
+    for key in command.required:
+        if properties.get(key) is None:
+            raise MessageError(f"message invalid {key!r} is missing")
+    for key in command.required + command.optional:
+        value = properties.get(key)
+        if value is None:
+            continue
+        types, wanted = PROPERTY_TYPES[key]
+        if (isinstance(value, bool) and bool not in types) or not isinstance(
+                value, types) or (key == "nb" and value < 0):
+            raise MessageError(f"{key!r} must be {wanted}, not {value!r}"[:200])
+    return properties
+
+
+def _targets(arbiter: Arbiter, properties: dict[str, Any],
+             autostart_only: bool = False) -> list[Watcher]:
+    name = properties.get("name")
+    if name is not None:
+        return [arbiter.get_watcher(name)]
+    watchers = list(arbiter.watchers.values())
+    return [w for w in watchers if w.config.autostart] if autostart_only else watchers
+
+
+def _when_waiting(properties: dict[str, Any], done: Callable[[], bool],
+                  result: Callable[[], dict[str, Any]]) -> dict[str, Any] | Pending:
+    return Pending(done, result) if properties.get("waiting") else {}
+
+
+def _process_info(watchers: list[Watcher], before: dict[str, list[int]],
+                  key_old: str = "kept") -> dict[str, list[int]]:
+    """Which pids a start or restart started, kept (or stopped)."""
+    failed = [w for w in watchers if w.last_error and w.state == STOPPED]
+    if failed:
+        raise MinisupError("; ".join(f"{w.name}: {w.last_error}" for w in failed),
+                           BAD_MSG_DATA_ERROR)
+    now = {w.name: w.pids() for w in watchers}
+    old = [p for w in watchers for p in before[w.name]]
+    started = [p for w in watchers for p in now[w.name] if p not in before[w.name]]
+    if key_old == "kept":
+        kept = [p for w in watchers for p in before[w.name] if p in now[w.name]]
+        return {"started": started, "kept": kept}
+    return {"stopped": old, "started": started, "kept": []}
+
+
+def handle_list(arbiter: Arbiter, properties: dict[str, Any]) -> dict[str, Any]:
+    if properties.get("name") is not None:
+        return {"pids": arbiter.get_watcher(properties["name"]).pids()}
+    return {"watchers": sorted(arbiter.watchers)}
+
+
+def handle_status(arbiter: Arbiter, properties: dict[str, Any]) -> dict[str, Any]:
+    if properties.get("name") is not None:
+        return {"status": arbiter.get_watcher(properties["name"]).state}
+    return {"statuses": {n: w.state for n, w in sorted(arbiter.watchers.items())}}
+
+
+def handle_start(arbiter: Arbiter, properties: dict[str, Any]) -> dict[str, Any] | Pending:
+    watchers = _targets(arbiter, properties, autostart_only=True)
+    before = {w.name: w.pids() for w in watchers}
+    arbiter.start_watchers(watchers)
+    return _when_waiting(properties, lambda: all(w.settled for w in watchers),
+                         lambda: {"info": _process_info(watchers, before)})
+
+
+def handle_stop(arbiter: Arbiter, properties: dict[str, Any]) -> dict[str, Any] | Pending:
+    watchers = _targets(arbiter, properties)
+    for watcher in watchers:
+        watcher.stop(arbiter.clock())
+    return _when_waiting(
+        properties, lambda: all(w.state == STOPPED for w in watchers),
+        lambda: {"info": None})
+
+
+def handle_restart(arbiter: Arbiter, properties: dict[str, Any]) -> dict[str, Any] | Pending:
+    watchers = _targets(arbiter, properties)
+    before = {w.name: w.pids() for w in watchers}
+    for watcher in watchers:
+        watcher.restart(arbiter.clock())
+    return _when_waiting(properties, lambda: all(w.settled for w in watchers),
+                         lambda: {"info": _process_info(watchers, before, "stopped")})
+
+
+def handle_reload(arbiter: Arbiter, properties: dict[str, Any]) -> dict[str, Any] | Pending:
+    if properties.get("graceful") is False:
+        return handle_restart(arbiter, properties)
+    watchers = _targets(arbiter, properties)
+    before = {w.name: w.pids() for w in watchers}
+    for watcher in watchers:
+        watcher.reload(arbiter.clock())
+    return _when_waiting(properties, lambda: all(w.settled for w in watchers),
+                         lambda: {"info": _process_info(watchers, before, "stopped")})
+
+
+def _resize(arbiter: Arbiter, properties: dict[str, Any],
+            sign: int) -> dict[str, Any] | Pending:
+    watcher = arbiter.get_watcher(properties["name"])
+    if watcher.config.singleton:
+        return {"numprocesses": watcher.numprocesses, "singleton": True}
+    watcher.set_numprocesses(watcher.numprocesses + sign * properties.get("nb", 1))
+    count = watcher.numprocesses
+    reply = {"numprocesses": count}
+    if properties.get("waiting"):
+        return Pending(lambda: watcher.settled, lambda: reply)
+    return reply
+
+
+def handle_incr(arbiter: Arbiter, properties: dict[str, Any]) -> dict[str, Any] | Pending:
+    return _resize(arbiter, properties, +1)
+
+
+def handle_decr(arbiter: Arbiter, properties: dict[str, Any]) -> dict[str, Any] | Pending:
+    return _resize(arbiter, properties, -1)
+
+
+def handle_numprocesses(arbiter: Arbiter, properties: dict[str, Any]) -> dict[str, Any]:
+    name = properties.get("name")
+    if name is not None:
+        watcher = arbiter.get_watcher(name)
+        return {"numprocesses": watcher.numprocesses, "watcher_name": watcher.name}
+    return {"numprocesses": sum(w.numprocesses for w in arbiter.watchers.values())}
+
+
+def handle_numwatchers(arbiter: Arbiter, properties: dict[str, Any]) -> dict[str, Any]:
+    return {"numwatchers": len(arbiter.watchers)}
+
+
+def handle_add(arbiter: Arbiter, properties: dict[str, Any]) -> dict[str, Any] | Pending:
+    config = watcher_config_from_json(properties["name"], properties["cmd"],
+                                      properties.get("args"), properties.get("options"))
+    watcher = arbiter.add_watcher(config)
+    if not properties.get("start"):
+        return {}
+    arbiter.start_watchers([watcher])
+    return _when_waiting(properties, lambda: watcher.settled,
+                         lambda: _process_info([watcher], {watcher.name: []}))
+
+
+def handle_rm(arbiter: Arbiter, properties: dict[str, Any]) -> dict[str, Any] | Pending:
+    watcher = arbiter.get_watcher(properties["name"])
+    stop = not properties.get("nostop")
+    arbiter.remove_watcher(watcher, stop=stop)
+    return _when_waiting(properties, lambda: not stop or not watcher.processes,
+                         dict)
+
+
+def handle_quit(arbiter: Arbiter, properties: dict[str, Any]) -> dict[str, Any] | Pending:
+    arbiter.begin_quit()
+    return _when_waiting(properties, lambda: arbiter.quit_finished, dict)
+
+
+def handle_kill_everything(arbiter: Arbiter, properties: dict[str, Any]) -> dict[str, Any]:
+    """Not on the wire: the CLI's answer to a second Ctrl-C."""
+    logger.warning("second quit signal: SIGKILL to every child")
+    arbiter.kill_everything()
+    return {}
+
+
+#: The wire commands: name -> (handler, required, optional properties).
+COMMANDS: dict[str, Command] = {
+    "list": Command(handle_list, (), ("name",)),
+    "status": Command(handle_status, (), ("name",)),
+    "start": Command(handle_start, (), ("name", "waiting")),
+    "stop": Command(handle_stop, (), ("name", "waiting")),
+    "restart": Command(handle_restart, (), ("name", "waiting")),
+    "reload": Command(handle_reload, (), ("name", "graceful", "waiting")),
+    "incr": Command(handle_incr, ("name",), ("nb", "waiting")),
+    "decr": Command(handle_decr, ("name",), ("nb", "waiting")),
+    "numprocesses": Command(handle_numprocesses, (), ("name",)),
+    "numwatchers": Command(handle_numwatchers),
+    "add": Command(handle_add, ("name", "cmd"), ("args", "options", "start", "waiting")),
+    "rm": Command(handle_rm, ("name",), ("nostop", "waiting")),
+    "quit": Command(handle_quit, (), ("waiting",)),
+}
+
+
+# ========================================================== Controller ======
+
+#: A request larger than this gets an error reply instead of being parsed.
+MAX_REQUEST_BYTES = 1 << 20
+#: Past this, libzmq drops the peer before the bytes reach us (memory guard).
+MAX_FRAME_BYTES = 64 << 20
+#: Requests read per poll wake-up before replies are flushed (fairness).
+RECEIVE_BATCH = 256
+
+
+def decode_request(body: bytes) -> dict[str, Any]:
+    """Parse one request frame into a dict; raise MinisupError if it is not
+    a JSON object small enough to serve."""
+    if len(body) > MAX_REQUEST_BYTES:
+        raise MessageError(f"message too large ({len(body)} bytes, "
+                           f"limit {MAX_REQUEST_BYTES})")
+    try:
+        message = json.loads(body)
+    except (ValueError, RecursionError):
+        raise MinisupError("json invalid", INVALID_JSON) from None
+    if not isinstance(message, dict):
+        raise MessageError("message invalid: not a JSON object")
+    return message
+
+
+def find_command(name: Any) -> Command:
+    """The Command for a request's ``command`` field (any case)."""
+    if not isinstance(name, str):
+        raise MessageError("message invalid 'command' is missing"
+                           if name is None else "'command' must be a string")
+    try:
+        return COMMANDS[name.lower()]
+    except KeyError:
+        raise MinisupError(f"unknown command: {name[:100]!r}", UNKNOWN_COMMAND) from None
+
+
+def encode_reply(message_id: Any, outcome: Outcome) -> bytes:
+    """Build a Circus-shaped reply frame for ``outcome``."""
+    if isinstance(outcome, MinisupError):
+        reply = {"status": "error", "reason": outcome.reason, "tb": outcome.tb,
+                 "time": time.time(), "errno": outcome.errno}
+    else:
+        reply = {"status": "ok", "time": time.time(), **outcome}
+    reply["id"] = message_id
+    return json.dumps(reply).encode()
+
+
+class Controller:
+    """Owns the ROUTER control socket; ``run`` is the controller thread.
+
+    It checks each request, hands it to the worker through ``submit`` and
+    sends the replies the worker posts.  Other threads call only ``post``
+    and ``shutdown``, which queue and wake; no socket leaves this thread.
+    """
+
+    def __init__(self, context: zmq.Context, endpoint: str,
+                 submit: Callable[[Job], None]) -> None:
+        self.context = context
+        self.endpoint = endpoint
+        self.bound = threading.Event()
+        self.error: BaseException | None = None
+        self._submit = submit
+        self._outbox: queue.SimpleQueue[tuple[list[bytes], bytes] | None] = \
+            queue.SimpleQueue()
+        self._waker = Waker()
+
+    def post(self, envelope: list[bytes], message_id: Any, outcome: Outcome) -> None:
+        """Queue a reply for the controller to send.  Any thread."""
+        self._outbox.put((envelope, encode_reply(message_id, outcome)))
+        self._waker.wake()
+
+    def shutdown(self) -> None:
+        """Ask the loop to send what is queued, close the socket and end."""
+        self._outbox.put(None)
+        self._waker.wake()
+
+    def run(self) -> None:
+        """Bind, set ``bound`` (``error`` on failure) and serve until shutdown."""
+        try:
+            sock = self._bind()
+        except BaseException as exc:  # noqa: BLE001 - re-raised by Daemon.start
+            self.error = exc
+            self.bound.set()
+            self._waker.close()
+            return
+        self.bound.set()
+        try:
+            self._serve(sock)
+        finally:
+            sock.close(linger=0)
+            self._waker.close()
+            self._unlink_ipc_socket()
+
+    def _unlink_ipc_socket(self) -> None:
+        # libzmq leaves the socket file behind; a stale one would only
+        # confuse ``ctl`` ("no answer") and the next daemon's liveness probe.
+        if self.endpoint.startswith("ipc://"):
+            try:
+                os.unlink(self.endpoint[len("ipc://"):])
+            except OSError:
+                pass  # already gone
+
+    def _bind(self) -> zmq.Socket:
+        path = prepare_ipc_endpoint(check_endpoint(self.endpoint))
+        sock = self.context.socket(zmq.ROUTER)
+        sock.linger = 0
+        sock.setsockopt(zmq.MAXMSGSIZE, MAX_FRAME_BYTES)
+        try:
+            sock.bind(self.endpoint)
+            if path:
+                os.chmod(path, 0o600)  # the folder is private; belt and braces
+        except (zmq.ZMQError, OSError) as exc:
+            sock.close(linger=0)
+            raise ConfigError(f"cannot bind: {exc}", option="endpoint",
+                              value=self.endpoint) from None
+        self.endpoint = sock.getsockopt_string(zmq.LAST_ENDPOINT) or self.endpoint
+        logger.info("control socket listening on %s", self.endpoint)
+        return sock
+
+    def _serve(self, sock: zmq.Socket) -> None:
+        poller = zmq.Poller()
+        poller.register(sock, zmq.POLLIN)
+        poller.register(self._waker.fileno(), zmq.POLLIN)
+        while True:
+            events = dict(poller.poll())
+            if self._waker.fileno() in events:
+                self._waker.drain()
+            if sock in events:
+                self._receive(sock)
+            if not self._flush(sock):
+                return
+
+    def _receive(self, sock: zmq.Socket) -> None:
+        for _ in range(RECEIVE_BATCH):
+            try:
+                frames = sock.recv_multipart(zmq.NOBLOCK)
+            except zmq.Again:
+                return
+            self._handle(frames)
+
+    def _handle(self, frames: list[bytes]) -> None:
+        envelope, body = frames[:-1], frames[-1]
+        # A REQ client puts an empty delimiter frame before its body; a
+        # reply routed back with the same envelope reaches it too.
+        if len(envelope) != 1 and envelope[1:] != [b""]:
+            self.post(envelope[:1], None, MessageError(
+                "message invalid: send the request as one frame"))
+            return
+        message_id, cast = None, False
+        try:
+            message = decode_request(body)
+            message_id, cast = message.get("id"), message.get("msg_type") == "cast"
+            command = find_command(message.get("command"))
+            properties = check_properties(command, message.get("properties"))
+        except MinisupError as exc:
+            if not cast:
+                self.post(envelope, message_id, exc)
+            return
+        reply = _ignore_reply if cast else functools.partial(
+            self.post, envelope, message_id)
+        self._submit(Job(message["command"].lower(), command.handler,
+                         properties, reply))
+
+    def _flush(self, sock: zmq.Socket) -> bool:
+        while True:
+            try:
+                item = self._outbox.get_nowait()
+            except queue.Empty:
+                return True
+            if item is None:
+                return False
+            envelope, body = item
+            try:
+                sock.send_multipart([*envelope, body], zmq.NOBLOCK)
+            except zmq.ZMQError as exc:
+                # Again: the client stopped reading and its queue is full;
+                # a reply is dropped rather than ever blocking this loop.
+                logger.debug("reply dropped: %s", exc)
+
+
+def _ignore_reply(outcome: Outcome) -> None:
+    """A cast gets no reply, errors included."""
+
+
+# ============================================================== Daemon ======
+
+#: How long ``Daemon.start`` waits for the bind and the first spawns.
+START_TIMEOUT = 30.0
+
+
+class _Waiter:
+    """Carries one internal job's outcome back to a calling thread."""
+
+    def __init__(self) -> None:
+        self.event = threading.Event()
+        self.outcome: Outcome | None = None
+
+    def __call__(self, outcome: Outcome) -> None:
+        self.outcome = outcome
+        self.event.set()
+
+
+class Daemon:
+    """A whole supervisor inside this process: a controller thread and a
+    worker thread around one ``Config``.
+
+    Methods for the caller (any one thread): ``start``, ``stop``, ``wait``,
+    ``client``; ``request_quit`` and ``request_reload`` are also safe in a
+    signal handler.  A Daemon installs no signal handler (the CLI does) and
+    makes its own zmq context, so several can live in one process.
+    """
+
+    def __init__(self, config: Config, clock: Callable[[], float] = time.monotonic
+                 ) -> None:
+        self.config = config
+        self.endpoint = config.endpoint
+        self.arbiter = Arbiter(config, clock)
+        self._started = self._stopped = False
+        self._client: Client | None = None
+
+    @classmethod
+    def from_ini(cls, text: str, source: str = "<string>") -> Daemon:
+        """A Daemon for INI ``text``; raise ConfigError."""
+        return cls(parse_config(text, source))
+
+    def __enter__(self) -> Self:
+        return self.start()
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.stop()
+
+    def start(self, timeout: float = START_TIMEOUT) -> Daemon:
+        """Bind the control socket, start the autostart watchers and return
+        once they have spawned.  Raise ConfigError if the bind fails."""
+        if self._started:
+            raise MinisupError("a Daemon starts only once")
+        self._started = True
+        for message in self.config.warnings:
+            logger.warning("%s", message)
+        self._context = zmq.Context()
+        self.controller = Controller(self._context, self.endpoint, self.arbiter.submit)
+        self._controller_thread = self._thread(self.controller.run, "controller")
+        self.controller.bound.wait()
+        if self.controller.error is not None:
+            self._controller_thread.join()
+            self._stopped = True
+            self._release()
+            raise self.controller.error
+        self.endpoint = self.controller.endpoint
+        self._worker_thread = self._thread(self._run_worker, "worker")
+        try:
+            self.call(handle_start, {"waiting": True}, timeout)
+        except CallError:
+            self.stop()
+            raise
+        except MinisupError as exc:
+            # A watcher that cannot spawn is reported, not fatal: the
+            # others run and it shows as stopped with its reason.
+            logger.error("not every watcher started: %s", exc)
+        return self
+
+    def _thread(self, target: Callable[[], None], role: str) -> threading.Thread:
+        thread = threading.Thread(target=target, name=f"minisup-{role}", daemon=True)
+        thread.start()
+        return thread
+
+    def _run_worker(self) -> None:
+        try:
+            self.arbiter.run()
+        finally:
+            self.controller.shutdown()
+
+    def call(self, handler: Handler, properties: dict[str, Any] | None = None,
+             timeout: float | None = None) -> dict[str, Any]:
+        """Run a command handler on the worker and wait for its outcome;
+        raise its MinisupError, or CallError on timeout."""
+        waiter = _Waiter()
+        self.arbiter.submit(Job(handler.__name__, handler, properties or {}, waiter))
+        if not waiter.event.wait(timeout):
+            raise CallError(f"{handler.__name__} did not finish in {timeout}s")
+        if isinstance(waiter.outcome, MinisupError):
+            raise waiter.outcome
+        return waiter.outcome or {}
+
+    def request_quit(self, force: bool = False) -> None:
+        """Ask for a graceful quit (``force``: SIGKILL every child now).
+        Never blocks; safe in a signal handler."""
+        handler = handle_kill_everything if force else handle_quit
+        self.arbiter.submit(Job("quit", handler, {}, _ignore_reply))
+
+    def request_reload(self) -> None:
+        """Ask for a graceful reload of every watcher (SIGHUP)."""
+        self.arbiter.submit(Job("reload", handle_reload, {}, _ignore_reply))
+
+    def wait(self, timeout: float | None = None) -> bool:
+        """Block until the daemon has quit (say by a ``quit`` command);
+        True if it has."""
+        if not self._started:
+            raise MinisupError("the Daemon was never started")
+        self._worker_thread.join(timeout)
+        return not self._worker_thread.is_alive()
+
+    @property
+    def client(self) -> Client:
+        """A Client connected to this daemon, closed by ``stop``."""
+        if self._client is None:
+            self._client = Client(self.endpoint)
+        return self._client
+
+    def stop(self) -> None:
+        """Stop every child gracefully, join both threads and release every
+        socket and fd.  Idempotent; blocks up to the longest graceful_timeout."""
+        if self._stopped:
+            return
+        self._stopped = True
+        if not self._started:
+            self.arbiter.close()
+            return
+        if self._worker_thread.is_alive():
+            self.request_quit()
+            self._worker_thread.join()
+        self._controller_thread.join()
+        self._release()
+
+    def _release(self) -> None:
+        if self._client is not None:
+            self._client.close()
+        self.arbiter.close()
+        self._context.term()
+
+
+# ============================================================== Client ======
+
+#: How long a client waits for a reply by default, as circusctl does.
+CLIENT_TIMEOUT = 5.0
+
+
+class Client:
+    """A connection to a daemon's control socket (a DEALER, as Circus's).
+
+    ``call`` returns the reply dict, whatever its status, and raises
+    CallError only when no reply comes in time.  Use from one thread.
+    """
+
+    def __init__(self, endpoint: str | None = None,
+                 timeout: float = CLIENT_TIMEOUT) -> None:
+        self.endpoint = endpoint or default_endpoint()
+        self.timeout = timeout
+        self._context = zmq.Context()
+        self._socket = self._context.socket(zmq.DEALER)
+        self._socket.linger = 0
+        self._socket.connect(self.endpoint)
+        self._counter = 0
+
+    def __enter__(self) -> Self:
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.close()
+
+    def call(self, command: str, **properties: Any) -> dict[str, Any]:
+        """Send ``command`` with ``properties``; return the reply."""
+        return self.send({"command": command, "properties": properties})
+
+    def send(self, message: dict[str, Any], timeout: float | None = None
+             ) -> dict[str, Any]:
+        """Send a whole request dict (an ``id`` is added) and wait for the
+        reply carrying that id; raise CallError after ``timeout``."""
+        self._counter += 1
+        message_id = f"{os.getpid()}-{id(self):x}-{self._counter}"
+        self._socket.send(json.dumps(dict(message, id=message_id)).encode())
+        deadline = time.monotonic() + (self.timeout if timeout is None else timeout)
+        while True:
+            remaining = deadline - time.monotonic()
+            if remaining <= 0 or not self._socket.poll(remaining * 1000):
+                raise CallError(self._no_answer())
+            reply = json.loads(self._socket.recv())
+            if isinstance(reply, dict) and reply.get("id") == message_id:
+                return reply
+            # A late reply to an earlier call that timed out: skip it.
+
+    def cast(self, command: str, **properties: Any) -> None:
+        """Send a command that gets no reply."""
+        message = {"command": command, "properties": properties, "msg_type": "cast"}
+        self._socket.send(json.dumps(message).encode())
+
+    def _no_answer(self) -> str:
+        hint = "is the daemon running, and on this endpoint (--endpoint)?"
+        if self.endpoint.startswith("ipc://"):
+            path = self.endpoint[len("ipc://"):]
+            if not os.path.exists(path):
+                hint = f"no socket at {path}: is the daemon running (minisup run)?"
+            elif not os.access(path, os.R_OK | os.W_OK):
+                hint = f"no permission on {path}: run as the daemon's user"
+        return f"no answer from {self.endpoint} within {self.timeout:g}s; {hint}"
+
+    def close(self) -> None:
+        """Close the socket and the client's own zmq context.  Idempotent."""
+        if not self._context.closed:
+            self._socket.close(linger=0)
+            self._context.term()
+
+
+# ================================================================= CLI ======
+
+#: ctl sub-commands: name -> (help, arguments).  ``x?`` is optional, ``nb``
+#: an integer, ``--flag`` a boolean property.
+CTL_COMMANDS: dict[str, tuple[str, tuple[str, ...]]] = {
+    "list": ("list the watchers, or the pids of one", ("name?",)),
+    "status": ("show the state of every watcher, or of one", ("name?",)),
+    "start": ("start every autostart watcher, or one", ("name?", "--waiting")),
+    "stop": ("stop every watcher, or one", ("name?", "--waiting")),
+    "restart": ("stop, then start, every watcher or one", ("name?", "--waiting")),
+    "reload": ("replace the processes gracefully (new first)", ("name?", "--waiting")),
+    "incr": ("run more processes of a watcher", ("name", "nb?", "--waiting")),
+    "decr": ("run fewer processes of a watcher", ("name", "nb?", "--waiting")),
+    "numprocesses": ("how many processes are wanted", ("name?",)),
+    "numwatchers": ("how many watchers there are", ()),
+    "add": ("add a watcher", ("name", "cmd", "--start", "--waiting")),
+    "rm": ("remove a watcher, stopping it", ("name", "--nostop", "--waiting")),
+    "quit": ("stop every process and the daemon", ("--waiting",)),
+}
+
+#: Exit codes, as circusctl's: scripts written for it keep working.
+EXIT_OK, EXIT_NO_ANSWER, EXIT_USAGE, EXIT_ERROR_REPLY = 0, 1, 2, 3
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The whole command line: ``run`` and ``ctl`` with their options."""
+    parser = argparse.ArgumentParser(
+        prog="minisup", description="A small process supervisor that speaks "
+        "Circus's control protocol.")
+    parser.add_argument("--version", action="version", version=__version__)
+    commands = parser.add_subparsers(dest="action", required=True)
+    run = commands.add_parser("run", help="run the daemon in the foreground",
+                              description="Supervise the programs of CONFIG "
+                              "(a Circus-style INI file) or of --cmd.")
+    run.add_argument("config", nargs="?", help="the INI file")
+    run.add_argument("--cmd", help="run this one command with no INI file")
+    run.add_argument("--name", help="the watcher's name with --cmd")
+    run.add_argument("--numprocesses", type=int, default=1, metavar="N",
+                     help="how many copies of --cmd (default 1)")
+    run.add_argument("--endpoint", help="control endpoint (default: a private "
+                     "ipc socket that ctl finds too)")
+    run.add_argument("--log-level", help="debug, info, warning or error")
+    run.add_argument("--log-output", help="'-' or 'stdout', 'stderr', or a file")
+    run.add_argument("--check-delay", type=float, metavar="S",
+                     help="seconds between safety sweeps of every child")
+    ctl = commands.add_parser("ctl", help="send a command to a running daemon",
+                              description="Drive a running daemon, like circusctl. "
+                              "Exit 0 ok, 1 no answer, 2 usage, 3 error reply.")
+    ctl.add_argument("--endpoint", help="the daemon's control endpoint")
+    ctl.add_argument("--timeout", type=float, default=CLIENT_TIMEOUT, metavar="S")
+    ctl.add_argument("--json", action="store_true", help="print the raw JSON reply")
+    _add_ctl_commands(ctl.add_subparsers(dest="command", required=True))
+    return parser
+
+
+def _add_ctl_commands(commands: argparse._SubParsersAction) -> None:
+    for name, (text, arguments) in CTL_COMMANDS.items():
+        sub = commands.add_parser(name, help=text, description=text)
+        for argument in arguments:
+            if argument.startswith("--"):
+                sub.add_argument(argument, action="store_true")
+            else:
+                sub.add_argument(argument.rstrip("?"), nargs="?" if "?" in argument
+                                 else None, type=int if argument.startswith("nb")
+                                 else str)
+
+
+def main(argv: list[str] | None = None) -> int:
+    """The command line; returns the exit code."""
+    try:
+        args = build_parser().parse_args(argv)
+    except SystemExit as exc:  # --help, --version or a usage error
+        return exc.code if isinstance(exc.code, int) else EXIT_USAGE
+    if args.action == "run":
+        return run_daemon(args)
+    return run_ctl(args)
+
+
+def run_ctl(args: argparse.Namespace) -> int:
+    """``minisup ctl``: send one command and print its reply."""
+    names = [a.rstrip("?").lstrip("-") for a in CTL_COMMANDS[args.command][1]]
+    properties = {k: getattr(args, k) for k in names
+                  if getattr(args, k) not in (None, False)}
+    with Client(args.endpoint, args.timeout) as client:
+        try:
+            reply = client.call(args.command, **properties)
+        except CallError as exc:
+            print(f"minisup: {exc}", file=sys.stderr)
+            return EXIT_NO_ANSWER
+    if args.json:
+        print(json.dumps(reply, indent=2, sort_keys=True))
+    elif reply.get("status") == "error":
+        print(f"error: {reply.get('reason')}", file=sys.stderr)
+    else:
+        print(format_reply(reply))
+    return EXIT_ERROR_REPLY if reply.get("status") == "error" else EXIT_OK
+
+
+def format_reply(reply: dict[str, Any]) -> str:
+    """A successful reply as a person reads it."""
+    if "statuses" in reply:
+        width = max(map(len, reply["statuses"]), default=0)
+        return "\n".join(f"{n:<{width}}  {s}" for n, s in reply["statuses"].items())
+    for key in ("watchers", "pids"):
+        if key in reply:
+            return "\n".join(map(str, reply[key]))
+    if "numprocesses" in reply or "numwatchers" in reply:
+        return str(reply.get("numprocesses", reply.get("numwatchers")))
+    if isinstance(reply.get("info"), dict):
+        return "\n".join(f"{k}: {' '.join(map(str, v)) or '-'}"
+                         for k, v in reply["info"].items())
+    return str(reply.get("status", "ok"))
+
+
+def config_from_args(args: argparse.Namespace) -> Config:
+    """The Config for ``run``: the INI file, or one --cmd watcher, with the
+    command line's overrides; raise ConfigError."""
+    if bool(args.config) == bool(args.cmd):
+        raise ConfigError("give either an INI file or --cmd, not both or neither")
+    if args.config:
+        config = load_config(args.config)
+    else:
+        name = args.name or os.path.basename(shlex.split(args.cmd)[0])
+        config = Config(watchers=[WatcherConfig(
+            name=name, cmd=args.cmd, numprocesses=args.numprocesses, copy_env=True)])
+    overrides = {"endpoint": args.endpoint, "loglevel": args.log_level,
+                 "logoutput": args.log_output, "check_delay": args.check_delay}
+    for key, value in overrides.items():
+        if value is not None:
+            setattr(config, key, value)
+    check_endpoint(config.endpoint)
+    return config
+
+
+def setup_logging(level: str, output: str) -> None:
+    """Send minisup's log to ``output`` ('-', 'stdout', 'stderr' or a file)."""
+    if output in ("-", "stdout"):
+        handler: logging.Handler = logging.StreamHandler(sys.stdout)
+    elif output == "stderr":
+        handler = logging.StreamHandler(sys.stderr)
+    else:
+        handler = logging.FileHandler(output)
+    handler.setFormatter(logging.Formatter(
+        "%(asctime)s minisup[%(process)d] %(levelname)s %(message)s"))
+    logger.addHandler(handler)
+    numeric = logging.getLevelName(level.upper())
+    if not isinstance(numeric, int):
+        raise ConfigError("use debug, info, warning or error",
+                          option="loglevel", value=level)
+    logger.setLevel(numeric)
+
+
+def install_signal_handlers(daemon: Daemon) -> None:
+    """On the main thread: TERM/INT/QUIT quit gracefully (a second one
+    SIGKILLs every child), HUP reloads every watcher.  Handlers only queue."""
+    asked: list[int] = []
+
+    def on_quit(signum: int, frame: Any) -> None:
+        daemon.request_quit(force=bool(asked))
+        asked.append(signum)
+
+    for signum in (signal.SIGTERM, signal.SIGINT, signal.SIGQUIT):
+        signal.signal(signum, on_quit)
+    signal.signal(signal.SIGHUP, lambda signum, frame: daemon.request_reload())
+
+
+def run_daemon(args: argparse.Namespace) -> int:
+    """``minisup run``: supervise in the foreground until told to quit."""
+    try:
+        config = config_from_args(args)
+        setup_logging(config.loglevel, config.logoutput)
+    except (ConfigError, OSError) as exc:
+        print(f"minisup: {exc}", file=sys.stderr)
+        return EXIT_USAGE
+    daemon = Daemon(config)
+    install_signal_handlers(daemon)  # first: a Ctrl-C during start is clean
+    try:
+        daemon.start()
+        while not daemon.wait():
+            pass
+    except MinisupError as exc:
+        logger.error("%s", exc)
+        return EXIT_NO_ANSWER
+    finally:
+        daemon.stop()
+    logger.info("stopped")
+    return EXIT_OK
+
+
+if __name__ == "__main__":
+    sys.exit(main())

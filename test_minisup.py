@@ -1,0 +1,1075 @@
+"""Tests for minisup: real daemons, real children, real zmq messages.
+
+Grouped in module order: config (pure), watcher on a fake clock, protocol
+over real zmq, bad input, endpoints, signals (daemon in a subprocess), CLI
+through ``main([...])``, interop through Circus's own client.  Every daemon
+runs on an ``ipc://`` endpoint under ``tmp_path``; every fixture proves at
+teardown that no child, zombie, thread or fd was left behind.
+"""
+
+import json
+import os
+import shlex
+import signal
+import subprocess
+import sys
+import textwrap
+import threading
+import time
+
+import pytest
+import zmq
+
+import minisup
+
+PY = sys.executable
+#: Long enough for a loaded 2-core CI machine; the happy path takes ms.
+DEADLINE = 10.0
+#: How long a silence must last before we call it "no reply" (casts).
+QUIET = 0.3
+
+SLEEP = "import time; time.sleep(1000)"
+
+
+def py_cmd(code: str) -> str:
+    """An INI ``cmd`` running ``code`` under this test's Python."""
+    return f"{PY} -c {shlex.quote(code)}"
+
+
+def ignore_term(folder) -> str:
+    """A child that ignores SIGTERM and says so by creating folder/PID."""
+    return py_cmd(
+        "import os, signal, time; signal.signal(signal.SIGTERM, signal.SIG_IGN); "
+        f"open(os.path.join({str(folder)!r}, str(os.getpid())), 'w').close(); "
+        "time.sleep(1000)")
+
+
+def wait_for(predicate, timeout=DEADLINE, what="condition"):
+    """Poll ``predicate`` until it returns something true; fail with the
+    last value seen when ``timeout`` passes."""
+    deadline = time.monotonic() + timeout
+    value = None
+    while time.monotonic() < deadline:
+        value = predicate()
+        if value:
+            return value
+        time.sleep(0.005)
+    pytest.fail(f"timed out after {timeout}s waiting for {what}; last: {value!r}")
+
+
+def child_pids():
+    """Pids whose parent is this test process, zombies included."""
+    me, found = os.getpid(), set()
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            with open(f"/proc/{entry}/stat") as stat:
+                fields = stat.read().rsplit(")", 1)[1].split()
+        except OSError:
+            continue  # exited while we looked
+        if int(fields[1]) == me:
+            found.add(int(entry))
+    return found
+
+
+def new_pids(client, name, gone, count):
+    """The watcher's pids once there are ``count`` and none is in ``gone``."""
+    pids = client.call("list", name=name)["pids"]
+    return len(pids) == count and not set(pids) & set(gone) and pids
+
+
+def alive(pid):
+    return os.path.exists(f"/proc/{pid}")
+
+
+def minisup_threads():
+    return [t.name for t in threading.enumerate() if t.name.startswith("minisup-")]
+
+
+def open_fds():
+    return set(os.listdir("/proc/self/fd"))
+
+
+def assert_nothing_leaked(fds_before):
+    wait_for(lambda: not minisup_threads(), what="minisup threads to end")
+    assert child_pids() == set(), "a child (or zombie) was left behind"
+    wait_for(lambda: open_fds() <= fds_before,
+             what=f"fds back to baseline (extra: {open_fds() - fds_before})")
+
+
+@pytest.fixture
+def make_daemon(tmp_path):
+    """Start in-process daemons from INI text; stop them and check leaks."""
+    daemons = []
+    fds_before = open_fds()
+
+    def start(body, endpoint=None, **kwargs):
+        endpoint = endpoint or f"ipc://{tmp_path}/d{len(daemons)}.sock"
+        text = f"[circus]\nendpoint = {endpoint}\n" + textwrap.dedent(body)
+        daemon = minisup.Daemon.from_ini(text)
+        daemons.append(daemon)
+        return daemon.start(**kwargs)
+
+    yield start
+    for daemon in daemons:
+        daemon.stop()
+    assert_nothing_leaked(fds_before)
+
+
+class FakeClock:
+    def __init__(self):
+        self.now = 1000.0
+
+    def __call__(self):
+        return self.now
+
+
+@pytest.fixture
+def make_arbiter():
+    """Arbiters on a fake clock, driven tick by tick without threads."""
+    arbiters = []
+    fds_before = open_fds()
+
+    def make(body):
+        clock = FakeClock()
+        arbiter = minisup.Arbiter(minisup.parse_config(textwrap.dedent(body)), clock)
+        arbiters.append(arbiter)
+        return arbiter, clock
+
+    yield make
+    for arbiter in arbiters:
+        arbiter.kill_everything(wait=True)
+        arbiter.close()
+    assert_nothing_leaked(fds_before)
+
+
+def settle(arbiter, until, what="arbiter state"):
+    """Turn the arbiter's loop (real waits, fake clock) until ``until()``."""
+    def turn():
+        arbiter.poll(0.01)
+        arbiter.tick()
+        return until()
+    return wait_for(turn, what=what)
+
+
+# ============================================================== config ======
+
+def test_parse_defaults():
+    config = minisup.parse_config("[watcher:Web]\ncmd = sleep 1\n")
+    (web,) = config.watchers
+    assert web.name == "web"
+    assert web.args == [] and web.numprocesses == 1 and web.respawn is True
+    assert web.graceful_timeout == 30.0 and web.stop_signal == signal.SIGTERM
+    assert web.max_retry == 5 and web.copy_env is False and web.autostart is True
+    assert config.endpoint == minisup.default_endpoint()
+    assert config.warnings == []
+
+
+def test_parse_every_option():
+    config = minisup.parse_config("""
+[circus]
+endpoint = tcp://127.0.0.1:5555
+check_delay = 2
+warmup_delay = 0.5
+loglevel = debug
+logoutput = stderr
+
+[watcher:api]
+cmd = python -m api   ; inline comment after whitespace
+args = --port 80 "two words"
+numprocesses = 4
+working_dir = /tmp
+shell = yes
+copy_env = true
+graceful_timeout = 2.5
+stop_signal = INT
+respawn = off
+autostart = false
+warmup_delay = 1
+priority = 7
+singleton = false
+max_retry = -1
+retry_in = 0.25
+""")
+    assert (config.endpoint, config.check_delay, config.warmup_delay) == (
+        "tcp://127.0.0.1:5555", 2.0, 0.5)
+    assert (config.loglevel, config.logoutput) == ("debug", "stderr")
+    api = config.watchers[0]
+    assert api.cmd == "python -m api"
+    assert api.args == ["--port", "80", "two words"]
+    assert (api.numprocesses, api.working_dir, api.shell, api.copy_env) == (
+        4, "/tmp", True, True)
+    assert (api.graceful_timeout, api.stop_signal, api.respawn) == (2.5, signal.SIGINT, False)
+    assert (api.autostart, api.warmup_delay, api.priority) == (False, 1.0, 7)
+    assert (api.max_retry, api.retry_in) == (-1, 0.25)
+
+
+def test_env_sections_apply_by_pattern_and_expand_vars():
+    config = minisup.parse_config("""
+[env]
+HOME_COPY = $HOME/x
+[env:web*, other]
+PORT = ${BASE}1
+[watcher:web1]
+cmd = a
+[watcher:worker]
+cmd = b
+""", environ={"HOME": "/home/u", "BASE": "80"})
+    web, worker = config.watchers
+    assert web.env == {"HOME_COPY": "/home/u/x", "PORT": "801"}
+    assert worker.env == {"HOME_COPY": "/home/u/x"}
+
+
+def test_unknown_options_and_sections_are_warnings_naming_them():
+    config = minisup.parse_config(
+        "[circus]\nfrobnicate = 1\n[watcher:a]\ncmd = x\ncolour = red\n"
+        "[plugin:p]\nuse = y\n", source="app.ini")
+    text = "\n".join(config.warnings)
+    assert "app.ini: [circus]: unknown option 'frobnicate'" in text
+    assert "app.ini: [watcher:a]: unknown or unsupported option 'colour'" in text
+    assert "[plugin:p]" in text
+
+
+@pytest.mark.parametrize("option, value, reason", [
+    ("numprocesses", "two", "not an integer"),
+    ("numprocesses", "-1", "must be at least 0"),
+    ("graceful_timeout", "-1", "seconds >= 0"),
+    ("graceful_timeout", "nan", "seconds >= 0"),
+    ("respawn", "maybe", "not a boolean"),
+    ("stop_signal", "SIGFOO", "not a signal name"),
+    ("stop_signal", "999", "not a valid signal number"),
+    ("max_retry", "-2", "must be at least -1"),
+    ("args", "'unclosed", "quotation"),
+])
+def test_bad_value_is_an_error_naming_file_section_option_value(option, value, reason):
+    with pytest.raises(minisup.ConfigError) as info:
+        minisup.parse_config(f"[watcher:w]\ncmd = x\n{option} = {value}\n", "app.ini")
+    message = str(info.value)
+    assert message.startswith(f"app.ini: [watcher:w]: {option} = {value!r}: ")
+    assert reason in message
+    assert (info.value.section, info.value.option) == ("watcher:w", option)
+
+
+def test_watcher_without_cmd_is_an_error():
+    with pytest.raises(minisup.ConfigError, match=r"\[watcher:w\]: cmd = '': cmd is required"):
+        minisup.parse_config("[watcher:w]\nnumprocesses = 1\n", "app.ini")
+
+
+@pytest.mark.parametrize("text", [
+    "cmd = x\n",                                  # no section header
+    "[watcher:w]\ncmd = x\n[watcher:w]\ncmd = y\n",  # duplicate section
+    "[watcher:w]\ncmd = x\ncmd = y\n",            # duplicate option
+])
+def test_ini_syntax_errors_name_the_file(text):
+    with pytest.raises(minisup.ConfigError, match="^app.ini: "):
+        minisup.parse_config(text, "app.ini")
+
+
+def test_load_config_reads_a_file_and_reports_a_missing_one(tmp_path):
+    path = tmp_path / "app.ini"
+    path.write_text("[watcher:w]\ncmd = x\n")
+    assert minisup.load_config(path).watchers[0].cmd == "x"
+    assert minisup.load_config(path).source == str(path)
+    with pytest.raises(minisup.ConfigError, match="cannot read the file"):
+        minisup.load_config(tmp_path / "missing.ini")
+
+
+@pytest.mark.parametrize("endpoint", [
+    "tcp://0.0.0.0:5555", "tcp://10.1.2.3:5555", "tcp://example.com:1", "udp://x", "ipc://",
+])
+def test_endpoints_beyond_loopback_are_refused(endpoint):
+    with pytest.raises(minisup.ConfigError, match="endpoint"):
+        minisup.parse_config(f"[circus]\nendpoint = {endpoint}\n")
+
+
+@pytest.mark.parametrize("endpoint", [
+    "tcp://127.0.0.1:5555", "tcp://localhost:1", "tcp://[::1]:5555", "ipc:///tmp/x.sock",
+])
+def test_loopback_and_ipc_endpoints_are_accepted(endpoint):
+    assert minisup.parse_config(f"[circus]\nendpoint = {endpoint}\n").endpoint == endpoint
+
+
+def test_singleton_keeps_one_process():
+    config = minisup.parse_config("[watcher:w]\ncmd = x\nnumprocesses = 3\nsingleton = 1\n")
+    assert config.watchers[0].numprocesses == 1
+
+
+@pytest.mark.parametrize("value, number", [
+    (9, 9), ("9", 9), ("KILL", 9), ("SIGKILL", 9), ("sigterm", 15), (" hup ", 1),
+])
+def test_parse_signal_accepts_circus_spellings(value, number):
+    assert minisup.parse_signal(value) == number
+
+
+def test_substitutions_in_cmd_args_and_env(monkeypatch):
+    monkeypatch.setenv("FROM_DAEMON", "d")
+    config = minisup.WatcherConfig(
+        name="w", cmd="prog --id $(circus.wid)", args=["$(circus.env.PORT)", "$(circus.nope)"],
+        env={"PORT": "80$(circus.wid)", "OUTER": "$(circus.env.FROM_DAEMON)"})
+    env = minisup.child_env(config, 3)
+    assert env == {"PORT": "803", "OUTER": "d"}
+    assert minisup.child_argv(config, 3, env) == ["prog", "--id", "3", "803", "$(circus.nope)"]
+    shell = minisup.WatcherConfig(name="s", cmd="echo $(circus.wid)", args=["a b"], shell=True)
+    assert minisup.child_argv(shell, 2, {}) == "echo 2 'a b'"
+
+
+def test_copy_env_copies_the_daemon_environment(monkeypatch):
+    monkeypatch.setenv("MINISUP_TEST_VAR", "yes")
+    config = minisup.WatcherConfig(name="w", cmd="x", copy_env=True, env={"A": "1"})
+    env = minisup.child_env(config, 1)
+    assert env["MINISUP_TEST_VAR"] == "yes" and env["A"] == "1"
+
+
+@pytest.mark.parametrize("options, reason", [
+    ({"numprocesses": "3"}, "'numprocesses' isn't an integer"),
+    ({"numprocesses": True}, "'numprocesses' isn't an integer"),
+    ({"numprocesses": -1}, "'numprocesses' must be at least 0"),
+    ({"respawn": "yes"}, "'respawn' isn't a boolean"),
+    ({"graceful_timeout": "1"}, "'graceful_timeout' isn't a number"),
+    ({"env": {"A": 1}}, "'env' must be an object of strings"),
+    ({"stop_signal": "NOPE"}, "'stop_signal' not a signal name"),
+    ({"colour": 1}, "unknown key 'colour'"),
+    ({"uid": 1}, "option 'uid' is not supported by minisup yet"),
+    ({"rlimit_nofile": 1}, "option 'rlimit_nofile' is not supported"),
+])
+def test_add_options_are_checked_strictly(options, reason):
+    with pytest.raises(minisup.MessageError, match=reason) as info:
+        minisup.watcher_config_from_json("w", "x", None, options)
+    assert info.value.errno == minisup.MESSAGE_ERROR
+
+
+# ============================================== watcher on a fake clock ======
+
+def test_stop_escalates_to_sigkill_only_after_graceful_timeout(make_arbiter, tmp_path):
+    arbiter, clock = make_arbiter(f"""
+        [watcher:stubborn]
+        cmd = {ignore_term(tmp_path)}
+        graceful_timeout = 30
+        """)
+    arbiter.start_watchers(list(arbiter.watchers.values()))
+    watcher = arbiter.watchers["stubborn"]
+    settle(arbiter, lambda: watcher.state == "active")
+    (pid,) = watcher.pids()
+    wait_for(lambda: (tmp_path / str(pid)).exists(), what="child ignoring SIGTERM")
+    watcher.stop(clock())
+    clock.now += 29.9
+    arbiter.poll(0.2)  # 0.2 real seconds: a TERM it obeyed would show
+    assert arbiter.tick() == pytest.approx(0.1)
+    assert watcher.state == "stopping" and alive(pid)
+    clock.now += 0.1
+    settle(arbiter, lambda: watcher.state == "stopped", "SIGKILL and reap")
+    assert watcher.last_exit == -signal.SIGKILL and not alive(pid)
+
+
+def test_crash_loop_respawns_at_once_then_backs_off(make_arbiter):
+    arbiter, clock = make_arbiter(f"[watcher:crash]\ncmd = {py_cmd('raise SystemExit(1)')}\n")
+    watcher = arbiter.watchers["crash"]
+    arbiter.start_watchers([watcher])
+    arbiter.tick()
+    spawned = [watcher.pids()[0]]
+
+    def died_and_respawned():
+        arbiter.poll(0.01)
+        arbiter.tick()
+        pids = watcher.pids()
+        return pids and pids[0] != spawned[-1] and pids[0]
+
+    # First death: replaced at once, no clock movement needed.
+    spawned.append(wait_for(died_and_respawned, what="first respawn"))
+    # Second quick death: replaced only after the first backoff step.
+    settle(arbiter, lambda: not watcher.pids(), "second death")
+    assert arbiter.tick() == pytest.approx(minisup.BACKOFF_FIRST)
+    clock.now += minisup.BACKOFF_FIRST
+    arbiter.tick()
+    assert watcher.pids() and watcher.restarts == 2
+
+
+def test_spawn_failures_stop_the_watcher_after_max_retry(make_arbiter, tmp_path):
+    arbiter, clock = make_arbiter(f"""
+        [watcher:ghost]
+        cmd = {tmp_path}/no-such-program
+        max_retry = 2
+        retry_in = 3
+        """)
+    watcher = arbiter.watchers["ghost"]
+    arbiter.start_watchers([watcher])
+    for attempt in (1, 2, 3):
+        assert arbiter.tick() in (pytest.approx(3.0), arbiter.config.check_delay)
+        assert watcher.retries == attempt
+        clock.now += 3
+    assert watcher.state == "stopped"
+    assert "spawn failed 3 times" in watcher.last_error
+    assert "No such file" in watcher.last_error
+
+
+def test_warmup_delay_spaces_spawns_by_deadline(make_arbiter):
+    arbiter, clock = make_arbiter(f"""
+        [watcher:slow]
+        cmd = {py_cmd(SLEEP)}
+        numprocesses = 3
+        warmup_delay = 5
+        """)
+    watcher = arbiter.watchers["slow"]
+    arbiter.start_watchers([watcher])
+    counts = []
+    for _ in range(3):
+        assert arbiter.tick() == pytest.approx(5.0) or len(watcher.pids()) == 3
+        counts.append(len(watcher.pids()))
+        clock.now += 5
+    assert counts == [1, 2, 3] and watcher.state == "active"
+
+
+def test_wid_is_lowest_free_slot(make_arbiter):
+    arbiter, _ = make_arbiter(f"[watcher:w]\ncmd = {py_cmd(SLEEP)}\nnumprocesses = 3\n")
+    watcher = arbiter.watchers["w"]
+    arbiter.start_watchers([watcher])
+    arbiter.tick()
+    by_wid = {p.wid: p.pid for p in watcher.processes.values()}
+    assert sorted(by_wid) == [1, 2, 3]
+    os.kill(by_wid[2], signal.SIGKILL)
+    settle(arbiter, lambda: len(watcher.pids()) == 3 and by_wid[2] not in watcher.pids())
+    assert sorted(p.wid for p in watcher.processes.values()) == [1, 2, 3]
+
+
+# ============================================== protocol over real zmq ======
+
+def sleepers(name="web", n=3, extra=""):
+    return f"[watcher:{name}]\ncmd = {py_cmd(SLEEP)}\nnumprocesses = {n}\n{extra}\n"
+
+
+def test_start_spawns_autostart_watchers_and_lists_them(make_daemon):
+    daemon = make_daemon(sleepers() + sleepers("idle", 1, "autostart = false"))
+    client = daemon.client
+    assert client.call("list")["watchers"] == ["idle", "web"]
+    assert client.call("status")["statuses"] == {"idle": "stopped", "web": "active"}
+    pids = client.call("list", name="web")["pids"]
+    assert len(pids) == 3 and all(alive(p) for p in pids)
+    assert client.call("status", name="web")["status"] == "active"
+    assert client.call("numprocesses")["numprocesses"] == 4
+    reply = client.call("numprocesses", name="WEB")
+    assert (reply["numprocesses"], reply["watcher_name"]) == (3, "web")
+    assert client.call("numwatchers")["numwatchers"] == 2
+
+
+def test_reply_shape_and_id_echo(make_daemon):
+    daemon = make_daemon(sleepers(n=1))
+    reply = daemon.client.send({"command": "numwatchers", "id": "ignored"})
+    assert reply["status"] == "ok" and reply["numwatchers"] == 1
+    assert isinstance(reply["time"], float)
+    with raw_socket(daemon) as sock:
+        sock.send(json.dumps({"command": "LIST", "id": {"any": ["json", 1]}}).encode())
+        reply = json.loads(sock.recv())
+    assert reply["id"] == {"any": ["json", 1]} and reply["watchers"] == ["web"]
+
+
+def test_kill_9_is_replaced_at_once(make_daemon):
+    daemon = make_daemon(sleepers(n=2))
+    client = daemon.client
+    old = client.call("list", name="web")["pids"]
+    os.kill(old[0], signal.SIGKILL)
+    new = wait_for(lambda: new_pids(client, "web", old[:1], 2), what="replacement")
+    assert old[1] in new and all(alive(p) for p in new)
+    assert not alive(old[0])  # reaped, not a zombie
+
+
+def test_start_and_stop_waiting_reply_with_info(make_daemon):
+    daemon = make_daemon(sleepers("idle", 2, "autostart = false"))
+    client = daemon.client
+    reply = client.call("start", name="idle", waiting=True)
+    started = reply["info"]["started"]
+    assert reply["status"] == "ok" and len(started) == 2 and reply["info"]["kept"] == []
+    assert client.call("start", name="idle", waiting=True)["info"] == {
+        "started": [], "kept": started}
+    reply = client.call("stop", name="idle", waiting=True)
+    assert reply["status"] == "ok" and reply["info"] is None
+    assert not any(alive(p) for p in started)
+    assert client.call("status", name="idle")["status"] == "stopped"
+
+
+def test_start_without_name_starts_only_autostart_watchers(make_daemon):
+    daemon = make_daemon(sleepers("a", 1) + sleepers("b", 1, "autostart = false"))
+    daemon.client.call("stop", waiting=True)
+    assert daemon.client.call("status")["statuses"] == {"a": "stopped", "b": "stopped"}
+    daemon.client.call("start", waiting=True)
+    assert daemon.client.call("status")["statuses"] == {"a": "active", "b": "stopped"}
+
+
+def test_graceful_stop_kills_after_timeout_and_daemon_keeps_answering(make_daemon, tmp_path):
+    daemon = make_daemon(f"""
+        [watcher:stubborn]
+        cmd = {ignore_term(tmp_path)}
+        graceful_timeout = 1
+        """)
+    client = daemon.client
+    (pid,) = client.call("list", name="stubborn")["pids"]
+    wait_for(lambda: (tmp_path / str(pid)).exists(), what="child ignoring SIGTERM")
+    assert client.call("stop", name="stubborn")["status"] == "ok"
+    # While the stop is in progress, commands are answered at once.
+    started = time.monotonic()
+    assert client.call("status", name="stubborn")["status"] == "stopping"
+    assert time.monotonic() - started < 0.5
+    wait_for(lambda: client.call("status", name="stubborn")["status"] == "stopped",
+             what="SIGKILL after graceful_timeout")
+    assert not alive(pid)
+
+
+def test_stop_waiting_does_not_block_other_clients(make_daemon, tmp_path):
+    daemon = make_daemon(f"""
+        [watcher:stubborn]
+        cmd = {ignore_term(tmp_path)}
+        graceful_timeout = 1
+        """)
+    (pid,) = daemon.client.call("list", name="stubborn")["pids"]
+    wait_for(lambda: (tmp_path / str(pid)).exists(), what="child ignoring SIGTERM")
+    with raw_socket(daemon) as waiting:
+        waiting.send(json.dumps({"id": 1, "command": "stop",
+                                 "properties": {"name": "stubborn", "waiting": True}}).encode())
+        assert daemon.client.call("numwatchers")["numwatchers"] == 1
+        assert not waiting.poll(100), "the waiting reply came before the stop finished"
+        assert waiting.poll(DEADLINE * 1000)
+        reply = json.loads(waiting.recv())
+    assert reply["status"] == "ok" and reply["id"] == 1 and not alive(pid)
+
+
+def test_restart_waiting_replaces_every_process(make_daemon):
+    daemon = make_daemon(sleepers(n=2))
+    old = daemon.client.call("list", name="web")["pids"]
+    info = daemon.client.call("restart", name="web", waiting=True)["info"]
+    assert sorted(info["stopped"]) == sorted(old) and info["kept"] == []
+    assert len(info["started"]) == 2 and not set(info["started"]) & set(old)
+    assert daemon.client.call("list", name="web")["pids"] == info["started"]
+    assert not any(alive(p) for p in old)
+
+
+def test_restart_without_name_restarts_all(make_daemon):
+    daemon = make_daemon(sleepers("a", 1) + sleepers("b", 1))
+    before = {n: daemon.client.call("list", name=n)["pids"] for n in "ab"}
+    info = daemon.client.call("restart", waiting=True)["info"]
+    assert sorted(info["stopped"]) == sorted(before["a"] + before["b"])
+    assert len(info["started"]) == 2
+
+
+def test_reload_spawns_new_processes_then_stops_old(make_daemon):
+    daemon = make_daemon(sleepers(n=2))
+    old = daemon.client.call("list", name="web")["pids"]
+    info = daemon.client.call("reload", name="web", waiting=True)["info"]
+    assert sorted(info["stopped"]) == sorted(old) and len(info["started"]) == 2
+    wait_for(lambda: not any(alive(p) for p in old), what="old processes gone")
+
+
+def test_incr_and_decr(make_daemon):
+    daemon = make_daemon(sleepers(n=1))
+    client = daemon.client
+    assert client.call("incr", name="web")["numprocesses"] == 2
+    assert client.call("incr", name="web", nb=2, waiting=True)["numprocesses"] == 4
+    pids = client.call("list", name="web")["pids"]
+    assert len(pids) == 4
+    assert client.call("decr", name="web", nb=3, waiting=True)["numprocesses"] == 1
+    wait_for(lambda: client.call("list", name="web")["pids"] == pids[-1:],
+             what="the newest process kept, oldest stopped first")
+    assert client.call("decr", name="web", nb=5, waiting=True)["numprocesses"] == 0
+    assert client.call("list", name="web")["pids"] == []
+    assert client.call("status", name="web")["status"] == "active"
+
+
+def test_singleton_refuses_to_grow(make_daemon):
+    daemon = make_daemon(sleepers(n=1, extra="singleton = true"))
+    reply = daemon.client.call("incr", name="web", nb=3)
+    assert reply["numprocesses"] == 1 and reply["singleton"] is True
+    assert len(daemon.client.call("list", name="web")["pids"]) == 1
+
+
+def test_respawn_false_lets_the_watcher_stop(make_daemon):
+    daemon = make_daemon(f"[watcher:once]\ncmd = {py_cmd('pass')}\nrespawn = false\n")
+    wait_for(lambda: daemon.client.call("status", name="once")["status"] == "stopped",
+             what="one-shot watcher to stop")
+    assert daemon.client.call("list", name="once")["pids"] == []
+
+
+def test_add_rm_and_duplicates(make_daemon):
+    daemon = make_daemon(sleepers(n=1))
+    client = daemon.client
+    reply = client.call("add", name="Extra", cmd=PY, args=["-c", SLEEP],
+                        options={"numprocesses": 2}, start=True, waiting=True)
+    assert reply["status"] == "ok" and len(reply["started"]) == 2
+    assert client.call("list")["watchers"] == ["extra", "web"]
+    duplicate = client.call("add", name="EXTRA", cmd="x")
+    assert duplicate["status"] == "error" and duplicate["errno"] == 5
+    assert duplicate["reason"] == "'extra' already exist"
+    assert client.call("rm", name="extra", waiting=True)["status"] == "ok"
+    assert not any(alive(p) for p in reply["started"])
+    assert client.call("list")["watchers"] == ["web"]
+    assert client.call("add", name="later", cmd=PY)["status"] == "ok"
+    assert client.call("status", name="later")["status"] == "stopped"
+
+
+def test_rm_nostop_leaves_children_running_until_quit(make_daemon):
+    daemon = make_daemon(sleepers(n=1))
+    (pid,) = daemon.client.call("list", name="web")["pids"]
+    assert daemon.client.call("rm", name="web", nostop=True, waiting=True)["status"] == "ok"
+    assert daemon.client.call("numwatchers")["numwatchers"] == 0
+    assert alive(pid)
+    daemon.client.call("quit", waiting=True)
+    assert daemon.wait(DEADLINE) and not alive(pid)
+
+
+def test_add_with_bad_options_is_errno_3(make_daemon):
+    daemon = make_daemon(sleepers(n=1))
+    reply = daemon.client.call("add", name="x", cmd="y", options={"numprocesses": "3"})
+    assert reply["status"] == "error" and reply["errno"] == 3
+    assert reply["reason"] == "'numprocesses' isn't an integer"
+    assert daemon.client.call("numwatchers")["numwatchers"] == 1
+
+
+def test_unknown_watcher_is_errno_3(make_daemon):
+    daemon = make_daemon(sleepers(n=1))
+    for command in ("status", "list", "stop", "start", "incr", "rm", "numprocesses"):
+        reply = daemon.client.call(command, name="nope")
+        assert (reply["status"], reply["errno"], reply["reason"]) == (
+            "error", 3, "program nope not found"), command
+
+
+def test_start_waiting_reports_a_watcher_that_cannot_spawn(make_daemon, tmp_path):
+    daemon = make_daemon(f"""
+        [watcher:ghost]
+        cmd = {tmp_path}/missing
+        autostart = false
+        max_retry = 0
+        """)
+    reply = daemon.client.call("start", name="ghost", waiting=True)
+    assert reply["status"] == "error" and reply["errno"] == 6
+    assert "ghost: spawn failed 1 times" in reply["reason"]
+    assert daemon.client.call("status", name="ghost")["status"] == "stopped"
+
+
+def test_spawn_failing_forever_does_not_wedge_the_daemon(make_daemon, tmp_path):
+    daemon = make_daemon(f"""
+        [watcher:ghost]
+        cmd = {tmp_path}/missing
+        max_retry = -1
+        retry_in = 0.01
+        autostart = false
+        """)
+    daemon.client.call("start", name="ghost")
+    for _ in range(20):
+        assert daemon.client.call("status", name="ghost")["status"] == "starting"
+    assert daemon.client.call("stop", name="ghost", waiting=True)["status"] == "ok"
+
+
+def test_cast_gets_no_reply_but_is_applied(make_daemon):
+    daemon = make_daemon(sleepers(n=1))
+    with raw_socket(daemon) as sock:
+        sock.send(json.dumps({"command": "incr", "msg_type": "cast",
+                              "properties": {"name": "web"}}).encode())
+        sock.send(json.dumps({"command": "nope", "msg_type": "cast"}).encode())
+        assert not sock.poll(QUIET * 1000)
+    wait_for(lambda: daemon.client.call("numprocesses", name="web")["numprocesses"] == 2)
+
+
+def test_quit_waiting_replies_after_every_child_is_gone(make_daemon):
+    daemon = make_daemon(sleepers(n=3))
+    pids = daemon.client.call("list", name="web")["pids"]
+    assert daemon.client.call("quit", waiting=True)["status"] == "ok"
+    assert not any(alive(p) for p in pids)
+    assert daemon.wait(DEADLINE)
+
+
+def test_priority_orders_start_and_quit(make_daemon, tmp_path):
+    log = tmp_path / "order.log"
+    record = ("import signal, sys, time; "
+              f"f = open({str(log)!r}, 'a'); f.write('start ' + sys.argv[1] + chr(10)); f.flush(); "
+              "signal.signal(signal.SIGTERM, lambda *a: (f.write('stop ' + sys.argv[1] + chr(10)), "
+              "f.close(), sys.exit(0))); time.sleep(1000)")
+    # The global warmup_delay spaces the two starts, so their order shows.
+    body = "warmup_delay = 0.5\n" + "".join(
+        f"[watcher:{n}]\ncmd = {py_cmd(record)} {n}\npriority = {p}\n"
+        for n, p in (("low", 1), ("high", 9)))
+    daemon = make_daemon(body)
+    wait_for(lambda: log.exists() and log.read_text().count("start") == 2,
+             what="both children started")
+    daemon.client.call("quit", waiting=True)
+    assert log.read_text().split("\n") == [
+        "start high", "start low", "stop low", "stop high", ""]
+
+
+def test_commands_after_quit_began_are_refused(make_daemon, tmp_path):
+    daemon = make_daemon(f"[watcher:stubborn]\ncmd = {ignore_term(tmp_path)}\n"
+                         "graceful_timeout = 1\n")
+    (pid,) = daemon.client.call("list", name="stubborn")["pids"]
+    wait_for(lambda: (tmp_path / str(pid)).exists(), what="child ignoring SIGTERM")
+    daemon.client.call("quit")
+    reply = daemon.client.call("start", name="stubborn")
+    assert reply["errno"] == 5 and "shutting down" in reply["reason"]
+    assert daemon.client.call("status", name="stubborn")["status"] == "stopping"
+    assert daemon.wait(DEADLINE)
+
+
+def test_shell_working_dir_and_private_env(make_daemon, tmp_path):
+    daemon = make_daemon(f"""
+        [watcher:sh]
+        cmd = (env; pwd; echo done) > out.$(circus.wid); exec sleep 1000
+        shell = true
+        working_dir = {tmp_path}
+        numprocesses = 2
+        [env:sh]
+        ONLY = this
+        PATH = /usr/bin:/bin
+        """)
+    for wid in (1, 2):
+        out = tmp_path / f"out.{wid}"
+        wait_for(lambda out=out: out.exists() and "done" in out.read_text().split())
+        lines = set(out.read_text().splitlines())
+        assert "ONLY=this" in lines and str(tmp_path) in lines
+        assert not any(line.startswith("HOME=") for line in lines)
+    assert len(daemon.client.call("list", name="sh")["pids"]) == 2
+
+
+def test_two_daemons_in_one_process_do_not_interfere(make_daemon):
+    first = make_daemon(sleepers("a", 1))
+    second = make_daemon(sleepers("b", 2))
+    assert first.client.call("list")["watchers"] == ["a"]
+    assert second.client.call("list")["watchers"] == ["b"]
+    second.stop()
+    assert first.client.call("status")["statuses"] == {"a": "active"}
+
+
+def test_daemon_stop_is_idempotent_and_a_context_manager(tmp_path):
+    fds_before = open_fds()
+    text = f"[circus]\nendpoint = ipc://{tmp_path}/c.sock\n" + sleepers(n=2)
+    with minisup.Daemon.from_ini(text) as daemon:
+        pids = daemon.client.call("list", name="web")["pids"]
+        assert sorted(minisup_threads()) == ["minisup-controller", "minisup-worker"]
+    daemon.stop()
+    assert not any(alive(p) for p in pids)
+    assert not (tmp_path / "c.sock").exists()
+    assert_nothing_leaked(fds_before)
+
+
+# ============================================================ bad input ======
+
+class raw_socket:
+    """A bare DEALER (or other type) on a daemon's endpoint."""
+
+    def __init__(self, daemon, kind=zmq.DEALER):
+        self.context = zmq.Context()
+        self.sock = self.context.socket(kind)
+        self.sock.linger = 0
+        self.sock.connect(daemon.endpoint)
+
+    def __enter__(self):
+        return self.sock
+
+    def __exit__(self, *exc):
+        self.sock.close()
+        self.context.term()
+
+
+def raw_reply(sock, *frames):
+    sock.send_multipart(list(frames))
+    assert sock.poll(DEADLINE * 1000), "no reply"
+    return json.loads(sock.recv_multipart()[-1])
+
+
+def request(command, **properties):
+    return json.dumps({"id": "r1", "command": command, "properties": properties}).encode()
+
+
+@pytest.mark.parametrize("body, errno, reason", [
+    (b"", 1, "json invalid"),
+    (b"not json", 1, "json invalid"),
+    (b"\xff\xfe", 1, "json invalid"),
+    (b"[" * 100000 + b"]" * 100000, 1, "json invalid"),
+    (b"[1, 2]", 3, "not a JSON object"),
+    (b'"list"', 3, "not a JSON object"),
+    (b'{"properties": {}}', 3, "'command' is missing"),
+    (b'{"command": 5}', 3, "'command' must be a string"),
+    (b'{"command": "nope"}', 2, "unknown command: 'nope'"),
+    (b'{"command": "list", "properties": "web"}', 3, "'properties' must be an object"),
+    (request("incr"), 3, "message invalid 'name' is missing"),
+    (request("incr", name="web", nb="2"), 3, "'nb' must be an integer >= 0"),
+    (request("incr", name="web", nb=-1), 3, "'nb' must be an integer >= 0"),
+    (request("incr", name="web", nb=True), 3, "'nb' must be an integer >= 0"),
+    (request("status", name=["web"]), 3, "'name' must be a string"),
+    (request("stop", name="web", waiting="yes"), 3, "'waiting' must be a boolean"),
+    (request("add", name="x", cmd="y", options=[]), 3, "'options' must be an object"),
+    (b'{"command": "list", "x": ' + b"1" * 5000 + b"}", 1, "json invalid"),
+    (b" " * (minisup.MAX_REQUEST_BYTES + 1), 3, "message too large"),
+])
+def test_malformed_requests_get_their_own_error(make_daemon, body, errno, reason):
+    daemon = make_daemon(sleepers(n=1))
+    with raw_socket(daemon) as sock:
+        reply = raw_reply(sock, body)
+    assert reply["status"] == "error" and reply["errno"] == errno
+    assert reason in reply["reason"]
+    assert isinstance(reply["time"], float) and "tb" in reply
+    assert daemon.client.call("numwatchers")["numwatchers"] == 1
+    assert sorted(minisup_threads()) == ["minisup-controller", "minisup-worker"]
+
+
+def test_error_reply_echoes_the_id_when_it_can(make_daemon):
+    daemon = make_daemon(sleepers(n=1))
+    with raw_socket(daemon) as sock:
+        reply = raw_reply(sock, b'{"id": 42, "command": "nope"}')
+    assert reply["id"] == 42 and reply["errno"] == 2
+
+
+def test_multi_frame_request_is_an_error_and_req_sockets_work(make_daemon):
+    daemon = make_daemon(sleepers(n=1))
+    with raw_socket(daemon) as sock:
+        reply = raw_reply(sock, request("list"), request("list"))
+        assert reply["errno"] == 3 and "one frame" in reply["reason"]
+    with raw_socket(daemon, zmq.REQ) as req:
+        assert raw_reply(req, request("list"))["watchers"] == ["web"]
+
+
+def test_many_bad_messages_in_a_burst_leave_the_daemon_serving(make_daemon):
+    daemon = make_daemon(sleepers(n=1))
+    bodies = [b"", b"{", b"[]", b'{"command": null}', request("incr", name=1),
+              request("nope"), request("start", name="nope"), b"\x00" * 100]
+    with raw_socket(daemon) as sock:
+        for body in bodies * 50:
+            sock.send(body)
+        replies = [json.loads(sock.recv()) for _ in range(len(bodies) * 50)
+                   if sock.poll(DEADLINE * 1000)]
+    assert len(replies) == len(bodies) * 50
+    assert all(r["status"] == "error" for r in replies)
+    assert daemon.client.call("numwatchers")["numwatchers"] == 1
+
+
+# ============================================================ endpoints ======
+
+def test_default_endpoint_is_private(make_daemon, tmp_path, monkeypatch):
+    runtime = tmp_path / "run"
+    runtime.mkdir()
+    monkeypatch.setenv("XDG_RUNTIME_DIR", str(runtime))
+    endpoint = minisup.default_endpoint()
+    assert endpoint == f"ipc://{runtime}/minisup/control.sock"
+    daemon = make_daemon(sleepers(n=1), endpoint=endpoint)
+    folder, sock = runtime / "minisup", runtime / "minisup" / "control.sock"
+    assert oct(folder.stat().st_mode & 0o777) == oct(0o700)
+    assert oct(sock.stat().st_mode & 0o777) == oct(0o600)
+    with minisup.Client() as client:  # finds the same default
+        assert client.call("numwatchers")["numwatchers"] == 1
+    assert daemon.client.call("numwatchers")["numwatchers"] == 1
+
+
+def test_second_daemon_on_a_live_endpoint_is_refused(make_daemon, tmp_path):
+    first = make_daemon(sleepers(n=1))
+    with pytest.raises(minisup.ConfigError, match="already listening"):
+        make_daemon(sleepers("other", 1), endpoint=first.endpoint)
+    assert first.client.call("list")["watchers"] == ["web"]
+
+
+def test_loopback_tcp_endpoint_with_ephemeral_port(make_daemon):
+    daemon = make_daemon(sleepers(n=1), endpoint="tcp://127.0.0.1:*")
+    assert daemon.endpoint.startswith("tcp://127.0.0.1:")
+    assert not daemon.endpoint.endswith(":*")
+    assert daemon.client.call("numwatchers")["numwatchers"] == 1
+
+
+def test_client_timeout_names_the_endpoint(tmp_path):
+    endpoint = f"ipc://{tmp_path}/nobody.sock"
+    with minisup.Client(endpoint, timeout=0.2) as client, \
+            pytest.raises(minisup.CallError) as info:
+        client.call("status")
+    assert endpoint in str(info.value) and "is the daemon running" in str(info.value)
+
+
+# ============================================== signals (a real daemon) ======
+
+def spawn_cli(tmp_path, *args):
+    """``python -m minisup`` in a subprocess, its log in tmp_path/daemon.log."""
+    with open(tmp_path / "daemon.log", "w") as log:
+        return subprocess.Popen([PY, "-m", "minisup", *args], stdout=log,
+                                stderr=subprocess.STDOUT,
+                                cwd=os.path.dirname(minisup.__file__))
+
+
+@pytest.fixture
+def cli_daemon(tmp_path):
+    """A daemon run by the CLI in its own process, on its own endpoint."""
+    procs = []
+
+    def start(body):
+        endpoint = f"ipc://{tmp_path}/cli.sock"
+        ini = tmp_path / "app.ini"
+        ini.write_text(f"[circus]\nendpoint = {endpoint}\n" + textwrap.dedent(body))
+        proc = spawn_cli(tmp_path, "run", str(ini))
+        procs.append(proc)
+        client = minisup.Client(endpoint, timeout=1.0)
+        wait_for(lambda: _answers(client), what="the CLI daemon to answer")
+        return proc, client
+
+    yield start
+    for proc in procs:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+
+
+def _answers(client):
+    try:
+        return client.call("status")["status"] == "ok"
+    except minisup.CallError:
+        return False
+
+
+def test_sigterm_stops_every_child_and_exits_0(cli_daemon, tmp_path):
+    proc, client = cli_daemon(sleepers(n=3))
+    pids = client.call("list", name="web")["pids"]
+    client.close()
+    proc.send_signal(signal.SIGTERM)
+    assert proc.wait(DEADLINE) == 0
+    assert not any(alive(p) for p in pids)
+    log = (tmp_path / "daemon.log").read_text()
+    assert "web: active -> stopping" in log and "web: stopping -> stopped" in log
+
+
+def test_sighup_reloads_every_watcher(cli_daemon):
+    proc, client = cli_daemon(sleepers(n=2))
+    old = client.call("list", name="web")["pids"]
+    proc.send_signal(signal.SIGHUP)
+    new = wait_for(lambda: new_pids(client, "web", old, 2), what="new pids after SIGHUP")
+    wait_for(lambda: not any(alive(p) for p in old), what="old pids gone")
+    client.call("quit")
+    client.close()
+    assert proc.wait(DEADLINE) == 0
+    assert not any(alive(p) for p in new)
+
+
+def test_second_sigint_kills_children_that_ignore_sigterm(cli_daemon, tmp_path):
+    proc, client = cli_daemon(f"""
+        [watcher:stubborn]
+        cmd = {ignore_term(tmp_path)}
+        graceful_timeout = 600
+        """)
+    (pid,) = client.call("list", name="stubborn")["pids"]
+    wait_for(lambda: (tmp_path / str(pid)).exists(), what="child ignoring SIGTERM")
+    proc.send_signal(signal.SIGINT)
+    wait_for(lambda: client.call("status", name="stubborn")["status"] == "stopping")
+    client.close()
+    proc.send_signal(signal.SIGINT)
+    assert proc.wait(DEADLINE) == 0
+    assert not alive(pid)
+
+
+def test_quit_command_ends_the_cli_daemon(cli_daemon):
+    proc, client = cli_daemon(sleepers(n=1))
+    assert client.call("quit", waiting=True)["status"] == "ok"
+    client.close()
+    assert proc.wait(DEADLINE) == 0
+
+
+# ================================================================== CLI ======
+
+def ctl(capsys, endpoint, *args):
+    code = minisup.main(["ctl", "--endpoint", endpoint, *args])
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+def test_ctl_commands_print_and_exit_like_circusctl(make_daemon, capsys):
+    daemon = make_daemon(sleepers(n=1))
+    endpoint = daemon.endpoint
+    assert ctl(capsys, endpoint, "status") == (0, "web  active\n", "")
+    assert ctl(capsys, endpoint, "list") == (0, "web\n", "")
+    assert ctl(capsys, endpoint, "incr", "web", "2", "--waiting") == (0, "3\n", "")
+    code, out, _ = ctl(capsys, endpoint, "list", "web")
+    assert code == 0 and len(out.split()) == 3
+    code, out, _ = ctl(capsys, endpoint, "--json", "numwatchers")
+    assert code == 0 and json.loads(out)["numwatchers"] == 1
+    assert ctl(capsys, endpoint, "status", "nope") == (
+        3, "", "error: program nope not found\n")
+    code, out, _ = ctl(capsys, endpoint, "add", "extra", f"{PY} -c 'pass'")
+    assert code == 0 and out == "ok\n"
+    code, out, _ = ctl(capsys, endpoint, "stop", "web", "--waiting")
+    assert code == 0
+    assert ctl(capsys, endpoint, "status", "web") == (0, "stopped\n", "")
+    assert ctl(capsys, endpoint, "rm", "extra") == (0, "ok\n", "")
+
+
+def test_ctl_no_answer_is_exit_1_with_a_hint(tmp_path, capsys):
+    code, out, err = ctl(capsys, f"ipc://{tmp_path}/none.sock", "--timeout", "0.2", "status")
+    assert code == 1 and out == ""
+    assert f"no socket at {tmp_path}/none.sock" in err
+
+
+def test_cli_usage_errors_are_exit_2(capsys):
+    assert minisup.main(["ctl", "incr"]) == 2
+    assert minisup.main(["ctl", "incr", "web", "two"]) == 2
+    assert minisup.main(["frobnicate"]) == 2
+    assert minisup.main(["run"]) == 2
+    assert "either an INI file or --cmd" in capsys.readouterr().err
+    assert minisup.main(["--help"]) == 0
+    assert "run" in capsys.readouterr().out
+
+
+def test_run_with_a_bad_config_exits_2_naming_the_value(tmp_path, capsys):
+    ini = tmp_path / "bad.ini"
+    ini.write_text("[watcher:w]\ncmd = x\nnumprocesses = two\n")
+    assert minisup.main(["run", str(ini)]) == 2
+    err = capsys.readouterr().err
+    assert f"{ini}: [watcher:w]: numprocesses = 'two': not an integer" in err
+
+
+def test_run_cmd_mode_without_a_file(tmp_path):
+    endpoint = f"ipc://{tmp_path}/cmd.sock"
+    proc = spawn_cli(tmp_path, "run", "--cmd", f"{PY} -c {shlex.quote(SLEEP)}",
+                     "--name", "solo", "--numprocesses", "2", "--endpoint", endpoint)
+    try:
+        with minisup.Client(endpoint, timeout=1.0) as client:
+            wait_for(lambda: _answers(client), what="--cmd daemon")
+            assert client.call("list")["watchers"] == ["solo"]
+            assert len(client.call("list", name="solo")["pids"]) == 2
+            client.call("quit")
+        assert proc.wait(DEADLINE) == 0
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+
+
+def test_shipped_example_config_loads():
+    example = os.path.join(os.path.dirname(minisup.__file__), "examples", "hello.ini")
+    config = minisup.load_config(example)
+    assert config.warnings == []
+    assert {w.name: w.numprocesses for w in config.watchers} == {"workers": 3, "web": 1}
+
+
+# ============================================================== interop ======
+
+def test_circus_client_drives_minisup(make_daemon):
+    client_module = pytest.importorskip("circus.client")
+    daemon = make_daemon(sleepers(n=1))
+    # Its own context: Circus's default is the process-wide Context.instance().
+    context = zmq.Context()
+    client = client_module.CircusClient(context, daemon.endpoint, timeout=DEADLINE)
+    try:
+        def call(command, **props):
+            return client.call({"command": command, "properties": props})
+        assert call("list")["watchers"] == ["web"]
+        assert call("incr", name="web", nb=1, waiting=True)["numprocesses"] == 2
+        assert len(call("list", name="web")["pids"]) == 2
+        assert call("status", name="web")["status"] == "active"
+        assert call("stop", name="web", waiting=True)["status"] == "ok"
+        assert call("nope")["errno"] == 2
+    finally:
+        client.stop()
+        context.term()
+
+
+def test_circusctl_command_line_drives_minisup(make_daemon):
+    pytest.importorskip("circus")
+    daemon = make_daemon(sleepers(n=2))
+
+    def circusctl(*args):
+        return subprocess.run([PY, "-m", "circus.circusctl", "--endpoint", daemon.endpoint,
+                               "--timeout", str(int(DEADLINE)), *args],
+                              check=False, capture_output=True, text=True, timeout=60)
+    result = circusctl("status")
+    assert result.returncode == 0 and "web: active" in result.stdout
+    result = circusctl("numprocesses", "web")
+    assert result.returncode == 0 and result.stdout.strip() == "2"
+    result = circusctl("incr", "web")
+    assert result.returncode == 0 and result.stdout.strip() == "3"
