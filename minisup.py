@@ -268,9 +268,9 @@ def prepare_ipc_endpoint(endpoint: str) -> str | None:
     path = os.path.abspath(endpoint[len("ipc://"):])
     folder = os.path.dirname(path)
     os.makedirs(folder, mode=0o700, exist_ok=True)
-    info = os.stat(folder)
-    if info.st_uid != os.geteuid():
-        raise ConfigError(f"folder {folder} belongs to uid {info.st_uid}",
+    info = os.lstat(folder)
+    if not stat.S_ISDIR(info.st_mode) or info.st_uid != os.geteuid():
+        raise ConfigError(f"{folder} is not a folder of uid {os.geteuid()}",
                           option="endpoint", value=endpoint)
     if endpoint == default_endpoint() and stat.S_IMODE(info.st_mode) != 0o700:
         os.chmod(folder, 0o700)
@@ -885,14 +885,14 @@ class Watcher:
 
     def _fill(self, now: float) -> list[Process]:
         spawned: list[Process] = []
-        while len(self.running()) < self.numprocesses and now >= self._next_spawn:
+        missing = self.numprocesses - len(self.running())
+        while len(spawned) < missing and now >= self._next_spawn:
             process = self._spawn_one(now)
             if process is None:
                 break
             spawned.append(process)
             if self.config.warmup_delay:
                 self._next_spawn = now + self.config.warmup_delay
-                break
         return spawned
 
     def _spawn_one(self, now: float) -> Process | None:
@@ -997,6 +997,8 @@ class Arbiter:
         self.clock = clock
         self.watchers: dict[str, Watcher] = {}
         self.done = False
+        self.failed = False
+        self._unwatched = 0  # children without a pidfd: polled instead
         self._spawn = spawn
         self._jobs: queue.SimpleQueue[Job] = queue.SimpleQueue()
         self._waker = Waker()
@@ -1027,6 +1029,7 @@ class Arbiter:
                 timeout = self.tick()
         except BaseException:
             logger.exception("worker thread failed; killing every child")
+            self.failed = True
             self.kill_everything(wait=True)
             raise
 
@@ -1039,7 +1042,7 @@ class Arbiter:
                 self._waker.drain()
             else:
                 self._reap(*key.data)
-        if not events or any(p.pidfd is None for _, p in self._all_processes()):
+        if not events or self._unwatched:
             self._sweep()
 
     def tick(self) -> float | None:
@@ -1087,7 +1090,9 @@ class Arbiter:
                 yield watcher, process
 
     def _watch(self, watcher: Watcher, process: Process) -> None:
-        if process.pidfd is not None:
+        if process.pidfd is None:
+            self._unwatched += 1
+        else:
             self._selector.register(process.pidfd, selectors.EVENT_READ,
                                     (watcher, process))
 
@@ -1095,7 +1100,9 @@ class Arbiter:
         code = process.poll()
         if code is None:
             return  # not exited after all; its pidfd will fire again
-        if process.pidfd is not None:
+        if process.pidfd is None:
+            self._unwatched -= 1
+        else:
             self._selector.unregister(process.pidfd)
             process.close()
         watcher.reap(process, code, self.clock())
@@ -1111,7 +1118,7 @@ class Arbiter:
             deadline = watcher.next_deadline()
             if deadline is not None:
                 timeout = min(timeout, max(0.0, deadline - now))
-        if not HAS_PIDFD:
+        if self._unwatched:
             timeout = min(timeout, FALLBACK_POLL)
         return timeout
 
@@ -2031,6 +2038,8 @@ def run_daemon(args: argparse.Namespace) -> int:
         return EXIT_NO_ANSWER
     finally:
         daemon.stop()
+    if daemon.arbiter.failed:
+        return EXIT_NO_ANSWER
     logger.info("stopped")
     return EXIT_OK
 

@@ -1030,11 +1030,29 @@ def test_run_cmd_mode_without_a_file(tmp_path):
             proc.wait()
 
 
-def test_shipped_example_config_loads():
+def test_readme_quick_start_runs_the_shipped_example(tmp_path):
+    """README's first command, with only the endpoint moved under tmp_path."""
     example = os.path.join(os.path.dirname(minisup.__file__), "examples", "hello.ini")
-    config = minisup.load_config(example)
-    assert config.warnings == []
-    assert {w.name: w.numprocesses for w in config.watchers} == {"workers": 3, "web": 1}
+    assert minisup.load_config(example).warnings == []
+    endpoint = f"ipc://{tmp_path}/hello.sock"
+    proc = spawn_cli(tmp_path, "run", example, "--endpoint", endpoint)
+    try:
+        with minisup.Client(endpoint, timeout=1.0) as client:
+            wait_for(lambda: _answers(client), what="the example daemon")
+            assert client.call("status")["statuses"] == {"clock": "active",
+                                                         "workers": "active"}
+            pids = client.call("list", name="workers")["pids"]
+            assert len(pids) == 3
+        log = tmp_path / "daemon.log"
+        wait_for(lambda: {"worker 1 tick 0", "worker 2 tick 0", "worker 3 tick 0"}
+                 <= set(log.read_text().splitlines()), what="each worker's first line")
+        proc.send_signal(signal.SIGINT)  # Ctrl-C
+        assert proc.wait(DEADLINE) == 0
+        assert not any(alive(p) for p in pids)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
 
 
 # ============================================================== interop ======
