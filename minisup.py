@@ -703,8 +703,8 @@ class Process:
 def spawn_process(config: WatcherConfig, wid: int, now: float) -> Process:
     """Start one child of ``config``; raise OSError if it cannot start.
 
-    No preexec_fn: Popen's own ``process_group`` keeps the vfork fast path,
-    and each child leads its own group so the terminal's Ctrl-C reaches
+    No Python code runs between fork and exec: Popen's own
+    ``process_group`` keeps the vfork fast path, and each child leads its group so the terminal's Ctrl-C reaches
     only the daemon, which then stops the children in order.
     """
     env = child_env(config, wid)

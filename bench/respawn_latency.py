@@ -22,7 +22,7 @@ import time
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, os.path.dirname(HERE))
 
-import minisup  # noqa: E402
+import minisup
 
 SLEEP = "/bin/sleep"
 LIMIT = 5.0  # seconds: a respawn slower than this is a failure, not a sample
