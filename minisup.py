@@ -133,7 +133,7 @@ class ConfigError(MinisupError):
                  section: str | None = None, option: str | None = None,
                  value: Any = None) -> None:
         self.source, self.section = source, section
-        self.option, self.value = option, value
+        self.option, self.value, self.detail = option, value, reason
         where = ": ".join(p for p in (source, section and f"[{section}]") if p)
         what = f"{option} = {value!r}: " if option else ""
         super().__init__(f"{where}: {what}{reason}" if where else what + reason)
@@ -516,8 +516,8 @@ def _read_global(config: Config, section: configparser.SectionProxy) -> None:
     try:
         check_endpoint(config.endpoint)
     except ConfigError as exc:
-        raise ConfigError(exc.reason.split(": ", 1)[-1], config.source,
-                          "circus", "endpoint", config.endpoint) from None
+        raise ConfigError(exc.detail, config.source, "circus", "endpoint",
+                          config.endpoint) from None
 
 
 def _parse_value(kind: Kind, source: str | None, section: str, option: str,
@@ -1402,6 +1402,8 @@ def handle_numwatchers(arbiter: Arbiter, properties: dict[str, Any]) -> dict[str
 
 
 def handle_add(arbiter: Arbiter, properties: dict[str, Any]) -> dict[str, Any] | Pending:
+    if not properties["name"].strip():
+        raise MessageError("'name' must not be empty")
     config = watcher_config_from_json(properties["name"], properties["cmd"],
                                       properties.get("args"), properties.get("options"))
     watcher = arbiter.add_watcher(config)

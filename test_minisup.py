@@ -279,8 +279,9 @@ def test_load_config_reads_a_file_and_reports_a_missing_one(tmp_path):
     "tcp://0.0.0.0:5555", "tcp://10.1.2.3:5555", "tcp://example.com:1", "udp://x", "ipc://",
 ])
 def test_endpoints_beyond_loopback_are_refused(endpoint):
-    with pytest.raises(minisup.ConfigError, match="endpoint"):
-        minisup.parse_config(f"[circus]\nendpoint = {endpoint}\n")
+    with pytest.raises(minisup.ConfigError) as info:
+        minisup.parse_config(f"[circus]\nendpoint = {endpoint}\n", "app.ini")
+    assert str(info.value).startswith(f"app.ini: [circus]: endpoint = {endpoint!r}: ")
 
 
 @pytest.mark.parametrize("endpoint", [
@@ -793,6 +794,8 @@ def request(command, **properties):
     (request("status", name=["web"]), 3, "'name' must be a string"),
     (request("stop", name="web", waiting="yes"), 3, "'waiting' must be a boolean"),
     (request("add", name="x", cmd="y", options=[]), 3, "'options' must be an object"),
+    (request("add", name=" ", cmd="y"), 3, "'name' must not be empty"),
+    (request("add", name="x", cmd="y", args=[1]), 3, "'args' must be a string or a list"),
     (b'{"command": "list", "x": ' + b"1" * 5000 + b"}", 1, "json invalid"),
     (b" " * (minisup.MAX_REQUEST_BYTES + 1), 3, "message too large"),
 ])
