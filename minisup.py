@@ -54,13 +54,16 @@ __version__ = "0.1.0"
 
 import argparse
 import configparser
+import contextlib
 import dataclasses
 import fnmatch
 import functools
+import grp
 import ipaddress
 import json
 import logging
 import os
+import pwd
 import queue
 import re
 import selectors
@@ -255,6 +258,20 @@ def check_endpoint(endpoint: str) -> str:
     return endpoint
 
 
+def check_udp_endpoint(endpoint: str) -> tuple[str, int]:
+    """Split a discovery endpoint ``udp://HOST:PORT``; raise ConfigError.
+
+    HOST must be a loopback address (answers stay on this machine) or a
+    multicast group, which the daemon then joins.
+    """
+    match = re.fullmatch(r"udp://([\d.]+):(\d+)", endpoint)
+    address = match and ipaddress.ip_address(match.group(1))
+    if not match or not (address.is_loopback or address.is_multicast):
+        raise ConfigError("use udp://127.0.0.1:PORT or udp://MULTICAST-GROUP:PORT",
+                          option="multicast_endpoint", value=endpoint)
+    return match.group(1), int(match.group(2))
+
+
 def prepare_ipc_endpoint(endpoint: str) -> str | None:
     """Make the private folder of an ipc endpoint; return the socket path.
 
@@ -379,6 +396,29 @@ def _not_in_ini(text: str) -> Any:
     raise ValueError("set it in an [env] or [env:NAME] section")
 
 
+def _id_parser(lookup: Callable[[Any], Any], field: str,
+               what: str) -> Callable[[Any], int]:
+    """A parser of a user (or group) given by name or number, checked to
+    exist, as Circus's to_uid / to_gid."""
+    def parse(value: Any) -> int:
+        if isinstance(value, bool) or not isinstance(value, (int, str)):
+            raise TypeError("isn't an integer or string")
+        key = int(value) if str(value).strip().isdigit() else str(value).strip()
+        try:
+            entry = (lookup[0] if isinstance(key, int) else lookup[1])(key)
+        except (KeyError, OverflowError):
+            raise ValueError(f"no such {what}") from None
+        return getattr(entry, field)
+    return parse
+
+
+def _text_octal(text: str) -> int:
+    try:
+        return int(text.strip(), 8)
+    except ValueError:
+        raise ValueError("not an octal number") from None
+
+
 INT = Kind(_text_int(-2**63), _json_int(-2**63))
 COUNT = Kind(_text_int(0), _json_int(0))
 RETRIES = Kind(_text_int(-1), _json_int(-1))
@@ -388,6 +428,11 @@ STR = Kind(str.strip, _json_str)
 SIGNAL = Kind(parse_signal, _json_signal)
 ARGS = Kind(shlex.split, _json_args)
 ENV = Kind(_not_in_ini, _json_env)
+_uid = _id_parser((pwd.getpwuid, pwd.getpwnam), "pw_uid", "user")
+_gid = _id_parser((grp.getgrgid, grp.getgrnam), "gr_gid", "group")
+USER = Kind(_uid, _uid)
+GROUP = Kind(_gid, _gid)
+OCTAL = Kind(_text_octal, _json_int(0))
 
 #: Watcher options minisup understands: name -> kind.  Defaults live on
 #: WatcherConfig.  ``add`` and the INI reader both go through this table.
@@ -396,14 +441,17 @@ WATCHER_OPTIONS: dict[str, Kind] = {
     "shell": BOOL, "copy_env": BOOL, "env": ENV, "graceful_timeout": SECONDS,
     "stop_signal": SIGNAL, "respawn": BOOL, "autostart": BOOL,
     "warmup_delay": SECONDS, "priority": INT, "singleton": BOOL,
-    "max_retry": RETRIES, "retry_in": SECONDS,
+    "max_retry": RETRIES, "retry_in": SECONDS, "send_hup": BOOL,
+    "stop_children": BOOL, "use_sockets": BOOL, "uid": USER, "gid": GROUP,
 }
+#: Options whose change needs new processes (``set`` reloads gracefully).
+RELOAD_OPTIONS = {"cmd", "args", "env", "working_dir", "shell", "copy_env",
+                  "use_sockets", "uid", "gid"}
 
 #: Circus options minisup does not implement yet: refused, never ignored.
 NOT_YET_OPTIONS = {
-    "uid", "gid", "send_hup", "stop_children", "hooks", "stdout_stream",
-    "stderr_stream", "max_age", "max_age_variance", "close_child_stdin",
-    "close_child_stdout", "close_child_stderr", "use_sockets", "umask",
+    "hooks", "stdout_stream", "stderr_stream", "max_age", "max_age_variance",
+    "close_child_stdin", "close_child_stdout", "close_child_stderr", "umask",
     "copy_path", "shell_args", "executable", "stdin_socket",
 }
 NOT_YET_PREFIXES = ("stdout_stream.", "stderr_stream.", "rlimit_", "hooks.")
@@ -411,7 +459,15 @@ NOT_YET_PREFIXES = ("stdout_stream.", "stderr_stream.", "rlimit_", "hooks.")
 #: ``[circus]`` options: name -> kind.
 GLOBAL_OPTIONS: dict[str, Kind] = {
     "endpoint": STR, "check_delay": SECONDS, "warmup_delay": SECONDS,
-    "loglevel": STR, "logoutput": STR,
+    "loglevel": STR, "logoutput": STR, "pubsub_endpoint": STR,
+    "multicast_endpoint": STR, "endpoint_owner": USER,
+}
+
+#: ``[socket:NAME]`` options: name -> kind.
+SOCKET_OPTIONS: dict[str, Kind] = {
+    "host": STR, "port": Kind(_text_int(0), _json_int(0)), "path": STR,
+    "family": STR, "type": STR, "backlog": COUNT, "umask": OCTAL,
+    "replace": BOOL, "so_reuseport": BOOL,
 }
 
 
@@ -436,6 +492,11 @@ class WatcherConfig:
     singleton: bool = False
     max_retry: int = 5
     retry_in: float = 1.0
+    send_hup: bool = False
+    stop_children: bool = False
+    use_sockets: bool = False
+    uid: int | None = None
+    gid: int | None = None
 
     def __post_init__(self) -> None:
         self.name = self.name.lower()
@@ -448,17 +509,43 @@ class WatcherConfig:
 
 
 @dataclasses.dataclass
+class SocketConfig:
+    """One ``[socket:NAME]``: a socket the daemon binds for its watchers."""
+
+    name: str
+    host: str = "127.0.0.1"
+    port: int = 0
+    path: str | None = None
+    family: str = "AF_INET"
+    type: str = "SOCK_STREAM"
+    backlog: int = 2048
+    umask: int | None = None
+    replace: bool = False
+    so_reuseport: bool = False
+
+
+@dataclasses.dataclass
 class Config:
     """A whole daemon configuration; ``load_config`` makes one from a file."""
 
     watchers: list[WatcherConfig] = dataclasses.field(default_factory=list)
+    sockets: list[SocketConfig] = dataclasses.field(default_factory=list)
     endpoint: str = dataclasses.field(default_factory=default_endpoint)
+    pubsub_endpoint: str | None = None
+    multicast_endpoint: str | None = None
+    endpoint_owner: int | None = None
     check_delay: float = 5.0
     warmup_delay: float = 0.0
     loglevel: str = "info"
     logoutput: str = "-"
     source: str | None = None
     warnings: list[str] = dataclasses.field(default_factory=list)
+
+    def global_options(self) -> dict[str, Any]:
+        """What ``globaloptions`` reports (Circus's keys)."""
+        return {"endpoint": self.endpoint, "pubsub_endpoint": self.pubsub_endpoint,
+                "check_delay": self.check_delay, "stats_endpoint": None,
+                "multicast_endpoint": self.multicast_endpoint}
 
 
 def load_config(path: str | os.PathLike) -> Config:
@@ -495,37 +582,83 @@ def parse_config(text: str, source: str = "<string>",
     envs = [(s[len("env"):].lstrip(":"), _read_env(parser[s], environ))
             for s in parser.sections() if s == "env" or s.startswith("env:")]
     for section in parser.sections():
-        if section.startswith("watcher:"):
+        kind = section.partition(":")[0]
+        if kind == "watcher":
             config.watchers.append(_read_watcher(config, parser[section], envs))
-        elif section != "circus" and not section.startswith("env"):
+        elif kind == "socket":
+            config.sockets.append(_read_socket(config, parser[section]))
+        elif kind not in ("circus", "env"):
             config.warnings.append(
                 f"{source}: [{section}]: section not supported, ignored")
+    _check_socket_names(config)
     return config
 
 
-def _read_global(config: Config, section: configparser.SectionProxy) -> None:
+def _read_options(config: Config, section: configparser.SectionProxy,
+                  table: dict[str, Kind]) -> dict[str, Any]:
+    """Parse a section's options by ``table``; warn about unknown ones."""
+    values: dict[str, Any] = {}
     for option, text in section.items():
         key = option.lower()
-        kind = GLOBAL_OPTIONS.get(key)
-        if kind is None:
-            config.warnings.append(f"{config.source}: [circus]: unknown option "
-                                   f"{option!r}, ignored")
+        kind = table.get(key)
+        if kind is None or kind is ENV:
+            config.warnings.append(f"{config.source}: [{section.name}]: unknown "
+                                   f"or unsupported option {option!r}, ignored")
             continue
-        value = _parse_value(kind, config.source, "circus", option, text)
+        try:
+            values[key] = kind.from_text(text)
+        except (ValueError, TypeError) as exc:
+            raise ConfigError(str(exc), config.source, section.name, option,
+                              text) from None
+    return values
+
+
+def _read_global(config: Config, section: configparser.SectionProxy) -> None:
+    for key, value in _read_options(config, section, GLOBAL_OPTIONS).items():
         setattr(config, key, value)
-    try:
-        check_endpoint(config.endpoint)
-    except ConfigError as exc:
-        raise ConfigError(exc.detail, config.source, "circus", "endpoint",
-                          config.endpoint) from None
+    for key in ("endpoint", "pubsub_endpoint", "multicast_endpoint"):
+        value = getattr(config, key)
+        try:
+            if value is not None:
+                (check_udp_endpoint if key == "multicast_endpoint"
+                 else check_endpoint)(value)
+        except ConfigError as exc:
+            raise ConfigError(exc.detail, config.source, "circus", key,
+                              value) from None
 
 
-def _parse_value(kind: Kind, source: str | None, section: str, option: str,
-                 text: str) -> Any:
-    try:
-        return kind.from_text(text)
-    except ValueError as exc:
-        raise ConfigError(str(exc), source, section, option, text) from None
+def _read_socket(config: Config, section: configparser.SectionProxy) -> SocketConfig:
+    values = _read_options(config, section, SOCKET_OPTIONS)
+    if values.get("path"):
+        values.setdefault("family", "AF_UNIX")
+    checks = [("family", ("AF_INET", "AF_INET6", "AF_UNIX")),
+              ("type", ("SOCK_STREAM", "SOCK_DGRAM"))]
+    for option, allowed in checks:
+        value = values.get(option, allowed[0]).upper()
+        if value not in allowed:
+            raise ConfigError(f"use one of {', '.join(allowed)}", config.source,
+                              section.name, option, value)
+        values[option] = value
+    if values.get("port", 0) > 65535:
+        raise ConfigError("not a port number", config.source, section.name,
+                          "port", values["port"])
+    if values["family"] == "AF_UNIX" and not values.get("path"):
+        raise ConfigError("a unix socket needs a path", config.source,
+                          section.name, "path", "")
+    return SocketConfig(name=section.name.partition(":")[2].strip().lower(), **values)
+
+
+SOCKET_REFERENCE = re.compile(r"\$\(circus\.sockets\.([\w-]+)\)", re.IGNORECASE)
+
+
+def _check_socket_names(config: Config) -> None:
+    names = {s.name for s in config.sockets}
+    for watcher in config.watchers:
+        for text in [watcher.cmd, *watcher.args]:
+            for name in SOCKET_REFERENCE.findall(text):
+                if name.lower() not in names:
+                    raise ConfigError(f"no [socket:{name}] section", config.source,
+                                      f"watcher:{watcher.name}", "cmd", text)
 
 
 def _read_env(section: configparser.SectionProxy,
@@ -544,15 +677,7 @@ def _read_watcher(config: Config, section: configparser.SectionProxy,
     name = section.name[len("watcher:"):].strip()
     if not name:
         raise ConfigError("a watcher needs a name", config.source, section.name)
-    values: dict[str, Any] = {}
-    for option, text in section.items():
-        key = option.lower()
-        kind = WATCHER_OPTIONS.get(key)
-        if kind is None or kind is ENV:
-            config.warnings.append(f"{config.source}: [{section.name}]: unknown "
-                                   f"or unsupported option {option!r}, ignored")
-            continue
-        values[key] = _parse_value(kind, config.source, section.name, option, text)
+    values = _read_options(config, section, WATCHER_OPTIONS)
     if not values.get("cmd"):
         raise ConfigError("cmd is required", config.source, section.name, "cmd", "")
     env: dict[str, str] = {}
@@ -597,42 +722,70 @@ def _check_json_option(key: str, value: Any) -> Any:
 
 # ============================================================= Process ======
 
-SUBSTITUTION = re.compile(r"\$\(circus\.([\w.]+)\)", re.IGNORECASE)
+SUBSTITUTION = re.compile(r"\$\(circus\.([\w.-]+)\)", re.IGNORECASE)
 
 
-def substitute(text: str, wid: int, env: dict[str, str]) -> str:
-    """Expand ``$(circus.wid)`` and ``$(circus.env.NAME)`` in ``text``.
+def substitute(text: str, values: dict[str, str], env: dict[str, str]) -> str:
+    """Expand ``$(circus.KEY)`` in ``text`` from ``values`` (``wid``,
+    ``sockets.NAME``) and ``$(circus.env.NAME)`` from ``env``.
 
     Anything else in that form is left as written, as Circus does.
     """
     def replace(match: re.Match[str]) -> str:
         key = match.group(1)
-        if key.lower() == "wid":
-            return str(wid)
         if key.lower().startswith("env."):
             return env.get(key[4:], os.environ.get(key[4:], ""))
-        return match.group(0)
+        return values.get(key.lower(), match.group(0))
     return SUBSTITUTION.sub(replace, text)
 
 
-def child_env(config: WatcherConfig, wid: int) -> dict[str, str]:
+def spawn_values(wid: int, sockets: dict[str, socket.socket]) -> dict[str, str]:
+    """The ``$(circus.*)`` values of one child: its wid and socket fds."""
+    values = {f"sockets.{name}": str(sock.fileno()) for name, sock in sockets.items()}
+    values["wid"] = str(wid)
+    return values
+
+
+def child_env(config: WatcherConfig, values: dict[str, str]) -> dict[str, str]:
     """The environment of one child: only the configured variables unless
     ``copy_env``, as in Circus."""
     env = dict(os.environ) if config.copy_env else {}
     base = dict(env)
     for name, value in config.env.items():
-        env[name] = substitute(value, wid, base)
+        env[name] = substitute(value, values, base)
     return env
 
 
-def child_argv(config: WatcherConfig, wid: int,
+def child_argv(config: WatcherConfig, values: dict[str, str],
                env: dict[str, str]) -> list[str] | str:
     """The command line of one child: a list, or one string under a shell."""
-    cmd = substitute(config.cmd, wid, env)
-    args = [substitute(a, wid, env) for a in config.args]
+    cmd = substitute(config.cmd, values, env)
+    args = [substitute(a, values, env) for a in config.args]
     if config.shell:
         return " ".join([cmd, *map(shlex.quote, args)])
     return shlex.split(cmd) + args
+
+
+def inherited_fds(config: WatcherConfig, sockets: dict[str, socket.socket]) -> list[int]:
+    """The only fds a child inherits: the sockets its command names, or
+    every configured socket with ``use_sockets``."""
+    named = {n.lower() for text in [config.cmd, *config.args]
+             for n in SOCKET_REFERENCE.findall(text)}
+    return sorted(sock.fileno() for name, sock in sockets.items()
+                  if config.use_sockets or name in named)
+
+
+def user_options(config: WatcherConfig) -> dict[str, Any]:
+    """Popen's user/group/extra_groups for ``uid``/``gid`` (none if unset)."""
+    if config.uid is None and config.gid is None:
+        return {}
+    options: dict[str, Any] = {"user": config.uid, "group": config.gid}
+    if config.uid is not None:
+        entry = pwd.getpwuid(config.uid)
+        options["group"] = entry.pw_gid if config.gid is None else config.gid
+        if os.geteuid() == 0:  # only root may set supplementary groups
+            options["extra_groups"] = os.getgrouplist(entry.pw_name, options["group"])
+    return options
 
 
 class Process:
@@ -647,6 +800,7 @@ class Process:
         self.pid = popen.pid
         self.wid = wid
         self.started = started
+        self.started_at = time.time()  # wall clock, for stats and status
         self.stop_deadline: float | None = None
         self.killed = False
         self.pidfd: int | None = None
@@ -679,10 +833,11 @@ class Process:
             return False  # exited (zombie group) or setuid'd away from us
         return True
 
-    def stop(self, signum: int, deadline: float) -> None:
-        """Send the stop signal and remember when SIGKILL is due."""
+    def stop(self, signum: int, deadline: float, group: bool = False) -> None:
+        """Send the stop signal (to the whole group with ``group``) and
+        remember when SIGKILL is due."""
         self.stop_deadline = deadline
-        self.send_signal(signum)
+        self.send_signal(signum, group)
 
     def kill(self) -> None:
         """SIGKILL the child's whole process group, so no helper lingers."""
@@ -700,19 +855,137 @@ class Process:
             self.pidfd = None
 
 
-def spawn_process(config: WatcherConfig, wid: int, now: float) -> Process:
+def spawn_process(config: WatcherConfig, wid: int, now: float,
+                  sockets: dict[str, socket.socket] | None = None) -> Process:
     """Start one child of ``config``; raise OSError if it cannot start.
 
     No Python code runs between fork and exec: Popen's own
-    ``process_group`` keeps the vfork fast path, and each child leads its group so the terminal's Ctrl-C reaches
-    only the daemon, which then stops the children in order.
+    ``process_group`` keeps the vfork fast path (a ``uid`` costs it), and
+    each child leads its group so the terminal's Ctrl-C reaches only the
+    daemon, which then stops the children in order.
     """
-    env = child_env(config, wid)
+    sockets = sockets or {}
+    values = spawn_values(wid, sockets)
+    env = child_env(config, values)
     popen = subprocess.Popen(
-        child_argv(config, wid, env), shell=config.shell, env=env,
+        child_argv(config, values, env), shell=config.shell, env=env,
         cwd=config.working_dir or None, stdin=subprocess.DEVNULL,
-        close_fds=True, process_group=0)
+        close_fds=True, pass_fds=inherited_fds(config, sockets),
+        process_group=0, **user_options(config))
     return Process(popen, wid, now)
+
+
+def bind_socket(config: SocketConfig) -> socket.socket:
+    """Bind (and for streams, listen on) one ``[socket:NAME]``; raise OSError."""
+    sock = socket.socket(getattr(socket, config.family), getattr(socket, config.type))
+    try:
+        if config.family == "AF_UNIX":
+            if config.replace and os.path.exists(config.path):
+                os.unlink(config.path)
+            sock.bind(config.path)
+            # chmod after bind rather than os.umask: the umask is
+            # process-wide and other threads may be spawning right now.
+            os.chmod(config.path, 0o777 & ~(config.umask or 0))
+        else:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            if config.so_reuseport:
+                sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+            sock.bind((config.host, config.port))
+        if config.type == "SOCK_STREAM":
+            sock.listen(config.backlog)
+    except BaseException:
+        sock.close()
+        raise
+    return sock
+
+
+# -- /proc readers for stats and signal (Circus uses psutil; we need none) --
+
+CLOCK_TICKS = os.sysconf("SC_CLK_TCK")
+PAGE_SIZE = os.sysconf("SC_PAGE_SIZE")
+
+
+def read_stat(pid: int) -> list[str]:
+    """Fields of /proc/PID/stat after the command name (field 3 is [0])."""
+    with open(f"/proc/{pid}/stat", "rb") as stream:
+        text = stream.read()
+    return text[text.rindex(b")") + 2:].decode().split()
+
+
+def children_map() -> dict[int, list[int]]:
+    """Every process's direct children, from one pass over /proc."""
+    found: dict[int, list[int]] = {}
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            try:
+                found.setdefault(int(read_stat(int(entry))[1]), []).append(int(entry))
+            except (OSError, ValueError, IndexError):
+                pass  # exited while we looked
+    return found
+
+
+def descendants(pid: int, children: dict[int, list[int]],
+                recursive: bool = True) -> list[int]:
+    """Children of ``pid`` (and theirs, with ``recursive``)."""
+    found, todo = [], list(children.get(pid, []))
+    while todo:
+        child = todo.pop(0)
+        found.append(child)
+        if recursive:
+            todo.extend(children.get(child, []))
+    return found
+
+
+def _boot_time() -> float:
+    with open("/proc/stat") as stream:
+        return float(next(line for line in stream if line.startswith("btime")).split()[1])
+
+
+def _memory_total() -> int:
+    with open("/proc/meminfo") as stream:
+        return int(stream.readline().split()[1]) * 1024
+
+
+def human_bytes(count: int) -> str:
+    """Bytes as Circus shows them: ``512B``, ``12.34M``."""
+    for power, symbol in reversed(list(enumerate("KMGTPEZY", 1))):
+        if count >= 1 << (10 * power):
+            return f"{count / (1 << (10 * power)):.2f}{symbol}"
+    return f"{count}B"
+
+
+def process_stats(pid: int, children: dict[int, list[int]] | None = None
+                  ) -> dict[str, Any] | str:
+    """Circus's ``stats`` info for one pid, read from /proc.
+
+    ``cpu`` is the average over the process's life.  With ``children``,
+    direct children are included the same way.
+    """
+    try:
+        fields = read_stat(pid)
+        with open(f"/proc/{pid}/cmdline", "rb") as stream:
+            cmdline = stream.read().split(b"\0")[0].decode(errors="replace")
+        uid = os.stat(f"/proc/{pid}").st_uid
+    except (OSError, ValueError):
+        return "No such process (stopped?)"
+    cpu_seconds = (int(fields[11]) + int(fields[12])) / CLOCK_TICKS
+    created = _boot_time() + int(fields[19]) / CLOCK_TICKS
+    age = max(time.time() - created, 1e-9)
+    rss = int(fields[21]) * PAGE_SIZE
+    try:
+        username = pwd.getpwuid(uid).pw_name
+    except KeyError:
+        username = str(uid)
+    return {
+        "pid": pid, "cpu": round(100 * cpu_seconds / age, 1),
+        "mem": round(100 * rss / _memory_total(), 3), "mem_info1": human_bytes(rss),
+        "mem_info2": human_bytes(int(fields[20])), "nice": int(fields[16]),
+        "ctime": f"{int(cpu_seconds) // 60}:{int(cpu_seconds) % 60:02d}."
+                 f"{int(cpu_seconds * 100) % 100:02d}",
+        "username": username, "create_time": created, "age": age,
+        "cmdline": os.path.basename(cmdline) or "N/A",
+        "children": [process_stats(c) for c in (children or {}).get(pid, [])],
+    }
 
 
 # ============================================================= Watcher ======
@@ -734,7 +1007,8 @@ class Watcher:
     """
 
     def __init__(self, config: WatcherConfig,
-                 spawn: Callable[[WatcherConfig, int, float], Process] = spawn_process
+                 spawn: Callable[[WatcherConfig, int, float], Process] = spawn_process,
+                 emit: Callable[[str, str, dict[str, Any]], None] | None = None
                  ) -> None:
         self.config = config
         self.name = config.name
@@ -746,21 +1020,35 @@ class Watcher:
         self.last_exit: int | None = None
         self.restarts = 0
         self._spawn = spawn
+        self._emit = emit
         self._next_spawn = 0.0
         self._restart_pending = False
+        self._replace: list[int] = []  # pids a sequential reload still replaces
         self._crashes = 0
 
     # -- state -------------------------------------------------------------
 
+    def emit(self, topic: str, **payload: Any) -> None:
+        """Publish ``watcher.<name>.<topic>`` (Circus's event payloads)."""
+        if self._emit is not None:
+            self._emit(self.name, topic, {**payload, "time": time.time()})
+
     def _set_state(self, state: str) -> None:
         if state != self.state:
             logger.info("%s: %s -> %s", self.name, self.state, state)
+            if state == STOPPED or self.state == STOPPED:
+                self.emit("stop" if state == STOPPED else "start")
             self.state = state
 
     @property
     def settled(self) -> bool:
-        """True when no start, stop or restart is in progress."""
-        return self.state in (ACTIVE, STOPPED) and not self._restart_pending
+        """True when no start, stop, restart or reload is in progress."""
+        return (self.state in (ACTIVE, STOPPED) and not self._restart_pending
+                and not self._replace)
+
+    def options(self) -> dict[str, Any]:
+        """Every option, with the current number of processes."""
+        return dict(self.config.options(), numprocesses=self.numprocesses)
 
     def running(self) -> list[Process]:
         """Children that are not being stopped, oldest first."""
@@ -784,7 +1072,7 @@ class Watcher:
 
     def stop(self, now: float) -> None:
         """Begin a graceful stop of every child."""
-        self._restart_pending = False
+        self._restart_pending, self._replace = False, []
         if self.state == STOPPED and not self.processes:
             return
         self._set_state(STOPPING)
@@ -798,16 +1086,33 @@ class Watcher:
         self.stop(now)
         self.start()
 
-    def reload(self, now: float) -> None:
-        """Spawn fresh children now and stop the old ones gracefully."""
+    def reload(self, now: float, sequential: bool = False) -> None:
+        """Replace the children gracefully: all at once (new ones spawn as
+        the old ones are stopped), one at a time with ``sequential``, or by
+        SIGHUP with ``send_hup``.  A stopped watcher is started."""
         if self.state in (STOPPED, STOPPING):
             self.start()
             return
-        old = self.running()
-        self._next_spawn = now
-        for process in old:
-            self._stop_process(process, now)
-        self._set_state(STARTING)
+        if self.config.send_hup:
+            for process in self.running():
+                process.send_signal(signal.SIGHUP)
+        elif sequential:
+            self._replace = self.pids()
+        else:
+            self._next_spawn = now
+            for process in self.running():
+                self._stop_process(process, now)
+            self._set_state(STARTING)
+        self.emit("reload")
+
+    def kill(self, now: float, pids: list[int] | None = None,
+             signum: int | None = None, timeout: float | None = None) -> list[int]:
+        """Stop some children (default all) gracefully with another signal
+        or grace period; a watcher that wants them spawns replacements."""
+        victims = [p for p in self.running() if pids is None or p.pid in pids]
+        for process in victims:
+            self._stop_process(process, now, signum, timeout)
+        return [p.pid for p in victims]
 
     def set_numprocesses(self, count: int) -> None:
         """Change how many children are wanted (a singleton stays at 1)."""
@@ -838,6 +1143,7 @@ class Watcher:
         """Forget a child that exited and note whether it died young."""
         self.processes.pop(process.pid, None)
         self.last_exit = code
+        self.emit("reap", process_pid=process.pid, exit_code=code)
         how = f"killed by {_signal_name(-code)}" if code < 0 else f"exited {code}"
         if process.stopping:
             logger.info("%s: pid %d stopped (%s)", self.name, process.pid, how)
@@ -866,6 +1172,7 @@ class Watcher:
         running = self.running()
         for process in running[:max(0, len(running) - self.numprocesses)]:
             self._stop_process(process, now)
+        self._replace_next(now)
         spawned = self._fill(now) if self.state == STARTING or self.config.respawn else []
         if self.state == STARTING and len(self.running()) >= self.numprocesses:
             self._set_state(ACTIVE)
@@ -879,9 +1186,20 @@ class Watcher:
                      if p.stopping and not p.killed]
         wants = self.state in (STARTING, ACTIVE) and (
             self.state == STARTING or self.config.respawn)
-        if wants and len(self.running()) < self.numprocesses:
+        replacing = self._replace and not any(p.stopping for p in self.processes.values())
+        if wants and len(self.running()) < self.numprocesses or replacing:
             deadlines.append(self._next_spawn)
         return min(deadlines) if deadlines else None
+
+    def _replace_next(self, now: float) -> None:
+        # A sequential reload stops one old child once the one before it
+        # is gone; _fill then spawns its replacement on the same tick.
+        if not self._replace or now < self._next_spawn or any(
+                p.stopping for p in self.processes.values()):
+            return
+        process = self.processes.get(self._replace.pop(0))
+        if process is not None:
+            self._stop_process(process, now)
 
     def _fill(self, now: float) -> list[Process]:
         spawned: list[Process] = []
@@ -905,6 +1223,7 @@ class Watcher:
         self.retries = 0
         self.processes[process.pid] = process
         logger.info("%s: spawned pid %d (wid %d)", self.name, process.pid, wid)
+        self.emit("spawn", process_pid=process.pid)
         return process
 
     def _spawn_failed(self, exc: Exception, now: float) -> None:
@@ -924,19 +1243,22 @@ class Watcher:
         used = {p.wid for p in self.processes.values()}
         return next(w for w in range(1, len(used) + 2) if w not in used)
 
-    def _stop_process(self, process: Process, now: float) -> None:
-        timeout = self.config.graceful_timeout
+    def _stop_process(self, process: Process, now: float, signum: int | None = None,
+                      timeout: float | None = None) -> None:
+        signum = self.config.stop_signal if signum is None else signum
+        timeout = self.config.graceful_timeout if timeout is None else timeout
         logger.info("%s: stopping pid %d with %s (%gs grace)", self.name,
-                    process.pid, _signal_name(self.config.stop_signal), timeout)
-        process.stop(self.config.stop_signal, now + timeout)
+                    process.pid, _signal_name(signum), timeout)
+        process.stop(signum, now + timeout, group=self.config.stop_children)
+        self.emit("kill", process_pid=process.pid)
         if timeout == 0:
             process.kill()
 
     def _escalate(self, now: float) -> None:
         for process in self.processes.values():
             if process.stopping and not process.killed and now >= process.stop_deadline:
-                logger.warning("%s: pid %d still alive after %gs, SIGKILL",
-                               self.name, process.pid, self.config.graceful_timeout)
+                logger.warning("%s: pid %d outlived its grace period, SIGKILL",
+                               self.name, process.pid)
                 process.kill()
 
 
@@ -990,16 +1312,19 @@ class Arbiter:
     fake clock without a thread.
     """
 
-    def __init__(self, config: Config, clock: Callable[[], float] = time.monotonic,
-                 spawn: Callable[[WatcherConfig, int, float], Process] = spawn_process
+    def __init__(self, config: Config, clock: Callable[[], float] = time.monotonic
                  ) -> None:
         self.config = config
         self.clock = clock
         self.watchers: dict[str, Watcher] = {}
+        self.sockets: dict[str, socket.socket] = {}
+        #: Called with (topic, payload) for each event; the Daemon sends
+        #: them to the controller's PUB socket.
+        self.on_event: Callable[[str, dict[str, Any]], None] | None = None
         self.done = False
         self.failed = False
         self._unwatched = 0  # children without a pidfd: polled instead
-        self._spawn = spawn
+        self._spawn = functools.partial(spawn_process, sockets=self.sockets)
         self._jobs: queue.SimpleQueue[Job] = queue.SimpleQueue()
         self._waker = Waker()
         self._selector = selectors.DefaultSelector()
@@ -1076,11 +1401,55 @@ class Arbiter:
             self._advance_quit(now)
 
     def close(self) -> None:
-        """Release the selector, pipe and pidfds; after ``run`` returned."""
+        """Release the sockets, selector, pipe and pidfds; after ``run``."""
         for _, process in self._all_processes():
             process.close()
+        for name in list(self.sockets):
+            self._close_socket(name)
         self._selector.close()
         self._waker.close()
+
+    # -- sockets and events ----------------------------------------------------
+
+    def bind_sockets(self) -> None:
+        """Bind every ``[socket:NAME]`` before any watcher starts; raise
+        ConfigError naming the one that fails."""
+        for config in self.config.sockets:
+            self._bind_socket(config)
+
+    def _bind_socket(self, config: SocketConfig) -> None:
+        try:
+            self.sockets[config.name] = bind_socket(config)
+        except OSError as exc:
+            raise ConfigError(f"cannot bind: {exc}", self.config.source,
+                              f"socket:{config.name}") from None
+
+    def _close_socket(self, name: str) -> None:
+        sock = self.sockets.pop(name)
+        if sock.family == socket.AF_UNIX:
+            with contextlib.suppress(OSError):
+                os.unlink(sock.getsockname())  # ours: bound by bind_socket
+        sock.close()
+
+    def socket_infos(self) -> list[dict[str, Any]]:
+        """What ``listsockets`` shows, sorted by fd."""
+        infos = []
+        for name, sock in self.sockets.items():
+            info: dict[str, Any] = {"fd": sock.fileno(), "name": name,
+                                    "backlog": self._socket_config(name).backlog}
+            if sock.family == socket.AF_UNIX:
+                info["path"] = sock.getsockname()
+            else:
+                info["host"], info["port"] = sock.getsockname()[:2]
+            infos.append(info)
+        return sorted(infos, key=lambda i: i["fd"])
+
+    def _socket_config(self, name: str) -> SocketConfig:
+        return next(s for s in self.config.sockets if s.name == name)
+
+    def _emit(self, name: str, topic: str, payload: dict[str, Any]) -> None:
+        if self.on_event is not None:
+            self.on_event(f"watcher.{name}.{topic}", payload)
 
     # -- children ----------------------------------------------------------------
 
@@ -1179,9 +1548,10 @@ class Arbiter:
         """Register a new, stopped watcher; error if the name is taken."""
         if config.name in self.watchers:
             raise MinisupError(f"{config.name!r} already exist", COMMAND_ERROR)
-        watcher = Watcher(config, self._spawn)
+        watcher = Watcher(config, self._spawn, self._emit)
         self.watchers[config.name] = watcher
         logger.info("%s: added", watcher.name)
+        watcher.emit("add")
         return watcher
 
     def remove_watcher(self, watcher: Watcher, stop: bool = True) -> None:
@@ -1194,6 +1564,7 @@ class Arbiter:
             watcher.abandon()
         self._retiring.append(watcher)
         logger.info("%s: removed", watcher.name)
+        watcher.emit("remove")
 
     def start_watchers(self, watchers: list[Watcher]) -> None:
         """Start ``watchers``, higher priority first, each group

@@ -226,7 +226,7 @@ def test_unknown_options_and_sections_are_warnings_naming_them():
         "[circus]\nfrobnicate = 1\n[watcher:a]\ncmd = x\ncolour = red\n"
         "[plugin:p]\nuse = y\n", source="app.ini")
     text = "\n".join(config.warnings)
-    assert "app.ini: [circus]: unknown option 'frobnicate'" in text
+    assert "app.ini: [circus]: unknown or unsupported option 'frobnicate'" in text
     assert "app.ini: [watcher:a]: unknown or unsupported option 'colour'" in text
     assert "[plugin:p]" in text
 
@@ -308,17 +308,19 @@ def test_substitutions_in_cmd_args_and_env(monkeypatch):
     config = minisup.WatcherConfig(
         name="w", cmd="prog --id $(circus.wid)", args=["$(circus.env.PORT)", "$(circus.nope)"],
         env={"PORT": "80$(circus.wid)", "OUTER": "$(circus.env.FROM_DAEMON)"})
-    env = minisup.child_env(config, 3)
+    env = minisup.child_env(config, {"wid": "3"})
     assert env == {"PORT": "803", "OUTER": "d"}
-    assert minisup.child_argv(config, 3, env) == ["prog", "--id", "3", "803", "$(circus.nope)"]
-    shell = minisup.WatcherConfig(name="s", cmd="echo $(circus.wid)", args=["a b"], shell=True)
-    assert minisup.child_argv(shell, 2, {}) == "echo 2 'a b'"
+    assert minisup.child_argv(config, {"wid": "3"}, env) == [
+        "prog", "--id", "3", "803", "$(circus.nope)"]
+    shell = minisup.WatcherConfig(name="s", cmd="echo $(circus.WID) $(circus.sockets.web)",
+                                  args=["a b"], shell=True)
+    assert minisup.child_argv(shell, {"wid": "2", "sockets.web": "7"}, {}) == "echo 2 7 'a b'"
 
 
 def test_copy_env_copies_the_daemon_environment(monkeypatch):
     monkeypatch.setenv("MINISUP_TEST_VAR", "yes")
     config = minisup.WatcherConfig(name="w", cmd="x", copy_env=True, env={"A": "1"})
-    env = minisup.child_env(config, 1)
+    env = minisup.child_env(config, {"wid": "1"})
     assert env["MINISUP_TEST_VAR"] == "yes" and env["A"] == "1"
 
 
@@ -331,7 +333,9 @@ def test_copy_env_copies_the_daemon_environment(monkeypatch):
     ({"env": {"A": 1}}, "'env' must be an object of strings"),
     ({"stop_signal": "NOPE"}, "'stop_signal' not a signal name"),
     ({"colour": 1}, "unknown key 'colour'"),
-    ({"uid": 1}, "option 'uid' is not supported by minisup yet"),
+    ({"uid": "no-such-user-here"}, "'uid' no such user"),
+    ({"gid": 1.5}, "'gid' isn't an integer or string"),
+    ({"hooks": {}}, "option 'hooks' is not supported by minisup yet"),
     ({"rlimit_nofile": 1}, "option 'rlimit_nofile' is not supported"),
 ])
 def test_add_options_are_checked_strictly(options, reason):
