@@ -769,8 +769,7 @@ def child_argv(config: WatcherConfig, values: dict[str, str],
 def inherited_fds(config: WatcherConfig, sockets: dict[str, socket.socket]) -> list[int]:
     """The only fds a child inherits: the sockets its command names, or
     every configured socket with ``use_sockets``."""
-    named = {n.lower() for text in [config.cmd, *config.args]
-             for n in SOCKET_REFERENCE.findall(text)}
+    named = _socket_users(config)
     return sorted(sock.fileno() for name, sock in sockets.items()
                   if config.use_sockets or name in named)
 
@@ -1299,7 +1298,8 @@ class Pending:
 
 #: Commands still served while the daemon shuts down.
 SHUTDOWN_COMMANDS = {"list", "status", "numprocesses", "numwatchers", "quit",
-                     "options", "globaloptions"}
+                     "options", "get", "globaloptions", "stats", "dstats",
+                     "listsockets"}
 #: Without pidfds, how often the worker polls each child for its exit.
 FALLBACK_POLL = 0.05
 
@@ -1574,6 +1574,57 @@ class Arbiter:
         for index, watcher in enumerate(ordered):
             watcher.start(not_before=now + index * self.config.warmup_delay)
 
+    def apply_config(self, new: Config) -> list[Watcher]:
+        """Move to a re-read configuration (``reloadconfig``): add new
+        watchers, remove deleted ones, resize on a numprocesses-only change
+        and reload on any other; watchers added at runtime are kept.
+        Returns the watchers it touched."""
+        old = {w.name: w for w in self.config.watchers}
+        fresh = {w.name: w for w in new.watchers}
+        moved_sockets = self._apply_sockets(new)
+        fresh_sockets = {c.name for c in new.sockets}
+        now, touched = self.clock(), []
+        for name in old.keys() - fresh.keys():
+            if name in self.watchers:
+                touched.append(self.watchers[name])
+                self.remove_watcher(self.watchers[name])
+        for name, config in fresh.items():
+            watcher = self.watchers.get(name)
+            if watcher is None:
+                touched.append(self.add_watcher(config))
+                if config.autostart:
+                    self.start_watchers(touched[-1:])
+            elif old.get(name) != config or moved_sockets & (
+                    set(fresh_sockets) if config.use_sockets else _socket_users(config)):
+                touched.append(watcher)
+                self._update_watcher(watcher, old.get(name), config, now)
+        for key in ("check_delay", "warmup_delay"):
+            setattr(self.config, key, getattr(new, key))
+        self.config.watchers, self.config.source = new.watchers, new.source
+        return touched
+
+    def _update_watcher(self, watcher: Watcher, before: WatcherConfig | None,
+                        after: WatcherConfig, now: float) -> None:
+        changed = {f.name for f in dataclasses.fields(after)
+                   if before is None or getattr(before, f.name) != getattr(after, f.name)}
+        if changed != {"numprocesses"}:
+            watcher.config = after
+            if watcher.state != STOPPED:
+                watcher.reload(now)
+        watcher.set_numprocesses(after.numprocesses)
+        watcher.emit("updated")
+
+    def _apply_sockets(self, new: Config) -> set[str]:
+        old = {s.name: s for s in self.config.sockets}
+        fresh = {s.name: s for s in new.sockets}
+        changed = {n for n in old.keys() & fresh.keys() if old[n] != fresh[n]}
+        for name in (old.keys() - fresh.keys()) | changed:
+            self._close_socket(name)
+        self.config.sockets = new.sockets
+        for name in (fresh.keys() - old.keys()) | changed:
+            self._bind_socket(fresh[name])
+        return changed
+
     def begin_quit(self) -> None:
         """Stop every watcher, lowest priority first, then end the loop."""
         if self._quit_stages is not None:
@@ -1607,6 +1658,12 @@ class Arbiter:
                 watcher.stop(now)
 
 
+def _socket_users(config: WatcherConfig) -> set[str]:
+    """Names of the sockets a watcher's command refers to."""
+    return {n.lower() for text in [config.cmd, *config.args]
+            for n in SOCKET_REFERENCE.findall(text)}
+
+
 def server_error(command: str, exc: Exception) -> MinisupError:
     """Log an unexpected failure and turn it into an errno 5 reply."""
     logger.error("command %r failed", command, exc_info=exc)
@@ -1633,15 +1690,24 @@ class Command(NamedTuple):
 #: Property name -> (accepted JSON types, how to say it in an error).
 PROPERTY_TYPES: dict[str, tuple[tuple[type, ...], str]] = {
     "name": ((str,), "a string"), "cmd": ((str,), "a string"),
-    "args": ((str, list), "a string or a list"),
+    "args": ((str, list), "a string or a list"), "match": ((str,), "a string"),
     "options": ((dict,), "an object"), "nb": ((int,), "an integer >= 0"),
-    "waiting": ((bool,), "a boolean"), "start": ((bool,), "a boolean"),
-    "nostop": ((bool,), "a boolean"), "graceful": ((bool,), "a boolean"),
+    "keys": ((list,), "a list of option names"), "option": ((str,), "a string"),
+    "signum": ((int, str), "a signal number or name"),
+    "graceful_timeout": ((int, float), "a number of seconds >= 0"),
+    "pid": ((int, str), "a pid"), "childpid": ((int, str), "a pid"),
+    "process": ((int, str), "a pid"),
+    **{flag: ((bool,), "a boolean") for flag in (
+        "waiting", "start", "nostop", "graceful", "sequential", "children",
+        "recursive", "extended")},
 }
+#: Properties holding a pid: circusctl sends some as strings of digits.
+PID_PROPERTIES = {"pid", "childpid", "process"}
 
 
 def check_properties(command: Command, properties: Any) -> dict[str, Any]:
-    """Check a request's properties against ``command``; raise MessageError."""
+    """Check a request's properties against ``command``; raise MessageError.
+    Pids given as digit strings become ints."""
     if properties is None or properties == []:
         properties = {}
     if not isinstance(properties, dict):
@@ -1655,18 +1721,35 @@ def check_properties(command: Command, properties: Any) -> dict[str, Any]:
             continue
         types, wanted = PROPERTY_TYPES[key]
         if (isinstance(value, bool) and bool not in types) or not isinstance(
-                value, types) or (key == "nb" and value < 0):
+                value, types) or (key in PID_PROPERTIES and not str(value).isdigit()) or (
+                key in ("nb", "graceful_timeout") and not 0 <= value < float("inf")):
             raise MessageError(f"{key!r} must be {wanted}, not {value!r}"[:200])
+        if key in PID_PROPERTIES:
+            properties[key] = int(value)
     return properties
 
 
 def _targets(arbiter: Arbiter, properties: dict[str, Any],
              autostart_only: bool = False) -> list[Watcher]:
+    """The watchers a start/stop/restart names: all (start: the autostart
+    ones), or those whose name matches by glob (default), regex or simple."""
     name = properties.get("name")
-    if name is not None:
+    if name is None:
+        watchers = list(arbiter.watchers.values())
+        return [w for w in watchers if w.config.autostart] if autostart_only else watchers
+    match = properties.get("match", "glob")
+    if match == "simple":
         return [arbiter.get_watcher(name)]
-    watchers = list(arbiter.watchers.values())
-    return [w for w in watchers if w.config.autostart] if autostart_only else watchers
+    if match not in ("glob", "regex"):
+        raise MessageError(f"unknown match method {match!r}")
+    try:
+        pattern = re.compile(fnmatch.translate(name.lower()) if match == "glob" else name)
+    except re.error as exc:
+        raise MessageError(f"'name' is not a valid regex: {exc}") from None
+    found = [w for n, w in sorted(arbiter.watchers.items()) if pattern.match(n)]
+    if not found:
+        raise MessageError(f"program {name} not found")
+    return found
 
 
 def _when_waiting(properties: dict[str, Any], done: Callable[[], bool],
@@ -1675,19 +1758,20 @@ def _when_waiting(properties: dict[str, Any], done: Callable[[], bool],
 
 
 def _process_info(watchers: list[Watcher], before: dict[str, list[int]],
-                  key_old: str = "kept") -> dict[str, list[int]]:
-    """Which pids a start or restart started, kept (or stopped)."""
+                  with_stopped: bool = True) -> dict[str, list[int]]:
+    """Which pids an action stopped, started and kept, sorted as Circus's;
+    errno 6 with the reason if a watcher gave up spawning."""
     failed = [w for w in watchers if w.last_error and w.state == STOPPED]
     if failed:
         raise MinisupError("; ".join(f"{w.name}: {w.last_error}" for w in failed),
                            BAD_MSG_DATA_ERROR)
-    now = {w.name: w.pids() for w in watchers}
-    old = [p for w in watchers for p in before[w.name]]
-    started = [p for w in watchers for p in now[w.name] if p not in before[w.name]]
-    if key_old == "kept":
-        kept = [p for w in watchers for p in before[w.name] if p in now[w.name]]
-        return {"started": started, "kept": kept}
-    return {"stopped": old, "started": started, "kept": []}
+    old = {p for w in watchers for p in before[w.name]}
+    now = {p for w in watchers for p in w.pids()}
+    info = {"stopped": sorted(old - now), "started": sorted(now - old),
+            "kept": sorted(old & now)}
+    if not with_stopped:
+        del info["stopped"]
+    return info
 
 
 def handle_list(arbiter: Arbiter, properties: dict[str, Any]) -> dict[str, Any]:
@@ -1707,7 +1791,7 @@ def handle_start(arbiter: Arbiter, properties: dict[str, Any]) -> dict[str, Any]
     before = {w.name: w.pids() for w in watchers}
     arbiter.start_watchers(watchers)
     return _when_waiting(properties, lambda: all(w.settled for w in watchers),
-                         lambda: {"info": _process_info(watchers, before)})
+                         lambda: {"info": _process_info(watchers, before, False)})
 
 
 def handle_stop(arbiter: Arbiter, properties: dict[str, Any]) -> dict[str, Any] | Pending:
@@ -1725,7 +1809,7 @@ def handle_restart(arbiter: Arbiter, properties: dict[str, Any]) -> dict[str, An
     for watcher in watchers:
         watcher.restart(arbiter.clock())
     return _when_waiting(properties, lambda: all(w.settled for w in watchers),
-                         lambda: {"info": _process_info(watchers, before, "stopped")})
+                         lambda: {"info": _process_info(watchers, before)})
 
 
 def handle_reload(arbiter: Arbiter, properties: dict[str, Any]) -> dict[str, Any] | Pending:
@@ -1734,9 +1818,9 @@ def handle_reload(arbiter: Arbiter, properties: dict[str, Any]) -> dict[str, Any
     watchers = _targets(arbiter, properties)
     before = {w.name: w.pids() for w in watchers}
     for watcher in watchers:
-        watcher.reload(arbiter.clock())
+        watcher.reload(arbiter.clock(), bool(properties.get("sequential")))
     return _when_waiting(properties, lambda: all(w.settled for w in watchers),
-                         lambda: {"info": _process_info(watchers, before, "stopped")})
+                         lambda: {"info": _process_info(watchers, before)})
 
 
 def _resize(arbiter: Arbiter, properties: dict[str, Any],
@@ -1762,9 +1846,9 @@ def handle_decr(arbiter: Arbiter, properties: dict[str, Any]) -> dict[str, Any] 
 
 def handle_numprocesses(arbiter: Arbiter, properties: dict[str, Any]) -> dict[str, Any]:
     name = properties.get("name")
-    if name is not None:
-        watcher = arbiter.get_watcher(name)
-        return {"numprocesses": watcher.numprocesses, "watcher_name": watcher.name}
+    if name is not None:  # as Circus: live processes, and the name as asked
+        return {"numprocesses": len(arbiter.get_watcher(name).processes),
+                "watcher_name": name}
     return {"numprocesses": sum(w.numprocesses for w in arbiter.watchers.values())}
 
 
@@ -1777,12 +1861,16 @@ def handle_add(arbiter: Arbiter, properties: dict[str, Any]) -> dict[str, Any] |
         raise MessageError("'name' must not be empty")
     config = watcher_config_from_json(properties["name"], properties["cmd"],
                                       properties.get("args"), properties.get("options"))
+    owner = arbiter.config.endpoint_owner
+    if owner is not None and config.uid != owner:
+        # The socket's owner may add commands only as itself, as in Circus.
+        raise MessageError("uid does not match endpoint_owner")
     watcher = arbiter.add_watcher(config)
     if not properties.get("start"):
         return {}
     arbiter.start_watchers([watcher])
     return _when_waiting(properties, lambda: watcher.settled,
-                         lambda: _process_info([watcher], {watcher.name: []}))
+                         lambda: _process_info([watcher], {watcher.name: []}, False))
 
 
 def handle_rm(arbiter: Arbiter, properties: dict[str, Any]) -> dict[str, Any] | Pending:
@@ -1798,6 +1886,134 @@ def handle_quit(arbiter: Arbiter, properties: dict[str, Any]) -> dict[str, Any] 
     return _when_waiting(properties, lambda: arbiter.quit_finished, dict)
 
 
+def handle_options(arbiter: Arbiter, properties: dict[str, Any]) -> dict[str, Any]:
+    return {"options": arbiter.get_watcher(properties["name"]).options()}
+
+
+def handle_get(arbiter: Arbiter, properties: dict[str, Any]) -> dict[str, Any]:
+    options = arbiter.get_watcher(properties["name"]).options()
+    for key in properties["keys"]:
+        if not isinstance(key, str) or key not in options:
+            raise MessageError(f"{key!r} option not found")
+    return {"options": {key: options[key] for key in properties["keys"]}}
+
+
+def handle_set(arbiter: Arbiter, properties: dict[str, Any]) -> dict[str, Any] | Pending:
+    watcher = arbiter.get_watcher(properties["name"])
+    values = {key: _check_json_option(key, value)
+              for key, value in properties["options"].items()}
+    count = values.pop("numprocesses", None)
+    config = dataclasses.replace(watcher.config, **values)
+    if config.singleton and (count or 0) > 1:
+        raise MessageError("'numprocesses' must be 1 for a singleton watcher")
+    reload = any(getattr(watcher.config, key) != value for key, value in values.items()
+                 if key in RELOAD_OPTIONS)
+    watcher.config = config
+    if count is not None or config.singleton:
+        watcher.set_numprocesses(watcher.numprocesses if count is None else count)
+    if reload and watcher.state != STOPPED:
+        watcher.reload(arbiter.clock())
+    watcher.emit("updated")
+    return _when_waiting(properties, lambda: watcher.settled, dict)
+
+
+def _signum(properties: dict[str, Any]) -> int | None:
+    try:
+        return None if "signum" not in properties else parse_signal(properties["signum"])
+    except ValueError:
+        raise MessageError(f"'signum' is not a signal: {properties['signum']!r}") from None
+
+
+def _watcher_process(watcher: Watcher, pid: int) -> Process:
+    try:
+        return watcher.processes[pid]
+    except KeyError:
+        raise MessageError(f"process {pid} not found in {watcher.name!r}") from None
+
+
+def handle_signal(arbiter: Arbiter, properties: dict[str, Any]) -> dict[str, Any]:
+    """Signal a watcher's processes, or their children, as Circus's signal."""
+    watcher = arbiter.get_watcher(properties["name"])
+    signum, pid = _signum(properties), properties.get("pid")
+    if properties.get("childpid") is not None and pid is None:
+        raise MessageError("'childpid' needs 'pid'")
+    targets = [_watcher_process(watcher, pid)] if pid is not None else watcher.running()
+    tree = children_map() if any(properties.get(k) for k in (
+        "children", "recursive", "childpid")) else {}
+    for process in targets:
+        below = descendants(process.pid, tree, bool(properties.get("recursive")))
+        if properties.get("childpid") is not None:
+            if properties["childpid"] not in below:
+                raise MessageError(f"{properties['childpid']} is not a child of {pid}")
+            below, signal_self = [properties["childpid"]], False
+        else:
+            signal_self = not properties.get("children")
+        if signal_self:
+            process.send_signal(signum)
+        for child in below if not signal_self or properties.get("recursive") else []:
+            # Not our child, so its pid could be reused between reading
+            # /proc and kill(); Circus takes the same risk.
+            with contextlib.suppress(ProcessLookupError, PermissionError):
+                os.kill(child, signum)
+    return {}
+
+
+def handle_kill(arbiter: Arbiter, properties: dict[str, Any]) -> dict[str, Any] | Pending:
+    watcher = arbiter.get_watcher(properties["name"])
+    pid = properties.get("pid")
+    if pid is not None:
+        _watcher_process(watcher, pid)
+    victims = watcher.kill(arbiter.clock(), None if pid is None else [pid],
+                           _signum(properties), properties.get("graceful_timeout"))
+    return _when_waiting(
+        properties, lambda: not any(p in watcher.processes for p in victims), dict)
+
+
+def handle_stats(arbiter: Arbiter, properties: dict[str, Any]) -> dict[str, Any]:
+    tree = children_map()
+
+    def info(process: Process) -> dict[str, Any] | str:
+        stats = process_stats(process.pid, tree)
+        if isinstance(stats, dict):
+            stats.update(started=process.started_at, wid=process.wid)
+        return stats
+
+    name = properties.get("name")
+    if name is None:
+        return {"infos": {n: {p.pid: info(p) for p in w.processes.values()}
+                          for n, w in sorted(arbiter.watchers.items())}}
+    watcher = arbiter.get_watcher(name)
+    if properties.get("process") is not None:
+        process = _watcher_process(watcher, properties["process"])
+        return {"process": process.pid, "info": info(process)}
+    return {"name": name, "info": {p.pid: info(p) for p in watcher.processes.values()}}
+
+
+def handle_dstats(arbiter: Arbiter, properties: dict[str, Any]) -> dict[str, Any]:
+    return {"info": process_stats(os.getpid())}
+
+
+def handle_listsockets(arbiter: Arbiter, properties: dict[str, Any]) -> dict[str, Any]:
+    return {"sockets": arbiter.socket_infos()}
+
+
+def handle_globaloptions(arbiter: Arbiter, properties: dict[str, Any]) -> dict[str, Any]:
+    options = arbiter.config.global_options()
+    wanted = properties.get("option")
+    if wanted is not None and wanted not in options:
+        raise MessageError(f"{wanted!r} not an existing option")
+    return {"options": options if wanted is None else {wanted: options[wanted]}}
+
+
+def handle_reloadconfig(arbiter: Arbiter, properties: dict[str, Any]) -> dict[str, Any] | Pending:
+    source = arbiter.config.source
+    if not source or source.startswith("<"):
+        raise MinisupError("no INI file to reload: the daemon was not started from one")
+    touched = arbiter.apply_config(load_config(source))
+    logger.info("reloaded %s", source)
+    return _when_waiting(properties, lambda: all(w.settled for w in touched), dict)
+
+
 def handle_kill_everything(arbiter: Arbiter, properties: dict[str, Any]) -> dict[str, Any]:
     """Not on the wire: the CLI's answer to a second Ctrl-C."""
     logger.warning("second quit signal: SIGKILL to every child")
@@ -1809,10 +2025,10 @@ def handle_kill_everything(arbiter: Arbiter, properties: dict[str, Any]) -> dict
 COMMANDS: dict[str, Command] = {
     "list": Command(handle_list, (), ("name",)),
     "status": Command(handle_status, (), ("name",)),
-    "start": Command(handle_start, (), ("name", "waiting")),
-    "stop": Command(handle_stop, (), ("name", "waiting")),
-    "restart": Command(handle_restart, (), ("name", "waiting")),
-    "reload": Command(handle_reload, (), ("name", "graceful", "waiting")),
+    "start": Command(handle_start, (), ("name", "match", "waiting")),
+    "stop": Command(handle_stop, (), ("name", "match", "waiting")),
+    "restart": Command(handle_restart, (), ("name", "match", "waiting")),
+    "reload": Command(handle_reload, (), ("name", "graceful", "sequential", "waiting")),
     "incr": Command(handle_incr, ("name",), ("nb", "waiting")),
     "decr": Command(handle_decr, ("name",), ("nb", "waiting")),
     "numprocesses": Command(handle_numprocesses, (), ("name",)),
@@ -1820,6 +2036,18 @@ COMMANDS: dict[str, Command] = {
     "add": Command(handle_add, ("name", "cmd"), ("args", "options", "start", "waiting")),
     "rm": Command(handle_rm, ("name",), ("nostop", "waiting")),
     "quit": Command(handle_quit, (), ("waiting",)),
+    "reloadconfig": Command(handle_reloadconfig, (), ("waiting",)),
+    "options": Command(handle_options, ("name",)),
+    "get": Command(handle_get, ("name", "keys")),
+    "set": Command(handle_set, ("name", "options"), ("waiting",)),
+    "signal": Command(handle_signal, ("name", "signum"),
+                      ("pid", "childpid", "children", "recursive")),
+    "kill": Command(handle_kill, ("name",),
+                    ("pid", "signum", "graceful_timeout", "waiting")),
+    "stats": Command(handle_stats, (), ("name", "process", "extended")),
+    "dstats": Command(handle_dstats),
+    "listsockets": Command(handle_listsockets),
+    "globaloptions": Command(handle_globaloptions, (), ("option",)),
 }
 
 

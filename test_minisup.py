@@ -452,8 +452,8 @@ def test_start_spawns_autostart_watchers_and_lists_them(make_daemon):
     assert len(pids) == 3 and all(alive(p) for p in pids)
     assert client.call("status", name="web")["status"] == "active"
     assert client.call("numprocesses")["numprocesses"] == 4
-    reply = client.call("numprocesses", name="WEB")
-    assert (reply["numprocesses"], reply["watcher_name"]) == (3, "web")
+    reply = client.call("numprocesses", name="WEB")  # live processes, as Circus
+    assert (reply["numprocesses"], reply["watcher_name"]) == (3, "WEB")
     assert client.call("numwatchers")["numwatchers"] == 2
 
 
