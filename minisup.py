@@ -2099,89 +2099,146 @@ def encode_reply(message_id: Any, outcome: Outcome) -> bytes:
 
 
 class Controller:
-    """Owns the ROUTER control socket; ``run`` is the controller thread.
+    """Owns every zmq socket (the ROUTER control socket and the PUB event
+    socket) and the UDP discovery socket; ``run`` is the controller thread.
 
     It checks each request, hands it to the worker through ``submit`` and
-    sends the replies the worker posts.  Other threads call only ``post``
-    and ``shutdown``, which queue and wake; no socket leaves this thread.
+    sends the replies and events the worker posts.  Other threads call only
+    ``post``, ``publish`` and ``shutdown``, which queue and wake; no socket
+    ever leaves this thread.  After ``bound`` is set, ``endpoint``,
+    ``pubsub_endpoint`` and ``multicast_endpoint`` hold the bound addresses.
     """
 
-    def __init__(self, context: zmq.Context, endpoint: str,
+    def __init__(self, context: zmq.Context, config: Config,
                  submit: Callable[[Job], None]) -> None:
         self.context = context
-        self.endpoint = endpoint
+        self.endpoint = config.endpoint
+        self.pubsub_endpoint = config.pubsub_endpoint
+        self.multicast_endpoint = config.multicast_endpoint
+        self.owner = config.endpoint_owner
         self.bound = threading.Event()
         self.error: BaseException | None = None
         self._submit = submit
-        self._outbox: queue.SimpleQueue[tuple[list[bytes], bytes] | None] = \
+        self._outbox: queue.SimpleQueue[tuple[str, list[bytes]] | None] = \
             queue.SimpleQueue()
         self._waker = Waker()
+        self._sockets: dict[str, Any] = {}
+        self._paths: list[str] = []  # ipc socket files we bound
 
     def post(self, envelope: list[bytes], message_id: Any, outcome: Outcome) -> None:
         """Queue a reply for the controller to send.  Any thread."""
-        self._outbox.put((envelope, encode_reply(message_id, outcome)))
+        self._outbox.put(("control", [*envelope, encode_reply(message_id, outcome)]))
         self._waker.wake()
 
+    def publish(self, topic: str, payload: dict[str, Any]) -> None:
+        """Queue an event for the PUB socket, if there is one.  Any thread."""
+        if self.pubsub_endpoint:
+            self._outbox.put(("pubsub", [topic.encode(), json.dumps(payload).encode()]))
+            self._waker.wake()
+
     def shutdown(self) -> None:
-        """Ask the loop to send what is queued, close the socket and end."""
+        """Ask the loop to send what is queued, close the sockets and end."""
         self._outbox.put(None)
         self._waker.wake()
 
     def run(self) -> None:
         """Bind, set ``bound`` (``error`` on failure) and serve until shutdown."""
         try:
-            sock = self._bind()
-        except BaseException as exc:  # noqa: BLE001 - re-raised by Daemon.start
-            self.error = exc
-            self.bound.set()
-            self._waker.close()
-            return
-        self.bound.set()
-        try:
-            self._serve(sock)
-        finally:
-            sock.close(linger=0)
-            self._waker.close()
-            self._unlink_ipc_socket()
-
-    def _unlink_ipc_socket(self) -> None:
-        # libzmq leaves the socket file behind; a stale one would only
-        # confuse ``ctl`` ("no answer") and the next daemon's liveness probe.
-        if self.endpoint.startswith("ipc://"):
             try:
-                os.unlink(self.endpoint[len("ipc://"):])
-            except OSError:
-                pass  # already gone
+                self._bind_all()
+            except BaseException as exc:  # noqa: BLE001 - re-raised by Daemon.start
+                self.error = exc
+                return
+            finally:
+                self.bound.set()
+            self._serve()
+        finally:
+            self._close_all()
 
-    def _bind(self) -> zmq.Socket:
-        path = prepare_ipc_endpoint(check_endpoint(self.endpoint))
-        sock = self.context.socket(zmq.ROUTER)
+    # -- sockets -----------------------------------------------------------------
+
+    def _bind_all(self) -> None:
+        self.endpoint = self._bind_zmq("control", zmq.ROUTER, self.endpoint)
+        logger.info("control socket listening on %s", self.endpoint)
+        if self.pubsub_endpoint:
+            self.pubsub_endpoint = self._bind_zmq("pubsub", zmq.PUB, self.pubsub_endpoint)
+            logger.info("publishing events on %s", self.pubsub_endpoint)
+        if self.multicast_endpoint:
+            self._bind_discovery()
+
+    def _bind_zmq(self, role: str, kind: int, endpoint: str) -> str:
+        path = prepare_ipc_endpoint(check_endpoint(endpoint))
+        sock = self._sockets[role] = self.context.socket(kind)
         sock.linger = 0
         sock.setsockopt(zmq.MAXMSGSIZE, MAX_FRAME_BYTES)
         try:
-            sock.bind(self.endpoint)
+            sock.bind(endpoint)
             if path:
+                self._paths.append(path)
                 os.chmod(path, 0o600)  # the folder is private; belt and braces
+                if role == "control" and self.owner is not None:
+                    os.chown(path, self.owner, -1)  # Circus's endpoint_owner
         except (zmq.ZMQError, OSError) as exc:
-            sock.close(linger=0)
-            raise ConfigError(f"cannot bind: {exc}", option="endpoint",
-                              value=self.endpoint) from None
-        self.endpoint = sock.getsockopt_string(zmq.LAST_ENDPOINT) or self.endpoint
-        logger.info("control socket listening on %s", self.endpoint)
-        return sock
+            raise ConfigError(f"cannot bind: {exc}", option=f"{role} endpoint",
+                              value=endpoint) from None
+        return sock.getsockopt_string(zmq.LAST_ENDPOINT) or endpoint
 
-    def _serve(self, sock: zmq.Socket) -> None:
+    def _bind_discovery(self) -> None:
+        host, port = check_udp_endpoint(self.multicast_endpoint)
+        sock = self._sockets["discovery"] = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+        sock.setblocking(False)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            sock.bind((host, port))
+            if ipaddress.ip_address(host).is_multicast:
+                group = socket.inet_aton(host) + socket.inet_aton("0.0.0.0")
+                sock.setsockopt(socket.IPPROTO_IP, socket.IP_ADD_MEMBERSHIP, group)
+        except OSError as exc:
+            raise ConfigError(f"cannot bind: {exc}", option="multicast_endpoint",
+                              value=self.multicast_endpoint) from None
+        host, port = sock.getsockname()
+        self.multicast_endpoint = f"udp://{host}:{port}"
+
+    def _close_all(self) -> None:
+        for sock in self._sockets.values():
+            if isinstance(sock, socket.socket):
+                sock.close()
+            else:
+                sock.close(linger=0)
+        # libzmq leaves ipc socket files behind; a stale one would only
+        # confuse ``ctl`` and the next daemon's liveness probe.
+        for path in self._paths:
+            with contextlib.suppress(OSError):
+                os.unlink(path)
+        self._waker.close()
+
+    # -- the loop --------------------------------------------------------------------
+
+    def _serve(self) -> None:
+        control, discovery = self._sockets["control"], self._sockets.get("discovery")
         poller = zmq.Poller()
-        poller.register(sock, zmq.POLLIN)
+        poller.register(control, zmq.POLLIN)
         poller.register(self._waker.fileno(), zmq.POLLIN)
+        if discovery is not None:
+            poller.register(discovery.fileno(), zmq.POLLIN)
         while True:
             events = dict(poller.poll())
             if self._waker.fileno() in events:
                 self._waker.drain()
-            if sock in events:
-                self._receive(sock)
-            if not self._flush(sock):
+            if control in events:
+                self._receive(control)
+            if discovery is not None and discovery.fileno() in events:
+                self._answer_discovery(discovery)
+            if not self._flush():
                 return
+
+    def _answer_discovery(self, sock: socket.socket) -> None:
+        # Any datagram is a question; the answer goes back to its sender.
+        answer = json.dumps({"endpoint": self.endpoint}).encode()
+        with contextlib.suppress(OSError):
+            while True:
+                _, sender = sock.recvfrom(65536)
+                sock.sendto(answer, sender)
 
     def _receive(self, sock: zmq.Socket) -> None:
         for _ in range(RECEIVE_BATCH):
@@ -2214,7 +2271,7 @@ class Controller:
         self._submit(Job(message["command"].lower(), command.handler,
                          properties, reply))
 
-    def _flush(self, sock: zmq.Socket) -> bool:
+    def _flush(self) -> bool:
         while True:
             try:
                 item = self._outbox.get_nowait()
@@ -2222,13 +2279,13 @@ class Controller:
                 return True
             if item is None:
                 return False
-            envelope, body = item
+            role, frames = item
             try:
-                sock.send_multipart([*envelope, body], zmq.NOBLOCK)
+                self._sockets[role].send_multipart(frames, zmq.NOBLOCK)
             except zmq.ZMQError as exc:
-                # Again: the client stopped reading and its queue is full;
-                # a reply is dropped rather than ever blocking this loop.
-                logger.debug("reply dropped: %s", exc)
+                # Again: a client stopped reading and its queue is full; a
+                # reply is dropped rather than ever blocking this loop.
+                logger.debug("%s message dropped: %s", role, exc)
 
 
 def _ignore_reply(outcome: Outcome) -> None:
@@ -2291,15 +2348,20 @@ class Daemon:
         for message in self.config.warnings:
             logger.warning("%s", message)
         self._context = zmq.Context()
-        self.controller = Controller(self._context, self.endpoint, self.arbiter.submit)
+        self.controller = Controller(self._context, self.config, self.arbiter.submit)
         self._controller_thread = self._thread(self.controller.run, "controller")
         self.controller.bound.wait()
-        if self.controller.error is not None:
+        try:
+            if self.controller.error is not None:
+                raise self.controller.error
+            self.arbiter.bind_sockets()
+        except BaseException:
+            self.controller.shutdown()
             self._controller_thread.join()
             self._stopped = True
             self._release()
-            raise self.controller.error
-        self.endpoint = self.controller.endpoint
+            raise
+        self._publish_endpoints()
         self._worker_thread = self._thread(self._run_worker, "worker")
         try:
             self.call(handle_start, {"waiting": True}, timeout)
@@ -2311,6 +2373,14 @@ class Daemon:
             # others run and it shows as stopped with its reason.
             logger.error("not every watcher started: %s", exc)
         return self
+
+    def _publish_endpoints(self) -> None:
+        # What the controller really bound (an ephemeral port, say) is what
+        # globaloptions reports; the worker does not run yet, so no race.
+        self.endpoint = self.controller.endpoint
+        for key in ("endpoint", "pubsub_endpoint", "multicast_endpoint"):
+            setattr(self.arbiter.config, key, getattr(self.controller, key))
+        self.arbiter.on_event = self.controller.publish
 
     def _thread(self, target: Callable[[], None], role: str) -> threading.Thread:
         thread = threading.Thread(target=target, name=f"minisup-{role}", daemon=True)
