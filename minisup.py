@@ -2526,23 +2526,45 @@ class Client:
 
 # ================================================================= CLI ======
 
-#: ctl sub-commands: name -> (help, arguments).  ``x?`` is optional, ``nb``
-#: an integer, ``--flag`` a boolean property.
+#: ctl sub-commands: name -> (help, arguments).  ``x`` is a positional,
+#: ``x?`` an optional one, ``x+`` one or more; ``--flag`` a boolean
+#: property, ``--opt=`` a property with a value.  Arguments named in
+#: ARG_TYPES are converted.
 CTL_COMMANDS: dict[str, tuple[str, tuple[str, ...]]] = {
     "list": ("list the watchers, or the pids of one", ("name?",)),
     "status": ("show the state of every watcher, or of one", ("name?",)),
-    "start": ("start every autostart watcher, or one", ("name?", "--waiting")),
-    "stop": ("stop every watcher, or one", ("name?", "--waiting")),
-    "restart": ("stop, then start, every watcher or one", ("name?", "--waiting")),
-    "reload": ("replace the processes gracefully (new first)", ("name?", "--waiting")),
+    "start": ("start every autostart watcher, or those matching NAME",
+              ("name?", "--match=", "--waiting")),
+    "stop": ("stop every watcher, or those matching NAME",
+             ("name?", "--match=", "--waiting")),
+    "restart": ("stop, then start, every watcher or those matching NAME",
+                ("name?", "--match=", "--waiting")),
+    "reload": ("replace the processes gracefully (new ones first)",
+               ("name?", "--sequential", "--waiting")),
+    "reloadconfig": ("re-read the INI file and apply what changed", ("--waiting",)),
     "incr": ("run more processes of a watcher", ("name", "nb?", "--waiting")),
     "decr": ("run fewer processes of a watcher", ("name", "nb?", "--waiting")),
-    "numprocesses": ("how many processes are wanted", ("name?",)),
+    "numprocesses": ("how many processes are wanted (with NAME: running)", ("name?",)),
     "numwatchers": ("how many watchers there are", ()),
     "add": ("add a watcher", ("name", "cmd", "--start", "--waiting")),
     "rm": ("remove a watcher, stopping it", ("name", "--nostop", "--waiting")),
+    "options": ("show every option of a watcher", ("name",)),
+    "get": ("show some options of a watcher", ("name", "keys+")),
+    "set": ("set options: set NAME KEY VALUE [KEY VALUE ...]",
+            ("name", "pairs+", "--waiting")),
+    "signal": ("send a signal: signal NAME [PID] SIGNUM",
+               ("name", "pid?", "signum", "--children", "--recursive")),
+    "kill": ("stop processes gracefully with another signal or grace period",
+             ("name", "pid?", "--signum=", "--graceful_timeout=", "--waiting")),
+    "stats": ("cpu, memory and age of processes", ("name?", "process?")),
+    "dstats": ("cpu, memory and age of the daemon", ()),
+    "listsockets": ("list the sockets the daemon bound", ()),
+    "globaloptions": ("show the daemon's options", ("option?",)),
+    "listen": ("print events as they are published, until Ctrl-C", ("topics*",)),
     "quit": ("stop every process and the daemon", ("--waiting",)),
 }
+ARG_TYPES: dict[str, Callable[[str], Any]] = {
+    "nb": int, "pid": int, "process": int, "graceful_timeout": float}
 
 #: Exit codes, as circusctl's: scripts written for it keep working.
 EXIT_OK, EXIT_NO_ANSWER, EXIT_USAGE, EXIT_ERROR_REPLY = 0, 1, 2, 3
@@ -2583,32 +2605,60 @@ def _add_ctl_commands(commands: argparse._SubParsersAction) -> None:
     for name, (text, arguments) in CTL_COMMANDS.items():
         sub = commands.add_parser(name, help=text, description=text)
         for argument in arguments:
-            if argument.startswith("--"):
+            key = argument.strip("-?+*=")
+            if argument.endswith("="):
+                sub.add_argument(argument[:-1], type=ARG_TYPES.get(key, str))
+            elif argument.startswith("--"):
                 sub.add_argument(argument, action="store_true")
             else:
-                sub.add_argument(argument.rstrip("?"), nargs="?" if "?" in argument
-                                 else None, type=int if argument.startswith("nb")
-                                 else str)
+                nargs = {"?": "?", "+": "+", "*": "*"}.get(argument[-1])
+                sub.add_argument(key, nargs=nargs, type=ARG_TYPES.get(key, str))
 
 
 def main(argv: list[str] | None = None) -> int:
     """The command line; returns the exit code."""
     try:
         args = build_parser().parse_args(argv)
+        if args.action == "run":
+            return run_daemon(args)
+        return run_ctl(args)
     except SystemExit as exc:  # --help, --version or a usage error
         return exc.code if isinstance(exc.code, int) else EXIT_USAGE
-    if args.action == "run":
-        return run_daemon(args)
-    return run_ctl(args)
+
+
+def ctl_properties(args: argparse.Namespace) -> dict[str, Any]:
+    """The properties of a ctl command from its parsed arguments."""
+    names = [a.strip("-?+*=") for a in CTL_COMMANDS[args.command][1]]
+    properties = {k: getattr(args, k) for k in names
+                  if getattr(args, k) not in (None, False)}
+    if "pairs" in properties:
+        properties["options"] = _parse_pairs(properties.pop("pairs"))
+    return properties
+
+
+def _parse_pairs(pairs: list[str]) -> dict[str, Any]:
+    """``KEY VALUE ...`` of ``ctl set``, each value read as the INI would."""
+    if len(pairs) % 2:
+        raise SystemExit(f"minisup: set needs KEY VALUE pairs, got {pairs}")
+    options = {}
+    for key, text in zip(pairs[::2], pairs[1::2]):
+        key = key.lower()
+        kind = WATCHER_OPTIONS.get(key)
+        try:
+            options[key] = (dict(p.split("=", 1) for p in text.split(",") if p)
+                            if kind is ENV else kind.from_text(text) if kind else text)
+        except ValueError as exc:
+            raise SystemExit(f"minisup: {key} = {text!r}: {exc}") from None
+    return options
 
 
 def run_ctl(args: argparse.Namespace) -> int:
     """``minisup ctl``: send one command and print its reply."""
-    names = [a.rstrip("?").lstrip("-") for a in CTL_COMMANDS[args.command][1]]
-    properties = {k: getattr(args, k) for k in names
-                  if getattr(args, k) not in (None, False)}
+    properties = ctl_properties(args)
     with Client(args.endpoint, args.timeout) as client:
         try:
+            if args.command == "listen":
+                return listen(client, properties.get("topics") or [""])
             reply = client.call(args.command, **properties)
         except CallError as exc:
             print(f"minisup: {exc}", file=sys.stderr)
@@ -2622,20 +2672,80 @@ def run_ctl(args: argparse.Namespace) -> int:
     return EXIT_ERROR_REPLY if reply.get("status") == "error" else EXIT_OK
 
 
+def listen(client: Client, topics: list[str]) -> int:
+    """Print each event published under ``topics`` until interrupted."""
+    endpoint = client.call("globaloptions")["options"].get("pubsub_endpoint")
+    if not endpoint:
+        print("minisup: the daemon publishes no events (set pubsub_endpoint)",
+              file=sys.stderr)
+        return EXIT_ERROR_REPLY
+    context = zmq.Context()
+    sub = context.socket(zmq.SUB)
+    sub.linger = 0
+    for topic in topics:
+        sub.setsockopt(zmq.SUBSCRIBE, topic.encode())
+    sub.connect(endpoint)
+    try:
+        while True:
+            topic, body = sub.recv_multipart()
+            print(f"{topic.decode()}: {body.decode()}", flush=True)
+    except KeyboardInterrupt:
+        return EXIT_OK
+    finally:
+        sub.close()
+        context.term()
+
+
+STATS_LINE = ("{pid}  {cmdline} {username} {nice} {mem_info1} {mem_info2} "
+              "{cpu} {mem} {ctime}")
+
+
+def _stats_lines(info: dict[str, Any] | str, indent: str = "") -> list[str]:
+    if not isinstance(info, dict):
+        return [indent + str(info)]
+    return [indent + STATS_LINE.format(**info), *(
+        line for child in info.get("children", [])
+        for line in _stats_lines(child, indent + "   "))]
+
+
+def _option_text(key: str, value: Any) -> str:
+    if key == "env" and isinstance(value, dict):
+        return ",".join(f"{k}={v}" for k, v in sorted(value.items()))
+    return "" if value is None else str(value)
+
+
 def format_reply(reply: dict[str, Any]) -> str:
-    """A successful reply as a person reads it."""
+    """A successful reply as circusctl prints it."""
     if "statuses" in reply:
-        width = max(map(len, reply["statuses"]), default=0)
-        return "\n".join(f"{n:<{width}}  {s}" for n, s in reply["statuses"].items())
+        return "\n".join(f"{n}: {s}" for n, s in sorted(reply["statuses"].items()))
+    if "singleton" in reply:
+        return "This watcher is a Singleton - not changing the number of processes"
     for key in ("watchers", "pids"):
         if key in reply:
-            return "\n".join(map(str, reply[key]))
-    if "numprocesses" in reply or "numwatchers" in reply:
-        return str(reply.get("numprocesses", reply.get("numwatchers")))
-    if isinstance(reply.get("info"), dict):
-        return "\n".join(f"{k}: {' '.join(map(str, v)) or '-'}"
-                         for k, v in reply["info"].items())
-    return str(reply.get("status", "ok"))
+            return ",".join(map(str, reply[key]))
+    for key in ("numprocesses", "numwatchers"):
+        if key in reply:
+            return str(reply[key])
+    if "options" in reply:
+        return "\n".join(f"{k}: {_option_text(k, v)}" for k, v in reply["options"].items())
+    if "sockets" in reply:
+        return "\n".join(f"{s['fd']}:socket '{s['name']}' at " + (
+            s["path"] if "path" in s else f"{s['host']}:{s['port']}")
+            for s in reply["sockets"])
+    return _format_stats(reply) or str(reply.get("status", "ok"))
+
+
+def _format_stats(reply: dict[str, Any]) -> str:
+    if "infos" in reply or "name" in reply:
+        groups = reply.get("infos") or {reply.get("name"): reply.get("info")}
+        return "\n".join(line for name, infos in groups.items() for line in (
+            [f"{name}:"] + [f"{pid}: " + "\n".join(_stats_lines(info))
+                            for pid, info in (infos or {}).items()]))
+    if "process" in reply:
+        return f"{reply['process']}: " + "\n".join(_stats_lines(reply["info"]))
+    if isinstance(reply.get("info"), dict) and "pid" in reply["info"]:  # dstats
+        return "Main Process:\n" + "\n".join(_stats_lines(reply["info"], "    "))
+    return ""
 
 
 def config_from_args(args: argparse.Namespace) -> Config:

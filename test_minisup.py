@@ -979,11 +979,11 @@ def ctl(capsys, endpoint, *args):
 def test_ctl_commands_print_and_exit_like_circusctl(make_daemon, capsys):
     daemon = make_daemon(sleepers(n=1))
     endpoint = daemon.endpoint
-    assert ctl(capsys, endpoint, "status") == (0, "web  active\n", "")
+    assert ctl(capsys, endpoint, "status") == (0, "web: active\n", "")
     assert ctl(capsys, endpoint, "list") == (0, "web\n", "")
     assert ctl(capsys, endpoint, "incr", "web", "2", "--waiting") == (0, "3\n", "")
     code, out, _ = ctl(capsys, endpoint, "list", "web")
-    assert code == 0 and len(out.split()) == 3
+    assert code == 0 and len(out.strip().split(",")) == 3
     code, out, _ = ctl(capsys, endpoint, "--json", "numwatchers")
     assert code == 0 and json.loads(out)["numwatchers"] == 1
     assert ctl(capsys, endpoint, "status", "nope") == (
