@@ -9,8 +9,11 @@ teardown that no child, zombie, thread or fd was left behind.
 
 import json
 import os
+import pwd
+import re
 import shlex
 import signal
+import socket
 import subprocess
 import sys
 import textwrap
@@ -104,12 +107,13 @@ def make_daemon(tmp_path):
     daemons = []
     fds_before = open_fds()
 
-    def start(body, endpoint=None, **kwargs):
+    def start(body, endpoint=None, **global_options):
         endpoint = endpoint or f"ipc://{tmp_path}/d{len(daemons)}.sock"
-        text = f"[circus]\nendpoint = {endpoint}\n" + textwrap.dedent(body)
+        options = "".join(f"{k} = {v}\n" for k, v in global_options.items())
+        text = f"[circus]\nendpoint = {endpoint}\n{options}" + textwrap.dedent(body)
         daemon = minisup.Daemon.from_ini(text)
         daemons.append(daemon)
-        return daemon.start(**kwargs)
+        return daemon.start()
 
     yield start
     for daemon in daemons:
@@ -342,6 +346,55 @@ def test_add_options_are_checked_strictly(options, reason):
     with pytest.raises(minisup.MessageError, match=reason) as info:
         minisup.watcher_config_from_json("w", "x", None, options)
     assert info.value.errno == minisup.MESSAGE_ERROR
+
+
+def test_sockets_and_global_endpoints_are_parsed():
+    config = minisup.parse_config("""
+[circus]
+pubsub_endpoint = ipc:///tmp/x/pub.sock
+multicast_endpoint = udp://127.0.0.1:12027
+endpoint_owner = nobody
+[socket:Web]
+host = 127.0.0.1
+port = 8080
+backlog = 10
+so_reuseport = true
+[socket:unix]
+path = /tmp/x/app.sock
+umask = 077
+[watcher:w]
+cmd = server --fd $(circus.sockets.web)
+use_sockets = true
+uid = nobody
+gid = 0
+send_hup = true
+stop_children = yes
+""")
+    assert config.pubsub_endpoint == "ipc:///tmp/x/pub.sock"
+    assert config.multicast_endpoint == "udp://127.0.0.1:12027"
+    assert config.endpoint_owner == pwd.getpwnam("nobody").pw_uid
+    web, unix = config.sockets
+    assert (web.name, web.host, web.port, web.backlog, web.so_reuseport) == (
+        "web", "127.0.0.1", 8080, 10, True)
+    assert (unix.family, unix.path, unix.umask) == ("AF_UNIX", "/tmp/x/app.sock", 0o77)
+    w = config.watchers[0]
+    assert (w.uid, w.gid, w.send_hup, w.stop_children, w.use_sockets) == (
+        pwd.getpwnam("nobody").pw_uid, 0, True, True, True)
+
+
+@pytest.mark.parametrize("text, message", [
+    ("[socket:s]\nfamily = AF_PACKET\n", "family = 'AF_PACKET': use one of"),
+    ("[socket:s]\nfamily = AF_UNIX\n", "a unix socket needs a path"),
+    ("[socket:s]\nport = 70000\n", "port = 70000: not a port number"),
+    ("[socket:s]\numask = 9\n", "umask = '9': not an octal number"),
+    ("[watcher:w]\ncmd = x $(circus.sockets.nope)\n", "no [socket:nope] section"),
+    ("[watcher:w]\ncmd = x\nuid = no-such-user-here\n", "uid = 'no-such-user-here': no such user"),
+    ("[circus]\nmulticast_endpoint = udp://10.0.0.1:1\n", "multicast_endpoint"),
+    ("[circus]\npubsub_endpoint = tcp://0.0.0.0:1\n", "pubsub_endpoint"),
+])
+def test_bad_sockets_and_endpoints_are_errors(text, message):
+    with pytest.raises(minisup.ConfigError, match=re.escape(message)):
+        minisup.parse_config(text, "app.ini")
 
 
 # ============================================== watcher on a fake clock ======
@@ -749,6 +802,369 @@ def test_daemon_stop_is_idempotent_and_a_context_manager(tmp_path):
     assert not any(alive(p) for p in pids)
     assert not (tmp_path / "c.sock").exists()
     assert_nothing_leaked(fds_before)
+
+
+# ==================================================== full command set ======
+
+SIGNAL_SCRIPT = """
+import os, signal, sys, time
+folder = sys.argv[1]
+def record(signum, frame):
+    open(os.path.join(folder, f"{os.getpid()}.{signum}"), "w").close()
+if len(sys.argv) > 2:
+    os.fork()  # the parent and its child both record signals
+for signum in (signal.SIGUSR1, signal.SIGUSR2, signal.SIGHUP):
+    signal.signal(signum, record)
+open(os.path.join(folder, f"{os.getpid()}.ready"), "w").close()
+while True:
+    time.sleep(1)
+"""
+
+
+def recorder(tmp_path, fork=False):
+    """A watcher body whose children record the signals they get."""
+    script = tmp_path / "recorder.py"
+    script.write_text(SIGNAL_SCRIPT)
+    return f"cmd = {PY} {script} {tmp_path}{' fork' if fork else ''}\nstop_children = true\n"
+
+
+def ready_pids(tmp_path, count):
+    return wait_for(lambda: (lambda p: len(p) == count and p)(
+        sorted(int(f.name.split(".")[0]) for f in tmp_path.glob("*.ready"))),
+        what=f"{count} ready children")
+
+
+def got(tmp_path, pid, signum):
+    return (tmp_path / f"{pid}.{int(signum)}").exists()
+
+
+def test_options_get_and_set(make_daemon):
+    daemon = make_daemon(sleepers(n=1, extra="graceful_timeout = 7"))
+    client = daemon.client
+    options = client.call("options", name="web")["options"]
+    assert options["numprocesses"] == 1 and options["graceful_timeout"] == 7.0
+    assert options["cmd"] == py_cmd(SLEEP) and options["args"] == []
+    assert {"send_hup", "stop_signal", "uid", "priority", "env"} <= set(options)
+    assert client.call("get", name="web", keys=["graceful_timeout", "shell"])[
+        "options"] == {"graceful_timeout": 7.0, "shell": False}
+    reply = client.call("get", name="web", keys=["nope"])
+    assert (reply["errno"], reply["reason"]) == (3, "'nope' option not found")
+    (old,) = client.call("list", name="web")["pids"]
+    assert client.call("set", name="web", options={"graceful_timeout": 2},
+                       waiting=True)["status"] == "ok"
+    assert client.call("list", name="web")["pids"] == [old]  # no reload needed
+    client.call("set", name="web", options={"numprocesses": 3}, waiting=True)
+    assert len(client.call("list", name="web")["pids"]) == 3
+    client.call("set", name="web", options={"args": ["extra"]}, waiting=True)
+    new = wait_for(lambda: new_pids(client, "web", [old], 3), what="reloaded pids")
+    assert client.call("options", name="web")["options"]["args"] == ["extra"]
+    assert all(alive(p) for p in new)
+
+
+@pytest.mark.parametrize("options, reason", [
+    ({"numprocesses": "3"}, "'numprocesses' isn't an integer"),
+    ({"nope": 1}, "unknown key 'nope'"),
+    ({"stop_signal": "SIGNOPE"}, "'stop_signal' not a signal name"),
+    ({"env": {"A": 1}}, "'env' must be an object of strings"),
+])
+def test_set_validates_every_key(make_daemon, options, reason):
+    daemon = make_daemon(sleepers(n=1))
+    reply = daemon.client.call("set", name="web", options=options)
+    assert (reply["status"], reply["errno"], reply["reason"]) == ("error", 3, reason)
+
+
+def test_set_numprocesses_on_a_singleton_is_refused(make_daemon):
+    daemon = make_daemon(sleepers(n=1, extra="singleton = true"))
+    reply = daemon.client.call("set", name="web", options={"numprocesses": 2})
+    assert reply["errno"] == 3 and "singleton" in reply["reason"]
+
+
+@pytest.mark.parametrize("signum", [signal.SIGUSR1.value, "10", "USR1", "SIGUSR1"])
+def test_signal_accepts_every_spelling(make_daemon, tmp_path, signum):
+    daemon = make_daemon(f"[watcher:rec]\n{recorder(tmp_path)}numprocesses = 2\n")
+    pids = ready_pids(tmp_path, 2)
+    assert daemon.client.call("signal", name="rec", signum=signum)["status"] == "ok"
+    wait_for(lambda: all(got(tmp_path, p, signal.SIGUSR1) for p in pids))
+
+
+def test_signal_one_pid_its_children_or_the_whole_tree(make_daemon, tmp_path):
+    daemon = make_daemon(f"[watcher:rec]\n{recorder(tmp_path, fork=True)}")
+    (parent,) = daemon.client.call("list", name="rec")["pids"]
+    (child,) = set(ready_pids(tmp_path, 2)) - {parent}
+    call = daemon.client.call
+    assert call("signal", name="rec", pid=parent, signum="USR1")["status"] == "ok"
+    wait_for(lambda: got(tmp_path, parent, signal.SIGUSR1))
+    assert call("signal", name="rec", pid=str(parent), signum="USR2",
+                children=True)["status"] == "ok"
+    wait_for(lambda: got(tmp_path, child, signal.SIGUSR2))
+    assert not got(tmp_path, parent, signal.SIGUSR2)
+    assert call("signal", name="rec", signum="HUP", recursive=True)["status"] == "ok"
+    wait_for(lambda: got(tmp_path, parent, signal.SIGHUP) and got(tmp_path, child, signal.SIGHUP))
+    assert not got(tmp_path, child, signal.SIGUSR1)
+    daemon.client.call("stop", name="rec", waiting=True)
+    wait_for(lambda: not alive(child), what="the forked child to stop with its group")
+
+
+@pytest.mark.parametrize("properties, reason", [
+    ({"signum": "NOPE"}, "'signum' is not a signal"),
+    ({"signum": 9, "pid": 1}, "process 1 not found in 'web'"),
+    ({"signum": 9, "pid": "x1"}, "'pid' must be a pid"),
+    ({"signum": 9, "childpid": 5}, "'childpid' needs 'pid'"),
+])
+def test_signal_errors(make_daemon, properties, reason):
+    daemon = make_daemon(sleepers(n=1))
+    reply = daemon.client.call("signal", name="web", **properties)
+    assert reply["errno"] == 3 and reason in reply["reason"]
+    assert len(daemon.client.call("list", name="web")["pids"]) == 1
+
+
+def test_kill_overrides_signal_and_grace_and_the_process_is_replaced(make_daemon, tmp_path):
+    daemon = make_daemon(f"[watcher:stubborn]\ncmd = {ignore_term(tmp_path)}\n"
+                         "numprocesses = 2\ngraceful_timeout = 600\n")
+    first, second = daemon.client.call("list", name="stubborn")["pids"]
+    wait_for(lambda: (tmp_path / str(first)).exists())
+    reply = daemon.client.call("kill", name="stubborn", pid=first, graceful_timeout=0.2,
+                               waiting=True)
+    assert reply["status"] == "ok" and not alive(first)
+    pids = wait_for(lambda: new_pids(daemon.client, "stubborn", [first], 2))
+    assert second in pids
+    reply = daemon.client.call("kill", name="stubborn", signum="INT", waiting=True)
+    assert reply["status"] == "ok" and not any(alive(p) for p in pids)
+
+
+def test_stats_and_dstats_read_proc(make_daemon):
+    daemon = make_daemon(sleepers(n=2))
+    pids = daemon.client.call("list", name="web")["pids"]
+    infos = daemon.client.call("stats")["infos"]
+    assert sorted(map(int, infos["web"])) == sorted(pids)
+    info = infos["web"][str(pids[0])]
+    keys = {"pid", "cpu", "mem", "mem_info1", "mem_info2", "ctime", "username", "nice",
+            "create_time", "age", "cmdline", "children", "started", "wid"}
+    assert keys <= set(info)
+    assert info["pid"] == pids[0] and info["cmdline"] == os.path.basename(PY)
+    assert info["username"] == pwd.getpwuid(os.getuid()).pw_name
+    assert 0 <= info["age"] < 60 and abs(info["create_time"] - time.time()) < 60
+    assert re.fullmatch(r"\d+(\.\d\d[KMG])?B?", info["mem_info1"])
+    assert re.fullmatch(r"\d+:\d\d\.\d\d", info["ctime"]) and info["wid"] in (1, 2)
+    reply = daemon.client.call("stats", name="web", process=pids[1])
+    assert reply["process"] == pids[1] and reply["info"]["pid"] == pids[1]
+    assert set(daemon.client.call("stats", name="web")["info"]) == set(map(str, pids))
+    reply = daemon.client.call("stats", name="web", process=1)
+    assert reply["errno"] == 3 and "process 1 not found in 'web'" in reply["reason"]
+    dinfo = daemon.client.call("dstats")["info"]
+    assert dinfo["pid"] == os.getpid() and keys - {"started", "wid"} <= set(dinfo)
+
+
+def test_sockets_are_bound_listed_and_inherited_alone(make_daemon, tmp_path):
+    server = (
+        "import os, socket, sys; fd = int(sys.argv[1]); fds = ' '.join(os.listdir('/proc/self/fd')); "
+        f"open(os.path.join({str(tmp_path)!r}, 'fds'), 'w').write(fds); "
+        "s = socket.socket(fileno=fd); "
+        "[(c.sendall(b'hello from ' + sys.argv[2].encode()), c.close()) for c, _ in iter(s.accept, None)]")
+    daemon = make_daemon(f"""
+        [socket:web]
+        host = 127.0.0.1
+        port = 0
+        [socket:local]
+        path = {tmp_path}/local.sock
+        [watcher:srv]
+        cmd = {py_cmd(server)} $(circus.sockets.web) $(circus.wid)
+        """)
+    sockets = daemon.client.call("listsockets")["sockets"]
+    assert [s["name"] for s in sockets] == ["web", "local"]
+    web, local = sockets
+    assert web["host"] == "127.0.0.1" and web["port"] > 0 and web["backlog"] == 2048
+    assert local["path"] == f"{tmp_path}/local.sock"
+    with socket.create_connection(("127.0.0.1", web["port"]), timeout=DEADLINE) as conn:
+        assert conn.recv(100) == b"hello from 1"
+    fds = set(wait_for(lambda: (tmp_path / "fds").exists() and
+                       (tmp_path / "fds").read_text().split()))
+    assert str(web["fd"]) in fds and str(local["fd"]) not in fds
+    assert len(fds) == 5  # stdin, stdout, stderr, the socket, listdir's own
+
+
+def test_globaloptions(make_daemon):
+    daemon = make_daemon(sleepers(n=1))
+    options = daemon.client.call("globaloptions")["options"]
+    assert options["endpoint"] == daemon.endpoint
+    assert set(options) == {"endpoint", "pubsub_endpoint", "check_delay",
+                            "multicast_endpoint", "stats_endpoint"}
+    assert daemon.client.call("globaloptions", option="check_delay")["options"] == {
+        "check_delay": 5.0}
+    reply = daemon.client.call("globaloptions", option="nope")
+    assert (reply["errno"], reply["reason"]) == (3, "'nope' not an existing option")
+
+
+@pytest.mark.parametrize("name, match, stopped", [
+    ("web*", None, ["web1", "web2"]),
+    ("web?", "glob", ["web1", "web2"]),
+    ("^w.b1$", "regex", ["web1"]),
+    ("worker", "simple", ["worker"]),
+])
+def test_match_selects_watchers(make_daemon, name, match, stopped):
+    daemon = make_daemon(sleepers("web1", 1) + sleepers("web2", 1) + sleepers("worker", 1))
+    extra = {"match": match} if match else {}
+    assert daemon.client.call("stop", name=name, waiting=True, **extra)["status"] == "ok"
+    statuses = daemon.client.call("status")["statuses"]
+    assert sorted(n for n, s in statuses.items() if s == "stopped") == stopped
+
+
+def test_match_errors(make_daemon):
+    daemon = make_daemon(sleepers(n=1))
+    assert daemon.client.call("stop", name="x*")["reason"] == "program x* not found"
+    assert "unknown match method" in daemon.client.call("stop", name="w", match="x")["reason"]
+    assert "not a valid regex" in daemon.client.call("stop", name="(", match="regex")["reason"]
+    assert daemon.client.call("stop", name="web*", match="simple")["errno"] == 3
+
+
+def test_reload_sequential_replaces_one_at_a_time(make_daemon, tmp_path):
+    daemon = make_daemon(sleepers(n=3), pubsub_endpoint=f"ipc://{tmp_path}/pub.sock")
+    old = daemon.client.call("list", name="web")["pids"]
+    with subscriber(daemon) as sub:
+        info = daemon.client.call("reload", name="web", sequential=True, waiting=True)["info"]
+        events = drain_events(sub, lambda e: len([t for t, _ in e if t.endswith(".reap")]) == 3)
+    assert info["stopped"] == sorted(old) and len(info["started"]) == 3
+    kinds = [t.rsplit(".", 1)[1] for t, _ in events if not t.endswith(".reload")]
+    # Each old process is stopped, replaced and reaped before the next.
+    assert kinds == ["kill", "spawn", "reap"] * 3
+
+
+def test_reload_with_send_hup_signals_instead(make_daemon, tmp_path):
+    daemon = make_daemon(f"[watcher:rec]\n{recorder(tmp_path)}numprocesses = 2\nsend_hup = true\n")
+    pids = ready_pids(tmp_path, 2)
+    info = daemon.client.call("reload", name="rec", waiting=True)["info"]
+    assert info == {"stopped": [], "started": [], "kept": sorted(pids)}
+    wait_for(lambda: all(got(tmp_path, p, signal.SIGHUP) for p in pids))
+
+
+def write_ini(path, endpoint, body):
+    path.write_text(f"[circus]\nendpoint = {endpoint}\n" + textwrap.dedent(body))
+
+
+def test_reloadconfig_applies_only_what_changed(tmp_path):
+    fds_before = open_fds()
+    ini = tmp_path / "app.ini"
+    endpoint = f"ipc://{tmp_path}/rc.sock"
+    write_ini(ini, endpoint, sleepers("same", 1) + sleepers("grow", 1)
+              + sleepers("change", 1) + sleepers("gone", 1))
+    with minisup.Daemon(minisup.load_config(ini)) as daemon:
+        client = daemon.client
+        before = {n: client.call("list", name=n)["pids"] for n in ("same", "grow", "change")}
+        gone = client.call("list", name="gone")["pids"]
+        client.call("add", name="runtime", cmd=PY, args=["-c", SLEEP], start=True, waiting=True)
+        write_ini(ini, endpoint, sleepers("same", 1) + sleepers("grow", 3)
+                  + sleepers("change", 1, "graceful_timeout = 3") + sleepers("fresh", 2))
+        assert client.call("reloadconfig", waiting=True)["status"] == "ok"
+        assert client.call("list")["watchers"] == ["change", "fresh", "grow", "runtime", "same"]
+        assert client.call("list", name="same")["pids"] == before["same"]
+        grown = client.call("list", name="grow")["pids"]
+        assert len(grown) == 3 and before["grow"][0] in grown
+        assert not set(client.call("list", name="change")["pids"]) & set(before["change"])
+        assert len(client.call("list", name="fresh")["pids"]) == 2
+        wait_for(lambda: not any(alive(p) for p in gone), what="removed watcher stopped")
+        ini.write_text("[watcher:broken]\nnumprocesses = many\n")
+        reply = client.call("reloadconfig")
+        assert reply["errno"] == 3 and "numprocesses = 'many'" in reply["reason"]
+        assert client.call("numwatchers")["numwatchers"] == 5
+    assert_nothing_leaked(fds_before)
+
+
+def test_reloadconfig_without_a_file_is_an_error(make_daemon):
+    daemon = make_daemon(sleepers(n=1))
+    reply = daemon.client.call("reloadconfig")
+    assert reply["errno"] == 5 and "no INI file" in reply["reason"]
+
+
+class subscriber:
+    """A SUB socket on a daemon's pubsub endpoint, subscribed to every
+    watcher event, and proven connected before it is handed out."""
+
+    def __init__(self, daemon):
+        self.daemon = daemon
+        self.context = zmq.Context()
+        self.sock = self.context.socket(zmq.SUB)
+        self.sock.linger = 0
+
+    def __enter__(self):
+        endpoint = self.daemon.client.call("globaloptions")["options"]["pubsub_endpoint"]
+        self.sock.setsockopt(zmq.SUBSCRIBE, b"watcher.")
+        self.sock.connect(endpoint)
+        name = self.daemon.client.call("list")["watchers"][0]
+
+        def heard_update():  # a harmless event until one arrives
+            self.daemon.client.call("set", name=name, options={"priority": 0})
+            return self.sock.poll(50)
+        wait_for(heard_update, what="the subscription to take effect")
+        while self.sock.poll(QUIET * 1000):
+            self.sock.recv_multipart()
+        return self.sock
+
+    def __exit__(self, *exc):
+        self.sock.close()
+        self.context.term()
+
+
+def drain_events(sock, enough):
+    """Events as (topic, payload) until ``enough(events)`` holds."""
+    events = []
+
+    def more():
+        while sock.poll(10):
+            topic, body = sock.recv_multipart()
+            events.append((topic.decode(), json.loads(body)))
+        return enough(events)
+    wait_for(more, what="events")
+    return events
+
+
+def test_events_of_a_kill_9_and_of_a_stop(make_daemon, tmp_path):
+    daemon = make_daemon(sleepers(n=1), pubsub_endpoint=f"ipc://{tmp_path}/pub.sock")
+    with subscriber(daemon) as sub:
+        (pid,) = daemon.client.call("list", name="web")["pids"]
+        os.kill(pid, signal.SIGKILL)
+        events = drain_events(sub, lambda e: any(t.endswith(".spawn") for t, _ in e))
+        assert [t for t, _ in events] == ["watcher.web.reap", "watcher.web.spawn"]
+        assert events[0][1]["process_pid"] == pid and events[0][1]["exit_code"] == -9
+        (new,) = daemon.client.call("list", name="web")["pids"]
+        assert events[1][1]["process_pid"] == new and isinstance(events[1][1]["time"], float)
+        daemon.client.call("stop", name="web", waiting=True)
+        events = drain_events(sub, lambda e: any(t.endswith(".stop") for t, _ in e))
+        assert [t for t, _ in events] == ["watcher.web.kill", "watcher.web.reap",
+                                          "watcher.web.stop"]
+        assert events[1][1] == {"process_pid": new, "exit_code": -15,
+                                "time": events[1][1]["time"]}
+        daemon.client.call("add", name="more", cmd=PY)
+        daemon.client.call("rm", name="more")
+        events = drain_events(sub, lambda e: len(e) == 2)
+        assert [t for t, _ in events] == ["watcher.more.add", "watcher.more.remove"]
+
+
+def test_discovery_answers_on_unicast_loopback(make_daemon):
+    daemon = make_daemon(sleepers(n=1), multicast_endpoint="udp://127.0.0.1:0")
+    udp = daemon.client.call("globaloptions")["options"]["multicast_endpoint"]
+    host, port = udp[len("udp://"):].rsplit(":", 1)
+    assert host == "127.0.0.1" and int(port) > 0
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as probe:
+        probe.settimeout(DEADLINE)
+        probe.sendto(b"who is there?", (host, int(port)))
+        answer, _ = probe.recvfrom(1000)
+    assert json.loads(answer) == {"endpoint": daemon.endpoint}
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="changing owners needs root")
+def test_endpoint_owner_owns_the_socket_and_adds_only_as_itself(make_daemon, tmp_path):
+    nobody = pwd.getpwnam("nobody")
+    daemon = make_daemon(sleepers(n=1), endpoint_owner="nobody")
+    assert os.stat(daemon.endpoint[len("ipc://"):]).st_uid == nobody.pw_uid
+    reply = daemon.client.call("add", name="x", cmd=PY, args=["-c", SLEEP])
+    assert (reply["errno"], reply["reason"]) == (3, "uid does not match endpoint_owner")
+    # /bin/sleep: nobody may not enter the folder of this test's Python.
+    reply = daemon.client.call("add", name="x", cmd="/bin/sleep", args=["1000"],
+                               options={"uid": "nobody"}, start=True, waiting=True)
+    (pid,) = reply["started"]
+    status = open(f"/proc/{pid}/status").read()
+    assert re.search(rf"^Uid:\s+{nobody.pw_uid}\s", status, re.M)
+    assert re.search(rf"^Gid:\s+{nobody.pw_gid}\s", status, re.M)
 
 
 # ============================================================ bad input ======
