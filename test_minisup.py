@@ -829,9 +829,10 @@ def recorder(tmp_path, fork=False):
 
 
 def ready_pids(tmp_path, count):
-    return wait_for(lambda: (lambda p: len(p) == count and p)(
-        sorted(int(f.name.split(".")[0]) for f in tmp_path.glob("*.ready"))),
-        what=f"{count} ready children")
+    def ready():
+        pids = sorted(int(f.name.split(".")[0]) for f in tmp_path.glob("*.ready"))
+        return len(pids) == count and pids
+    return wait_for(ready, what=f"{count} ready children")
 
 
 def got(tmp_path, pid, signum):
@@ -1162,9 +1163,10 @@ def test_endpoint_owner_owns_the_socket_and_adds_only_as_itself(make_daemon, tmp
     reply = daemon.client.call("add", name="x", cmd="/bin/sleep", args=["1000"],
                                options={"uid": "nobody"}, start=True, waiting=True)
     (pid,) = reply["started"]
-    status = open(f"/proc/{pid}/status").read()
-    assert re.search(rf"^Uid:\s+{nobody.pw_uid}\s", status, re.M)
-    assert re.search(rf"^Gid:\s+{nobody.pw_gid}\s", status, re.M)
+    with open(f"/proc/{pid}/status") as stream:
+        status = stream.read()
+    assert re.search(rf"^Uid:\s+{nobody.pw_uid}\s", status, re.MULTILINE)
+    assert re.search(rf"^Gid:\s+{nobody.pw_gid}\s", status, re.MULTILINE)
 
 
 # ============================================================ bad input ======
@@ -1500,17 +1502,142 @@ def test_circus_client_drives_minisup(make_daemon):
         context.term()
 
 
-def test_circusctl_command_line_drives_minisup(make_daemon):
+INTEROP_BODY = """
+[socket:web]
+host = 127.0.0.1
+port = 0
+[watcher:web]
+cmd = {cmd}
+numprocesses = 2
+graceful_timeout = 5
+"""
+
+
+def circusctl(endpoint, *args):
+    """Circus's own command line, as a circusd user runs it."""
+    return subprocess.run([PY, "-m", "circus.circusctl", "--endpoint", endpoint,
+                           "--timeout", str(int(DEADLINE)), *args],
+                          check=False, capture_output=True, text=True, timeout=60)
+
+
+@pytest.mark.parametrize("args, pattern", [
+    (["status"], r"web: active"),
+    (["status", "web"], r"active"),
+    (["list"], r"web"),
+    (["list", "web"], r"\d+,\d+"),
+    (["numprocesses"], r"2"),
+    (["numprocesses", "web"], r"2"),
+    (["numwatchers"], r"1"),
+    (["incr", "web", "--waiting"], r"3"),
+    (["incr", "web", "2"], r"4"),
+    (["decr", "web"], r"1"),
+    (["get", "web", "graceful_timeout", "numprocesses"],
+     r"graceful_timeout: 5.0\nnumprocesses: 2"),
+    (["options", "web"], r"(?s).*^numprocesses: 2$.*^graceful_timeout: 5.0$.*"),
+    (["set", "web", "graceful_timeout", "3"], r"ok"),
+    (["listsockets"], r"\d+:socket 'web' at 127\.0\.0\.1:\d+"),
+    (["stats", "web"], r"web:\n(\d+: \d+  python\S* root 0 \S+ \S+ \S+ \S+ \d+:\d\d\.\d\d\n?){2}"),
+    (["stats"], r"web:\n(\d+: \d+  python.*\n?){2}"),
+    (["dstats"], r"Main Process:\n    \d+  python\S* root .*"),
+    (["globaloptions"], r"(?s).*check_delay: 5\.0.*"),
+    (["globaloptions", "check_delay"], r"check_delay: 5\.0"),
+    (["signal", "web", "CONT"], r"ok"),
+    (["kill", "web", "--waiting"], r"ok"),
+    (["reload", "web", "--waiting"], r"ok"),
+    (["reload", "web", "--sequential", "--waiting"], r"ok"),
+    (["restart", "web", "--waiting"], r"ok"),
+    (["stop", "web", "--waiting"], r"ok"),
+    (["start", "web", "--waiting"], r"ok"),
+    (["stop", "w*", "--match", "glob"], r"ok"),
+    (["add", "extra", PY], r"ok"),
+    (["rm", "web"], r"ok"),
+    (["reloadconfig"], r"ok"),
+    (["quit", "--waiting"], r"ok"),
+])
+def test_circusctl_commands_print_what_a_circusd_user_sees(make_daemon, tmp_path, args, pattern):
+    pytest.importorskip("circus")
+    ini = tmp_path / "interop.ini"
+    write_ini(ini, f"ipc://{tmp_path}/ctl.sock", INTEROP_BODY.format(cmd=py_cmd(SLEEP)))
+    daemon = minisup.Daemon(minisup.load_config(ini))
+    with daemon:
+        result = circusctl(daemon.endpoint, *args)
+        assert (result.returncode, result.stderr) == (0, ""), result
+        assert re.fullmatch(pattern, result.stdout.strip(), re.MULTILINE), result.stdout
+
+
+@pytest.mark.parametrize("args, stderr", [
+    (["status", "nope"], "error\n"),  # circusctl's own status printer says no more
+    (["get", "web", "nope"], "error: 'nope' option not found\n"),
+    (["incr", "nope"], "error: program nope not found\n"),
+    (["signal", "web", "NOPE"], "error: 'signum' is not a signal: 'NOPE'\n"),
+    (["stats", "web", "1"], "error: process 1 not found in 'web'\n"),
+])
+def test_circusctl_errors_exit_3(make_daemon, args, stderr):
+    pytest.importorskip("circus")
+    daemon = make_daemon(sleepers(n=1))
+    result = circusctl(daemon.endpoint, *args)
+    assert (result.returncode, result.stdout, result.stderr) == (3, "", stderr)
+
+
+def test_circusctl_json_output_has_circus_keys(make_daemon):
     pytest.importorskip("circus")
     daemon = make_daemon(sleepers(n=2))
+    result = circusctl(daemon.endpoint, "--json", "status")
+    reply = json.loads(result.stdout)
+    assert result.returncode == 0 and set(reply) == {"status", "statuses", "time", "id"}
+    result = circusctl(daemon.endpoint, "--json", "list", "web")
+    assert set(json.loads(result.stdout)) == {"status", "pids", "time", "id"}
 
-    def circusctl(*args):
-        return subprocess.run([PY, "-m", "circus.circusctl", "--endpoint", daemon.endpoint,
-                               "--timeout", str(int(DEADLINE)), *args],
-                              check=False, capture_output=True, text=True, timeout=60)
-    result = circusctl("status")
-    assert result.returncode == 0 and "web: active" in result.stdout
-    result = circusctl("numprocesses", "web")
-    assert result.returncode == 0 and result.stdout.strip() == "2"
-    result = circusctl("incr", "web")
-    assert result.returncode == 0 and result.stdout.strip() == "3"
+
+def test_circusctl_listen_shows_the_events_of_a_kill_9(make_daemon, tmp_path):
+    pytest.importorskip("circus")
+    pub = f"ipc://{tmp_path}/pub.sock"
+    daemon = make_daemon(sleepers(n=1), pubsub_endpoint=pub)
+    listener = subprocess.Popen([PY, "-u", "-m", "circus.circusctl", "--endpoint", pub,
+                                 "listen"], stdout=subprocess.PIPE, text=True)
+    lines = []
+    try:
+        os.set_blocking(listener.stdout.fileno(), False)
+
+        def heard(topic):
+            daemon.client.call("set", name="web", options={"priority": 0})
+            lines.extend(listener.stdout.readlines())
+            return topic in listen_topics(lines)
+        wait_for(lambda: heard("watcher.web.updated"), what="circusctl listen to connect")
+        (pid,) = daemon.client.call("list", name="web")["pids"]
+        os.kill(pid, signal.SIGKILL)
+        wait_for(lambda: heard("watcher.web.spawn"), what="reap and spawn events")
+    finally:
+        listener.kill()
+        listener.wait()
+        listener.stdout.close()
+    topics = [t for t in listen_topics(lines) if not t.endswith("updated")]
+    assert topics == ["watcher.web.reap", "watcher.web.spawn"]
+    assert f'"process_pid": {pid}, "exit_code": -9' in lines[-2]
+
+
+def listen_topics(lines):
+    # circusctl 0.19 prints bytes reprs: b'watcher.web.reap': b'{...}'
+    return [re.match(r"b?'?([\w.]+)", line).group(1) for line in lines]
+
+
+def test_circus_client_waiting_variants_return_circus_keys(make_daemon):
+    client_module = pytest.importorskip("circus.client")
+    daemon = make_daemon(sleepers(n=1))
+    context = zmq.Context()
+    client = client_module.CircusClient(context, daemon.endpoint, timeout=DEADLINE)
+    try:
+        def call(command, **props):
+            return client.call({"command": command, "properties": props})
+        assert set(call("start", name="web", waiting=True)["info"]) == {"started", "kept"}
+        assert set(call("restart", name="web", waiting=True)["info"]) == {
+            "stopped", "started", "kept"}
+        assert set(call("reload", name="web", waiting=True)["info"]) == {
+            "stopped", "started", "kept"}
+        assert call("incr", name="web", waiting=True)["numprocesses"] == 2
+        assert call("stop", name="web", waiting=True)["info"] is None
+        reply = call("add", name="more", cmd=PY, args=["-c", SLEEP], start=True, waiting=True)
+        assert set(reply) >= {"started", "kept"} and len(reply["started"]) == 1
+    finally:
+        client.stop()
+        context.term()
