@@ -1613,7 +1613,8 @@ def test_circusctl_listen_shows_the_events_of_a_kill_9(make_daemon, tmp_path):
         listener.stdout.close()
     topics = [t for t in listen_topics(lines) if not t.endswith("updated")]
     assert topics == ["watcher.web.reap", "watcher.web.spawn"]
-    assert f'"process_pid": {pid}, "exit_code": -9' in lines[-2]
+    reap = next(line for line in lines if "watcher.web.reap" in line)
+    assert f'"process_pid": {pid}, "exit_code": -9' in reap
 
 
 def listen_topics(lines):
