@@ -1321,6 +1321,8 @@ class Arbiter:
         #: Called with (topic, payload) for each event; the Daemon sends
         #: them to the controller's PUB socket.
         self.on_event: Callable[[str, dict[str, Any]], None] | None = None
+        #: The endpoints as bound (ports chosen), for ``globaloptions``.
+        self.bound_endpoints: dict[str, str | None] = {}
         self.done = False
         self.failed = False
         self._unwatched = 0  # children without a pidfd: polled instead
@@ -1600,6 +1602,11 @@ class Arbiter:
                 self._update_watcher(watcher, old.get(name), config, now)
         for key in ("check_delay", "warmup_delay"):
             setattr(self.config, key, getattr(new, key))
+        for key in ("pubsub_endpoint", "multicast_endpoint", "endpoint_owner",
+                    "loglevel", "logoutput"):
+            if getattr(new, key) != getattr(self.config, key):
+                logger.warning("reloadconfig: [circus] %s changed; it takes "
+                               "effect when the daemon restarts", key)
         self.config.watchers, self.config.source = new.watchers, new.source
         return touched
 
@@ -1998,7 +2005,7 @@ def handle_listsockets(arbiter: Arbiter, properties: dict[str, Any]) -> dict[str
 
 
 def handle_globaloptions(arbiter: Arbiter, properties: dict[str, Any]) -> dict[str, Any]:
-    options = arbiter.config.global_options()
+    options = {**arbiter.config.global_options(), **arbiter.bound_endpoints}
     wanted = properties.get("option")
     if wanted is not None and wanted not in options:
         raise MessageError(f"{wanted!r} not an existing option")
@@ -2378,8 +2385,9 @@ class Daemon:
         # What the controller really bound (an ephemeral port, say) is what
         # globaloptions reports; the worker does not run yet, so no race.
         self.endpoint = self.controller.endpoint
-        for key in ("endpoint", "pubsub_endpoint", "multicast_endpoint"):
-            setattr(self.arbiter.config, key, getattr(self.controller, key))
+        self.arbiter.bound_endpoints = {
+            key: getattr(self.controller, key)
+            for key in ("endpoint", "pubsub_endpoint", "multicast_endpoint")}
         self.arbiter.on_event = self.controller.publish
 
     def _thread(self, target: Callable[[], None], role: str) -> threading.Thread:
