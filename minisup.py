@@ -65,7 +65,9 @@ import logging
 import os
 import pwd
 import queue
+import random
 import re
+import resource
 import selectors
 import shlex
 import signal
@@ -434,6 +436,30 @@ USER = Kind(_uid, _uid)
 GROUP = Kind(_gid, _gid)
 OCTAL = Kind(_text_octal, _json_int(0))
 
+
+def _json_rlimit(value: Any) -> int | None:
+    return None if value is None else _json_int(0)(value)
+
+
+def _json_codes(value: Any) -> list[int]:
+    if not isinstance(value, list) or not all(_is_int(v) and 0 <= v < 256 for v in value):
+        raise ValueError("must be a list of exit codes 0-255")
+    return value
+
+
+def _choice(*words: str) -> Kind:
+    def check(value: Any) -> str:
+        if not isinstance(value, str) or value.strip().lower() not in words:
+            raise ValueError(f"use one of {', '.join(words)}")
+        return value.strip().lower()
+    return Kind(check, check)
+
+
+RLIMIT = Kind(lambda text: _json_rlimit(int(text)) if text.strip() else None, _json_rlimit)
+CODES = Kind(lambda text: _json_codes([int(c) for c in re.split(r"[\s,]+", text.strip()) if c]),
+             _json_codes)
+LIST = Kind(shlex.split, lambda value: _json_args(value))
+
 #: Watcher options minisup understands: name -> kind.  Defaults live on
 #: WatcherConfig.  ``add`` and the INI reader both go through this table.
 WATCHER_OPTIONS: dict[str, Kind] = {
@@ -443,18 +469,42 @@ WATCHER_OPTIONS: dict[str, Kind] = {
     "warmup_delay": SECONDS, "priority": INT, "singleton": BOOL,
     "max_retry": RETRIES, "retry_in": SECONDS, "send_hup": BOOL,
     "stop_children": BOOL, "use_sockets": BOOL, "uid": USER, "gid": GROUP,
+    "umask": OCTAL, "shell_args": LIST, "executable": STR, "copy_path": BOOL,
+    "close_child_stdin": BOOL, "close_child_stdout": BOOL,
+    "close_child_stderr": BOOL, "stdin_socket": STR, "max_age": SECONDS,
+    "max_age_variance": SECONDS, "restart": _choice("always", "on-failure", "never"),
+    "exit_codes": CODES, "min_uptime": SECONDS, "backoff_delay": SECONDS,
+    "backoff_factor": SECONDS, "backoff_max": SECONDS, "backoff_jitter": SECONDS,
+    "flapping_attempts": COUNT, "flapping_window": SECONDS,
+    "flapping_retry_in": SECONDS, "flapping_max_retry": RETRIES,
 }
 #: Options whose change needs new processes (``set`` reloads gracefully).
 RELOAD_OPTIONS = {"cmd", "args", "env", "working_dir", "shell", "copy_env",
-                  "use_sockets", "uid", "gid"}
+                  "use_sockets", "uid", "gid", "umask", "shell_args", "executable",
+                  "copy_path", "rlimits", "close_child_stdin", "close_child_stdout",
+                  "close_child_stderr", "stdin_socket"}
 
 #: Circus options minisup does not implement yet: refused, never ignored.
-NOT_YET_OPTIONS = {
-    "hooks", "stdout_stream", "stderr_stream", "max_age", "max_age_variance",
-    "close_child_stdin", "close_child_stdout", "close_child_stderr", "umask",
-    "copy_path", "shell_args", "executable", "stdin_socket",
-}
-NOT_YET_PREFIXES = ("stdout_stream.", "stderr_stream.", "rlimit_", "hooks.")
+NOT_YET_OPTIONS = {"hooks", "stdout_stream", "stderr_stream"}
+NOT_YET_PREFIXES = ("stdout_stream.", "stderr_stream.", "hooks.")
+
+
+def watcher_kind(key: str) -> Kind | None:
+    """The kind of watcher option ``key``; ``rlimit_NAME`` for any limit
+    the ``resource`` module knows."""
+    if key.startswith("rlimit_"):
+        return RLIMIT if hasattr(resource, "RLIMIT_" + key[7:].upper()) else None
+    return WATCHER_OPTIONS.get(key)
+
+
+def gather_rlimits(values: dict[str, Any], rlimits: dict[str, int | None]
+                   ) -> dict[str, Any]:
+    """Move ``rlimit_NAME`` entries of ``values`` into a ``rlimits`` dict
+    (on top of ``rlimits``), the form WatcherConfig keeps."""
+    limits = dict(rlimits)
+    for key in [k for k in values if k.startswith("rlimit_")]:
+        limits[key[7:].lower()] = values.pop(key)
+    return dict(values, rlimits=limits) if limits != rlimits else values
 
 #: ``[circus]`` options: name -> kind.
 GLOBAL_OPTIONS: dict[str, Kind] = {
@@ -497,15 +547,45 @@ class WatcherConfig:
     use_sockets: bool = False
     uid: int | None = None
     gid: int | None = None
+    umask: int | None = None
+    shell_args: list[str] = dataclasses.field(default_factory=list)
+    executable: str | None = None
+    copy_path: bool = False
+    rlimits: dict[str, int | None] = dataclasses.field(default_factory=dict)
+    close_child_stdin: bool = True
+    close_child_stdout: bool = False
+    close_child_stderr: bool = False
+    stdin_socket: str | None = None
+    max_age: float = 0.0
+    max_age_variance: float = 30.0
+    # Restart policy (minisup's own): which exits are replaced, and how a
+    # crash loop backs off or, past flapping_attempts, pauses and gives up.
+    restart: str = "always"
+    exit_codes: list[int] = dataclasses.field(default_factory=lambda: [0])
+    min_uptime: float = 1.0
+    backoff_delay: float = 0.1
+    backoff_factor: float = 2.0
+    backoff_max: float = 5.0
+    backoff_jitter: float = 0.1
+    flapping_attempts: int = 0
+    flapping_window: float = 1.0
+    flapping_retry_in: float = 7.0
+    flapping_max_retry: int = 5
 
     def __post_init__(self) -> None:
         self.name = self.name.lower()
         if self.singleton:
             self.numprocesses = min(self.numprocesses, 1)
+        if not self.respawn:  # Circus's respawn = false is restart = never
+            self.restart = "never"
 
     def options(self) -> dict[str, Any]:
-        """Every option as JSON-ready values (what ``options`` replies)."""
-        return {k: v for k, v in dataclasses.asdict(self).items() if k != "name"}
+        """Every option as JSON-ready values (what ``options`` replies);
+        limits appear as ``rlimit_NAME``."""
+        options = {k: v for k, v in dataclasses.asdict(self).items()
+                   if k not in ("name", "rlimits")}
+        options.update((f"rlimit_{k}", v) for k, v in self.rlimits.items())
+        return options
 
 
 @dataclasses.dataclass
@@ -600,7 +680,7 @@ def _read_options(config: Config, section: configparser.SectionProxy,
     values: dict[str, Any] = {}
     for option, text in section.items():
         key = option.lower()
-        kind = table.get(key)
+        kind = watcher_kind(key) if table is WATCHER_OPTIONS else table.get(key)
         if kind is None or kind is ENV:
             config.warnings.append(f"{config.source}: [{section.name}]: unknown "
                                    f"or unsupported option {option!r}, ignored")
@@ -654,6 +734,9 @@ SOCKET_REFERENCE = re.compile(r"\$\(circus\.sockets\.([\w-]+)\)", re.IGNORECASE)
 def _check_socket_names(config: Config) -> None:
     names = {s.name for s in config.sockets}
     for watcher in config.watchers:
+        if watcher.stdin_socket and watcher.stdin_socket.lower() not in names:
+            raise ConfigError(f"no [socket:{watcher.stdin_socket}] section", config.source,
+                              f"watcher:{watcher.name}", "stdin_socket", watcher.stdin_socket)
         for text in [watcher.cmd, *watcher.args]:
             for name in SOCKET_REFERENCE.findall(text):
                 if name.lower() not in names:
@@ -677,7 +760,7 @@ def _read_watcher(config: Config, section: configparser.SectionProxy,
     name = section.name[len("watcher:"):].strip()
     if not name:
         raise ConfigError("a watcher needs a name", config.source, section.name)
-    values = _read_options(config, section, WATCHER_OPTIONS)
+    values = gather_rlimits(_read_options(config, section, WATCHER_OPTIONS), {})
     if not values.get("cmd"):
         raise ConfigError("cmd is required", config.source, section.name, "cmd", "")
     env: dict[str, str] = {}
@@ -705,11 +788,11 @@ def watcher_config_from_json(name: Any, cmd: Any, args: Any,
         values["args"] = _check_json_option("args", args)
     if not values["cmd"]:
         raise MessageError("'cmd' must not be empty")
-    return WatcherConfig(name=name, **values)
+    return WatcherConfig(name=name, **gather_rlimits(values, {}))
 
 
 def _check_json_option(key: str, value: Any) -> Any:
-    kind = WATCHER_OPTIONS.get(key)
+    kind = watcher_kind(key)
     if kind is None:
         if key in NOT_YET_OPTIONS or key.startswith(NOT_YET_PREFIXES):
             raise MessageError(f"option {key!r} is not supported by minisup yet")
@@ -753,16 +836,20 @@ def child_env(config: WatcherConfig, values: dict[str, str]) -> dict[str, str]:
     base = dict(env)
     for name, value in config.env.items():
         env[name] = substitute(value, values, base)
+    if config.copy_path:  # Circus: the daemon's sys.path as PYTHONPATH
+        env["PYTHONPATH"] = os.pathsep.join(p for p in sys.path if p)
     return env
 
 
 def child_argv(config: WatcherConfig, values: dict[str, str],
-               env: dict[str, str]) -> list[str] | str:
-    """The command line of one child: a list, or one string under a shell."""
+               env: dict[str, str]) -> list[str]:
+    """The command line of one child.  Under a shell, the first item is
+    the script and ``shell_args`` become its ``$0 $1 ...``."""
     cmd = substitute(config.cmd, values, env)
     args = [substitute(a, values, env) for a in config.args]
     if config.shell:
-        return " ".join([cmd, *map(shlex.quote, args)])
+        script = " ".join([cmd, *map(shlex.quote, args)])
+        return [script, *(substitute(a, values, env) for a in config.shell_args)]
     return shlex.split(cmd) + args
 
 
@@ -794,11 +881,13 @@ class Process:
     SIGKILL was.  The process is reaped only by ``poll`` (one pid at a time).
     """
 
-    def __init__(self, popen: subprocess.Popen, wid: int, started: float) -> None:
+    def __init__(self, popen: subprocess.Popen, wid: int, started: float,
+                 expires: float | None = None) -> None:
         self.popen = popen
         self.pid = popen.pid
         self.wid = wid
         self.started = started
+        self.expires = expires  # max_age: when to replace it
         self.started_at = time.time()  # wall clock, for stats and status
         self.stop_deadline: float | None = None
         self.killed = False
@@ -866,12 +955,42 @@ def spawn_process(config: WatcherConfig, wid: int, now: float,
     sockets = sockets or {}
     values = spawn_values(wid, sockets)
     env = child_env(config, values)
+    quiet = {True: subprocess.DEVNULL, False: None}
+    stdin = sockets[config.stdin_socket.lower()].fileno() if config.stdin_socket else None
     popen = subprocess.Popen(
         child_argv(config, values, env), shell=config.shell, env=env,
-        cwd=config.working_dir or None, stdin=subprocess.DEVNULL,
-        close_fds=True, pass_fds=inherited_fds(config, sockets),
-        process_group=0, **user_options(config))
-    return Process(popen, wid, now)
+        executable=config.executable, cwd=config.working_dir or None,
+        stdin=stdin or quiet[config.close_child_stdin],
+        stdout=quiet[config.close_child_stdout], stderr=quiet[config.close_child_stderr],
+        close_fds=True, pass_fds=inherited_fds(config, sockets), process_group=0,
+        umask=-1 if config.umask is None else config.umask, **user_options(config))
+    try:
+        apply_rlimits(popen.pid, config.rlimits)
+    except OSError:
+        popen.kill()  # never leave a child running without its limits
+        popen.wait()
+        raise
+    return Process(popen, wid, now, _expiry(config, now))
+
+
+def apply_rlimits(pid: int, rlimits: dict[str, int | None]) -> None:
+    """Set ``rlimit_NAME`` limits (None: unlimited) on a just-spawned child.
+
+    Applied right after the spawn, not between fork and exec (that would
+    need a preexec hook): the first instructions of the program run
+    under the daemon's limits.  Raise OSError if a limit is refused.
+    """
+    for name, value in rlimits.items():
+        limit = resource.RLIM_INFINITY if value is None else value
+        resource.prlimit(pid, getattr(resource, "RLIMIT_" + name.upper()), (limit, limit))
+
+
+def _expiry(config: WatcherConfig, now: float) -> float | None:
+    # max_age plus a random share of max_age_variance, so that processes
+    # started together are not all replaced together.
+    if not config.max_age:
+        return None
+    return now + config.max_age + random.uniform(0, config.max_age_variance)
 
 
 def bind_socket(config: SocketConfig) -> socket.socket:
@@ -1907,8 +2026,8 @@ def handle_get(arbiter: Arbiter, properties: dict[str, Any]) -> dict[str, Any]:
 
 def handle_set(arbiter: Arbiter, properties: dict[str, Any]) -> dict[str, Any] | Pending:
     watcher = arbiter.get_watcher(properties["name"])
-    values = {key: _check_json_option(key, value)
-              for key, value in properties["options"].items()}
+    values = gather_rlimits({key: _check_json_option(key, value) for key, value
+                             in properties["options"].items()}, watcher.config.rlimits)
     count = values.pop("numprocesses", None)
     config = dataclasses.replace(watcher.config, **values)
     if config.singleton and (count or 0) > 1:

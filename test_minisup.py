@@ -318,7 +318,9 @@ def test_substitutions_in_cmd_args_and_env(monkeypatch):
         "prog", "--id", "3", "803", "$(circus.nope)"]
     shell = minisup.WatcherConfig(name="s", cmd="echo $(circus.WID) $(circus.sockets.web)",
                                   args=["a b"], shell=True)
-    assert minisup.child_argv(shell, {"wid": "2", "sockets.web": "7"}, {}) == "echo 2 7 'a b'"
+    assert minisup.child_argv(shell, {"wid": "2", "sockets.web": "7"}, {}) == ["echo 2 7 'a b'"]
+    shell.shell_args = ["zero", "$(circus.wid)"]
+    assert minisup.child_argv(shell, {"wid": "2"}, {})[1:] == ["zero", "2"]
 
 
 def test_copy_env_copies_the_daemon_environment(monkeypatch):
@@ -340,7 +342,10 @@ def test_copy_env_copies_the_daemon_environment(monkeypatch):
     ({"uid": "no-such-user-here"}, "'uid' no such user"),
     ({"gid": 1.5}, "'gid' isn't an integer or string"),
     ({"hooks": {}}, "option 'hooks' is not supported by minisup yet"),
-    ({"rlimit_nofile": 1}, "option 'rlimit_nofile' is not supported"),
+    ({"rlimit_nofile": "1"}, "'rlimit_nofile' isn't an integer"),
+    ({"rlimit_nope": 1}, "unknown key 'rlimit_nope'"),
+    ({"restart": "sometimes"}, "'restart' use one of always, on-failure, never"),
+    ({"exit_codes": [0, 300]}, "'exit_codes' must be a list of exit codes 0-255"),
 ])
 def test_add_options_are_checked_strictly(options, reason):
     with pytest.raises(minisup.MessageError, match=reason) as info:
