@@ -55,6 +55,7 @@ __version__ = "0.1.0"
 import argparse
 import configparser
 import contextlib
+import ctypes
 import dataclasses
 import fnmatch
 import functools
@@ -93,6 +94,8 @@ logger = logging.getLogger("minisup")
 
 #: pidfd_open (Linux 5.3+) lets the worker's selector see a child's death.
 HAS_PIDFD = hasattr(os, "pidfd_open")
+#: prctl option (linux/prctl.h): orphans re-parent to us, not to PID 1.
+PR_SET_CHILD_SUBREAPER = 36
 
 
 # ============================================================== Errors ======
@@ -297,6 +300,14 @@ def prepare_ipc_endpoint(endpoint: str) -> str | None:
         raise ConfigError("another daemon is already listening there",
                           option="endpoint", value=endpoint)
     return path
+
+
+def set_child_subreaper() -> None:
+    """Make orphaned descendants re-parent to this process (Linux 3.4+),
+    as they would to PID 1; raise OSError if the kernel refuses."""
+    libc = ctypes.CDLL(None, use_errno=True)
+    if libc.prctl(PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0) != 0:
+        raise OSError(ctypes.get_errno(), "prctl(PR_SET_CHILD_SUBREAPER) failed")
 
 
 def _socket_answers(path: str) -> bool:
@@ -510,7 +521,7 @@ def gather_rlimits(values: dict[str, Any], rlimits: dict[str, int | None]
 GLOBAL_OPTIONS: dict[str, Kind] = {
     "endpoint": STR, "check_delay": SECONDS, "warmup_delay": SECONDS,
     "loglevel": STR, "logoutput": STR, "pubsub_endpoint": STR,
-    "multicast_endpoint": STR, "endpoint_owner": USER,
+    "multicast_endpoint": STR, "endpoint_owner": USER, "guardian": BOOL,
 }
 
 #: ``[socket:NAME]`` options: name -> kind.
@@ -614,6 +625,7 @@ class Config:
     pubsub_endpoint: str | None = None
     multicast_endpoint: str | None = None
     endpoint_owner: int | None = None
+    guardian: bool = True  # children die with the daemon, even by SIGKILL
     check_delay: float = 5.0
     warmup_delay: float = 0.0
     loglevel: str = "info"
@@ -927,10 +939,16 @@ class Process:
         self.stop_deadline = deadline
         self.send_signal(signum, group)
 
-    def kill(self) -> None:
-        """SIGKILL the child's whole process group, so no helper lingers."""
+    def kill(self, descendants: Iterable[int] = ()) -> None:
+        """SIGKILL the child's whole process group and ``descendants``
+        (which may have left the group), so no helper lingers."""
         self.killed = True
         self.send_signal(signal.SIGKILL, group=True)
+        for pid in descendants:
+            # Read from /proc a moment ago; a pid reused since then would
+            # be hit too, a risk every /proc-walking supervisor takes.
+            with contextlib.suppress(OSError):
+                os.kill(pid, signal.SIGKILL)
 
     def poll(self) -> int | None:
         """Reap the child if it exited; its exit code, -signum if killed."""
@@ -1109,11 +1127,8 @@ def process_stats(pid: int, children: dict[int, list[int]] | None = None
 # ============================================================= Watcher ======
 
 STOPPED, STARTING, ACTIVE, STOPPING = "stopped", "starting", "active", "stopping"
-
-#: A child that dies younger than this counts towards a crash loop.
-MIN_UPTIME = 1.0
-#: First retry of a crash loop is at once; then this doubles up to the cap.
-BACKOFF_FIRST, BACKOFF_CAP = 0.1, 5.0
+#: Paused after flapping_attempts restarts within flapping_window.
+FLAPPING = "flapping"
 
 
 class Watcher:
@@ -1142,7 +1157,11 @@ class Watcher:
         self._next_spawn = 0.0
         self._restart_pending = False
         self._replace: list[int] = []  # pids a sequential reload still replaces
-        self._crashes = 0
+        self._finished = 0  # slots whose process is done and not replaced
+        self._crashes = 0  # consecutive deaths younger than min_uptime
+        self._deaths: list[float] = []  # restart times within flapping_window
+        self._flaps = 0  # flapping pauses since the last start
+        self._resume_at = 0.0
 
     # -- state -------------------------------------------------------------
 
@@ -1161,8 +1180,19 @@ class Watcher:
     @property
     def settled(self) -> bool:
         """True when no start, stop, restart or reload is in progress."""
-        return (self.state in (ACTIVE, STOPPED) and not self._restart_pending
+        return (self.state in (ACTIVE, STOPPED, FLAPPING) and not self._restart_pending
                 and not self._replace)
+
+    @property
+    def target(self) -> int:
+        """How many children to keep running now."""
+        return max(0, self.numprocesses - self._finished)
+
+    def status(self, now: float) -> str:
+        """The state, or ``backoff`` while a crash loop delays a respawn."""
+        if self.state in (STARTING, ACTIVE) and self._crashes > 1 and now < self._next_spawn:
+            return "backoff"
+        return self.state
 
     def options(self) -> dict[str, Any]:
         """Every option, with the current number of processes."""
@@ -1183,8 +1213,9 @@ class Watcher:
         if self.state == STOPPING:
             self._restart_pending = True
             return
-        if self.state == STOPPED:
+        if self.state in (STOPPED, FLAPPING):
             self.retries, self.last_error, self._crashes = 0, None, 0
+            self._finished, self._deaths, self._flaps = 0, [], 0
             self._next_spawn = not_before
             self._set_state(STARTING)
 
@@ -1215,8 +1246,9 @@ class Watcher:
             for process in self.running():
                 process.send_signal(signal.SIGHUP)
         elif sequential:
-            self._replace = self.pids()
+            self._replace, self._finished = self.pids(), 0
         else:
+            self._finished = 0
             self._next_spawn = now
             for process in self.running():
                 self._stop_process(process, now)
@@ -1258,7 +1290,7 @@ class Watcher:
     # -- per tick -------------------------------------------------------------
 
     def reap(self, process: Process, code: int, now: float) -> None:
-        """Forget a child that exited and note whether it died young."""
+        """Forget a child that exited; apply the restart policy to it."""
         self.processes.pop(process.pid, None)
         self.last_exit = code
         self.emit("reap", process_pid=process.pid, exit_code=code)
@@ -1270,43 +1302,84 @@ class Watcher:
                     now - process.started)
         if self.state not in (STARTING, ACTIVE):
             return
+        policy = self.config.restart
+        if policy == "never" or policy == "on-failure" and code in self.config.exit_codes:
+            self._finished += 1  # done: its slot is not refilled
+            return
         self.restarts += 1
-        self._crashes = self._crashes + 1 if now - process.started < MIN_UPTIME else 0
-        if self._crashes > 1:
-            delay = min(BACKOFF_FIRST * 2 ** (self._crashes - 2), BACKOFF_CAP)
-            self._next_spawn = max(self._next_spawn, now + delay)
-            logger.info("%s: crash loop, next spawn in %.1fs", self.name, delay)
+        self._note_crash(now, now - process.started)
 
-    def manage(self, now: float) -> list[Process]:
-        """Move toward the wanted state; return the children it spawned."""
-        self._escalate(now)
+    def _note_crash(self, now: float, uptime: float) -> None:
+        config = self.config
+        self._crashes = self._crashes + 1 if uptime < config.min_uptime else 0
+        if config.flapping_attempts:
+            self._deaths = [t for t in self._deaths if now - t < config.flapping_window]
+            self._deaths.append(now)
+            if len(self._deaths) >= config.flapping_attempts:
+                self._flap(now)
+                return
+        if self._crashes > 1:  # the first quick death is replaced at once
+            delay = min(config.backoff_delay * config.backoff_factor ** (self._crashes - 2),
+                        config.backoff_max)
+            delay *= 1 + random.uniform(-config.backoff_jitter, config.backoff_jitter)
+            self._next_spawn = max(self._next_spawn, now + delay)
+            logger.info("%s: crash loop, next spawn in %.2fs", self.name, delay)
+
+    def _flap(self, now: float) -> None:
+        config = self.config
+        self._flaps, self._deaths = self._flaps + 1, []
+        if 0 <= config.flapping_max_retry < self._flaps:
+            self.last_error = (f"flapping: {config.flapping_attempts} restarts within "
+                               f"{config.flapping_window:g}s, {self._flaps} times")
+            logger.error("%s: giving up: %s", self.name, self.last_error)
+            self.stop(now)
+            return
+        logger.warning("%s: flapping, pausing %gs", self.name, config.flapping_retry_in)
+        for process in self.running():
+            self._stop_process(process, now)
+        self._resume_at = now + config.flapping_retry_in
+        self._set_state(FLAPPING)
+
+    def manage(self, now: float, tree: Callable[[], dict[int, list[int]]] | None = None
+               ) -> list[Process]:
+        """Move toward the wanted state; return the children it spawned.
+        ``tree`` (a cached ``children_map``) lets SIGKILL reach descendants."""
+        self._escalate(now, tree)
         if self.state == STOPPING and not self.processes:
             self._set_state(STOPPED)
             if self._restart_pending:
                 self._restart_pending = False
                 self.start(now)
+        if self.state == FLAPPING and now >= self._resume_at:
+            self._set_state(STARTING)
         if self.state not in (STARTING, ACTIVE):
             return []
         running = self.running()
-        for process in running[:max(0, len(running) - self.numprocesses)]:
+        for process in running[:max(0, len(running) - self.target)]:
             self._stop_process(process, now)
+        for process in self.running():
+            if process.expires is not None and now >= process.expires:
+                logger.info("%s: pid %d reached max_age", self.name, process.pid)
+                self._stop_process(process, now)
         self._replace_next(now)
-        spawned = self._fill(now) if self.state == STARTING or self.config.respawn else []
-        if self.state == STARTING and len(self.running()) >= self.numprocesses:
+        spawned = self._fill(now)
+        if self.state == STARTING and len(self.running()) >= self.target:
             self._set_state(ACTIVE)
-        elif self.state == ACTIVE and not self.processes and not self.config.respawn:
-            self._set_state(STOPPED)
+        elif self.state == ACTIVE and self._finished and not self.processes and not self.target:
+            self._set_state(STOPPED)  # every process is done
         return spawned
 
     def next_deadline(self) -> float | None:
         """When ``manage`` next has something to do on its own, if ever."""
         deadlines = [p.stop_deadline for p in self.processes.values()
                      if p.stopping and not p.killed]
-        wants = self.state in (STARTING, ACTIVE) and (
-            self.state == STARTING or self.config.respawn)
+        deadlines += [p.expires for p in self.running() if p.expires is not None]
         replacing = self._replace and not any(p.stopping for p in self.processes.values())
-        if wants and len(self.running()) < self.numprocesses or replacing:
+        if (self.state in (STARTING, ACTIVE) and len(self.running()) < self.target
+                or replacing):
             deadlines.append(self._next_spawn)
+        if self.state == FLAPPING:
+            deadlines.append(self._resume_at)
         return min(deadlines) if deadlines else None
 
     def _replace_next(self, now: float) -> None:
@@ -1321,7 +1394,7 @@ class Watcher:
 
     def _fill(self, now: float) -> list[Process]:
         spawned: list[Process] = []
-        missing = self.numprocesses - len(self.running())
+        missing = self.target - len(self.running())
         while len(spawned) < missing and now >= self._next_spawn:
             process = self._spawn_one(now)
             if process is None:
@@ -1372,12 +1445,13 @@ class Watcher:
         if timeout == 0:
             process.kill()
 
-    def _escalate(self, now: float) -> None:
+    def _escalate(self, now: float,
+                  tree: Callable[[], dict[int, list[int]]] | None) -> None:
         for process in self.processes.values():
             if process.stopping and not process.killed and now >= process.stop_deadline:
-                logger.warning("%s: pid %d outlived its grace period, SIGKILL",
-                               self.name, process.pid)
-                process.kill()
+                logger.warning("%s: pid %d outlived its grace period, SIGKILL to it, "
+                               "its group and its descendants", self.name, process.pid)
+                process.kill(descendants(process.pid, tree()) if tree else ())
 
 
 def _signal_name(signum: int) -> str:
@@ -1453,6 +1527,12 @@ class Arbiter:
         self._waiting: list[tuple[Job, Pending]] = []
         self._retiring: list[Watcher] = []  # removed by rm, children not gone
         self._quit_stages: list[list[Watcher]] | None = None
+        #: Subreaper mode (the CLI): orphans re-parent to us; we reap them.
+        self.subreaper = False
+        self._orphans_died = False
+        self._strays: dict[int, Watcher | None] = {}  # live adopted orphans
+        self._doomed: set[int] = set()  # orphans killed, not yet reaped
+        self._guardian: subprocess.Popen | None = None
         for watcher_config in config.watchers:
             self.add_watcher(watcher_config)
 
@@ -1490,6 +1570,15 @@ class Arbiter:
                 self._reap(*key.data)
         if not events or self._unwatched:
             self._sweep()
+        if self.subreaper and (self._orphans_died or not events or self._doomed):
+            self._orphans_died = False
+            self._adopt_orphans()
+
+    def notice_child_exit(self) -> None:
+        """SIGCHLD arrived (subreaper mode): look for orphans to reap.
+        Safe in a signal handler: a flag and a wake-up."""
+        self._orphans_died = True
+        self._waker.wake()
 
     def tick(self) -> float | None:
         """Run queued jobs, manage watchers and answer finished waiters.
@@ -1508,27 +1597,94 @@ class Arbiter:
 
     @property
     def quit_finished(self) -> bool:
-        """True once a quit has stopped every child."""
-        return self._quit_stages == []
+        """True once a quit has stopped every child, orphans included."""
+        return self._quit_stages == [] and not self._strays and not self._doomed
 
     def manage_watchers(self, now: float) -> None:
         """Let each watcher spawn, signal and kill toward its wanted state."""
+        tree = functools.cache(children_map)  # read /proc once, if at all
         for watcher in [*self.watchers.values(), *self._retiring]:
-            for process in watcher.manage(now):
+            for process in watcher.manage(now, tree):
                 self._watch(watcher, process)
         self._retiring = [w for w in self._retiring
                           if w.processes or w.state != STOPPED]
         if self._quit_stages:
             self._advance_quit(now)
+        self._kill_strays()
 
     def close(self) -> None:
-        """Release the sockets, selector, pipe and pidfds; after ``run``."""
+        """Release the sockets, selector, pipe, pidfds and the guardian;
+        after ``run``.  Children still alive then die by the guardian."""
         for _, process in self._all_processes():
             process.close()
         for name in list(self.sockets):
             self._close_socket(name)
         self._selector.close()
         self._waker.close()
+        if self._guardian is not None:
+            self._guardian.stdin.close()  # EOF: it kills what is left, exits
+            self._guardian.wait()
+
+    # -- orphans and the guardian -------------------------------------------------
+
+    def start_guardian(self) -> None:
+        """Start the helper that kills every child's process group should
+        this process die without stopping them, even by SIGKILL.
+
+        It reads ``+PID``/``-PID`` lines (a child's group came, went) from a
+        pipe whose only writer is this process; the kernel closes that pipe
+        however we die, and on EOF the helper SIGKILLs the groups it holds.
+        No code runs in the children, so spawning keeps its fast path.
+        """
+        self._guardian = subprocess.Popen(
+            [sys.executable, "-S", "-c", GUARDIAN_CODE], stdin=subprocess.PIPE,
+            process_group=0, close_fds=True)
+
+    def _guard(self, sign: str, pid: int) -> None:
+        if self._guardian is None:
+            return
+        try:
+            self._guardian.stdin.write(f"{sign}{pid}\n".encode())
+            self._guardian.stdin.flush()
+        except OSError as exc:
+            logger.error("the guardian is gone (%s): children now outlive a crash", exc)
+            self._guardian.kill()
+            self._guardian.wait()
+            self._guardian = None
+
+    def _adopt_orphans(self) -> None:
+        # Subreaper mode: our unknown children are orphans that re-parented
+        # to us.  Reap the dead; note which watcher each live one belongs
+        # to, by its process group or session, when that is knowable.
+        known: dict[int, Watcher | None] = {p.pid: w for w, p in self._all_processes()}
+        if self._guardian is not None:
+            known[self._guardian.pid] = None
+        for pid in own_children() - known.keys():
+            try:
+                dead = os.waitpid(pid, os.WNOHANG)[0]
+            except ChildProcessError:
+                dead = pid
+            if dead:
+                self._strays.pop(pid, None)
+                self._doomed.discard(pid)
+                logger.info("reaped orphan pid %d", pid)
+            elif pid not in self._strays and pid not in self._doomed:
+                owner = _owner(pid, known)
+                self._strays[pid] = owner
+                logger.info("adopted orphan pid %d (of %s)", pid,
+                            owner.name if owner else "no known watcher")
+
+    def _kill_strays(self) -> None:
+        # Orphans die with their watcher, and all of them once a quit has
+        # stopped every watcher.  They are our children: no pid reuse.
+        for pid, owner in list(self._strays.items()):
+            if self._quit_stages == [] or owner is not None and (
+                    owner.state == STOPPED and not owner.processes):
+                logger.info("killing orphan pid %d", pid)
+                with contextlib.suppress(OSError):
+                    os.kill(pid, signal.SIGKILL)
+                del self._strays[pid]
+                self._doomed.add(pid)
 
     # -- sockets and events ----------------------------------------------------
 
@@ -1580,6 +1736,7 @@ class Arbiter:
                 yield watcher, process
 
     def _watch(self, watcher: Watcher, process: Process) -> None:
+        self._guard("+", process.pid)
         if process.pidfd is None:
             self._unwatched += 1
         else:
@@ -1587,9 +1744,18 @@ class Arbiter:
                                     (watcher, process))
 
     def _reap(self, watcher: Watcher, process: Process) -> None:
+        if not _has_exited(process.pid):
+            return
+        if process.stopping:
+            # What is left of a stopped child's group dies with it.  The
+            # unreaped zombie leader still holds the group id: no reuse.
+            process.send_signal(signal.SIGKILL, group=True)
+        if self.subreaper:
+            self._adopt_orphans()  # while the leader's pid still names them
         code = process.poll()
         if code is None:
-            return  # not exited after all; its pidfd will fire again
+            return  # reaped elsewhere meanwhile; the sweep will catch it
+        self._guard("-", process.pid)
         if process.pidfd is None:
             self._unwatched -= 1
         else:
@@ -1608,7 +1774,7 @@ class Arbiter:
             deadline = watcher.next_deadline()
             if deadline is not None:
                 timeout = min(timeout, max(0.0, deadline - now))
-        if self._unwatched:
+        if self._unwatched or self._doomed:
             timeout = min(timeout, FALLBACK_POLL)
         return timeout
 
@@ -1784,6 +1950,46 @@ class Arbiter:
                 watcher.stop(now)
 
 
+#: The guardian helper (see Arbiter.start_guardian), run as python -S -c.
+GUARDIAN_CODE = """
+import os, signal, sys
+groups = set()
+for line in sys.stdin.buffer:
+    (groups.add if line[:1] == b"+" else groups.discard)(int(line[1:]))
+for group in groups:
+    try:
+        os.killpg(group, signal.SIGKILL)
+    except OSError:
+        pass
+"""
+
+
+def own_children() -> set[int]:
+    """Pids whose parent is this process, from /proc (every thread's)."""
+    found: set[int] = set()
+    for task in os.listdir("/proc/self/task"):
+        with contextlib.suppress(OSError), open(f"/proc/self/task/{task}/children") as f:
+            found.update(map(int, f.read().split()))
+    return found
+
+
+def _has_exited(pid: int) -> bool:
+    # Peek (WNOWAIT) so the child stays a zombie, and its pid and group id
+    # stay reserved, until Popen reaps it.
+    try:
+        return os.waitid(os.P_PID, pid, os.WEXITED | os.WNOHANG | os.WNOWAIT) is not None
+    except ChildProcessError:
+        return True  # already reaped: Popen.poll will say so
+
+
+def _owner(pid: int, known: dict[int, Watcher | None]) -> Watcher | None:
+    try:
+        fields = read_stat(pid)
+    except (OSError, ValueError):
+        return None
+    return known.get(int(fields[2])) or known.get(int(fields[3]))  # pgrp, session
+
+
 def _socket_users(config: WatcherConfig) -> set[str]:
     """Names of the sockets a watcher's command refers to."""
     return {n.lower() for text in [config.cmd, *config.args]
@@ -1908,8 +2114,11 @@ def handle_list(arbiter: Arbiter, properties: dict[str, Any]) -> dict[str, Any]:
 
 def handle_status(arbiter: Arbiter, properties: dict[str, Any]) -> dict[str, Any]:
     if properties.get("name") is not None:
-        return {"status": arbiter.get_watcher(properties["name"]).state}
-    return {"statuses": {n: w.state for n, w in sorted(arbiter.watchers.items())}}
+        watcher = arbiter.get_watcher(properties["name"])
+        reply = {"status": watcher.status(arbiter.clock())}
+        return dict(reply, reason=watcher.last_error) if watcher.last_error else reply
+    now = arbiter.clock()
+    return {"statuses": {n: w.status(now) for n, w in sorted(arbiter.watchers.items())}}
 
 
 def handle_start(arbiter: Arbiter, properties: dict[str, Any]) -> dict[str, Any] | Pending:
@@ -2444,13 +2653,18 @@ class Daemon:
     ``client``; ``request_quit`` and ``request_reload`` are also safe in a
     signal handler.  A Daemon installs no signal handler (the CLI does) and
     makes its own zmq context, so several can live in one process.
+
+    ``subreaper`` (the CLI's choice) makes this process adopt and reap the
+    orphans its children leave: only for a process that is the daemon
+    alone, since it then reaps children it did not start.
     """
 
-    def __init__(self, config: Config, clock: Callable[[], float] = time.monotonic
-                 ) -> None:
+    def __init__(self, config: Config, clock: Callable[[], float] = time.monotonic,
+                 subreaper: bool = False) -> None:
         self.config = config
         self.endpoint = config.endpoint
         self.arbiter = Arbiter(config, clock)
+        self.arbiter.subreaper = subreaper
         self._started = self._stopped = False
         self._client: Client | None = None
 
@@ -2481,6 +2695,7 @@ class Daemon:
             if self.controller.error is not None:
                 raise self.controller.error
             self.arbiter.bind_sockets()
+            self._take_charge_of_children()
         except BaseException:
             self.controller.shutdown()
             self._controller_thread.join()
@@ -2499,6 +2714,12 @@ class Daemon:
             # others run and it shows as stopped with its reason.
             logger.error("not every watcher started: %s", exc)
         return self
+
+    def _take_charge_of_children(self) -> None:
+        if self.arbiter.subreaper:
+            set_child_subreaper()
+        if self.config.guardian:
+            self.arbiter.start_guardian()
 
     def _publish_endpoints(self) -> None:
         # What the controller really bound (an ephemeral port, say) is what
@@ -2925,6 +3146,7 @@ def install_signal_handlers(daemon: Daemon) -> None:
     for signum in (signal.SIGTERM, signal.SIGINT, signal.SIGQUIT):
         signal.signal(signum, on_quit)
     signal.signal(signal.SIGHUP, lambda signum, frame: daemon.request_reload())
+    signal.signal(signal.SIGCHLD, lambda signum, frame: daemon.arbiter.notice_child_exit())
 
 
 def run_daemon(args: argparse.Namespace) -> int:
@@ -2935,7 +3157,7 @@ def run_daemon(args: argparse.Namespace) -> int:
     except (ConfigError, OSError) as exc:
         print(f"minisup: {exc}", file=sys.stderr)
         return EXIT_USAGE
-    daemon = Daemon(config)
+    daemon = Daemon(config, subreaper=True)
     install_signal_handlers(daemon)  # first: a Ctrl-C during start is clean
     try:
         daemon.start()

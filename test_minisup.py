@@ -425,27 +425,51 @@ def test_stop_escalates_to_sigkill_only_after_graceful_timeout(make_arbiter, tmp
     assert watcher.last_exit == -signal.SIGKILL and not alive(pid)
 
 
-def test_crash_loop_respawns_at_once_then_backs_off(make_arbiter):
-    arbiter, clock = make_arbiter(f"[watcher:crash]\ncmd = {py_cmd('raise SystemExit(1)')}\n")
+def test_crash_loop_backs_off_exponentially_and_resets_after_min_uptime(make_arbiter):
+    arbiter, clock = make_arbiter(f"""
+        [watcher:crash]
+        cmd = {py_cmd('raise SystemExit(1)')}
+        backoff_delay = 0.2
+        backoff_factor = 3
+        backoff_max = 1
+        backoff_jitter = 0
+        """)
     watcher = arbiter.watchers["crash"]
     arbiter.start_watchers([watcher])
     arbiter.tick()
-    spawned = [watcher.pids()[0]]
-
-    def died_and_respawned():
-        arbiter.poll(0.01)
+    delays = []
+    for n in range(1, 5):
+        settle(arbiter, lambda n=n: watcher.restarts == n, f"death {n}")
+        timeout = arbiter.tick()
+        if watcher.pids():  # replaced at once
+            delays.append(0.0)
+            continue
+        assert watcher.status(clock()) == "backoff"
+        delays.append(round(timeout, 3))
+        clock.now += timeout
         arbiter.tick()
-        pids = watcher.pids()
-        return pids and pids[0] != spawned[-1] and pids[0]
-
-    # First death: replaced at once, no clock movement needed.
-    spawned.append(wait_for(died_and_respawned, what="first respawn"))
-    # Second quick death: replaced only after the first backoff step.
-    settle(arbiter, lambda: not watcher.pids(), "second death")
-    assert arbiter.tick() == pytest.approx(minisup.BACKOFF_FIRST)
-    clock.now += minisup.BACKOFF_FIRST
+        assert watcher.pids() and watcher.status(clock()) == "active"
+    assert delays == [0.0, 0.2, 0.6, 1.0]
+    # The fake clock ages the running child past min_uptime before it dies:
+    # the count starts again and the child is replaced at once.
+    clock.now += 5
+    settle(arbiter, lambda: watcher.restarts == 5, "death 5")
     arbiter.tick()
-    assert watcher.pids() and watcher.restarts == 2
+    assert watcher.pids() and watcher.status(clock()) == "active"
+
+
+def test_backoff_jitter_stays_within_its_fraction(make_arbiter):
+    arbiter, clock = make_arbiter(f"""
+        [watcher:crash]
+        cmd = {py_cmd('raise SystemExit(1)')}
+        backoff_delay = 1
+        backoff_jitter = 0.5
+        """)
+    watcher = arbiter.watchers["crash"]
+    arbiter.start_watchers([watcher])
+    arbiter.tick()
+    settle(arbiter, lambda: watcher.restarts == 2, "two quick deaths")
+    assert 0.5 <= arbiter.tick() <= 1.5
 
 
 def test_spawn_failures_stop_the_watcher_after_max_retry(make_arbiter, tmp_path):
