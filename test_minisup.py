@@ -11,7 +11,9 @@ import json
 import os
 import pwd
 import re
+import resource
 import shlex
+import shutil
 import signal
 import socket
 import subprocess
@@ -459,7 +461,7 @@ def test_crash_loop_backs_off_exponentially_and_resets_after_min_uptime(make_arb
 
 
 def test_backoff_jitter_stays_within_its_fraction(make_arbiter):
-    arbiter, clock = make_arbiter(f"""
+    arbiter, _ = make_arbiter(f"""
         [watcher:crash]
         cmd = {py_cmd('raise SystemExit(1)')}
         backoff_delay = 1
@@ -517,6 +519,85 @@ def test_wid_is_lowest_free_slot(make_arbiter):
     os.kill(by_wid[2], signal.SIGKILL)
     settle(arbiter, lambda: len(watcher.pids()) == 3 and by_wid[2] not in watcher.pids())
     assert sorted(p.wid for p in watcher.processes.values()) == [1, 2, 3]
+
+
+def test_restart_on_failure_replaces_only_failures(make_arbiter):
+    crash = "import os; raise SystemExit(int(os.environ['CODE']))"
+    arbiter, _ = make_arbiter("".join(f"""
+        [watcher:{name}]
+        cmd = {py_cmd(crash)}
+        numprocesses = 2
+        restart = on-failure
+        exit_codes = 0, 2
+        backoff_delay = 0
+        [env:{name}]
+        CODE = {code}
+        """ for name, code in (("done", 2), ("failing", 3))))
+    done, failing = arbiter.watchers["done"], arbiter.watchers["failing"]
+    arbiter.start_watchers([done, failing])
+    settle(arbiter, lambda: done.state == "stopped" and failing.restarts >= 4,
+           "the done watcher to finish and the failing one to be restarted")
+    assert done.restarts == 0 and done.last_exit == 2 and done.last_error is None
+
+
+def test_flapping_pauses_then_gives_up(make_arbiter):
+    arbiter, clock = make_arbiter(f"""
+        [watcher:flappy]
+        cmd = {py_cmd('raise SystemExit(1)')}
+        flapping_attempts = 3
+        flapping_window = 10
+        flapping_retry_in = 5
+        flapping_max_retry = 1
+        backoff_delay = 0
+        """)
+    watcher = arbiter.watchers["flappy"]
+    arbiter.start_watchers([watcher])
+    settle(arbiter, lambda: watcher.state == "flapping", "the first flapping pause")
+    assert watcher.restarts == 3 and arbiter.tick() == pytest.approx(5.0)
+    clock.now += 5
+    settle(arbiter, lambda: watcher.state == "stopped", "giving up after the second")
+    assert watcher.restarts == 6
+    assert watcher.last_error == "flapping: 3 restarts within 10s, 2 times"
+
+
+def test_a_manual_stop_is_never_undone_by_flapping(make_arbiter):
+    arbiter, clock = make_arbiter(f"""
+        [watcher:flappy]
+        cmd = {py_cmd('raise SystemExit(1)')}
+        flapping_attempts = 2
+        flapping_retry_in = 5
+        backoff_delay = 0
+        """)
+    watcher = arbiter.watchers["flappy"]
+    arbiter.start_watchers([watcher])
+    settle(arbiter, lambda: watcher.state == "flapping", "flapping")
+    watcher.stop(clock())
+    clock.now += 60
+    settle(arbiter, lambda: watcher.state == "stopped", "stopped")
+    arbiter.tick()
+    assert watcher.state == "stopped" and not watcher.processes
+
+
+def test_max_age_replaces_a_process_after_its_age(make_arbiter):
+    arbiter, clock = make_arbiter(f"""
+        [watcher:old]
+        cmd = {py_cmd(SLEEP)}
+        numprocesses = 2
+        max_age = 10
+        max_age_variance = 0
+        graceful_timeout = 0
+        """)
+    watcher = arbiter.watchers["old"]
+    arbiter.start_watchers([watcher])
+    arbiter.tick()
+    first = watcher.pids()
+    assert arbiter.tick() == pytest.approx(5.0)  # check_delay caps the wait
+    clock.now += 9.9
+    assert arbiter.tick() == pytest.approx(0.1) and watcher.pids() == first
+    clock.now += 0.1
+    arbiter.tick()
+    assert len(watcher.pids()) == 2 and not set(watcher.pids()) & set(first)
+    settle(arbiter, lambda: set(watcher.processes) == set(watcher.pids()), "old ones reaped")
 
 
 # ============================================== protocol over real zmq ======
@@ -1415,6 +1496,236 @@ def test_quit_command_ends_the_cli_daemon(cli_daemon):
     assert client.call("quit", waiting=True)["status"] == "ok"
     client.close()
     assert proc.wait(DEADLINE) == 0
+
+
+# ================================================ process control in depth ======
+
+INTROSPECT = """
+import json, os, resource, sys
+umask = os.umask(0); os.umask(umask)
+facts = {
+    "argv0": sys.argv[0] if sys.argv[0] != "-c" else os.readlink("/proc/self/exe"),
+    "cmdline0": open("/proc/self/cmdline", "rb").read().split(b"\\\\0")[0].decode(),
+    "umask": umask, "nofile": resource.getrlimit(resource.RLIMIT_NOFILE),
+    "stdin": os.readlink("/proc/self/fd/0"), "stdout": os.readlink("/proc/self/fd/1"),
+    "pythonpath": os.environ.get("PYTHONPATH"), "args": sys.argv[1:],
+}
+json.dump(facts, open(os.path.join(os.environ["OUT"], str(os.getpid())), "w"))
+import time
+time.sleep(1000)
+"""
+
+
+def introspect(make_daemon, tmp_path, options):
+    script = tmp_path / "introspect.py"
+    script.write_text(INTROSPECT)
+    daemon = make_daemon(f"[watcher:probe]\ncmd = {PY} {script}\n{options}\n"
+                         f"[env:probe]\nOUT = {tmp_path}\n")
+    (pid,) = daemon.client.call("list", name="probe")["pids"]
+    report = tmp_path / str(pid)
+    wait_for(lambda: report.exists() and report.read_text().endswith("}"))
+    return daemon, json.loads(report.read_text())
+
+
+def test_spawn_defaults(make_daemon, tmp_path):
+    _, facts = introspect(make_daemon, tmp_path, "")
+    assert facts["stdin"] == "/dev/null"  # close_child_stdin defaults to true
+    assert facts["stdout"] != "/dev/null" and facts["pythonpath"] is None
+    assert tuple(facts["nofile"]) == resource.getrlimit(resource.RLIMIT_NOFILE)
+
+
+def test_umask_rlimits_close_child_stdout_and_copy_path(make_daemon, tmp_path):
+    _, facts = introspect(make_daemon, tmp_path, "umask = 027\nrlimit_nofile = 64\n"
+                          "close_child_stdout = true\ncopy_path = true\n")
+    assert facts["umask"] == 0o027 and facts["nofile"] == [64, 64]
+    assert facts["stdout"] == "/dev/null"
+    assert facts["pythonpath"] == os.pathsep.join(p for p in sys.path if p)
+
+
+def test_args_and_executable(make_daemon, tmp_path):
+    _, facts = introspect(make_daemon, tmp_path, "args = x 'y z'")
+    assert facts["args"] == ["x", "y z"]
+    daemon = make_daemon(f"[watcher:named]\ncmd = shown-name -c {shlex.quote(SLEEP)}\n"
+                         f"executable = {PY}\n")
+    (pid,) = daemon.client.call("list", name="named")["pids"]
+    with open(f"/proc/{pid}/cmdline", "rb") as cmdline:
+        assert cmdline.read().split(b"\0")[0] == b"shown-name"
+
+
+def test_shell_args_are_the_scripts_positional_parameters(make_daemon, tmp_path):
+    out = tmp_path / "out"
+    make_daemon(f"""
+        [watcher:sh]
+        cmd = echo "$0 $1" > {out}; exec sleep 1000
+        shell = true
+        shell_args = first second
+        """)
+    wait_for(lambda: out.exists() and out.read_text() == "first second\n")
+
+
+def test_stdin_socket_becomes_the_childs_stdin(make_daemon, tmp_path):
+    serve = ("import socket; s = socket.socket(fileno=0); "
+             "[(c.sendall(b'served'), c.close()) for c, _ in iter(s.accept, None)]")
+    daemon = make_daemon(f"""
+        [socket:inetd]
+        host = 127.0.0.1
+        port = 0
+        [watcher:srv]
+        cmd = {py_cmd(serve)}
+        stdin_socket = inetd
+        """)
+    (sock,) = daemon.client.call("listsockets")["sockets"]
+    with socket.create_connection(("127.0.0.1", sock["port"]), timeout=DEADLINE) as conn:
+        assert conn.recv(100) == b"served"
+
+
+def test_bad_working_dir_is_a_visible_spawn_failure(make_daemon, tmp_path):
+    daemon = make_daemon(f"[watcher:lost]\ncmd = {py_cmd(SLEEP)}\n"
+                         f"working_dir = {tmp_path}/missing\nmax_retry = 0\n")
+    reply = daemon.client.call("status", name="lost")
+    assert reply["status"] == "stopped"
+    assert reply["reason"].startswith("spawn failed 1 times: [Errno 2]")
+    assert daemon.client.call("numwatchers")["numwatchers"] == 1
+
+
+FAMILY = """
+import os, signal, sys, time
+folder, mode = sys.argv[1], sys.argv[2]
+if os.fork() == 0:
+    if mode == "escape":
+        os.setsid()  # leaves the process group: only a /proc walk finds it
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    open(os.path.join(folder, "grandchild"), "w").write(str(os.getpid()))
+    time.sleep(1000)
+if mode == "escape":
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+time.sleep(1000)
+"""
+
+
+def family(tmp_path, mode):
+    script = tmp_path / "family.py"
+    script.write_text(FAMILY)
+    return f"cmd = {PY} {script} {tmp_path} {mode}\n"
+
+
+def grandchild(tmp_path):
+    path = tmp_path / "grandchild"
+    return int(wait_for(lambda: path.exists() and path.read_text()))
+
+
+def test_stop_kills_what_is_left_of_the_group(make_daemon, tmp_path):
+    daemon = make_daemon(f"[watcher:fam]\n{family(tmp_path, 'stay')}")
+    helper = grandchild(tmp_path)
+    daemon.client.call("stop", name="fam", waiting=True)
+    wait_for(lambda: not alive(helper), what="the group's helper to die")
+
+
+def test_sigkill_reaches_descendants_that_left_the_group(make_daemon, tmp_path):
+    daemon = make_daemon(f"[watcher:fam]\n{family(tmp_path, 'escape')}graceful_timeout = 0.3\n")
+    helper = grandchild(tmp_path)
+    daemon.client.call("stop", name="fam", waiting=True)
+    wait_for(lambda: not alive(helper), what="the escaped descendant to die")
+
+
+def cli_children(pid):
+    found = set()
+    for task in os.listdir(f"/proc/{pid}/task"):
+        with open(f"/proc/{pid}/task/{task}/children") as stream:
+            found.update(int(p) for p in stream.read().split())
+    return found
+
+
+def state_of(pid):
+    try:
+        with open(f"/proc/{pid}/stat") as stream:
+            return stream.read().rsplit(")", 1)[1].split()[0]
+    except OSError:
+        return None
+
+
+ORPHANER = """
+import os, sys, time
+folder = sys.argv[1]
+if os.fork() == 0:           # the middle process
+    os.setsid()
+    if os.fork() == 0:       # a daemonized grandchild, in its own session
+        open(os.path.join(folder, f"orphan.{os.getpid()}"), "w").close()
+        time.sleep(float(sys.argv[2]))
+        os._exit(0)
+    os._exit(0)
+time.sleep(1000)
+"""
+
+
+def test_subreaper_reaps_orphans_and_quit_kills_the_rest(cli_daemon, tmp_path):
+    script = tmp_path / "orphaner.py"
+    script.write_text(ORPHANER)
+    proc, client = cli_daemon(f"""
+        [watcher:short]
+        cmd = {PY} {script} {tmp_path} 0.2
+        [watcher:long]
+        cmd = {PY} {script} {tmp_path} 1000
+        """)
+    def two_orphans():
+        found = [int(p.name.split(".")[1]) for p in tmp_path.glob("orphan.*")]
+        return len(found) == 2 and found
+    orphans = wait_for(two_orphans, what="two orphans")
+    # Both re-parent to the daemon; the short one exits and is reaped.
+    wait_for(lambda: set(orphans) & cli_children(proc.pid) and not any(
+        state_of(p) == "Z" for p in cli_children(proc.pid)) and any(
+        not alive(p) for p in orphans), what="the short orphan reaped, no zombie")
+    survivor = next(p for p in orphans if alive(p))
+    assert survivor in cli_children(proc.pid)
+    client.call("quit")
+    client.close()
+    assert proc.wait(DEADLINE) == 0
+    assert not alive(survivor), "an orphan outlived the daemon"
+
+
+def test_children_die_with_a_sigkilled_daemon(cli_daemon):
+    proc, client = cli_daemon(sleepers(n=2))
+    pids = client.call("list", name="web")["pids"]
+    client.close()
+    proc.kill()
+    proc.wait()
+    wait_for(lambda: not any(alive(p) for p in pids), what="the guardian to kill them")
+
+
+@pytest.mark.skipif(os.geteuid() != 0 or not shutil.which("unshare"),
+                    reason="needs root and unshare for a PID namespace")
+def test_pid_1_in_a_container_reaps_orphans_and_stops_on_sigterm(tmp_path):
+    script = tmp_path / "orphaner.py"
+    script.write_text(ORPHANER)
+    ini = tmp_path / "pid1.ini"
+    endpoint = f"ipc://{tmp_path}/pid1.sock"
+    write_ini(ini, endpoint, f"[watcher:o]\ncmd = {PY} {script} {tmp_path} 0.1\n"
+              f"numprocesses = 3\n{sleepers('web', 2)}")
+    with open(tmp_path / "daemon.log", "w") as log:
+        outer = subprocess.Popen(
+            ["unshare", "--pid", "--fork", "--mount-proc", PY, "-m", "minisup", "run",
+             str(ini)], stdout=log, stderr=subprocess.STDOUT,
+            cwd=os.path.dirname(minisup.__file__))
+    try:
+        with minisup.Client(endpoint, timeout=1.0) as client:
+            wait_for(lambda: _answers(client), what="minisup as PID 1")
+            (pid1,) = cli_children(outer.pid)  # the daemon, PID 1 inside
+            wait_for(lambda: len(list(tmp_path.glob("orphan.*"))) == 3)
+
+            def orphans_reaped():
+                # Left: 3 orphaners, 2 web, the guardian; no zombie.
+                children = cli_children(pid1)
+                return len(children) == 6 and "Z" not in map(state_of, children)
+            wait_for(orphans_reaped, what="PID 1 to reap every orphan")
+            pids = client.call("list", name="web")["pids"]
+        os.kill(pid1, signal.SIGTERM)
+        assert outer.wait(DEADLINE) == 0
+        assert "web: stopping -> stopped" in (tmp_path / "daemon.log").read_text()
+    finally:
+        if outer.poll() is None:
+            outer.kill()
+            outer.wait()
+    assert pids
 
 
 # ================================================================== CLI ======
