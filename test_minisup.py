@@ -7,6 +7,7 @@ runs on an ``ipc://`` endpoint under ``tmp_path``; every fixture proves at
 teardown that no child, zombie, thread or fd was left behind.
 """
 
+import itertools
 import json
 import os
 import pwd
@@ -389,7 +390,36 @@ stop_children = yes
         pwd.getpwnam("nobody").pw_uid, 0, True, True, True)
 
 
+def test_process_options_are_parsed():
+    config = minisup.parse_config("""
+[watcher:w]
+cmd = x
+umask = 027
+shell_args = a 'b c'
+rlimit_nofile = 1024
+rlimit_core =
+restart = On-Failure
+exit_codes = 0, 3 4
+max_age = 60
+backoff_factor = 1.5
+flapping_attempts = 4
+close_child_stdin = false
+""")
+    w = config.watchers[0]
+    assert (w.umask, w.shell_args, w.rlimits) == (0o27, ["a", "b c"],
+                                                  {"nofile": 1024, "core": None})
+    assert (w.restart, w.exit_codes, w.max_age) == ("on-failure", [0, 3, 4], 60.0)
+    assert (w.backoff_factor, w.flapping_attempts, w.close_child_stdin) == (1.5, 4, False)
+    assert w.options()["rlimit_nofile"] == 1024 and "rlimits" not in w.options()
+    never = minisup.parse_config("[watcher:w]\ncmd = x\nrespawn = false\n").watchers[0]
+    assert never.restart == "never"
+
+
 @pytest.mark.parametrize("text, message", [
+    ("[watcher:w]\ncmd = x\nrlimit_nofile = lots\n", "rlimit_nofile = 'lots'"),
+    ("[watcher:w]\ncmd = x\nrestart = maybe\n", "use one of always, on-failure, never"),
+    ("[watcher:w]\ncmd = x\nexit_codes = 0 x\n", "exit_codes = '0 x'"),
+    ("[watcher:w]\ncmd = x\nstdin_socket = nope\n", "no [socket:nope] section"),
     ("[socket:s]\nfamily = AF_PACKET\n", "family = 'AF_PACKET': use one of"),
     ("[socket:s]\nfamily = AF_UNIX\n", "a unix socket needs a path"),
     ("[socket:s]\nport = 70000\n", "port = 70000: not a port number"),
@@ -458,6 +488,27 @@ def test_crash_loop_backs_off_exponentially_and_resets_after_min_uptime(make_arb
     settle(arbiter, lambda: watcher.restarts == 5, "death 5")
     arbiter.tick()
     assert watcher.pids() and watcher.status(clock()) == "active"
+
+
+def test_crash_loop_backs_off_in_a_live_daemon(make_daemon, tmp_path):
+    daemon = make_daemon(f"""
+        [watcher:crash]
+        cmd = {py_cmd('raise SystemExit(1)')}
+        autostart = false
+        backoff_delay = 0.3
+        backoff_jitter = 0
+        """, pubsub_endpoint=f"ipc://{tmp_path}/pub.sock")
+    with subscriber(daemon) as sub:
+        daemon.client.call("start", name="crash")
+        events = drain_events(sub, lambda e: sum(t.endswith(".spawn") for t, _ in e) >= 4)
+        wait_for(lambda: daemon.client.call("status", name="crash")["status"] == "backoff",
+                 what="the backoff status")
+        daemon.client.call("stop", name="crash", waiting=True)
+    spawns = [p["time"] for t, p in events if t.endswith(".spawn")][:4]
+    gaps = [b - a for a, b in itertools.pairwise(spawns)]
+    # Replaced at once after the first quick death, then after 0.3 s, then
+    # 0.6 s.  Real time: the lower bounds are exact, the upper ones loose.
+    assert gaps[0] < 0.3 <= gaps[1] < 1.3 and 0.6 <= gaps[2] < 1.6, gaps
 
 
 def test_backoff_jitter_stays_within_its_fraction(make_arbiter):
