@@ -151,6 +151,14 @@ def make_arbiter():
     assert_nothing_leaked(fds_before)
 
 
+def start_one(make_arbiter, body):
+    """An arbiter on a fake clock, its only watcher started."""
+    arbiter, clock = make_arbiter(body)
+    (watcher,) = arbiter.watchers.values()
+    arbiter.start_watchers([watcher])
+    return arbiter, clock, watcher
+
+
 def settle(arbiter, until, what="arbiter state"):
     """Turn the arbiter's loop (real waits, fake clock) until ``until()``."""
     def turn():
@@ -458,7 +466,7 @@ def test_stop_escalates_to_sigkill_only_after_graceful_timeout(make_arbiter, tmp
 
 
 def test_crash_loop_backs_off_exponentially_and_resets_after_min_uptime(make_arbiter):
-    arbiter, clock = make_arbiter(f"""
+    arbiter, clock, watcher = start_one(make_arbiter, f"""
         [watcher:crash]
         cmd = {py_cmd('raise SystemExit(1)')}
         backoff_delay = 0.2
@@ -466,8 +474,6 @@ def test_crash_loop_backs_off_exponentially_and_resets_after_min_uptime(make_arb
         backoff_max = 1
         backoff_jitter = 0
         """)
-    watcher = arbiter.watchers["crash"]
-    arbiter.start_watchers([watcher])
     arbiter.tick()
     delays = []
     for n in range(1, 5):
@@ -512,28 +518,24 @@ def test_crash_loop_backs_off_in_a_live_daemon(make_daemon, tmp_path):
 
 
 def test_backoff_jitter_stays_within_its_fraction(make_arbiter):
-    arbiter, _ = make_arbiter(f"""
+    arbiter, _, watcher = start_one(make_arbiter, f"""
         [watcher:crash]
         cmd = {py_cmd('raise SystemExit(1)')}
         backoff_delay = 1
         backoff_jitter = 0.5
         """)
-    watcher = arbiter.watchers["crash"]
-    arbiter.start_watchers([watcher])
     arbiter.tick()
     settle(arbiter, lambda: watcher.restarts == 2, "two quick deaths")
     assert 0.5 <= arbiter.tick() <= 1.5
 
 
 def test_spawn_failures_stop_the_watcher_after_max_retry(make_arbiter, tmp_path):
-    arbiter, clock = make_arbiter(f"""
+    arbiter, clock, watcher = start_one(make_arbiter, f"""
         [watcher:ghost]
         cmd = {tmp_path}/no-such-program
         max_retry = 2
         retry_in = 3
         """)
-    watcher = arbiter.watchers["ghost"]
-    arbiter.start_watchers([watcher])
     for attempt in (1, 2, 3):
         assert arbiter.tick() in (pytest.approx(3.0), arbiter.config.check_delay)
         assert watcher.retries == attempt
@@ -544,14 +546,12 @@ def test_spawn_failures_stop_the_watcher_after_max_retry(make_arbiter, tmp_path)
 
 
 def test_warmup_delay_spaces_spawns_by_deadline(make_arbiter):
-    arbiter, clock = make_arbiter(f"""
+    arbiter, clock, watcher = start_one(make_arbiter, f"""
         [watcher:slow]
         cmd = {py_cmd(SLEEP)}
         numprocesses = 3
         warmup_delay = 5
         """)
-    watcher = arbiter.watchers["slow"]
-    arbiter.start_watchers([watcher])
     counts = []
     for _ in range(3):
         assert arbiter.tick() == pytest.approx(5.0) or len(watcher.pids()) == 3
@@ -561,9 +561,7 @@ def test_warmup_delay_spaces_spawns_by_deadline(make_arbiter):
 
 
 def test_wid_is_lowest_free_slot(make_arbiter):
-    arbiter, _ = make_arbiter(f"[watcher:w]\ncmd = {py_cmd(SLEEP)}\nnumprocesses = 3\n")
-    watcher = arbiter.watchers["w"]
-    arbiter.start_watchers([watcher])
+    arbiter, _, watcher = start_one(make_arbiter, f"[watcher:w]\ncmd = {py_cmd(SLEEP)}\nnumprocesses = 3\n")
     arbiter.tick()
     by_wid = {p.wid: p.pid for p in watcher.processes.values()}
     assert sorted(by_wid) == [1, 2, 3]
@@ -592,7 +590,7 @@ def test_restart_on_failure_replaces_only_failures(make_arbiter):
 
 
 def test_flapping_pauses_then_gives_up(make_arbiter):
-    arbiter, clock = make_arbiter(f"""
+    arbiter, clock, watcher = start_one(make_arbiter, f"""
         [watcher:flappy]
         cmd = {py_cmd('raise SystemExit(1)')}
         flapping_attempts = 3
@@ -601,8 +599,6 @@ def test_flapping_pauses_then_gives_up(make_arbiter):
         flapping_max_retry = 1
         backoff_delay = 0
         """)
-    watcher = arbiter.watchers["flappy"]
-    arbiter.start_watchers([watcher])
     settle(arbiter, lambda: watcher.state == "flapping", "the first flapping pause")
     assert watcher.restarts == 3 and arbiter.tick() == pytest.approx(5.0)
     clock.now += 5
@@ -612,15 +608,13 @@ def test_flapping_pauses_then_gives_up(make_arbiter):
 
 
 def test_a_manual_stop_is_never_undone_by_flapping(make_arbiter):
-    arbiter, clock = make_arbiter(f"""
+    arbiter, clock, watcher = start_one(make_arbiter, f"""
         [watcher:flappy]
         cmd = {py_cmd('raise SystemExit(1)')}
         flapping_attempts = 2
         flapping_retry_in = 5
         backoff_delay = 0
         """)
-    watcher = arbiter.watchers["flappy"]
-    arbiter.start_watchers([watcher])
     settle(arbiter, lambda: watcher.state == "flapping", "flapping")
     watcher.stop(clock())
     clock.now += 60
@@ -630,7 +624,7 @@ def test_a_manual_stop_is_never_undone_by_flapping(make_arbiter):
 
 
 def test_max_age_replaces_a_process_after_its_age(make_arbiter):
-    arbiter, clock = make_arbiter(f"""
+    arbiter, clock, watcher = start_one(make_arbiter, f"""
         [watcher:old]
         cmd = {py_cmd(SLEEP)}
         numprocesses = 2
@@ -638,8 +632,6 @@ def test_max_age_replaces_a_process_after_its_age(make_arbiter):
         max_age_variance = 0
         graceful_timeout = 0
         """)
-    watcher = arbiter.watchers["old"]
-    arbiter.start_watchers([watcher])
     arbiter.tick()
     first = watcher.pids()
     assert arbiter.tick() == pytest.approx(5.0)  # check_delay caps the wait
