@@ -1867,24 +1867,28 @@ def test_readme_quick_start_runs_the_shipped_example(tmp_path):
 
 # ============================================================== interop ======
 
-def test_circus_client_drives_minisup(make_daemon):
+@pytest.fixture
+def circus_call(make_daemon):
+    """``call(command, **properties)`` through Circus's own CircusClient,
+    on a daemon with one sleeper called web."""
     client_module = pytest.importorskip("circus.client")
     daemon = make_daemon(sleepers(n=1))
     # Its own context: Circus's default is the process-wide Context.instance().
     context = zmq.Context()
     client = client_module.CircusClient(context, daemon.endpoint, timeout=DEADLINE)
-    try:
-        def call(command, **props):
-            return client.call({"command": command, "properties": props})
-        assert call("list")["watchers"] == ["web"]
-        assert call("incr", name="web", nb=1, waiting=True)["numprocesses"] == 2
-        assert len(call("list", name="web")["pids"]) == 2
-        assert call("status", name="web")["status"] == "active"
-        assert call("stop", name="web", waiting=True)["status"] == "ok"
-        assert call("nope")["errno"] == 2
-    finally:
-        client.stop()
-        context.term()
+    yield lambda command, **props: client.call({"command": command, "properties": props})
+    client.stop()
+    context.term()
+
+
+def test_circus_client_drives_minisup(circus_call):
+    call = circus_call
+    assert call("list")["watchers"] == ["web"]
+    assert call("incr", name="web", nb=1, waiting=True)["numprocesses"] == 2
+    assert len(call("list", name="web")["pids"]) == 2
+    assert call("status", name="web")["status"] == "active"
+    assert call("stop", name="web", waiting=True)["status"] == "ok"
+    assert call("nope")["errno"] == 2
 
 
 INTEROP_BODY = """
@@ -2007,23 +2011,14 @@ def listen_topics(lines):
     return [re.match(r"b?'?([\w.]+)", line).group(1) for line in lines]
 
 
-def test_circus_client_waiting_variants_return_circus_keys(make_daemon):
-    client_module = pytest.importorskip("circus.client")
-    daemon = make_daemon(sleepers(n=1))
-    context = zmq.Context()
-    client = client_module.CircusClient(context, daemon.endpoint, timeout=DEADLINE)
-    try:
-        def call(command, **props):
-            return client.call({"command": command, "properties": props})
-        assert set(call("start", name="web", waiting=True)["info"]) == {"started", "kept"}
-        assert set(call("restart", name="web", waiting=True)["info"]) == {
-            "stopped", "started", "kept"}
-        assert set(call("reload", name="web", waiting=True)["info"]) == {
-            "stopped", "started", "kept"}
-        assert call("incr", name="web", waiting=True)["numprocesses"] == 2
-        assert call("stop", name="web", waiting=True)["info"] is None
-        reply = call("add", name="more", cmd=PY, args=["-c", SLEEP], start=True, waiting=True)
-        assert set(reply) >= {"started", "kept"} and len(reply["started"]) == 1
-    finally:
-        client.stop()
-        context.term()
+def test_circus_client_waiting_variants_return_circus_keys(circus_call):
+    call = circus_call
+    assert set(call("start", name="web", waiting=True)["info"]) == {"started", "kept"}
+    assert set(call("restart", name="web", waiting=True)["info"]) == {
+        "stopped", "started", "kept"}
+    assert set(call("reload", name="web", waiting=True)["info"]) == {
+        "stopped", "started", "kept"}
+    assert call("incr", name="web", waiting=True)["numprocesses"] == 2
+    assert call("stop", name="web", waiting=True)["info"] is None
+    reply = call("add", name="more", cmd=PY, args=["-c", SLEEP], start=True, waiting=True)
+    assert set(reply) >= {"started", "kept"} and len(reply["started"]) == 1
