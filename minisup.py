@@ -886,6 +886,18 @@ def user_options(config: WatcherConfig) -> dict[str, Any]:
     return options
 
 
+def kill_pids(pids: Iterable[int], signum: int) -> None:
+    """Signal pids that are not our children (descendants read from /proc).
+
+    Such a pid could be reused between reading /proc and kill(), a risk
+    every /proc-walking supervisor (Circus included) takes; one already
+    gone is skipped.
+    """
+    for pid in pids:
+        with contextlib.suppress(ProcessLookupError, PermissionError):
+            os.kill(pid, signum)
+
+
 class Process:
     """One child process.  Owned by the worker thread.
 
@@ -944,11 +956,7 @@ class Process:
         (which may have left the group), so no helper lingers."""
         self.killed = True
         self.send_signal(signal.SIGKILL, group=True)
-        for pid in descendants:
-            # Read from /proc a moment ago; a pid reused since then would
-            # be hit too, a risk every /proc-walking supervisor takes.
-            with contextlib.suppress(OSError):
-                os.kill(pid, signal.SIGKILL)
+        kill_pids(descendants, signal.SIGKILL)
 
     def poll(self) -> int | None:
         """Reap the child if it exited; its exit code, -signum if killed."""
@@ -1284,6 +1292,7 @@ class Watcher:
         self._restart_pending = False
         self._set_state(STOPPING if self.processes else STOPPED)
         for process in self.processes.values():
+            # Marked as stopping, so that its exit is not taken for a crash.
             process.stop_deadline = process.stop_deadline or 0.0
             process.kill()
 
@@ -1371,12 +1380,13 @@ class Watcher:
 
     def next_deadline(self) -> float | None:
         """When ``manage`` next has something to do on its own, if ever."""
+        # Called every tick for every watcher: one pass, no sorting.
+        running = [p for p in self.processes.values() if not p.stopping]
         deadlines = [p.stop_deadline for p in self.processes.values()
                      if p.stopping and not p.killed]
-        deadlines += [p.expires for p in self.running() if p.expires is not None]
-        replacing = self._replace and not any(p.stopping for p in self.processes.values())
-        if (self.state in (STARTING, ACTIVE) and len(self.running()) < self.target
-                or replacing):
+        deadlines += [p.expires for p in running if p.expires is not None]
+        replacing = self._replace and len(running) == len(self.processes)
+        if self.state in (STARTING, ACTIVE) and len(running) < self.target or replacing:
             deadlines.append(self._next_spawn)
         if self.state == FLAPPING:
             deadlines.append(self._resume_at)
@@ -2267,29 +2277,26 @@ def _watcher_process(watcher: Watcher, pid: int) -> Process:
 
 
 def handle_signal(arbiter: Arbiter, properties: dict[str, Any]) -> dict[str, Any]:
-    """Signal a watcher's processes, or their children, as Circus's signal."""
+    """Signal a watcher's processes (or one ``pid``), as Circus's signal:
+    with ``children`` their children instead, with ``recursive`` them and
+    every descendant, with ``childpid`` that one child of ``pid``."""
     watcher = arbiter.get_watcher(properties["name"])
-    signum, pid = _signum(properties), properties.get("pid")
-    if properties.get("childpid") is not None and pid is None:
+    signum, pid, childpid = _signum(properties), properties.get("pid"), properties.get("childpid")
+    if childpid is not None and pid is None:
         raise MessageError("'childpid' needs 'pid'")
     targets = [_watcher_process(watcher, pid)] if pid is not None else watcher.running()
-    tree = children_map() if any(properties.get(k) for k in (
-        "children", "recursive", "childpid")) else {}
+    recursive, children = bool(properties.get("recursive")), bool(properties.get("children"))
+    tree = children_map() if recursive or children or childpid is not None else {}
     for process in targets:
-        below = descendants(process.pid, tree, bool(properties.get("recursive")))
-        if properties.get("childpid") is not None:
-            if properties["childpid"] not in below:
-                raise MessageError(f"{properties['childpid']} is not a child of {pid}")
-            below, signal_self = [properties["childpid"]], False
-        else:
-            signal_self = not properties.get("children")
-        if signal_self:
+        below = descendants(process.pid, tree, recursive)
+        if childpid is not None:
+            if childpid not in below:
+                raise MessageError(f"{childpid} is not a child of {pid}")
+            below = [childpid]
+        elif not children:
             process.send_signal(signum)
-        for child in below if not signal_self or properties.get("recursive") else []:
-            # Not our child, so its pid could be reused between reading
-            # /proc and kill(); Circus takes the same risk.
-            with contextlib.suppress(ProcessLookupError, PermissionError):
-                os.kill(child, signum)
+            below = below if recursive else []
+        kill_pids(below, signum)
     return {}
 
 
