@@ -1646,9 +1646,12 @@ class Arbiter:
         however we die, and on EOF the helper SIGKILLs the groups it holds.
         No code runs in the children, so spawning keeps its fast path.
         """
-        self._guardian = subprocess.Popen(
-            [sys.executable, "-S", "-c", GUARDIAN_CODE], stdin=subprocess.PIPE,
-            process_group=0, close_fds=True)
+        try:
+            self._guardian = subprocess.Popen(
+                [sys.executable, "-S", "-c", GUARDIAN_CODE], stdin=subprocess.PIPE,
+                process_group=0, close_fds=True)
+        except OSError as exc:  # an embedded Python may have no executable
+            logger.warning("no guardian (%s): children would outlive a crash", exc)
 
     def _guard(self, sign: str, pid: int) -> None:
         if self._guardian is None:
