@@ -53,12 +53,14 @@ from __future__ import annotations
 __version__ = "0.1.0"
 
 import argparse
+import collections
 import configparser
 import contextlib
 import ctypes
 import dataclasses
 import fnmatch
 import functools
+import glob
 import grp
 import ipaddress
 import json
@@ -203,12 +205,12 @@ class Waker:
         return self.read_fd
 
     def wake(self) -> None:
+        if self.write_fd < 0:
+            return  # closed: its owner is gone, and the fd number may be reused
         try:
             os.write(self.write_fd, b"\0")
         except (BlockingIOError, OSError):
-            # A full pipe already guarantees a wake-up; a closed one means
-            # the owner has gone away and nobody needs waking.
-            pass
+            pass  # a full pipe already guarantees a wake-up
 
     def drain(self) -> None:
         try:
@@ -218,11 +220,10 @@ class Waker:
             pass
 
     def close(self) -> None:
-        for fd in (self.read_fd, self.write_fd):
-            try:
+        fds, self.read_fd, self.write_fd = (self.read_fd, self.write_fd), -1, -1
+        for fd in fds:
+            if fd >= 0:
                 os.close(fd)
-            except OSError:
-                pass  # already closed: close() is idempotent
 
 
 def default_endpoint() -> str:
@@ -471,6 +472,34 @@ CODES = Kind(lambda text: _json_codes([int(c) for c in re.split(r"[\s,]+", text.
              _json_codes)
 LIST = Kind(shlex.split, lambda value: _json_args(value))
 
+STREAM_CLASSES = ("filestream", "timedrotatingfilestream", "watchedfilestream",
+                  "stdoutstream")
+ROTATE_WHEN = ("s", "m", "h", "d", "midnight", *(f"w{day}" for day in range(7)))
+#: ``stdout_stream.*`` / ``stderr_stream.*`` options: name -> kind.
+STREAM_OPTIONS: dict[str, Kind] = {
+    # "circus.stream.FileStream" and "FileStream" both name the FileStream.
+    "class": Kind(lambda t: _choice(*STREAM_CLASSES).from_text(t.rsplit(".", 1)[-1]),
+                  lambda v: _choice(*STREAM_CLASSES).from_json(_json_str(v).rsplit(".", 1)[-1])),
+    "filename": STR, "max_bytes": COUNT, "backup_count": COUNT, "time_format": STR,
+    "rotate_when": _choice(*ROTATE_WHEN), "rotate_interval": COUNT, "utc": BOOL,
+}
+
+
+def _json_stream(value: Any) -> dict[str, Any]:
+    if not isinstance(value, dict):
+        raise TypeError("isn't a valid object")
+    return {key: _stream_kind(key).from_json(v) for key, v in value.items()}
+
+
+def _stream_kind(key: str) -> Kind:
+    kind = STREAM_OPTIONS.get(key)
+    if kind is None:
+        raise ValueError(f"has no option {key!r}")
+    return kind
+
+
+STREAM = Kind(_not_in_ini, _json_stream)
+
 #: Watcher options minisup understands: name -> kind.  Defaults live on
 #: WatcherConfig.  ``add`` and the INI reader both go through this table.
 WATCHER_OPTIONS: dict[str, Kind] = {
@@ -488,34 +517,54 @@ WATCHER_OPTIONS: dict[str, Kind] = {
     "backoff_factor": SECONDS, "backoff_max": SECONDS, "backoff_jitter": SECONDS,
     "flapping_attempts": COUNT, "flapping_window": SECONDS,
     "flapping_retry_in": SECONDS, "flapping_max_retry": RETRIES,
+    "stdout_stream": STREAM, "stderr_stream": STREAM, "max_line": COUNT,
+    "tail_lines": COUNT,
 }
 #: Options whose change needs new processes (``set`` reloads gracefully).
 RELOAD_OPTIONS = {"cmd", "args", "env", "working_dir", "shell", "copy_env",
                   "use_sockets", "uid", "gid", "umask", "shell_args", "executable",
                   "copy_path", "rlimits", "close_child_stdin", "close_child_stdout",
-                  "close_child_stderr", "stdin_socket"}
+                  "close_child_stderr", "stdin_socket", "stdout_stream",
+                  "stderr_stream", "max_line"}
 
-#: Circus options minisup does not implement yet: refused, never ignored.
-NOT_YET_OPTIONS = {"hooks", "stdout_stream", "stderr_stream"}
-NOT_YET_PREFIXES = ("stdout_stream.", "stderr_stream.", "hooks.")
+#: Circus options minisup does not implement: refused, never ignored.
+NOT_YET_OPTIONS = {"hooks"}
+NOT_YET_PREFIXES = ("hooks.",)
+
+PREFIXED = {"rlimit_": "rlimits", "stdout_stream.": "stdout_stream",
+            "stderr_stream.": "stderr_stream"}
 
 
 def watcher_kind(key: str) -> Kind | None:
-    """The kind of watcher option ``key``; ``rlimit_NAME`` for any limit
-    the ``resource`` module knows."""
+    """The kind of watcher option ``key``: ``rlimit_NAME`` for any limit
+    the ``resource`` module knows, ``stdout_stream.NAME`` for a stream's."""
     if key.startswith("rlimit_"):
         return RLIMIT if hasattr(resource, "RLIMIT_" + key[7:].upper()) else None
+    if key.startswith(("stdout_stream.", "stderr_stream.")):
+        return STREAM_OPTIONS.get(key.split(".", 1)[1])
     return WATCHER_OPTIONS.get(key)
 
 
-def gather_rlimits(values: dict[str, Any], rlimits: dict[str, int | None]
-                   ) -> dict[str, Any]:
-    """Move ``rlimit_NAME`` entries of ``values`` into a ``rlimits`` dict
-    (on top of ``rlimits``), the form WatcherConfig keeps."""
-    limits = dict(rlimits)
-    for key in [k for k in values if k.startswith("rlimit_")]:
-        limits[key[7:].lower()] = values.pop(key)
-    return dict(values, rlimits=limits) if limits != rlimits else values
+def gather_prefixed(values: dict[str, Any], base: WatcherConfig | None = None
+                    ) -> dict[str, Any]:
+    """Fold ``rlimit_NAME`` and ``stdout_stream.NAME`` entries of ``values``
+    into the dicts WatcherConfig keeps (on top of ``base``'s); check each
+    stream that results.  Raise ValueError."""
+    values = dict(values)
+    for prefix, field in PREFIXED.items():
+        merged = dict(values.pop(field, getattr(base, field, {})))
+        for key in [k for k in values if k.startswith(prefix)]:
+            merged[key[len(prefix):].lower()] = values.pop(key)
+        if merged or field in values or base is not None:
+            values[field] = merged
+    for field in ("stdout_stream", "stderr_stream"):
+        stream = values.get(field)
+        if stream and stream.get("class") is None:
+            raise ValueError(f"{field} needs a class")
+        if stream and stream["class"] != "stdoutstream" and not stream.get("filename"):
+            raise ValueError(f"{field} needs a filename")
+    return values
+
 
 #: ``[circus]`` options: name -> kind.
 GLOBAL_OPTIONS: dict[str, Kind] = {
@@ -567,6 +616,10 @@ class WatcherConfig:
     close_child_stdout: bool = False
     close_child_stderr: bool = False
     stdin_socket: str | None = None
+    stdout_stream: dict[str, Any] = dataclasses.field(default_factory=dict)
+    stderr_stream: dict[str, Any] = dataclasses.field(default_factory=dict)
+    max_line: int = 65536  # longer lines are split, with a mark
+    tail_lines: int = 1000  # kept in memory for ``tail``
     max_age: float = 0.0
     max_age_variance: float = 30.0
     # Restart policy (minisup's own): which exits are replaced, and how a
@@ -772,7 +825,10 @@ def _read_watcher(config: Config, section: configparser.SectionProxy,
     name = section.name[len("watcher:"):].strip()
     if not name:
         raise ConfigError("a watcher needs a name", config.source, section.name)
-    values = gather_rlimits(_read_options(config, section, WATCHER_OPTIONS), {})
+    try:
+        values = gather_prefixed(_read_options(config, section, WATCHER_OPTIONS))
+    except ValueError as exc:
+        raise ConfigError(str(exc), config.source, section.name) from None
     if not values.get("cmd"):
         raise ConfigError("cmd is required", config.source, section.name, "cmd", "")
     env: dict[str, str] = {}
@@ -800,7 +856,10 @@ def watcher_config_from_json(name: Any, cmd: Any, args: Any,
         values["args"] = _check_json_option("args", args)
     if not values["cmd"]:
         raise MessageError("'cmd' must not be empty")
-    return WatcherConfig(name=name, **gather_rlimits(values, {}))
+    try:
+        return WatcherConfig(name=name, **gather_prefixed(values))
+    except ValueError as exc:
+        raise MessageError(str(exc)) from None
 
 
 def _check_json_option(key: str, value: Any) -> Any:
@@ -906,13 +965,16 @@ class Process:
     """
 
     def __init__(self, popen: subprocess.Popen, wid: int, started: float,
-                 expires: float | None = None) -> None:
+                 expires: float | None = None, pipes: dict[str, int] | None = None) -> None:
         self.popen = popen
+        self.pipes = pipes or {}  # read ends, handed to the output thread
         self.pid = popen.pid
         self.wid = wid
         self.started = started
         self.expires = expires  # max_age: when to replace it
         self.started_at = time.time()  # wall clock, for stats and status
+        self.watched = False  # its pidfd is in the worker's selector
+        self.draining = False  # the output thread is emptying its pipes
         self.stop_deadline: float | None = None
         self.killed = False
         self.pidfd: int | None = None
@@ -970,7 +1032,8 @@ class Process:
 
 
 def spawn_process(config: WatcherConfig, wid: int, now: float,
-                  sockets: dict[str, socket.socket] | None = None) -> Process:
+                  sockets: dict[str, socket.socket] | None = None,
+                  capture: bool = False) -> Process:
     """Start one child of ``config``; raise OSError if it cannot start.
 
     No Python code runs between fork and exec: Popen's own
@@ -981,22 +1044,48 @@ def spawn_process(config: WatcherConfig, wid: int, now: float,
     sockets = sockets or {}
     values = spawn_values(wid, sockets)
     env = child_env(config, values)
-    quiet = {True: subprocess.DEVNULL, False: None}
     stdin = sockets[config.stdin_socket.lower()].fileno() if config.stdin_socket else None
-    popen = subprocess.Popen(
-        child_argv(config, values, env), shell=config.shell, env=env,
-        executable=config.executable, cwd=config.working_dir or None,
-        stdin=stdin or quiet[config.close_child_stdin],
-        stdout=quiet[config.close_child_stdout], stderr=quiet[config.close_child_stderr],
-        close_fds=True, pass_fds=inherited_fds(config, sockets), process_group=0,
-        umask=-1 if config.umask is None else config.umask, **user_options(config))
+    outputs = {stream: _output_target(config, stream, capture) for stream in ("stdout", "stderr")}
+    try:
+        popen = subprocess.Popen(
+            child_argv(config, values, env), shell=config.shell, env=env,
+            executable=config.executable, cwd=config.working_dir or None,
+            stdin=stdin or (subprocess.DEVNULL if config.close_child_stdin else None),
+            stdout=outputs["stdout"][1], stderr=outputs["stderr"][1],
+            close_fds=True, pass_fds=inherited_fds(config, sockets), process_group=0,
+            umask=-1 if config.umask is None else config.umask, **user_options(config))
+    except BaseException:
+        for read_end, _ in outputs.values():
+            if read_end is not None:
+                os.close(read_end)
+        raise
+    finally:
+        for read_end, write_end in outputs.values():
+            if read_end is not None:
+                os.close(write_end)  # the child has it; we keep the read end
+    pipes = {stream: ends[0] for stream, ends in outputs.items() if ends[0] is not None}
     try:
         apply_rlimits(popen.pid, config.rlimits)
     except OSError:
         popen.kill()  # never leave a child running without its limits
         popen.wait()
+        for fd in pipes.values():
+            os.close(fd)
         raise
-    return Process(popen, wid, now, _expiry(config, now))
+    return Process(popen, wid, now, _expiry(config, now), pipes)
+
+
+def _output_target(config: WatcherConfig, stream: str,
+                   capture: bool) -> tuple[int | None, int | None]:
+    # (our read end, the child's fd): a pipe when the stream is captured,
+    # /dev/null when closed, else the daemon's own (None), as Circus.
+    if getattr(config, f"close_child_{stream}"):
+        return None, subprocess.DEVNULL
+    if capture and getattr(config, f"{stream}_stream"):
+        read_end, write_end = os.pipe2(os.O_CLOEXEC)
+        os.set_blocking(read_end, False)
+        return read_end, write_end
+    return None, None
 
 
 def apply_rlimits(pid: int, rlimits: dict[str, int | None]) -> None:
@@ -1130,6 +1219,319 @@ def process_stats(pid: int, children: dict[int, list[int]] | None = None
         "cmdline": os.path.basename(cmdline) or "N/A",
         "children": [process_stats(c) for c in (children or {}).get(pid, [])],
     }
+
+
+# ============================================================== Output ======
+# One thread pumps every child's stdout/stderr pipe into its sink: bytes in,
+# the same bytes out, whole lines only, rotation between lines.
+
+#: One read takes up to this much from a pipe: big reads make capture cheap.
+READ_SIZE = 1 << 16
+#: Ends the first part of a line longer than the watcher's ``max_line``.
+SPLIT_MARK = b" [minisup: line split]\n"
+ROTATE_SECONDS = {"s": 1, "m": 60, "h": 3600, "d": 86400}
+
+
+class Sink:
+    """Where one watcher's stdout or stderr goes: a file (FileStream with
+    ``max_bytes`` rotation, TimedRotatingFileStream, WatchedFileStream that
+    reopens a moved or deleted file) or the daemon's stdout (StdoutStream,
+    lines prefixed ``NAME.PID | ``).  Owned by the output thread."""
+
+    def __init__(self, name: str, options: dict[str, Any]) -> None:
+        self.name, self.options = name, options
+        self.kind = options["class"]
+        self.path = options.get("filename", "")
+        self.errors = 0
+        self.open()
+
+    def open(self) -> None:
+        if self.kind == "stdoutstream":
+            self.fd, self.rotatable, self.size = os.dup(1), False, 0
+            return
+        flags = os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC
+        self.fd = os.open(self.path, flags, 0o644)
+        info = os.fstat(self.fd)
+        self.identity, self.size = (info.st_dev, info.st_ino), info.st_size
+        # Never rotate a FIFO or /dev/stdout (supervisord's "Illegal seek").
+        self.rotatable = stat.S_ISREG(info.st_mode)
+        self.rollover_at = (self._next_rollover(time.time())
+                            if self.kind == "timedrotatingfilestream" else None)
+
+    def close(self) -> None:
+        os.close(self.fd)
+
+    def reopen(self) -> None:
+        """Close and open again (SIGUSR1, ``reopen``: after logrotate)."""
+        self.close()
+        self.open()
+
+    def write(self, pid: int, data: bytes) -> None:
+        """Write whole lines (``data`` ends with a newline)."""
+        if self.kind == "stdoutstream" or self.options.get("time_format"):
+            data = self._prefix(pid, data)
+        if self.kind == "watchedfilestream":
+            self._follow_moves()
+        while data:
+            data = self._write_some(data)
+
+    def _write_some(self, data: bytes) -> bytes:
+        if self.rollover_at is not None and time.time() >= self.rollover_at:
+            self._rotate()
+        limit = self.options.get("max_bytes", 0) if self.rotatable else 0
+        if not limit or self.size + len(data) <= limit:
+            self._put(data)
+            return b""
+        cut = data.rfind(b"\n", 0, max(limit - self.size, 0)) + 1
+        if not cut and not self.size:  # one line longer than a whole file
+            cut = data.index(b"\n") + 1
+        self._put(data[:cut])
+        self._rotate()
+        return data[cut:]
+
+    def _put(self, data: bytes) -> None:
+        view = memoryview(data)
+        try:
+            while view:
+                view = view[os.write(self.fd, view):]
+        except OSError as exc:
+            # A full disk loses this chunk, not the daemon: report it (the
+            # first time and every thousandth) and go on with the next one.
+            self.errors += 1
+            if self.errors % 1000 == 1:
+                logger.error("%s: cannot write %s (%s), %d chunks lost so far",
+                             self.name, self.path, exc, self.errors)
+        self.size += len(data)
+
+    def _prefix(self, pid: int, data: bytes) -> bytes:
+        head = f"{self.name}.{pid} | ".encode() if self.kind == "stdoutstream" else b""
+        if self.options.get("time_format"):
+            head += time.strftime(self.options["time_format"]).encode() + b" "
+        return b"".join(head + line + b"\n" for line in data.split(b"\n")[:-1])
+
+    def _follow_moves(self) -> None:
+        try:
+            info = os.stat(self.path)
+            moved = (info.st_dev, info.st_ino) != self.identity
+        except FileNotFoundError:
+            moved = True
+        if moved:
+            self.reopen()
+
+    def _rotate(self) -> None:
+        self.close()
+        count = self.options.get("backup_count", 0)
+        if self.kind == "timedrotatingfilestream":
+            suffix = time.strftime("%Y-%m-%d_%H-%M-%S", self._time(self.rollover_at - 1))
+            os.replace(self.path, f"{self.path}.{suffix}")
+            backups = sorted(glob.glob(glob.escape(self.path) + ".*"))
+            for old in backups[:max(0, len(backups) - count)] if count else []:
+                os.remove(old)
+        elif count:
+            for index in range(count - 1, 0, -1):
+                if os.path.exists(f"{self.path}.{index}"):
+                    os.replace(f"{self.path}.{index}", f"{self.path}.{index + 1}")
+            os.replace(self.path, f"{self.path}.1")
+        else:
+            os.truncate(self.path, 0)
+        self.open()
+
+    def _time(self, when: float) -> time.struct_time:
+        return time.gmtime(when) if self.options.get("utc") else time.localtime(when)
+
+    def _next_rollover(self, now: float) -> float:
+        when = self.options.get("rotate_when", "h")
+        interval = max(1, self.options.get("rotate_interval", 1))
+        if when in ROTATE_SECONDS:
+            return now + ROTATE_SECONDS[when] * interval
+        local = self._time(now)
+        midnight = now - (local.tm_hour * 3600 + local.tm_min * 60 + local.tm_sec) + 86400
+        days = 0 if when == "midnight" else (int(when[1]) - local.tm_wday - 1) % 7
+        return midnight + days * 86400
+
+
+@dataclasses.dataclass
+class Pipe:
+    """One child's stdout or stderr, read by the output thread."""
+
+    name: str
+    pid: int
+    stream: str
+    fd: int
+    sink: Sink | None
+    max_line: int
+    partial: bytes = b""
+
+
+class Pump:
+    """Owns every output pipe, sink and tail buffer; ``run`` is the output
+    thread, which reads whatever any child writes, at once and in big
+    chunks, so supervision never waits on a disk.
+
+    Other threads call ``attach``, ``drain``, ``tail``, ``reopen`` and
+    ``stop``: each queues a task and wakes the thread.
+    """
+
+    def __init__(self, publish: Callable[[str, dict[str, Any]], None] | None = None) -> None:
+        self.publish = publish
+        self._tasks: queue.SimpleQueue[tuple[Callable[..., None], tuple[Any, ...]]] = \
+            queue.SimpleQueue()
+        self._waker = Waker()
+        self._selector = selectors.DefaultSelector()
+        self._selector.register(self._waker, selectors.EVENT_READ, None)
+        self._sinks: dict[tuple[str, str], Sink] = {}
+        self._tails: dict[str, collections.deque[tuple[str, bytes]]] = {}
+        self._running = True
+
+    def _call(self, function: Callable[..., None], *args: Any) -> None:
+        self._tasks.put((function, args))
+        self._waker.wake()
+
+    def attach(self, config: WatcherConfig, pid: int, pipes: dict[str, int]) -> None:
+        """Start reading a new child's pipes.  Any thread."""
+        self._call(self._attach, config, pid, pipes)
+
+    def drain(self, pid: int, done: Callable[[], None]) -> None:
+        """Read and write all a dead child left in its pipes, then call
+        ``done`` (on the output thread).  Any thread."""
+        self._call(self._drain, pid, done)
+
+    def tail(self, name: str, count: int, stream: str | None,
+             reply: Callable[[list[str]], None]) -> None:
+        """Call ``reply`` with a watcher's last ``count`` lines.  Any thread."""
+        self._call(self._tail, name, count, stream, reply)
+
+    def reopen(self) -> None:
+        """Reopen every log file.  Any thread, and signal handlers."""
+        self._call(self._reopen)
+
+    def stop(self) -> None:
+        """Drain every pipe, close every file and end the thread."""
+        self._call(self._stop)
+
+    def run(self) -> None:
+        """The output thread's loop."""
+        try:
+            while self._running:
+                for key, _ in self._selector.select():
+                    if key.data is None:
+                        self._waker.drain()
+                        self._run_tasks()
+                    else:
+                        self._read(key.data)
+        finally:
+            self.close()
+
+    def close(self) -> None:
+        """Write what is left, close every pipe and file; on the output
+        thread as it ends (or by the owner of a Pump never run)."""
+        if self._waker.read_fd >= 0:
+            for key in list(self._selector.get_map().values()):
+                if key.data is not None:
+                    while self._read(key.data):  # whatever is still in it
+                        pass
+                    self._finish(key.data)
+            for sink in self._sinks.values():
+                if sink is not None:
+                    sink.close()
+            self._selector.close()
+            self._waker.close()
+
+    def _run_tasks(self) -> None:
+        while True:
+            try:
+                function, args = self._tasks.get_nowait()
+            except queue.Empty:
+                return
+            function(*args)
+
+    def _attach(self, config: WatcherConfig, pid: int, pipes: dict[str, int]) -> None:
+        for stream, fd in pipes.items():
+            options = getattr(config, f"{stream}_stream")
+            sink = self._sinks.get((config.name, stream))
+            if sink is None or sink.options != options:
+                if sink is not None:
+                    sink.close()
+                sink = self._sinks[config.name, stream] = self._open_sink(config.name, options)
+            tail = self._tails.get(config.name)
+            if tail is None or tail.maxlen != config.tail_lines:
+                self._tails[config.name] = collections.deque(tail or (), config.tail_lines)
+            pipe = Pipe(config.name, pid, stream, fd, sink, config.max_line)
+            self._selector.register(fd, selectors.EVENT_READ, pipe)
+
+    def _open_sink(self, name: str, options: dict[str, Any]) -> Sink | None:
+        try:
+            return Sink(name, options)
+        except OSError as exc:
+            logger.error("%s: cannot open %s: %s", name, options.get("filename"), exc)
+            return None
+
+    def _read(self, pipe: Pipe) -> bool:
+        """Read and deliver one chunk; False once the pipe is empty for now
+        (or for good: then it is closed)."""
+        try:
+            data = os.read(pipe.fd, READ_SIZE)
+        except BlockingIOError:
+            return False
+        except OSError:
+            data = b""
+        if not data:
+            self._finish(pipe)
+            return False
+        data = pipe.partial + data if pipe.partial else data
+        end = data.rfind(b"\n") + 1
+        lines, pipe.partial = data[:end], data[end:]
+        while len(pipe.partial) > pipe.max_line:
+            lines += pipe.partial[:pipe.max_line] + SPLIT_MARK
+            pipe.partial = pipe.partial[pipe.max_line:]
+        if lines:
+            self._deliver(pipe, lines)
+        return True
+
+    def _deliver(self, pipe: Pipe, lines: bytes) -> None:
+        if pipe.sink is not None:
+            pipe.sink.write(pipe.pid, lines)
+        tail = self._tails[pipe.name]
+        # The last tail.maxlen lines of the chunk are all it can keep.
+        tail.extend((pipe.stream, line) for line in lines.split(b"\n")[-tail.maxlen - 1:-1])
+        if self.publish is not None:
+            self.publish(f"watcher.{pipe.name}.output", {
+                "pid": pipe.pid, "stream": pipe.stream,
+                "data": lines.decode("utf-8", "replace")})
+
+    def _finish(self, pipe: Pipe) -> None:
+        if pipe.fd < 0:
+            return
+        if pipe.partial:  # the child died mid-line: the line ends here
+            self._deliver(pipe, pipe.partial + b"\n")
+            pipe.partial = b""
+        self._selector.unregister(pipe.fd)
+        os.close(pipe.fd)
+        pipe.fd = -1
+
+    def _drain(self, pid: int, done: Callable[[], None]) -> None:
+        for key in list(self._selector.get_map().values()):
+            pipe = key.data
+            if pipe is not None and pipe.pid == pid:
+                # A descendant may still hold the pipe open: take what is
+                # there now and keep reading the rest as it comes.
+                while self._read(pipe):
+                    pass
+        done()
+
+    def _tail(self, name: str, count: int, stream: str | None,
+              reply: Callable[[list[str]], None]) -> None:
+        lines = [line for kind, line in self._tails.get(name, ()) if stream in (None, kind)]
+        reply([line.decode("utf-8", "replace") for line in lines[-count:]] if count else [])
+
+    def _reopen(self) -> None:
+        for sink in self._sinks.values():
+            with contextlib.suppress(OSError):
+                sink.reopen()
+        logger.info("log files reopened")
+
+    def _stop(self) -> None:
+        self._running = False
 
 
 # ============================================================= Watcher ======
@@ -1529,7 +1931,8 @@ class Arbiter:
         self.done = False
         self.failed = False
         self._unwatched = 0  # children without a pidfd: polled instead
-        self._spawn = functools.partial(spawn_process, sockets=self.sockets)
+        #: The output thread, when there is one (the Daemon's).
+        self.pump: Pump | None = None
         self._jobs: queue.SimpleQueue[Job] = queue.SimpleQueue()
         self._waker = Waker()
         self._selector = selectors.DefaultSelector()
@@ -1748,32 +2151,55 @@ class Arbiter:
             for process in list(watcher.processes.values()):
                 yield watcher, process
 
+    def _spawn(self, config: WatcherConfig, wid: int, now: float) -> Process:
+        return spawn_process(config, wid, now, self.sockets, self.pump is not None)
+
+    def wake(self) -> None:
+        """Wake the worker loop.  Any thread."""
+        self._waker.wake()
+
     def _watch(self, watcher: Watcher, process: Process) -> None:
         self._guard("+", process.pid)
+        process.watched = True
+        if process.pipes and self.pump is not None:
+            self.pump.attach(watcher.config, process.pid, process.pipes)
         if process.pidfd is None:
             self._unwatched += 1
         else:
             self._selector.register(process.pidfd, selectors.EVENT_READ,
                                     (watcher, process))
 
-    def _reap(self, watcher: Watcher, process: Process) -> None:
-        if not _has_exited(process.pid):
+    def _unwatch(self, process: Process) -> None:
+        if process.watched:
+            process.watched = False
+            if process.pidfd is None:
+                self._unwatched -= 1
+            else:
+                self._selector.unregister(process.pidfd)
+                process.close()
+
+    def _reap(self, watcher: Watcher, process: Process, drained: bool = False) -> None:
+        if process.draining and not drained or not _has_exited(process.pid):
             return
         if process.stopping:
             # What is left of a stopped child's group dies with it.  The
             # unreaped zombie leader still holds the group id: no reuse.
             process.send_signal(signal.SIGKILL, group=True)
+        if process.pipes and self.pump is not None and not drained:
+            # Output still in its pipes is written before its death is told.
+            process.draining = True
+            self._unwatch(process)
+            self.pump.drain(process.pid, lambda: self.submit(Job(
+                "_drained", lambda arbiter, _: arbiter._reap(watcher, process, True) or {},
+                {}, _ignore_reply)))
+            return
         if self.subreaper:
             self._adopt_orphans()  # while the leader's pid still names them
         code = process.poll()
         if code is None:
             return  # reaped elsewhere meanwhile; the sweep will catch it
         self._guard("-", process.pid)
-        if process.pidfd is None:
-            self._unwatched -= 1
-        else:
-            self._selector.unregister(process.pidfd)
-            process.close()
+        self._unwatch(process)
         watcher.reap(process, code, self.clock())
 
     def _sweep(self) -> None:
@@ -1803,7 +2229,8 @@ class Arbiter:
 
     def _run(self, job: Job) -> None:
         try:
-            if self._quit_stages is not None and job.command not in SHUTDOWN_COMMANDS:
+            if (self._quit_stages is not None and job.command not in SHUTDOWN_COMMANDS
+                    and not job.command.startswith("_")):  # "_name": internal
                 raise MinisupError("the daemon is shutting down")
             outcome = job.handler(self, job.properties)
         except MinisupError as exc:
@@ -2041,7 +2468,8 @@ PROPERTY_TYPES: dict[str, tuple[tuple[type, ...], str]] = {
     "signum": ((int, str), "a signal number or name"),
     "graceful_timeout": ((int, float), "a number of seconds >= 0"),
     "pid": ((int, str), "a pid"), "childpid": ((int, str), "a pid"),
-    "process": ((int, str), "a pid"),
+    "process": ((int, str), "a pid"), "lines": ((int,), "an integer >= 0"),
+    "stream": ((str,), "stdout or stderr"),
     **{flag: ((bool,), "a boolean") for flag in (
         "waiting", "start", "nostop", "graceful", "sequential", "children",
         "recursive", "extended")},
@@ -2067,7 +2495,7 @@ def check_properties(command: Command, properties: Any) -> dict[str, Any]:
         types, wanted = PROPERTY_TYPES[key]
         if (isinstance(value, bool) and bool not in types) or not isinstance(
                 value, types) or (key in PID_PROPERTIES and not str(value).isdigit()) or (
-                key in ("nb", "graceful_timeout") and not 0 <= value < float("inf")):
+                key in ("nb", "lines", "graceful_timeout") and not 0 <= value < float("inf")):
             raise MessageError(f"{key!r} must be {wanted}, not {value!r}"[:200])
         if key in PID_PROPERTIES:
             properties[key] = int(value)
@@ -2248,8 +2676,11 @@ def handle_get(arbiter: Arbiter, properties: dict[str, Any]) -> dict[str, Any]:
 
 def handle_set(arbiter: Arbiter, properties: dict[str, Any]) -> dict[str, Any] | Pending:
     watcher = arbiter.get_watcher(properties["name"])
-    values = gather_rlimits({key: _check_json_option(key, value) for key, value
-                             in properties["options"].items()}, watcher.config.rlimits)
+    try:
+        values = gather_prefixed({key: _check_json_option(key, value) for key, value
+                                  in properties["options"].items()}, watcher.config)
+    except ValueError as exc:
+        raise MessageError(str(exc)) from None
     count = values.pop("numprocesses", None)
     config = dataclasses.replace(watcher.config, **values)
     if config.singleton and (count or 0) > 1:
@@ -2359,6 +2790,31 @@ def handle_reloadconfig(arbiter: Arbiter, properties: dict[str, Any]) -> dict[st
     return _when_waiting(properties, lambda: all(w.settled for w in touched), dict)
 
 
+def handle_tail(arbiter: Arbiter, properties: dict[str, Any]) -> dict[str, Any] | Pending:
+    """minisup's own: the last ``lines`` lines a watcher's processes wrote
+    to a captured stream (``stream``: stdout or stderr; default both)."""
+    arbiter.get_watcher(properties["name"])
+    stream = properties.get("stream")
+    if stream not in (None, "stdout", "stderr"):
+        raise MessageError(f"'stream' must be stdout or stderr, not {stream!r}"[:200])
+    if arbiter.pump is None:
+        return {"lines": []}
+    answer: list[list[str]] = []
+
+    def reply(lines: list[str]) -> None:  # on the output thread
+        answer.append(lines)
+        arbiter.wake()
+    arbiter.pump.tail(properties["name"].lower(), properties.get("lines", 10), stream, reply)
+    return Pending(lambda: bool(answer), lambda: {"lines": answer[0]})
+
+
+def handle_reopen(arbiter: Arbiter, properties: dict[str, Any]) -> dict[str, Any]:
+    """minisup's own: reopen every log file (as SIGUSR1 does)."""
+    if arbiter.pump is not None:
+        arbiter.pump.reopen()
+    return {}
+
+
 def handle_kill_everything(arbiter: Arbiter, properties: dict[str, Any]) -> dict[str, Any]:
     """Not on the wire: the CLI's answer to a second Ctrl-C."""
     logger.warning("second quit signal: SIGKILL to every child")
@@ -2393,6 +2849,8 @@ COMMANDS: dict[str, Command] = {
     "dstats": Command(handle_dstats),
     "listsockets": Command(handle_listsockets),
     "globaloptions": Command(handle_globaloptions, (), ("option",)),
+    "tail": Command(handle_tail, ("name",), ("lines", "stream")),
+    "reopen": Command(handle_reopen),
 }
 
 
@@ -2675,6 +3133,7 @@ class Daemon:
         self.endpoint = config.endpoint
         self.arbiter = Arbiter(config, clock)
         self.arbiter.subreaper = subreaper
+        self.pump = self.arbiter.pump = Pump()
         self._started = self._stopped = False
         self._client: Client | None = None
 
@@ -2697,6 +3156,7 @@ class Daemon:
         self._started = True
         for message in self.config.warnings:
             logger.warning("%s", message)
+        self._output_thread = self._thread(self.pump.run, "output")
         self._context = zmq.Context()
         self.controller = Controller(self._context, self.config, self.arbiter.submit)
         self._controller_thread = self._thread(self.controller.run, "controller")
@@ -2739,6 +3199,8 @@ class Daemon:
             key: getattr(self.controller, key)
             for key in ("endpoint", "pubsub_endpoint", "multicast_endpoint")}
         self.arbiter.on_event = self.controller.publish
+        if self.controller.pubsub_endpoint:
+            self.pump.publish = self.controller.publish
 
     def _thread(self, target: Callable[[], None], role: str) -> threading.Thread:
         thread = threading.Thread(target=target, name=f"minisup-{role}", daemon=True)
@@ -2796,6 +3258,7 @@ class Daemon:
         self._stopped = True
         if not self._started:
             self.arbiter.close()
+            self.pump.close()
             return
         if self._worker_thread.is_alive():
             self.request_quit()
@@ -2807,6 +3270,8 @@ class Daemon:
         if self._client is not None:
             self._client.close()
         self.arbiter.close()
+        self.pump.stop()  # after the worker: every pipe is drained by now
+        self._output_thread.join()
         self._context.term()
 
 
@@ -2919,10 +3384,13 @@ CTL_COMMANDS: dict[str, tuple[str, tuple[str, ...]]] = {
     "listsockets": ("list the sockets the daemon bound", ()),
     "globaloptions": ("show the daemon's options", ("option?",)),
     "listen": ("print events as they are published, until Ctrl-C", ("topics*",)),
+    "tail": ("print the last lines a watcher wrote (minisup's own)",
+             ("name", "--lines=", "--stream=", "--follow")),
+    "reopen": ("reopen every log file (minisup's own)", ()),
     "quit": ("stop every process and the daemon", ("--waiting",)),
 }
 ARG_TYPES: dict[str, Callable[[str], Any]] = {
-    "nb": int, "pid": int, "process": int, "graceful_timeout": float}
+    "nb": int, "pid": int, "process": int, "graceful_timeout": float, "lines": int}
 
 #: Exit codes, as circusctl's: scripts written for it keep working.
 EXIT_OK, EXIT_NO_ANSWER, EXIT_USAGE, EXIT_ERROR_REPLY = 0, 1, 2, 3
@@ -3017,7 +3485,11 @@ def run_ctl(args: argparse.Namespace) -> int:
         try:
             if args.command == "listen":
                 return listen(client, properties.get("topics") or [""])
+            follow = properties.pop("follow", False)
             reply = client.call(args.command, **properties)
+            if follow and reply.get("status") == "ok":
+                print("\n".join(reply["lines"]), flush=True)
+                return listen(client, [f"watcher.{args.name.lower()}.output"], raw=True)
         except CallError as exc:
             print(f"minisup: {exc}", file=sys.stderr)
             return EXIT_NO_ANSWER
@@ -3030,8 +3502,9 @@ def run_ctl(args: argparse.Namespace) -> int:
     return EXIT_ERROR_REPLY if reply.get("status") == "error" else EXIT_OK
 
 
-def listen(client: Client, topics: list[str]) -> int:
-    """Print each event published under ``topics`` until interrupted."""
+def listen(client: Client, topics: list[str], raw: bool = False) -> int:
+    """Print each event published under ``topics`` until interrupted;
+    ``raw``: only the ``data`` of output events, as the child wrote it."""
     endpoint = client.call("globaloptions")["options"].get("pubsub_endpoint")
     if not endpoint:
         print("minisup: the daemon publishes no events (set pubsub_endpoint)",
@@ -3046,7 +3519,11 @@ def listen(client: Client, topics: list[str]) -> int:
     try:
         while True:
             topic, body = sub.recv_multipart()
-            print(f"{topic.decode()}: {body.decode()}", flush=True)
+            if raw:
+                sys.stdout.write(json.loads(body)["data"])
+                sys.stdout.flush()
+            else:
+                print(f"{topic.decode()}: {body.decode()}", flush=True)
     except KeyboardInterrupt:
         return EXIT_OK
     finally:
@@ -3084,6 +3561,8 @@ def format_reply(reply: dict[str, Any]) -> str:
     for key in ("numprocesses", "numwatchers"):
         if key in reply:
             return str(reply[key])
+    if "lines" in reply:
+        return "\n".join(reply["lines"])
     if "options" in reply:
         return "\n".join(f"{k}: {_option_text(k, v)}" for k, v in reply["options"].items())
     if "sockets" in reply:
@@ -3157,6 +3636,7 @@ def install_signal_handlers(daemon: Daemon) -> None:
         signal.signal(signum, on_quit)
     signal.signal(signal.SIGHUP, lambda signum, frame: daemon.request_reload())
     signal.signal(signal.SIGCHLD, lambda signum, frame: daemon.arbiter.notice_child_exit())
+    signal.signal(signal.SIGUSR1, lambda signum, frame: daemon.pump.reopen())
 
 
 def run_daemon(args: argparse.Namespace) -> int:

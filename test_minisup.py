@@ -950,7 +950,7 @@ def test_daemon_stop_is_idempotent_and_a_context_manager(tmp_path):
     text = f"[circus]\nendpoint = ipc://{tmp_path}/c.sock\n" + sleepers(n=2)
     with minisup.Daemon.from_ini(text) as daemon:
         pids = daemon.client.call("list", name="web")["pids"]
-        assert sorted(minisup_threads()) == ["minisup-controller", "minisup-worker"]
+        assert sorted(minisup_threads()) == ["minisup-controller", "minisup-output", "minisup-worker"]
     daemon.stop()
     assert not any(alive(p) for p in pids)
     assert not (tmp_path / "c.sock").exists()
@@ -1384,7 +1384,7 @@ def test_malformed_requests_get_their_own_error(make_daemon, body, errno, reason
     assert reason in reply["reason"]
     assert isinstance(reply["time"], float) and "tb" in reply
     assert daemon.client.call("numwatchers")["numwatchers"] == 1
-    assert sorted(minisup_threads()) == ["minisup-controller", "minisup-worker"]
+    assert sorted(minisup_threads()) == ["minisup-controller", "minisup-output", "minisup-worker"]
 
 
 def test_error_reply_echoes_the_id_when_it_can(make_daemon):
