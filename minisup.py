@@ -1232,6 +1232,24 @@ SPLIT_MARK = b" [minisup: line split]\n"
 ROTATE_SECONDS = {"s": 1, "m": 60, "h": 3600, "d": 86400}
 
 
+def split_long_lines(data: bytes, limit: int) -> bytes:
+    """Cut every line of ``data`` longer than ``limit`` with SPLIT_MARK.
+
+    Checks a window of ``limit`` bytes at a time, so ordinary output costs
+    a search or two per chunk, not one per line.
+    """
+    start, parts = 0, []
+    while len(data) - start > limit:
+        newline = data.rfind(b"\n", start, start + limit + 1)
+        if newline < 0:
+            parts += [data[start:start + limit], SPLIT_MARK]
+            start += limit
+        else:
+            parts.append(data[start:newline + 1])
+            start = newline + 1
+    return b"".join([*parts, data[start:]]) if parts else data
+
+
 class Sink:
     """Where one watcher's stdout or stderr goes: a file (FileStream with
     ``max_bytes`` rotation, TimedRotatingFileStream, WatchedFileStream that
@@ -1246,6 +1264,7 @@ class Sink:
         self.open()
 
     def open(self) -> None:
+        self.rollover_at: float | None = None
         if self.kind == "stdoutstream":
             self.fd, self.rotatable, self.size = os.dup(1), False, 0
             return
@@ -1255,8 +1274,8 @@ class Sink:
         self.identity, self.size = (info.st_dev, info.st_ino), info.st_size
         # Never rotate a FIFO or /dev/stdout (supervisord's "Illegal seek").
         self.rotatable = stat.S_ISREG(info.st_mode)
-        self.rollover_at = (self._next_rollover(time.time())
-                            if self.kind == "timedrotatingfilestream" else None)
+        if self.kind == "timedrotatingfilestream":
+            self.rollover_at = self._next_rollover(time.time())
 
     def close(self) -> None:
         os.close(self.fd)
@@ -1414,13 +1433,24 @@ class Pump:
         try:
             while self._running:
                 for key, _ in self._selector.select():
-                    if key.data is None:
-                        self._waker.drain()
-                        self._run_tasks()
-                    else:
-                        self._read(key.data)
+                    self._serve(key.data)
         finally:
             self.close()
+
+    def _serve(self, pipe: Pipe | None) -> None:
+        # A bug here must not stop the capture of every other child, nor
+        # leave the worker waiting for a drain: log it, drop that pipe.
+        try:
+            if pipe is None:
+                self._waker.drain()
+                self._run_tasks()
+            else:
+                self._read(pipe)
+        except Exception:
+            logger.exception("output thread: %s failed", pipe or "a task")
+            if pipe is not None:
+                with contextlib.suppress(Exception):
+                    self._finish(pipe)
 
     def close(self) -> None:
         """Write what is left, close every pipe and file; on the output
@@ -1480,7 +1510,7 @@ class Pump:
             return False
         data = pipe.partial + data if pipe.partial else data
         end = data.rfind(b"\n") + 1
-        lines, pipe.partial = data[:end], data[end:]
+        lines, pipe.partial = split_long_lines(data[:end], pipe.max_line), data[end:]
         while len(pipe.partial) > pipe.max_line:
             lines += pipe.partial[:pipe.max_line] + SPLIT_MARK
             pipe.partial = pipe.partial[pipe.max_line:]
@@ -1510,14 +1540,16 @@ class Pump:
         pipe.fd = -1
 
     def _drain(self, pid: int, done: Callable[[], None]) -> None:
-        for key in list(self._selector.get_map().values()):
-            pipe = key.data
-            if pipe is not None and pipe.pid == pid:
-                # A descendant may still hold the pipe open: take what is
-                # there now and keep reading the rest as it comes.
-                while self._read(pipe):
-                    pass
-        done()
+        try:
+            for key in list(self._selector.get_map().values()):
+                pipe = key.data
+                if pipe is not None and pipe.pid == pid:
+                    # A descendant may still hold the pipe open: take what
+                    # is there now and keep reading the rest as it comes.
+                    while self._read(pipe):
+                        pass
+        finally:
+            done()  # the worker waits for this to report the death
 
     def _tail(self, name: str, count: int, stream: str | None,
               reply: Callable[[list[str]], None]) -> None:

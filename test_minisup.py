@@ -1471,10 +1471,11 @@ def cli_daemon(tmp_path):
     """A daemon run by the CLI in its own process, on its own endpoint."""
     procs = []
 
-    def start(body):
+    def start(body, **global_options):
         endpoint = f"ipc://{tmp_path}/cli.sock"
         ini = tmp_path / "app.ini"
-        ini.write_text(f"[circus]\nendpoint = {endpoint}\n" + textwrap.dedent(body))
+        options = "".join(f"{k} = {v}\n" for k, v in global_options.items())
+        ini.write_text(f"[circus]\nendpoint = {endpoint}\n{options}" + textwrap.dedent(body))
         proc = spawn_cli(tmp_path, "run", str(ini))
         procs.append(proc)
         client = minisup.Client(endpoint, timeout=1.0)
@@ -1769,6 +1770,307 @@ def test_pid_1_in_a_container_reaps_orphans_and_stops_on_sigterm(tmp_path):
             outer.kill()
             outer.wait()
     assert pids
+
+
+# ====================================================== output capture ======
+
+WRITER = """
+import os, sys
+count, size = int(sys.argv[1]), int(sys.argv[2])
+out = os.fdopen(1, "wb", buffering=1 << 16)
+pad = b"x" * size
+for n in range(count):
+    out.write(b"%d %d " % (os.getpid(), n) + pad + b"\\n")
+out.flush()
+"""
+
+
+def writer(tmp_path, count, size=10, numprocesses=1, extra="", target=None):
+    """A watcher whose processes each write ``count`` numbered lines, then exit."""
+    script = tmp_path / "writer.py"
+    script.write_text(WRITER)
+    return (f"[watcher:w]\ncmd = {PY} {script} {count} {size}\nnumprocesses = {numprocesses}\n"
+            f"restart = never\nstdout_stream.class = FileStream\n"
+            f"stdout_stream.filename = {target or tmp_path / 'out.log'}\n{extra}\n")
+
+
+def log_lines(tmp_path, name="out.log"):
+    """Every line of a log and its backups, oldest file first."""
+    files = sorted(tmp_path.glob(name + ".*"), key=lambda p: -int(p.suffix[1:]))
+    return [line for path in [*files, tmp_path / name] if path.exists()
+            for line in path.read_bytes().splitlines(keepends=True)]
+
+
+def finished(daemon, name="w"):
+    return lambda: daemon.client.call("status", name=name)["status"] == "stopped"
+
+
+def check_numbered(lines, processes, count):
+    """``processes`` pids each wrote lines 0..count-1, once each, in order."""
+    by_pid = {}
+    for line in lines:
+        pid, number = line.split()[:2]
+        by_pid.setdefault(int(pid), []).append(int(number))
+    assert len(by_pid) == processes
+    assert all(numbers == list(range(count)) for numbers in by_pid.values())
+
+
+def test_file_stream_keeps_every_byte_of_both_streams(make_daemon, tmp_path):
+    code = ("import os, sys; os.write(1, b'one\\n\\xff\\xfe binary\\nlast words'); "
+            "os.write(2, b'an error\\n')")
+    daemon = make_daemon(f"""
+        [watcher:w]
+        cmd = {py_cmd(code)}
+        restart = never
+        stdout_stream.class = circus.stream.FileStream
+        stdout_stream.filename = {tmp_path}/out.log
+        stderr_stream.class = FileStream
+        stderr_stream.filename = {tmp_path}/err.log
+        """)
+    wait_for(finished(daemon))
+    assert (tmp_path / "out.log").read_bytes() == b"one\n\xff\xfe binary\nlast words\n"
+    assert (tmp_path / "err.log").read_bytes() == b"an error\n"
+
+
+def test_rotation_by_size_keeps_every_line_once_and_whole(make_daemon, tmp_path):
+    daemon = make_daemon(writer(tmp_path, 20000, 90, extra=(
+        "stdout_stream.max_bytes = 100000\nstdout_stream.backup_count = 50")))
+    wait_for(finished(daemon))
+    backups = list(tmp_path.glob("out.log.*"))
+    assert len(backups) >= 18 and all(p.stat().st_size <= 100000 for p in backups)
+    lines = log_lines(tmp_path)
+    assert all(line.endswith(b"x\n") for line in lines)
+    check_numbered(lines, 1, 20000)
+
+
+def test_rotation_keeps_backup_count_files(make_daemon, tmp_path):
+    daemon = make_daemon(writer(tmp_path, 5000, 90, extra=(
+        "stdout_stream.max_bytes = 50000\nstdout_stream.backup_count = 2")))
+    wait_for(finished(daemon))
+    assert sorted(p.name for p in tmp_path.glob("out.log*")) == [
+        "out.log", "out.log.1", "out.log.2"]
+
+
+def test_a_hundred_chatty_children_lose_nothing(make_daemon, tmp_path):
+    daemon = make_daemon(writer(tmp_path, 2000, 20, numprocesses=100))
+    wait_for(finished(daemon), timeout=60)
+    check_numbered(log_lines(tmp_path), 100, 2000)
+
+
+def test_a_child_killed_mid_line_keeps_its_partial_line(make_daemon, tmp_path):
+    code = "import os, time; os.write(1, b'whole\\nhalf a li'); time.sleep(1000)"
+    daemon = make_daemon(f"""
+        [watcher:w]
+        cmd = {py_cmd(code)}
+        stdout_stream.class = FileStream
+        stdout_stream.filename = {tmp_path}/out.log
+        """)
+    (pid,) = daemon.client.call("list", name="w")["pids"]
+    wait_for(lambda: daemon.client.call("tail", name="w")["lines"] == ["whole"])
+    os.kill(pid, signal.SIGKILL)
+    wait_for(lambda: (tmp_path / "out.log").read_bytes() == b"whole\nhalf a li\n")
+
+
+def test_over_long_lines_are_split_with_a_mark(make_daemon, tmp_path):
+    code = "import os; os.write(1, b'a' * 250 + b'\\nshort\\n')"
+    daemon = make_daemon(f"""
+        [watcher:w]
+        cmd = {py_cmd(code)}
+        restart = never
+        max_line = 100
+        stdout_stream.class = FileStream
+        stdout_stream.filename = {tmp_path}/out.log
+        """)
+    wait_for(finished(daemon))
+    mark = b" [minisup: line split]\n"
+    assert (tmp_path / "out.log").read_bytes() == (
+        b"a" * 100 + mark + b"a" * 100 + mark + b"a" * 50 + b"\nshort\n")
+
+
+def test_time_format_prefixes_each_line(make_daemon, tmp_path):
+    code = "import os; os.write(1, b'first\\nsecond\\n')"
+    daemon = make_daemon(f"""
+        [watcher:w]
+        cmd = {py_cmd(code)}
+        restart = never
+        stdout_stream.class = FileStream
+        stdout_stream.filename = {tmp_path}/out.log
+        stdout_stream.time_format = %Y-%m-%d
+        """)
+    wait_for(finished(daemon))
+    day = time.strftime("%Y-%m-%d")
+    assert (tmp_path / "out.log").read_text() == f"{day} first\n{day} second\n"
+
+
+def test_stdout_stream_prefixes_name_and_pid(make_daemon, capfd):
+    code = "import os; os.write(1, b'hello\\nworld\\n')"
+    daemon = make_daemon(f"""
+        [watcher:w]
+        cmd = {py_cmd(code)}
+        restart = never
+        stdout_stream.class = StdoutStream
+        """)
+    wait_for(finished(daemon))
+    pid = daemon.client.call("stats", name="w")  # any reply: the lines are out
+    out = capfd.readouterr().out
+    assert re.search(r"^w\.(\d+) \| hello\nw\.\1 \| world$", out, re.MULTILINE), out
+    assert pid["status"] == "ok"
+
+
+def test_watched_file_stream_recreates_a_deleted_log(make_daemon, tmp_path):
+    code = "import os, time; [(os.write(1, b'%d\\n' % n), time.sleep(0.01)) for n in range(10**6)]"
+    daemon = make_daemon(f"""
+        [watcher:w]
+        cmd = {py_cmd(code)}
+        stdout_stream.class = WatchedFileStream
+        stdout_stream.filename = {tmp_path}/out.log
+        """)
+    log = tmp_path / "out.log"
+    wait_for(lambda: log.exists() and log.stat().st_size > 0)
+    log.unlink()
+    wait_for(lambda: log.exists() and len(log.read_text().splitlines()) > 2,
+             what="the deleted log to come back")
+    daemon.client.call("stop", name="w", waiting=True)
+
+
+def test_reopen_after_logrotate_moved_the_file(make_daemon, tmp_path):
+    code = "import os, time; [(os.write(1, b'tick\\n'), time.sleep(0.01)) for n in range(10**6)]"
+    daemon = make_daemon(f"""
+        [watcher:w]
+        cmd = {py_cmd(code)}
+        stdout_stream.class = FileStream
+        stdout_stream.filename = {tmp_path}/out.log
+        """)
+    log, moved = tmp_path / "out.log", tmp_path / "out.log.moved"
+    wait_for(lambda: log.exists() and log.stat().st_size > 0)
+    log.rename(moved)
+    assert daemon.client.call("reopen")["status"] == "ok"
+    wait_for(lambda: log.exists() and log.stat().st_size > 0, what="a new log file")
+    size = moved.stat().st_size
+    wait_for(lambda: log.stat().st_size > 50)
+    assert moved.stat().st_size == size  # nothing more goes to the old file
+    daemon.client.call("stop", name="w", waiting=True)
+
+
+def test_timed_rotation_renames_with_a_timestamp(make_daemon, tmp_path):
+    code = "import os, time; [(os.write(1, b'%d\\n' % n), time.sleep(0.01)) for n in range(150)]"
+    daemon = make_daemon(f"""
+        [watcher:w]
+        cmd = {py_cmd(code)}
+        restart = never
+        stdout_stream.class = TimedRotatingFileStream
+        stdout_stream.filename = {tmp_path}/out.log
+        stdout_stream.rotate_when = S
+        stdout_stream.rotate_interval = 1
+        stdout_stream.backup_count = 10
+        """)
+    wait_for(finished(daemon))
+    backups = sorted(tmp_path.glob("out.log.*"))
+    assert backups and all(re.fullmatch(r"out\.log\.\d{4}-\d\d-\d\d_\d\d-\d\d-\d\d", p.name)
+                           for p in backups)
+    lines = [line for p in [*backups, tmp_path / "out.log"] for line in p.read_text().split()]
+    assert lines == [str(n) for n in range(150)]
+
+
+def test_a_fifo_target_is_never_rotated(make_daemon, tmp_path):
+    fifo = tmp_path / "fifo"
+    os.mkfifo(fifo)
+    reader = os.open(fifo, os.O_RDONLY | os.O_NONBLOCK)
+    try:
+        daemon = make_daemon(writer(tmp_path, 50, 10, target=fifo, extra=(
+            "stdout_stream.max_bytes = 100\nstdout_stream.backup_count = 3")))
+        wait_for(finished(daemon))
+        data = os.read(reader, 65536)  # the sink holds it open: no EOF
+    finally:
+        os.close(reader)
+    assert len(data.splitlines()) == 50 and not list(tmp_path.glob("fifo.*"))
+
+
+def test_tail_returns_the_last_lines(make_daemon, tmp_path):
+    code = "import os; os.write(1, b''.join(b'%d\\n' % n for n in range(50))); os.write(2, b'oops\\n')"
+    daemon = make_daemon(f"""
+        [watcher:w]
+        cmd = {py_cmd(code)}
+        restart = never
+        tail_lines = 20
+        stdout_stream.class = FileStream
+        stdout_stream.filename = {tmp_path}/out.log
+        stderr_stream.class = FileStream
+        stderr_stream.filename = {tmp_path}/err.log
+        """)
+    wait_for(finished(daemon))
+    call = daemon.client.call
+    assert call("tail", name="w", lines=3, stream="stdout")["lines"] == ["47", "48", "49"]
+    assert call("tail", name="w", lines=2)["lines"] in (["49", "oops"], ["oops", "49"])
+    assert call("tail", name="w", lines=100, stream="stdout")["lines"] == [
+        str(n) for n in range(31, 50)]
+    assert call("tail", name="w", stream="stderr")["lines"] == ["oops"]
+    assert call("tail", name="w", stream="stdin")["errno"] == 3
+    assert call("tail", name="nope")["errno"] == 3
+
+
+def test_output_is_written_before_the_reap_is_told(make_daemon, tmp_path):
+    code = "import os; os.write(1, b'last words\\n')"
+    daemon = make_daemon(f"""
+        [watcher:w]
+        cmd = {py_cmd(code)}
+        autostart = false
+        restart = never
+        stdout_stream.class = FileStream
+        stdout_stream.filename = {tmp_path}/out.log
+        """, pubsub_endpoint=f"ipc://{tmp_path}/pub.sock")
+    with subscriber(daemon) as sub:
+        sub.setsockopt(zmq.SUBSCRIBE, b"")
+        daemon.client.call("start", name="w")
+        events = drain_events(sub, lambda e: any(t.endswith(".reap") for t, _ in e))
+    topics = [t for t, _ in events if t.endswith((".output", ".reap"))]
+    assert topics == ["watcher.w.output", "watcher.w.reap"]
+    assert events[[t for t, _ in events].index("watcher.w.output")][1]["data"] == "last words\n"
+
+
+def test_ctl_tail_prints_and_follows(cli_daemon, tmp_path):
+    code = ("import os, time; "
+            "[(os.write(1, b'line %d\\n' % n), time.sleep(0.02)) for n in range(10**6)]")
+    _, client = cli_daemon(f"""
+        [watcher:w]
+        cmd = {py_cmd(code)}
+        stdout_stream.class = FileStream
+        stdout_stream.filename = {tmp_path}/out.log
+        """, pubsub_endpoint=f"ipc://{tmp_path}/pub.sock")
+    endpoint = client.endpoint
+    wait_for(lambda: len(client.call("tail", name="w", lines=5)["lines"]) == 5)
+    result = subprocess.run([PY, "-m", "minisup", "ctl", "--endpoint", endpoint, "tail", "w",
+                             "--lines", "2"], capture_output=True, text=True, timeout=60,
+                            check=False, cwd=os.path.dirname(minisup.__file__))
+    assert result.returncode == 0 and re.fullmatch(r"line \d+\nline \d+\n", result.stdout)
+    follower = subprocess.Popen([PY, "-m", "minisup", "ctl", "--endpoint", endpoint, "tail",
+                                 "w", "--follow"], stdout=subprocess.PIPE, text=True,
+                                cwd=os.path.dirname(minisup.__file__))
+    try:
+        seen = [follower.stdout.readline() for _ in range(20)]
+    finally:
+        follower.send_signal(signal.SIGINT)
+        follower.wait(DEADLINE)
+        follower.stdout.close()
+    numbers = [int(line.split()[1]) for line in seen]
+    assert numbers == list(range(numbers[0], numbers[0] + 20))
+
+
+def test_stream_options_are_checked():
+    config = minisup.parse_config("[watcher:w]\ncmd = x\nstdout_stream.class = FileStream\n"
+                                  "stdout_stream.filename = /tmp/o\nstdout_stream.max_bytes = 10\n")
+    assert config.watchers[0].stdout_stream == {
+        "class": "filestream", "filename": "/tmp/o", "max_bytes": 10}
+    for text, message in [
+        ("stdout_stream.filename = /tmp/o\n", "stdout_stream needs a class"),
+        ("stdout_stream.class = FileStream\n", "stdout_stream needs a filename"),
+        ("stderr_stream.class = Syslog\n", "use one of filestream"),
+        ("stdout_stream.rotate_when = X\n", "use one of s, m, h"),
+    ]:
+        with pytest.raises(minisup.ConfigError, match=re.escape(message)):
+            minisup.parse_config("[watcher:w]\ncmd = x\n" + text)
+    with pytest.raises(minisup.MessageError, match="'stdout_stream' has no option 'colour'"):
+        minisup.watcher_config_from_json("w", "x", None, {"stdout_stream": {"colour": 1}})
 
 
 # ================================================================== CLI ======
