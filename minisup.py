@@ -54,6 +54,7 @@ __version__ = "0.1.0"
 
 import argparse
 import collections
+import concurrent.futures
 import configparser
 import contextlib
 import ctypes
@@ -347,16 +348,6 @@ def _json_int(minimum: int) -> Callable[[Any], int]:
     return check
 
 
-def _text_int(minimum: int) -> Callable[[str], int]:
-    def parse(text: str) -> int:
-        try:
-            value = int(text.strip())
-        except ValueError:
-            raise ValueError("not an integer") from None
-        return _json_int(minimum)(value)
-    return parse
-
-
 def _json_seconds(value: Any) -> float:
     if not (_is_int(value) or isinstance(value, float)):
         raise ValueError("isn't a number")
@@ -365,12 +356,16 @@ def _json_seconds(value: Any) -> float:
     return float(value)
 
 
-def _text_seconds(text: str) -> float:
-    try:
-        value = float(text.strip())
-    except ValueError:
-        raise ValueError("not a number of seconds") from None
-    return _json_seconds(value)
+def _from_text(convert: Callable[[str], Any], what: str,
+               check: Callable[[Any], Any]) -> Kind:
+    """A Kind whose INI text is ``convert``-ed, then checked as JSON is."""
+    def parse(text: str) -> Any:
+        try:
+            value = convert(text.strip())
+        except ValueError:
+            raise ValueError(f"not {what}") from None
+        return check(value)
+    return Kind(parse, check)
 
 
 def _json_bool(value: Any) -> bool:
@@ -426,17 +421,10 @@ def _id_parser(lookup: Callable[[Any], Any], field: str,
     return parse
 
 
-def _text_octal(text: str) -> int:
-    try:
-        return int(text.strip(), 8)
-    except ValueError:
-        raise ValueError("not an octal number") from None
-
-
-INT = Kind(_text_int(-2**63), _json_int(-2**63))
-COUNT = Kind(_text_int(0), _json_int(0))
-RETRIES = Kind(_text_int(-1), _json_int(-1))
-SECONDS = Kind(_text_seconds, _json_seconds)
+INT = _from_text(int, "an integer", _json_int(-2**63))
+COUNT = _from_text(int, "an integer", _json_int(0))
+RETRIES = _from_text(int, "an integer", _json_int(-1))
+SECONDS = _from_text(float, "a number of seconds", _json_seconds)
 BOOL = Kind(parse_bool, _json_bool)
 STR = Kind(str.strip, _json_str)
 SIGNAL = Kind(parse_signal, _json_signal)
@@ -446,7 +434,7 @@ _uid = _id_parser((pwd.getpwuid, pwd.getpwnam), "pw_uid", "user")
 _gid = _id_parser((grp.getgrgid, grp.getgrnam), "gr_gid", "group")
 USER = Kind(_uid, _uid)
 GROUP = Kind(_gid, _gid)
-OCTAL = Kind(_text_octal, _json_int(0))
+OCTAL = _from_text(functools.partial(int, base=8), "an octal number", _json_int(0))
 
 
 def _json_rlimit(value: Any) -> int | None:
@@ -575,7 +563,7 @@ GLOBAL_OPTIONS: dict[str, Kind] = {
 
 #: ``[socket:NAME]`` options: name -> kind.
 SOCKET_OPTIONS: dict[str, Kind] = {
-    "host": STR, "port": Kind(_text_int(0), _json_int(0)), "path": STR,
+    "host": STR, "port": COUNT, "path": STR,
     "family": STR, "type": STR, "backlog": COUNT, "umask": OCTAL,
     "replace": BOOL, "so_reuseport": BOOL,
 }
@@ -2644,24 +2632,12 @@ def _resize(arbiter: Arbiter, properties: dict[str, Any],
     return reply
 
 
-def handle_incr(arbiter: Arbiter, properties: dict[str, Any]) -> dict[str, Any] | Pending:
-    return _resize(arbiter, properties, +1)
-
-
-def handle_decr(arbiter: Arbiter, properties: dict[str, Any]) -> dict[str, Any] | Pending:
-    return _resize(arbiter, properties, -1)
-
-
 def handle_numprocesses(arbiter: Arbiter, properties: dict[str, Any]) -> dict[str, Any]:
     name = properties.get("name")
     if name is not None:  # as Circus: live processes, and the name as asked
         return {"numprocesses": len(arbiter.get_watcher(name).processes),
                 "watcher_name": name}
     return {"numprocesses": sum(w.numprocesses for w in arbiter.watchers.values())}
-
-
-def handle_numwatchers(arbiter: Arbiter, properties: dict[str, Any]) -> dict[str, Any]:
-    return {"numwatchers": len(arbiter.watchers)}
 
 
 def handle_add(arbiter: Arbiter, properties: dict[str, Any]) -> dict[str, Any] | Pending:
@@ -2692,10 +2668,6 @@ def handle_rm(arbiter: Arbiter, properties: dict[str, Any]) -> dict[str, Any] | 
 def handle_quit(arbiter: Arbiter, properties: dict[str, Any]) -> dict[str, Any] | Pending:
     arbiter.begin_quit()
     return _when_waiting(properties, lambda: arbiter.quit_finished, dict)
-
-
-def handle_options(arbiter: Arbiter, properties: dict[str, Any]) -> dict[str, Any]:
-    return {"options": arbiter.get_watcher(properties["name"]).options()}
 
 
 def handle_get(arbiter: Arbiter, properties: dict[str, Any]) -> dict[str, Any]:
@@ -2797,14 +2769,6 @@ def handle_stats(arbiter: Arbiter, properties: dict[str, Any]) -> dict[str, Any]
     return {"name": name, "info": {p.pid: info(p) for p in watcher.processes.values()}}
 
 
-def handle_dstats(arbiter: Arbiter, properties: dict[str, Any]) -> dict[str, Any]:
-    return {"info": process_stats(os.getpid())}
-
-
-def handle_listsockets(arbiter: Arbiter, properties: dict[str, Any]) -> dict[str, Any]:
-    return {"sockets": arbiter.socket_infos()}
-
-
 def handle_globaloptions(arbiter: Arbiter, properties: dict[str, Any]) -> dict[str, Any]:
     options = {**arbiter.config.global_options(), **arbiter.bound_endpoints}
     wanted = properties.get("option")
@@ -2862,15 +2826,16 @@ COMMANDS: dict[str, Command] = {
     "stop": Command(handle_stop, (), ("name", "match", "waiting")),
     "restart": Command(handle_restart, (), ("name", "match", "waiting")),
     "reload": Command(handle_reload, (), ("name", "graceful", "sequential", "waiting")),
-    "incr": Command(handle_incr, ("name",), ("nb", "waiting")),
-    "decr": Command(handle_decr, ("name",), ("nb", "waiting")),
+    "incr": Command(functools.partial(_resize, sign=+1), ("name",), ("nb", "waiting")),
+    "decr": Command(functools.partial(_resize, sign=-1), ("name",), ("nb", "waiting")),
     "numprocesses": Command(handle_numprocesses, (), ("name",)),
-    "numwatchers": Command(handle_numwatchers),
+    "numwatchers": Command(lambda arbiter, _: {"numwatchers": len(arbiter.watchers)}),
     "add": Command(handle_add, ("name", "cmd"), ("args", "options", "start", "waiting")),
     "rm": Command(handle_rm, ("name",), ("nostop", "waiting")),
     "quit": Command(handle_quit, (), ("waiting",)),
     "reloadconfig": Command(handle_reloadconfig, (), ("waiting",)),
-    "options": Command(handle_options, ("name",)),
+    "options": Command(lambda arbiter, properties: {
+        "options": arbiter.get_watcher(properties["name"]).options()}, ("name",)),
     "get": Command(handle_get, ("name", "keys")),
     "set": Command(handle_set, ("name", "options"), ("waiting",)),
     "signal": Command(handle_signal, ("name", "signum"),
@@ -2878,8 +2843,8 @@ COMMANDS: dict[str, Command] = {
     "kill": Command(handle_kill, ("name",),
                     ("pid", "signum", "graceful_timeout", "waiting")),
     "stats": Command(handle_stats, (), ("name", "process", "extended")),
-    "dstats": Command(handle_dstats),
-    "listsockets": Command(handle_listsockets),
+    "dstats": Command(lambda arbiter, _: {"info": process_stats(os.getpid())}),
+    "listsockets": Command(lambda arbiter, _: {"sockets": arbiter.socket_infos()}),
     "globaloptions": Command(handle_globaloptions, (), ("option",)),
     "tail": Command(handle_tail, ("name",), ("lines", "stream")),
     "reopen": Command(handle_reopen),
@@ -3133,18 +3098,6 @@ def _ignore_reply(outcome: Outcome) -> None:
 START_TIMEOUT = 30.0
 
 
-class _Waiter:
-    """Carries one internal job's outcome back to a calling thread."""
-
-    def __init__(self) -> None:
-        self.event = threading.Event()
-        self.outcome: Outcome | None = None
-
-    def __call__(self, outcome: Outcome) -> None:
-        self.outcome = outcome
-        self.event.set()
-
-
 class Daemon:
     """A whole supervisor inside this process: a controller thread and a
     worker thread around one ``Config``.
@@ -3249,13 +3202,16 @@ class Daemon:
              timeout: float | None = None) -> dict[str, Any]:
         """Run a command handler on the worker and wait for its outcome;
         raise its MinisupError, or CallError on timeout."""
-        waiter = _Waiter()
-        self.arbiter.submit(Job(handler.__name__, handler, properties or {}, waiter))
-        if not waiter.event.wait(timeout):
-            raise CallError(f"{handler.__name__} did not finish in {timeout}s")
-        if isinstance(waiter.outcome, MinisupError):
-            raise waiter.outcome
-        return waiter.outcome or {}
+        future: concurrent.futures.Future[Outcome] = concurrent.futures.Future()
+        self.arbiter.submit(Job(handler.__name__, handler, properties or {},
+                                future.set_result))
+        try:
+            outcome = future.result(timeout)
+        except concurrent.futures.TimeoutError:
+            raise CallError(f"{handler.__name__} did not finish in {timeout}s") from None
+        if isinstance(outcome, MinisupError):
+            raise outcome
+        return outcome
 
     def request_quit(self, force: bool = False) -> None:
         """Ask for a graceful quit (``force``: SIGKILL every child now).
@@ -3517,11 +3473,10 @@ def run_ctl(args: argparse.Namespace) -> int:
         try:
             if args.command == "listen":
                 return listen(client, properties.get("topics") or [""])
-            follow = properties.pop("follow", False)
+            if properties.pop("follow", False):
+                return listen(client, [f"watcher.{args.name.lower()}.output"],
+                              first=lambda: client.call("tail", **properties))
             reply = client.call(args.command, **properties)
-            if follow and reply.get("status") == "ok":
-                print("\n".join(reply["lines"]), flush=True)
-                return listen(client, [f"watcher.{args.name.lower()}.output"], raw=True)
         except CallError as exc:
             print(f"minisup: {exc}", file=sys.stderr)
             return EXIT_NO_ANSWER
@@ -3534,9 +3489,14 @@ def run_ctl(args: argparse.Namespace) -> int:
     return EXIT_ERROR_REPLY if reply.get("status") == "error" else EXIT_OK
 
 
-def listen(client: Client, topics: list[str], raw: bool = False) -> int:
-    """Print each event published under ``topics`` until interrupted;
-    ``raw``: only the ``data`` of output events, as the child wrote it."""
+def listen(client: Client, topics: list[str],
+           first: Callable[[], dict[str, Any]] | None = None) -> int:
+    """Print each event published under ``topics`` until interrupted.
+
+    With ``first`` (``tail --follow``): subscribe, print the lines its
+    reply holds, drop what was published meanwhile (those lines are in it),
+    then print each output event's ``data`` as the child wrote it.
+    """
     endpoint = client.call("globaloptions")["options"].get("pubsub_endpoint")
     if not endpoint:
         print("minisup: the daemon publishes no events (set pubsub_endpoint)",
@@ -3549,13 +3509,19 @@ def listen(client: Client, topics: list[str], raw: bool = False) -> int:
         sub.setsockopt(zmq.SUBSCRIBE, topic.encode())
     sub.connect(endpoint)
     try:
+        if first is not None:
+            reply = first()
+            if reply.get("status") != "ok":
+                print(f"error: {reply.get('reason')}", file=sys.stderr)
+                return EXIT_ERROR_REPLY
+            print("\n".join(reply["lines"]), flush=True)
+            while sub.poll(0):
+                sub.recv_multipart()
         while True:
             topic, body = sub.recv_multipart()
-            if raw:
-                sys.stdout.write(json.loads(body)["data"])
-                sys.stdout.flush()
-            else:
-                print(f"{topic.decode()}: {body.decode()}", flush=True)
+            text = json.loads(body)["data"] if first else f"{topic.decode()}: {body.decode()}\n"
+            sys.stdout.write(text)
+            sys.stdout.flush()
     except KeyboardInterrupt:
         return EXIT_OK
     finally:
