@@ -214,11 +214,9 @@ class Waker:
             pass  # a full pipe already guarantees a wake-up
 
     def drain(self) -> None:
-        try:
+        with contextlib.suppress(BlockingIOError):
             while os.read(self.read_fd, 4096):
                 pass
-        except BlockingIOError:
-            pass
 
     def close(self) -> None:
         fds, self.read_fd, self.write_fd = (self.read_fd, self.write_fd), -1, -1
@@ -368,16 +366,15 @@ def _from_text(convert: Callable[[str], Any], what: str,
     return Kind(parse, check)
 
 
-def _json_bool(value: Any) -> bool:
-    if not isinstance(value, bool):
-        raise TypeError("isn't a boolean")
-    return value
+def _json_type(kind: type, name: str) -> Callable[[Any], Any]:
+    def check(value: Any) -> Any:
+        if not isinstance(value, kind):
+            raise TypeError(f"isn't {name}")
+        return value
+    return check
 
 
-def _json_str(value: Any) -> str:
-    if not isinstance(value, str):
-        raise TypeError("isn't a string")
-    return value
+_json_bool, _json_str = _json_type(bool, "a boolean"), _json_type(str, "a string")
 
 
 def _json_signal(value: Any) -> int:
@@ -488,33 +485,6 @@ def _stream_kind(key: str) -> Kind:
 
 STREAM = Kind(_not_in_ini, _json_stream)
 
-#: Watcher options minisup understands: name -> kind.  Defaults live on
-#: WatcherConfig.  ``add`` and the INI reader both go through this table.
-WATCHER_OPTIONS: dict[str, Kind] = {
-    "cmd": STR, "args": ARGS, "numprocesses": COUNT, "working_dir": STR,
-    "shell": BOOL, "copy_env": BOOL, "env": ENV, "graceful_timeout": SECONDS,
-    "stop_signal": SIGNAL, "respawn": BOOL, "autostart": BOOL,
-    "warmup_delay": SECONDS, "priority": INT, "singleton": BOOL,
-    "max_retry": RETRIES, "retry_in": SECONDS, "send_hup": BOOL,
-    "stop_children": BOOL, "use_sockets": BOOL, "uid": USER, "gid": GROUP,
-    "umask": OCTAL, "shell_args": LIST, "executable": STR, "copy_path": BOOL,
-    "close_child_stdin": BOOL, "close_child_stdout": BOOL,
-    "close_child_stderr": BOOL, "stdin_socket": STR, "max_age": SECONDS,
-    "max_age_variance": SECONDS, "restart": _choice("always", "on-failure", "never"),
-    "exit_codes": CODES, "min_uptime": SECONDS, "backoff_delay": SECONDS,
-    "backoff_factor": SECONDS, "backoff_max": SECONDS, "backoff_jitter": SECONDS,
-    "flapping_attempts": COUNT, "flapping_window": SECONDS,
-    "flapping_retry_in": SECONDS, "flapping_max_retry": RETRIES,
-    "stdout_stream": STREAM, "stderr_stream": STREAM, "max_line": COUNT,
-    "tail_lines": COUNT,
-}
-#: Options whose change needs new processes (``set`` reloads gracefully).
-RELOAD_OPTIONS = {"cmd", "args", "env", "working_dir", "shell", "copy_env",
-                  "use_sockets", "uid", "gid", "umask", "shell_args", "executable",
-                  "copy_path", "rlimits", "close_child_stdin", "close_child_stdout",
-                  "close_child_stderr", "stdin_socket", "stdout_stream",
-                  "stderr_stream", "max_line"}
-
 #: Circus options minisup does not implement: refused, never ignored.
 NOT_YET_OPTIONS = {"hooks"}
 NOT_YET_PREFIXES = ("hooks.",)
@@ -554,75 +524,78 @@ def gather_prefixed(values: dict[str, Any], base: WatcherConfig | None = None
     return values
 
 
-#: ``[circus]`` options: name -> kind.
-GLOBAL_OPTIONS: dict[str, Kind] = {
-    "endpoint": STR, "check_delay": SECONDS, "warmup_delay": SECONDS,
-    "loglevel": STR, "logoutput": STR, "pubsub_endpoint": STR,
-    "multicast_endpoint": STR, "endpoint_owner": USER, "guardian": BOOL,
-}
+def meta(kind: Kind | None, reload: bool = False) -> dict[str, Any]:
+    """A config field's metadata: the INI file and ``add``/``set`` read it
+    by ``kind``; ``reload``: changing it needs new processes."""
+    return {"kind": kind, "reload": reload}
 
-#: ``[socket:NAME]`` options: name -> kind.
-SOCKET_OPTIONS: dict[str, Kind] = {
-    "host": STR, "port": COUNT, "path": STR,
-    "family": STR, "type": STR, "backlog": COUNT, "umask": OCTAL,
-    "replace": BOOL, "so_reuseport": BOOL,
-}
+
+def option(kind: Kind | None, default: Any = dataclasses.MISSING, *,
+           reload: bool = False, factory: Any = dataclasses.MISSING) -> Any:
+    """A config field with an immutable default (``meta`` says the rest)."""
+    return dataclasses.field(default=default, default_factory=factory,
+                             metadata=meta(kind, reload))
 
 
 @dataclasses.dataclass
 class WatcherConfig:
-    """What one ``[watcher:NAME]`` section (or an ``add``) asks for."""
+    """What one ``[watcher:NAME]`` section (or an ``add``) asks for: each
+    field's metadata says how it is read, so this is the option table."""
 
     name: str
-    cmd: str
-    args: list[str] = dataclasses.field(default_factory=list)
-    numprocesses: int = 1
-    working_dir: str | None = None
-    shell: bool = False
-    copy_env: bool = False
-    env: dict[str, str] = dataclasses.field(default_factory=dict)
-    graceful_timeout: float = 30.0
-    stop_signal: int = int(signal.SIGTERM)
-    respawn: bool = True
-    autostart: bool = True
-    warmup_delay: float = 0.0
-    priority: int = 0
-    singleton: bool = False
-    max_retry: int = 5
-    retry_in: float = 1.0
-    send_hup: bool = False
-    stop_children: bool = False
-    use_sockets: bool = False
-    uid: int | None = None
-    gid: int | None = None
-    umask: int | None = None
-    shell_args: list[str] = dataclasses.field(default_factory=list)
-    executable: str | None = None
-    copy_path: bool = False
-    rlimits: dict[str, int | None] = dataclasses.field(default_factory=dict)
-    close_child_stdin: bool = True
-    close_child_stdout: bool = False
-    close_child_stderr: bool = False
-    stdin_socket: str | None = None
-    stdout_stream: dict[str, Any] = dataclasses.field(default_factory=dict)
-    stderr_stream: dict[str, Any] = dataclasses.field(default_factory=dict)
-    max_line: int = 65536  # longer lines are split, with a mark
-    tail_lines: int = 1000  # kept in memory for ``tail``
-    max_age: float = 0.0
-    max_age_variance: float = 30.0
+    cmd: str = option(STR, reload=True)
+    args: list[str] = dataclasses.field(default_factory=list, metadata=meta(ARGS, True))
+    numprocesses: int = option(COUNT, 1)
+    working_dir: str | None = option(STR, None, reload=True)
+    shell: bool = option(BOOL, False, reload=True)
+    copy_env: bool = option(BOOL, False, reload=True)
+    env: dict[str, str] = dataclasses.field(default_factory=dict, metadata=meta(ENV, True))
+    graceful_timeout: float = option(SECONDS, 30.0)
+    stop_signal: int = option(SIGNAL, int(signal.SIGTERM))
+    respawn: bool = option(BOOL, True)
+    autostart: bool = option(BOOL, True)
+    warmup_delay: float = option(SECONDS, 0.0)
+    priority: int = option(INT, 0)
+    singleton: bool = option(BOOL, False)
+    max_retry: int = option(RETRIES, 5)
+    retry_in: float = option(SECONDS, 1.0)
+    send_hup: bool = option(BOOL, False)
+    stop_children: bool = option(BOOL, False)
+    use_sockets: bool = option(BOOL, False, reload=True)
+    uid: int | None = option(USER, None, reload=True)
+    gid: int | None = option(GROUP, None, reload=True)
+    umask: int | None = option(OCTAL, None, reload=True)
+    shell_args: list[str] = dataclasses.field(default_factory=list, metadata=meta(LIST, True))
+    executable: str | None = option(STR, None, reload=True)
+    copy_path: bool = option(BOOL, False, reload=True)
+    rlimits: dict[str, int | None] = dataclasses.field(  # from rlimit_NAME options
+        default_factory=dict, metadata=meta(None, True))
+    close_child_stdin: bool = option(BOOL, True, reload=True)
+    close_child_stdout: bool = option(BOOL, False, reload=True)
+    close_child_stderr: bool = option(BOOL, False, reload=True)
+    stdin_socket: str | None = option(STR, None, reload=True)
+    stdout_stream: dict[str, Any] = dataclasses.field(default_factory=dict,
+                                                      metadata=meta(STREAM, True))
+    stderr_stream: dict[str, Any] = dataclasses.field(default_factory=dict,
+                                                      metadata=meta(STREAM, True))
+    max_line: int = option(COUNT, 65536, reload=True)  # longer lines are split
+    tail_lines: int = option(COUNT, 1000)  # kept in memory for ``tail``
+    max_age: float = option(SECONDS, 0.0)
+    max_age_variance: float = option(SECONDS, 30.0)
     # Restart policy (minisup's own): which exits are replaced, and how a
     # crash loop backs off or, past flapping_attempts, pauses and gives up.
-    restart: str = "always"
-    exit_codes: list[int] = dataclasses.field(default_factory=lambda: [0])
-    min_uptime: float = 1.0
-    backoff_delay: float = 0.1
-    backoff_factor: float = 2.0
-    backoff_max: float = 5.0
-    backoff_jitter: float = 0.1
-    flapping_attempts: int = 0
-    flapping_window: float = 1.0
-    flapping_retry_in: float = 7.0
-    flapping_max_retry: int = 5
+    restart: str = option(_choice("always", "on-failure", "never"), "always")
+    exit_codes: list[int] = dataclasses.field(default_factory=lambda: [0],
+                                              metadata=meta(CODES))
+    min_uptime: float = option(SECONDS, 1.0)
+    backoff_delay: float = option(SECONDS, 0.1)
+    backoff_factor: float = option(SECONDS, 2.0)
+    backoff_max: float = option(SECONDS, 5.0)
+    backoff_jitter: float = option(SECONDS, 0.1)
+    flapping_attempts: int = option(COUNT, 0)
+    flapping_window: float = option(SECONDS, 1.0)
+    flapping_retry_in: float = option(SECONDS, 7.0)
+    flapping_max_retry: int = option(RETRIES, 5)
 
     def __post_init__(self) -> None:
         self.name = self.name.lower()
@@ -645,32 +618,33 @@ class SocketConfig:
     """One ``[socket:NAME]``: a socket the daemon binds for its watchers."""
 
     name: str
-    host: str = "127.0.0.1"
-    port: int = 0
-    path: str | None = None
-    family: str = "AF_INET"
-    type: str = "SOCK_STREAM"
-    backlog: int = 2048
-    umask: int | None = None
-    replace: bool = False
-    so_reuseport: bool = False
+    host: str = option(STR, "127.0.0.1")
+    port: int = option(COUNT, 0)
+    path: str | None = option(STR, None)
+    family: str = option(_choice("af_inet", "af_inet6", "af_unix"), "af_inet")
+    type: str = option(_choice("sock_stream", "sock_dgram"), "sock_stream")
+    backlog: int = option(COUNT, 2048)
+    umask: int | None = option(OCTAL, None)
+    replace: bool = option(BOOL, False)
+    so_reuseport: bool = option(BOOL, False)
 
 
 @dataclasses.dataclass
 class Config:
-    """A whole daemon configuration; ``load_config`` makes one from a file."""
+    """A whole daemon configuration; ``load_config`` makes one from a file.
+    The fields with a kind are the ``[circus]`` options."""
 
     watchers: list[WatcherConfig] = dataclasses.field(default_factory=list)
     sockets: list[SocketConfig] = dataclasses.field(default_factory=list)
-    endpoint: str = dataclasses.field(default_factory=default_endpoint)
-    pubsub_endpoint: str | None = None
-    multicast_endpoint: str | None = None
-    endpoint_owner: int | None = None
-    guardian: bool = True  # children die with the daemon, even by SIGKILL
-    check_delay: float = 5.0
-    warmup_delay: float = 0.0
-    loglevel: str = "info"
-    logoutput: str = "-"
+    endpoint: str = option(STR, factory=default_endpoint)
+    pubsub_endpoint: str | None = option(STR, None)
+    multicast_endpoint: str | None = option(STR, None)
+    endpoint_owner: int | None = option(USER, None)
+    guardian: bool = option(BOOL, True)  # children die with the daemon
+    check_delay: float = option(SECONDS, 5.0)
+    warmup_delay: float = option(SECONDS, 0.0)
+    loglevel: str = option(STR, "info")
+    logoutput: str = option(STR, "-")
     source: str | None = None
     warnings: list[str] = dataclasses.field(default_factory=list)
 
@@ -679,6 +653,20 @@ class Config:
         return {"endpoint": self.endpoint, "pubsub_endpoint": self.pubsub_endpoint,
                 "check_delay": self.check_delay, "stats_endpoint": None,
                 "multicast_endpoint": self.multicast_endpoint}
+
+
+def _options_of(cls: type) -> dict[str, Kind]:
+    return {f.name: f.metadata["kind"] for f in dataclasses.fields(cls)
+            if f.metadata.get("kind")}
+
+
+#: The option tables: name -> kind, from the dataclasses above.
+WATCHER_OPTIONS = _options_of(WatcherConfig)
+SOCKET_OPTIONS = _options_of(SocketConfig)
+GLOBAL_OPTIONS = _options_of(Config)
+#: Options whose change needs new processes (``set`` reloads gracefully).
+RELOAD_OPTIONS = {f.name for f in dataclasses.fields(WatcherConfig)
+                  if f.metadata.get("reload")}
 
 
 def load_config(path: str | os.PathLike) -> Config:
@@ -763,19 +751,11 @@ def _read_global(config: Config, section: configparser.SectionProxy) -> None:
 def _read_socket(config: Config, section: configparser.SectionProxy) -> SocketConfig:
     values = _read_options(config, section, SOCKET_OPTIONS)
     if values.get("path"):
-        values.setdefault("family", "AF_UNIX")
-    checks = [("family", ("AF_INET", "AF_INET6", "AF_UNIX")),
-              ("type", ("SOCK_STREAM", "SOCK_DGRAM"))]
-    for option, allowed in checks:
-        value = values.get(option, allowed[0]).upper()
-        if value not in allowed:
-            raise ConfigError(f"use one of {', '.join(allowed)}", config.source,
-                              section.name, option, value)
-        values[option] = value
+        values.setdefault("family", "af_unix")
     if values.get("port", 0) > 65535:
         raise ConfigError("not a port number", config.source, section.name,
                           "port", values["port"])
-    if values["family"] == "AF_UNIX" and not values.get("path"):
+    if values.get("family") == "af_unix" and not values.get("path"):
         raise ConfigError("a unix socket needs a path", config.source,
                           section.name, "path", "")
     return SocketConfig(name=section.name.partition(":")[2].strip().lower(), **values)
@@ -1008,10 +988,6 @@ class Process:
         self.send_signal(signal.SIGKILL, group=True)
         kill_pids(descendants, signal.SIGKILL)
 
-    def poll(self) -> int | None:
-        """Reap the child if it exited; its exit code, -signum if killed."""
-        return self.popen.poll()
-
     def close(self) -> None:
         """Release the pidfd; called once the child has been reaped."""
         if self.pidfd is not None:
@@ -1098,9 +1074,10 @@ def _expiry(config: WatcherConfig, now: float) -> float | None:
 
 def bind_socket(config: SocketConfig) -> socket.socket:
     """Bind (and for streams, listen on) one ``[socket:NAME]``; raise OSError."""
-    sock = socket.socket(getattr(socket, config.family), getattr(socket, config.type))
+    sock = socket.socket(getattr(socket, config.family.upper()),
+                         getattr(socket, config.type.upper()))
     try:
-        if config.family == "AF_UNIX":
+        if config.family == "af_unix":
             if config.replace and os.path.exists(config.path):
                 os.unlink(config.path)
             sock.bind(config.path)
@@ -1112,7 +1089,7 @@ def bind_socket(config: SocketConfig) -> socket.socket:
             if config.so_reuseport:
                 sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
             sock.bind((config.host, config.port))
-        if config.type == "SOCK_STREAM":
+        if config.type == "sock_stream":
             sock.listen(config.backlog)
     except BaseException:
         sock.close()
@@ -1137,11 +1114,9 @@ def children_map() -> dict[int, list[int]]:
     """Every process's direct children, from one pass over /proc."""
     found: dict[int, list[int]] = {}
     for entry in os.listdir("/proc"):
-        if entry.isdigit():
-            try:
+        with contextlib.suppress(OSError, ValueError, IndexError):  # exited meanwhile
+            if entry.isdigit():
                 found.setdefault(int(read_stat(int(entry))[1]), []).append(int(entry))
-            except (OSError, ValueError, IndexError):
-                pass  # exited while we looked
     return found
 
 
@@ -1248,6 +1223,7 @@ class Sink:
         self.name, self.options = name, options
         self.kind = options["class"]
         self.path = options.get("filename", "")
+        self._clock = time.gmtime if options.get("utc") else time.localtime
         self.errors = 0
         self.open()
 
@@ -1329,7 +1305,7 @@ class Sink:
         self.close()
         count = self.options.get("backup_count", 0)
         if self.kind == "timedrotatingfilestream":
-            suffix = time.strftime("%Y-%m-%d_%H-%M-%S", self._time(self.rollover_at - 1))
+            suffix = time.strftime("%Y-%m-%d_%H-%M-%S", self._clock(self.rollover_at - 1))
             os.replace(self.path, f"{self.path}.{suffix}")
             backups = sorted(glob.glob(glob.escape(self.path) + ".*"))
             for old in backups[:max(0, len(backups) - count)] if count else []:
@@ -1343,15 +1319,12 @@ class Sink:
             os.truncate(self.path, 0)
         self.open()
 
-    def _time(self, when: float) -> time.struct_time:
-        return time.gmtime(when) if self.options.get("utc") else time.localtime(when)
-
     def _next_rollover(self, now: float) -> float:
         when = self.options.get("rotate_when", "h")
         interval = max(1, self.options.get("rotate_interval", 1))
         if when in ROTATE_SECONDS:
             return now + ROTATE_SECONDS[when] * interval
-        local = self._time(now)
+        local = self._clock(now)
         midnight = now - (local.tm_hour * 3600 + local.tm_min * 60 + local.tm_sec) + 86400
         days = 0 if when == "midnight" else (int(when[1]) - local.tm_wday - 1) % 7
         return midnight + days * 86400
@@ -2215,7 +2188,7 @@ class Arbiter:
             return
         if self.subreaper:
             self._adopt_orphans()  # while the leader's pid still names them
-        code = process.poll()
+        code = process.popen.poll()  # reaps it; -signum if it was killed
         if code is None:
             return  # reaped elsewhere meanwhile; the sweep will catch it
         self._guard("-", process.pid)
@@ -3099,17 +3072,15 @@ START_TIMEOUT = 30.0
 
 
 class Daemon:
-    """A whole supervisor inside this process: a controller thread and a
-    worker thread around one ``Config``.
+    """A whole supervisor inside this process: the controller, worker and
+    output threads around one ``Config``.
 
     Methods for the caller (any one thread): ``start``, ``stop``, ``wait``,
     ``client``; ``request_quit`` and ``request_reload`` are also safe in a
     signal handler.  A Daemon installs no signal handler (the CLI does) and
     makes its own zmq context, so several can live in one process.
-
-    ``subreaper`` (the CLI's choice) makes this process adopt and reap the
-    orphans its children leave: only for a process that is the daemon
-    alone, since it then reaps children it did not start.
+    ``subreaper`` (the CLI's) makes this process adopt and reap orphans:
+    only for a process that is the daemon alone.
     """
 
     def __init__(self, config: Config, clock: Callable[[], float] = time.monotonic,

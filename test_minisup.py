@@ -392,7 +392,7 @@ stop_children = yes
     web, unix = config.sockets
     assert (web.name, web.host, web.port, web.backlog, web.so_reuseport) == (
         "web", "127.0.0.1", 8080, 10, True)
-    assert (unix.family, unix.path, unix.umask) == ("AF_UNIX", "/tmp/x/app.sock", 0o77)
+    assert (unix.family, unix.path, unix.umask) == ("af_unix", "/tmp/x/app.sock", 0o77)
     w = config.watchers[0]
     assert (w.uid, w.gid, w.send_hup, w.stop_children, w.use_sockets) == (
         pwd.getpwnam("nobody").pw_uid, 0, True, True, True)
@@ -428,7 +428,7 @@ close_child_stdin = false
     ("[watcher:w]\ncmd = x\nrestart = maybe\n", "use one of always, on-failure, never"),
     ("[watcher:w]\ncmd = x\nexit_codes = 0 x\n", "exit_codes = '0 x'"),
     ("[watcher:w]\ncmd = x\nstdin_socket = nope\n", "no [socket:nope] section"),
-    ("[socket:s]\nfamily = AF_PACKET\n", "family = 'AF_PACKET': use one of"),
+    ("[socket:s]\nfamily = AF_PACKET\n", "family = 'AF_PACKET': use one of af_inet"),
     ("[socket:s]\nfamily = AF_UNIX\n", "a unix socket needs a path"),
     ("[socket:s]\nport = 70000\n", "port = 70000: not a port number"),
     ("[socket:s]\numask = 9\n", "umask = '9': not an octal number"),
