@@ -22,6 +22,8 @@ at a ``queue`` plus a wake-up pipe, never at a lock around shared state.
   queued job, reaps what died, then ``manage_watchers`` spawns, signals and
   kills against deadlines on a monotonic (injectable) clock.  It never
   sleeps: the selector's timeout is the time to the next deadline.
+* The **output thread** (``Pump``) alone touches the children's stdout and
+  stderr pipes and the log files, so a slow disk never stalls supervision.
 
 Life of a process
 -----------------
@@ -44,8 +46,8 @@ is answered when its action completes, later, without blocking any loop.
 
 Sections
 --------
-Errors, Helpers, Config, Process, Watcher, Arbiter, Commands, Controller,
-Daemon, Client, CLI; ``grep -n '^# ===' minisup.py`` lists them.
+Errors, Helpers, Config, Process, Output, Watcher, Arbiter, Commands,
+Controller, Daemon, Client, CLI; ``grep -n '^# ===' minisup.py`` lists them.
 """
 
 from __future__ import annotations
@@ -194,7 +196,6 @@ def parse_signal(value: str | int) -> int:
 
 class Waker:
     """A non-blocking pipe that wakes a thread blocked in poll or select.
-
     ``wake`` may be called from any thread and from signal handlers; only the
     owning thread calls ``drain``.
     """
@@ -240,7 +241,6 @@ LOOPBACK_NAMES = {"localhost", "localhost.localdomain", "ip6-localhost"}
 
 def check_endpoint(endpoint: str) -> str:
     """Return ``endpoint`` if minisup may bind it; raise ConfigError if not.
-
     Until the control channel has authentication, only ipc:// and loopback
     tcp:// endpoints are allowed: anyone who reaches the socket can run
     commands as the daemon's user.
@@ -265,7 +265,6 @@ def check_endpoint(endpoint: str) -> str:
 
 def check_udp_endpoint(endpoint: str) -> tuple[str, int]:
     """Split a discovery endpoint ``udp://HOST:PORT``; raise ConfigError.
-
     HOST must be a loopback address (answers stay on this machine) or a
     multicast group, which the daemon then joins.
     """
@@ -279,7 +278,6 @@ def check_udp_endpoint(endpoint: str) -> tuple[str, int]:
 
 def prepare_ipc_endpoint(endpoint: str) -> str | None:
     """Make the private folder of an ipc endpoint; return the socket path.
-
     Called by the controller thread before it binds.  The default folder is
     created 0700; a folder owned by another user is refused, since whoever
     owns it could swap the socket.  A socket that a live daemon still
@@ -683,7 +681,6 @@ def load_config(path: str | os.PathLike) -> Config:
 def parse_config(text: str, source: str = "<string>",
                  environ: dict[str, str] | None = None) -> Config:
     """Check Circus-style INI ``text`` and return a Config; pure.
-
     ``environ`` (default ``os.environ``) expands ``$VAR`` in env sections.
     An unknown option is a warning in ``Config.warnings``; a bad value is a
     ConfigError naming the file, section, option and value.
@@ -810,7 +807,6 @@ def _read_watcher(config: Config, section: configparser.SectionProxy,
 def watcher_config_from_json(name: Any, cmd: Any, args: Any,
                              options: Any) -> WatcherConfig:
     """Build a WatcherConfig from ``add`` properties; raise MessageError.
-
     Types are strict, as in Circus: ``"3"`` is not an integer.
     """
     values: dict[str, Any] = {}
@@ -915,7 +911,6 @@ def user_options(config: WatcherConfig) -> dict[str, Any]:
 
 def kill_pids(pids: Iterable[int], signum: int) -> None:
     """Signal pids that are not our children (descendants read from /proc).
-
     Such a pid could be reused between reading /proc and kill(), a risk
     every /proc-walking supervisor (Circus included) takes; one already
     gone is skipped.
@@ -927,7 +922,6 @@ def kill_pids(pids: Iterable[int], signum: int) -> None:
 
 class Process:
     """One child process.  Owned by the worker thread.
-
     ``stop_deadline`` is set once the stop signal was sent; ``killed`` once
     SIGKILL was.  The process is reaped only by ``poll`` (one pid at a time).
     """
@@ -960,7 +954,6 @@ class Process:
 
     def send_signal(self, signum: int, group: bool = False) -> bool:
         """Signal the child (or its process group); False if it is gone.
-
         Safe against pid reuse: the pid cannot be recycled until the worker
         reaps it in ``poll``, and only the worker calls both.
         """
@@ -999,7 +992,6 @@ def spawn_process(config: WatcherConfig, wid: int, now: float,
                   sockets: dict[str, socket.socket] | None = None,
                   capture: bool = False) -> Process:
     """Start one child of ``config``; raise OSError if it cannot start.
-
     No Python code runs between fork and exec: Popen's own
     ``process_group`` keeps the vfork fast path (a ``uid`` costs it), and
     each child leads its group so the terminal's Ctrl-C reaches only the
@@ -1054,7 +1046,6 @@ def _output_target(config: WatcherConfig, stream: str,
 
 def apply_rlimits(pid: int, rlimits: dict[str, int | None]) -> None:
     """Set ``rlimit_NAME`` limits (None: unlimited) on a just-spawned child.
-
     Applied right after the spawn, not between fork and exec (that would
     need a preexec hook): the first instructions of the program run
     under the daemon's limits.  Raise OSError if a limit is refused.
@@ -1153,7 +1144,6 @@ def human_bytes(count: int) -> str:
 def process_stats(pid: int, children: dict[int, list[int]] | None = None
                   ) -> dict[str, Any] | str:
     """Circus's ``stats`` info for one pid, read from /proc.
-
     ``cpu`` is the average over the process's life.  With ``children``,
     direct children are included the same way.
     """
@@ -1197,7 +1187,6 @@ ROTATE_SECONDS = {"s": 1, "m": 60, "h": 3600, "d": 86400}
 
 def split_long_lines(data: bytes, limit: int) -> bytes:
     """Cut every line of ``data`` longer than ``limit`` with SPLIT_MARK.
-
     Checks a window of ``limit`` bytes at a time, so ordinary output costs
     a search or two per chunk, not one per line.
     """
@@ -1536,7 +1525,6 @@ FLAPPING = "flapping"
 
 class Watcher:
     """Keeps ``numprocesses`` children of one program.  Owned by the worker.
-
     Methods for the arbiter: ``start``, ``stop``, ``restart``, ``reload``,
     ``set_numprocesses``, ``reap`` and ``manage`` (each tick), which returns
     the processes it spawned so the arbiter can watch their pidfds.
@@ -1565,8 +1553,6 @@ class Watcher:
         self._deaths: list[float] = []  # restart times within flapping_window
         self._flaps = 0  # flapping pauses since the last start
         self._resume_at = 0.0
-
-    # -- state -------------------------------------------------------------
 
     def emit(self, topic: str, **payload: Any) -> None:
         """Publish ``watcher.<name>.<topic>`` (Circus's event payloads)."""
@@ -1608,8 +1594,6 @@ class Watcher:
 
     def pids(self) -> list[int]:
         return [p.pid for p in self.running()]
-
-    # -- transitions asked for by commands ----------------------------------
 
     def start(self, not_before: float = 0.0) -> None:
         """Begin (or resume) keeping the children running."""
@@ -1675,7 +1659,6 @@ class Watcher:
 
     def abandon(self) -> None:
         """Stop managing without stopping the children (``rm nostop``).
-
         The arbiter still reaps them when they exit, and stops them when
         the daemon quits: minisup never leaves a child it started behind.
         """
@@ -1690,8 +1673,6 @@ class Watcher:
             # Marked as stopping, so that its exit is not taken for a crash.
             process.stop_deadline = process.stop_deadline or 0.0
             process.kill()
-
-    # -- per tick -------------------------------------------------------------
 
     def reap(self, process: Process, code: int, now: float) -> None:
         """Forget a child that exited; apply the restart policy to it."""
@@ -1874,7 +1855,6 @@ Outcome = dict[str, Any] | MinisupError
 @dataclasses.dataclass
 class Job:
     """One command for the worker thread.
-
     ``handler(arbiter, properties)`` runs on the worker and returns a result
     dict or a Pending; ``reply`` is then called exactly once, on the worker,
     with the result dict or a MinisupError.
@@ -1904,7 +1884,6 @@ FALLBACK_POLL = 0.05
 
 class Arbiter:
     """Owns every watcher and process; ``run`` is the worker thread.
-
     Other threads only call ``submit``.  ``poll`` and ``tick`` are the two
     halves of one loop turn, public so that tests can drive an arbiter on a
     fake clock without a thread.
@@ -1942,14 +1921,10 @@ class Arbiter:
         for watcher_config in config.watchers:
             self.add_watcher(watcher_config)
 
-    # -- for other threads ---------------------------------------------------
-
     def submit(self, job: Job) -> None:
         """Queue a job and wake the worker.  Any thread; never blocks."""
         self._jobs.put(job)
         self._waker.wake()
-
-    # -- the loop --------------------------------------------------------------
 
     def run(self) -> None:
         """Serve until quit.  If the loop itself fails, kill every child
@@ -1988,7 +1963,6 @@ class Arbiter:
 
     def tick(self) -> float | None:
         """Run queued jobs, manage watchers and answer finished waiters.
-
         Returns how long the loop may block before the next deadline.
         """
         self._run_jobs()
@@ -2030,8 +2004,6 @@ class Arbiter:
         if self._guardian is not None:
             self._guardian.stdin.close()  # EOF: it kills what is left, exits
             self._guardian.wait()
-
-    # -- orphans and the guardian -------------------------------------------------
 
     def start_guardian(self) -> None:
         """Start the helper that kills every child's process group should
@@ -2095,8 +2067,6 @@ class Arbiter:
                 del self._strays[pid]
                 self._doomed.add(pid)
 
-    # -- sockets and events ----------------------------------------------------
-
     def bind_sockets(self) -> None:
         """Bind every ``[socket:NAME]`` before any watcher starts; raise
         ConfigError naming the one that fails."""
@@ -2136,8 +2106,6 @@ class Arbiter:
     def _emit(self, name: str, topic: str, payload: dict[str, Any]) -> None:
         if self.on_event is not None:
             self.on_event(f"watcher.{name}.{topic}", payload)
-
-    # -- children ----------------------------------------------------------------
 
     def _all_processes(self) -> Iterable[tuple[Watcher, Process]]:
         for watcher in [*self.watchers.values(), *self._retiring]:
@@ -2210,8 +2178,6 @@ class Arbiter:
             timeout = min(timeout, FALLBACK_POLL)
         return timeout
 
-    # -- jobs ----------------------------------------------------------------------
-
     def _run_jobs(self) -> None:
         while True:
             try:
@@ -2254,8 +2220,6 @@ class Arbiter:
                 outcome = server_error(job.command, exc)
             job.reply(outcome)
         self._waiting = still
-
-    # -- operations for the command handlers ----------------------------------
 
     def get_watcher(self, name: str) -> Watcher:
         """The watcher called ``name`` (any case); MessageError if none."""
@@ -2928,8 +2892,6 @@ class Controller:
         finally:
             self._close_all()
 
-    # -- sockets -----------------------------------------------------------------
-
     def _bind_all(self) -> None:
         self.endpoint = self._bind_zmq("control", zmq.ROUTER, self.endpoint)
         logger.info("control socket listening on %s", self.endpoint)
@@ -2984,8 +2946,6 @@ class Controller:
             with contextlib.suppress(OSError):
                 os.unlink(path)
         self._waker.close()
-
-    # -- the loop --------------------------------------------------------------------
 
     def _serve(self) -> None:
         control, discovery = self._sockets["control"], self._sockets.get("discovery")
@@ -3242,7 +3202,6 @@ CLIENT_TIMEOUT = 5.0
 
 class Client:
     """A connection to a daemon's control socket (a DEALER, as Circus's).
-
     ``call`` returns the reply dict, whatever its status, and raises
     CallError only when no reply comes in time.  Use from one thread.
     """
@@ -3463,7 +3422,6 @@ def run_ctl(args: argparse.Namespace) -> int:
 def listen(client: Client, topics: list[str],
            first: Callable[[], dict[str, Any]] | None = None) -> int:
     """Print each event published under ``topics`` until interrupted.
-
     With ``first`` (``tail --follow``): subscribe, print the lines its
     reply holds, drop what was published meanwhile (those lines are in it),
     then print each output event's ``data`` as the child wrote it.
