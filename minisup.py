@@ -127,10 +127,6 @@ class MinisupError(Exception):
         if errno is not None:
             self.errno = errno
 
-    def __str__(self) -> str:
-        return self.reason
-
-
 class MessageError(MinisupError):
     """A request that is malformed or names something that does not exist."""
 
@@ -176,29 +172,20 @@ def parse_bool(text: str) -> bool:
 
 def parse_signal(value: str | int) -> int:
     """Return the signal number for 9, "9", "KILL" or "SIGKILL"."""
-    if isinstance(value, int) and not isinstance(value, bool):
-        number = value
-    elif isinstance(value, str) and value.strip().isdigit():
-        number = int(value)
-    elif isinstance(value, str):
+    if isinstance(value, str) and not value.strip().isdigit():
         name = value.strip().upper()
-        name = name if name.startswith("SIG") else "SIG" + name
         try:
-            return int(signal.Signals[name])
+            return int(signal.Signals[name if name.startswith("SIG") else "SIG" + name])
         except KeyError:
             raise ValueError("not a signal name") from None
-    else:
-        raise ValueError("not a signal")
-    if number not in signal.valid_signals():
+    if isinstance(value, bool) or int(value) not in signal.valid_signals():
         raise ValueError("not a valid signal number")
-    return number
+    return int(value)
 
 
 class Waker:
-    """A non-blocking pipe that wakes a thread blocked in poll or select.
-    ``wake`` may be called from any thread and from signal handlers; only the
-    owning thread calls ``drain``.
-    """
+    """A non-blocking pipe that wakes a thread blocked in poll or select:
+    ``wake`` from any thread or signal handler, ``drain`` by its owner."""
 
     def __init__(self) -> None:
         self.read_fd, self.write_fd = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
@@ -241,10 +228,8 @@ LOOPBACK_NAMES = {"localhost", "localhost.localdomain", "ip6-localhost"}
 
 def check_endpoint(endpoint: str) -> str:
     """Return ``endpoint`` if minisup may bind it; raise ConfigError if not.
-    Until the control channel has authentication, only ipc:// and loopback
-    tcp:// endpoints are allowed: anyone who reaches the socket can run
-    commands as the daemon's user.
-    """
+    Only ipc:// and loopback tcp://: anyone who reaches the socket can run
+    commands as the daemon's user, and it has no authentication yet."""
     if endpoint.startswith("ipc://") and len(endpoint) > len("ipc://"):
         return endpoint
     match = re.fullmatch(r"tcp://\[?([^\]]+?)\]?:(\d+|\*)", endpoint)
@@ -265,9 +250,7 @@ def check_endpoint(endpoint: str) -> str:
 
 def check_udp_endpoint(endpoint: str) -> tuple[str, int]:
     """Split a discovery endpoint ``udp://HOST:PORT``; raise ConfigError.
-    HOST must be a loopback address (answers stay on this machine) or a
-    multicast group, which the daemon then joins.
-    """
+    HOST is a loopback address or a multicast group (which is joined)."""
     match = re.fullmatch(r"udp://([\d.]+):(\d+)", endpoint)
     address = match and ipaddress.ip_address(match.group(1))
     if not match or not (address.is_loopback or address.is_multicast):
@@ -278,11 +261,9 @@ def check_udp_endpoint(endpoint: str) -> tuple[str, int]:
 
 def prepare_ipc_endpoint(endpoint: str) -> str | None:
     """Make the private folder of an ipc endpoint; return the socket path.
-    Called by the controller thread before it binds.  The default folder is
-    created 0700; a folder owned by another user is refused, since whoever
-    owns it could swap the socket.  A socket that a live daemon still
-    answers on is refused too: libzmq would silently unlink and steal it.
-    """
+    A folder owned by another user is refused (its owner could swap the
+    socket), and so is a socket a live daemon answers on (libzmq would
+    silently unlink and steal it)."""
     if not endpoint.startswith("ipc://"):
         return None
     path = os.path.abspath(endpoint[len("ipc://"):])
@@ -646,11 +627,6 @@ class Config:
     source: str | None = None
     warnings: list[str] = dataclasses.field(default_factory=list)
 
-    def global_options(self) -> dict[str, Any]:
-        """What ``globaloptions`` reports (Circus's keys)."""
-        return {"endpoint": self.endpoint, "pubsub_endpoint": self.pubsub_endpoint,
-                "check_delay": self.check_delay, "stats_endpoint": None,
-                "multicast_endpoint": self.multicast_endpoint}
 
 
 def _options_of(cls: type) -> dict[str, Kind]:
@@ -683,8 +659,7 @@ def parse_config(text: str, source: str = "<string>",
     """Check Circus-style INI ``text`` and return a Config; pure.
     ``environ`` (default ``os.environ``) expands ``$VAR`` in env sections.
     An unknown option is a warning in ``Config.warnings``; a bad value is a
-    ConfigError naming the file, section, option and value.
-    """
+    ConfigError naming the file, section, option and value."""
     parser = configparser.ConfigParser(
         interpolation=None, inline_comment_prefixes=(";",),
         default_section="\0")
@@ -807,8 +782,7 @@ def _read_watcher(config: Config, section: configparser.SectionProxy,
 def watcher_config_from_json(name: Any, cmd: Any, args: Any,
                              options: Any) -> WatcherConfig:
     """Build a WatcherConfig from ``add`` properties; raise MessageError.
-    Types are strict, as in Circus: ``"3"`` is not an integer.
-    """
+    Types are strict, as in Circus: ``"3"`` is not an integer."""
     values: dict[str, Any] = {}
     if options is not None and not isinstance(options, dict):
         raise MessageError("'options' must be an object")
@@ -845,10 +819,8 @@ SUBSTITUTION = re.compile(r"\$\(circus\.([\w.-]+)\)", re.IGNORECASE)
 
 def substitute(text: str, values: dict[str, str], env: dict[str, str]) -> str:
     """Expand ``$(circus.KEY)`` in ``text`` from ``values`` (``wid``,
-    ``sockets.NAME``) and ``$(circus.env.NAME)`` from ``env``.
-
-    Anything else in that form is left as written, as Circus does.
-    """
+    ``sockets.NAME``) and ``$(circus.env.NAME)`` from ``env``; anything
+    else in that form is left as written, as Circus does."""
     def replace(match: re.Match[str]) -> str:
         key = match.group(1)
         if key.lower().startswith("env."):
@@ -910,21 +882,17 @@ def user_options(config: WatcherConfig) -> dict[str, Any]:
 
 
 def kill_pids(pids: Iterable[int], signum: int) -> None:
-    """Signal pids that are not our children (descendants read from /proc).
-    Such a pid could be reused between reading /proc and kill(), a risk
-    every /proc-walking supervisor (Circus included) takes; one already
-    gone is skipped.
-    """
+    """Signal pids that are not our children (read from /proc); such a pid
+    could be reused between reading /proc and kill(), a risk every
+    /proc-walking supervisor (Circus included) takes."""
     for pid in pids:
         with contextlib.suppress(ProcessLookupError, PermissionError):
             os.kill(pid, signum)
 
 
 class Process:
-    """One child process.  Owned by the worker thread.
-    ``stop_deadline`` is set once the stop signal was sent; ``killed`` once
-    SIGKILL was.  The process is reaped only by ``poll`` (one pid at a time).
-    """
+    """One child process, owned by the worker thread, which alone reaps it;
+    ``stop_deadline`` is set once it was told to stop, ``killed`` on SIGKILL."""
 
     def __init__(self, popen: subprocess.Popen, wid: int, started: float,
                  expires: float | None = None, pipes: dict[str, int] | None = None) -> None:
@@ -953,10 +921,8 @@ class Process:
         return self.stop_deadline is not None
 
     def send_signal(self, signum: int, group: bool = False) -> bool:
-        """Signal the child (or its process group); False if it is gone.
-        Safe against pid reuse: the pid cannot be recycled until the worker
-        reaps it in ``poll``, and only the worker calls both.
-        """
+        """Signal the child (or its process group); False if it is gone.  No
+        pid reuse: only the worker reaps it, and only the worker signals it."""
         if self.popen.returncode is not None:
             return False
         try:
@@ -991,12 +957,10 @@ class Process:
 def spawn_process(config: WatcherConfig, wid: int, now: float,
                   sockets: dict[str, socket.socket] | None = None,
                   capture: bool = False) -> Process:
-    """Start one child of ``config``; raise OSError if it cannot start.
-    No Python code runs between fork and exec: Popen's own
-    ``process_group`` keeps the vfork fast path (a ``uid`` costs it), and
-    each child leads its group so the terminal's Ctrl-C reaches only the
-    daemon, which then stops the children in order.
-    """
+    """Start one child of ``config``; raise OSError if it cannot start.  No
+    Python code runs between fork and exec, so Popen keeps its vfork path
+    (a ``uid`` costs it); each child leads its group, so the terminal's
+    Ctrl-C reaches only the daemon, which then stops the children."""
     sockets = sockets or {}
     values = spawn_values(wid, sockets)
     env = child_env(config, values)
@@ -1045,11 +1009,9 @@ def _output_target(config: WatcherConfig, stream: str,
 
 
 def apply_rlimits(pid: int, rlimits: dict[str, int | None]) -> None:
-    """Set ``rlimit_NAME`` limits (None: unlimited) on a just-spawned child.
-    Applied right after the spawn, not between fork and exec (that would
-    need a preexec hook): the first instructions of the program run
-    under the daemon's limits.  Raise OSError if a limit is refused.
-    """
+    """Set ``rlimit_NAME`` limits (None: unlimited) on a just-spawned child;
+    raise OSError if one is refused.  Applied after the spawn, not between
+    fork and exec: the program's first instructions run under ours."""
     for name, value in rlimits.items():
         limit = resource.RLIM_INFINITY if value is None else value
         resource.prlimit(pid, getattr(resource, "RLIMIT_" + name.upper()), (limit, limit))
@@ -1143,10 +1105,8 @@ def human_bytes(count: int) -> str:
 
 def process_stats(pid: int, children: dict[int, list[int]] | None = None
                   ) -> dict[str, Any] | str:
-    """Circus's ``stats`` info for one pid, read from /proc.
-    ``cpu`` is the average over the process's life.  With ``children``,
-    direct children are included the same way.
-    """
+    """Circus's ``stats`` info for one pid, read from /proc (``cpu`` is the
+    average over its life); with ``children``, its children's too."""
     try:
         fields = read_stat(pid)
         with open(f"/proc/{pid}/cmdline", "rb") as stream:
@@ -1186,10 +1146,8 @@ ROTATE_SECONDS = {"s": 1, "m": 60, "h": 3600, "d": 86400}
 
 
 def split_long_lines(data: bytes, limit: int) -> bytes:
-    """Cut every line of ``data`` longer than ``limit`` with SPLIT_MARK.
-    Checks a window of ``limit`` bytes at a time, so ordinary output costs
-    a search or two per chunk, not one per line.
-    """
+    """Cut every line of ``data`` longer than ``limit`` with SPLIT_MARK,
+    a window of ``limit`` bytes at a time: a search or two per chunk."""
     start, parts = 0, []
     while len(data) - start > limit:
         newline = data.rfind(b"\n", start, start + limit + 1)
@@ -1334,12 +1292,9 @@ class Pipe:
 
 class Pump:
     """Owns every output pipe, sink and tail buffer; ``run`` is the output
-    thread, which reads whatever any child writes, at once and in big
-    chunks, so supervision never waits on a disk.
-
+    thread, which reads what any child writes at once and in big chunks.
     Other threads call ``attach``, ``drain``, ``tail``, ``reopen`` and
-    ``stop``: each queues a task and wakes the thread.
-    """
+    ``stop``: each queues a task and wakes the thread."""
 
     def __init__(self, publish: Callable[[str, dict[str, Any]], None] | None = None) -> None:
         self.publish = publish
@@ -1524,11 +1479,9 @@ FLAPPING = "flapping"
 
 
 class Watcher:
-    """Keeps ``numprocesses`` children of one program.  Owned by the worker.
-    Methods for the arbiter: ``start``, ``stop``, ``restart``, ``reload``,
-    ``set_numprocesses``, ``reap`` and ``manage`` (each tick), which returns
-    the processes it spawned so the arbiter can watch their pidfds.
-    """
+    """Keeps ``numprocesses`` children of one program; owned by the worker.
+    For the arbiter: ``start``, ``stop``, ``restart``, ``reload``, ``kill``,
+    ``set_numprocesses``, ``reap``, and ``manage`` each tick."""
 
     def __init__(self, config: WatcherConfig,
                  spawn: Callable[[WatcherConfig, int, float], Process] = spawn_process,
@@ -1658,10 +1611,8 @@ class Watcher:
             self._set_state(STARTING)
 
     def abandon(self) -> None:
-        """Stop managing without stopping the children (``rm nostop``).
-        The arbiter still reaps them when they exit, and stops them when
-        the daemon quits: minisup never leaves a child it started behind.
-        """
+        """Stop managing without stopping the children (``rm nostop``); they
+        are still reaped, and stopped when the daemon quits."""
         self._restart_pending = False
         self._set_state(STOPPED)
 
@@ -1854,11 +1805,9 @@ Outcome = dict[str, Any] | MinisupError
 
 @dataclasses.dataclass
 class Job:
-    """One command for the worker thread.
-    ``handler(arbiter, properties)`` runs on the worker and returns a result
-    dict or a Pending; ``reply`` is then called exactly once, on the worker,
-    with the result dict or a MinisupError.
-    """
+    """One command for the worker thread: ``handler(arbiter, properties)``
+    returns a result dict or a Pending; ``reply`` is then called once, on
+    the worker, with the result dict or a MinisupError."""
 
     command: str
     handler: Callable[[Arbiter, dict[str, Any]], dict[str, Any] | Pending]
@@ -1886,8 +1835,7 @@ class Arbiter:
     """Owns every watcher and process; ``run`` is the worker thread.
     Other threads only call ``submit``.  ``poll`` and ``tick`` are the two
     halves of one loop turn, public so that tests can drive an arbiter on a
-    fake clock without a thread.
-    """
+    fake clock without a thread."""
 
     def __init__(self, config: Config, clock: Callable[[], float] = time.monotonic
                  ) -> None:
@@ -1895,16 +1843,14 @@ class Arbiter:
         self.clock = clock
         self.watchers: dict[str, Watcher] = {}
         self.sockets: dict[str, socket.socket] = {}
-        #: Called with (topic, payload) for each event; the Daemon sends
-        #: them to the controller's PUB socket.
+        # Set by the Daemon: where events go (its PUB socket), the endpoints
+        # as bound (for globaloptions), the output thread, subreaper mode.
         self.on_event: Callable[[str, dict[str, Any]], None] | None = None
-        #: The endpoints as bound (ports chosen), for ``globaloptions``.
         self.bound_endpoints: dict[str, str | None] = {}
-        self.done = False
-        self.failed = False
-        self._unwatched = 0  # children without a pidfd: polled instead
-        #: The output thread, when there is one (the Daemon's).
         self.pump: Pump | None = None
+        self.subreaper = False
+        self.done = self.failed = False
+        self._unwatched = 0  # children without a pidfd: polled instead
         self._jobs: queue.SimpleQueue[Job] = queue.SimpleQueue()
         self._waker = Waker()
         self._selector = selectors.DefaultSelector()
@@ -1912,8 +1858,6 @@ class Arbiter:
         self._waiting: list[tuple[Job, Pending]] = []
         self._retiring: list[Watcher] = []  # removed by rm, children not gone
         self._quit_stages: list[list[Watcher]] | None = None
-        #: Subreaper mode (the CLI): orphans re-parent to us; we reap them.
-        self.subreaper = False
         self._orphans_died = False
         self._strays: dict[int, Watcher | None] = {}  # live adopted orphans
         self._doomed: set[int] = set()  # orphans killed, not yet reaped
@@ -1963,8 +1907,7 @@ class Arbiter:
 
     def tick(self) -> float | None:
         """Run queued jobs, manage watchers and answer finished waiters.
-        Returns how long the loop may block before the next deadline.
-        """
+        Returns how long the loop may block before the next deadline."""
         self._run_jobs()
         now = self.clock()
         self.manage_watchers(now)
@@ -2007,13 +1950,9 @@ class Arbiter:
 
     def start_guardian(self) -> None:
         """Start the helper that kills every child's process group should
-        this process die without stopping them, even by SIGKILL.
-
-        It reads ``+PID``/``-PID`` lines (a child's group came, went) from a
-        pipe whose only writer is this process; the kernel closes that pipe
-        however we die, and on EOF the helper SIGKILLs the groups it holds.
-        No code runs in the children, so spawning keeps its fast path.
-        """
+        this process die without stopping them, even by SIGKILL: it reads
+        ``+PID``/``-PID`` lines from a pipe only we write, which the kernel
+        closes however we die; on EOF it SIGKILLs the groups it holds."""
         try:
             self._guardian = subprocess.Popen(
                 [sys.executable, "-S", "-c", GUARDIAN_CODE], stdin=subprocess.PIPE,
@@ -2348,17 +2287,13 @@ class Arbiter:
 
 
 #: The guardian helper (see Arbiter.start_guardian), run as python -S -c.
-GUARDIAN_CODE = """
-import os, signal, sys
+GUARDIAN_CODE = """import os, signal, sys
 groups = set()
 for line in sys.stdin.buffer:
     (groups.add if line[:1] == b"+" else groups.discard)(int(line[1:]))
 for group in groups:
-    try:
-        os.killpg(group, signal.SIGKILL)
-    except OSError:
-        pass
-"""
+    try: os.killpg(group, signal.SIGKILL)
+    except OSError: pass"""
 
 
 def own_children() -> set[int]:
@@ -2707,7 +2642,10 @@ def handle_stats(arbiter: Arbiter, properties: dict[str, Any]) -> dict[str, Any]
 
 
 def handle_globaloptions(arbiter: Arbiter, properties: dict[str, Any]) -> dict[str, Any]:
-    options = {**arbiter.config.global_options(), **arbiter.bound_endpoints}
+    config = arbiter.config
+    options = {"endpoint": config.endpoint, "pubsub_endpoint": config.pubsub_endpoint,
+               "check_delay": config.check_delay, "stats_endpoint": None,
+               "multicast_endpoint": config.multicast_endpoint, **arbiter.bound_endpoints}
     wanted = properties.get("option")
     if wanted is not None and wanted not in options:
         raise MessageError(f"{wanted!r} not an existing option")
@@ -2739,13 +2677,6 @@ def handle_tail(arbiter: Arbiter, properties: dict[str, Any]) -> dict[str, Any] 
         arbiter.wake()
     arbiter.pump.tail(properties["name"].lower(), properties.get("lines", 10), stream, reply)
     return Pending(lambda: bool(answer), lambda: {"lines": answer[0]})
-
-
-def handle_reopen(arbiter: Arbiter, properties: dict[str, Any]) -> dict[str, Any]:
-    """minisup's own: reopen every log file (as SIGUSR1 does)."""
-    if arbiter.pump is not None:
-        arbiter.pump.reopen()
-    return {}
 
 
 def handle_kill_everything(arbiter: Arbiter, properties: dict[str, Any]) -> dict[str, Any]:
@@ -2784,7 +2715,8 @@ COMMANDS: dict[str, Command] = {
     "listsockets": Command(lambda arbiter, _: {"sockets": arbiter.socket_infos()}),
     "globaloptions": Command(handle_globaloptions, (), ("option",)),
     "tail": Command(handle_tail, ("name",), ("lines", "stream")),
-    "reopen": Command(handle_reopen),
+    # minisup's own: reopen every log file, as SIGUSR1 does.
+    "reopen": Command(lambda arbiter, _: (arbiter.pump and arbiter.pump.reopen()) or {}),
 }
 
 
@@ -2836,15 +2768,11 @@ def encode_reply(message_id: Any, outcome: Outcome) -> bytes:
 
 
 class Controller:
-    """Owns every zmq socket (the ROUTER control socket and the PUB event
-    socket) and the UDP discovery socket; ``run`` is the controller thread.
-
-    It checks each request, hands it to the worker through ``submit`` and
-    sends the replies and events the worker posts.  Other threads call only
-    ``post``, ``publish`` and ``shutdown``, which queue and wake; no socket
-    ever leaves this thread.  After ``bound`` is set, ``endpoint``,
-    ``pubsub_endpoint`` and ``multicast_endpoint`` hold the bound addresses.
-    """
+    """Owns the ROUTER control socket, the PUB event socket and the UDP
+    discovery socket; ``run`` is the controller thread.  It checks each
+    request, hands it to the worker (``submit``) and sends the replies and
+    events posted to it.  Other threads call only ``post``, ``publish`` and
+    ``shutdown``.  Once ``bound`` is set, the endpoints hold what was bound."""
 
     def __init__(self, context: zmq.Context, config: Config,
                  submit: Callable[[Job], None]) -> None:
@@ -2936,10 +2864,7 @@ class Controller:
 
     def _close_all(self) -> None:
         for sock in self._sockets.values():
-            if isinstance(sock, socket.socket):
-                sock.close()
-            else:
-                sock.close(linger=0)
+            sock.close()  # zmq sockets have linger 0: nothing waits
         # libzmq leaves ipc socket files behind; a stale one would only
         # confuse ``ctl`` and the next daemon's liveness probe.
         for path in self._paths:
@@ -3033,15 +2958,12 @@ START_TIMEOUT = 30.0
 
 class Daemon:
     """A whole supervisor inside this process: the controller, worker and
-    output threads around one ``Config``.
-
-    Methods for the caller (any one thread): ``start``, ``stop``, ``wait``,
-    ``client``; ``request_quit`` and ``request_reload`` are also safe in a
-    signal handler.  A Daemon installs no signal handler (the CLI does) and
-    makes its own zmq context, so several can live in one process.
-    ``subreaper`` (the CLI's) makes this process adopt and reap orphans:
-    only for a process that is the daemon alone.
-    """
+    output threads around one ``Config``.  For the caller (one thread):
+    ``start``, ``stop``, ``wait``, ``client``; ``request_quit`` and
+    ``request_reload`` are safe in a signal handler.  It installs no signal
+    handler and has its own zmq context, so several live in one process.
+    ``subreaper`` (the CLI's) adopts orphans: for a process that is only
+    the daemon."""
 
     def __init__(self, config: Config, clock: Callable[[], float] = time.monotonic,
                  subreaper: bool = False) -> None:
@@ -3201,10 +3123,8 @@ CLIENT_TIMEOUT = 5.0
 
 
 class Client:
-    """A connection to a daemon's control socket (a DEALER, as Circus's).
-    ``call`` returns the reply dict, whatever its status, and raises
-    CallError only when no reply comes in time.  Use from one thread.
-    """
+    """A DEALER on a daemon's control socket, as Circus's; one thread only.
+    ``call`` returns the reply, whatever its status; CallError: no reply."""
 
     def __init__(self, endpoint: str | None = None,
                  timeout: float = CLIENT_TIMEOUT) -> None:
@@ -3274,14 +3194,10 @@ class Client:
 CTL_COMMANDS: dict[str, tuple[str, tuple[str, ...]]] = {
     "list": ("list the watchers, or the pids of one", ("name?",)),
     "status": ("show the state of every watcher, or of one", ("name?",)),
-    "start": ("start every autostart watcher, or those matching NAME",
-              ("name?", "--match=", "--waiting")),
-    "stop": ("stop every watcher, or those matching NAME",
-             ("name?", "--match=", "--waiting")),
-    "restart": ("stop, then start, every watcher or those matching NAME",
-                ("name?", "--match=", "--waiting")),
-    "reload": ("replace the processes gracefully (new ones first)",
-               ("name?", "--sequential", "--waiting")),
+    "start": ("start the autostart watchers, or NAME", ("name?", "--match=", "--waiting")),
+    "stop": ("stop every watcher, or NAME", ("name?", "--match=", "--waiting")),
+    "restart": ("stop, then start, all or NAME", ("name?", "--match=", "--waiting")),
+    "reload": ("replace processes gracefully", ("name?", "--sequential", "--waiting")),
     "reloadconfig": ("re-read the INI file and apply what changed", ("--waiting",)),
     "incr": ("run more processes of a watcher", ("name", "nb?", "--waiting")),
     "decr": ("run fewer processes of a watcher", ("name", "nb?", "--waiting")),
@@ -3291,19 +3207,17 @@ CTL_COMMANDS: dict[str, tuple[str, tuple[str, ...]]] = {
     "rm": ("remove a watcher, stopping it", ("name", "--nostop", "--waiting")),
     "options": ("show every option of a watcher", ("name",)),
     "get": ("show some options of a watcher", ("name", "keys+")),
-    "set": ("set options: set NAME KEY VALUE [KEY VALUE ...]",
-            ("name", "pairs+", "--waiting")),
-    "signal": ("send a signal: signal NAME [PID] SIGNUM",
-               ("name", "pid?", "signum", "--children", "--recursive")),
+    "set": ("set NAME KEY VALUE [KEY VALUE ...]", ("name", "pairs+", "--waiting")),
+    "signal": ("signal NAME [PID] SIGNUM", ("name", "pid?", "signum", "--children",
+                                            "--recursive")),
     "kill": ("stop processes gracefully with another signal or grace period",
              ("name", "pid?", "--signum=", "--graceful_timeout=", "--waiting")),
     "stats": ("cpu, memory and age of processes", ("name?", "process?")),
     "dstats": ("cpu, memory and age of the daemon", ()),
     "listsockets": ("list the sockets the daemon bound", ()),
     "globaloptions": ("show the daemon's options", ("option?",)),
-    "listen": ("print events as they are published, until Ctrl-C", ("topics*",)),
-    "tail": ("print the last lines a watcher wrote (minisup's own)",
-             ("name", "--lines=", "--stream=", "--follow")),
+    "tail": ("a watcher's last lines (minisup's own)", ("name", "--lines=", "--stream=",
+                                                        "--follow")),
     "reopen": ("reopen every log file (minisup's own)", ()),
     "quit": ("stop every process and the daemon", ("--waiting",)),
 }
@@ -3401,11 +3315,8 @@ def run_ctl(args: argparse.Namespace) -> int:
     properties = ctl_properties(args)
     with Client(args.endpoint, args.timeout) as client:
         try:
-            if args.command == "listen":
-                return listen(client, properties.get("topics") or [""])
             if properties.pop("follow", False):
-                return listen(client, [f"watcher.{args.name.lower()}.output"],
-                              first=lambda: client.call("tail", **properties))
+                return follow(client, args.name, properties)
             reply = client.call(args.command, **properties)
         except CallError as exc:
             print(f"minisup: {exc}", file=sys.stderr)
@@ -3419,40 +3330,33 @@ def run_ctl(args: argparse.Namespace) -> int:
     return EXIT_ERROR_REPLY if reply.get("status") == "error" else EXIT_OK
 
 
-def listen(client: Client, topics: list[str],
-           first: Callable[[], dict[str, Any]] | None = None) -> int:
-    """Print each event published under ``topics`` until interrupted.
-    With ``first`` (``tail --follow``): subscribe, print the lines its
-    reply holds, drop what was published meanwhile (those lines are in it),
-    then print each output event's ``data`` as the child wrote it.
-    """
+def follow(client: Client, name: str, properties: dict[str, Any]) -> int:
+    """``ctl tail --follow``: subscribe to the watcher's output events, print
+    its last lines, drop what was published meanwhile (those lines are in
+    them), then print what it writes, as written, until interrupted."""
     endpoint = client.call("globaloptions")["options"].get("pubsub_endpoint")
-    if not endpoint:
-        print("minisup: the daemon publishes no events (set pubsub_endpoint)",
-              file=sys.stderr)
-        return EXIT_ERROR_REPLY
     context = zmq.Context()
     sub = context.socket(zmq.SUB)
     sub.linger = 0
-    for topic in topics:
-        sub.setsockopt(zmq.SUBSCRIBE, topic.encode())
-    sub.connect(endpoint)
+    sub.setsockopt(zmq.SUBSCRIBE, f"watcher.{name.lower()}.output".encode())
     try:
-        if first is not None:
-            reply = first()
-            if reply.get("status") != "ok":
-                print(f"error: {reply.get('reason')}", file=sys.stderr)
-                return EXIT_ERROR_REPLY
-            print("\n".join(reply["lines"]), flush=True)
-            while sub.poll(0):
-                sub.recv_multipart()
+        sub.connect(endpoint or "")
+        reply = client.call("tail", **properties)
+        if reply.get("status") != "ok":
+            print(f"error: {reply.get('reason')}", file=sys.stderr)
+            return EXIT_ERROR_REPLY
+        print("\n".join(reply["lines"]), flush=True)
+        while sub.poll(0):
+            sub.recv_multipart()
         while True:
-            topic, body = sub.recv_multipart()
-            text = json.loads(body)["data"] if first else f"{topic.decode()}: {body.decode()}\n"
-            sys.stdout.write(text)
+            sys.stdout.write(json.loads(sub.recv_multipart()[1])["data"])
             sys.stdout.flush()
     except KeyboardInterrupt:
         return EXIT_OK
+    except zmq.ZMQError:
+        print("minisup: the daemon publishes no events (set pubsub_endpoint)",
+              file=sys.stderr)
+        return EXIT_ERROR_REPLY
     finally:
         sub.close()
         context.term()
