@@ -61,6 +61,7 @@ import configparser
 import contextlib
 import ctypes
 import dataclasses
+import fcntl
 import fnmatch
 import functools
 import glob
@@ -1004,6 +1005,8 @@ def _output_target(config: WatcherConfig, stream: str,
     if capture and getattr(config, f"{stream}_stream"):
         read_end, write_end = os.pipe2(os.O_CLOEXEC)
         os.set_blocking(read_end, False)
+        with contextlib.suppress(OSError):  # bigger pipes: fewer, larger reads
+            fcntl.fcntl(read_end, fcntl.F_SETPIPE_SZ, READ_SIZE)
         return read_end, write_end
     return None, None
 
@@ -1139,7 +1142,7 @@ def process_stats(pid: int, children: dict[int, list[int]] | None = None
 # the same bytes out, whole lines only, rotation between lines.
 
 #: One read takes up to this much from a pipe: big reads make capture cheap.
-READ_SIZE = 1 << 16
+READ_SIZE = 1 << 18
 #: Ends the first part of a line longer than the watcher's ``max_line``.
 SPLIT_MARK = b" [minisup: line split]\n"
 ROTATE_SECONDS = {"s": 1, "m": 60, "h": 3600, "d": 86400}
@@ -1426,9 +1429,9 @@ class Pump:
     def _deliver(self, pipe: Pipe, lines: bytes) -> None:
         if pipe.sink is not None:
             pipe.sink.write(pipe.pid, lines)
-        tail = self._tails[pipe.name]
-        # The last tail.maxlen lines of the chunk are all it can keep.
-        tail.extend((pipe.stream, line) for line in lines.split(b"\n")[-tail.maxlen - 1:-1])
+        tail = self._tails[pipe.name]  # split off only the lines it keeps:
+        tail.extend((pipe.stream, line)
+                    for line in lines.rsplit(b"\n", tail.maxlen + 1)[-tail.maxlen - 1:-1])
         if self.publish is not None:
             self.publish(f"watcher.{pipe.name}.output", {
                 "pid": pipe.pid, "stream": pipe.stream,
@@ -2865,9 +2868,7 @@ class Controller:
     def _close_all(self) -> None:
         for sock in self._sockets.values():
             sock.close()  # zmq sockets have linger 0: nothing waits
-        # libzmq leaves ipc socket files behind; a stale one would only
-        # confuse ``ctl`` and the next daemon's liveness probe.
-        for path in self._paths:
+        for path in self._paths:  # libzmq leaves them: a stale one confuses ctl
             with contextlib.suppress(OSError):
                 os.unlink(path)
         self._waker.close()
