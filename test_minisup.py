@@ -1843,6 +1843,16 @@ def test_rotation_by_size_keeps_every_line_once_and_whole(make_daemon, tmp_path)
     check_numbered(lines, 1, 20000)
 
 
+def test_200_mib_with_rotation_at_10_mib_loses_no_line(make_daemon, tmp_path):
+    # 2.6 million numbered lines as fast as the child can write them.
+    count = 200 * (1 << 20) // 80
+    daemon = make_daemon(writer(tmp_path, count, 68, extra=(
+        "stdout_stream.max_bytes = 10485760\nstdout_stream.backup_count = 30")))
+    wait_for(finished(daemon), timeout=120)
+    assert len(list(tmp_path.glob("out.log.*"))) >= 19
+    check_numbered(log_lines(tmp_path), 1, count)
+
+
 def test_rotation_keeps_backup_count_files(make_daemon, tmp_path):
     daemon = make_daemon(writer(tmp_path, 5000, 90, extra=(
         "stdout_stream.max_bytes = 50000\nstdout_stream.backup_count = 2")))
