@@ -1805,6 +1805,16 @@ def finished(daemon, name="w"):
     return lambda: daemon.client.call("status", name=name)["status"] == "stopped"
 
 
+def captured(make_daemon, tmp_path, code, extra=""):
+    """A one-shot watcher ``w`` running ``code``, its stdout in out.log;
+    returned once it has finished."""
+    daemon = make_daemon(f"[watcher:w]\ncmd = {py_cmd(code)}\nrestart = never\n"
+                         f"stdout_stream.class = FileStream\n"
+                         f"stdout_stream.filename = {tmp_path}/out.log\n{extra}")
+    wait_for(finished(daemon))
+    return daemon
+
+
 def check_numbered(lines, processes, count):
     """``processes`` pids each wrote lines 0..count-1, once each, in order."""
     by_pid = {}
@@ -1883,15 +1893,7 @@ def test_a_child_killed_mid_line_keeps_its_partial_line(make_daemon, tmp_path):
 
 def test_over_long_lines_are_split_with_a_mark(make_daemon, tmp_path):
     code = "import os; os.write(1, b'a' * 250 + b'\\nshort\\n')"
-    daemon = make_daemon(f"""
-        [watcher:w]
-        cmd = {py_cmd(code)}
-        restart = never
-        max_line = 100
-        stdout_stream.class = FileStream
-        stdout_stream.filename = {tmp_path}/out.log
-        """)
-    wait_for(finished(daemon))
+    captured(make_daemon, tmp_path, code, "max_line = 100\n")
     mark = b" [minisup: line split]\n"
     assert (tmp_path / "out.log").read_bytes() == (
         b"a" * 100 + mark + b"a" * 100 + mark + b"a" * 50 + b"\nshort\n")
@@ -1899,15 +1901,7 @@ def test_over_long_lines_are_split_with_a_mark(make_daemon, tmp_path):
 
 def test_time_format_prefixes_each_line(make_daemon, tmp_path):
     code = "import os; os.write(1, b'first\\nsecond\\n')"
-    daemon = make_daemon(f"""
-        [watcher:w]
-        cmd = {py_cmd(code)}
-        restart = never
-        stdout_stream.class = FileStream
-        stdout_stream.filename = {tmp_path}/out.log
-        stdout_stream.time_format = %Y-%m-%d
-        """)
-    wait_for(finished(daemon))
+    captured(make_daemon, tmp_path, code, "stdout_stream.time_format = %Y-%m-%d\n")
     day = time.strftime("%Y-%m-%d")
     assert (tmp_path / "out.log").read_text() == f"{day} first\n{day} second\n"
 
@@ -1998,17 +1992,9 @@ def test_a_fifo_target_is_never_rotated(make_daemon, tmp_path):
 
 def test_tail_returns_the_last_lines(make_daemon, tmp_path):
     code = "import os; os.write(1, b''.join(b'%d\\n' % n for n in range(50))); os.write(2, b'oops\\n')"
-    daemon = make_daemon(f"""
-        [watcher:w]
-        cmd = {py_cmd(code)}
-        restart = never
-        tail_lines = 20
-        stdout_stream.class = FileStream
-        stdout_stream.filename = {tmp_path}/out.log
-        stderr_stream.class = FileStream
-        stderr_stream.filename = {tmp_path}/err.log
-        """)
-    wait_for(finished(daemon))
+    daemon = captured(make_daemon, tmp_path, code, (
+        f"tail_lines = 20\nstderr_stream.class = FileStream\n"
+        f"stderr_stream.filename = {tmp_path}/err.log\n"))
     call = daemon.client.call
     assert call("tail", name="w", lines=3, stream="stdout")["lines"] == ["47", "48", "49"]
     assert call("tail", name="w", lines=2)["lines"] in (["49", "oops"], ["oops", "49"])
