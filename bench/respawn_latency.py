@@ -78,9 +78,9 @@ def main():
                         pass
                 samples = []
                 for _ in range(args.n):
-                    # A child killed younger than MIN_UPTIME counts toward
+                    # A child killed younger than min_uptime counts toward
                     # a crash loop and is respawned with a backoff: let it age.
-                    time.sleep(minisup.MIN_UPTIME + 0.1)
+                    time.sleep(minisup.WatcherConfig("x", "x").min_uptime + 0.1)
                     samples.append(measure(daemon.pid, client))
                 client.call("quit")
             daemon.wait(30)
