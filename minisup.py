@@ -558,7 +558,8 @@ class WatcherConfig:
                                                       metadata=meta(STREAM, True))
     stderr_stream: dict[str, Any] = dataclasses.field(default_factory=dict,
                                                       metadata=meta(STREAM, True))
-    max_line: int = option(COUNT, 65536, reload=True)  # longer lines are split
+    max_line: int = option(_from_text(int, "an integer", _json_int(1)), 65536,
+                           reload=True)  # longer lines are split
     tail_lines: int = option(COUNT, 1000)  # kept in memory for ``tail``
     max_age: float = option(SECONDS, 0.0)
     max_age_variance: float = option(SECONDS, 30.0)
@@ -793,7 +794,7 @@ def watcher_config_from_json(name: Any, cmd: Any, args: Any,
         values[key] = _check_json_option(key, value)
     if args is not None:
         values["args"] = _check_json_option("args", args)
-    if not values["cmd"]:
+    if not values["cmd"].strip():
         raise MessageError("'cmd' must not be empty")
     try:
         return WatcherConfig(name=name, **gather_prefixed(values))
@@ -911,8 +912,7 @@ class Process:
         self.pidfd: int | None = None
         if HAS_PIDFD:
             try:
-                # A zombie still has a pidfd, so this cannot miss a child
-                # that died already; it simply reads as exited at once.
+                # A zombie has a pidfd too: a child already dead reads as exited.
                 self.pidfd = os.pidfd_open(self.pid)
             except OSError:
                 self.pidfd = None  # old kernel: the worker polls instead
@@ -958,16 +958,17 @@ class Process:
 def spawn_process(config: WatcherConfig, wid: int, now: float,
                   sockets: dict[str, socket.socket] | None = None,
                   capture: bool = False) -> Process:
-    """Start one child of ``config``; raise OSError if it cannot start.  No
-    Python code runs between fork and exec, so Popen keeps its vfork path
-    (a ``uid`` costs it); each child leads its group, so the terminal's
-    Ctrl-C reaches only the daemon, which then stops the children."""
+    """Start one child of ``config``; raise if it cannot start.  No Python
+    runs between fork and exec, so Popen keeps its vfork path (a ``uid``
+    costs it); each child leads its group, out of reach of the terminal's Ctrl-C."""
     sockets = sockets or {}
     values = spawn_values(wid, sockets)
     env = child_env(config, values)
     stdin = sockets[config.stdin_socket.lower()].fileno() if config.stdin_socket else None
-    outputs = {stream: _output_target(config, stream, capture) for stream in ("stdout", "stderr")}
+    outputs: dict[str, tuple[int | None, int | None]] = {}
     try:
+        for stream in ("stdout", "stderr"):
+            outputs[stream] = _output_target(config, stream, capture)
         popen = subprocess.Popen(
             child_argv(config, values, env), shell=config.shell, env=env,
             executable=config.executable, cwd=config.working_dir or None,
@@ -987,7 +988,7 @@ def spawn_process(config: WatcherConfig, wid: int, now: float,
     pipes = {stream: ends[0] for stream, ends in outputs.items() if ends[0] is not None}
     try:
         apply_rlimits(popen.pid, config.rlimits)
-    except OSError:
+    except BaseException:
         popen.kill()  # never leave a child running without its limits
         popen.wait()
         for fd in pipes.values():
@@ -998,8 +999,7 @@ def spawn_process(config: WatcherConfig, wid: int, now: float,
 
 def _output_target(config: WatcherConfig, stream: str,
                    capture: bool) -> tuple[int | None, int | None]:
-    # (our read end, the child's fd): a pipe when the stream is captured,
-    # /dev/null when closed, else the daemon's own (None), as Circus.
+    # (our read end, the child's fd): a pipe, /dev/null, or ours (None).
     if getattr(config, f"close_child_{stream}"):
         return None, subprocess.DEVNULL
     if capture and getattr(config, f"{stream}_stream"):
@@ -1021,8 +1021,7 @@ def apply_rlimits(pid: int, rlimits: dict[str, int | None]) -> None:
 
 
 def _expiry(config: WatcherConfig, now: float) -> float | None:
-    # max_age plus a random share of max_age_variance, so that processes
-    # started together are not all replaced together.
+    # A random share of the variance: those started together end apart.
     if not config.max_age:
         return None
     return now + config.max_age + random.uniform(0, config.max_age_variance)
@@ -1037,8 +1036,7 @@ def bind_socket(config: SocketConfig) -> socket.socket:
             if config.replace and os.path.exists(config.path):
                 os.unlink(config.path)
             sock.bind(config.path)
-            # chmod after bind rather than os.umask: the umask is
-            # process-wide and other threads may be spawning right now.
+            # Not os.umask: it is process-wide, and others may be spawning.
             os.chmod(config.path, 0o777 & ~(config.umask or 0))
         else:
             sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
@@ -1143,6 +1141,8 @@ def process_stats(pid: int, children: dict[int, list[int]] | None = None
 
 #: One read takes up to this much from a pipe: big reads make capture cheap.
 READ_SIZE = 1 << 18
+#: A drain reads at most this many chunks of a pipe still being written.
+DRAIN_READS = 64
 #: Ends the first part of a line longer than the watcher's ``max_line``.
 SPLIT_MARK = b" [minisup: line split]\n"
 ROTATE_SECONDS = {"s": 1, "m": 60, "h": 3600, "d": 86400}
@@ -1164,40 +1164,46 @@ def split_long_lines(data: bytes, limit: int) -> bytes:
 
 
 class Sink:
-    """Where one watcher's stdout or stderr goes: a file (FileStream with
-    ``max_bytes`` rotation, TimedRotatingFileStream, WatchedFileStream that
-    reopens a moved or deleted file) or the daemon's stdout (StdoutStream,
-    lines prefixed ``NAME.PID | ``).  Owned by the output thread."""
+    """Where one watcher's stdout or stderr goes (FileStream, TimedRotating-
+    FileStream, WatchedFileStream, StdoutStream).  Owned by the output thread."""
 
     def __init__(self, name: str, options: dict[str, Any]) -> None:
         self.name, self.options = name, options
         self.kind = options["class"]
         self.path = options.get("filename", "")
         self._clock = time.gmtime if options.get("utc") else time.localtime
-        self.errors = 0
+        self.errors, self.fd, self.size, self.rotatable = 0, -1, 0, False
+        self.rollover_at = (self._next_rollover(time.time())
+                            if self.kind == "timedrotatingfilestream" else None)
         self.open()
 
     def open(self) -> None:
-        self.rollover_at: float | None = None
-        if self.kind == "stdoutstream":
-            self.fd, self.rotatable, self.size = os.dup(1), False, 0
+        """Open the target; on failure, report it and stay closed: each
+        later write tries again, and loses its chunk until one succeeds."""
+        try:
+            if self.kind == "stdoutstream":
+                self.fd = os.dup(1)
+                return
+            flags = os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC
+            fd = os.open(self.path, flags, 0o644)
+        except OSError as exc:
+            self._failed(exc)
             return
-        flags = os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC
-        self.fd = os.open(self.path, flags, 0o644)
-        info = os.fstat(self.fd)
-        self.identity, self.size = (info.st_dev, info.st_ino), info.st_size
+        info = os.fstat(fd)
+        self.fd, self.identity, self.size = fd, (info.st_dev, info.st_ino), info.st_size
         # Never rotate a FIFO or /dev/stdout (supervisord's "Illegal seek").
         self.rotatable = stat.S_ISREG(info.st_mode)
-        if self.kind == "timedrotatingfilestream":
-            self.rollover_at = self._next_rollover(time.time())
 
     def close(self) -> None:
-        os.close(self.fd)
+        fd, self.fd = self.fd, -1  # a closed number may be reused at once
+        if fd >= 0:
+            os.close(fd)
 
     def reopen(self) -> None:
         """Close and open again (SIGUSR1, ``reopen``: after logrotate)."""
-        self.close()
-        self.open()
+        if self.kind != "stdoutstream":
+            self.close()
+            self.open()
 
     def write(self, pid: int, data: bytes) -> None:
         """Write whole lines (``data`` ends with a newline)."""
@@ -1223,18 +1229,21 @@ class Sink:
         return data[cut:]
 
     def _put(self, data: bytes) -> None:
+        if self.fd < 0:
+            self.open()
         view = memoryview(data)
         try:
             while view:
                 view = view[os.write(self.fd, view):]
-        except OSError as exc:
-            # A full disk loses this chunk, not the daemon: report it (the
-            # first time and every thousandth) and go on with the next one.
-            self.errors += 1
-            if self.errors % 1000 == 1:
-                logger.error("%s: cannot write %s (%s), %d chunks lost so far",
-                             self.name, self.path, exc, self.errors)
+        except OSError as exc:  # a full disk loses this chunk, not the daemon
+            self._failed(exc)
         self.size += len(data)
+
+    def _failed(self, exc: OSError) -> None:
+        self.errors += 1  # reported the first time and every thousandth
+        if self.errors % 1000 == 1:
+            logger.error("%s: cannot write %s (%s), %d chunks lost so far",
+                         self.name, self.path, exc, self.errors)
 
     def _prefix(self, pid: int, data: bytes) -> bytes:
         head = f"{self.name}.{pid} | ".encode() if self.kind == "stdoutstream" else b""
@@ -1253,10 +1262,21 @@ class Sink:
 
     def _rotate(self) -> None:
         self.close()
-        count = self.options.get("backup_count", 0)
+        try:
+            self._shift_backups(self.options.get("backup_count", 0))
+        except OSError as exc:  # moved away meanwhile (logrotate): start anew
+            self._failed(exc)
+        if self.rollover_at is not None and time.time() >= self.rollover_at:
+            self.rollover_at = self._next_rollover(time.time())
+        self.open()
+
+    def _shift_backups(self, count: int) -> None:
         if self.kind == "timedrotatingfilestream":
-            suffix = time.strftime("%Y-%m-%d_%H-%M-%S", self._clock(self.rollover_at - 1))
-            os.replace(self.path, f"{self.path}.{suffix}")
+            stamp = time.strftime("%Y-%m-%d_%H-%M-%S", self._clock(self.rollover_at - 1))
+            target = f"{self.path}.{stamp}"
+            while os.path.exists(target):  # a size rotation in the same second
+                target += "_"
+            os.replace(self.path, target)
             backups = sorted(glob.glob(glob.escape(self.path) + ".*"))
             for old in backups[:max(0, len(backups) - count)] if count else []:
                 os.remove(old)
@@ -1267,7 +1287,6 @@ class Sink:
             os.replace(self.path, f"{self.path}.1")
         else:
             os.truncate(self.path, 0)
-        self.open()
 
     def _next_rollover(self, now: float) -> float:
         when = self.options.get("rotate_when", "h")
@@ -1288,7 +1307,7 @@ class Pipe:
     pid: int
     stream: str
     fd: int
-    sink: Sink | None
+    sink: Sink
     max_line: int
     partial: bytes = b""
 
@@ -1307,6 +1326,7 @@ class Pump:
         self._selector = selectors.DefaultSelector()
         self._selector.register(self._waker, selectors.EVENT_READ, None)
         self._sinks: dict[tuple[str, str], Sink] = {}
+        self._old_sinks: list[Sink] = []
         self._tails: dict[str, collections.deque[tuple[str, bytes]]] = {}
         self._running = True
 
@@ -1319,8 +1339,7 @@ class Pump:
         self._call(self._attach, config, pid, pipes)
 
     def drain(self, pid: int, done: Callable[[], None]) -> None:
-        """Read and write all a dead child left in its pipes, then call
-        ``done`` (on the output thread).  Any thread."""
+        """Write what a dead child left in its pipes, then call ``done``."""
         self._call(self._drain, pid, done)
 
     def tail(self, name: str, count: int, stream: str | None,
@@ -1346,19 +1365,26 @@ class Pump:
             self.close()
 
     def _serve(self, pipe: Pipe | None) -> None:
-        # A bug here must not stop the capture of every other child, nor
-        # leave the worker waiting for a drain: log it, drop that pipe.
+        if pipe is not None:
+            self._guarded(self._read, pipe)
+            return
+        self._waker.drain()
+        while True:
+            try:
+                function, args = self._tasks.get_nowait()
+            except queue.Empty:
+                return
+            self._guarded(function, *args)
+
+    def _guarded(self, function: Callable[..., Any], *args: Any) -> None:
+        # A bug must not stop every capture, nor a drain: log, drop the pipe.
         try:
-            if pipe is None:
-                self._waker.drain()
-                self._run_tasks()
-            else:
-                self._read(pipe)
+            function(*args)
         except Exception:
-            logger.exception("output thread: %s failed", pipe or "a task")
-            if pipe is not None:
+            logger.exception("output thread: %s failed", function.__name__)
+            if function == self._read:
                 with contextlib.suppress(Exception):
-                    self._finish(pipe)
+                    self._finish(args[0])
 
     def close(self) -> None:
         """Write what is left, close every pipe and file; on the output
@@ -1366,43 +1392,28 @@ class Pump:
         if self._waker.read_fd >= 0:
             for key in list(self._selector.get_map().values()):
                 if key.data is not None:
-                    while self._read(key.data):  # whatever is still in it
-                        pass
+                    for _ in range(DRAIN_READS):  # what is still in it, within reason
+                        if not self._read(key.data):
+                            break
                     self._finish(key.data)
-            for sink in self._sinks.values():
-                if sink is not None:
-                    sink.close()
+            for sink in [*self._sinks.values(), *self._old_sinks]:
+                sink.close()
             self._selector.close()
             self._waker.close()
-
-    def _run_tasks(self) -> None:
-        while True:
-            try:
-                function, args = self._tasks.get_nowait()
-            except queue.Empty:
-                return
-            function(*args)
 
     def _attach(self, config: WatcherConfig, pid: int, pipes: dict[str, int]) -> None:
         for stream, fd in pipes.items():
             options = getattr(config, f"{stream}_stream")
             sink = self._sinks.get((config.name, stream))
             if sink is None or sink.options != options:
-                if sink is not None:
-                    sink.close()
-                sink = self._sinks[config.name, stream] = self._open_sink(config.name, options)
+                if sink is not None:  # old processes may still write to it
+                    self._old_sinks.append(sink)
+                sink = self._sinks[config.name, stream] = Sink(config.name, options)
             tail = self._tails.get(config.name)
             if tail is None or tail.maxlen != config.tail_lines:
                 self._tails[config.name] = collections.deque(tail or (), config.tail_lines)
             pipe = Pipe(config.name, pid, stream, fd, sink, config.max_line)
             self._selector.register(fd, selectors.EVENT_READ, pipe)
-
-    def _open_sink(self, name: str, options: dict[str, Any]) -> Sink | None:
-        try:
-            return Sink(name, options)
-        except OSError as exc:
-            logger.error("%s: cannot open %s: %s", name, options.get("filename"), exc)
-            return None
 
     def _read(self, pipe: Pipe) -> bool:
         """Read and deliver one chunk; False once the pipe is empty for now
@@ -1427,8 +1438,7 @@ class Pump:
         return True
 
     def _deliver(self, pipe: Pipe, lines: bytes) -> None:
-        if pipe.sink is not None:
-            pipe.sink.write(pipe.pid, lines)
+        pipe.sink.write(pipe.pid, lines)
         tail = self._tails[pipe.name]  # split off only the lines it keeps:
         tail.extend((pipe.stream, line)
                     for line in lines.rsplit(b"\n", tail.maxlen + 1)[-tail.maxlen - 1:-1])
@@ -1440,22 +1450,21 @@ class Pump:
     def _finish(self, pipe: Pipe) -> None:
         if pipe.fd < 0:
             return
-        if pipe.partial:  # the child died mid-line: the line ends here
-            self._deliver(pipe, pipe.partial + b"\n")
-            pipe.partial = b""
         self._selector.unregister(pipe.fd)
         os.close(pipe.fd)
-        pipe.fd = -1
+        pipe.fd, partial, pipe.partial = -1, pipe.partial, b""
+        if partial:  # the child died mid-line: the line ends here
+            self._deliver(pipe, partial + b"\n")
 
     def _drain(self, pid: int, done: Callable[[], None]) -> None:
         try:
             for key in list(self._selector.get_map().values()):
                 pipe = key.data
                 if pipe is not None and pipe.pid == pid:
-                    # A descendant may still hold the pipe open: take what
-                    # is there now and keep reading the rest as it comes.
-                    while self._read(pipe):
-                        pass
+                    # A descendant may keep it open: take a bounded amount now.
+                    for _ in range(DRAIN_READS):
+                        if not self._read(pipe):
+                            break
         finally:
             done()  # the worker waits for this to report the death
 
@@ -1466,8 +1475,7 @@ class Pump:
 
     def _reopen(self) -> None:
         for sink in self._sinks.values():
-            with contextlib.suppress(OSError):
-                sink.reopen()
+            sink.reopen()
         logger.info("log files reopened")
 
     def _stop(self) -> None:
@@ -1716,15 +1724,14 @@ class Watcher:
                      if p.stopping and not p.killed]
         deadlines += [p.expires for p in running if p.expires is not None]
         replacing = self._replace and len(running) == len(self.processes)
-        if self.state in (STARTING, ACTIVE) and len(running) < self.target or replacing:
+        if self.state in (STARTING, ACTIVE) and (len(running) < self.target or replacing):
             deadlines.append(self._next_spawn)
         if self.state == FLAPPING:
             deadlines.append(self._resume_at)
         return min(deadlines) if deadlines else None
 
     def _replace_next(self, now: float) -> None:
-        # A sequential reload stops one old child once the one before it
-        # is gone; _fill then spawns its replacement on the same tick.
+        # Sequential reload: stop the next old child once the last is gone.
         if not self._replace or now < self._next_spawn or any(
                 p.stopping for p in self.processes.values()):
             return
@@ -1748,7 +1755,7 @@ class Watcher:
         wid = self._free_wid()
         try:
             process = self._spawn(self.config, wid, now)
-        except (OSError, ValueError, subprocess.SubprocessError) as exc:
+        except Exception as exc:  # noqa: BLE001 - any failure to spawn is one
             self._spawn_failed(exc, now)
             return None
         self.retries = 0
@@ -1998,8 +2005,7 @@ class Arbiter:
                             owner.name if owner else "no known watcher")
 
     def _kill_strays(self) -> None:
-        # Orphans die with their watcher, and all of them once a quit has
-        # stopped every watcher.  They are our children: no pid reuse.
+        # Orphans die with their watcher, or at quit.  Ours: no pid reuse.
         for pid, owner in list(self._strays.items()):
             if self._quit_stages == [] or owner is not None and (
                     owner.state == STOPPED and not owner.processes):
@@ -2085,8 +2091,7 @@ class Arbiter:
         if process.draining and not drained or not _has_exited(process.pid):
             return
         if process.stopping:
-            # What is left of a stopped child's group dies with it.  The
-            # unreaped zombie leader still holds the group id: no reuse.
+            # Its group's leftovers die too; the zombie keeps the group id.
             process.send_signal(signal.SIGKILL, group=True)
         if process.pipes and self.pump is not None and not drained:
             # Output still in its pipes is written before its death is told.
@@ -2275,6 +2280,7 @@ class Arbiter:
             if wait:
                 for process in list(watcher.processes.values()):
                     process.popen.wait()  # SIGKILLed: returns at once
+                    self._guard("-", process.pid)
                     self._reap(watcher, process)
 
     def _advance_quit(self, now: float, first: bool = False) -> None:
@@ -2309,8 +2315,7 @@ def own_children() -> set[int]:
 
 
 def _has_exited(pid: int) -> bool:
-    # Peek (WNOWAIT) so the child stays a zombie, and its pid and group id
-    # stay reserved, until Popen reaps it.
+    # WNOWAIT: a peek; the zombie keeps its pid and group until Popen reaps.
     try:
         return os.waitid(os.P_PID, pid, os.WEXITED | os.WNOHANG | os.WNOWAIT) is not None
     except ChildProcessError:
@@ -2909,8 +2914,7 @@ class Controller:
 
     def _handle(self, frames: list[bytes]) -> None:
         envelope, body = frames[:-1], frames[-1]
-        # A REQ client puts an empty delimiter frame before its body; a
-        # reply routed back with the same envelope reaches it too.
+        # A REQ client adds an empty frame; the same envelope answers it.
         if len(envelope) != 1 and envelope[1:] != [b""]:
             self.post(envelope[:1], None, MessageError(
                 "message invalid: send the request as one frame"))
@@ -2942,8 +2946,7 @@ class Controller:
             try:
                 self._sockets[role].send_multipart(frames, zmq.NOBLOCK)
             except zmq.ZMQError as exc:
-                # Again: a client stopped reading and its queue is full; a
-                # reply is dropped rather than ever blocking this loop.
+                # A client that stopped reading: drop, never block this loop.
                 logger.debug("%s message dropped: %s", role, exc)
 
 
@@ -2989,7 +2992,8 @@ class Daemon:
 
     def start(self, timeout: float = START_TIMEOUT) -> Daemon:
         """Bind the control socket, start the autostart watchers and return
-        once they have spawned.  Raise ConfigError if the bind fails."""
+        once they have spawned (``timeout`` at most).  Raise ConfigError if
+        a bind fails."""
         if self._started:
             raise MinisupError("a Daemon starts only once")
         self._started = True
@@ -3015,12 +3019,8 @@ class Daemon:
         self._worker_thread = self._thread(self._run_worker, "worker")
         try:
             self.call(handle_start, {"waiting": True}, timeout)
-        except CallError:
-            self.stop()
-            raise
         except MinisupError as exc:
-            # A watcher that cannot spawn is reported, not fatal: the
-            # others run and it shows as stopped with its reason.
+            # A watcher slow or unable to start is reported, not fatal.
             logger.error("not every watcher started: %s", exc)
         return self
 

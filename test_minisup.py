@@ -428,6 +428,7 @@ close_child_stdin = false
     ("[watcher:w]\ncmd = x\nrestart = maybe\n", "use one of always, on-failure, never"),
     ("[watcher:w]\ncmd = x\nexit_codes = 0 x\n", "exit_codes = '0 x'"),
     ("[watcher:w]\ncmd = x\nstdin_socket = nope\n", "no [socket:nope] section"),
+    ("[watcher:w]\ncmd = x\nmax_line = 0\n", "max_line = '0': must be at least 1"),
     ("[socket:s]\nfamily = AF_PACKET\n", "family = 'AF_PACKET': use one of af_inet"),
     ("[socket:s]\nfamily = AF_UNIX\n", "a unix socket needs a path"),
     ("[socket:s]\nport = 70000\n", "port = 70000: not a port number"),
@@ -852,6 +853,19 @@ def test_start_waiting_reports_a_watcher_that_cannot_spawn(make_daemon, tmp_path
     assert reply["status"] == "error" and reply["errno"] == 6
     assert "ghost: spawn failed 1 times" in reply["reason"]
     assert daemon.client.call("status", name="ghost")["status"] == "stopped"
+
+
+@pytest.mark.parametrize("cmd, options", [
+    ("$(circus.env.NOT_SET_ANYWHERE)", {}),  # an empty command line
+    (PY, {"rlimit_nofile": 2**64}),  # a limit the kernel cannot hold
+    (PY, {"stdin_socket": "nope"}),  # a socket that does not exist
+])
+def test_odd_spawn_failures_are_reported_not_fatal(make_daemon, cmd, options):
+    daemon = make_daemon(sleepers(n=1))
+    reply = daemon.client.call("add", name="odd", cmd=cmd, options=dict(options, max_retry=0),
+                               start=True, waiting=True)
+    assert reply["errno"] == 6 and "spawn failed 1 times" in reply["reason"]
+    assert daemon.client.call("status")["statuses"] == {"odd": "stopped", "web": "active"}
 
 
 def test_spawn_failing_forever_does_not_wedge_the_daemon(make_daemon, tmp_path):
