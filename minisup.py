@@ -1320,12 +1320,11 @@ class Pump:
 
     def __init__(self, publish: Callable[[str, dict[str, Any]], None] | None = None) -> None:
         self.publish = publish
-        self._tasks: queue.SimpleQueue[tuple[Callable[..., None], tuple[Any, ...]]] = \
-            queue.SimpleQueue()
+        self._tasks: queue.SimpleQueue[tuple[Callable[..., None], tuple]] = queue.SimpleQueue()
         self._waker = Waker()
         self._selector = selectors.DefaultSelector()
         self._selector.register(self._waker, selectors.EVENT_READ, None)
-        self._sinks: dict[tuple[str, str], Sink] = {}
+        self._sinks: dict[str, Sink] = {}
         self._old_sinks: list[Sink] = []
         self._tails: dict[str, collections.deque[tuple[str, bytes]]] = {}
         self._running = True
@@ -1404,11 +1403,12 @@ class Pump:
     def _attach(self, config: WatcherConfig, pid: int, pipes: dict[str, int]) -> None:
         for stream, fd in pipes.items():
             options = getattr(config, f"{stream}_stream")
-            sink = self._sinks.get((config.name, stream))
+            key = options.get("filename") or f"{config.name}.{stream}"  # one per file
+            sink = self._sinks.get(key)
             if sink is None or sink.options != options:
                 if sink is not None:  # old processes may still write to it
                     self._old_sinks.append(sink)
-                sink = self._sinks[config.name, stream] = Sink(config.name, options)
+                sink = self._sinks[key] = Sink(config.name, options)
             tail = self._tails.get(config.name)
             if tail is None or tail.maxlen != config.tail_lines:
                 self._tails[config.name] = collections.deque(tail or (), config.tail_lines)

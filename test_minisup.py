@@ -1877,6 +1877,21 @@ def test_200_mib_with_rotation_at_10_mib_loses_no_line(make_daemon, tmp_path):
     check_numbered(log_lines(tmp_path), 1, count)
 
 
+def test_stdout_and_stderr_to_one_rotated_file_share_it(make_daemon, tmp_path):
+    code = ("import os; [(os.write(1, b'out %d ' % n + b'x' * 60 + b'\\n'), "
+            "os.write(2, b'err %d ' % n + b'y' * 60 + b'\\n')) for n in range(3000)]")
+    log = f"{tmp_path}/out.log"
+    captured(make_daemon, tmp_path, code, (
+        "stdout_stream.max_bytes = 20000\nstdout_stream.backup_count = 100\n"
+        f"stderr_stream.class = FileStream\nstderr_stream.filename = {log}\n"
+        "stderr_stream.max_bytes = 20000\nstderr_stream.backup_count = 100\n"))
+    lines = log_lines(tmp_path)
+    assert all(p.stat().st_size <= 20000 for p in tmp_path.glob("out.log*"))
+    for stream in (b"out", b"err"):
+        numbers = [int(line.split()[1]) for line in lines if line.startswith(stream)]
+        assert numbers == list(range(3000)), stream
+
+
 def test_rotation_keeps_backup_count_files(make_daemon, tmp_path):
     daemon = make_daemon(writer(tmp_path, 5000, 90, extra=(
         "stdout_stream.max_bytes = 50000\nstdout_stream.backup_count = 2")))
