@@ -950,6 +950,20 @@ def test_shell_working_dir_and_private_env(make_daemon, tmp_path):
     assert len(daemon.client.call("list", name="sh")["pids"]) == 2
 
 
+def test_a_watcher_slow_to_start_does_not_fail_the_start(tmp_path):
+    fds_before = open_fds()
+    text = (f"[circus]\nendpoint = ipc://{tmp_path}/slow.sock\n"
+            + sleepers("slow", 3, "warmup_delay = 60\ngraceful_timeout = 0"))
+    daemon = minisup.Daemon.from_ini(text)
+    try:
+        daemon.start(timeout=0.3)  # returns: the watcher is reported, not fatal
+        assert daemon.client.call("status", name="slow")["status"] == "starting"
+        assert len(daemon.client.call("list", name="slow")["pids"]) == 1
+    finally:
+        daemon.stop()
+    assert_nothing_leaked(fds_before)
+
+
 def test_two_daemons_in_one_process_do_not_interfere(make_daemon):
     first = make_daemon(sleepers("a", 1))
     second = make_daemon(sleepers("b", 2))
@@ -1890,6 +1904,22 @@ def test_stdout_and_stderr_to_one_rotated_file_share_it(make_daemon, tmp_path):
     for stream in (b"out", b"err"):
         numbers = [int(line.split()[1]) for line in lines if line.startswith(stream)]
         assert numbers == list(range(3000)), stream
+
+
+def test_a_sink_survives_its_file_vanishing_before_a_rotation(tmp_path):
+    log = tmp_path / "out.log"
+    sink = minisup.Sink("w", {"class": "filestream", "filename": str(log),
+                              "max_bytes": 100, "backup_count": 2})
+    try:
+        sink.write(1, b"a" * 60 + b"\n")
+        log.unlink()  # logrotate, or a person, took it away
+        sink.write(1, b"b" * 60 + b"\n")  # needs a rotation of a file now gone
+        sink.write(1, b"c" * 10 + b"\n")
+        assert log.read_bytes() == b"b" * 60 + b"\n" + b"c" * 10 + b"\n"
+        assert os.fstat(sink.fd).st_ino == log.stat().st_ino
+    finally:
+        sink.close()
+    assert sink.fd == -1
 
 
 def test_rotation_keeps_backup_count_files(make_daemon, tmp_path):
