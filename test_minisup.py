@@ -19,6 +19,7 @@ import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import textwrap
 import threading
 import time
@@ -1459,6 +1460,25 @@ def test_default_endpoint_is_private(make_daemon, tmp_path, monkeypatch):
     assert oct(sock.stat().st_mode & 0o777) == oct(0o600)
     with minisup.Client() as client:  # finds the same default
         assert client.call("numwatchers")["numwatchers"] == 1
+    assert daemon.client.call("numwatchers")["numwatchers"] == 1
+
+
+@pytest.mark.skipif(os.geteuid() != 0 or not os.access("/usr/bin/python3", os.X_OK),
+                    reason="needs root to run a client as nobody")
+def test_another_user_cannot_reach_the_default_endpoint(make_daemon, monkeypatch, request):
+    # Outside pytest's private temp folder, so that only minisup's own
+    # folder (0700) and socket (0600) stand between nobody and the socket.
+    runtime = tempfile.mkdtemp(prefix="minisup-rt-")
+    os.chmod(runtime, 0o755)
+    monkeypatch.setenv("XDG_RUNTIME_DIR", runtime)
+    request.addfinalizer(lambda: shutil.rmtree(runtime))
+    daemon = make_daemon(sleepers(n=1), endpoint=minisup.default_endpoint())
+    path = daemon.endpoint[len("ipc://"):]
+    probe = ("import socket, sys; s = socket.socket(socket.AF_UNIX)\n"
+             "try:\n    s.connect(sys.argv[1])\nexcept PermissionError:\n    sys.exit(13)")
+    result = subprocess.run(["/usr/bin/python3", "-c", probe, path], user="nobody",
+                            check=False, capture_output=True, timeout=60)
+    assert result.returncode == 13, result
     assert daemon.client.call("numwatchers")["numwatchers"] == 1
 
 
