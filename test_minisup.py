@@ -26,6 +26,8 @@ import time
 
 import pytest
 import zmq
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
 import minisup
 
@@ -1444,6 +1446,62 @@ def test_many_bad_messages_in_a_burst_leave_the_daemon_serving(make_daemon):
     assert len(replies) == len(bodies) * 50
     assert all(r["status"] == "error" for r in replies)
     assert daemon.client.call("numwatchers")["numwatchers"] == 1
+
+
+JSON = st.recursive(
+    st.none() | st.booleans() | st.integers() | st.floats(allow_nan=False) | st.text(),
+    lambda inner: st.lists(inner, max_size=4) | st.dictionaries(st.text(max_size=8), inner,
+                                                                max_size=4),
+    max_leaves=20)
+#: Commands the fuzzer may send: not add/set (they would run what they are
+#: given) nor quit (the daemon must outlive the run).
+FUZZED = sorted(set(minisup.COMMANDS) - {"add", "set", "quit"})
+MESSAGES = st.one_of(
+    st.binary(max_size=300),
+    JSON.map(lambda value: json.dumps(value).encode()),
+    st.builds(lambda command, properties, message_id: json.dumps(
+        {"command": command, "properties": properties, "id": message_id}).encode(),
+        st.sampled_from(FUZZED) | st.text(max_size=12),
+        st.dictionaries(st.sampled_from(sorted(minisup.PROPERTY_TYPES)), JSON, max_size=4) | JSON,
+        JSON))
+
+
+def expected_id(body):
+    """The id a reply must echo, and whether a reply is due at all."""
+    try:
+        message = json.loads(body)
+    except ValueError:
+        return None, True
+    if not isinstance(message, dict):
+        return None, True
+    return message.get("id"), message.get("msg_type") != "cast"
+
+
+@settings(max_examples=200, deadline=None,
+          suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(body=MESSAGES)
+def test_fuzzed_requests_get_circus_shaped_replies(make_daemon, fuzz_state, body):
+    if "daemon" not in fuzz_state:
+        fuzz_state["daemon"] = make_daemon(sleepers(n=1, extra="graceful_timeout = 0"))
+    daemon = fuzz_state["daemon"]
+    message_id, replied = expected_id(body)
+    with raw_socket(daemon) as sock:
+        sock.send(body)
+        if replied:
+            assert sock.poll(DEADLINE * 1000), "no reply"
+            reply = json.loads(sock.recv())
+            assert reply["status"] in ("ok", "error") and isinstance(reply["time"], float)
+            assert reply["id"] == message_id or message_id is None
+            if reply["status"] == "error":
+                assert reply["errno"] in range(7) and isinstance(reply["reason"], str)
+    assert daemon.client.call("numwatchers")["numwatchers"] == 1
+    assert sorted(minisup_threads()) == ["minisup-controller", "minisup-output",
+                                         "minisup-worker"]
+
+
+@pytest.fixture
+def fuzz_state():
+    return {}
 
 
 # ============================================================ endpoints ======
