@@ -611,6 +611,15 @@ def test_flapping_pauses_then_gives_up(make_arbiter):
     assert watcher.last_error == "flapping: 3 restarts within 10s, 2 times"
 
 
+def test_a_flapping_pause_left_mid_reload_has_only_its_own_deadline():
+    # A sequential reload cut short by flapping leaves pids to replace;
+    # the pause must still be the only deadline, or the worker spins.
+    watcher = minisup.Watcher(minisup.WatcherConfig("w", "x"))
+    watcher.state, watcher._replace = minisup.FLAPPING, [12345]
+    watcher._next_spawn, watcher._resume_at = 0.0, 100.0
+    assert watcher.next_deadline() == 100.0
+
+
 def test_a_manual_stop_is_never_undone_by_flapping(make_arbiter):
     arbiter, clock, watcher = start_one(make_arbiter, f"""
         [watcher:flappy]
