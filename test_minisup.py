@@ -2037,6 +2037,19 @@ def test_a_child_killed_mid_line_keeps_its_partial_line(make_daemon, tmp_path):
     wait_for(lambda: (tmp_path / "out.log").read_bytes() == b"whole\nhalf a li\n")
 
 
+def test_a_descendant_writing_forever_does_not_hold_up_the_reap(make_daemon, tmp_path):
+    # sh exits at once; the `yes` it leaves keeps the pipe open and full.
+    daemon = make_daemon("""
+        [watcher:w]
+        cmd = yes &
+        shell = true
+        restart = never
+        stdout_stream.class = FileStream
+        stdout_stream.filename = /dev/null
+        """)
+    wait_for(finished(daemon), what="the reap, despite the endless writer")
+
+
 def test_over_long_lines_are_split_with_a_mark(make_daemon, tmp_path):
     code = "import os; os.write(1, b'a' * 250 + b'\\nshort\\n')"
     captured(make_daemon, tmp_path, code, "max_line = 100\n")
