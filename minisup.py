@@ -714,7 +714,7 @@ def _read_global(config: Config, section: configparser.SectionProxy) -> None:
     for key in ("endpoint", "pubsub_endpoint", "multicast_endpoint"):
         value = getattr(config, key)
         try:
-            if value is not None:
+            if value:  # empty: off, as in Circus
                 (check_udp_endpoint if key == "multicast_endpoint"
                  else check_endpoint)(value)
         except ConfigError as exc:

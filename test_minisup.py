@@ -309,6 +309,12 @@ def test_loopback_and_ipc_endpoints_are_accepted(endpoint):
     assert minisup.parse_config(f"[circus]\nendpoint = {endpoint}\n").endpoint == endpoint
 
 
+def test_empty_pubsub_and_multicast_endpoints_mean_off_as_in_circus(make_daemon):
+    daemon = make_daemon(sleepers(n=1), pubsub_endpoint="", multicast_endpoint="")
+    options = daemon.client.call("globaloptions")["options"]
+    assert not options["pubsub_endpoint"] and not options["multicast_endpoint"]
+
+
 def test_singleton_keeps_one_process():
     config = minisup.parse_config("[watcher:w]\ncmd = x\nnumprocesses = 3\nsingleton = 1\n")
     assert config.watchers[0].numprocesses == 1

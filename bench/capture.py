@@ -62,13 +62,13 @@ def wait_size(path, size, started):
 class Circusish:
     """minisup or circusd: same INI, same wire protocol, same client."""
 
-    def __init__(self, name, argv, folder, data, out):
+    def __init__(self, name, argv, folder, data, out, extra=""):
         self.name, self.folder, self.out = name, folder, out
         self.endpoint = f"ipc://{folder}/{name}.sock"
         stream = "circus.stream.FileStream"
         ini = os.path.join(folder, f"{name}.ini")
         with open(ini, "w") as f:
-            f.write(f"[circus]\nendpoint = {self.endpoint}\ncheck_delay = 5\n"
+            f.write(f"[circus]\nendpoint = {self.endpoint}\ncheck_delay = 5\n{extra}"
                     f"[watcher:cat]\ncmd = {CAT} {data}\nautostart = false\n"
                     f"respawn = false\nstdout_stream.class = {stream}\n"
                     f"stdout_stream.filename = {out}\n")
@@ -175,8 +175,12 @@ def main():
         systems = [Circusish("minisup", [sys.executable, "-m", "minisup", "run"], folder,
                              data, f"{folder}/minisup.out")]
         if os.path.exists(f"{ANCHORS}/circus/bin/circusd"):
+            # circusd's defaults would join a multicast group and bind TCP
+            # ports: discovery off, pub/sub and stats on ipc in the folder.
+            quiet = (f"multicast_endpoint =\npubsub_endpoint = ipc://{folder}/pub.sock\n"
+                     f"stats_endpoint = ipc://{folder}/stats.sock\n")
             systems.append(Circusish("circusd", [f"{ANCHORS}/circus/bin/circusd"], folder,
-                                     data, f"{folder}/circusd.out"))
+                                     data, f"{folder}/circusd.out", quiet))
         if os.path.exists(f"{ANCHORS}/supervisor/bin/supervisord"):
             systems.append(Supervisord("supervisord", folder, data, f"{folder}/supervisord.out"))
         samples = {s.name: [] for s in systems}
