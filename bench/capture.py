@@ -16,6 +16,7 @@ is bounded; every daemon is killed by pid at the end.
 """
 
 import argparse
+import contextlib
 import hashlib
 import os
 import shutil
@@ -91,9 +92,15 @@ class Circusish:
         self.client.call("stop", name="cat", waiting=True)
 
     def close(self):
+        # A graceful quit first: circusd's stats helper outlives a SIGKILL.
+        with contextlib.suppress(minisup.CallError):
+            self.client.call("quit", waiting=True)
         self.client.close()
-        self.proc.kill()
-        self.proc.wait()
+        try:
+            self.proc.wait(30)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            self.proc.wait()
 
 
 class Supervisord:
