@@ -390,16 +390,21 @@ class Suite:
         return [d for d in self.daemons if d.proc.poll() is None]
 
 
+def repeat(suite, label, runs, measure):
+    """Record ``measure(daemon)`` for every live daemon, ``runs`` rounds."""
+    suite.rows[label] = {}
+    for _ in range(runs):
+        for daemon in suite.alive():
+            try:
+                suite.record(label, daemon, measure(daemon))
+            except Exception as exc:  # noqa: BLE001 - one failed cell, not the suite
+                suite.fail(label, daemon, exc)
+
+
 def run_all(suite, count, reps, calls, kills, status_runs):
     label = "1. control round trip (us)"
     print(f"{label}: {reps} x {calls} calls", file=sys.stderr)
-    suite.rows[label] = {}
-    for _ in range(reps):
-        for daemon in suite.alive():
-            try:
-                suite.record(label, daemon, round_trip(daemon, calls))
-            except Exception as exc:  # noqa: BLE001 - one failed cell, not the suite
-                suite.fail(label, daemon, exc)
+    repeat(suite, label, reps, lambda daemon: round_trip(daemon, calls))
 
     labels = (f"2. start {count} until exec'd (ms)", f"3. stop {count} until reaped (ms)",
               f"4. daemon RSS with {count} (MiB)")
@@ -439,15 +444,8 @@ def run_all(suite, count, reps, calls, kills, status_runs):
                 suite.fail(label, daemon, exc)
                 current.pop(daemon.name)
 
-    label = "6. status command (ms)"
     print(f"status command: {status_runs} runs each", file=sys.stderr)
-    suite.rows[label] = {}
-    for _ in range(status_runs):
-        for daemon in suite.alive():
-            try:
-                suite.record(label, daemon, status_command(daemon))
-            except Exception as exc:  # noqa: BLE001
-                suite.fail(label, daemon, exc)
+    repeat(suite, "6. status command (ms)", status_runs, status_command)
 
 
 def number(value):
