@@ -1427,12 +1427,10 @@ class Pump:
         if not data:
             self._finish(pipe)
             return False
-        data = pipe.partial + data if pipe.partial else data
+        # Long lines are cut first, so what is kept back is never too long.
+        data = split_long_lines(pipe.partial + data, pipe.max_line)
         end = data.rfind(b"\n") + 1
-        lines, pipe.partial = split_long_lines(data[:end], pipe.max_line), data[end:]
-        while len(pipe.partial) > pipe.max_line:
-            lines += pipe.partial[:pipe.max_line] + SPLIT_MARK
-            pipe.partial = pipe.partial[pipe.max_line:]
+        lines, pipe.partial = data[:end], data[end:]
         if lines:
             self._deliver(pipe, lines)
         return True
