@@ -15,7 +15,9 @@ at a ``queue`` plus a wake-up pipe, never at a lock around shared state.
 * The **controller thread** (``Controller``) alone touches zmq sockets.  It
   blocks in a ``zmq.Poller`` over the ROUTER control socket and its own
   wake-up pipe, decodes and validates each request, hands it to the worker
-  as a ``Job`` and sends back whatever replies the worker has posted.
+  as a ``Job`` and sends back whatever replies the worker has posted.  It
+  answers ``list``, ``status`` and the counts itself, from the immutable
+  ``View`` the worker publishes as each tick ends: no handoff for a read.
 * The **worker thread** (``Arbiter``) alone touches watchers and processes.
   It blocks in a selector over its wake-up pipe and one pidfd per child, so a
   child's death is seen the moment it happens.  Each tick it drains every
@@ -1740,8 +1742,10 @@ class Watcher:
     def _fill(self, now: float) -> list[Process]:
         spawned: list[Process] = []
         missing = self.target - len(self.running())
+        used = {p.wid for p in self.processes.values()}  # the lowest free wids:
+        free = iter([w for w in range(1, len(used) + missing + 1) if w not in used])
         while len(spawned) < missing and now >= self._next_spawn:
-            process = self._spawn_one(now)
+            process = self._spawn_one(now, next(free))
             if process is None:
                 break
             spawned.append(process)
@@ -1749,8 +1753,7 @@ class Watcher:
                 self._next_spawn = now + self.config.warmup_delay
         return spawned
 
-    def _spawn_one(self, now: float) -> Process | None:
-        wid = self._free_wid()
+    def _spawn_one(self, now: float, wid: int) -> Process | None:
         try:
             process = self._spawn(self.config, wid, now)
         except Exception as exc:  # noqa: BLE001 - any failure to spawn is one
@@ -1774,10 +1777,6 @@ class Watcher:
             self.stop(now)
         else:
             self._next_spawn = now + self.config.retry_in
-
-    def _free_wid(self) -> int:
-        used = {p.wid for p in self.processes.values()}
-        return next(w for w in range(1, len(used) + 2) if w not in used)
 
     def _stop_process(self, process: Process, now: float, signum: int | None = None,
                       timeout: float | None = None) -> None:
@@ -1821,6 +1820,22 @@ class Job:
     handler: Callable[[Arbiter, dict[str, Any]], dict[str, Any] | Pending]
     properties: dict[str, Any]
     reply: Callable[[Outcome], None]
+    seq: int = 0  # the controller numbers its jobs: see View
+
+
+class View(NamedTuple):
+    """The replies to read-only commands as of the end of a tick, keyed by
+    (command, watcher name or None): the controller answers those from the
+    latest View, without a handoff, once the worker has run every job it
+    was handed (``seq``), so a read never overtakes an earlier change.
+    Never changed once published: the next tick publishes a new one."""
+
+    seq: int
+    replies: dict[tuple[str, str | None], dict[str, Any]]
+
+
+#: Commands in a View: without a name, and (the first two) with each name.
+VIEW_COMMANDS = ("list", "status", "numwatchers", "numprocesses")
 
 
 @dataclasses.dataclass
@@ -1854,6 +1869,7 @@ class Arbiter:
         # Set by the Daemon: where events go (its PUB socket), the endpoints
         # as bound (for globaloptions), the output thread, subreaper mode.
         self.on_event: Callable[[str, dict[str, Any]], None] | None = None
+        self.on_view: Callable[[View], None] | None = None
         self.bound_endpoints: dict[str, str | None] = {}
         self.pump: Pump | None = None
         self.subreaper = False
@@ -1864,6 +1880,8 @@ class Arbiter:
         self._selector = selectors.DefaultSelector()
         self._selector.register(self._waker, selectors.EVENT_READ, None)
         self._waiting: list[tuple[Job, Pending]] = []
+        self._replies: list[tuple[Job, Outcome]] = []  # sent as the tick ends
+        self._seq = 0  # the last controller job run
         self._retiring: list[Watcher] = []  # removed by rm, children not gone
         self._quit_stages: list[list[Watcher]] | None = None
         self._orphans_died = False
@@ -1896,16 +1914,18 @@ class Arbiter:
         """Block until a child exits, a job arrives or ``timeout`` passes,
         then reap every child that exited."""
         events = self._selector.select(timeout)
-        for key, _ in events:
-            if key.data is None:
-                self._waker.drain()
-            else:
-                self._reap(*key.data)
+        exited = [key.data for key, _ in events if key.data is not None]
+        if len(exited) < len(events):
+            self._waker.drain()
+        if self.subreaper and (exited or self._orphans_died or not events or self._doomed):
+            self._orphans_died = False
+            # Once a batch, before reaping: a dead leader's pid still names
+            # its orphans' group and session as long as it is a zombie.
+            self._adopt_orphans()
+        for watcher, process in exited:
+            self._reap(watcher, process)
         if not events or self._unwatched:
             self._sweep()
-        if self.subreaper and (self._orphans_died or not events or self._doomed):
-            self._orphans_died = False
-            self._adopt_orphans()
 
     def notice_child_exit(self) -> None:
         """SIGCHLD arrived (subreaper mode): look for orphans to reap.
@@ -1921,10 +1941,25 @@ class Arbiter:
         self.manage_watchers(now)
         self._answer_waiters()
         if self.quit_finished:
-            for job, _ in self._waiting:
-                job.reply(MinisupError("the daemon quit first", BAD_MSG_DATA_ERROR))
+            self._replies += [(job, MinisupError("the daemon quit first", BAD_MSG_DATA_ERROR))
+                              for job, _ in self._waiting]
             self._waiting, self.done = [], True
+        self._publish()
         return self._timeout(now)
+
+    def _publish(self) -> None:
+        # Replies leave as the tick ends, not mid-tick, where the woken
+        # controller would only wait for the GIL until this thread blocks.
+        if self.on_view is not None:
+            replies = {(command, None): COMMANDS[command].handler(self, {})
+                       for command in VIEW_COMMANDS}
+            for name in self.watchers:
+                for command in VIEW_COMMANDS[:2]:
+                    replies[command, name] = COMMANDS[command].handler(self, {"name": name})
+            self.on_view(View(self._seq, replies))
+        replies, self._replies = self._replies, []
+        for job, outcome in replies:
+            job.reply(outcome)
 
     @property
     def quit_finished(self) -> bool:
@@ -2099,8 +2134,6 @@ class Arbiter:
                 "_drained", lambda arbiter, _: arbiter._reap(watcher, process, True) or {},
                 {}, _ignore_reply)))
             return
-        if self.subreaper:
-            self._adopt_orphans()  # while the leader's pid still names them
         code = process.popen.poll()  # reaps it; -signum if it was killed
         if code is None:
             return  # reaped elsewhere meanwhile; the sweep will catch it
@@ -2132,24 +2165,23 @@ class Arbiter:
             self._run(job)
 
     def _run(self, job: Job) -> None:
+        self._seq = max(self._seq, job.seq)
+        outcome: Outcome | Pending
         try:
             if (self._quit_stages is not None and job.command not in SHUTDOWN_COMMANDS
                     and not job.command.startswith("_")):  # "_name": internal
                 raise MinisupError("the daemon is shutting down")
             outcome = job.handler(self, job.properties)
         except MinisupError as exc:
-            job.reply(exc)
-            return
+            outcome = exc
         except OSError as exc:
-            job.reply(MinisupError(str(exc), OS_ERROR))
-            return
+            outcome = MinisupError(str(exc), OS_ERROR)
         except Exception as exc:  # noqa: BLE001 - logged with its traceback
-            job.reply(server_error(job.command, exc))
-            return
+            outcome = server_error(job.command, exc)
         if isinstance(outcome, Pending):
             self._waiting.append((job, outcome))
         else:
-            job.reply(outcome)
+            self._replies.append((job, outcome))
 
     def _answer_waiters(self) -> None:
         still: list[tuple[Job, Pending]] = []
@@ -2163,7 +2195,7 @@ class Arbiter:
                 outcome = exc
             except Exception as exc:  # noqa: BLE001 - logged with its traceback
                 outcome = server_error(job.command, exc)
-            job.reply(outcome)
+            self._replies.append((job, outcome))
         self._waiting = still
 
     def get_watcher(self, name: str) -> Watcher:
@@ -2743,7 +2775,7 @@ def decode_request(body: bytes) -> dict[str, Any]:
         raise MessageError(f"message too large ({len(body)} bytes, "
                            f"limit {MAX_REQUEST_BYTES})")
     try:
-        message = json.loads(body)
+        message = json.loads(body.decode())
     except (ValueError, RecursionError):
         raise MinisupError("json invalid", INVALID_JSON) from None
     if not isinstance(message, dict):
@@ -2789,7 +2821,11 @@ class Controller:
         self.owner = config.endpoint_owner
         self.bound = threading.Event()
         self.error: BaseException | None = None
+        self.view: View | None = None  # replaced by the worker each tick
+        self._encoded_view: View | None = None
+        self._encoded: dict[tuple[str, str | None], str] = {}
         self._submit = submit
+        self._seq = 0  # jobs handed to the worker
         self._outbox: queue.SimpleQueue[tuple[str, list[bytes]] | None] = \
             queue.SimpleQueue()
         self._waker = Waker()
@@ -2903,12 +2939,16 @@ class Controller:
                 sock.sendto(answer, sender)
 
     def _receive(self, sock: zmq.Socket) -> None:
+        # The poll said a request is there; EVENTS tells if more are (not
+        # a recv until zmq.Again: an exception per wake-up costs).
         for _ in range(RECEIVE_BATCH):
             try:
                 frames = sock.recv_multipart(zmq.NOBLOCK)
-            except zmq.Again:
+            except zmq.Again:  # rare: the poll's news was stale
                 return
             self._handle(frames)
+            if not sock.getsockopt(zmq.EVENTS) & zmq.POLLIN:
+                return
 
     def _handle(self, frames: list[bytes]) -> None:
         envelope, body = frames[:-1], frames[-1]
@@ -2927,25 +2967,45 @@ class Controller:
             if not cast:
                 self.post(envelope, message_id, exc)
             return
+        name = message["command"].lower()
+        viewed = self._from_view(name, properties.get("name"))
+        if viewed is not None:
+            if not cast:  # encode_reply's shape, with the body encoded once a view
+                self._send("control", [*envelope, (
+                    f'{{"status": "ok", "time": {time.time()!r}, {viewed}, '
+                    f'"id": {json.dumps(message_id)}}}').encode()])
+            return
         reply = _ignore_reply if cast else functools.partial(
             self.post, envelope, message_id)
-        self._submit(Job(message["command"].lower(), command.handler,
-                         properties, reply))
+        self._seq += 1
+        self._submit(Job(name, command.handler, properties, reply, self._seq))
+
+    def _from_view(self, command: str, name: str | None) -> str | None:
+        # The reply's fields as JSON text, if the latest view has them.
+        view = self.view  # one read: the worker may replace it meanwhile
+        if view is None or view.seq != self._seq:
+            return None  # a job of ours is not run yet: ask the worker
+        if view is not self._encoded_view:
+            self._encoded_view, self._encoded = view, {}
+        key = (command, None if name is None else name.lower())
+        if key not in self._encoded and key in view.replies:
+            self._encoded[key] = json.dumps(view.replies[key])[1:-1]
+        return self._encoded.get(key)
 
     def _flush(self) -> bool:
-        while True:
-            try:
-                item = self._outbox.get_nowait()
-            except queue.Empty:
-                return True
+        while not self._outbox.empty():  # we alone take from it: get won't block
+            item = self._outbox.get()
             if item is None:
                 return False
-            role, frames = item
-            try:
-                self._sockets[role].send_multipart(frames, zmq.NOBLOCK)
-            except zmq.ZMQError as exc:
-                # A client that stopped reading: drop, never block this loop.
-                logger.debug("%s message dropped: %s", role, exc)
+            self._send(*item)
+        return True
+
+    def _send(self, role: str, frames: list[bytes]) -> None:
+        try:
+            self._sockets[role].send_multipart(frames, zmq.NOBLOCK)
+        except zmq.ZMQError as exc:
+            # A client that stopped reading: drop, never block this loop.
+            logger.debug("%s message dropped: %s", role, exc)
 
 
 def _ignore_reply(outcome: Outcome) -> None:
@@ -3036,6 +3096,7 @@ class Daemon:
             key: getattr(self.controller, key)
             for key in ("endpoint", "pubsub_endpoint", "multicast_endpoint")}
         self.arbiter.on_event = self.controller.publish
+        self.arbiter.on_view = functools.partial(setattr, self.controller, "view")
         if self.controller.pubsub_endpoint:
             self.pump.publish = self.controller.publish
 

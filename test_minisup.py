@@ -693,6 +693,60 @@ def test_reply_shape_and_id_echo(make_daemon):
     assert reply["id"] == {"any": ["json", 1]} and reply["watchers"] == ["web"]
 
 
+
+def block_worker(daemon):
+    """Hold the worker thread in a job until the returned Event is set."""
+    release, entered = threading.Event(), threading.Event()
+
+    def hold(arbiter, properties):
+        entered.set()
+        release.wait(DEADLINE)
+        return {}
+    daemon.arbiter.submit(minisup.Job("_hold", hold, {}, minisup._ignore_reply))
+    assert entered.wait(DEADLINE)
+    return release
+
+
+def test_reads_are_answered_while_the_worker_is_busy(make_daemon):
+    daemon = make_daemon(sleepers(n=2))
+    pids = daemon.client.call("list", name="web")["pids"]
+    release = block_worker(daemon)
+    try:
+        # The controller answers these from the worker's last view.
+        assert daemon.client.call("list", name="WEB")["pids"] == pids
+        assert daemon.client.call("status")["statuses"] == {"web": "active"}
+        assert daemon.client.call("numwatchers")["numwatchers"] == 1
+        assert daemon.client.call("numprocesses")["numprocesses"] == 2
+        with raw_socket(daemon) as sock:  # a change waits for the worker
+            sock.send(json.dumps({"command": "incr", "id": 1,
+                                  "properties": {"name": "web"}}).encode())
+            assert not sock.poll(QUIET * 1000)
+            release.set()
+            assert json.loads(sock.recv())["numprocesses"] == 3
+    finally:
+        release.set()
+    assert daemon.client.call("numprocesses")["numprocesses"] == 3
+
+
+def test_a_read_never_overtakes_an_earlier_change(make_daemon):
+    daemon = make_daemon(sleepers(n=2))
+    release = block_worker(daemon)
+    with raw_socket(daemon) as sock:
+        sock.send(json.dumps({"command": "stop", "msg_type": "cast",
+                              "properties": {"name": "web"}}).encode())
+        sock.send(json.dumps({"command": "status", "id": 2,
+                              "properties": {"name": "web"}}).encode())
+        assert not sock.poll(QUIET * 1000)  # it waits for the stop to be run
+        release.set()
+        # Not the "active" of the view taken before the stop was run.
+        assert json.loads(sock.recv())["status"] in ("stopping", "stopped")
+    # Whoever got the reply to a change reads that change.
+    daemon.client.call("stop", name="web", waiting=True)
+    daemon.client.call("start", name="web")
+    assert daemon.client.call("status", name="web")["status"] in ("starting", "active")
+    assert daemon.client.call("incr", name="web", nb=2)["numprocesses"] == 4
+    assert daemon.client.call("numprocesses")["numprocesses"] == 4
+
 def test_kill_9_is_replaced_at_once(make_daemon):
     daemon = make_daemon(sleepers(n=2))
     client = daemon.client
