@@ -45,11 +45,6 @@ A request is one JSON frame ``{"id", "command", "properties", "msg_type"}``
 on a ROUTER socket; the reply carries ``status``, ``time``, ``id`` and, on
 error, ``reason`` and Circus's ``errno``.  A command with ``waiting: true``
 is answered when its action completes, later, without blocking any loop.
-
-Sections
---------
-Errors, Helpers, Config, Process, Output, Watcher, Arbiter, Commands,
-Controller, Daemon, Client, CLI; ``grep -n '^# ===' minisup.py`` lists them.
 """
 
 from __future__ import annotations
@@ -58,7 +53,6 @@ __version__ = "0.1.0"
 
 import argparse
 import collections
-import concurrent.futures
 import configparser
 import contextlib
 import ctypes
@@ -84,7 +78,6 @@ import socket
 import stat
 import subprocess
 import sys
-import tempfile
 import threading
 import time
 import traceback
@@ -166,11 +159,9 @@ FALSE_WORDS = {"0", "false", "no", "off", "n", "f", ""}
 def parse_bool(text: str) -> bool:
     """Parse an INI boolean the way Circus accepts them; raise ValueError."""
     word = text.strip().lower()
-    if word in TRUE_WORDS:
-        return True
-    if word in FALSE_WORDS:
-        return False
-    raise ValueError("not a boolean (use true or false)")
+    if word not in TRUE_WORDS | FALSE_WORDS:
+        raise ValueError("not a boolean (use true or false)")
+    return word in TRUE_WORDS
 
 
 def parse_signal(value: str | int) -> int:
@@ -222,7 +213,8 @@ def default_endpoint() -> str:
     if runtime and os.path.isdir(runtime) and os.access(runtime, os.W_OK):
         folder = os.path.join(runtime, "minisup")
     else:
-        folder = os.path.join(tempfile.gettempdir(), f"minisup-{os.geteuid()}")
+        temp = os.environ.get("TMPDIR") or "/tmp"  # not tempfile: ctl starts faster
+        folder = os.path.join(temp, f"minisup-{os.geteuid()}")
     return "ipc://" + os.path.join(folder, "control.sock")
 
 
@@ -439,8 +431,7 @@ CODES = Kind(lambda text: _json_codes([int(c) for c in re.split(r"[\s,]+", text.
              _json_codes)
 LIST = Kind(shlex.split, lambda value: _json_args(value))
 
-STREAM_CLASSES = ("filestream", "timedrotatingfilestream", "watchedfilestream",
-                  "stdoutstream")
+STREAM_CLASSES = ("filestream", "timedrotatingfilestream", "watchedfilestream", "stdoutstream")
 ROTATE_WHEN = ("s", "m", "h", "d", "midnight", *(f"w{day}" for day in range(7)))
 #: ``stdout_stream.*`` / ``stderr_stream.*`` options: name -> kind.
 STREAM_OPTIONS: dict[str, Kind] = {
@@ -455,21 +446,16 @@ STREAM_OPTIONS: dict[str, Kind] = {
 def _json_stream(value: Any) -> dict[str, Any]:
     if not isinstance(value, dict):
         raise TypeError("isn't a valid object")
-    return {key: _stream_kind(key).from_json(v) for key, v in value.items()}
-
-
-def _stream_kind(key: str) -> Kind:
-    kind = STREAM_OPTIONS.get(key)
-    if kind is None:
-        raise ValueError(f"has no option {key!r}")
-    return kind
+    unknown = sorted(value.keys() - STREAM_OPTIONS.keys())
+    if unknown:
+        raise ValueError(f"has no option {unknown[0]!r}")
+    return {key: STREAM_OPTIONS[key].from_json(v) for key, v in value.items()}
 
 
 STREAM = Kind(_not_in_ini, _json_stream)
 
 #: Circus options minisup does not implement: refused, never ignored.
-NOT_YET_OPTIONS = {"hooks"}
-NOT_YET_PREFIXES = ("hooks.",)
+NOT_YET_OPTIONS = {"hooks"}  # and hooks.NAME
 
 PREFIXED = {"rlimit_": "rlimits", "stdout_stream.": "stdout_stream",
             "stderr_stream.": "stderr_stream"}
@@ -568,8 +554,7 @@ class WatcherConfig:
     # Restart policy (minisup's own): which exits are replaced, and how a
     # crash loop backs off or, past flapping_attempts, pauses and gives up.
     restart: str = option(_choice("always", "on-failure", "never"), "always")
-    exit_codes: list[int] = dataclasses.field(default_factory=lambda: [0],
-                                              metadata=meta(CODES))
+    exit_codes: list[int] = dataclasses.field(default_factory=lambda: [0], metadata=meta(CODES))
     min_uptime: float = option(SECONDS, 1.0)
     backoff_delay: float = option(SECONDS, 0.1)
     backoff_factor: float = option(SECONDS, 2.0)
@@ -634,8 +619,7 @@ class Config:
 
 
 def _options_of(cls: type) -> dict[str, Kind]:
-    return {f.name: f.metadata["kind"] for f in dataclasses.fields(cls)
-            if f.metadata.get("kind")}
+    return {f.name: f.metadata["kind"] for f in dataclasses.fields(cls) if f.metadata.get("kind")}
 
 
 #: The option tables: name -> kind, from the dataclasses above.
@@ -643,8 +627,7 @@ WATCHER_OPTIONS = _options_of(WatcherConfig)
 SOCKET_OPTIONS = _options_of(SocketConfig)
 GLOBAL_OPTIONS = _options_of(Config)
 #: Options whose change needs new processes (``set`` reloads gracefully).
-RELOAD_OPTIONS = {f.name for f in dataclasses.fields(WatcherConfig)
-                  if f.metadata.get("reload")}
+RELOAD_OPTIONS = {f.name for f in dataclasses.fields(WatcherConfig) if f.metadata.get("reload")}
 
 
 def load_config(path: str | os.PathLike) -> Config:
@@ -676,7 +659,7 @@ def parse_config(text: str, source: str = "<string>",
     environ = os.environ if environ is None else environ
     if parser.has_section("circus"):
         _read_global(config, parser["circus"])
-    envs = [(s[len("env"):].lstrip(":"), _read_env(parser[s], environ))
+    envs = [(s[3:].lstrip(":"), {n: expand_vars(v, environ) for n, v in parser[s].items()})
             for s in parser.sections() if s == "env" or s.startswith("env:")]
     for section in parser.sections():
         kind = section.partition(":")[0]
@@ -685,8 +668,7 @@ def parse_config(text: str, source: str = "<string>",
         elif kind == "socket":
             config.sockets.append(_read_socket(config, parser[section]))
         elif kind not in ("circus", "env"):
-            config.warnings.append(
-                f"{source}: [{section}]: section not supported, ignored")
+            config.warnings.append(f"{source}: [{section}]: section not supported, ignored")
     _check_socket_names(config)
     return config
 
@@ -705,8 +687,7 @@ def _read_options(config: Config, section: configparser.SectionProxy,
         try:
             values[key] = kind.from_text(text)
         except (ValueError, TypeError) as exc:
-            raise ConfigError(str(exc), config.source, section.name, option,
-                              text) from None
+            raise ConfigError(str(exc), config.source, section.name, option, text) from None
     return values
 
 
@@ -717,11 +698,9 @@ def _read_global(config: Config, section: configparser.SectionProxy) -> None:
         value = getattr(config, key)
         try:
             if value:  # empty: off, as in Circus
-                (check_udp_endpoint if key == "multicast_endpoint"
-                 else check_endpoint)(value)
+                (check_udp_endpoint if key == "multicast_endpoint" else check_endpoint)(value)
         except ConfigError as exc:
-            raise ConfigError(exc.detail, config.source, "circus", key,
-                              value) from None
+            raise ConfigError(exc.detail, config.source, "circus", key, value) from None
 
 
 def _read_socket(config: Config, section: configparser.SectionProxy) -> SocketConfig:
@@ -732,8 +711,7 @@ def _read_socket(config: Config, section: configparser.SectionProxy) -> SocketCo
         raise ConfigError("not a port number", config.source, section.name,
                           "port", values["port"])
     if values.get("family") == "af_unix" and not values.get("path"):
-        raise ConfigError("a unix socket needs a path", config.source,
-                          section.name, "path", "")
+        raise ConfigError("a unix socket needs a path", config.source, section.name, "path", "")
     return SocketConfig(name=section.name.partition(":")[2].strip().lower(), **values)
 
 
@@ -751,11 +729,6 @@ def _check_socket_names(config: Config) -> None:
                 if name.lower() not in names:
                     raise ConfigError(f"no [socket:{name}] section", config.source,
                                       f"watcher:{watcher.name}", "cmd", text)
-
-
-def _read_env(section: configparser.SectionProxy,
-              environ: dict[str, str]) -> dict[str, str]:
-    return {name: expand_vars(value, environ) for name, value in section.items()}
 
 
 def expand_vars(text: str, environ: dict[str, str]) -> str:
@@ -807,7 +780,7 @@ def watcher_config_from_json(name: Any, cmd: Any, args: Any,
 def _check_json_option(key: str, value: Any) -> Any:
     kind = watcher_kind(key)
     if kind is None:
-        if key in NOT_YET_OPTIONS or key.startswith(NOT_YET_PREFIXES):
+        if key.partition(".")[0] in NOT_YET_OPTIONS:
             raise MessageError(f"option {key!r} is not supported by minisup yet")
         raise MessageError(f"unknown key {key!r}")
     try:
@@ -1824,11 +1797,9 @@ class Job:
 
 
 class View(NamedTuple):
-    """The replies to read-only commands as of the end of a tick, keyed by
-    (command, watcher name or None): the controller answers those from the
-    latest View, without a handoff, once the worker has run every job it
-    was handed (``seq``), so a read never overtakes an earlier change.
-    Never changed once published: the next tick publishes a new one."""
+    """Replies to reads as a tick ends, by (command, watcher name or None),
+    for the controller to serve once the worker has run every job it was
+    handed (``seq``): a read never overtakes a change.  Never modified."""
 
     seq: int
     replies: dict[tuple[str, str | None], dict[str, Any]]
@@ -1972,8 +1943,7 @@ class Arbiter:
         for watcher in [*self.watchers.values(), *self._retiring]:
             for process in watcher.manage(now, tree):
                 self._watch(watcher, process)
-        self._retiring = [w for w in self._retiring
-                          if w.processes or w.state != STOPPED]
+        self._retiring = [w for w in self._retiring if w.processes or w.state != STOPPED]
         if self._quit_stages:
             self._advance_quit(now)
         self._kill_strays()
@@ -2048,18 +2018,15 @@ class Arbiter:
                 del self._strays[pid]
                 self._doomed.add(pid)
 
-    def bind_sockets(self) -> None:
-        """Bind every ``[socket:NAME]`` before any watcher starts; raise
-        ConfigError naming the one that fails."""
-        for config in self.config.sockets:
-            self._bind_socket(config)
-
-    def _bind_socket(self, config: SocketConfig) -> None:
-        try:
-            self.sockets[config.name] = bind_socket(config)
-        except OSError as exc:
-            raise ConfigError(f"cannot bind: {exc}", self.config.source,
-                              f"socket:{config.name}") from None
+    def bind_sockets(self, configs: list[SocketConfig] | None = None) -> None:
+        """Bind every ``[socket:NAME]`` (or ``configs``) before any watcher
+        starts; raise ConfigError naming the one that fails."""
+        for config in self.config.sockets if configs is None else configs:
+            try:
+                self.sockets[config.name] = bind_socket(config)
+            except OSError as exc:
+                raise ConfigError(f"cannot bind: {exc}", self.config.source,
+                                  f"socket:{config.name}") from None
 
     def _close_socket(self, name: str) -> None:
         sock = self.sockets.pop(name)
@@ -2070,19 +2037,15 @@ class Arbiter:
 
     def socket_infos(self) -> list[dict[str, Any]]:
         """What ``listsockets`` shows, sorted by fd."""
-        infos = []
+        infos, backlogs = [], {s.name: s.backlog for s in self.config.sockets}
         for name, sock in self.sockets.items():
-            info: dict[str, Any] = {"fd": sock.fileno(), "name": name,
-                                    "backlog": self._socket_config(name).backlog}
+            info: dict[str, Any] = {"fd": sock.fileno(), "name": name, "backlog": backlogs[name]}
             if sock.family == socket.AF_UNIX:
                 info["path"] = sock.getsockname()
             else:
                 info["host"], info["port"] = sock.getsockname()[:2]
             infos.append(info)
         return sorted(infos, key=lambda i: i["fd"])
-
-    def _socket_config(self, name: str) -> SocketConfig:
-        return next(s for s in self.config.sockets if s.name == name)
 
     def _emit(self, name: str, topic: str, payload: dict[str, Any]) -> None:
         if self.on_event is not None:
@@ -2108,8 +2071,7 @@ class Arbiter:
         if process.pidfd is None:
             self._unwatched += 1
         else:
-            self._selector.register(process.pidfd, selectors.EVENT_READ,
-                                    (watcher, process))
+            self._selector.register(process.pidfd, selectors.EVENT_READ, (watcher, process))
 
     def _unwatch(self, process: Process) -> None:
         if process.watched:
@@ -2287,8 +2249,7 @@ class Arbiter:
         for name in (old.keys() - fresh.keys()) | changed:
             self._close_socket(name)
         self.config.sockets = new.sockets
-        for name in (fresh.keys() - old.keys()) | changed:
-            self._bind_socket(fresh[name])
+        self.bind_sockets([fresh[name] for name in (fresh.keys() - old.keys()) | changed])
         return changed
 
     def begin_quit(self) -> None:
@@ -2298,8 +2259,7 @@ class Arbiter:
         logger.info("quitting: stopping every watcher")
         everyone = [*self.watchers.values(), *self._retiring]
         priorities = sorted({w.config.priority for w in everyone})
-        self._quit_stages = [[w for w in everyone if w.config.priority == p]
-                             for p in priorities]
+        self._quit_stages = [[w for w in everyone if w.config.priority == p] for p in priorities]
         self._advance_quit(self.clock(), first=True)
 
     def kill_everything(self, wait: bool = False) -> None:
@@ -2391,18 +2351,15 @@ class Command(NamedTuple):
 
 #: Property name -> (accepted JSON types, how to say it in an error).
 PROPERTY_TYPES: dict[str, tuple[tuple[type, ...], str]] = {
-    "name": ((str,), "a string"), "cmd": ((str,), "a string"),
-    "args": ((str, list), "a string or a list"), "match": ((str,), "a string"),
-    "options": ((dict,), "an object"), "nb": ((int,), "an integer >= 0"),
-    "keys": ((list,), "a list of option names"), "option": ((str,), "a string"),
+    **dict.fromkeys(("name", "cmd", "match", "option"), ((str,), "a string")),
+    **dict.fromkeys(("pid", "childpid", "process"), ((int, str), "a pid")),
+    **dict.fromkeys(("nb", "lines"), ((int,), "an integer >= 0")),
+    **dict.fromkeys(("waiting", "start", "nostop", "graceful", "sequential", "children",
+                     "recursive", "extended"), ((bool,), "a boolean")),
+    "args": ((str, list), "a string or a list"), "options": ((dict,), "an object"),
+    "keys": ((list,), "a list of option names"), "stream": ((str,), "stdout or stderr"),
     "signum": ((int, str), "a signal number or name"),
     "graceful_timeout": ((int, float), "a number of seconds >= 0"),
-    "pid": ((int, str), "a pid"), "childpid": ((int, str), "a pid"),
-    "process": ((int, str), "a pid"), "lines": ((int,), "an integer >= 0"),
-    "stream": ((str,), "stdout or stderr"),
-    **{flag: ((bool,), "a boolean") for flag in (
-        "waiting", "start", "nostop", "graceful", "sequential", "children",
-        "recursive", "extended")},
 }
 #: Properties holding a pid: circusctl sends some as strings of digits.
 PID_PROPERTIES = {"pid", "childpid", "process"}
@@ -2470,8 +2427,7 @@ def _process_info(watchers: list[Watcher], before: dict[str, list[int]],
                            BAD_MSG_DATA_ERROR)
     old = {p for w in watchers for p in before[w.name]}
     now = {p for w in watchers for p in w.pids()}
-    info = {"stopped": sorted(old - now), "started": sorted(now - old),
-            "kept": sorted(old & now)}
+    info = {"stopped": sorted(old - now), "started": sorted(now - old), "kept": sorted(old & now)}
     if not with_stopped:
         del info["stopped"]
     return info
@@ -2492,12 +2448,20 @@ def handle_status(arbiter: Arbiter, properties: dict[str, Any]) -> dict[str, Any
     return {"statuses": {n: w.status(now) for n, w in sorted(arbiter.watchers.items())}}
 
 
-def handle_start(arbiter: Arbiter, properties: dict[str, Any]) -> dict[str, Any] | Pending:
-    watchers = _targets(arbiter, properties, autostart_only=True)
+def _transition(arbiter: Arbiter, properties: dict[str, Any],
+                action: Callable[[list[Watcher]], Any], start: bool = False
+                ) -> dict[str, Any] | Pending:
+    """Apply a start, restart or reload ``action`` to the named watchers;
+    with ``waiting``, reply once they have settled, with the pids moved."""
+    watchers = _targets(arbiter, properties, autostart_only=start)
     before = {w.name: w.pids() for w in watchers}
-    arbiter.start_watchers(watchers)
+    action(watchers)
     return _when_waiting(properties, lambda: all(w.settled for w in watchers),
-                         lambda: {"info": _process_info(watchers, before, False)})
+                         lambda: {"info": _process_info(watchers, before, not start)})
+
+
+def handle_start(arbiter: Arbiter, properties: dict[str, Any]) -> dict[str, Any] | Pending:
+    return _transition(arbiter, properties, arbiter.start_watchers, start=True)
 
 
 def handle_stop(arbiter: Arbiter, properties: dict[str, Any]) -> dict[str, Any] | Pending:
@@ -2510,23 +2474,16 @@ def handle_stop(arbiter: Arbiter, properties: dict[str, Any]) -> dict[str, Any] 
 
 
 def handle_restart(arbiter: Arbiter, properties: dict[str, Any]) -> dict[str, Any] | Pending:
-    watchers = _targets(arbiter, properties)
-    before = {w.name: w.pids() for w in watchers}
-    for watcher in watchers:
-        watcher.restart(arbiter.clock())
-    return _when_waiting(properties, lambda: all(w.settled for w in watchers),
-                         lambda: {"info": _process_info(watchers, before)})
+    return _transition(arbiter, properties, lambda watchers: [
+        w.restart(arbiter.clock()) for w in watchers])
 
 
 def handle_reload(arbiter: Arbiter, properties: dict[str, Any]) -> dict[str, Any] | Pending:
     if properties.get("graceful") is False:
         return handle_restart(arbiter, properties)
-    watchers = _targets(arbiter, properties)
-    before = {w.name: w.pids() for w in watchers}
-    for watcher in watchers:
-        watcher.reload(arbiter.clock(), bool(properties.get("sequential")))
-    return _when_waiting(properties, lambda: all(w.settled for w in watchers),
-                         lambda: {"info": _process_info(watchers, before)})
+    sequential = bool(properties.get("sequential"))
+    return _transition(arbiter, properties, lambda watchers: [
+        w.reload(arbiter.clock(), sequential) for w in watchers])
 
 
 def _resize(arbiter: Arbiter, properties: dict[str, Any],
@@ -2535,18 +2492,14 @@ def _resize(arbiter: Arbiter, properties: dict[str, Any],
     if watcher.config.singleton:
         return {"numprocesses": watcher.numprocesses, "singleton": True}
     watcher.set_numprocesses(watcher.numprocesses + sign * properties.get("nb", 1))
-    count = watcher.numprocesses
-    reply = {"numprocesses": count}
-    if properties.get("waiting"):
-        return Pending(lambda: watcher.settled, lambda: reply)
-    return reply
+    reply = {"numprocesses": watcher.numprocesses}
+    return Pending(lambda: watcher.settled, lambda: reply) if properties.get("waiting") else reply
 
 
 def handle_numprocesses(arbiter: Arbiter, properties: dict[str, Any]) -> dict[str, Any]:
     name = properties.get("name")
     if name is not None:  # as Circus: live processes, and the name as asked
-        return {"numprocesses": len(arbiter.get_watcher(name).processes),
-                "watcher_name": name}
+        return {"numprocesses": len(arbiter.get_watcher(name).processes), "watcher_name": name}
     return {"numprocesses": sum(w.numprocesses for w in arbiter.watchers.values())}
 
 
@@ -2571,8 +2524,7 @@ def handle_rm(arbiter: Arbiter, properties: dict[str, Any]) -> dict[str, Any] | 
     watcher = arbiter.get_watcher(properties["name"])
     stop = not properties.get("nostop")
     arbiter.remove_watcher(watcher, stop=stop)
-    return _when_waiting(properties, lambda: not stop or not watcher.processes,
-                         dict)
+    return _when_waiting(properties, lambda: not stop or not watcher.processes, dict)
 
 
 def handle_quit(arbiter: Arbiter, properties: dict[str, Any]) -> dict[str, Any] | Pending:
@@ -2826,8 +2778,7 @@ class Controller:
         self._encoded: dict[tuple[str, str | None], str] = {}
         self._submit = submit
         self._seq = 0  # jobs handed to the worker
-        self._outbox: queue.SimpleQueue[tuple[str, list[bytes]] | None] = \
-            queue.SimpleQueue()
+        self._outbox: queue.SimpleQueue[tuple[str, list[bytes]] | None] = queue.SimpleQueue()
         self._waker = Waker()
         self._sockets: dict[str, Any] = {}
         self._paths: list[str] = []  # ipc socket files we bound
@@ -2975,8 +2926,7 @@ class Controller:
                     f'{{"status": "ok", "time": {time.time()!r}, {viewed}, '
                     f'"id": {json.dumps(message_id)}}}').encode()])
             return
-        reply = _ignore_reply if cast else functools.partial(
-            self.post, envelope, message_id)
+        reply = _ignore_reply if cast else functools.partial(self.post, envelope, message_id)
         self._seq += 1
         self._submit(Job(name, command.handler, properties, reply, self._seq))
 
@@ -3108,19 +3058,18 @@ class Daemon:
     def _run_worker(self) -> None:
         try:
             self.arbiter.run()
-        finally:
+        finally:  # the controller ends with the worker
             self.controller.shutdown()
 
     def call(self, handler: Handler, properties: dict[str, Any] | None = None,
              timeout: float | None = None) -> dict[str, Any]:
         """Run a command handler on the worker and wait for its outcome;
         raise its MinisupError, or CallError on timeout."""
-        future: concurrent.futures.Future[Outcome] = concurrent.futures.Future()
-        self.arbiter.submit(Job(handler.__name__, handler, properties or {},
-                                future.set_result))
+        outcomes: queue.SimpleQueue[Outcome] = queue.SimpleQueue()
+        self.arbiter.submit(Job(handler.__name__, handler, properties or {}, outcomes.put))
         try:
-            outcome = future.result(timeout)
-        except concurrent.futures.TimeoutError:
+            outcome = outcomes.get(timeout=timeout)
+        except queue.Empty:
             raise CallError(f"{handler.__name__} did not finish in {timeout}s") from None
         if isinstance(outcome, MinisupError):
             raise outcome
@@ -3223,11 +3172,6 @@ class Client:
                 return reply
             # A late reply to an earlier call that timed out: skip it.
 
-    def cast(self, command: str, **properties: Any) -> None:
-        """Send a command that gets no reply."""
-        message = {"command": command, "properties": properties, "msg_type": "cast"}
-        self._socket.send(json.dumps(message).encode())
-
     def _no_answer(self) -> str:
         hint = "is the daemon running, and on this endpoint (--endpoint)?"
         if self.endpoint.startswith("ipc://"):
@@ -3247,10 +3191,9 @@ class Client:
 
 # ================================================================= CLI ======
 
-#: ctl sub-commands: name -> (help, arguments).  ``x`` is a positional,
-#: ``x?`` an optional one, ``x+`` one or more; ``--flag`` a boolean
-#: property, ``--opt=`` a property with a value.  Arguments named in
-#: ARG_TYPES are converted.
+#: ctl sub-commands: name -> (help, arguments): ``x`` positional, ``x?``
+#: optional, ``x+`` one or more; ``--flag`` a boolean property, ``--opt=``
+#: one with a value.  Arguments named in ARG_TYPES are converted.
 CTL_COMMANDS: dict[str, tuple[str, tuple[str, ...]]] = {
     "list": ("list the watchers, or the pids of one", ("name?",)),
     "status": ("show the state of every watcher, or of one", ("name?",)),
@@ -3347,8 +3290,7 @@ def main(argv: list[str] | None = None) -> int:
 def ctl_properties(args: argparse.Namespace) -> dict[str, Any]:
     """The properties of a ctl command from its parsed arguments."""
     names = [a.strip("-?+*=") for a in CTL_COMMANDS[args.command][1]]
-    properties = {k: getattr(args, k) for k in names
-                  if getattr(args, k) not in (None, False)}
+    properties = {k: getattr(args, k) for k in names if getattr(args, k) not in (None, False)}
     if "pairs" in properties:
         properties["options"] = _parse_pairs(properties.pop("pairs"))
     return properties
@@ -3414,16 +3356,14 @@ def follow(client: Client, name: str, properties: dict[str, Any]) -> int:
     except KeyboardInterrupt:
         return EXIT_OK
     except zmq.ZMQError:
-        print("minisup: the daemon publishes no events (set pubsub_endpoint)",
-              file=sys.stderr)
+        print("minisup: the daemon publishes no events (set pubsub_endpoint)", file=sys.stderr)
         return EXIT_ERROR_REPLY
     finally:
         sub.close()
         context.term()
 
 
-STATS_LINE = ("{pid}  {cmdline} {username} {nice} {mem_info1} {mem_info2} "
-              "{cpu} {mem} {ctime}")
+STATS_LINE = "{pid}  {cmdline} {username} {nice} {mem_info1} {mem_info2} {cpu} {mem} {ctime}"
 
 
 def _stats_lines(info: dict[str, Any] | str, indent: str = "") -> list[str]:
@@ -3509,8 +3449,7 @@ def setup_logging(level: str, output: str) -> None:
     logger.addHandler(handler)
     numeric = logging.getLevelName(level.upper())
     if not isinstance(numeric, int):
-        raise ConfigError("use debug, info, warning or error",
-                          option="loglevel", value=level)
+        raise ConfigError("use debug, info, warning or error", option="loglevel", value=level)
     logger.setLevel(numeric)
 
 
