@@ -873,18 +873,14 @@ class Process:
 
     def __init__(self, popen: subprocess.Popen, wid: int, started: float,
                  expires: float | None = None, pipes: dict[str, int] | None = None) -> None:
-        self.popen = popen
+        self.popen, self.pid, self.wid, self.started = popen, popen.pid, wid, started
         self.pipes = pipes or {}  # read ends, handed to the output thread
-        self.pid = popen.pid
-        self.wid = wid
-        self.started = started
         self.expires = expires  # max_age: when to replace it
         self.started_at = time.time()  # wall clock, for stats and status
         self.watched = False  # its pidfd is in the worker's selector
         self.draining = False  # the output thread is emptying its pipes
         self.stop_deadline: float | None = None
-        self.killed = False
-        self.pidfd: int | None = None
+        self.killed, self.pidfd = False, None
         if HAS_PIDFD:
             try:
                 # A zombie has a pidfd too: a child already dead reads as exited.
@@ -1327,7 +1323,7 @@ class Pump:
 
     def stop(self) -> None:
         """Drain every pipe, close every file and end the thread."""
-        self._call(self._stop)
+        self._call(setattr, self, "_running", False)
 
     def run(self) -> None:
         """The output thread's loop."""
@@ -1450,9 +1446,6 @@ class Pump:
         for sink in self._sinks.values():
             sink.reopen()
         logger.info("log files reopened")
-
-    def _stop(self) -> None:
-        self._running = False
 
 
 # ============================================================= Watcher ======
@@ -2767,10 +2760,8 @@ class Controller:
     def __init__(self, context: zmq.Context, config: Config,
                  submit: Callable[[Job], None]) -> None:
         self.context = context
-        self.endpoint = config.endpoint
-        self.pubsub_endpoint = config.pubsub_endpoint
-        self.multicast_endpoint = config.multicast_endpoint
-        self.owner = config.endpoint_owner
+        self.endpoint, self.pubsub_endpoint = config.endpoint, config.pubsub_endpoint
+        self.multicast_endpoint, self.owner = config.multicast_endpoint, config.endpoint_owner
         self.bound = threading.Event()
         self.error: BaseException | None = None
         self.view: View | None = None  # replaced by the worker each tick
@@ -3231,13 +3222,30 @@ ARG_TYPES: dict[str, Callable[[str], Any]] = {
 EXIT_OK, EXIT_NO_ANSWER, EXIT_USAGE, EXIT_ERROR_REPLY = 0, 1, 2, 3
 
 
-def build_parser() -> argparse.ArgumentParser:
-    """The whole command line: ``run`` and ``ctl`` with their options."""
+def build_parser(argv: list[str] | None = None) -> argparse.ArgumentParser:
+    """The command line: ``run`` and ``ctl`` with their options.  Only the
+    sub-commands ``argv`` names are built, if it names any: argparse takes
+    long to build each one, and ``ctl`` should answer fast."""
+    words = set(sys.argv[1:] if argv is None else argv)
     parser = argparse.ArgumentParser(
         prog="minisup", description="A small process supervisor that speaks "
         "Circus's control protocol.")
     parser.add_argument("--version", action="version", version=__version__)
     commands = parser.add_subparsers(dest="action", required=True)
+    if "run" in words or "ctl" not in words:
+        _add_run_parser(commands)
+    ctl = commands.add_parser("ctl", help="send a command to a running daemon",
+                              description="Drive a running daemon, like circusctl. "
+                              "Exit 0 ok, 1 no answer, 2 usage, 3 error reply.")
+    ctl.add_argument("--endpoint", help="the daemon's control endpoint")
+    ctl.add_argument("--timeout", type=float, default=CLIENT_TIMEOUT, metavar="S")
+    ctl.add_argument("--json", action="store_true", help="print the raw JSON reply")
+    _add_ctl_commands(ctl.add_subparsers(dest="command", required=True),
+                      [n for n in CTL_COMMANDS if n in words] or list(CTL_COMMANDS))
+    return parser
+
+
+def _add_run_parser(commands: argparse._SubParsersAction) -> None:
     run = commands.add_parser("run", help="run the daemon in the foreground",
                               description="Supervise the programs of CONFIG "
                               "(a Circus-style INI file) or of --cmd.")
@@ -3252,18 +3260,11 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--log-output", help="'-' or 'stdout', 'stderr', or a file")
     run.add_argument("--check-delay", type=float, metavar="S",
                      help="seconds between safety sweeps of every child")
-    ctl = commands.add_parser("ctl", help="send a command to a running daemon",
-                              description="Drive a running daemon, like circusctl. "
-                              "Exit 0 ok, 1 no answer, 2 usage, 3 error reply.")
-    ctl.add_argument("--endpoint", help="the daemon's control endpoint")
-    ctl.add_argument("--timeout", type=float, default=CLIENT_TIMEOUT, metavar="S")
-    ctl.add_argument("--json", action="store_true", help="print the raw JSON reply")
-    _add_ctl_commands(ctl.add_subparsers(dest="command", required=True))
-    return parser
 
 
-def _add_ctl_commands(commands: argparse._SubParsersAction) -> None:
-    for name, (text, arguments) in CTL_COMMANDS.items():
+def _add_ctl_commands(commands: argparse._SubParsersAction, names: list[str]) -> None:
+    for name in names:
+        text, arguments = CTL_COMMANDS[name]
         sub = commands.add_parser(name, help=text, description=text)
         for argument in arguments:
             key = argument.strip("-?+*=")
@@ -3279,7 +3280,7 @@ def _add_ctl_commands(commands: argparse._SubParsersAction) -> None:
 def main(argv: list[str] | None = None) -> int:
     """The command line; returns the exit code."""
     try:
-        args = build_parser().parse_args(argv)
+        args = build_parser(argv).parse_args(argv)
         if args.action == "run":
             return run_daemon(args)
         return run_ctl(args)

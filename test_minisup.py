@@ -2332,6 +2332,14 @@ def test_cli_usage_errors_are_exit_2(capsys):
     assert "either an INI file or --cmd" in capsys.readouterr().err
     assert minisup.main(["--help"]) == 0
     assert "run" in capsys.readouterr().out
+    # ctl builds only the sub-commands its words name, yet its help lists all.
+    assert minisup.main(["ctl", "--help"]) == 0
+    listed = capsys.readouterr().out
+    assert all(name in listed for name in minisup.CTL_COMMANDS)
+    # An option value that is a command's name does not confuse it.
+    assert minisup.main(["ctl", "--endpoint", "list", "--timeout", "x", "status"]) == 2
+    assert "invalid float value: 'x'" in capsys.readouterr().err
+    assert minisup.main(["ctl", "--json", "status", "--bogus"]) == 2
 
 
 def test_run_with_a_bad_config_exits_2_naming_the_value(tmp_path, capsys):
