@@ -221,10 +221,10 @@ def default_endpoint() -> str:
 LOOPBACK_NAMES = {"localhost", "localhost.localdomain", "ip6-localhost"}
 
 
-def check_endpoint(endpoint: str) -> str:
+def check_endpoint(endpoint: str, curve: bool = False) -> str:
     """Return ``endpoint`` if minisup may bind it; raise ConfigError if not.
-    Only ipc:// and loopback tcp://: anyone who reaches the socket can run
-    commands as the daemon's user, and it has no authentication yet."""
+    ipc:// and loopback tcp://, or any tcp:// with ``curve`` (CURVE keys):
+    whoever reaches the socket can run commands as the daemon's user."""
     if endpoint.startswith("ipc://") and len(endpoint) > len("ipc://"):
         return endpoint
     match = re.fullmatch(r"tcp://\[?([^\]]+?)\]?:(\d+|\*)", endpoint)
@@ -236,10 +236,11 @@ def check_endpoint(endpoint: str) -> str:
         loopback = ipaddress.ip_address(host).is_loopback
     except ValueError:
         loopback = host.lower() in LOOPBACK_NAMES
-    if not loopback:
+    if not loopback and not curve:
         raise ConfigError(
-            "refusing to listen beyond loopback: the control channel has no "
-            "authentication yet", option="endpoint", value=endpoint)
+            "refusing to listen beyond loopback without authentication: set "
+            "[circus] curve_secret_key and curve_authorized_keys (python -m minisup "
+            "keygen makes key pairs)", option="endpoint", value=endpoint)
     return endpoint
 
 
@@ -406,6 +407,7 @@ _gid = _id_parser((grp.getgrgid, grp.getgrnam), "gr_gid", "group")
 USER = Kind(_uid, _uid)
 GROUP = Kind(_gid, _gid)
 OCTAL = _from_text(functools.partial(int, base=8), "an octal number", _json_int(0))
+POSITIVE = _from_text(int, "an integer", _json_int(1))
 
 
 def _json_rlimit(value: Any) -> int | None:
@@ -546,9 +548,10 @@ class WatcherConfig:
                                                       metadata=meta(STREAM, True))
     stderr_stream: dict[str, Any] = dataclasses.field(default_factory=dict,
                                                       metadata=meta(STREAM, True))
-    max_line: int = option(_from_text(int, "an integer", _json_int(1)), 65536,
-                           reload=True)  # longer lines are split
+    max_line: int = option(POSITIVE, 65536, reload=True)  # longer lines are split
     tail_lines: int = option(COUNT, 1000)  # kept in memory for ``tail``
+    # minisup's own: env names (glob patterns) whose values options/get hide.
+    redact_env: list[str] = dataclasses.field(default_factory=list, metadata=meta(LIST))
     max_age: float = option(SECONDS, 0.0)
     max_age_variance: float = option(SECONDS, 30.0)
     # Restart policy (minisup's own): which exits are replaced, and how a
@@ -578,6 +581,9 @@ class WatcherConfig:
         options = {k: v for k, v in dataclasses.asdict(self).items()
                    if k not in ("name", "rlimits")}
         options.update((f"rlimit_{k}", v) for k, v in self.rlimits.items())
+        options["env"] = {k: "<redacted>" if any(fnmatch.fnmatchcase(k, p) for p in
+                                                 self.redact_env) else v
+                          for k, v in self.env.items()}
         return options
 
 
@@ -608,6 +614,13 @@ class Config:
     pubsub_endpoint: str | None = option(STR, None)
     multicast_endpoint: str | None = option(STR, None)
     endpoint_owner: int | None = option(USER, None)
+    # minisup's own: a larger request gets an errno 3 reply; 64 times larger,
+    # libzmq drops it (and its connection) before it is read into memory.
+    max_message_size: int = option(POSITIVE, 1 << 20)
+    # CURVE on every zmq socket: the daemon's key pair (keygen's .key_secret
+    # file) and the folder of the public .key files of the clients let in.
+    curve_secret_key: str | None = option(STR, None)
+    curve_authorized_keys: str | None = option(STR, None)
     guardian: bool = option(BOOL, True)  # children die with the daemon
     check_delay: float = option(SECONDS, 5.0)
     warmup_delay: float = option(SECONDS, 0.0)
@@ -694,11 +707,16 @@ def _read_options(config: Config, section: configparser.SectionProxy,
 def _read_global(config: Config, section: configparser.SectionProxy) -> None:
     for key, value in _read_options(config, section, GLOBAL_OPTIONS).items():
         setattr(config, key, value)
+    if bool(config.curve_secret_key) != bool(config.curve_authorized_keys):
+        raise ConfigError("set both curve_secret_key and curve_authorized_keys, or neither",
+                          config.source, "circus")
     for key in ("endpoint", "pubsub_endpoint", "multicast_endpoint"):
         value = getattr(config, key)
         try:
-            if value:  # empty: off, as in Circus
-                (check_udp_endpoint if key == "multicast_endpoint" else check_endpoint)(value)
+            if key == "multicast_endpoint" and value:  # empty: off, as in Circus
+                check_udp_endpoint(value)
+            elif value:
+                check_endpoint(value, bool(config.curve_secret_key))
         except ConfigError as exc:
             raise ConfigError(exc.detail, config.source, "circus", key, value) from None
 
@@ -1339,11 +1357,8 @@ class Pump:
             self._guarded(self._read, pipe)
             return
         self._waker.drain()
-        while True:
-            try:
-                function, args = self._tasks.get_nowait()
-            except queue.Empty:
-                return
+        while not self._tasks.empty():  # we alone take from it: get won't block
+            function, args = self._tasks.get()
             self._guarded(function, *args)
 
     def _guarded(self, function: Callable[..., Any], *args: Any) -> None:
@@ -2112,27 +2127,17 @@ class Arbiter:
         return timeout
 
     def _run_jobs(self) -> None:
-        while True:
-            try:
-                job = self._jobs.get_nowait()
-            except queue.Empty:
-                return
-            self._run(job)
+        while not self._jobs.empty():  # we alone take from it: get won't block
+            self._run(self._jobs.get())
 
     def _run(self, job: Job) -> None:
         self._seq = max(self._seq, job.seq)
         outcome: Outcome | Pending
-        try:
-            if (self._quit_stages is not None and job.command not in SHUTDOWN_COMMANDS
-                    and not job.command.startswith("_")):  # "_name": internal
-                raise MinisupError("the daemon is shutting down")
-            outcome = job.handler(self, job.properties)
-        except MinisupError as exc:
-            outcome = exc
-        except OSError as exc:
-            outcome = MinisupError(str(exc), OS_ERROR)
-        except Exception as exc:  # noqa: BLE001 - logged with its traceback
-            outcome = server_error(job.command, exc)
+        if (self._quit_stages is not None and job.command not in SHUTDOWN_COMMANDS
+                and not job.command.startswith("_")):  # "_name": internal
+            outcome = MinisupError("the daemon is shutting down")
+        else:
+            outcome = _outcome(job.command, job.handler, self, job.properties)
         if isinstance(outcome, Pending):
             self._waiting.append((job, outcome))
         else:
@@ -2141,16 +2146,10 @@ class Arbiter:
     def _answer_waiters(self) -> None:
         still: list[tuple[Job, Pending]] = []
         for job, pending in self._waiting:
-            if not pending.done():
+            if pending.done():
+                self._replies.append((job, _outcome(job.command, pending.result)))
+            else:
                 still.append((job, pending))
-                continue
-            try:
-                outcome: Outcome = pending.result()
-            except MinisupError as exc:
-                outcome = exc
-            except Exception as exc:  # noqa: BLE001 - logged with its traceback
-                outcome = server_error(job.command, exc)
-            self._replies.append((job, outcome))
         self._waiting = still
 
     def get_watcher(self, name: str) -> Watcher:
@@ -2317,6 +2316,18 @@ def _socket_users(config: WatcherConfig) -> set[str]:
     """Names of the sockets a watcher's command refers to."""
     return {n.lower() for text in [config.cmd, *config.args]
             for n in SOCKET_REFERENCE.findall(text)}
+
+
+def _outcome(command: str, call: Callable[..., Any], *args: Any) -> Any:
+    """``call(*args)``, or the MinisupError that replies for its failure."""
+    try:
+        return call(*args)
+    except MinisupError as exc:
+        return exc
+    except OSError as exc:
+        return MinisupError(str(exc), OS_ERROR)
+    except Exception as exc:  # noqa: BLE001 - logged with its traceback
+        return server_error(command, exc)
 
 
 def server_error(command: str, exc: Exception) -> MinisupError:
@@ -2705,20 +2716,15 @@ COMMANDS: dict[str, Command] = {
 
 # ========================================================== Controller ======
 
-#: A request larger than this gets an error reply instead of being parsed.
-MAX_REQUEST_BYTES = 1 << 20
-#: Past this, libzmq drops the peer before the bytes reach us (memory guard).
-MAX_FRAME_BYTES = 64 << 20
 #: Requests read per poll wake-up before replies are flushed (fairness).
 RECEIVE_BATCH = 256
 
 
-def decode_request(body: bytes) -> dict[str, Any]:
+def decode_request(body: bytes, limit: int = 1 << 20) -> dict[str, Any]:
     """Parse one request frame into a dict; raise MinisupError if it is not
-    a JSON object small enough to serve."""
-    if len(body) > MAX_REQUEST_BYTES:
-        raise MessageError(f"message too large ({len(body)} bytes, "
-                           f"limit {MAX_REQUEST_BYTES})")
+    a JSON object of at most ``limit`` bytes."""
+    if len(body) > limit:
+        raise MessageError(f"message too large ({len(body)} bytes, limit {limit})")
     try:
         message = json.loads(body.decode())
     except (ValueError, RecursionError):
@@ -2759,7 +2765,7 @@ class Controller:
 
     def __init__(self, context: zmq.Context, config: Config,
                  submit: Callable[[Job], None]) -> None:
-        self.context = context
+        self.context, self.config = context, config
         self.endpoint, self.pubsub_endpoint = config.endpoint, config.pubsub_endpoint
         self.multicast_endpoint, self.owner = config.multicast_endpoint, config.endpoint_owner
         self.bound = threading.Event()
@@ -2805,6 +2811,8 @@ class Controller:
             self._close_all()
 
     def _bind_all(self) -> None:
+        if self.config.curve_secret_key:
+            self._start_zap()
         self.endpoint = self._bind_zmq("control", zmq.ROUTER, self.endpoint)
         logger.info("control socket listening on %s", self.endpoint)
         if self.pubsub_endpoint:
@@ -2814,21 +2822,44 @@ class Controller:
             self._bind_discovery()
 
     def _bind_zmq(self, role: str, kind: int, endpoint: str) -> str:
-        path = prepare_ipc_endpoint(check_endpoint(endpoint))
+        curve = self.config.curve_secret_key
+        path = prepare_ipc_endpoint(check_endpoint(endpoint, bool(curve)))
         sock = self._sockets[role] = self.context.socket(kind)
         sock.linger = 0
-        sock.setsockopt(zmq.MAXMSGSIZE, MAX_FRAME_BYTES)
+        sock.setsockopt(zmq.MAXMSGSIZE, 64 * self.config.max_message_size)
         try:
+            if curve:
+                sock.curve_publickey, sock.curve_secretkey = load_curve_key(curve)
+                sock.curve_server = True
             sock.bind(endpoint)
             if path:
                 self._paths.append(path)
                 os.chmod(path, 0o600)  # the folder is private; belt and braces
                 if role == "control" and self.owner is not None:
                     os.chown(path, self.owner, -1)  # Circus's endpoint_owner
-        except (zmq.ZMQError, OSError) as exc:
+        except (zmq.ZMQError, OSError, ValueError) as exc:
             raise ConfigError(f"cannot bind: {exc}", option=f"{role} endpoint",
                               value=endpoint) from None
         return sock.getsockopt_string(zmq.LAST_ENDPOINT) or endpoint
+
+    def _start_zap(self) -> None:
+        # libzmq asks the ZAP handler of the context (RFC 27) about each
+        # CURVE client before it lets it in: bound first, answered by us.
+        import zmq.auth  # here: ctl need not pay for its import
+        folder = self.config.curve_authorized_keys
+        if not os.path.isdir(folder or ""):
+            raise ConfigError("not a folder", option="curve_authorized_keys", value=folder)
+        self._authorized = {zmq.utils.z85.decode(k) for k in zmq.auth.load_certificates(folder)}
+        zap = self._sockets["zap"] = self.context.socket(zmq.REP)
+        zap.linger = 0
+        zap.bind("inproc://zeromq.zap.01")
+
+    def _answer_zap(self, zap: zmq.Socket) -> None:
+        frames = zap.recv_multipart()
+        # version, request id, domain, address, identity, mechanism, client key
+        allowed = len(frames) == 7 and frames[5] == b"CURVE" and frames[6] in self._authorized
+        zap.send_multipart([b"1.0", frames[1], b"200" if allowed else b"400",
+                            b"OK" if allowed else b"unknown key", b"", b""])
 
     def _bind_discovery(self) -> None:
         host, port = check_udp_endpoint(self.multicast_endpoint)
@@ -2861,10 +2892,15 @@ class Controller:
         poller.register(self._waker.fileno(), zmq.POLLIN)
         if discovery is not None:
             poller.register(discovery.fileno(), zmq.POLLIN)
+        zap = self._sockets.get("zap")
+        if zap is not None:
+            poller.register(zap, zmq.POLLIN)
         while True:
             events = dict(poller.poll())
             if self._waker.fileno() in events:
                 self._waker.drain()
+            if zap in events:
+                self._answer_zap(zap)
             if control in events:
                 self._receive(control)
             if discovery is not None and discovery.fileno() in events:
@@ -2901,7 +2937,7 @@ class Controller:
             return
         message_id, cast = None, False
         try:
-            message = decode_request(body)
+            message = decode_request(body, self.config.max_message_size)
             message_id, cast = message.get("id"), message.get("msg_type") == "cast"
             command = find_command(message.get("command"))
             properties = check_properties(command, message.get("properties"))
@@ -2951,6 +2987,16 @@ class Controller:
 
 def _ignore_reply(outcome: Outcome) -> None:
     """A cast gets no reply, errors included."""
+
+
+def load_curve_key(path: str, secret: bool = True) -> tuple[bytes, bytes]:
+    """The (public, secret) CURVE keys of a ``keygen`` file (a .key file
+    has only the public one); raise OSError or ValueError."""
+    import zmq.auth  # here: only CURVE users pay for its import
+    keys = zmq.auth.load_certificate(path)
+    if secret and keys[1] is None:
+        raise ValueError(f"{path} holds no secret key: give the .key_secret file")
+    return keys
 
 
 # ============================================================== Daemon ======
@@ -3126,13 +3172,21 @@ class Client:
     """A DEALER on a daemon's control socket, as Circus's; one thread only.
     ``call`` returns the reply, whatever its status; CallError: no reply."""
 
-    def __init__(self, endpoint: str | None = None,
-                 timeout: float = CLIENT_TIMEOUT) -> None:
+    def __init__(self, endpoint: str | None = None, timeout: float = CLIENT_TIMEOUT,
+                 curve_key: str | None = None, server_key: str | None = None) -> None:
+        """``curve_key``: our keygen .key_secret file, ``server_key`` the
+        daemon's .key file, for a daemon that has CURVE keys."""
         self.endpoint = endpoint or default_endpoint()
         self.timeout = timeout
+        keys = None
+        if curve_key or server_key:  # read first: a bad file leaks no context
+            keys = (load_curve_key(curve_key or ""), load_curve_key(server_key or "", False))
         self._context = zmq.Context()
         self._socket = self._context.socket(zmq.DEALER)
         self._socket.linger = 0
+        if keys:
+            self._socket.curve_publickey, self._socket.curve_secretkey = keys[0]
+            self._socket.curve_serverkey = keys[1][0]
         self._socket.connect(self.endpoint)
         self._counter = 0
 
@@ -3234,12 +3288,19 @@ def build_parser(argv: list[str] | None = None) -> argparse.ArgumentParser:
     commands = parser.add_subparsers(dest="action", required=True)
     if "run" in words or "ctl" not in words:
         _add_run_parser(commands)
+        keygen = commands.add_parser("keygen", help="make a CURVE key pair",
+                                     description="Write FOLDER/NAME.key (public) and "
+                                     "FOLDER/NAME.key_secret (private, mode 0600).")
+        keygen.add_argument("folder")
+        keygen.add_argument("name", nargs="?", default="minisup")
     ctl = commands.add_parser("ctl", help="send a command to a running daemon",
                               description="Drive a running daemon, like circusctl. "
                               "Exit 0 ok, 1 no answer, 2 usage, 3 error reply.")
     ctl.add_argument("--endpoint", help="the daemon's control endpoint")
     ctl.add_argument("--timeout", type=float, default=CLIENT_TIMEOUT, metavar="S")
     ctl.add_argument("--json", action="store_true", help="print the raw JSON reply")
+    ctl.add_argument("--curve-key", help="your keygen .key_secret file (CURVE)")
+    ctl.add_argument("--server-key", help="the daemon's keygen .key file (CURVE)")
     _add_ctl_commands(ctl.add_subparsers(dest="command", required=True),
                       [n for n in CTL_COMMANDS if n in words] or list(CTL_COMMANDS))
     return parser
@@ -3283,7 +3344,7 @@ def main(argv: list[str] | None = None) -> int:
         args = build_parser(argv).parse_args(argv)
         if args.action == "run":
             return run_daemon(args)
-        return run_ctl(args)
+        return run_ctl(args) if args.action == "ctl" else run_keygen(args)
     except SystemExit as exc:  # --help, --version or a usage error
         return exc.code if isinstance(exc.code, int) else EXIT_USAGE
 
@@ -3316,7 +3377,12 @@ def _parse_pairs(pairs: list[str]) -> dict[str, Any]:
 def run_ctl(args: argparse.Namespace) -> int:
     """``minisup ctl``: send one command and print its reply."""
     properties = ctl_properties(args)
-    with Client(args.endpoint, args.timeout) as client:
+    try:
+        client = Client(args.endpoint, args.timeout, args.curve_key, args.server_key)
+    except (OSError, ValueError) as exc:
+        print(f"minisup: cannot read a CURVE key: {exc}", file=sys.stderr)
+        return EXIT_USAGE
+    with client:
         try:
             if properties.pop("follow", False):
                 return follow(client, args.name, properties)
@@ -3331,6 +3397,16 @@ def run_ctl(args: argparse.Namespace) -> int:
     else:
         print(format_reply(reply))
     return EXIT_ERROR_REPLY if reply.get("status") == "error" else EXIT_OK
+
+
+def run_keygen(args: argparse.Namespace) -> int:
+    """``minisup keygen``: a CURVE key pair for a daemon or a client."""
+    import zmq.auth  # here: only CURVE users pay for its import
+    os.makedirs(args.folder, mode=0o700, exist_ok=True)
+    public, secret = zmq.auth.create_certificates(args.folder, args.name)
+    os.chmod(secret, 0o600)
+    print(f"public key: {public}\nsecret key: {secret} (keep it private)")
+    return EXIT_OK
 
 
 def follow(client: Client, name: str, properties: dict[str, Any]) -> int:
@@ -3433,7 +3509,7 @@ def config_from_args(args: argparse.Namespace) -> Config:
     for key, value in overrides.items():
         if value is not None:
             setattr(config, key, value)
-    check_endpoint(config.endpoint)
+    check_endpoint(config.endpoint, bool(config.curve_secret_key))
     return config
 
 

@@ -1407,6 +1407,65 @@ def test_discovery_answers_on_unicast_loopback(make_daemon):
     assert json.loads(answer) == {"endpoint": daemon.endpoint}
 
 
+@pytest.fixture
+def curve_keys(tmp_path, capsys):
+    """keygen'd pairs: the daemon's, an authorized client's, an outsider's."""
+    for folder, name in (("daemon", "daemon"), ("clients", "alice"), ("others", "mallory")):
+        assert minisup.main(["keygen", str(tmp_path / folder), name]) == 0
+    capsys.readouterr()
+    secret = tmp_path / "clients" / "alice.key_secret"
+    assert secret.stat().st_mode & 0o777 == 0o600
+    shutil.move(secret, tmp_path / "alice.key_secret")  # keep the folder public only
+    return tmp_path
+
+
+def test_beyond_loopback_needs_curve_and_lets_in_only_authorized_keys(make_daemon, curve_keys):
+    keys = curve_keys
+    with pytest.raises(minisup.ConfigError, match="curve_secret_key and curve_authorized_keys"):
+        minisup.parse_config("[circus]\nendpoint = tcp://0.0.0.0:5555\n")
+    with pytest.raises(minisup.ConfigError, match="set both"):
+        minisup.parse_config(f"[circus]\ncurve_secret_key = {keys}/daemon/daemon.key_secret\n")
+    # Bound on every interface, reached by the test on 127.0.0.1 only.
+    daemon = make_daemon(sleepers(n=1), endpoint="tcp://0.0.0.0:0",
+                         curve_secret_key=keys / "daemon" / "daemon.key_secret",
+                         curve_authorized_keys=keys / "clients")
+    endpoint = daemon.endpoint.replace("0.0.0.0", "127.0.0.1")
+    server = str(keys / "daemon" / "daemon.key")
+    with minisup.Client(endpoint, 5.0, str(keys / "alice.key_secret"), server) as alice:
+        assert alice.call("numwatchers")["numwatchers"] == 1
+    for outsider in [(str(keys / "others" / "mallory.key_secret"), server), (None, None)]:
+        with minisup.Client(endpoint, QUIET, *outsider) as client, pytest.raises(
+                minisup.CallError):
+            client.call("numwatchers")
+    # Through ctl, with the same keys.
+    code = minisup.main(["ctl", "--endpoint", endpoint, "--curve-key",
+                         str(keys / "alice.key_secret"), "--server-key", server, "list"])
+    assert code == 0
+    assert minisup.main(["ctl", "--endpoint", endpoint, "--curve-key", server, "list"]) == 2
+
+
+def test_max_message_size_is_configurable(make_daemon):
+    daemon = make_daemon(sleepers(n=1), max_message_size=1000)
+    assert daemon.client.call("list", pad="x" * 900)["status"] == "ok"
+    with raw_socket(daemon) as sock:
+        reply = raw_reply(sock, b" " * 1001)
+        assert reply["errno"] == 3 and "limit 1000" in reply["reason"]
+        sock.send(b" " * 64001)  # 64 times the limit: libzmq drops it unread
+        assert not sock.poll(QUIET * 1000)
+    assert daemon.client.call("numwatchers")["numwatchers"] == 1
+
+
+def test_redact_env_hides_secrets_from_options_and_get(make_daemon):
+    daemon = make_daemon(sleepers(n=1) + "redact_env = *TOKEN DB_PASSWORD\n"
+                         "[env:web]\nAPI_TOKEN = s3cret\nDB_PASSWORD = hunter2\nMODE = prod\n")
+    env = daemon.client.call("get", name="web", keys=["env"])["options"]["env"]
+    assert env == {"API_TOKEN": "<redacted>", "DB_PASSWORD": "<redacted>", "MODE": "prod"}
+    assert "s3cret" not in json.dumps(daemon.client.call("options", name="web"))
+    pid = daemon.client.call("list", name="web")["pids"][0]
+    with open(f"/proc/{pid}/environ", "rb") as stream:  # the child still has them
+        assert b"API_TOKEN=s3cret" in stream.read().split(b"\0")
+
+
 @pytest.mark.skipif(os.geteuid() != 0, reason="changing owners needs root")
 def test_endpoint_owner_owns_the_socket_and_adds_only_as_itself(make_daemon, tmp_path):
     nobody = pwd.getpwnam("nobody")
@@ -1474,7 +1533,7 @@ def request(command, **properties):
     (request("add", name=" ", cmd="y"), 3, "'name' must not be empty"),
     (request("add", name="x", cmd="y", args=[1]), 3, "'args' must be a string or a list"),
     (b'{"command": "list", "x": ' + b"1" * 5000 + b"}", 1, "json invalid"),
-    (b" " * (minisup.MAX_REQUEST_BYTES + 1), 3, "message too large"),
+    (b" " * ((1 << 20) + 1), 3, "message too large"),  # the default max_message_size
 ])
 def test_malformed_requests_get_their_own_error(make_daemon, body, errno, reason):
     daemon = make_daemon(sleepers(n=1))
