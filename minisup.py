@@ -190,10 +190,8 @@ class Waker:
     def wake(self) -> None:
         if self.write_fd < 0:
             return  # closed: its owner is gone, and the fd number may be reused
-        try:
+        with contextlib.suppress(OSError):  # a full pipe already means a wake-up
             os.write(self.write_fd, b"\0")
-        except (BlockingIOError, OSError):
-            pass  # a full pipe already guarantees a wake-up
 
     def drain(self) -> None:
         with contextlib.suppress(BlockingIOError):
@@ -286,16 +284,11 @@ def set_child_subreaper() -> None:
 
 
 def _socket_answers(path: str) -> bool:
-    """Tell whether something accepts connections on the unix socket path."""
-    probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-    try:
+    """Tell whether something accepts connections on the unix socket path
+    (if not, it is a stale file, safe to reuse)."""
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as probe:
         probe.settimeout(1.0)
-        probe.connect(path)
-        return True
-    except OSError:
-        return False  # refused or not a socket: a stale file, safe to reuse
-    finally:
-        probe.close()
+        return probe.connect_ex(path) == 0
 
 
 # ============================================================== Config ======
@@ -826,9 +819,7 @@ def substitute(text: str, values: dict[str, str], env: dict[str, str]) -> str:
 
 def spawn_values(wid: int, sockets: dict[str, socket.socket]) -> dict[str, str]:
     """The ``$(circus.*)`` values of one child: its wid and socket fds."""
-    values = {f"sockets.{name}": str(sock.fileno()) for name, sock in sockets.items()}
-    values["wid"] = str(wid)
-    return values
+    return {"wid": str(wid), **{f"sockets.{n}": str(s.fileno()) for n, s in sockets.items()}}
 
 
 def child_env(config: WatcherConfig, values: dict[str, str]) -> dict[str, str]:
@@ -858,9 +849,8 @@ def child_argv(config: WatcherConfig, values: dict[str, str],
 def inherited_fds(config: WatcherConfig, sockets: dict[str, socket.socket]) -> list[int]:
     """The only fds a child inherits: the sockets its command names, or
     every configured socket with ``use_sockets``."""
-    named = _socket_users(config)
-    return sorted(sock.fileno() for name, sock in sockets.items()
-                  if config.use_sockets or name in named)
+    named = set(sockets) if config.use_sockets else _socket_users(config)
+    return sorted(sock.fileno() for name, sock in sockets.items() if name in named)
 
 
 def user_options(config: WatcherConfig) -> dict[str, Any]:
@@ -899,12 +889,9 @@ class Process:
         self.draining = False  # the output thread is emptying its pipes
         self.stop_deadline: float | None = None
         self.killed, self.pidfd = False, None
-        if HAS_PIDFD:
-            try:
-                # A zombie has a pidfd too: a child already dead reads as exited.
+        if HAS_PIDFD:  # a zombie has one too: a child already dead reads as exited
+            with contextlib.suppress(OSError):  # old kernel: the worker polls instead
                 self.pidfd = os.pidfd_open(self.pid)
-            except OSError:
-                self.pidfd = None  # old kernel: the worker polls instead
 
     @property
     def stopping(self) -> bool:
@@ -916,10 +903,7 @@ class Process:
         if self.popen.returncode is not None:
             return False
         try:
-            if group:
-                os.killpg(self.pid, signum)
-            else:
-                os.kill(self.pid, signum)
+            (os.killpg if group else os.kill)(self.pid, signum)
         except (ProcessLookupError, PermissionError):
             return False  # exited (zombie group) or setuid'd away from us
         return True
@@ -1011,9 +995,8 @@ def apply_rlimits(pid: int, rlimits: dict[str, int | None]) -> None:
 
 def _expiry(config: WatcherConfig, now: float) -> float | None:
     # A random share of the variance: those started together end apart.
-    if not config.max_age:
-        return None
-    return now + config.max_age + random.uniform(0, config.max_age_variance)
+    variance = random.uniform(0, config.max_age_variance)
+    return now + config.max_age + variance if config.max_age else None
 
 
 def bind_socket(config: SocketConfig) -> socket.socket:
@@ -1301,11 +1284,21 @@ class Pipe:
     partial: bytes = b""
 
 
+def _queued(method: Callable[..., None]) -> Callable[..., None]:
+    """Make a Pump method run on the output thread: a call from any thread
+    (or signal handler) queues it and wakes the thread."""
+    @functools.wraps(method)
+    def queue_call(pump: Pump, *args: Any) -> None:
+        pump._tasks.put((method, (pump, *args)))
+        pump._waker.wake()
+    return queue_call
+
+
 class Pump:
     """Owns every output pipe, sink and tail buffer; ``run`` is the output
     thread, which reads what any child writes at once and in big chunks.
     Other threads call ``attach``, ``drain``, ``tail``, ``reopen`` and
-    ``stop``: each queues a task and wakes the thread."""
+    ``stop``, which are queued to run on the output thread."""
 
     def __init__(self, publish: Callable[[str, dict[str, Any]], None] | None = None) -> None:
         self.publish = publish
@@ -1318,30 +1311,10 @@ class Pump:
         self._tails: dict[str, collections.deque[tuple[str, bytes]]] = {}
         self._running = True
 
-    def _call(self, function: Callable[..., None], *args: Any) -> None:
-        self._tasks.put((function, args))
-        self._waker.wake()
-
-    def attach(self, config: WatcherConfig, pid: int, pipes: dict[str, int]) -> None:
-        """Start reading a new child's pipes.  Any thread."""
-        self._call(self._attach, config, pid, pipes)
-
-    def drain(self, pid: int, done: Callable[[], None]) -> None:
-        """Write what a dead child left in its pipes, then call ``done``."""
-        self._call(self._drain, pid, done)
-
-    def tail(self, name: str, count: int, stream: str | None,
-             reply: Callable[[list[str]], None]) -> None:
-        """Call ``reply`` with a watcher's last ``count`` lines.  Any thread."""
-        self._call(self._tail, name, count, stream, reply)
-
-    def reopen(self) -> None:
-        """Reopen every log file.  Any thread, and signal handlers."""
-        self._call(self._reopen)
-
+    @_queued
     def stop(self) -> None:
         """Drain every pipe, close every file and end the thread."""
-        self._call(setattr, self, "_running", False)
+        self._running = False
 
     def run(self) -> None:
         """The output thread's loop."""
@@ -1377,16 +1350,16 @@ class Pump:
         if self._waker.read_fd >= 0:
             for key in list(self._selector.get_map().values()):
                 if key.data is not None:
-                    for _ in range(DRAIN_READS):  # what is still in it, within reason
-                        if not self._read(key.data):
-                            break
+                    self._read_some(key.data)
                     self._finish(key.data)
             for sink in [*self._sinks.values(), *self._old_sinks]:
                 sink.close()
             self._selector.close()
             self._waker.close()
 
-    def _attach(self, config: WatcherConfig, pid: int, pipes: dict[str, int]) -> None:
+    @_queued
+    def attach(self, config: WatcherConfig, pid: int, pipes: dict[str, int]) -> None:
+        """Start reading a new child's pipes."""
         for stream, fd in pipes.items():
             options = getattr(config, f"{stream}_stream")
             key = options.get("filename") or f"{config.name}.{stream}"  # one per file
@@ -1440,24 +1413,32 @@ class Pump:
         if partial:  # the child died mid-line: the line ends here
             self._deliver(pipe, partial + b"\n")
 
-    def _drain(self, pid: int, done: Callable[[], None]) -> None:
+    def _read_some(self, pipe: Pipe) -> None:
+        # What is in it now, within reason: a descendant may keep writing.
+        for _ in range(DRAIN_READS):
+            if not self._read(pipe):
+                return
+
+    @_queued
+    def drain(self, pid: int, done: Callable[[], None]) -> None:
+        """Write what a dead child left in its pipes, then call ``done``."""
         try:
             for key in list(self._selector.get_map().values()):
-                pipe = key.data
-                if pipe is not None and pipe.pid == pid:
-                    # A descendant may keep it open: take a bounded amount now.
-                    for _ in range(DRAIN_READS):
-                        if not self._read(pipe):
-                            break
+                if key.data is not None and key.data.pid == pid:
+                    self._read_some(key.data)
         finally:
             done()  # the worker waits for this to report the death
 
-    def _tail(self, name: str, count: int, stream: str | None,
-              reply: Callable[[list[str]], None]) -> None:
+    @_queued
+    def tail(self, name: str, count: int, stream: str | None,
+             reply: Callable[[list[str]], None]) -> None:
+        """Call ``reply`` with a watcher's last ``count`` lines."""
         lines = [line for kind, line in self._tails.get(name, ()) if stream in (None, kind)]
         reply([line.decode("utf-8", "replace") for line in lines[-count:]] if count else [])
 
-    def _reopen(self) -> None:
+    @_queued
+    def reopen(self) -> None:
+        """Reopen every log file (after a logrotate)."""
         for sink in self._sinks.values():
             sink.reopen()
         logger.info("log files reopened")
@@ -1479,19 +1460,14 @@ class Watcher:
                  spawn: Callable[[WatcherConfig, int, float], Process] = spawn_process,
                  emit: Callable[[str, str, dict[str, Any]], None] | None = None
                  ) -> None:
-        self.config = config
-        self.name = config.name
-        self.numprocesses = config.numprocesses
+        self.config, self.name, self.numprocesses = config, config.name, config.numprocesses
         self.state = STOPPED
         self.processes: dict[int, Process] = {}
-        self.retries = 0
+        self.retries = self.restarts = 0
         self.last_error: str | None = None
         self.last_exit: int | None = None
-        self.restarts = 0
-        self._spawn = spawn
-        self._emit = emit
-        self._next_spawn = 0.0
-        self._restart_pending = False
+        self._spawn, self._emit = spawn, emit
+        self._next_spawn, self._restart_pending = 0.0, False
         self._replace: list[int] = []  # pids a sequential reload still replaces
         self._finished = 0  # slots whose process is done and not replaced
         self._crashes = 0  # consecutive deaths younger than min_uptime
@@ -1841,8 +1817,7 @@ class Arbiter:
 
     def __init__(self, config: Config, clock: Callable[[], float] = time.monotonic
                  ) -> None:
-        self.config = config
-        self.clock = clock
+        self.config, self.clock = config, clock
         self.watchers: dict[str, Watcher] = {}
         self.sockets: dict[str, socket.socket] = {}
         # Set by the Daemon: where events go (its PUB socket), the endpoints
@@ -1851,16 +1826,14 @@ class Arbiter:
         self.on_view: Callable[[View], None] | None = None
         self.bound_endpoints: dict[str, str | None] = {}
         self.pump: Pump | None = None
-        self.subreaper = False
-        self.done = self.failed = False
-        self._unwatched = 0  # children without a pidfd: polled instead
+        self.subreaper = self.done = self.failed = False
+        self._unwatched = self._seq = 0  # pidfd-less children; the last controller job run
         self._jobs: queue.SimpleQueue[Job] = queue.SimpleQueue()
         self._waker = Waker()
         self._selector = selectors.DefaultSelector()
         self._selector.register(self._waker, selectors.EVENT_READ, None)
         self._waiting: list[tuple[Job, Pending]] = []
         self._replies: list[tuple[Job, Outcome]] = []  # sent as the tick ends
-        self._seq = 0  # the last controller job run
         self._retiring: list[Watcher] = []  # removed by rm, children not gone
         self._quit_stages: list[list[Watcher]] | None = None
         self._orphans_died = False
@@ -2045,15 +2018,11 @@ class Arbiter:
 
     def socket_infos(self) -> list[dict[str, Any]]:
         """What ``listsockets`` shows, sorted by fd."""
-        infos, backlogs = [], {s.name: s.backlog for s in self.config.sockets}
-        for name, sock in self.sockets.items():
-            info: dict[str, Any] = {"fd": sock.fileno(), "name": name, "backlog": backlogs[name]}
-            if sock.family == socket.AF_UNIX:
-                info["path"] = sock.getsockname()
-            else:
-                info["host"], info["port"] = sock.getsockname()[:2]
-            infos.append(info)
-        return sorted(infos, key=lambda i: i["fd"])
+        backlogs = {s.name: s.backlog for s in self.config.sockets}
+        return sorted(({"fd": sock.fileno(), "name": name, "backlog": backlogs[name], **(
+            {"path": sock.getsockname()} if sock.family == socket.AF_UNIX else
+            dict(zip(("host", "port"), sock.getsockname())))}
+            for name, sock in self.sockets.items()), key=lambda info: info["fd"])
 
     def _emit(self, name: str, topic: str, payload: dict[str, Any]) -> None:
         if self.on_event is not None:
@@ -2173,10 +2142,7 @@ class Arbiter:
         """Unlist ``watcher``; its children are stopped (or, with
         ``stop=False``, left to exit) and still reaped."""
         del self.watchers[watcher.name]
-        if stop:
-            watcher.stop(self.clock())
-        else:
-            watcher.abandon()
+        watcher.stop(self.clock()) if stop else watcher.abandon()
         self._retiring.append(watcher)
         logger.info("%s: removed", watcher.name)
         watcher.emit("remove")
@@ -2215,8 +2181,7 @@ class Arbiter:
                 self._update_watcher(watcher, old.get(name), config, now)
         for key in ("check_delay", "warmup_delay"):
             setattr(self.config, key, getattr(new, key))
-        for key in ("pubsub_endpoint", "multicast_endpoint", "endpoint_owner",
-                    "loglevel", "logoutput"):
+        for key in sorted(GLOBAL_OPTIONS.keys() - {"check_delay", "warmup_delay", "endpoint"}):
             if getattr(new, key) != getattr(self.config, key):
                 logger.warning("reloadconfig: [circus] %s changed; it takes "
                                "effect when the daemon restarts", key)
@@ -2886,25 +2851,21 @@ class Controller:
         self._waker.close()
 
     def _serve(self) -> None:
-        control, discovery = self._sockets["control"], self._sockets.get("discovery")
+        control, zap, discovery = map(self._sockets.get, ("control", "zap", "discovery"))
         poller = zmq.Poller()
-        poller.register(control, zmq.POLLIN)
-        poller.register(self._waker.fileno(), zmq.POLLIN)
-        if discovery is not None:
-            poller.register(discovery.fileno(), zmq.POLLIN)
-        zap = self._sockets.get("zap")
-        if zap is not None:
-            poller.register(zap, zmq.POLLIN)
-        while True:
+        for item in [self._waker, *self._sockets.values()]:
+            poller.register(item, zmq.POLLIN)  # the PUB socket is never readable
+        waker, discovery = self._waker.fileno(), discovery and discovery.fileno()
+        while True:  # events name a zmq socket by itself, any other by its fd
             events = dict(poller.poll())
-            if self._waker.fileno() in events:
+            if waker in events:
                 self._waker.drain()
             if zap in events:
                 self._answer_zap(zap)
             if control in events:
                 self._receive(control)
-            if discovery is not None and discovery.fileno() in events:
-                self._answer_discovery(discovery)
+            if discovery in events:
+                self._answer_discovery(self._sockets["discovery"])
             if not self._flush():
                 return
 
@@ -2924,7 +2885,10 @@ class Controller:
                 frames = sock.recv_multipart(zmq.NOBLOCK)
             except zmq.Again:  # rare: the poll's news was stale
                 return
-            self._handle(frames)
+            try:
+                self._handle(frames)
+            except Exception as exc:  # noqa: BLE001 - a bug must not silence the daemon
+                self.post(frames[:1], None, server_error("(request)", exc))
             if not sock.getsockopt(zmq.EVENTS) & zmq.POLLIN:
                 return
 
@@ -2946,7 +2910,8 @@ class Controller:
                 self.post(envelope, message_id, exc)
             return
         name = message["command"].lower()
-        viewed = self._from_view(name, properties.get("name"))
+        takes_name = "name" in command.required + command.optional  # else: unchecked
+        viewed = self._from_view(name, properties.get("name") if takes_name else None)
         if viewed is not None:
             if not cast:  # encode_reply's shape, with the body encoded once a view
                 self._send("control", [*envelope, (
@@ -3053,7 +3018,10 @@ class Daemon:
             if self.controller.error is not None:
                 raise self.controller.error
             self.arbiter.bind_sockets()
-            self._take_charge_of_children()
+            if self.arbiter.subreaper:
+                set_child_subreaper()
+            if self.config.guardian:
+                self.arbiter.start_guardian()
         except BaseException:
             self.controller.shutdown()
             self._controller_thread.join()
@@ -3068,12 +3036,6 @@ class Daemon:
             # A watcher slow or unable to start is reported, not fatal.
             logger.error("not every watcher started: %s", exc)
         return self
-
-    def _take_charge_of_children(self) -> None:
-        if self.arbiter.subreaper:
-            set_child_subreaper()
-        if self.config.guardian:
-            self.arbiter.start_guardian()
 
     def _publish_endpoints(self) -> None:
         # What the controller really bound (an ephemeral port, say) is what
@@ -3515,12 +3477,9 @@ def config_from_args(args: argparse.Namespace) -> Config:
 
 def setup_logging(level: str, output: str) -> None:
     """Send minisup's log to ``output`` ('-', 'stdout', 'stderr' or a file)."""
-    if output in ("-", "stdout"):
-        handler: logging.Handler = logging.StreamHandler(sys.stdout)
-    elif output == "stderr":
-        handler = logging.StreamHandler(sys.stderr)
-    else:
-        handler = logging.FileHandler(output)
+    streams = {"-": sys.stdout, "stdout": sys.stdout, "stderr": sys.stderr}
+    handler: logging.Handler = (logging.StreamHandler(streams[output]) if output in streams
+                                else logging.FileHandler(output))
     handler.setFormatter(logging.Formatter(
         "%(asctime)s minisup[%(process)d] %(levelname)s %(message)s"))
     logger.addHandler(handler)

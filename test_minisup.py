@@ -728,6 +728,14 @@ def test_reads_are_answered_while_the_worker_is_busy(make_daemon):
     assert daemon.client.call("numprocesses")["numprocesses"] == 3
 
 
+def test_a_property_a_command_does_not_take_is_ignored_even_by_the_view(make_daemon):
+    daemon = make_daemon(sleepers(n=1))
+    with raw_socket(daemon) as sock:  # "name" is not checked for numwatchers
+        reply = raw_reply(sock, request("numwatchers", name={"not": "a string"}))
+    assert reply["status"] == "ok" and reply["numwatchers"] == 1
+    assert "minisup-controller" in minisup_threads()
+
+
 def test_a_read_never_overtakes_an_earlier_change(make_daemon):
     daemon = make_daemon(sleepers(n=2))
     release = block_worker(daemon)
