@@ -1,6 +1,9 @@
 """Output capture: minisup beside circusd's FileStream and supervisord's
 stdout_logfile, on the same child, in one run.
 
+bench/run.py runs the same measurement as its scenarios 10 and 11 (and
+imports this file's helpers).
+
 The child is ``cat`` of a file of numbered lines made once (200 MiB by
 default), so every supervisor gets the same bytes as fast as a pipe allows.
 Each run starts the program through the supervisor's own control channel,

@@ -4,8 +4,8 @@ has exec'd.
 Runs ``python -m minisup run --cmd "sleep 1000"`` on a private ipc endpoint,
 then N times: SIGKILL the child and busy-poll /proc until the daemon has a
 new child whose executable is ``sleep`` (i.e. exec has happened).  Prints the
-median and the range.  Only minisup for now; the side-by-side suite with
-circusd and supervisord comes with bench/run.py.
+median and the range.  Only minisup; bench/run.py (scenario 7) measures
+it beside circusd and supervisord.
 
     python bench/respawn_latency.py [-n 20]
 """

@@ -2,51 +2,102 @@
 
 Each scenario runs against the three daemons in turn, alternating
 (minisup, circusd, supervisord, minisup, ...) across repetitions, with the
-same child program (``sleep``, by absolute path) and equivalent configs.
-All three daemons run for the whole suite, each in a temp folder of its own;
-lower is better everywhere.
+same child programs (by absolute path) and equivalent configs.  Each group
+of scenarios gets three fresh daemons, each in a temp folder of its own,
+whose config holds only that group's programs: 1-5, 7 and 12 share one
+(N sleeps, stopped, and one running); 6, 8, 9 and 10-11 have one each.
+That matters: supervisord's main loop visits every configured process on
+every turn, so with all the programs in one config (some 1100 processes at
+N=500) its round trip went from about 0.6 to 5 ms and its capture from
+several hundred to about 30 MiB/s.  Most scenarios also measure a "floor"
+in the same run: what the machine does with no supervisor in the way (the
+"floor" column).
 
-1. control round trip (us): one client, one call after another; each
-   repetition is the median of 1000 calls (--quick: 300).  minisup and
-   circusd: ``list`` through minisup.Client (same wire protocol);
-   supervisord: XML-RPC ``supervisor.getState`` over its unix socket.
-2. start N (ms): a watcher/program of N ``sleep 1000`` with autostart off
-   (N=500, --quick 100); from the start request until N children of the
-   daemon have /proc/PID/exe == the sleep binary, i.e. have exec'd.
-   minisup/circusd: ``start`` (no waiting); supervisord:
-   ``startProcessGroup(name, wait=False)`` over XML-RPC, in process, which
-   is what ``supervisorctl start name:*`` sends (the in-process call keeps
-   supervisorctl's interpreter start-up out of the figure, as for the others).
-3. stop N (ms): from the stop request until none of those pids is left in
-   /proc as a child of the daemon (killed *and* reaped), for all three.
-4. daemon RSS (MiB): VmRSS of the daemon with the N processes running.
-5. respawn (ms): kill -9 the one child of a one-process watcher, until the
-   daemon has a new child that has exec'd sleep; 5 kills (--quick 3), 1.3 s
-   apart, so that minisup's crash-loop backoff (min_uptime 1 s) and
-   supervisord's startsecs (1) never apply.
-6. status command (ms): wall time of the whole command line:
-   ``python -m minisup ctl --endpoint E status``, circus's ``circusctl
-   --endpoint E status`` (its own venv) and ``supervisorctl -c CONF status``;
-   5 runs.
+ 1. control round trip (us, lower is better): one client, one call after
+    another; each repetition is the median of 1000 calls (--quick: 300).
+    minisup and circusd: ``list`` through minisup.Client (same wire
+    protocol); supervisord: XML-RPC ``supervisor.getState`` over its unix
+    socket.  Floor: a bare pyzmq ROUTER echo server (another Python process,
+    a zmq.Poller/recv/send loop sending back the frames it got) on ipc://,
+    called by the same client loop.
+ 2. throughput, 8 clients (requests/s, higher is better): 8 client
+    processes (not threads: the GIL), started once for the whole scenario,
+    each sends the request of 1 back-to-back, 2000 times (--quick: 500);
+    all requests / (last end - first start).  Floor: the echo server.
+ 3. start N (ms): a watcher/program of N ``sleep 1000`` with autostart off
+    (N=500, --quick 100); from the start request until N children of the
+    daemon have /proc/PID/exe == the sleep binary, i.e. have exec'd.
+    minisup/circusd: ``start`` (no waiting); supervisord:
+    ``startProcessGroup(name, wait=False)`` over XML-RPC, in process, which
+    is what ``supervisorctl start name:*`` sends (the in-process call keeps
+    supervisorctl's interpreter start-up out of the figure, as for the
+    others).  Floor: this script starts N ``sleep`` with subprocess.Popen.
+ 4. stop N (ms): from the stop request until none of those pids is left in
+    /proc as a child of the daemon (killed *and* reaped), for all three.
+    Floor: this script sends SIGTERM to its N sleeps and waits for each.
+ 5. daemon RSS (MiB): VmRSS of the daemon with the N processes running.
+    Floor: VmRSS of the echo server (a Python with pyzmq and one socket).
+ 6. stop N deaf (ms): as 4, but the N children ignore SIGTERM (``sh -c
+    "trap '' TERM; exec sleep 3000"``: an ignored signal stays ignored
+    across exec) and the grace period is 1 s (graceful_timeout = 1;
+    supervisord: stopwaitsecs = 1); the stop request is sent once all N
+    have exec'd sleep and the start command has returned (it is sent
+    waiting: circusd refuses a stop while its start runs).  Target: 1.3 s.
+    Floor: this script sends SIGTERM, waits 1 s, sends SIGKILL, reaps.
+ 7. respawn (ms): kill -9 the one child of a one-process watcher, until the
+    daemon has a new child that has exec'd sleep; 5 kills (--quick 3), 1.3 s
+    apart, so that minisup's crash-loop backoff (min_uptime 1 s) and
+    supervisord's startsecs (1) never apply.  Floor: this script kills one
+    of its own sleeps, waits for it and starts another.
+ 8. crash loop, first retry (ms): a one-process watcher/program whose child
+    (``python -S -c``) appends ``time.time()`` to a file and exits 1 at once,
+    with every restart setting left at its default (supervisord:
+    autorestart = true, startsecs 1, startretries 3).  It runs 5 s (longer,
+    up to 15 s, until there is a retry), then is stopped; the figure is the
+    gap between the first two timestamps (so it includes the child's
+    interpreter start-up), and the note under the table lists every gap.
+    3 repetitions (--quick 2), each on a program of its own, never started
+    before (supervisord keeps a program's backoff count across stop and
+    start).  Floor: the median gap of a shell loop running the same child
+    6 times back to back.
+ 9. idle CPU (s): with 100 ``sleep`` running under each daemon, the
+    daemon's utime + stime (all its threads, from /proc/PID/stat) over 30 s
+    (--quick 10); the three are measured over the same window, once.
+    Helper processes are not counted: minisup's guardian (a ``python -S``
+    child) and circusd's circusd-stats (on by default); their own figures
+    are in the notes.
+10. capture (MiB/s, higher is better): the child is ``cat`` of a file of
+    numbered lines (about 200 MiB, --quick 50), stdout to a log file
+    (circus.stream.FileStream; supervisord: stdout_logfile, no rotation);
+    from the start request until the log holds every byte; then the bytes
+    are compared with the input (notes: "identical").  Floor: ``sh -c 'cat
+    IN | cat > OUT'``.  11. the daemon's CPU time for it (s per 100 MiB).
+12. status command (ms): wall time of the whole command line:
+    ``python -m minisup ctl --endpoint E status``, circus's ``circusctl
+    --endpoint E status`` (its own venv) and ``supervisorctl -c CONF
+    status``; 5 runs.  Floor: ``python -c "import zmq"``.
 
-Rows show the median (min-max) over repetitions, and the ratios
-minisup/circusd and minisup/supervisord of the medians (< 1: minisup is
-faster or smaller).
+Rows show the median (min-max) over repetitions, the floor likewise, and the
+ratios minisup/circusd and minisup/supervisord of the medians; the
+"better" column says which way is better.
 
     bash bench/setup.sh            # the anchors, in venvs of their own
-    python bench/run.py [--quick] [--processes N] [--reps R]
+    python bench/run.py [--quick] [--processes N] [--reps R] [--rst]
 
 An anchor that is not installed is skipped (its column shows "-").  Every
 endpoint is an ipc:// path or unix socket in a temp folder (circusd's
-multicast discovery is switched off, its pubsub is on ipc); every wait is
-bounded; every daemon is stopped, then killed by pid, and its children
-checked, in a finally.
+multicast discovery is switched off, its pubsub and stats are on ipc);
+every wait is bounded; every daemon, client and echo process is stopped,
+then killed by pid, in a finally, and the daemons' children are checked.
 """
 
 import argparse
 import contextlib
 import http.client
+import itertools
 import os
+import re
+import select
 import shutil
 import signal
 import socket
@@ -60,14 +111,42 @@ import xmlrpc.client
 HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(HERE)
 sys.path.insert(0, ROOT)
+sys.path.insert(0, HERE)
+
+from capture import cpu_seconds, digest, make_input
 
 import minisup
 
 ANCHORS = os.environ.get("MINISUP_BENCH", os.path.expanduser("~/.cache/minisup-bench"))
 SLEEP = shutil.which("sleep") or "/bin/sleep"  # absolute: a child's PATH may be empty
 SLEEP_EXE = os.path.realpath(SLEEP)
-GROUP_ARG, ONE_ARG = b"1000", b"2000"  # tells the N group from the single one
+CAT = shutil.which("cat") or "/bin/cat"
+SH = "/bin/sh"
+PYTHON = sys.executable
+# The argument of sleep tells the watchers apart.
+GROUP_ARG, ONE_ARG, DEAF_ARG, IDLE_ARG, FLOOR_ARG = b"1000", b"2000", b"3000", b"4000", b"4500"
+IDLE_COUNT = 100
+CLIENTS = 8
 LIMIT = 60.0  # seconds: a wait longer than this is a failure, not a sample
+NAMES = ("minisup", "circusd", "supervisord")
+
+# No " ;" and no "%" in a command: both INI dialects would take them.
+DEAF_CMD = f"{SH} -c \"trap '' TERM; exec {SLEEP} {DEAF_ARG.decode()}\""
+CRASH_CODE = "import time,sys; open({!r},'a').write(repr(time.time())+chr(10)); sys.exit(1)"
+ECHO_CODE = """import sys, zmq
+context = zmq.Context()
+server = context.socket(zmq.ROUTER)
+server.bind(sys.argv[1])
+poller = zmq.Poller()
+poller.register(server, zmq.POLLIN)
+poller.register(0, zmq.POLLIN)  # stdin: its end is the stop
+print("ready", flush=True)
+while True:
+    ready = dict(poller.poll(600000))
+    if not ready or 0 in ready:
+        break
+    server.send_multipart(server.recv_multipart())
+"""
 
 
 # ------------------------------------------------------------------ /proc ---
@@ -100,13 +179,25 @@ def sleep_arg(pid):
     return argv[1] if len(argv) > 1 else None
 
 
-def parent_of(pid):
-    """The ppid of ``pid``, or None once it is reaped (a zombie still has one)."""
+def stat_fields(pid):
+    """/proc/PID/stat after the command name (field 3 is index 0), or None."""
     try:
         with open(f"/proc/{pid}/stat") as stream:
-            return int(stream.read().rsplit(")", 1)[1].split()[1])
-    except (OSError, ValueError, IndexError):
+            return stream.read().rsplit(")", 1)[1].split()
+    except (OSError, IndexError):
         return None
+
+
+def parent_of(pid):
+    """The ppid of ``pid``, or None once it is reaped (a zombie still has one)."""
+    fields = stat_fields(pid)
+    return int(fields[1]) if fields else None
+
+
+def birth(pid):
+    """Start time of ``pid`` (clock ticks since boot): with the pid, an identity."""
+    fields = stat_fields(pid)
+    return int(fields[19]) if fields else None
 
 
 def rss_mib(pid):
@@ -117,12 +208,12 @@ def rss_mib(pid):
     raise RuntimeError(f"no VmRSS for {pid}")
 
 
-def execd(daemon_pid, arg, count, started, known=None):
-    """Wait until ``count`` children of the daemon have exec'd ``sleep arg``;
+def execd(parent, arg, count, started, known=None):
+    """Wait until ``count`` children of ``parent`` have exec'd ``sleep arg``;
     returns (seconds since ``started``, their pids)."""
     known = set() if known is None else known
     while True:
-        for pid in children(daemon_pid) - known:
+        for pid in children(parent) - known:
             if sleep_arg(pid) == arg:
                 known.add(pid)
         if len(known) >= count:
@@ -133,16 +224,92 @@ def execd(daemon_pid, arg, count, started, known=None):
         time.sleep(0.001)  # 2 cores: leave one to the daemon
 
 
-def reaped(daemon_pid, pids, started):
-    """Wait until no pid of ``pids`` is a child of the daemon any more."""
+def reaped(parent, pids, started):
+    """Wait until no pid of ``pids`` is a child of ``parent`` any more."""
     alive = set(pids)
     while alive:
-        alive = {p for p in alive if parent_of(p) == daemon_pid}
+        alive = {p for p in alive if parent_of(p) == parent}
         if time.perf_counter() - started > LIMIT:
             raise RuntimeError(f"{len(alive)} children still there after {LIMIT:g}s")
         if alive:
             time.sleep(0.001)
     return time.perf_counter() - started
+
+
+def kill_pids(pids):
+    """SIGKILL every (pid, birth) pair still alive as that same process."""
+    killed = []
+    for pid, born in pids:
+        if born is not None and birth(pid) == born:
+            with contextlib.suppress(OSError):
+                os.kill(pid, signal.SIGKILL)
+                killed.append(pid)
+    return killed
+
+
+# --------------------------------------------------------------- programs ---
+
+class Program:
+    """One watcher/program, as both config dialects will say it."""
+
+    def __init__(self, name, cmd, count=1, autostart=False, respawn=True,
+                 grace=None, log=None):
+        self.name, self.cmd, self.count = name, cmd, count
+        self.autostart, self.respawn, self.grace, self.log = autostart, respawn, grace, log
+
+    def circus(self):
+        text = (f"[watcher:{self.name}]\ncmd = {self.cmd}\nnumprocesses = {self.count}\n"
+                f"autostart = {str(self.autostart).lower()}\n")
+        if not self.respawn:
+            text += "respawn = false\n"
+        if self.grace is not None:
+            text += f"graceful_timeout = {self.grace}\n"
+        if self.log:
+            text += ("stdout_stream.class = circus.stream.FileStream\n"
+                     f"stdout_stream.filename = {self.log}\n")
+        return text
+
+    def supervisord(self):
+        text = (f"[program:{self.name}]\ncommand = {self.cmd}\nnumprocs = {self.count}\n"
+                f"autostart = {str(self.autostart).lower()}\n"
+                f"autorestart = {str(self.respawn).lower()}\n"
+                f"stdout_logfile = {self.log or 'NONE'}\nstdout_logfile_maxbytes = 0\n"
+                "stderr_logfile = NONE\n")
+        if self.count > 1:
+            text += "process_name = %(program_name)s_%(process_num)d\n"
+        if not self.respawn:
+            text += "startsecs = 0\n"
+        if self.grace is not None:
+            text += f"stopwaitsecs = {self.grace}\n"
+        return text
+
+
+def base_programs(folder, settings):
+    """Scenarios 1-5, 7 and 12: N sleeps (stopped) and one (running)."""
+    return [Program("group", f"{SLEEP} {GROUP_ARG.decode()}", settings.count,
+                    respawn=False, grace=10),
+            Program("one", f"{SLEEP} {ONE_ARG.decode()}", autostart=True, grace=10)]
+
+
+def deaf_programs(folder, settings):
+    return [Program("deaf", DEAF_CMD, settings.count, respawn=False, grace=1)]
+
+
+def crash_programs(folder, settings):
+    """One crash program per repetition: supervisord keeps a program's
+    backoff count across stop and start, so each repetition gets a fresh one."""
+    return [Program(f"crash{i}", crash_cmd(crash_log(folder, i)))
+            for i in range(settings.crash_reps)]
+
+
+def idle_programs(folder, settings):
+    return [Program("idle", f"{SLEEP} {IDLE_ARG.decode()}", IDLE_COUNT, respawn=False,
+                    grace=10)]
+
+
+def capture_programs(folder, settings):
+    return [Program("cat", f"{CAT} {settings.data}", respawn=False,
+                    log=os.path.join(folder, "capture.out"))]
 
 
 # ---------------------------------------------------------------- daemons ---
@@ -151,15 +318,27 @@ class Daemon:
     name = ""
     proc = None
 
+    def __init__(self, folder):
+        self.folder = folder
+        self.crash_runs = 0  # the crash programs used so far
+        self.capture_log = os.path.join(folder, "capture.out")
+        self.kids = {}  # pid -> birth: every child seen, for the final check
+
     @property
     def pid(self):
         return self.proc.pid
 
+    def note_children(self):
+        for pid in children(self.pid):
+            self.kids.setdefault(pid, birth(pid))
+
     def close(self):
-        """Stop gracefully, then kill by pid; then kill any sleep child left."""
+        """Stop gracefully, then kill by pid; returns the children left over
+        (which are then killed)."""
         if self.proc is None:
-            return
-        kids = children(self.proc.pid)
+            return []
+        if self.proc.poll() is None:
+            self.note_children()
         with contextlib.suppress(Exception):  # cleanup goes on whatever happens
             self.quit()
         try:
@@ -167,39 +346,38 @@ class Daemon:
         except subprocess.TimeoutExpired:
             self.proc.kill()
             self.proc.wait()
-        for pid in kids:
-            if sleep_arg(pid) is not None:
-                try:
-                    os.kill(pid, signal.SIGKILL)
-                except OSError:
-                    pass
+        time.sleep(0.2)  # a guardian or a redirector finishes its own cleanup
+        return kill_pids(self.kids.items())
 
-    def wait_group_gone(self):
-        """After a failure: stop the group and wait (bounded) for its children."""
+    def abort(self, message):
+        """The daemon did not come up: kill it and its children; raise."""
+        self.note_children()
+        self.proc.kill()
+        self.proc.wait()
+        kill_pids(self.kids.items())
+        raise RuntimeError(message)
+
+    def wait_gone(self, name, arg):
+        """After a failure: stop ``name`` and wait (bounded) for its children."""
         with contextlib.suppress(Exception):
-            self.stop_group()
-        pids = {p for p in children(self.pid) if sleep_arg(p) == GROUP_ARG}
-        try:
+            self.stop(name)
+        pids = {p for p in children(self.pid) if sleep_arg(p) == arg}
+        with contextlib.suppress(RuntimeError):
             reaped(self.pid, pids, time.perf_counter())
-        except RuntimeError:
-            pass
 
 
 class Circusish(Daemon):
     """minisup or circusd: same INI, same wire protocol, same client."""
 
-    def __init__(self, name, argv, folder, count, ctl, extra=""):
+    def __init__(self, name, argv, folder, progs, ctl, extra=""):
+        super().__init__(folder)
         self.name, self.ctl = name, ctl
-        self.endpoint = f"ipc://{folder}/control.sock"
+        self.endpoint = self.address = f"ipc://{folder}/control.sock"
         ini = os.path.join(folder, f"{name}.ini")
         with open(ini, "w") as f:
             f.write(f"[circus]\nendpoint = {self.endpoint}\n"
-                    f"pubsub_endpoint = ipc://{folder}/pubsub.sock\ncheck_delay = 5\n{extra}"
-                    f"[watcher:group]\ncmd = {SLEEP} {GROUP_ARG.decode()}\n"
-                    f"numprocesses = {count}\nautostart = false\nrespawn = false\n"
-                    "graceful_timeout = 10\n"
-                    f"[watcher:one]\ncmd = {SLEEP} {ONE_ARG.decode()}\nnumprocesses = 1\n"
-                    "graceful_timeout = 10\n")
+                    f"pubsub_endpoint = ipc://{folder}/pubsub.sock\ncheck_delay = 5\n{extra}")
+            f.write("".join(p.circus() for p in progs))
         self.proc = subprocess.Popen([*argv, ini], cwd=ROOT, stdout=subprocess.DEVNULL,
                                      stderr=subprocess.DEVNULL)
         self.client = minisup.Client(self.endpoint, timeout=LIMIT)
@@ -210,16 +388,17 @@ class Circusish(Daemon):
                 return
             except minisup.CallError:
                 if time.monotonic() > deadline or self.proc.poll() is not None:
-                    raise RuntimeError(f"{name} did not answer on {self.endpoint}") from None
+                    self.client.close()
+                    self.abort(f"{name} did not answer on {self.endpoint}")
 
     def ping(self):
         self.client.call("list")
 
-    def start_group(self):
-        self._check(self.client.call("start", name="group"))
+    def start(self, name, wait=False):
+        self._check(self.client.call("start", name=name, waiting=wait))
 
-    def stop_group(self):
-        self._check(self.client.call("stop", name="group"))
+    def stop(self, name, wait=False):
+        self._check(self.client.call("stop", name=name, waiting=wait))
 
     def status_argv(self):
         return [*self.ctl, "--endpoint", self.endpoint, "status"], (0,)
@@ -262,12 +441,18 @@ class UnixTransport(xmlrpc.client.Transport):
         return self._connection[1]
 
 
+def supervisor_proxy(path):
+    return xmlrpc.client.ServerProxy("http://localhost", transport=UnixTransport(path, LIMIT))
+
+
 class Supervisord(Daemon):
     name = "supervisord"
 
-    def __init__(self, folder, count):
+    def __init__(self, folder, progs):
+        super().__init__(folder)
         self.conf = os.path.join(folder, "supervisord.conf")
         sock = os.path.join(folder, "supervisor.sock")
+        self.address = f"unix:{sock}"
         with open(self.conf, "w") as f:
             f.write(f"[unix_http_server]\nfile = {sock}\n"
                     f"[supervisord]\nlogfile = {folder}/supervisord.log\nloglevel = warn\n"
@@ -275,18 +460,11 @@ class Supervisord(Daemon):
                     f"childlogdir = {folder}\n"
                     "[rpcinterface:supervisor]\nsupervisor.rpcinterface_factory = "
                     "supervisor.rpcinterface:make_main_rpcinterface\n"
-                    f"[supervisorctl]\nserverurl = unix://{sock}\n"
-                    f"[program:group]\ncommand = {SLEEP} {GROUP_ARG.decode()}\n"
-                    f"numprocs = {count}\nprocess_name = %(program_name)s_%(process_num)d\n"
-                    "autostart = false\nautorestart = false\nstartsecs = 0\n"
-                    "stopwaitsecs = 10\nstdout_logfile = NONE\nstderr_logfile = NONE\n"
-                    f"[program:one]\ncommand = {SLEEP} {ONE_ARG.decode()}\n"
-                    "autostart = true\nautorestart = true\nstartsecs = 1\n"
-                    "stopwaitsecs = 10\nstdout_logfile = NONE\nstderr_logfile = NONE\n")
+                    f"[supervisorctl]\nserverurl = unix://{sock}\n")
+            f.write("".join(p.supervisord() for p in progs))
         self.proc = subprocess.Popen([f"{ANCHORS}/supervisor/bin/supervisord", "-c", self.conf],
                                      stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-        self.rpc = xmlrpc.client.ServerProxy("http://localhost",
-                                             transport=UnixTransport(sock, LIMIT))
+        self.rpc = supervisor_proxy(sock)
         deadline = time.monotonic() + 30
         while True:
             try:
@@ -294,17 +472,18 @@ class Supervisord(Daemon):
                 return
             except (OSError, xmlrpc.client.Error, http.client.HTTPException):
                 if time.monotonic() > deadline or self.proc.poll() is not None:
-                    raise RuntimeError("supervisord did not answer") from None
+                    self.abort("supervisord did not answer")
                 time.sleep(0.05)
 
     def ping(self):
         self.rpc.supervisor.getState()
 
-    def start_group(self):
-        self.rpc.supervisor.startProcessGroup("group", False)
+    def start(self, name, wait=False):
+        self.rpc.supervisor.startProcessGroup(name, wait)
 
-    def stop_group(self):
-        self.rpc.supervisor.stopProcessGroup("group", False)
+    def stop(self, name, wait=False):
+        # Per-process faults (e.g. FATAL: not running) come back in the list.
+        self.rpc.supervisor.stopProcessGroup(name, wait)
 
     def status_argv(self):
         # supervisorctl status exits 3 when some process is not running
@@ -315,15 +494,135 @@ class Supervisord(Daemon):
         self.proc.send_signal(signal.SIGTERM)
 
 
+class Echo:
+    """The floor of 1 and 2: a bare pyzmq ROUTER echo server, own process."""
+
+    name = "floor"
+
+    def __init__(self, folder):
+        self.address = f"ipc://{folder}/echo.sock"
+        self.proc = subprocess.Popen([PYTHON, "-c", ECHO_CODE, self.address],
+                                     stdin=subprocess.PIPE, stdout=subprocess.PIPE)
+        try:
+            read_line_each([self.proc], time.monotonic() + 30)
+        except Exception:
+            end_process(self.proc, 0)
+            raise
+        self.client = minisup.Client(self.address, timeout=LIMIT)
+
+    @property
+    def pid(self):
+        return self.proc.pid
+
+    def ping(self):
+        self.client.call("list")
+
+    def close(self):
+        self.client.close()
+        end_process(self.proc)
+
+
+def end_process(proc, timeout=5):
+    """Close its stdin (the polite stop), then kill it by pid if need be."""
+    with contextlib.suppress(OSError):
+        if proc.stdin:
+            proc.stdin.close()
+    try:
+        proc.wait(timeout)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait()
+
+
+# ---------------------------------------------------------- client workers ---
+
+def read_line_each(procs, deadline):
+    """One line from each process's stdout, waiting no longer than ``deadline``."""
+    pending = {p.stdout.fileno(): p for p in procs}
+    got = {fd: b"" for fd in pending}
+    while pending:
+        left = deadline - time.monotonic()
+        ready = select.select(list(pending), [], [], left)[0] if left > 0 else []
+        if not ready:
+            raise RuntimeError(f"{len(pending)} of {len(procs)} processes did not answer")
+        for fd in ready:
+            chunk = os.read(fd, 4096)
+            if not chunk:
+                raise RuntimeError(f"process {pending[fd].pid} ended")
+            got[fd] += chunk
+            if b"\n" in got[fd]:
+                del pending[fd]
+    return [got[p.stdout.fileno()].split(b"\n")[0].decode() for p in procs]
+
+
+def pinger(address):
+    """A callable sending the request of scenario 1 to ``address``."""
+    if address.startswith("unix:"):
+        proxy = supervisor_proxy(address[len("unix:"):])
+        return proxy.supervisor.getState
+    client = minisup.Client(address, timeout=LIMIT)
+    return lambda: client.call("list")
+
+
+def worker(count, targets):
+    """A client process of scenario 2: ``targets`` are NAME=ADDRESS; reads a
+    NAME per line, sends ``count`` requests there, prints start and end."""
+    pings = {}
+    for target in targets:
+        name, address = target.split("=", 1)
+        pings[name] = pinger(address)
+        for _ in range(20):  # warm up: connection, caches
+            pings[name]()
+    print("ready", flush=True)
+    for line in sys.stdin:
+        ping = pings[line.strip()]
+        started = time.perf_counter()
+        for _ in range(count):
+            ping()
+        print(f"{started!r} {time.perf_counter()!r}", flush=True)
+    return 0
+
+
+class Workers:
+    """CLIENTS worker processes, each with a client for every target."""
+
+    def __init__(self, count, targets):
+        self.count = count
+        self.procs = []
+        argv = [PYTHON, os.path.abspath(__file__), "--worker", str(count),
+                *(f"{t.name}={t.address}" for t in targets)]
+        try:
+            for _ in range(CLIENTS):
+                self.procs.append(subprocess.Popen(argv, stdin=subprocess.PIPE,
+                                                   stdout=subprocess.PIPE, bufsize=0))
+            read_line_each(self.procs, time.monotonic() + LIMIT)
+        except Exception:
+            self.close(0)
+            raise
+
+    def run(self, target):
+        """Requests per second, all workers at once on ``target``."""
+        for proc in self.procs:
+            proc.stdin.write(f"{target.name}\n".encode())
+        lines = read_line_each(self.procs, time.monotonic() + LIMIT)
+        spans = [tuple(map(float, line.split())) for line in lines]
+        wall = max(end for _, end in spans) - min(start for start, _ in spans)
+        return CLIENTS * self.count / wall
+
+    def close(self, timeout=5):
+        for proc in self.procs:
+            end_process(proc, timeout)
+
+
 # -------------------------------------------------------------- scenarios ---
 
-def round_trip(daemon, calls):
+def round_trip(target, calls):
     for _ in range(20):  # warm up: connection, caches
-        daemon.ping()
+        target.ping()
     samples = []
     for _ in range(calls):
         started = time.perf_counter()
-        daemon.ping()
+        target.ping()
         samples.append((time.perf_counter() - started) * 1e6)
     return statistics.median(samples)
 
@@ -331,19 +630,64 @@ def round_trip(daemon, calls):
 def start_stop(daemon, count):
     """One cycle: start N, RSS with them running, stop N.  Milliseconds, MiB."""
     started = time.perf_counter()
-    daemon.start_group()
+    daemon.start("group")
     start_s, pids = execd(daemon.pid, GROUP_ARG, count, started)
     time.sleep(0.3)  # let the daemon settle before reading its RSS
     rss = rss_mib(daemon.pid)
     started = time.perf_counter()
-    daemon.stop_group()
+    daemon.stop("group")
     stop_s = reaped(daemon.pid, pids, started)
     return start_s * 1000, stop_s * 1000, rss
 
 
-def the_one(daemon):
+def spawn_sleeps(argv, count):
+    return [subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
+                             stderr=subprocess.DEVNULL) for _ in range(count)]
+
+
+def floor_start_stop(count, echo):
+    """Start N sleeps from here, then SIGTERM and wait for each; and the
+    echo server's RSS."""
     started = time.perf_counter()
-    _, pids = execd(daemon.pid, ONE_ARG, 1, started)
+    procs = spawn_sleeps([SLEEP, FLOOR_ARG.decode()], count)
+    start_s, _ = execd(os.getpid(), FLOOR_ARG, count, started)
+    started = time.perf_counter()
+    for proc in procs:
+        proc.terminate()
+    for proc in procs:
+        proc.wait(LIMIT)
+    return start_s * 1000, (time.perf_counter() - started) * 1000, rss_mib(echo.pid)
+
+
+def stop_deaf(daemon, count):
+    """Start N children that ignore SIGTERM; ms from the stop request until
+    all are reaped.  The start is waited for: circusd refuses a command
+    while its start is still running."""
+    daemon.start("deaf", wait=True)
+    _, pids = execd(daemon.pid, DEAF_ARG, count, time.perf_counter())
+    started = time.perf_counter()
+    daemon.stop("deaf")
+    return reaped(daemon.pid, pids, started) * 1000
+
+
+def floor_stop_deaf(count):
+    """SIGTERM N deaf children of this script, 1 s, SIGKILL, wait for each."""
+    procs = spawn_sleeps(["/bin/sh", "-c", f"trap '' TERM; exec {SLEEP} {FLOOR_ARG.decode()}"],
+                         count)
+    execd(os.getpid(), FLOOR_ARG, count, time.perf_counter())
+    started = time.perf_counter()
+    for proc in procs:
+        proc.terminate()
+    time.sleep(1.0)  # the grace period: none of them listens
+    for proc in procs:
+        proc.kill()
+    for proc in procs:
+        proc.wait(LIMIT)
+    return (time.perf_counter() - started) * 1000
+
+
+def the_one(daemon):
+    _, pids = execd(daemon.pid, ONE_ARG, 1, time.perf_counter())
     (pid,) = pids
     return pid
 
@@ -359,8 +703,140 @@ def respawn(daemon, old):
     raise RuntimeError(f"no respawn within {LIMIT:g}s")
 
 
+def floor_respawn(proc):
+    """kill -9 one sleep of this script, wait for it, start another."""
+    started = time.perf_counter()
+    proc.kill()
+    proc.wait(LIMIT)
+    (new,) = spawn_sleeps([SLEEP, FLOOR_ARG.decode()], 1)
+    return (time.perf_counter() - started) * 1000, new
+
+
+def read_stamps(path, since):
+    """The timestamps of a crash log written after ``since`` (time.time())."""
+    try:
+        with open(path) as stream:
+            stamps = [float(line) for line in stream if line.strip()]
+    except (OSError, ValueError):
+        return []
+    return sorted(s for s in stamps if s >= since)
+
+
+def gaps_ms(stamps):
+    return [(b - a) * 1000 for a, b in itertools.pairwise(stamps)]
+
+
+def crash_cmd(log):
+    return f'{PYTHON} -S -c "{CRASH_CODE.format(log)}"'
+
+
+def crash_log(folder, index):
+    return os.path.join(folder, f"crash{index}.log")
+
+
+def crash_loop(daemon, window):
+    """Run the next crash program ``window`` s (longer until a retry, 15 s
+    at most); the gaps between spawns, in ms."""
+    name, log = f"crash{daemon.crash_runs}", crash_log(daemon.folder, daemon.crash_runs)
+    daemon.crash_runs += 1
+    since = time.time()
+    daemon.start(name)
+    time.sleep(window)
+    deadline = time.monotonic() + 15 - window
+    while len(read_stamps(log, since)) < 2 and time.monotonic() < deadline:
+        time.sleep(0.01)
+    daemon.stop(name)
+    stamps = read_stamps(log, since)
+    if len(stamps) < 2:
+        raise RuntimeError(f"{len(stamps)} spawn(s) and no retry within 15 s")
+    return gaps_ms(stamps)
+
+
+def floor_crash(folder, runs=6):
+    """The crash child run ``runs`` times back to back by a shell loop."""
+    path = os.path.join(folder, "floor-crash.log")
+    with contextlib.suppress(FileNotFoundError):
+        os.unlink(path)
+    since = time.time()
+    loop = f"for i in {' '.join(map(str, range(runs)))}; do {crash_cmd(path)}; done"
+    subprocess.run([SH, "-c", loop], timeout=LIMIT, check=False, env={})
+    return gaps_ms(read_stamps(path, since))
+
+
+def idle_cpu(daemons, window):
+    """CPU seconds of each daemon (and of its helper) over ``window``
+    s with IDLE_COUNT sleeps running under each; measured side by side."""
+    for daemon in daemons:
+        daemon.start("idle")
+    pids = {d.name: execd(d.pid, IDLE_ARG, IDLE_COUNT, time.perf_counter())[1]
+            for d in daemons}
+    time.sleep(1.0)  # the start is over, the window is idle
+    helpers = {d.name: helper(d) for d in daemons}
+    before = {d.name: cpu_seconds(d.pid) for d in daemons}
+    helper_before = {n: cpu_seconds(p) for n, p in helpers.items() if p}
+    time.sleep(window)
+    used = {d.name: cpu_seconds(d.pid) - before[d.name] for d in daemons}
+    helper_used = {n: cpu_seconds(helpers[n]) - s for n, s in helper_before.items()}
+    for daemon in daemons:
+        daemon.stop("idle")
+    for daemon in daemons:
+        reaped(daemon.pid, pids[daemon.name], time.perf_counter())
+    return used, helper_used
+
+
+def helper(daemon):
+    """A child of the daemon that is a Python (minisup's guardian, circusd's
+    circusd-stats), or None."""
+    python = os.path.realpath(PYTHON)
+    for pid in children(daemon.pid):
+        with contextlib.suppress(OSError):
+            if os.path.realpath(os.readlink(f"/proc/{pid}/exe")) == python:
+                return pid
+    return None
+
+
+def wait_size(path, size, started):
+    while time.monotonic() - started < LIMIT:
+        with contextlib.suppress(OSError):
+            if os.path.getsize(path) >= size:
+                return time.monotonic() - started
+        time.sleep(0.002)
+    raise RuntimeError(f"{path} did not reach {size} bytes within {LIMIT:g}s")
+
+
+def capture(daemon, size, expected):
+    """MiB/s from the start request until the log holds ``size`` more bytes;
+    the daemon's CPU s per 100 MiB; whether those bytes are the input's."""
+    before = os.path.getsize(daemon.capture_log) if os.path.exists(daemon.capture_log) else 0
+    cpu = cpu_seconds(daemon.pid)
+    started = time.monotonic()
+    daemon.start("cat")
+    elapsed = wait_size(daemon.capture_log, before + size, started)
+    cpu = cpu_seconds(daemon.pid) - cpu
+    daemon.stop("cat", wait=True)
+    same = digest(daemon.capture_log, before) == expected
+    # Every writer appends (O_APPEND, "a+", "ab"): emptying the log is safe.
+    os.truncate(daemon.capture_log, 0)
+    mib = size / (1 << 20)
+    return mib / elapsed, cpu * 100 / mib, same
+
+
+def floor_capture(data, folder, size):
+    """MiB/s of ``cat DATA | cat > OUT``."""
+    out = os.path.join(folder, "floor-capture.out")
+    started = time.monotonic()
+    subprocess.run([SH, "-c", f"{CAT} {data} | {CAT} > {out}"], timeout=LIMIT, check=True)
+    elapsed = time.monotonic() - started
+    os.unlink(out)
+    return size / (1 << 20) / elapsed
+
+
 def status_command(daemon):
     argv, codes = daemon.status_argv()
+    return timed_command(argv, codes)
+
+
+def timed_command(argv, codes=(0,)):
     started = time.perf_counter()
     done = subprocess.run(argv, cwd=ROOT, capture_output=True, timeout=LIMIT, check=False)
     elapsed = (time.perf_counter() - started) * 1000
@@ -373,80 +849,234 @@ def status_command(daemon):
 # ---------------------------------------------------------------- running ---
 
 class Suite:
-    def __init__(self, daemons):
-        self.daemons = daemons
-        self.rows = {}  # label -> {daemon name: [samples]}
-        self.errors = {}  # (label, daemon name) -> message
-        self.skipped = []
+    def __init__(self, top, settings):
+        self.top, self.settings = top, settings
+        self.daemons = []  # those of the scenario running
+        self.missing = []  # anchors not installed
+        self.rows = {}  # label -> {column name: [samples]}
+        self.kinds = {}  # label -> (unit, better)
+        self.errors = {}  # (label, column name) -> message
+        self.notes = []
 
-    def record(self, label, daemon, value):
-        self.rows.setdefault(label, {}).setdefault(daemon.name, []).append(value)
+    def row(self, label, unit, better="lower"):
+        self.rows[label] = {}
+        self.kinds[label] = unit, better
+        return label
 
-    def fail(self, label, daemon, exc):
-        self.errors.setdefault((label, daemon.name), f"{type(exc).__name__}: {exc}")
-        print(f"  {daemon.name}: {label} failed: {exc}", file=sys.stderr)
+    def record(self, label, name, value):
+        self.rows[label].setdefault(name, []).append(value)
+
+    def fail(self, label, name, exc):
+        self.errors.setdefault((label, name), f"{type(exc).__name__}: {exc}")
+        print(f"  {name}: {label} failed: {exc}", file=sys.stderr)
 
     def alive(self):
         return [d for d in self.daemons if d.proc.poll() is None]
 
 
-def repeat(suite, label, runs, measure):
-    """Record ``measure(daemon)`` for every live daemon, ``runs`` rounds."""
-    suite.rows[label] = {}
+def attempt(suite, labels, name, measure):
+    """Record ``measure()`` (one value per label) under ``name``, or the failure."""
+    try:
+        values = measure()
+    except Exception as exc:  # noqa: BLE001 - one failed cell, not the suite
+        for label in labels:
+            suite.fail(label, name, exc)
+        return False
+    values = values if len(labels) > 1 else (values,)
+    for label, value in zip(labels, values):
+        suite.record(label, name, value)
+    return True
+
+
+def repeat(suite, labels, runs, measure, floor=None, cleanup=None):
+    """``measure(daemon)`` for every live daemon, then ``floor()``, ``runs``
+    rounds; ``cleanup(daemon)`` after a failure."""
+    labels = labels if isinstance(labels, tuple) else (labels,)
     for _ in range(runs):
         for daemon in suite.alive():
-            try:
-                suite.record(label, daemon, measure(daemon))
-            except Exception as exc:  # noqa: BLE001 - one failed cell, not the suite
-                suite.fail(label, daemon, exc)
+            done = attempt(suite, labels, daemon.name, lambda d=daemon: measure(d))
+            if not done and cleanup:
+                cleanup(daemon)
+        if floor:
+            attempt(suite, labels, "floor", floor)
 
 
-def run_all(suite, count, reps, calls, kills, status_runs):
-    label = "1. control round trip (us)"
+def run_round_trip(suite, echo):
+    calls, reps = suite.settings.calls, suite.settings.reps
+    label = suite.row("1. control round trip", "us")
     print(f"{label}: {reps} x {calls} calls", file=sys.stderr)
-    repeat(suite, label, reps, lambda daemon: round_trip(daemon, calls))
+    repeat(suite, label, reps, lambda d: round_trip(d, calls), lambda: round_trip(echo, calls))
 
-    labels = (f"2. start {count} until exec'd (ms)", f"3. stop {count} until reaped (ms)",
-              f"4. daemon RSS with {count} (MiB)")
+
+def run_throughput(suite, echo):
+    count, reps = suite.settings.requests, suite.settings.reps
+    label = suite.row(f"2. throughput, {CLIENTS} clients", "req/s", "higher")
+    print(f"{label}: {reps} x {CLIENTS} x {count} requests", file=sys.stderr)
+    workers = Workers(count, [*suite.alive(), echo])
+    try:
+        repeat(suite, label, reps, workers.run, lambda: workers.run(echo))
+    finally:
+        workers.close()
+
+
+def run_start_stop(suite, echo):
+    count, reps = suite.settings.count, suite.settings.reps
+    labels = (suite.row(f"3. start {count} until exec'd", "ms"),
+              suite.row(f"4. stop {count} until reaped", "ms"),
+              suite.row(f"5. daemon RSS with {count}", "MiB"))
     print(f"start/stop {count}: {reps} cycles each", file=sys.stderr)
-    for label in labels:
-        suite.rows[label] = {}
-    for _ in range(reps):
-        for daemon in suite.alive():
-            try:
-                for label, value in zip(labels, start_stop(daemon, count)):
-                    suite.record(label, daemon, value)
-            except Exception as exc:  # noqa: BLE001
-                for label in labels:
-                    suite.fail(label, daemon, exc)
-                daemon.wait_group_gone()
+    repeat(suite, labels, reps, lambda d: start_stop(d, count),
+           lambda: floor_start_stop(count, echo), lambda d: d.wait_gone("group", GROUP_ARG))
     time.sleep(0.5)
 
-    label = "5. respawn after kill -9 (ms)"
-    print(f"respawn: {kills} kills each", file=sys.stderr)
-    suite.rows[label] = {}
+
+def run_stop_deaf(suite):
+    count, reps = suite.settings.count, suite.settings.reps
+    label = suite.row(f"6. stop {count} deaf, grace 1 s", "ms")
+    print(f"{label}: {reps} cycles each", file=sys.stderr)
+    repeat(suite, label, reps, lambda d: stop_deaf(d, count),
+           lambda: floor_stop_deaf(count), lambda d: d.wait_gone("deaf", DEAF_ARG))
+
+
+def run_respawn(suite):
+    label = suite.row("7. respawn after kill -9", "ms")
+    kills = suite.settings.kills
+    print(f"{label}: {kills} kills each", file=sys.stderr)
     current = {}
     for daemon in suite.alive():
         try:
             current[daemon.name] = the_one(daemon)
         except Exception as exc:  # noqa: BLE001
-            suite.fail(label, daemon, exc)
-    for _ in range(kills):
-        # the pids are at least 1.3 s old: no backoff, startsecs passed
-        time.sleep(1.3)
-        for daemon in suite.alive():
-            if daemon.name not in current:
-                continue
-            try:
-                elapsed, current[daemon.name] = respawn(daemon, current[daemon.name])
-                suite.record(label, daemon, elapsed)
-            except Exception as exc:  # noqa: BLE001
-                suite.fail(label, daemon, exc)
-                current.pop(daemon.name)
+            suite.fail(label, daemon.name, exc)
+    (current["floor"],) = spawn_sleeps([SLEEP, FLOOR_ARG.decode()], 1)
+    try:
+        for _ in range(kills):
+            time.sleep(1.3)  # the pids are at least 1.3 s old: no backoff, startsecs passed
+            for daemon in [d for d in suite.alive() if d.name in current]:
+                if not attempt(suite, (label,), daemon.name,
+                               lambda d=daemon: kill_one(current, d)):
+                    current.pop(daemon.name)
+            attempt(suite, (label,), "floor", lambda: kill_floor(current))
+    finally:
+        end_process(current["floor"], 0)
 
-    print(f"status command: {status_runs} runs each", file=sys.stderr)
-    repeat(suite, "6. status command (ms)", status_runs, status_command)
 
+def kill_one(current, daemon):
+    elapsed, current[daemon.name] = respawn(daemon, current[daemon.name])
+    return elapsed
+
+
+def kill_floor(current):
+    elapsed, current["floor"] = floor_respawn(current["floor"])
+    return elapsed
+
+
+def run_crash_loop(suite, folder):
+    window, reps = suite.settings.window, suite.settings.crash_reps
+    label = suite.row("8. crash loop, first retry", "ms")
+    print(f"{label}: {reps} x {window:g} s each", file=sys.stderr)
+    gaps = {}
+
+    def measure(name, run, pick):
+        gaps.setdefault(name, []).append(run())
+        return pick(gaps[name][-1])
+
+    repeat(suite, label, reps,
+           lambda d: measure(d.name, lambda: crash_loop(d, window), lambda g: g[0]),
+           lambda: measure("floor", lambda: floor_crash(folder), statistics.median))
+    for name, runs in gaps.items():
+        text = " | ".join(", ".join(f"{g:.0f}" for g in run) for run in runs)
+        suite.notes.append(f"8. gaps between spawns, ms, {name}: {text}")
+
+
+def run_idle(suite):
+    window = suite.settings.idle
+    label = suite.row(f"9. idle CPU, {IDLE_COUNT} procs, {window:g} s", "s")
+    print(f"{label}: one window, side by side", file=sys.stderr)
+    daemons = suite.alive()
+    try:
+        used, helpers = idle_cpu(daemons, window)
+    except Exception as exc:  # noqa: BLE001
+        for daemon in daemons:
+            suite.fail(label, daemon.name, exc)
+            daemon.wait_gone("idle", IDLE_ARG)
+        return
+    for name, seconds in used.items():
+        suite.record(label, name, seconds)
+    if helpers:
+        text = ", ".join(f"{n} {s:.2f} s" for n, s in helpers.items())
+        suite.notes.append(f"9. CPU of the helper processes (minisup: guardian; circusd: "
+                           f"circusd-stats), not counted above: {text}")
+
+
+def run_capture(suite, data, folder):
+    reps, size = suite.settings.reps, os.path.getsize(data)
+    rate = suite.row(f"10. capture {size / (1 << 20):.0f} MiB", "MiB/s", "higher")
+    cpu = suite.row("11. capture: daemon CPU", "s/100MiB")
+    print(f"{rate}: {reps} runs each", file=sys.stderr)
+    expected, same = digest(data), {}
+
+    def measure(daemon):
+        mib_s, cpu_s, identical = capture(daemon, size, expected)
+        same[daemon.name] = same.get(daemon.name, True) and identical
+        return mib_s, cpu_s
+
+    repeat(suite, (rate, cpu), reps, measure,
+           lambda: (floor_capture(data, folder, size), None))
+    suite.rows[cpu].pop("floor", None)
+    text = ", ".join(f"{n} {'identical' if ok else 'ALTERED'}" for n, ok in same.items())
+    suite.notes.append(f"10. captured bytes vs input: {text}")
+
+
+def run_status(suite):
+    runs = suite.settings.status_runs
+    label = suite.row("12. status command", "ms")
+    print(f"{label}: {runs} runs each", file=sys.stderr)
+    repeat(suite, label, runs, status_command,
+           lambda: timed_command([PYTHON, "-c", "import zmq"]))
+
+
+def run_all(suite):
+    echo = Echo(suite.top)
+    try:
+        with daemons_for(suite, "base", base_programs):
+            run_round_trip(suite, echo)
+            run_throughput(suite, echo)
+            run_start_stop(suite, echo)
+            run_respawn(suite)
+            run_status(suite)
+    finally:
+        echo.close()
+    with daemons_for(suite, "deaf", deaf_programs):
+        run_stop_deaf(suite)
+    with daemons_for(suite, "crash", crash_programs):
+        run_crash_loop(suite, suite.top)
+    with daemons_for(suite, "idle", idle_programs):
+        run_idle(suite)
+    with daemons_for(suite, "capture", capture_programs):
+        run_capture(suite, suite.settings.data, suite.top)
+
+
+@contextlib.contextmanager
+def daemons_for(suite, tag, make_programs):
+    """Fresh daemons for a group of scenarios, each with a config of only
+    ``make_programs(folder, settings)``; stopped (and their children
+    checked) after."""
+    top = os.path.join(suite.top, tag)
+    os.mkdir(top)
+    suite.daemons = []
+    try:
+        start_daemons(top, suite, make_programs)
+        yield
+    finally:
+        for daemon in suite.daemons:
+            left = daemon.close()
+            if left:
+                suite.notes.append(f"{daemon.name} ({tag}) left children {left} (killed)")
+        suite.daemons = []
+
+
+# ---------------------------------------------------------------- reports ---
 
 def number(value):
     if value >= 100:
@@ -456,90 +1086,140 @@ def number(value):
     return f"{value:.2f}"
 
 
-def report(suite, names):
-    width = 24
-    head = f"{'scenario':34}" + "".join(f"{n:>{width}}" for n in names)
-    head += f"{'minisup/circusd':>17}{'minisup/superv.':>17}"
-    print(head)
-    print("-" * len(head))
-    for label, cells in suite.rows.items():
-        line = f"{label:34}"
-        medians = {}
-        for name in names:
-            samples = cells.get(name)
+def ratio(value):
+    return f"{value:.2f}x" if value >= 0.1 else f"{value:.2g}x"
+
+
+def table(suite):
+    """The header and the rows of the report, as strings."""
+    head = ["scenario", "unit", "better", *NAMES, "floor", "minisup/circusd",
+            "minisup/superv."]
+    lines = []
+    for label in sorted(suite.rows, key=lambda label: int(label.split(".")[0])):
+        cells = suite.rows[label]
+        medians, line = {}, [label, *suite.kinds[label]]
+        for name in (*NAMES, "floor"):
+            samples = [s for s in cells.get(name, []) if s is not None]
             if not samples:
-                text = "failed" if (label, name) in suite.errors else "-"
-            else:
-                medians[name] = statistics.median(samples)
-                text = (f"{number(medians[name])} ({number(min(samples))}-"
-                        f"{number(max(samples))})")
-                if (label, name) in suite.errors:
-                    text += "!"
-            line += f"{text:>{width}}"
-        for other in ("circusd", "supervisord"):
-            if "minisup" in medians and medians.get(other):
-                ratio = medians["minisup"] / medians[other]
-                line += f"{ratio:>16.2f}x" if ratio >= 0.1 else f"{ratio:>16.2g}x"
-            else:
-                line += f"{'-':>17}"
-        print(line)
+                line.append("failed" if (label, name) in suite.errors else "-")
+                continue
+            medians[name] = statistics.median(samples)
+            text = f"{number(medians[name])} ({number(min(samples))}-{number(max(samples))})"
+            line.append(text + ("!" if (label, name) in suite.errors else ""))
+        for other in NAMES[1:]:
+            good = "minisup" in medians and medians.get(other)
+            line.append(ratio(medians["minisup"] / medians[other]) if good else "-")
+        lines.append(line)
+    return head, lines
+
+
+def plain(head, lines):
+    widths = [max(len(row[i]) for row in [head, *lines]) for i in range(len(head))]
+    out = []
+    for row in [head, None, *lines]:
+        if row is None:
+            out.append("-" * (sum(widths) + 2 * len(widths) - 2))
+            continue
+        cells = [row[0].ljust(widths[0]), row[1].ljust(widths[1]), row[2].ljust(widths[2])]
+        cells += [cell.rjust(width) for cell, width in zip(row[3:], widths[3:])]
+        out.append("  ".join(cells))
+    return "\n".join(out)
+
+
+def rst(head, lines):
+    """An RST simple table: "1." escaped (not a list), "-" as "n/a" (not a
+    bullet)."""
+    lines = [[re.sub(r"^(\d+)\. ", r"\1\\. ", row[0]),
+              *("n/a" if cell == "-" else cell for cell in row[1:])] for row in lines]
+    widths = [max(len(row[i]) for row in [head, *lines]) for i in range(len(head))]
+    rule = "  ".join("=" * w for w in widths)
+    body = ["  ".join(cell.ljust(w) for cell, w in zip(row, widths)).rstrip()
+            for row in lines]
+    header = "  ".join(cell.ljust(w) for cell, w in zip(head, widths)).rstrip()
+    return "\n".join([rule, header, rule, *body, rule])
+
+
+def report(suite, args, began):
+    s = suite.settings
+    print()
+    print(f"minisup {minisup.__version__} vs circusd 0.19.0 vs supervisord 4.3.0; "
+          f"N={s.count}, {s.reps} repetitions ({s.calls} calls for 1, "
+          f"{CLIENTS}x{s.requests} requests for 2, {s.kills} kills for 7, {s.crash_reps} "
+          f"runs for 8, {s.status_runs} runs for 12); median (min-max)")
+    head, lines = table(suite)
+    print(rst(head, lines) if args.rst else plain(head, lines))
+    for note in suite.notes:
+        print(note)
+    skipped = [f"{n} (not installed under {ANCHORS}; bash bench/setup.sh)"
+               for n in suite.missing]
+    skipped += [f"{label} for {name}: {message}"
+                for (label, name), message in suite.errors.items()]
+    print("skipped or failed: " + ("; ".join(skipped) if skipped else "none"))
+    print(f"total {time.monotonic() - began:.0f} s")
+
+
+# ------------------------------------------------------------------- main ---
+
+def settings_for(args):
+    quick = args.quick
+    return argparse.Namespace(
+        count=args.processes or (100 if quick else 500), reps=args.reps or (3 if quick else 5),
+        calls=300 if quick else 1000, requests=500 if quick else 2000,
+        kills=3 if quick else 5, crash_reps=2 if quick else 3, window=5.0,
+        idle=10.0 if quick else 30.0, mib=50 if quick else 200, status_runs=5)
+
+
+def start_daemons(top, suite, make_programs):
+    def folder(name):
+        path = os.path.join(top, name)
+        os.mkdir(path)
+        return path, make_programs(path, suite.settings)
+
+    path, progs = folder("minisup")
+    suite.daemons.append(Circusish("minisup", [PYTHON, "-m", "minisup", "run"], path, progs,
+                                   [PYTHON, "-m", "minisup", "ctl"]))
+    if "circusd" not in suite.missing:
+        path, progs = folder("circusd")
+        suite.daemons.append(Circusish("circusd", [f"{ANCHORS}/circus/bin/circusd"], path,
+                                       progs, [f"{ANCHORS}/circus/bin/circusctl"],
+                                       extra=f"multicast_endpoint =\n"
+                                       f"stats_endpoint = ipc://{path}/stats.sock\n"))
+    if "supervisord" not in suite.missing:
+        path, progs = folder("supervisord")
+        suite.daemons.append(Supervisord(path, progs))
+
+
+def missing_anchors():
+    return [name for name, program in (("circusd", "circus/bin/circusd"),
+                                       ("supervisord", "supervisor/bin/supervisord"))
+            if not os.path.exists(f"{ANCHORS}/{program}")]
 
 
 def main():
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--quick", action="store_true",
-                        help="100 processes, 3 repetitions, 300 calls, 3 kills")
+                        help="N=100, 3 repetitions, fewer calls, kills and runs, "
+                             "10 s idle, 50 MiB capture")
     parser.add_argument("--processes", type=int, help="N (default 500, --quick 100)")
     parser.add_argument("--reps", type=int, help="repetitions (default 5, --quick 3)")
+    parser.add_argument("--rst", action="store_true", help="print the table as RST")
+    parser.add_argument("--worker", nargs="+", help=argparse.SUPPRESS)
     args = parser.parse_args()
-    count = args.processes or (100 if args.quick else 500)
-    reps = args.reps or (3 if args.quick else 5)
-    calls = 300 if args.quick else 1000
-    kills = 3 if args.quick else 5
-    status_runs = 5
+    if args.worker:
+        return worker(int(args.worker[0]), args.worker[1:])
+    settings = settings_for(args)
     began = time.monotonic()
 
     top = tempfile.mkdtemp(prefix="minisup-bench-")
-    daemons, missing = [], []
+    suite = Suite(top, settings)
+    suite.missing = missing_anchors()
     try:
-        def folder(name):
-            path = os.path.join(top, name)
-            os.mkdir(path)
-            return path
-
-        daemons.append(Circusish("minisup", [sys.executable, "-m", "minisup", "run"],
-                                 folder("minisup"), count,
-                                 [sys.executable, "-m", "minisup", "ctl"]))
-        circusd = f"{ANCHORS}/circus/bin/circusd"
-        if os.path.exists(circusd):
-            daemons.append(Circusish("circusd", [circusd], folder("circusd"), count,
-                                     [f"{ANCHORS}/circus/bin/circusctl"],
-                                     extra=f"multicast_endpoint =\n"
-                                     f"stats_endpoint = ipc://{top}/circusd/stats.sock\n"))
-        else:
-            missing.append("circusd")
-        if os.path.exists(f"{ANCHORS}/supervisor/bin/supervisord"):
-            daemons.append(Supervisord(folder("supervisord"), count))
-        else:
-            missing.append("supervisord")
-        suite = Suite(daemons)
-        run_all(suite, count, reps, calls, kills, status_runs)
+        settings.data = os.path.join(top, "input")
+        make_input(settings.data, settings.mib)
+        run_all(suite)
     finally:
-        for daemon in daemons:
-            daemon.close()
         shutil.rmtree(top, ignore_errors=True)
-
-    names = ["minisup", "circusd", "supervisord"]
-    print()
-    print(f"minisup {minisup.__version__} vs circusd 0.19.0 vs supervisord 4.3.0; "
-          f"N={count}, {reps} repetitions ({calls} calls each for 1, {kills} kills for 5, "
-          f"{status_runs} runs for 6); median (min-max); lower is better")
-    report(suite, names)
-    skipped = [f"{n} (not installed under {ANCHORS}; bash bench/setup.sh)" for n in missing]
-    skipped += [f"{label} for {name}: {message}"
-                for (label, name), message in suite.errors.items()]
-    print("skipped or failed: " + ("; ".join(skipped) if skipped else "none"))
-    print(f"total {time.monotonic() - began:.0f} s")
+    report(suite, args, began)
     return 1 if suite.errors else 0
 
 

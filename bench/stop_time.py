@@ -3,8 +3,8 @@ ignore it with graceful_timeout = 1.
 
 Runs ``python -m minisup run`` on a private ipc endpoint with both
 watchers, then times ``stop NAME --waiting`` (request to reply, which comes
-once every process is reaped), N times each.  Only minisup for now; the
-side-by-side suite with circusd and supervisord comes with bench/run.py.
+once every process is reaped), N times each.  Only minisup; bench/run.py
+(scenarios 4 and 6) measures both beside circusd and supervisord.
 
     python bench/stop_time.py [-n 3] [--processes 100]
 """
