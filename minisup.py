@@ -97,6 +97,7 @@ logger = logging.getLogger("minisup")
 HAS_PIDFD = hasattr(os, "pidfd_open")
 #: prctl option (linux/prctl.h): orphans re-parent to us, not to PID 1.
 PR_SET_CHILD_SUBREAPER = 36
+_RANDOM = random.Random()  # jitter; our own: a host's random state is not ours to move
 
 
 # ============================================================== Errors ======
@@ -542,7 +543,7 @@ class WatcherConfig:
     stderr_stream: dict[str, Any] = dataclasses.field(default_factory=dict,
                                                       metadata=meta(STREAM, True))
     max_line: int = option(POSITIVE, 65536, reload=True)  # longer lines are split
-    tail_lines: int = option(COUNT, 1000)  # kept in memory for ``tail``
+    tail_lines: int = option(COUNT, 100)  # kept in memory for ``tail``
     # minisup's own: env names (glob patterns) whose values options/get hide.
     redact_env: list[str] = dataclasses.field(default_factory=list, metadata=meta(LIST))
     max_age: float = option(SECONDS, 0.0)
@@ -950,24 +951,25 @@ def spawn_process(config: WatcherConfig, wid: int, now: float,
             close_fds=True, pass_fds=inherited_fds(config, sockets), process_group=0,
             umask=-1 if config.umask is None else config.umask, **user_options(config))
     except BaseException:
-        for read_end, _ in outputs.values():
-            if read_end is not None:
-                os.close(read_end)
+        close_fds(read_end for read_end, _ in outputs.values())
         raise
-    finally:
-        for read_end, write_end in outputs.values():
-            if read_end is not None:
-                os.close(write_end)  # the child has it; we keep the read end
+    finally:  # the child has the write ends; we keep the read ends
+        close_fds(write for read, write in outputs.values() if read is not None)
     pipes = {stream: ends[0] for stream, ends in outputs.items() if ends[0] is not None}
     try:
         apply_rlimits(popen.pid, config.rlimits)
     except BaseException:
         popen.kill()  # never leave a child running without its limits
         popen.wait()
-        for fd in pipes.values():
-            os.close(fd)
+        close_fds(pipes.values())
         raise
     return Process(popen, wid, now, _expiry(config, now), pipes)
+
+
+def close_fds(fds: Iterable[int | None]) -> None:
+    for fd in fds:
+        if fd is not None:
+            os.close(fd)
 
 
 def _output_target(config: WatcherConfig, stream: str,
@@ -995,7 +997,7 @@ def apply_rlimits(pid: int, rlimits: dict[str, int | None]) -> None:
 
 def _expiry(config: WatcherConfig, now: float) -> float | None:
     # A random share of the variance: those started together end apart.
-    variance = random.uniform(0, config.max_age_variance)
+    variance = _RANDOM.uniform(0, config.max_age_variance)
     return now + config.max_age + variance if config.max_age else None
 
 
@@ -1070,10 +1072,8 @@ def _memory_total() -> int:
 
 def human_bytes(count: int) -> str:
     """Bytes as Circus shows them: ``512B``, ``12.34M``."""
-    for power, symbol in reversed(list(enumerate("KMGTPEZY", 1))):
-        if count >= 1 << (10 * power):
-            return f"{count / (1 << (10 * power)):.2f}{symbol}"
-    return f"{count}B"
+    power = min(8, max(0, count.bit_length() - 1) // 10)
+    return f"{count / (1 << 10 * power):.2f}{' KMGTPEZY'[power]}" if power else f"{count}B"
 
 
 def process_stats(pid: int, children: dict[int, list[int]] | None = None
@@ -1140,8 +1140,7 @@ class Sink:
     FileStream, WatchedFileStream, StdoutStream).  Owned by the output thread."""
 
     def __init__(self, name: str, options: dict[str, Any]) -> None:
-        self.name, self.options = name, options
-        self.kind = options["class"]
+        self.name, self.options, self.kind = name, options, options["class"]
         self.path = options.get("filename", "")
         self._clock = time.gmtime if options.get("utc") else time.localtime
         self.errors, self.fd, self.size, self.rotatable = 0, -1, 0, False
@@ -1224,13 +1223,11 @@ class Sink:
         return b"".join(head + line + b"\n" for line in data.split(b"\n")[:-1])
 
     def _follow_moves(self) -> None:
-        try:
+        with contextlib.suppress(FileNotFoundError):
             info = os.stat(self.path)
-            moved = (info.st_dev, info.st_ino) != self.identity
-        except FileNotFoundError:
-            moved = True
-        if moved:
-            self.reopen()
+            if (info.st_dev, info.st_ino) == self.identity:
+                return
+        self.reopen()  # moved or deleted
 
     def _rotate(self) -> None:
         self.close()
@@ -1301,15 +1298,14 @@ class Pump:
     ``stop``, which are queued to run on the output thread."""
 
     def __init__(self, publish: Callable[[str, dict[str, Any]], None] | None = None) -> None:
-        self.publish = publish
+        self.publish, self._waker, self._running = publish, Waker(), True
+        self.wanted: Callable[[str], bool] = lambda topic: True  # anyone subscribed?
         self._tasks: queue.SimpleQueue[tuple[Callable[..., None], tuple]] = queue.SimpleQueue()
-        self._waker = Waker()
         self._selector = selectors.DefaultSelector()
         self._selector.register(self._waker, selectors.EVENT_READ, None)
         self._sinks: dict[str, Sink] = {}
         self._old_sinks: list[Sink] = []
         self._tails: dict[str, collections.deque[tuple[str, bytes]]] = {}
-        self._running = True
 
     @_queued
     def stop(self) -> None:
@@ -1399,10 +1395,10 @@ class Pump:
         tail = self._tails[pipe.name]  # split off only the lines it keeps:
         tail.extend((pipe.stream, line)
                     for line in lines.rsplit(b"\n", tail.maxlen + 1)[-tail.maxlen - 1:-1])
-        if self.publish is not None:
-            self.publish(f"watcher.{pipe.name}.output", {
-                "pid": pipe.pid, "stream": pipe.stream,
-                "data": lines.decode("utf-8", "replace")})
+        topic = f"watcher.{pipe.name}.output"
+        if self.publish is not None and self.wanted(topic):  # JSON only for a subscriber
+            self.publish(topic, {"pid": pipe.pid, "stream": pipe.stream,
+                                 "data": lines.decode("utf-8", "replace")})
 
     def _finish(self, pipe: Pipe) -> None:
         if pipe.fd < 0:
@@ -1506,7 +1502,7 @@ class Watcher:
 
     def options(self) -> dict[str, Any]:
         """Every option, with the current number of processes."""
-        return dict(self.config.options(), numprocesses=self.numprocesses)
+        return {**self.config.options(), "numprocesses": self.numprocesses}
 
     def running(self) -> list[Process]:
         """Children that are not being stopped, oldest first."""
@@ -1625,7 +1621,7 @@ class Watcher:
         if self._crashes > 1:  # the first quick death is replaced at once
             delay = min(config.backoff_delay * config.backoff_factor ** (self._crashes - 2),
                         config.backoff_max)
-            delay *= 1 + random.uniform(-config.backoff_jitter, config.backoff_jitter)
+            delay *= 1 + _RANDOM.uniform(-config.backoff_jitter, config.backoff_jitter)
             self._next_spawn = max(self._next_spawn, now + delay)
             logger.info("%s: crash loop, next spawn in %.2fs", self.name, delay)
 
@@ -2736,10 +2732,10 @@ class Controller:
         self.bound = threading.Event()
         self.error: BaseException | None = None
         self.view: View | None = None  # replaced by the worker each tick
+        self.subscribed: frozenset[bytes] = frozenset()  # likewise, by this thread
         self._encoded_view: View | None = None
         self._encoded: dict[tuple[str, str | None], str] = {}
-        self._submit = submit
-        self._seq = 0  # jobs handed to the worker
+        self._submit, self._seq = submit, 0  # how many jobs it was handed
         self._outbox: queue.SimpleQueue[tuple[str, list[bytes]] | None] = queue.SimpleQueue()
         self._waker = Waker()
         self._sockets: dict[str, Any] = {}
@@ -2781,7 +2777,7 @@ class Controller:
         self.endpoint = self._bind_zmq("control", zmq.ROUTER, self.endpoint)
         logger.info("control socket listening on %s", self.endpoint)
         if self.pubsub_endpoint:
-            self.pubsub_endpoint = self._bind_zmq("pubsub", zmq.PUB, self.pubsub_endpoint)
+            self.pubsub_endpoint = self._bind_zmq("pubsub", zmq.XPUB, self.pubsub_endpoint)
             logger.info("publishing events on %s", self.pubsub_endpoint)
         if self.multicast_endpoint:
             self._bind_discovery()
@@ -2851,7 +2847,8 @@ class Controller:
         self._waker.close()
 
     def _serve(self) -> None:
-        control, zap, discovery = map(self._sockets.get, ("control", "zap", "discovery"))
+        control, zap, pubsub, discovery = map(self._sockets.get, (
+            "control", "zap", "pubsub", "discovery"))
         poller = zmq.Poller()
         for item in [self._waker, *self._sockets.values()]:
             poller.register(item, zmq.POLLIN)  # the PUB socket is never readable
@@ -2864,10 +2861,25 @@ class Controller:
                 self._answer_zap(zap)
             if control in events:
                 self._receive(control)
+            if pubsub in events:
+                self._note_subscriptions(pubsub)
             if discovery in events:
                 self._answer_discovery(self._sockets["discovery"])
             if not self._flush():
                 return
+
+    def wants(self, topic: str) -> bool:
+        """Whether a subscriber would get ``topic``.  Any thread."""
+        return any(topic.encode().startswith(prefix) for prefix in self.subscribed)
+
+    def _note_subscriptions(self, sock: zmq.Socket) -> None:
+        # The XPUB tells of each topic's first subscriber and of its last.
+        topics = set(self.subscribed)
+        with contextlib.suppress(zmq.Again):
+            while True:
+                message = sock.recv(zmq.NOBLOCK)
+                (topics.add if message[:1] == b"\x01" else topics.discard)(message[1:])
+        self.subscribed = frozenset(topics)
 
     def _answer_discovery(self, sock: socket.socket) -> None:
         # Any datagram is a question; the answer goes back to its sender.
@@ -3047,7 +3059,7 @@ class Daemon:
         self.arbiter.on_event = self.controller.publish
         self.arbiter.on_view = functools.partial(setattr, self.controller, "view")
         if self.controller.pubsub_endpoint:
-            self.pump.publish = self.controller.publish
+            self.pump.publish, self.pump.wanted = self.controller.publish, self.controller.wants
 
     def _thread(self, target: Callable[[], None], role: str) -> threading.Thread:
         thread = threading.Thread(target=target, name=f"minisup-{role}", daemon=True)
@@ -3390,8 +3402,7 @@ def follow(client: Client, name: str, properties: dict[str, Any]) -> int:
         while sub.poll(0):
             sub.recv_multipart()
         while True:
-            sys.stdout.write(json.loads(sub.recv_multipart()[1])["data"])
-            sys.stdout.flush()
+            print(json.loads(sub.recv_multipart()[1])["data"], end="", flush=True)
     except KeyboardInterrupt:
         return EXIT_OK
     except zmq.ZMQError:
@@ -3425,12 +3436,10 @@ def format_reply(reply: dict[str, Any]) -> str:
         return "\n".join(f"{n}: {s}" for n, s in sorted(reply["statuses"].items()))
     if "singleton" in reply:
         return "This watcher is a Singleton - not changing the number of processes"
-    for key in ("watchers", "pids"):
+    for key in ("watchers", "pids", "numprocesses", "numwatchers"):
         if key in reply:
-            return ",".join(map(str, reply[key]))
-    for key in ("numprocesses", "numwatchers"):
-        if key in reply:
-            return str(reply[key])
+            value = reply[key]
+            return ",".join(map(str, value)) if isinstance(value, list) else str(value)
     if "lines" in reply:
         return "\n".join(reply["lines"])
     if "options" in reply:

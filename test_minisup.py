@@ -1381,6 +1381,22 @@ def drain_events(sock, enough):
     return events
 
 
+def test_output_is_encoded_for_events_only_while_someone_subscribes(make_daemon, tmp_path):
+    daemon = make_daemon(sleepers(n=1), pubsub_endpoint=f"ipc://{tmp_path}/pub.sock")
+    topic = "watcher.web.output"
+    assert not daemon.controller.wants(topic)
+    context = zmq.Context()
+    sub = context.socket(zmq.SUB)
+    sub.linger = 0
+    sub.setsockopt(zmq.SUBSCRIBE, b"watcher.web.")
+    sub.connect(f"ipc://{tmp_path}/pub.sock")
+    wait_for(lambda: daemon.controller.wants(topic), what="the subscription to arrive")
+    assert not daemon.controller.wants("watcher.other.output")
+    sub.close()
+    context.term()
+    wait_for(lambda: not daemon.controller.wants(topic), what="the unsubscription")
+
+
 def test_events_of_a_kill_9_and_of_a_stop(make_daemon, tmp_path):
     daemon = make_daemon(sleepers(n=1), pubsub_endpoint=f"ipc://{tmp_path}/pub.sock")
     with subscriber(daemon) as sub:
