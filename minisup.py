@@ -86,10 +86,8 @@ from typing import Any, NamedTuple, Self
 
 import zmq
 
-__all__ = [
-    "CallError", "Client", "Config", "ConfigError", "Daemon", "MinisupError",
-    "WatcherConfig", "load_config", "main", "parse_config",
-]
+__all__ = ["CallError", "Client", "Config", "ConfigError", "Daemon", "MinisupError",
+           "WatcherConfig", "load_config", "main", "parse_config"]
 
 logger = logging.getLogger("minisup")
 
@@ -102,14 +100,9 @@ _RANDOM = random.Random()  # jitter; our own: a host's random state is not ours 
 
 # ============================================================== Errors ======
 
-# Circus's wire error numbers.
-NOT_SPECIFIED = 0
-INVALID_JSON = 1
-UNKNOWN_COMMAND = 2
-MESSAGE_ERROR = 3
-OS_ERROR = 4
-COMMAND_ERROR = 5
-BAD_MSG_DATA_ERROR = 6
+# Circus's wire error numbers, 0 to 6.
+(NOT_SPECIFIED, INVALID_JSON, UNKNOWN_COMMAND, MESSAGE_ERROR, OS_ERROR, COMMAND_ERROR,
+ BAD_MSG_DATA_ERROR) = range(7)
 
 
 class MinisupError(Exception):
@@ -123,6 +116,7 @@ class MinisupError(Exception):
         self.tb: str | None = None
         if errno is not None:
             self.errno = errno
+
 
 class MessageError(MinisupError):
     """A request that is malformed or names something that does not exist."""
@@ -236,10 +230,9 @@ def check_endpoint(endpoint: str, curve: bool = False) -> str:
     except ValueError:
         loopback = host.lower() in LOOPBACK_NAMES
     if not loopback and not curve:
-        raise ConfigError(
-            "refusing to listen beyond loopback without authentication: set "
-            "[circus] curve_secret_key and curve_authorized_keys (python -m minisup "
-            "keygen makes key pairs)", option="endpoint", value=endpoint)
+        raise ConfigError("refusing to listen beyond loopback without authentication: set "
+                          "[circus] curve_secret_key and curve_authorized_keys (python -m "
+                          "minisup keygen makes key pairs)", option="endpoint", value=endpoint)
     return endpoint
 
 
@@ -323,8 +316,7 @@ def _json_seconds(value: Any) -> float:
     return float(value)
 
 
-def _from_text(convert: Callable[[str], Any], what: str,
-               check: Callable[[Any], Any]) -> Kind:
+def _from_text(convert: Callable[[str], Any], what: str, check: Callable[[Any], Any]) -> Kind:
     """A Kind whose INI text is ``convert``-ed, then checked as JSON is."""
     def parse(text: str) -> Any:
         try:
@@ -371,8 +363,7 @@ def _not_in_ini(text: str) -> Any:
     raise ValueError("set it in an [env] or [env:NAME] section")
 
 
-def _id_parser(lookup: Callable[[Any], Any], field: str,
-               what: str) -> Callable[[Any], int]:
+def _id_parser(lookup: Callable[[Any], Any], field: str, what: str) -> Callable[[Any], int]:
     """A parser of a user (or group) given by name or number, checked to
     exist, as Circus's to_uid / to_gid."""
     def parse(value: Any) -> int:
@@ -467,8 +458,7 @@ def watcher_kind(key: str) -> Kind | None:
     return WATCHER_OPTIONS.get(key)
 
 
-def gather_prefixed(values: dict[str, Any], base: WatcherConfig | None = None
-                    ) -> dict[str, Any]:
+def gather_prefixed(values: dict[str, Any], base: WatcherConfig | None = None) -> dict[str, Any]:
     """Fold ``rlimit_NAME`` and ``stdout_stream.NAME`` entries of ``values``
     into the dicts WatcherConfig keeps (on top of ``base``'s); check each
     stream that results.  Raise ValueError."""
@@ -575,9 +565,8 @@ class WatcherConfig:
         options = {k: v for k, v in dataclasses.asdict(self).items()
                    if k not in ("name", "rlimits")}
         options.update((f"rlimit_{k}", v) for k, v in self.rlimits.items())
-        options["env"] = {k: "<redacted>" if any(fnmatch.fnmatchcase(k, p) for p in
-                                                 self.redact_env) else v
-                          for k, v in self.env.items()}
+        hidden = {k for k in self.env if any(fnmatch.fnmatchcase(k, p) for p in self.redact_env)}
+        options["env"] = {k: "<redacted>" if k in hidden else v for k, v in self.env.items()}
         return options
 
 
@@ -624,7 +613,6 @@ class Config:
     warnings: list[str] = dataclasses.field(default_factory=list)
 
 
-
 def _options_of(cls: type) -> dict[str, Kind]:
     return {f.name: f.metadata["kind"] for f in dataclasses.fields(cls) if f.metadata.get("kind")}
 
@@ -654,9 +642,8 @@ def parse_config(text: str, source: str = "<string>",
     ``environ`` (default ``os.environ``) expands ``$VAR`` in env sections.
     An unknown option is a warning in ``Config.warnings``; a bad value is a
     ConfigError naming the file, section, option and value."""
-    parser = configparser.ConfigParser(
-        interpolation=None, inline_comment_prefixes=(";",),
-        default_section="\0")
+    parser = configparser.ConfigParser(interpolation=None, inline_comment_prefixes=(";",),
+                                       default_section="\0")
     parser.optionxform = str  # env names keep their case
     try:
         parser.read_string(text, source)
@@ -720,8 +707,7 @@ def _read_socket(config: Config, section: configparser.SectionProxy) -> SocketCo
     if values.get("path"):
         values.setdefault("family", "af_unix")
     if values.get("port", 0) > 65535:
-        raise ConfigError("not a port number", config.source, section.name,
-                          "port", values["port"])
+        raise ConfigError("not a port", config.source, section.name, "port", values["port"])
     if values.get("family") == "af_unix" and not values.get("path"):
         raise ConfigError("a unix socket needs a path", config.source, section.name, "path", "")
     return SocketConfig(name=section.name.partition(":")[2].strip().lower(), **values)
@@ -768,19 +754,13 @@ def _read_watcher(config: Config, section: configparser.SectionProxy,
     return WatcherConfig(name=name, env=env, **values)
 
 
-def watcher_config_from_json(name: Any, cmd: Any, args: Any,
-                             options: Any) -> WatcherConfig:
+def watcher_config_from_json(name: Any, cmd: Any, args: Any, options: Any) -> WatcherConfig:
     """Build a WatcherConfig from ``add`` properties; raise MessageError.
     Types are strict, as in Circus: ``"3"`` is not an integer."""
-    values: dict[str, Any] = {}
     if options is not None and not isinstance(options, dict):
         raise MessageError("'options' must be an object")
-    for key, value in dict(options or {}, cmd=cmd).items():
-        if key == "args" and args is not None:
-            continue
-        values[key] = _check_json_option(key, value)
-    if args is not None:
-        values["args"] = _check_json_option("args", args)
+    given = dict(options or {}, cmd=cmd, **({} if args is None else {"args": args}))
+    values = {key: _check_json_option(key, value) for key, value in given.items()}
     if not values["cmd"].strip():
         raise MessageError("'cmd' must not be empty")
     try:
@@ -835,8 +815,7 @@ def child_env(config: WatcherConfig, values: dict[str, str]) -> dict[str, str]:
     return env
 
 
-def child_argv(config: WatcherConfig, values: dict[str, str],
-               env: dict[str, str]) -> list[str]:
+def child_argv(config: WatcherConfig, values: dict[str, str], env: dict[str, str]) -> list[str]:
     """The command line of one child.  Under a shell, the first item is
     the script and ``shell_args`` become its ``$0 $1 ...``."""
     cmd = substitute(config.cmd, values, env)
@@ -943,13 +922,12 @@ def spawn_process(config: WatcherConfig, wid: int, now: float,
     try:
         for stream in ("stdout", "stderr"):
             outputs[stream] = _output_target(config, stream, capture)
-        popen = subprocess.Popen(
-            child_argv(config, values, env), shell=config.shell, env=env,
-            executable=config.executable, cwd=config.working_dir or None,
+        popen = subprocess.Popen(child_argv(config, values, env), shell=config.shell, env=env,
+            executable=config.executable, cwd=config.working_dir or None, process_group=0,
             stdin=stdin or (subprocess.DEVNULL if config.close_child_stdin else None),
             stdout=outputs["stdout"][1], stderr=outputs["stderr"][1],
-            close_fds=True, pass_fds=inherited_fds(config, sockets), process_group=0,
-            umask=-1 if config.umask is None else config.umask, **user_options(config))
+            pass_fds=inherited_fds(config, sockets), **user_options(config),
+            umask=-1 if config.umask is None else config.umask)
     except BaseException:
         close_fds(read_end for read_end, _ in outputs.values())
         raise
@@ -1048,8 +1026,7 @@ def children_map() -> dict[int, list[int]]:
     return found
 
 
-def descendants(pid: int, children: dict[int, list[int]],
-                recursive: bool = True) -> list[int]:
+def descendants(pid: int, children: dict[int, list[int]], recursive: bool = True) -> list[int]:
     """Children of ``pid`` (and theirs, with ``recursive``)."""
     found, todo = [], list(children.get(pid, []))
     while todo:
@@ -1076,8 +1053,7 @@ def human_bytes(count: int) -> str:
     return f"{count / (1 << 10 * power):.2f}{' KMGTPEZY'[power]}" if power else f"{count}B"
 
 
-def process_stats(pid: int, children: dict[int, list[int]] | None = None
-                  ) -> dict[str, Any] | str:
+def process_stats(pid: int, children: dict[int, list[int]] | None = None) -> dict[str, Any] | str:
     """Circus's ``stats`` info for one pid, read from /proc (``cpu`` is the
     average over its life); with ``children``, its children's too."""
     try:
@@ -1088,6 +1064,7 @@ def process_stats(pid: int, children: dict[int, list[int]] | None = None
     except (OSError, ValueError):
         return "No such process (stopped?)"
     cpu_seconds = (int(fields[11]) + int(fields[12])) / CLOCK_TICKS
+    hundredths = int(cpu_seconds * 100)  # ctime is m:ss.hh, cut, not rounded
     created = _boot_time() + int(fields[19]) / CLOCK_TICKS
     age = max(time.time() - created, 1e-9)
     rss = int(fields[21]) * PAGE_SIZE
@@ -1096,15 +1073,13 @@ def process_stats(pid: int, children: dict[int, list[int]] | None = None
     except KeyError:
         username = str(uid)
     return {
-        "pid": pid, "cpu": round(100 * cpu_seconds / age, 1),
+        "pid": pid, "cpu": round(100 * cpu_seconds / age, 1), "nice": int(fields[16]),
         "mem": round(100 * rss / _memory_total(), 3), "mem_info1": human_bytes(rss),
-        "mem_info2": human_bytes(int(fields[20])), "nice": int(fields[16]),
-        "ctime": f"{int(cpu_seconds) // 60}:{int(cpu_seconds) % 60:02d}."
-                 f"{int(cpu_seconds * 100) % 100:02d}",
+        "mem_info2": human_bytes(int(fields[20])),
+        "ctime": f"{hundredths // 6000}:{hundredths // 100 % 60:02d}.{hundredths % 100:02d}",
         "username": username, "create_time": created, "age": age,
         "cmdline": os.path.basename(cmdline) or "N/A",
-        "children": [process_stats(c) for c in (children or {}).get(pid, [])],
-    }
+        "children": [process_stats(c) for c in (children or {}).get(pid, [])]}
 
 
 # ============================================================== Output ======
@@ -1331,8 +1306,7 @@ class Pump:
             self._guarded(function, *args)
 
     def _guarded(self, function: Callable[..., Any], *args: Any) -> None:
-        # A bug must not stop every capture, nor a drain: log, drop the pipe.
-        try:
+        try:  # a bug must not stop every capture, nor a drain: log, drop the pipe
             function(*args)
         except Exception:
             logger.exception("output thread: %s failed", function.__name__)
@@ -1742,8 +1716,7 @@ class Watcher:
         if timeout == 0:
             process.kill()
 
-    def _escalate(self, now: float,
-                  tree: Callable[[], dict[int, list[int]]] | None) -> None:
+    def _escalate(self, now: float, tree: Callable[[], dict[int, list[int]]] | None) -> None:
         for process in self.processes.values():
             if process.stopping and not process.killed and now >= process.stop_deadline:
                 logger.warning("%s: pid %d outlived its grace period, SIGKILL to it, "
@@ -1798,9 +1771,8 @@ class Pending:
 
 
 #: Commands still served while the daemon shuts down.
-SHUTDOWN_COMMANDS = {"list", "status", "numprocesses", "numwatchers", "quit",
-                     "options", "get", "globaloptions", "stats", "dstats",
-                     "listsockets"}
+SHUTDOWN_COMMANDS = {"list", "status", "numprocesses", "numwatchers", "quit", "options", "get",
+                     "globaloptions", "stats", "dstats", "listsockets"}
 #: Without pidfds, how often the worker polls each child for its exit.
 FALLBACK_POLL = 0.05
 
@@ -1811,8 +1783,7 @@ class Arbiter:
     halves of one loop turn, public so that tests can drive an arbiter on a
     fake clock without a thread."""
 
-    def __init__(self, config: Config, clock: Callable[[], float] = time.monotonic
-                 ) -> None:
+    def __init__(self, config: Config, clock: Callable[[], float] = time.monotonic) -> None:
         self.config, self.clock = config, clock
         self.watchers: dict[str, Watcher] = {}
         self.sockets: dict[str, socket.socket] = {}
@@ -1944,9 +1915,8 @@ class Arbiter:
         ``+PID``/``-PID`` lines from a pipe only we write, which the kernel
         closes however we die; on EOF it SIGKILLs the groups it holds."""
         try:
-            self._guardian = subprocess.Popen(
-                [sys.executable, "-S", "-c", GUARDIAN_CODE], stdin=subprocess.PIPE,
-                process_group=0, close_fds=True)
+            self._guardian = subprocess.Popen([sys.executable, "-S", "-c", GUARDIAN_CODE],
+                                              stdin=subprocess.PIPE, process_group=0)
         except OSError as exc:  # an embedded Python may have no executable
             logger.warning("no guardian (%s): children would outlive a crash", exc)
 
@@ -2065,9 +2035,8 @@ class Arbiter:
             # Output still in its pipes is written before its death is told.
             process.draining = True
             self._unwatch(process)
-            self.pump.drain(process.pid, lambda: self.submit(Job(
-                "_drained", lambda arbiter, _: arbiter._reap(watcher, process, True) or {},
-                {}, _ignore_reply)))
+            self.pump.drain(process.pid, lambda: self.submit(Job("_drained", lambda arbiter, _: (
+                arbiter._reap(watcher, process, True) or {}), {}, _ignore_reply)))
             return
         code = process.popen.poll()  # reaps it; -signum if it was killed
         if code is None:
@@ -2258,8 +2227,7 @@ def own_children() -> set[int]:
 
 
 def _has_exited(pid: int) -> bool:
-    # WNOWAIT: a peek; the zombie keeps its pid and group until Popen reaps.
-    try:
+    try:  # WNOWAIT, a peek: the zombie keeps its pid and group until Popen reaps
         return os.waitid(os.P_PID, pid, os.WEXITED | os.WNOHANG | os.WNOWAIT) is not None
     except ChildProcessError:
         return True  # already reaped: Popen.poll will say so
@@ -2433,9 +2401,8 @@ def handle_stop(arbiter: Arbiter, properties: dict[str, Any]) -> dict[str, Any] 
     watchers = _targets(arbiter, properties)
     for watcher in watchers:
         watcher.stop(arbiter.clock())
-    return _when_waiting(
-        properties, lambda: all(w.state == STOPPED for w in watchers),
-        lambda: {"info": None})
+    return _when_waiting(properties, lambda: all(w.state == STOPPED for w in watchers),
+                         lambda: {"info": None})
 
 
 def handle_restart(arbiter: Arbiter, properties: dict[str, Any]) -> dict[str, Any] | Pending:
@@ -2451,8 +2418,7 @@ def handle_reload(arbiter: Arbiter, properties: dict[str, Any]) -> dict[str, Any
         w.reload(arbiter.clock(), sequential) for w in watchers])
 
 
-def _resize(arbiter: Arbiter, properties: dict[str, Any],
-            sign: int) -> dict[str, Any] | Pending:
+def _resize(arbiter: Arbiter, properties: dict[str, Any], sign: int) -> dict[str, Any] | Pending:
     watcher = arbiter.get_watcher(properties["name"])
     if watcher.config.singleton:
         return {"numprocesses": watcher.numprocesses, "singleton": True}
@@ -2816,8 +2782,7 @@ class Controller:
         zap.bind("inproc://zeromq.zap.01")
 
     def _answer_zap(self, zap: zmq.Socket) -> None:
-        frames = zap.recv_multipart()
-        # version, request id, domain, address, identity, mechanism, client key
+        frames = zap.recv_multipart()  # version, id, domain, address, identity, mechanism, key
         allowed = len(frames) == 7 and frames[5] == b"CURVE" and frames[6] in self._authorized
         zap.send_multipart([b"1.0", frames[1], b"200" if allowed else b"400",
                             b"OK" if allowed else b"unknown key", b"", b""])
@@ -2983,13 +2948,12 @@ START_TIMEOUT = 30.0
 
 
 class Daemon:
-    """A whole supervisor inside this process: the controller, worker and
-    output threads around one ``Config``.  For the caller (one thread):
-    ``start``, ``stop``, ``wait``, ``client``; ``request_quit`` and
-    ``request_reload`` are safe in a signal handler.  It installs no signal
-    handler and has its own zmq context, so several live in one process.
-    ``subreaper`` (the CLI's) adopts orphans: for a process that is only
-    the daemon."""
+    """A whole supervisor inside this process: the controller, worker and output
+    threads around one ``Config``.  For the caller (one thread): ``start``, ``stop``,
+    ``wait``, ``client``; ``request_quit`` and ``request_reload`` are safe in a signal
+    handler.  It installs no signal handler and has its own zmq context, so several
+    live in one process.  ``subreaper`` (the CLI's) adopts orphans: for a process
+    that is only the daemon."""
 
     def __init__(self, config: Config, clock: Callable[[], float] = time.monotonic,
                  subreaper: bool = False) -> None:
@@ -3053,9 +3017,8 @@ class Daemon:
         # What the controller really bound (an ephemeral port, say) is what
         # globaloptions reports; the worker does not run yet, so no race.
         self.endpoint = self.controller.endpoint
-        self.arbiter.bound_endpoints = {
-            key: getattr(self.controller, key)
-            for key in ("endpoint", "pubsub_endpoint", "multicast_endpoint")}
+        self.arbiter.bound_endpoints = {key: getattr(self.controller, key) for key in (
+            "endpoint", "pubsub_endpoint", "multicast_endpoint")}
         self.arbiter.on_event = self.controller.publish
         self.arbiter.on_view = functools.partial(setattr, self.controller, "view")
         if self.controller.pubsub_endpoint:
@@ -3174,8 +3137,7 @@ class Client:
         """Send ``command`` with ``properties``; return the reply."""
         return self.send({"command": command, "properties": properties})
 
-    def send(self, message: dict[str, Any], timeout: float | None = None
-             ) -> dict[str, Any]:
+    def send(self, message: dict[str, Any], timeout: float | None = None) -> dict[str, Any]:
         """Send a whole request dict (an ``id`` is added) and wait for the
         reply carrying that id; raise CallError after ``timeout``."""
         self._counter += 1
@@ -3255,21 +3217,18 @@ def build_parser(argv: list[str] | None = None) -> argparse.ArgumentParser:
     sub-commands ``argv`` names are built, if it names any: argparse takes
     long to build each one, and ``ctl`` should answer fast."""
     words = set(sys.argv[1:] if argv is None else argv)
-    parser = argparse.ArgumentParser(
-        prog="minisup", description="A small process supervisor that speaks "
-        "Circus's control protocol.")
+    parser = argparse.ArgumentParser(prog="minisup", description="A small process "
+                                     "supervisor that speaks Circus's control protocol.")
     parser.add_argument("--version", action="version", version=__version__)
     commands = parser.add_subparsers(dest="action", required=True)
     if "run" in words or "ctl" not in words:
         _add_run_parser(commands)
-        keygen = commands.add_parser("keygen", help="make a CURVE key pair",
-                                     description="Write FOLDER/NAME.key (public) and "
-                                     "FOLDER/NAME.key_secret (private, mode 0600).")
+        keygen = commands.add_parser("keygen", help="make a CURVE key pair", description="Write "
+                                     "FOLDER/NAME.key (public), FOLDER/NAME.key_secret (0600).")
         keygen.add_argument("folder")
         keygen.add_argument("name", nargs="?", default="minisup")
-    ctl = commands.add_parser("ctl", help="send a command to a running daemon",
-                              description="Drive a running daemon, like circusctl. "
-                              "Exit 0 ok, 1 no answer, 2 usage, 3 error reply.")
+    ctl = commands.add_parser("ctl", help="send a command to a running daemon", description=(
+        "Drive a running daemon, like circusctl. Exit: 0 ok, 1 no answer, 2 usage, 3 error."))
     ctl.add_argument("--endpoint", help="the daemon's control endpoint")
     ctl.add_argument("--timeout", type=float, default=CLIENT_TIMEOUT, metavar="S")
     ctl.add_argument("--json", action="store_true", help="print the raw JSON reply")
@@ -3281,9 +3240,8 @@ def build_parser(argv: list[str] | None = None) -> argparse.ArgumentParser:
 
 
 def _add_run_parser(commands: argparse._SubParsersAction) -> None:
-    run = commands.add_parser("run", help="run the daemon in the foreground",
-                              description="Supervise the programs of CONFIG "
-                              "(a Circus-style INI file) or of --cmd.")
+    run = commands.add_parser("run", help="run the daemon in the foreground", description=(
+        "Supervise the programs of CONFIG (a Circus-style INI file) or of --cmd."))
     run.add_argument("config", nargs="?", help="the INI file")
     run.add_argument("--cmd", help="run this one command with no INI file")
     run.add_argument("--name", help="the watcher's name with --cmd")
@@ -3419,9 +3377,9 @@ STATS_LINE = "{pid}  {cmdline} {username} {nice} {mem_info1} {mem_info2} {cpu} {
 def _stats_lines(info: dict[str, Any] | str, indent: str = "") -> list[str]:
     if not isinstance(info, dict):
         return [indent + str(info)]
-    return [indent + STATS_LINE.format(**info), *(
-        line for child in info.get("children", [])
-        for line in _stats_lines(child, indent + "   "))]
+    children = info.get("children", [])
+    return [indent + STATS_LINE.format(**info),
+            *(line for child in children for line in _stats_lines(child, indent + "   "))]
 
 
 def _option_text(key: str, value: Any) -> str:
@@ -3445,9 +3403,8 @@ def format_reply(reply: dict[str, Any]) -> str:
     if "options" in reply:
         return "\n".join(f"{k}: {_option_text(k, v)}" for k, v in reply["options"].items())
     if "sockets" in reply:
-        return "\n".join(f"{s['fd']}:socket '{s['name']}' at " + (
-            s["path"] if "path" in s else f"{s['host']}:{s['port']}")
-            for s in reply["sockets"])
+        return "\n".join(f"{s['fd']}:socket '{s['name']}' at " + (s.get("path") or
+                          f"{s['host']}:{s['port']}") for s in reply["sockets"])
     return _format_stats(reply) or str(reply.get("status", "ok"))
 
 

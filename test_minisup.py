@@ -440,7 +440,7 @@ close_child_stdin = false
     ("[watcher:w]\ncmd = x\nmax_line = 0\n", "max_line = '0': must be at least 1"),
     ("[socket:s]\nfamily = AF_PACKET\n", "family = 'AF_PACKET': use one of af_inet"),
     ("[socket:s]\nfamily = AF_UNIX\n", "a unix socket needs a path"),
-    ("[socket:s]\nport = 70000\n", "port = 70000: not a port number"),
+    ("[socket:s]\nport = 70000\n", "port = 70000: not a port"),
     ("[socket:s]\numask = 9\n", "umask = '9': not an octal number"),
     ("[watcher:w]\ncmd = x $(circus.sockets.nope)\n", "no [socket:nope] section"),
     ("[watcher:w]\ncmd = x\nuid = no-such-user-here\n", "uid = 'no-such-user-here': no such user"),
