@@ -736,6 +736,29 @@ def test_a_property_a_command_does_not_take_is_ignored_even_by_the_view(make_dae
     assert "minisup-controller" in minisup_threads()
 
 
+def minisup_cpu_seconds():
+    """CPU time used so far by this process's minisup threads, from /proc."""
+    names = {t.native_id: t.name for t in threading.enumerate()}
+    total = 0
+    for tid, name in names.items():
+        if name.startswith("minisup-"):
+            with open(f"/proc/self/task/{tid}/stat") as stream:
+                fields = stream.read().rsplit(")", 1)[1].split()
+            total += int(fields[11]) + int(fields[12])
+    return total / os.sysconf("SC_CLK_TCK")
+
+
+def test_an_idle_daemon_does_not_spin(make_daemon, tmp_path):
+    daemon = make_daemon(sleepers(n=3) + "stdout_stream.class = FileStream\n"
+                         f"stdout_stream.filename = {tmp_path}/out.log\n",
+                         pubsub_endpoint=f"ipc://{tmp_path}/pub.sock")
+    daemon.client.call("status")
+    before = minisup_cpu_seconds()
+    threading.Event().wait(1.0)  # a window to measure, not a wait for something
+    assert minisup_cpu_seconds() - before < 0.1
+    assert daemon.client.call("numwatchers")["numwatchers"] == 1
+
+
 def test_a_read_never_overtakes_an_earlier_change(make_daemon):
     daemon = make_daemon(sleepers(n=2))
     release = block_worker(daemon)
