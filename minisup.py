@@ -55,7 +55,6 @@ import argparse
 import collections
 import configparser
 import contextlib
-import ctypes
 import dataclasses
 import fcntl
 import fnmatch
@@ -272,6 +271,7 @@ def prepare_ipc_endpoint(endpoint: str) -> str | None:
 def set_child_subreaper() -> None:
     """Make orphaned descendants re-parent to this process (Linux 3.4+),
     as they would to PID 1; raise OSError if the kernel refuses."""
+    import ctypes  # here: a ctl never needs it
     libc = ctypes.CDLL(None, use_errno=True)
     if libc.prctl(PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0) != 0:
         raise OSError(ctypes.get_errno(), "prctl(PR_SET_CHILD_SUBREAPER) failed")
