@@ -2655,3 +2655,322 @@ def test_circus_client_waiting_variants_return_circus_keys(circus_call):
     assert call("stop", name="web", waiting=True)["info"] is None
     reply = call("add", name="more", cmd=PY, args=["-c", SLEEP], start=True, waiting=True)
     assert set(reply) >= {"started", "kept"} and len(reply["started"]) == 1
+
+
+# ======================================================= soak and faults ======
+# Long runs against real processes, opt-in:
+#     MINISUP_SOAK=1 python -m pytest -s -k soak test_minisup.py
+# (-s shows the figures each test prints).  Each fails on its own deadlines,
+# never on a sleep; the fast one (hard children) runs by default.
+
+SOAK = pytest.mark.skipif(not os.environ.get("MINISUP_SOAK"),
+                          reason="opt-in: MINISUP_SOAK=1 python -m pytest -k soak")
+
+
+@pytest.fixture
+def soak_daemon(tmp_path):
+    """Start the CLI daemon (``minisup run``, warning level) from INI text;
+    at teardown quit it and reap it, killing it if it will not go."""
+    procs = []
+
+    def start(body):
+        endpoint = f"ipc://{tmp_path}/soak.sock"
+        ini = tmp_path / "soak.ini"
+        write_ini(ini, endpoint, body)
+        proc = spawn_cli(tmp_path, "run", str(ini), "--log-level", "warning")
+        client = minisup.Client(endpoint, timeout=DEADLINE)
+        procs.append((proc, client))
+        wait_for(lambda: proc.poll() is not None or _answers(client),
+                 what="the CLI daemon to answer")
+        assert proc.poll() is None, (tmp_path / "daemon.log").read_text()
+        return proc, client
+
+    yield start
+    for proc, client in procs:
+        try:
+            if proc.poll() is None:
+                client.call("quit")
+        except minisup.CallError:
+            pass
+        client.close()
+        try:
+            proc.wait(DEADLINE)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+
+
+def usage(pid):
+    """A live process's open fds, threads and resident memory (KiB)."""
+    with open(f"/proc/{pid}/status") as status:
+        rss = next(int(line.split()[1]) for line in status if line.startswith("VmRSS:"))
+    return (len(os.listdir(f"/proc/{pid}/fd")), len(os.listdir(f"/proc/{pid}/task")), rss)
+
+
+def zombies(pid):
+    """The children of ``pid`` that are zombies."""
+    return {child for child in cli_children(pid) if state_of(child) == "Z"}
+
+
+def until(predicate, what, timeout=DEADLINE):
+    """wait_for with a 0.5 ms pause, for loops that time a turn-around."""
+    deadline = time.monotonic() + timeout
+    while not (value := predicate()):
+        if time.monotonic() > deadline:
+            pytest.fail(f"timed out after {timeout}s waiting for {what}; last: {value!r}")
+        time.sleep(0.0005)
+    return value
+
+
+def percentile(values, fraction):
+    """The value below which ``fraction`` of ``values`` lie."""
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, int(len(ordered) * fraction))]
+
+
+@SOAK
+def test_soak_10000_kill_cycles_across_50_processes(soak_daemon):
+    """10,000 SIGKILLs, each replaced before the next: the daemon ends with
+    the fds, threads and children it started with, no zombie, and bounded
+    memory."""
+    proc, client = soak_daemon(
+        "[watcher:web]\ncmd = sleep 1000\nnumprocesses = 50\nmin_uptime = 0\n")
+    pids = wait_for(lambda: new_pids(client, "web", [], 50), what="50 sleepers")
+
+    def cycles(count):
+        nonlocal pids
+        for turn in range(count):
+            victim = pids[turn * 7 % 50]  # 7 and 50 are coprime: every slot in turn
+            os.kill(victim, signal.SIGKILL)
+            pids = until(lambda gone=[victim]: new_pids(client, "web", gone, 50),
+                         what=f"pid {victim} replaced (cycle {turn})")
+
+    cycles(100)  # warm-up: first-use allocations are not a leak
+    fds, threads, rss = usage(proc.pid)
+    others = cli_children(proc.pid) - set(pids)  # the guardian
+    started = time.monotonic()
+    cycles(10000)
+    elapsed = time.monotonic() - started
+    wait_for(lambda: usage(proc.pid)[:2] == (fds, threads),
+             what=f"fds and threads back to {fds}, {threads}: {usage(proc.pid)}")
+    after = usage(proc.pid)
+    print(f"\n10000 kill cycles in {elapsed:.1f}s: {10000 / elapsed:.0f} cycles/s; "
+          f"RSS {rss} -> {after[2]} KiB; fds {fds} -> {after[0]}; "
+          f"threads {threads} -> {after[1]}")
+    wait_for(lambda: cli_children(proc.pid) == set(pids) | others,
+             what="the daemon's children to be the 50 sleepers and the guardian")
+    assert not zombies(proc.pid)
+    assert after[2] - rss < 8 * 1024, f"RSS grew by {after[2] - rss} KiB"
+
+
+CRASHER = "import random, sys, time; time.sleep(random.random() * 0.2); sys.exit(1)"
+#: A mix of reads and writes; each incr is followed by its decr.
+SOAK_COMMANDS = [("list", {}), ("status", {}), ("numprocesses", {}),
+                 ("list", {"name": "crash"}), ("stats", {"name": "crash"}),
+                 ("incr", {"name": "stable"}), ("decr", {"name": "stable"})]
+
+
+@SOAK
+def test_soak_8_clients_5000_commands_while_processes_crash(soak_daemon):
+    """8 clients, 5,000 commands each, while 10 processes crash and respawn
+    all the time: every request gets an ok reply."""
+    proc, client = soak_daemon(
+        f"[watcher:crash]\ncmd = {py_cmd(CRASHER)}\nnumprocesses = 10\nmin_uptime = 0\n"
+        "[watcher:stable]\ncmd = sleep 1000\nnumprocesses = 2\n")
+    latencies, failures = [], []
+
+    def run_client():
+        mine = []
+        try:
+            with minisup.Client(client.endpoint, timeout=DEADLINE) as own:
+                for turn in range(5000):
+                    command, properties = SOAK_COMMANDS[turn % len(SOAK_COMMANDS)]
+                    began = time.perf_counter()
+                    reply = own.call(command, **properties)
+                    mine.append(time.perf_counter() - began)
+                    if reply["status"] != "ok":
+                        failures.append((command, properties, reply))
+        except Exception as exc:  # noqa: BLE001 - reported by the main thread
+            failures.append(repr(exc))
+        latencies.extend(mine)
+
+    threads = [threading.Thread(target=run_client) for _ in range(8)]
+    started = time.monotonic()
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(600)
+    elapsed = time.monotonic() - started
+    assert not any(t.is_alive() for t in threads), "a client is stuck"
+    assert failures == []
+    assert len(latencies) == 40000
+    print(f"\n40000 requests from 8 clients in {elapsed:.1f}s: {40000 / elapsed:.0f} req/s; "
+          f"latency p50 {percentile(latencies, 0.5) * 1000:.2f} ms, "
+          f"p99 {percentile(latencies, 0.99) * 1000:.2f} ms, "
+          f"max {max(latencies) * 1000:.1f} ms")
+    assert client.call("numwatchers")["numwatchers"] == 2
+    stable = wait_for(lambda: new_pids(client, "stable", [], 2), what="stable back to 2")
+    client.call("stop", name="crash", waiting=True)
+    wait_for(lambda: not zombies(proc.pid), what="no zombie")
+    assert set(stable) <= cli_children(proc.pid)
+
+
+COUNTER = ("import itertools, os, time; [(print(os.getpid(), n, flush=True), "
+           "time.sleep(0.005)) for n in itertools.count()]")
+
+
+def fill(path):
+    """Write to ``path`` until its file system is full."""
+    import errno
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT, 0o644)
+    try:
+        while True:
+            os.write(fd, b"\0" * 65536)
+    except OSError as exc:
+        assert exc.errno == errno.ENOSPC, exc
+    finally:
+        os.close(fd)
+
+
+@SOAK
+@pytest.mark.skipif(os.geteuid() != 0 or not shutil.which("mount"),
+                    reason="needs root and mount for a tmpfs")
+def test_soak_disk_full_under_a_filestream(make_daemon, tmp_path, caplog):
+    """A full disk under a FileStream: the daemon keeps supervising and
+    says it cannot write; once space is back the log grows again."""
+    disk = tmp_path / "disk"
+    disk.mkdir()
+    mounted = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=1m", "tmpfs", str(disk)],
+                             check=False, capture_output=True, text=True)
+    if mounted.returncode:
+        pytest.skip(f"cannot mount a tmpfs: {mounted.stderr.strip()}")
+    try:
+        fill(disk / "filler")
+        caplog.set_level("ERROR", logger="minisup")
+        daemon = make_daemon(f"[watcher:count]\ncmd = {py_cmd(COUNTER)}\n"
+                             f"stdout_stream.class = FileStream\n"
+                             f"stdout_stream.filename = {disk}/out.log\n")
+        client, log = daemon.client, disk / "out.log"
+        wait_for(lambda: [r for r in caplog.records if "cannot write" in r.getMessage()],
+                 what="the write error to be logged")
+        (pid,) = client.call("list", name="count")["pids"]
+        os.kill(pid, signal.SIGKILL)
+        (pid,) = wait_for(lambda: new_pids(client, "count", [pid], 1), what="a new pid")
+
+        def reached():  # the new process's line count, as the daemon's tail has it
+            lines = [line.split() for line in client.call("tail", name="count")["lines"]]
+            count = max((int(n) + 1 for p, n in lines if int(p) == pid), default=0)
+            return count >= 100 and count
+        full = wait_for(reached, what="the new process to write 100 lines, all lost")
+        assert log.stat().st_size == 0
+        (disk / "filler").unlink()
+
+        def written_after():
+            found = [line.split() for line in log.read_bytes().splitlines()]
+            return any(int(p) == pid and int(n) > full for p, n in found)
+        wait_for(written_after, what=f"line {full} or later of pid {pid} in the log")
+        messages = [r.getMessage() for r in caplog.records]
+        print(f"\n{len(messages)} error(s) logged; first: {messages[0]}")
+        assert all(str(log) in m and "No space left" in m for m in messages)
+        daemon.stop()  # closes the log before the unmount
+    finally:
+        subprocess.run(["umount", "-l", str(disk)], check=False)
+
+
+FLOOD = "import itertools, os; [os.write(2, b'flood ' * 20 + b'\\n') for _ in itertools.count()]"
+MUTE = "import os, time; os.close(1); time.sleep(1000)"
+
+
+def test_hard_children_each_end_up_stopped_and_reaped(cli_daemon, tmp_path):
+    """One child ignoring SIGTERM, one leaving a daemonized grandchild, one
+    that closed its stdout, one flooding stderr: a stop ends and reaps the
+    four; the grandchild (an orphan the subreaper adopted, out of every
+    watcher's session) is killed and reaped by the quit, as README says."""
+    stubborn, orphans = tmp_path / "stubborn", tmp_path / "orphans"
+    stubborn.mkdir()
+    orphans.mkdir()
+    script = tmp_path / "orphaner.py"
+    script.write_text(ORPHANER)
+    flood = tmp_path / "flood.log"
+    proc, client = cli_daemon(f"""
+        [watcher:stubborn]
+        cmd = {ignore_term(stubborn)}
+        graceful_timeout = 0.5
+        [watcher:orphaner]
+        cmd = {PY} {script} {orphans} 1000
+        [watcher:mute]
+        cmd = {py_cmd(MUTE)}
+        [watcher:flood]
+        cmd = {py_cmd(FLOOD)}
+        stderr_stream.class = FileStream
+        stderr_stream.filename = {flood}
+        stderr_stream.max_bytes = 1000000
+        stderr_stream.backup_count = 1
+        """)
+    pids = {name: wait_for(lambda n=name: new_pids(client, n, [], 1))[0]
+            for name in ("stubborn", "orphaner", "mute", "flood")}
+    wait_for(lambda: (stubborn / str(pids["stubborn"])).exists(), what="SIGTERM ignored")
+    wait_for(lambda: not os.path.exists(f"/proc/{pids['mute']}/fd/1"), what="stdout closed")
+    wait_for(lambda: flood.exists() and flood.stat().st_size, what="the flood")
+    (orphan,) = wait_for(lambda: [int(p.name.split(".")[1]) for p in orphans.iterdir()],
+                         what="the daemonized grandchild")
+    wait_for(lambda: orphan in cli_children(proc.pid), what="the daemon to adopt the orphan")
+
+    assert client.call("stop", waiting=True)["status"] == "ok"
+    assert client.call("status")["statuses"] == dict.fromkeys(pids, "stopped")
+    wait_for(lambda: not any(alive(p) for p in pids.values()), what="the four reaped")
+    wait_for(lambda: not zombies(proc.pid), what="no zombie")
+
+    assert client.call("quit", waiting=True)["status"] == "ok"
+    client.close()
+    assert proc.wait(DEADLINE) == 0
+    wait_for(lambda: not alive(orphan), what="the orphan killed and reaped by the quit")
+
+
+@SOAK
+def test_soak_fuzz_20000_messages(make_daemon, soak_daemon):
+    """The fuzz test's own check on 20,000 messages to one in-process
+    daemon; then the same messages, twice, to a CLI daemon, whose RSS
+    (unlike this process's, which hypothesis inflates) is the daemon's."""
+    check = test_fuzzed_requests_get_circus_shaped_replies.hypothesis.inner_test
+    state, bodies = {}, []
+    check(make_daemon, state, request("numwatchers"))  # starts the daemon
+
+    @settings(max_examples=20000, deadline=None, database=None,
+              suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
+    @given(body=MESSAGES)
+    def fuzz(body):
+        bodies.append(body)
+        check(make_daemon, state, body)
+
+    rss = usage(os.getpid())[2]
+    started = time.monotonic()
+    fuzz()
+    elapsed = time.monotonic() - started
+    print(f"\n{len(bodies)} fuzzed messages in {elapsed:.1f}s: {len(bodies) / elapsed:.0f} msg/s "
+          f"(hypothesis included); test process RSS {rss} -> {usage(os.getpid())[2]} KiB")
+    assert len(bodies) >= 20000
+
+    proc, client = soak_daemon(sleepers(n=1, extra="graceful_timeout = 0"))
+    with raw_socket(client) as sock:  # raw_socket needs only an endpoint
+
+        def replay():
+            started = time.monotonic()
+            for body in bodies:
+                message_id, replied = expected_id(body)
+                sock.send(body)
+                if replied:
+                    assert sock.poll(DEADLINE * 1000), f"no reply to {body!r}"
+                    reply = json.loads(sock.recv())
+                    assert reply["status"] in ("ok", "error")
+                    assert reply["id"] == message_id or message_id is None
+            return len(bodies) / (time.monotonic() - started)
+        rates = [replay()]
+        fds, threads, rss = usage(proc.pid)
+        rates.append(replay())
+    after = usage(proc.pid)
+    print(f"replayed to a CLI daemon at {rates[0]:.0f}, then {rates[1]:.0f} msg/s; "
+          f"its RSS over the second pass {rss} -> {after[2]} KiB; fds {fds} -> {after[0]}; "
+          f"threads {threads} -> {after[1]}")
+    assert client.call("numwatchers")["numwatchers"] == 1
+    assert after[2] - rss < 8 * 1024, f"RSS grew by {after[2] - rss} KiB"
