@@ -53,7 +53,6 @@ __version__ = "0.1.0"
 
 import argparse
 import collections
-import configparser
 import contextlib
 import dataclasses
 import fcntl
@@ -61,7 +60,6 @@ import fnmatch
 import functools
 import glob
 import grp
-import ipaddress
 import json
 import logging
 import os
@@ -225,6 +223,7 @@ def check_endpoint(endpoint: str, curve: bool = False) -> str:
                           option="endpoint", value=endpoint)
     host = match.group(1)
     try:
+        import ipaddress
         loopback = ipaddress.ip_address(host).is_loopback
     except ValueError:
         loopback = host.lower() in LOOPBACK_NAMES
@@ -239,6 +238,7 @@ def check_udp_endpoint(endpoint: str) -> tuple[str, int]:
     """Split a discovery endpoint ``udp://HOST:PORT``; raise ConfigError.
     HOST is a loopback address or a multicast group (which is joined)."""
     match = re.fullmatch(r"udp://([\d.]+):(\d+)", endpoint)
+    import ipaddress
     address = match and ipaddress.ip_address(match.group(1))
     if not match or not (address.is_loopback or address.is_multicast):
         raise ConfigError("use udp://127.0.0.1:PORT or udp://MULTICAST-GROUP:PORT",
@@ -642,6 +642,7 @@ def parse_config(text: str, source: str = "<string>",
     ``environ`` (default ``os.environ``) expands ``$VAR`` in env sections.
     An unknown option is a warning in ``Config.warnings``; a bad value is a
     ConfigError naming the file, section, option and value."""
+    import configparser  # here, as ipaddress and ctypes elsewhere: ctl starts faster
     parser = configparser.ConfigParser(interpolation=None, inline_comment_prefixes=(";",),
                                        default_section="\0")
     parser.optionxform = str  # env names keep their case
@@ -667,7 +668,7 @@ def parse_config(text: str, source: str = "<string>",
     return config
 
 
-def _read_options(config: Config, section: configparser.SectionProxy,
+def _read_options(config: Config, section: Any,
                   table: dict[str, Kind]) -> dict[str, Any]:
     """Parse a section's options by ``table``; warn about unknown ones."""
     values: dict[str, Any] = {}
@@ -685,7 +686,7 @@ def _read_options(config: Config, section: configparser.SectionProxy,
     return values
 
 
-def _read_global(config: Config, section: configparser.SectionProxy) -> None:
+def _read_global(config: Config, section: Any) -> None:
     for key, value in _read_options(config, section, GLOBAL_OPTIONS).items():
         setattr(config, key, value)
     if bool(config.curve_secret_key) != bool(config.curve_authorized_keys):
@@ -702,7 +703,7 @@ def _read_global(config: Config, section: configparser.SectionProxy) -> None:
             raise ConfigError(exc.detail, config.source, "circus", key, value) from None
 
 
-def _read_socket(config: Config, section: configparser.SectionProxy) -> SocketConfig:
+def _read_socket(config: Config, section: Any) -> SocketConfig:
     values = _read_options(config, section, SOCKET_OPTIONS)
     if values.get("path"):
         values.setdefault("family", "af_unix")
@@ -735,7 +736,7 @@ def expand_vars(text: str, environ: dict[str, str]) -> str:
                   lambda m: environ.get(m.group(1) or m.group(2), ""), text)
 
 
-def _read_watcher(config: Config, section: configparser.SectionProxy,
+def _read_watcher(config: Config, section: Any,
                   envs: list[tuple[str, dict[str, str]]]) -> WatcherConfig:
     name = section.name[len("watcher:"):].strip()
     if not name:
@@ -1709,7 +1710,7 @@ class Watcher:
                       timeout: float | None = None) -> None:
         signum = self.config.stop_signal if signum is None else signum
         timeout = self.config.graceful_timeout if timeout is None else timeout
-        logger.info("%s: stopping pid %d with %s (%gs grace)", self.name,
+        logger.debug("%s: stopping pid %d with %s (%gs grace)", self.name,
                     process.pid, _signal_name(signum), timeout)
         process.stop(signum, now + timeout, group=self.config.stop_children)
         self.emit("kill", process_pid=process.pid)
@@ -2184,8 +2185,9 @@ class Arbiter:
         self._quit_stages = [[w for w in everyone if w.config.priority == p] for p in priorities]
         self._advance_quit(self.clock(), first=True)
 
-    def kill_everything(self, wait: bool = False) -> None:
+    def kill_everything(self, wait: bool = False) -> dict[str, Any]:
         """SIGKILL every child now: a second Ctrl-C, or a failed loop."""
+        logger.warning("SIGKILL to every child")
         self.begin_quit()
         for watcher in [*self.watchers.values(), *self._retiring]:
             watcher.kill_all()
@@ -2194,6 +2196,7 @@ class Arbiter:
                     process.popen.wait()  # SIGKILLed: returns at once
                     self._guard("-", process.pid)
                     self._reap(watcher, process)
+        return {}
 
     def _advance_quit(self, now: float, first: bool = False) -> None:
         stages = self._quit_stages or []
@@ -2600,13 +2603,6 @@ def handle_tail(arbiter: Arbiter, properties: dict[str, Any]) -> dict[str, Any] 
     return Pending(lambda: bool(answer), lambda: {"lines": answer[0]})
 
 
-def handle_kill_everything(arbiter: Arbiter, properties: dict[str, Any]) -> dict[str, Any]:
-    """Not on the wire: the CLI's answer to a second Ctrl-C."""
-    logger.warning("second quit signal: SIGKILL to every child")
-    arbiter.kill_everything()
-    return {}
-
-
 #: The wire commands: name -> (handler, required, optional properties).
 COMMANDS: dict[str, Command] = {
     "list": Command(handle_list, (), ("name",)),
@@ -2713,8 +2709,8 @@ class Controller:
         self._waker.wake()
 
     def publish(self, topic: str, payload: dict[str, Any]) -> None:
-        """Queue an event for the PUB socket, if there is one.  Any thread."""
-        if self.pubsub_endpoint:
+        """Queue an event for the PUB socket, if anyone subscribed.  Any thread."""
+        if self.pubsub_endpoint and self.wants(topic):
             self._outbox.put(("pubsub", [topic.encode(), json.dumps(payload).encode()]))
             self._waker.wake()
 
@@ -2794,7 +2790,7 @@ class Controller:
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         try:
             sock.bind((host, port))
-            if ipaddress.ip_address(host).is_multicast:
+            if not host.startswith("127."):  # checked: so a multicast group
                 group = socket.inet_aton(host) + socket.inet_aton("0.0.0.0")
                 sock.setsockopt(socket.IPPROTO_IP, socket.IP_ADD_MEMBERSHIP, group)
         except OSError as exc:
@@ -2920,10 +2916,12 @@ class Controller:
         return True
 
     def _send(self, role: str, frames: list[bytes]) -> None:
+        sock = self._sockets[role]  # send per frame: pyzmq's send_multipart costs more
         try:
-            self._sockets[role].send_multipart(frames, zmq.NOBLOCK)
-        except zmq.ZMQError as exc:
-            # A client that stopped reading: drop, never block this loop.
+            for frame in frames[:-1]:
+                sock.send(frame, zmq.NOBLOCK | zmq.SNDMORE)
+            sock.send(frames[-1], zmq.NOBLOCK)
+        except zmq.ZMQError as exc:  # a client that stopped reading: never block
             logger.debug("%s message dropped: %s", role, exc)
 
 
@@ -3052,7 +3050,7 @@ class Daemon:
     def request_quit(self, force: bool = False) -> None:
         """Ask for a graceful quit (``force``: SIGKILL every child now).
         Never blocks; safe in a signal handler."""
-        handler = handle_kill_everything if force else handle_quit
+        handler = (lambda arbiter, _: arbiter.kill_everything()) if force else handle_quit
         self.arbiter.submit(Job("quit", handler, {}, _ignore_reply))
 
     def request_reload(self) -> None:
