@@ -1017,6 +1017,17 @@ def read_stat(pid: int) -> list[str]:
     return text[text.rindex(b")") + 2:].decode().split()
 
 
+def children_of(pid: int | str = "self") -> set[int]:
+    """Pids whose parent is ``pid`` (default: this process), from each of
+    its threads' ``children`` file: no walk over all of /proc."""
+    found: set[int] = set()
+    with contextlib.suppress(OSError):
+        for task in os.listdir(f"/proc/{pid}/task"):
+            with contextlib.suppress(OSError), open(f"/proc/{pid}/task/{task}/children") as f:
+                found.update(map(int, f.read().split()))
+    return found
+
+
 def children_map() -> dict[int, list[int]]:
     """Every process's direct children, from one pass over /proc."""
     found: dict[int, list[int]] = {}
@@ -1038,11 +1049,13 @@ def descendants(pid: int, children: dict[int, list[int]], recursive: bool = True
     return found
 
 
+@functools.cache  # both fixed until the next boot
 def _boot_time() -> float:
     with open("/proc/stat") as stream:
         return float(next(line for line in stream if line.startswith("btime")).split()[1])
 
 
+@functools.cache
 def _memory_total() -> int:
     with open("/proc/meminfo") as stream:
         return int(stream.readline().split()[1]) * 1024
@@ -1054,7 +1067,7 @@ def human_bytes(count: int) -> str:
     return f"{count / (1 << 10 * power):.2f}{' KMGTPEZY'[power]}" if power else f"{count}B"
 
 
-def process_stats(pid: int, children: dict[int, list[int]] | None = None) -> dict[str, Any] | str:
+def process_stats(pid: int, children: bool = False) -> dict[str, Any] | str:
     """Circus's ``stats`` info for one pid, read from /proc (``cpu`` is the
     average over its life); with ``children``, its children's too."""
     try:
@@ -1080,7 +1093,7 @@ def process_stats(pid: int, children: dict[int, list[int]] | None = None) -> dic
         "ctime": f"{hundredths // 6000}:{hundredths // 100 % 60:02d}.{hundredths % 100:02d}",
         "username": username, "create_time": created, "age": age,
         "cmdline": os.path.basename(cmdline) or "N/A",
-        "children": [process_stats(c) for c in (children or {}).get(pid, [])]}
+        "children": [process_stats(c) for c in sorted(children_of(pid))] if children else []}
 
 
 # ============================================================== Output ======
@@ -1940,7 +1953,7 @@ class Arbiter:
         known: dict[int, Watcher | None] = {p.pid: w for w, p in self._all_processes()}
         if self._guardian is not None:
             known[self._guardian.pid] = None
-        for pid in own_children() - known.keys():
+        for pid in children_of() - known.keys():
             try:
                 dead = os.waitpid(pid, os.WNOHANG)[0]
             except ChildProcessError:
@@ -2218,15 +2231,6 @@ for line in sys.stdin.buffer:
 for group in groups:
     try: os.killpg(group, signal.SIGKILL)
     except OSError: pass"""
-
-
-def own_children() -> set[int]:
-    """Pids whose parent is this process, from /proc (every thread's)."""
-    found: set[int] = set()
-    for task in os.listdir("/proc/self/task"):
-        with contextlib.suppress(OSError), open(f"/proc/self/task/{task}/children") as f:
-            found.update(map(int, f.read().split()))
-    return found
 
 
 def _has_exited(pid: int) -> bool:
@@ -2546,10 +2550,8 @@ def handle_kill(arbiter: Arbiter, properties: dict[str, Any]) -> dict[str, Any] 
 
 
 def handle_stats(arbiter: Arbiter, properties: dict[str, Any]) -> dict[str, Any]:
-    tree = children_map()
-
     def info(process: Process) -> dict[str, Any] | str:
-        stats = process_stats(process.pid, tree)
+        stats = process_stats(process.pid, children=True)
         if isinstance(stats, dict):
             stats.update(started=process.started_at, wid=process.wid)
         return stats
