@@ -280,9 +280,10 @@ def set_child_subreaper() -> None:
 def _socket_answers(path: str) -> bool:
     """Tell whether something accepts connections on the unix socket path
     (if not, it is a stale file, safe to reuse)."""
-    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as probe:
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as probe, contextlib.suppress(OSError):
         probe.settimeout(1.0)
         return probe.connect_ex(path) == 0
+    return False  # an odd path: bind will say what is wrong
 
 
 # ============================================================== Config ======
@@ -2697,8 +2698,7 @@ class Controller:
         self.error: BaseException | None = None
         self.view: View | None = None  # replaced by the worker each tick
         self.subscribed: frozenset[bytes] = frozenset()  # likewise, by this thread
-        self._encoded_view: View | None = None
-        self._encoded: dict[tuple[str, str | None], str] = {}
+        self._encoded_view, self._encoded = None, {}  # the view's replies as JSON, once
         self._submit, self._seq = submit, 0  # how many jobs it was handed
         self._outbox: queue.SimpleQueue[tuple[str, list[bytes]] | None] = queue.SimpleQueue()
         self._waker = Waker()
