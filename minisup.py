@@ -492,6 +492,20 @@ def option(kind: Kind | None, default: Any = dataclasses.MISSING, *,
                              metadata=meta(kind, reload))
 
 
+def _json_ready(value: Any) -> str | None:
+    text = _json_str(value).strip()
+    kind, _, target = text.partition(":")
+    if text in ("", "none"):
+        return None
+    if text == "notify" or kind == "file" and target or (
+            kind == "tcp" and re.fullmatch(r"(.+:)?\d{1,5}", target)):
+        return text
+    raise ValueError("use tcp:PORT, tcp:HOST:PORT, file:PATH or notify")
+
+
+READY = Kind(_json_ready, _json_ready)
+
+
 @dataclasses.dataclass
 class WatcherConfig:
     """What one ``[watcher:NAME]`` section (or an ``add``) asks for: each
@@ -552,9 +566,16 @@ class WatcherConfig:
     flapping_window: float = option(SECONDS, 1.0)
     flapping_retry_in: float = option(SECONDS, 7.0)
     flapping_max_retry: int = option(RETRIES, 5)
+    # minisup's own: when a process is ready (tcp:PORT, file:PATH, notify;
+    # none: at spawn), replaced if not within ready_timeout; the watchers
+    # this one starts after (once ready) and stops before.
+    ready: str | None = option(READY, None)
+    ready_timeout: float = option(SECONDS, 30.0)
+    depends_on: list[str] = dataclasses.field(default_factory=list, metadata=meta(LIST))
 
     def __post_init__(self) -> None:
         self.name = self.name.lower()
+        self.depends_on = [name.lower() for name in self.depends_on]
         if self.singleton:
             self.numprocesses = min(self.numprocesses, 1)
         if not self.respawn:  # Circus's respawn = false is restart = never
@@ -610,6 +631,7 @@ class Config:
     warmup_delay: float = option(SECONDS, 0.0)
     loglevel: str = option(STR, "info")
     logoutput: str = option(STR, "-")
+    pidfile: str | None = option(STR, None)
     source: str | None = None
     warnings: list[str] = dataclasses.field(default_factory=list)
 
@@ -666,7 +688,24 @@ def parse_config(text: str, source: str = "<string>",
         elif kind not in ("circus", "env"):
             config.warnings.append(f"{source}: [{section}]: section not supported, ignored")
     _check_socket_names(config)
+    try:
+        check_dependencies(config.watchers)
+    except ValueError as exc:
+        raise ConfigError(str(exc), source) from None
     return config
+
+
+def check_dependencies(watchers: Iterable[WatcherConfig]) -> None:
+    """Raise ValueError if a ``depends_on`` names no watcher or closes a cycle."""
+    import graphlib  # here: only a daemon reads configurations
+    graph = {w.name: w.depends_on for w in watchers}
+    for name, needed in graph.items():
+        for missing in set(needed) - graph.keys():
+            raise ValueError(f"[watcher:{name}]: depends_on names {missing!r}, not a watcher")
+    try:
+        graphlib.TopologicalSorter(graph).prepare()
+    except graphlib.CycleError as exc:
+        raise ValueError("depends_on makes a cycle: " + " -> ".join(exc.args[1])) from None
 
 
 def _read_options(config: Config, section: Any,
@@ -871,6 +910,7 @@ class Process:
         self.draining = False  # the output thread is emptying its pipes
         self.stop_deadline: float | None = None
         self.killed, self.pidfd = False, None
+        self.ready, self.ready_by = True, 0.0  # see Watcher._check_ready
         if HAS_PIDFD:  # a zombie has one too: a child already dead reads as exited
             with contextlib.suppress(OSError):  # old kernel: the worker polls instead
                 self.pidfd = os.pidfd_open(self.pid)
@@ -912,13 +952,13 @@ class Process:
 
 def spawn_process(config: WatcherConfig, wid: int, now: float,
                   sockets: dict[str, socket.socket] | None = None,
-                  capture: bool = False) -> Process:
+                  capture: bool = False, extra_env: dict[str, str] | None = None) -> Process:
     """Start one child of ``config``; raise if it cannot start.  No Python
     runs between fork and exec, so Popen keeps its vfork path (a ``uid``
     costs it); each child leads its group, out of reach of the terminal's Ctrl-C."""
     sockets = sockets or {}
     values = spawn_values(wid, sockets)
-    env = child_env(config, values)
+    env = {**child_env(config, values), **(extra_env or {})}
     stdin = sockets[config.stdin_socket.lower()].fileno() if config.stdin_socket else None
     outputs: dict[str, tuple[int | None, int | None]] = {}
     try:
@@ -1434,6 +1474,22 @@ class Pump:
 STOPPED, STARTING, ACTIVE, STOPPING = "stopped", "starting", "active", "stopping"
 #: Paused after flapping_attempts restarts within flapping_window.
 FLAPPING = "flapping"
+#: How often a ``ready = tcp:`` or ``file:`` check is tried.
+READY_POLL = 0.05
+
+
+def probe_ready(check: str, wid: int) -> bool:
+    """Whether a ``tcp:[HOST:]PORT`` or ``file:PATH`` check passes now; on
+    the worker, so a connect waits 0.1 s at most (loopback answers at once)."""
+    kind, _, target = check.partition(":")
+    if kind == "file":
+        return os.path.exists(substitute(target, {"wid": str(wid)}, {}))
+    host, _, port = target.rpartition(":")
+    try:
+        socket.create_connection((host or "127.0.0.1", int(port)), timeout=0.1).close()
+    except OSError:
+        return False
+    return True
 
 
 class Watcher:
@@ -1458,7 +1514,7 @@ class Watcher:
         self._crashes = 0  # consecutive deaths younger than min_uptime
         self._deaths: list[float] = []  # restart times within flapping_window
         self._flaps = 0  # flapping pauses since the last start
-        self._resume_at = 0.0
+        self._resume_at = self._probe_at = 0.0
 
     def emit(self, topic: str, **payload: Any) -> None:
         """Publish ``watcher.<name>.<topic>`` (Circus's event payloads)."""
@@ -1476,12 +1532,18 @@ class Watcher:
     def settled(self) -> bool:
         """True when no start, stop, restart or reload is in progress."""
         return (self.state in (ACTIVE, STOPPED, FLAPPING) and not self._restart_pending
-                and not self._replace)
+                and not self._replace and all(p.ready for p in self.running()))
+
+    @property
+    def up(self) -> bool:
+        """Active, with every child ready: what ``depends_on`` waits for."""
+        return self.state == ACTIVE and all(p.ready for p in self.running())
 
     @property
     def target(self) -> int:
-        """How many children to keep running now."""
-        return max(0, self.numprocesses - self._finished)
+        """How many children to keep running now: one more while a rolling
+        reload waits for a new one to be ready before it stops an old one."""
+        return max(0, self.numprocesses - self._finished) + bool(self._replace and self.config.ready)
 
     def status(self, now: float) -> str:
         """The state, or ``backoff`` while a crash loop delays a respawn."""
@@ -1538,7 +1600,7 @@ class Watcher:
         if self.config.send_hup:
             for process in self.running():
                 process.send_signal(signal.SIGHUP)
-        elif sequential:
+        elif sequential or self.config.ready:
             self._replace, self._finished = self.pids(), 0
         else:
             self._finished = 0
@@ -1629,11 +1691,13 @@ class Watcher:
         self._resume_at = now + config.flapping_retry_in
         self._set_state(FLAPPING)
 
-    def manage(self, now: float, tree: Callable[[], dict[int, list[int]]] | None = None
-               ) -> list[Process]:
+    def manage(self, now: float, tree: Callable[[], dict[int, list[int]]] | None = None,
+               held: bool = False) -> list[Process]:
         """Move toward the wanted state; return the children it spawned.
-        ``tree`` (a cached ``children_map``) lets SIGKILL reach descendants."""
+        ``tree`` (a cached ``children_map``) lets SIGKILL reach descendants;
+        ``held``: spawn nothing yet (a dependency is not up)."""
         self._escalate(now, tree)
+        self._check_ready(now)
         if self.state == STOPPING and not self.processes:
             self._set_state(STOPPED)
             if self._restart_pending:
@@ -1651,8 +1715,10 @@ class Watcher:
                 logger.info("%s: pid %d reached max_age", self.name, process.pid)
                 self._stop_process(process, now)
         self._replace_next(now)
-        spawned = self._fill(now)
-        if self.state == STARTING and len(self.running()) >= self.target:
+        spawned = [] if held else self._fill(now)
+        running = self.running()
+        if self.state == STARTING and len(running) >= self.target and all(
+                p.ready for p in running):
             self._set_state(ACTIVE)
         elif self.state == ACTIVE and self._finished and not self.processes and not self.target:
             self._set_state(STOPPED)  # every process is done
@@ -1665,17 +1731,22 @@ class Watcher:
         deadlines = [p.stop_deadline for p in self.processes.values()
                      if p.stopping and not p.killed]
         deadlines += [p.expires for p in running if p.expires is not None]
-        replacing = self._replace and len(running) == len(self.processes)
+        unready = [p for p in running if not p.ready]
+        replacing = self._replace and len(running) == len(self.processes) and not unready
         if self.state in (STARTING, ACTIVE) and (len(running) < self.target or replacing):
             deadlines.append(self._next_spawn)
+        deadlines += [p.ready_by for p in unready]
+        if unready and self.config.ready != "notify":
+            deadlines.append(self._probe_at)
         if self.state == FLAPPING:
             deadlines.append(self._resume_at)
         return min(deadlines) if deadlines else None
 
     def _replace_next(self, now: float) -> None:
-        # Sequential reload: stop the next old child once the last is gone.
-        if not self._replace or now < self._next_spawn or any(
-                p.stopping for p in self.processes.values()):
+        # Rolling reload: stop the next old child once the last is gone and
+        # its replacement (and, with ``ready``, one more) is ready.
+        if not self._replace or now < self._next_spawn or len(self.running()) < self.target or any(
+                p.stopping or not p.ready for p in self.processes.values()):
             return
         process = self.processes.get(self._replace.pop(0))
         if process is not None:
@@ -1702,10 +1773,35 @@ class Watcher:
             self._spawn_failed(exc, now)
             return None
         self.retries = 0
+        process.ready, process.ready_by = not self.config.ready, now + self.config.ready_timeout
         self.processes[process.pid] = process
         logger.info("%s: spawned pid %d (wid %d)", self.name, process.pid, wid)
         self.emit("spawn", process_pid=process.pid)
         return process
+
+    def mark_ready(self, process: Process) -> None:
+        """Note that a child passed its ``ready`` check (or sent READY=1)."""
+        if not process.ready and not process.stopping:
+            process.ready = True
+            logger.info("%s: pid %d is ready", self.name, process.pid)
+            self.emit("ready", process_pid=process.pid)
+
+    def _check_ready(self, now: float) -> None:
+        # Probe tcp: and file: checks every READY_POLL; a child not ready by
+        # its deadline is replaced, as a quick crash (the backoff applies).
+        unready = [p for p in self.running() if not p.ready]
+        probe = self.config.ready != "notify" and now >= self._probe_at
+        for process in unready:
+            if not self.config.ready or probe and probe_ready(self.config.ready, process.wid):
+                self.mark_ready(process)
+            elif now >= process.ready_by:
+                logger.warning("%s: pid %d not ready within %gs, replacing it", self.name,
+                               process.pid, self.config.ready_timeout)
+                self._stop_process(process, now)
+                self.restarts += 1
+                self._note_crash(now, 0.0)
+        if unready and probe:
+            self._probe_at = now + READY_POLL
 
     def _spawn_failed(self, exc: Exception, now: float) -> None:
         self.retries += 1
@@ -1818,6 +1914,12 @@ class Arbiter:
         self._replies: list[tuple[Job, Outcome]] = []  # sent as the tick ends
         self._retiring: list[Watcher] = []  # removed by rm, children not gone
         self._quit_stages: list[list[Watcher]] | None = None
+        self._stop_plans: list[list[list[Watcher]]] = []  # staged ``stop`` commands
+        # systemd (set by the Daemon): NOTIFY_SOCKET, WATCHDOG_USEC in seconds.
+        self.systemd: str | None = None
+        self.watchdog, self._watchdog_at = 0.0, 0.0
+        self._ready_told, self._status_told = False, ""
+        self._notify: socket.socket | None = None  # for ``ready = notify`` children
         self._orphans_died = False
         self._strays: dict[int, Watcher | None] = {}  # live adopted orphans
         self._doomed: set[int] = set()  # orphans killed, not yet reaped
@@ -1847,10 +1949,12 @@ class Arbiter:
     def poll(self, timeout: float | None) -> None:
         """Block until a child exits, a job arrives or ``timeout`` passes,
         then reap every child that exited."""
-        events = self._selector.select(timeout)
-        exited = [key.data for key, _ in events if key.data is not None]
-        if len(exited) < len(events):
+        events = [key.data for key, _ in self._selector.select(timeout)]
+        exited = [data for data in events if isinstance(data, tuple)]
+        if None in events:
             self._waker.drain()
+        if "notify" in events:
+            self._read_notifications()
         if self.subreaper and (exited or self._orphans_died or not events or self._doomed):
             self._orphans_died = False
             # Once a batch, before reaping: a dead leader's pid still names
@@ -1874,12 +1978,74 @@ class Arbiter:
         now = self.clock()
         self.manage_watchers(now)
         self._answer_waiters()
+        if self.systemd:
+            self._report(now)
         if self.quit_finished:
             self._replies += [(job, MinisupError("the daemon quit first", BAD_MSG_DATA_ERROR))
                               for job, _ in self._waiting]
             self._waiting, self.done = [], True
         self._publish()
         return self._timeout(now)
+
+    def tell_systemd(self, *lines: str) -> None:
+        """Send sd_notify(3) lines (``READY=1``...), if systemd listens."""
+        if self.systemd:
+            sd_notify(self.systemd, *lines)
+
+    def _report(self, now: float) -> None:
+        # READY=1 once every autostart watcher is up (again, after a
+        # reloadconfig), STATUS= as it changes, WATCHDOG=1 twice a period:
+        # from this thread, so systemd notices if the loop hangs.
+        lines = []
+        ready = self._quit_stages is None and all(
+            w.up and w.settled for w in self.watchers.values() if w.config.autostart)
+        if ready and not self._ready_told:
+            lines.append("READY=1")
+        self._ready_told |= ready
+        status = f"STATUS={self.summary()}"
+        if status != self._status_told:
+            lines.append(status)
+            self._status_told = status
+        if self.watchdog and now >= self._watchdog_at:
+            lines.append("WATCHDOG=1")
+            self._watchdog_at = now + self.watchdog / 2
+        if lines:
+            self.tell_systemd(*lines)
+
+    def note_reloading(self) -> None:
+        """A reloadconfig begins: tell systemd, and READY=1 once settled."""
+        self.tell_systemd("RELOADING=1", f"MONOTONIC_USEC={time.monotonic_ns() // 1000}")
+        self._ready_told = False
+
+    def summary(self) -> str:
+        """One line: how many watchers in each state, how many processes."""
+        states = collections.Counter(w.state for w in self.watchers.values())
+        count = sum(len(w.processes) for w in self.watchers.values())
+        return f"{', '.join(f'{n} {s}' for s, n in sorted(states.items()))}; {count} processes"
+
+    def _notify_address(self) -> str:
+        # One datagram socket for every ``ready = notify`` child; the kernel
+        # stamps each message with its sender's pid (SO_PASSCRED): no forging.
+        if self._notify is None:
+            self._notify = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM | socket.SOCK_NONBLOCK
+                                         | socket.SOCK_CLOEXEC)
+            self._notify.setsockopt(socket.SOL_SOCKET, socket.SO_PASSCRED, 1)
+            self._notify.bind(f"\0minisup-{os.getpid()}-{id(self):x}")
+            self._selector.register(self._notify, selectors.EVENT_READ, "notify")
+        return "@" + self._notify.getsockname()[1:].decode()
+
+    def _read_notifications(self) -> None:
+        # READY=1 counts from a child or a process in its group (a shell's
+        # systemd-notify, say), known by the pid the kernel stamped.
+        known = {p.pid: (w, p) for w, p in self._all_processes()}
+        with contextlib.suppress(BlockingIOError):
+            while True:
+                data, ancillary, _, _ = self._notify.recvmsg(4096, socket.CMSG_SPACE(12))
+                pid = next((int.from_bytes(d[:4], sys.byteorder) for _, kind, d in ancillary
+                            if kind == socket.SCM_CREDENTIALS), 0)
+                owner = known.get(pid) or _owner(pid, known)
+                if owner and b"READY=1" in data.splitlines():
+                    owner[0].mark_ready(owner[1])
 
     def _publish(self) -> None:
         # Replies leave as the tick ends, not mid-tick, where the woken
@@ -1904,12 +2070,18 @@ class Arbiter:
         """Let each watcher spawn, signal and kill toward its wanted state."""
         tree = functools.cache(children_map)  # read /proc once, if at all
         for watcher in [*self.watchers.values(), *self._retiring]:
-            for process in watcher.manage(now, tree):
+            for process in watcher.manage(now, tree, self._held(watcher)):
                 self._watch(watcher, process)
         self._retiring = [w for w in self._retiring if w.processes or w.state != STOPPED]
-        if self._quit_stages:
-            self._advance_quit(now)
+        for stages in [self._quit_stages or [], *self._stop_plans]:
+            _advance_stages(stages, now)
+        self._stop_plans = [stages for stages in self._stop_plans if stages]
         self._kill_strays()
+
+    def _held(self, watcher: Watcher) -> bool:
+        # A starting watcher spawns once every watcher it depends on is up.
+        return watcher.state == STARTING and not all(
+            self.watchers[name].up for name in watcher.config.depends_on if name in self.watchers)
 
     def close(self) -> None:
         """Release the sockets, selector, pipe, pidfds and the guardian;
@@ -1918,6 +2090,8 @@ class Arbiter:
             process.close()
         for name in list(self.sockets):
             self._close_socket(name)
+        if self._notify is not None:
+            self._notify.close()
         self._selector.close()
         self._waker.close()
         if self._guardian is not None:
@@ -2015,7 +2189,8 @@ class Arbiter:
                 yield watcher, process
 
     def _spawn(self, config: WatcherConfig, wid: int, now: float) -> Process:
-        return spawn_process(config, wid, now, self.sockets, self.pump is not None)
+        extra = {"NOTIFY_SOCKET": self._notify_address()} if config.ready == "notify" else None
+        return spawn_process(config, wid, now, self.sockets, self.pump is not None, extra)
 
     def wake(self) -> None:
         """Wake the worker loop.  Any thread."""
@@ -2073,6 +2248,8 @@ class Arbiter:
                 timeout = min(timeout, max(0.0, deadline - now))
         if self._unwatched or self._doomed:
             timeout = min(timeout, FALLBACK_POLL)
+        if self.watchdog:
+            timeout = min(timeout, max(0.0, self._watchdog_at - now))
         return timeout
 
     def _run_jobs(self) -> None:
@@ -2128,10 +2305,15 @@ class Arbiter:
         watcher.emit("remove")
 
     def start_watchers(self, watchers: list[Watcher]) -> None:
-        """Start ``watchers``, higher priority first, each group
-        ``warmup_delay`` after the one before (a deadline, not a sleep)."""
-        now = self.clock()
-        ordered = sorted(watchers, key=lambda w: -w.config.priority)
+        """Start ``watchers`` and those they depend on, higher priority first,
+        each group ``warmup_delay`` after the one before (not a sleep)."""
+        now, wanted = self.clock(), list(watchers)
+        for watcher in wanted:  # and what they depend on (``wanted`` grows)
+            wanted += [self.watchers[name] for name in watcher.config.depends_on
+                       if name in self.watchers and self.watchers[name] not in wanted]
+        for stage in (stage for stages in self._stop_plans for stage in stages):
+            stage[:] = [w for w in stage if w not in wanted]  # a start overrides a stop
+        ordered = sorted(wanted, key=lambda w: -w.config.priority)
         for index, watcher in enumerate(ordered):
             watcher.start(not_before=now + index * self.config.warmup_delay)
 
@@ -2190,14 +2372,19 @@ class Arbiter:
         return changed
 
     def begin_quit(self) -> None:
-        """Stop every watcher, lowest priority first, then end the loop."""
+        """Stop every watcher (in ``stop_stages`` order), then end the loop."""
         if self._quit_stages is not None:
             return
         logger.info("quitting: stopping every watcher")
-        everyone = [*self.watchers.values(), *self._retiring]
-        priorities = sorted({w.config.priority for w in everyone})
-        self._quit_stages = [[w for w in everyone if w.config.priority == p] for p in priorities]
-        self._advance_quit(self.clock(), first=True)
+        self.tell_systemd("STOPPING=1")
+        self._quit_stages = stop_stages([*self.watchers.values(), *self._retiring])
+        _advance_stages(self._quit_stages, self.clock(), first=True)
+
+    def stop_watchers(self, watchers: list[Watcher]) -> None:
+        """Stop ``watchers`` in ``stop_stages`` order, over the next ticks."""
+        stages = stop_stages(watchers)
+        _advance_stages(stages, self.clock(), first=True)
+        self._stop_plans.append(stages)
 
     def kill_everything(self, wait: bool = False) -> dict[str, Any]:
         """SIGKILL every child now: a second Ctrl-C, or a failed loop."""
@@ -2212,16 +2399,32 @@ class Arbiter:
                     self._reap(watcher, process)
         return {}
 
-    def _advance_quit(self, now: float, first: bool = False) -> None:
-        stages = self._quit_stages or []
-        if first and stages:
-            for watcher in stages[0]:
-                watcher.stop(now)
-        while stages and all(w.state == STOPPED and not w.processes
-                             for w in stages[0]):
-            stages.pop(0)
-            for watcher in stages[0] if stages else []:
-                watcher.stop(now)
+
+
+def stop_stages(watchers: list[Watcher]) -> list[list[Watcher]]:
+    """Groups of ``watchers`` to stop one after the other: each watcher
+    after those that depend on it, and lower priority first."""
+    import graphlib  # configurations are checked: no cycle
+    sorter = graphlib.TopologicalSorter({w: [d for d in watchers if w.name in d.config.depends_on]
+                                         for w in watchers})
+    sorter.prepare()
+    stages = []
+    while sorter.is_active():
+        ready = sorter.get_ready()
+        for priority in sorted({w.config.priority for w in ready}):
+            stages.append([w for w in ready if w.config.priority == priority])
+        sorter.done(*ready)
+    return stages
+
+
+def _advance_stages(stages: list[list[Watcher]], now: float, first: bool = False) -> None:
+    # Stop the first stage (``first``), then each next one once all before have stopped.
+    for watcher in stages[0] if first and stages else []:
+        watcher.stop(now)
+    while stages and all(w.state == STOPPED and not w.processes for w in stages[0]):
+        stages.pop(0)
+        for watcher in stages[0] if stages else []:
+            watcher.stop(now)
 
 
 #: The guardian helper (see Arbiter.start_guardian), run as python -S -c.
@@ -2234,6 +2437,18 @@ for group in groups:
     except OSError: pass"""
 
 
+def sd_notify(address: str, *lines: str) -> None:
+    """Send systemd's notify datagram to ``address`` (a path, or ``@name``
+    in the abstract namespace); log, never raise, never block."""
+    target = "\0" + address[1:] if address.startswith("@") else address
+    try:
+        with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM | socket.SOCK_NONBLOCK
+                           | socket.SOCK_CLOEXEC) as sock:
+            sock.sendto("\n".join(lines).encode(), target)
+    except OSError as exc:
+        logger.warning("cannot notify systemd at %s: %s", address, exc)
+
+
 def _has_exited(pid: int) -> bool:
     try:  # WNOWAIT, a peek: the zombie keeps its pid and group until Popen reaps
         return os.waitid(os.P_PID, pid, os.WEXITED | os.WNOHANG | os.WNOWAIT) is not None
@@ -2241,7 +2456,7 @@ def _has_exited(pid: int) -> bool:
         return True  # already reaped: Popen.poll will say so
 
 
-def _owner(pid: int, known: dict[int, Watcher | None]) -> Watcher | None:
+def _owner(pid: int, known: dict[int, Any]) -> Any:
     try:
         fields = read_stat(pid)
     except (OSError, ValueError):
@@ -2381,12 +2596,45 @@ def handle_list(arbiter: Arbiter, properties: dict[str, Any]) -> dict[str, Any]:
 
 
 def handle_status(arbiter: Arbiter, properties: dict[str, Any]) -> dict[str, Any]:
-    if properties.get("name") is not None:
-        watcher = arbiter.get_watcher(properties["name"])
-        reply = {"status": watcher.status(arbiter.clock())}
-        return dict(reply, reason=watcher.last_error) if watcher.last_error else reply
-    now = arbiter.clock()
-    return {"statuses": {n: w.status(now) for n, w in sorted(arbiter.watchers.items())}}
+    now, name = arbiter.clock(), properties.get("name")
+    watchers = [arbiter.get_watcher(name)] if name is not None else [
+        w for _, w in sorted(arbiter.watchers.items())]
+    if name is not None:
+        reply = {"status": watchers[0].status(now)}
+        reply.update({"reason": watchers[0].last_error} if watchers[0].last_error else {})
+    else:
+        reply = {"statuses": {w.name: w.status(now) for w in watchers}}
+    if properties.get("extended"):  # minisup's own: what ``ctl status`` shows
+        reply["watchers"] = {w.name: watcher_info(w, now) for w in watchers}
+    return reply
+
+
+def watcher_info(watcher: Watcher, now: float) -> dict[str, Any]:
+    """A watcher's state and each of its processes', for ``status extended``."""
+    return {"status": watcher.status(now), "autostart": watcher.config.autostart,
+            "numprocesses": watcher.numprocesses, "restarts": watcher.restarts,
+            "last_exit": watcher.last_exit, "reason": watcher.last_error, "processes": [{
+                "pid": p.pid, "wid": p.wid, "uptime": round(now - p.started, 3),
+                "state": "stopping" if p.stopping else "ready" if p.ready else "starting"}
+                for p in watcher.processes.values()]}
+
+
+def handle_health(arbiter: Arbiter, properties: dict[str, Any]) -> dict[str, Any]:
+    """minisup's own: ok while every autostart (or started) watcher is active
+    with every process ready; else an error naming the first that is not."""
+    for name, watcher in sorted(arbiter.watchers.items()):
+        running = watcher.running()
+        unready = sum(not p.ready for p in running)
+        if not watcher.config.autostart and watcher.state == STOPPED:
+            continue  # never started, and not meant to be
+        if watcher.state in (STARTING, ACTIVE) and (unready or len(running) < watcher.target):
+            raise MinisupError(f"{name}: {len(running) - unready} of {watcher.target} "
+                               "processes ready", BAD_MSG_DATA_ERROR)
+        if watcher.state != ACTIVE:
+            why = f" ({watcher.last_error})" if watcher.last_error else ""
+            raise MinisupError(f"{name} is {watcher.status(arbiter.clock())}{why}",
+                               BAD_MSG_DATA_ERROR)
+    return {"healthy": True}
 
 
 def _transition(arbiter: Arbiter, properties: dict[str, Any],
@@ -2407,8 +2655,7 @@ def handle_start(arbiter: Arbiter, properties: dict[str, Any]) -> dict[str, Any]
 
 def handle_stop(arbiter: Arbiter, properties: dict[str, Any]) -> dict[str, Any] | Pending:
     watchers = _targets(arbiter, properties)
-    for watcher in watchers:
-        watcher.stop(arbiter.clock())
+    arbiter.stop_watchers(watchers)
     return _when_waiting(properties, lambda: all(w.state == STOPPED for w in watchers),
                          lambda: {"info": None})
 
@@ -2451,6 +2698,10 @@ def handle_add(arbiter: Arbiter, properties: dict[str, Any]) -> dict[str, Any] |
     if owner is not None and config.uid != owner:
         # The socket's owner may add commands only as itself, as in Circus.
         raise MessageError("uid does not match endpoint_owner")
+    try:
+        check_dependencies([*(w.config for w in arbiter.watchers.values()), config])
+    except ValueError as exc:
+        raise MessageError(str(exc)) from None
     watcher = arbiter.add_watcher(config)
     if not properties.get("start"):
         return {}
@@ -2583,7 +2834,9 @@ def handle_reloadconfig(arbiter: Arbiter, properties: dict[str, Any]) -> dict[st
     source = arbiter.config.source
     if not source or source.startswith("<"):
         raise MinisupError("no INI file to reload: the daemon was not started from one")
-    touched = arbiter.apply_config(load_config(source))
+    config = load_config(source)
+    arbiter.note_reloading()
+    touched = arbiter.apply_config(config)
     logger.info("reloaded %s", source)
     return _when_waiting(properties, lambda: all(w.settled for w in touched), dict)
 
@@ -2609,7 +2862,8 @@ def handle_tail(arbiter: Arbiter, properties: dict[str, Any]) -> dict[str, Any] 
 #: The wire commands: name -> (handler, required, optional properties).
 COMMANDS: dict[str, Command] = {
     "list": Command(handle_list, (), ("name",)),
-    "status": Command(handle_status, (), ("name",)),
+    "status": Command(handle_status, (), ("name", "extended")),
+    "health": Command(handle_health),
     "start": Command(handle_start, (), ("name", "match", "waiting")),
     "stop": Command(handle_stop, (), ("name", "match", "waiting")),
     "restart": Command(handle_restart, (), ("name", "match", "waiting")),
@@ -2886,7 +3140,8 @@ class Controller:
             return
         name = message["command"].lower()
         takes_name = "name" in command.required + command.optional  # else: unchecked
-        viewed = self._from_view(name, properties.get("name") if takes_name else None)
+        viewed = None if properties.get("extended") else self._from_view(
+            name, properties.get("name") if takes_name else None)
         if viewed is not None:
             if not cast:  # encode_reply's shape, with the body encoded once a view
                 self._send("control", [*envelope, (
@@ -2953,14 +3208,17 @@ class Daemon:
     ``wait``, ``client``; ``request_quit`` and ``request_reload`` are safe in a signal
     handler.  It installs no signal handler and has its own zmq context, so several
     live in one process.  ``subreaper`` (the CLI's) adopts orphans: for a process
-    that is only the daemon."""
+    that is only the daemon.  ``systemd``: a NOTIFY_SOCKET to tell (``watchdog``:
+    WATCHDOG_USEC in seconds)."""
 
     def __init__(self, config: Config, clock: Callable[[], float] = time.monotonic,
-                 subreaper: bool = False) -> None:
+                 subreaper: bool = False, systemd: str | None = None,
+                 watchdog: float = 0.0) -> None:
         self.config = config
         self.endpoint = config.endpoint
         self.arbiter = Arbiter(config, clock)
-        self.arbiter.subreaper = subreaper
+        self.arbiter.subreaper, self.arbiter.systemd = subreaper, systemd
+        self.arbiter.watchdog = watchdog
         self.pump = self.arbiter.pump = Pump()
         self._started = self._stopped = False
         self._client: Client | None = None
@@ -3177,7 +3435,9 @@ class Client:
 #: one with a value.  Arguments named in ARG_TYPES are converted.
 CTL_COMMANDS: dict[str, tuple[str, tuple[str, ...]]] = {
     "list": ("list the watchers, or the pids of one", ("name?",)),
-    "status": ("show the state of every watcher, or of one", ("name?",)),
+    "status": ("a table of every watcher's processes, or of one's", ("name?",)),
+    "watch": ("redraw the status table every --interval seconds", ("name?", "--interval=")),
+    "health": ("exit 0 if every autostart watcher is up and ready, else 3 and why", ()),
     "start": ("start the autostart watchers, or NAME", ("name?", "--match=", "--waiting")),
     "stop": ("stop every watcher, or NAME", ("name?", "--match=", "--waiting")),
     "restart": ("stop, then start, all or NAME", ("name?", "--match=", "--waiting")),
@@ -3206,7 +3466,8 @@ CTL_COMMANDS: dict[str, tuple[str, tuple[str, ...]]] = {
     "quit": ("stop every process and the daemon", ("--waiting",)),
 }
 ARG_TYPES: dict[str, Callable[[str], Any]] = {
-    "nb": int, "pid": int, "process": int, "graceful_timeout": float, "lines": int}
+    "nb": int, "pid": int, "process": int, "graceful_timeout": float, "lines": int,
+    "interval": float}
 
 #: Exit codes, as circusctl's: scripts written for it keep working.
 EXIT_OK, EXIT_NO_ANSWER, EXIT_USAGE, EXIT_ERROR_REPLY = 0, 1, 2, 3
@@ -3253,12 +3514,16 @@ def _add_run_parser(commands: argparse._SubParsersAction) -> None:
     run.add_argument("--log-output", help="'-' or 'stdout', 'stderr', or a file")
     run.add_argument("--check-delay", type=float, metavar="S",
                      help="seconds between safety sweeps of every child")
+    run.add_argument("--pidfile", help="write the daemon's pid there (refused if it is alive)")
+    run.add_argument("--daemon", action="store_true", help="detach; exit once it serves")
 
 
 def _add_ctl_commands(commands: argparse._SubParsersAction, names: list[str]) -> None:
     for name in names:
         text, arguments = CTL_COMMANDS[name]
         sub = commands.add_parser(name, help=text, description=text)
+        sub.add_argument("--json", action="store_true", default=argparse.SUPPRESS,
+                         help="print the raw JSON reply")
         for argument in arguments:
             key = argument.strip("-?+*=")
             if argument.endswith("="):
@@ -3318,6 +3583,10 @@ def run_ctl(args: argparse.Namespace) -> int:
         try:
             if properties.pop("follow", False):
                 return follow(client, args.name, properties)
+            if args.command == "watch":
+                return watch(client, properties)
+            if args.command == "status" and not args.json:
+                properties["extended"] = True
             reply = client.call(args.command, **properties)
         except CallError as exc:
             print(f"minisup: {exc}", file=sys.stderr)
@@ -3339,6 +3608,46 @@ def run_keygen(args: argparse.Namespace) -> int:
     os.chmod(secret, 0o600)
     print(f"public key: {public}\nsecret key: {secret} (keep it private)")
     return EXIT_OK
+
+
+def watch(client: Client, properties: dict[str, Any]) -> int:
+    """``ctl watch``: the status table, redrawn every ``interval`` seconds
+    (cleared first on a terminal) until interrupted."""
+    interval, clear = properties.pop("interval", None) or 1.0, sys.stdout.isatty()
+    try:
+        while True:
+            reply = client.call("status", extended=True, **properties)
+            text = format_reply(reply) if reply["status"] == "ok" else f"error: {reply['reason']}"
+            print("\x1b[H\x1b[2J" * clear + time.strftime("%H:%M:%S\n") + text + "\n", flush=True)
+            threading.Event().wait(interval)
+    except KeyboardInterrupt:
+        return EXIT_OK
+
+
+STATUS_COLUMNS = ("WATCHER", "STATE", "PID", "WID", "PROCESS", "UPTIME", "RESTARTS", "LAST EXIT")
+
+
+def status_table(watchers: dict[str, Any]) -> str:
+    """``ctl status``: an aligned row per process (a watcher without any
+    has one), then the reason of each watcher that gave up."""
+    rows = [STATUS_COLUMNS]
+    for name, info in sorted(watchers.items()):
+        code = info["last_exit"]
+        last = "-" if code is None else _signal_name(-code) if code < 0 else code
+        for p in info["processes"] or [{}]:
+            rows.append((name, info["status"], p.get("pid", "-"), p.get("wid", "-"),
+                         p.get("state", "-"), _duration(p["uptime"]) if p else "-",
+                         info["restarts"], last))
+    widths = [max(len(str(row[i])) for row in rows) for i in range(len(STATUS_COLUMNS))]
+    lines = ["  ".join(str(c).ljust(w) for c, w in zip(row, widths)).rstrip() for row in rows]
+    return "\n".join(lines + [f"{n}: {i['reason']}" for n, i in watchers.items() if i["reason"]])
+
+
+def _duration(seconds: float) -> str:
+    minutes, hours = int(seconds) // 60, int(seconds) // 3600
+    if hours:
+        return f"{hours // 24}d{hours % 24:02d}h" if hours >= 24 else f"{hours}h{minutes % 60:02d}m"
+    return f"{minutes}m{int(seconds) % 60:02d}s" if minutes else f"{seconds:.1f}s"
 
 
 def follow(client: Client, name: str, properties: dict[str, Any]) -> int:
@@ -3390,6 +3699,10 @@ def _option_text(key: str, value: Any) -> str:
 
 def format_reply(reply: dict[str, Any]) -> str:
     """A successful reply as circusctl prints it."""
+    if isinstance(reply.get("watchers"), dict):  # ``status`` extended
+        return status_table(reply["watchers"])
+    if reply.get("healthy"):
+        return "healthy"
     if "statuses" in reply:
         return "\n".join(f"{n}: {s}" for n, s in sorted(reply["statuses"].items()))
     if "singleton" in reply:
@@ -3433,7 +3746,8 @@ def config_from_args(args: argparse.Namespace) -> Config:
         config = Config(watchers=[WatcherConfig(
             name=name, cmd=args.cmd, numprocesses=args.numprocesses, copy_env=True)])
     overrides = {"endpoint": args.endpoint, "loglevel": args.log_level,
-                 "logoutput": args.log_output, "check_delay": args.check_delay}
+                 "logoutput": args.log_output, "check_delay": args.check_delay,
+                 "pidfile": args.pidfile}
     for key, value in overrides.items():
         if value is not None:
             setattr(config, key, value)
@@ -3455,6 +3769,66 @@ def setup_logging(level: str, output: str) -> None:
     logger.setLevel(numeric)
 
 
+def systemd_from_env() -> tuple[str | None, float]:
+    """NOTIFY_SOCKET and WATCHDOG_USEC (in seconds, if meant for us), taken
+    out of the environment: they are not the children's to use."""
+    address, usec = os.environ.pop("NOTIFY_SOCKET", None), os.environ.pop("WATCHDOG_USEC", "")
+    meant = os.environ.pop("WATCHDOG_PID", str(os.getpid())) == str(os.getpid())
+    return address, int(usec) / 1e6 if usec.isdigit() and meant else 0.0
+
+
+def daemonize() -> int:
+    """Detach, for init scripts (``--daemon``): fork, new session, fork,
+    stdio on /dev/null.  The first process exits 0 once a byte arrives on
+    the returned fd (the daemon serves), 1 if the daemon died first."""
+    read_end, write_end = os.pipe()
+    if os.fork():
+        os.close(write_end)
+        if os.read(read_end, 1) == b"1":  # EOF: every writer is gone
+            os._exit(EXIT_OK)
+        os.write(2, b"minisup: the daemon did not start; see its log\n")
+        os._exit(EXIT_NO_ANSWER)
+    os.close(read_end)
+    os.setsid()
+    if os.fork():
+        os._exit(EXIT_OK)  # the session leader goes: no terminal can come back
+    null = os.open(os.devnull, os.O_RDWR)
+    for fd in (0, 1, 2):
+        os.dup2(null, fd)
+    os.close(null)
+    return write_end
+
+
+def check_pidfile(path: str | None) -> None:
+    """Raise ConfigError if the pidfile ``path`` names a live process (a
+    stale one, whose process is gone, will be replaced)."""
+    if path and not os.access(os.path.dirname(os.path.abspath(path)), os.W_OK):
+        raise ConfigError("cannot write in its folder", option="pidfile", value=path)
+    try:
+        with open(path or "") as stream:
+            pid = int(stream.read().split()[0])
+        os.kill(pid, 0)  # signal 0: only asks whether it exists
+    except PermissionError:
+        pass  # it does: another user's
+    except (OSError, ValueError, IndexError):
+        return  # no file, no pid in it, or no such process
+    raise ConfigError(f"pid {pid} is alive: is minisup running already?", option="pidfile",
+                      value=path)
+
+
+def write_pidfile(path: str | None) -> None:
+    if path:  # whole or not at all: a reader never sees half a pid
+        with open(f"{path}.{os.getpid()}", "w") as stream:
+            stream.write(f"{os.getpid()}\n")
+        os.replace(f"{path}.{os.getpid()}", path)
+
+
+def remove_pidfile(path: str | None) -> None:
+    with contextlib.suppress(OSError, ValueError), open(path or "") as stream:
+        if int(stream.read()) == os.getpid():  # ours, not a successor's
+            os.unlink(path)
+
+
 def install_signal_handlers(daemon: Daemon) -> None:
     """On the main thread: TERM/INT/QUIT quit gracefully (a second one
     SIGKILLs every child), HUP reloads every watcher.  Handlers only queue."""
@@ -3472,17 +3846,24 @@ def install_signal_handlers(daemon: Daemon) -> None:
 
 
 def run_daemon(args: argparse.Namespace) -> int:
-    """``minisup run``: supervise in the foreground until told to quit."""
+    """``minisup run``: supervise (in the foreground unless ``--daemon``)
+    until told to quit."""
     try:
         config = config_from_args(args)
         setup_logging(config.loglevel, config.logoutput)
+        check_pidfile(config.pidfile)
     except (ConfigError, OSError) as exc:
         print(f"minisup: {exc}", file=sys.stderr)
         return EXIT_USAGE
-    daemon = Daemon(config, subreaper=True)
+    started = daemonize() if args.daemon else None  # before any thread starts
+    write_pidfile(config.pidfile)
+    systemd, watchdog = systemd_from_env()
+    daemon = Daemon(config, subreaper=True, systemd=systemd, watchdog=watchdog)
     install_signal_handlers(daemon)  # first: a Ctrl-C during start is clean
     try:
         daemon.start()
+        if started is not None:
+            os.write(started, b"1")
         while not daemon.wait():
             pass
     except MinisupError as exc:
@@ -3490,6 +3871,7 @@ def run_daemon(args: argparse.Namespace) -> int:
         return EXIT_NO_ANSWER
     finally:
         daemon.stop()
+        remove_pidfile(config.pidfile)
     if daemon.arbiter.failed:
         return EXIT_NO_ANSWER
     logger.info("stopped")

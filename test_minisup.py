@@ -7,9 +7,11 @@ runs on an ``ipc://`` endpoint under ``tmp_path``; every fixture proves at
 teardown that no child, zombie, thread or fd was left behind.
 """
 
+import contextlib
 import itertools
 import json
 import os
+import pathlib
 import pwd
 import re
 import resource
@@ -2407,7 +2409,6 @@ def ctl(capsys, endpoint, *args):
 def test_ctl_commands_print_and_exit_like_circusctl(make_daemon, capsys):
     daemon = make_daemon(sleepers(n=1))
     endpoint = daemon.endpoint
-    assert ctl(capsys, endpoint, "status") == (0, "web: active\n", "")
     assert ctl(capsys, endpoint, "list") == (0, "web\n", "")
     assert ctl(capsys, endpoint, "incr", "web", "2", "--waiting") == (0, "3\n", "")
     code, out, _ = ctl(capsys, endpoint, "list", "web")
@@ -2420,7 +2421,8 @@ def test_ctl_commands_print_and_exit_like_circusctl(make_daemon, capsys):
     assert code == 0 and out == "ok\n"
     code, out, _ = ctl(capsys, endpoint, "stop", "web", "--waiting")
     assert code == 0
-    assert ctl(capsys, endpoint, "status", "web") == (0, "stopped\n", "")
+    code, out, _ = ctl(capsys, endpoint, "status", "web")
+    assert code == 0 and out.splitlines()[1].split()[:3] == ["web", "stopped", "-"]
     assert ctl(capsys, endpoint, "rm", "extra") == (0, "ok\n", "")
 
 
@@ -2655,6 +2657,293 @@ def test_circus_client_waiting_variants_return_circus_keys(circus_call):
     assert call("stop", name="web", waiting=True)["info"] is None
     reply = call("add", name="more", cmd=PY, args=["-c", SLEEP], start=True, waiting=True)
     assert set(reply) >= {"started", "kept"} and len(reply["started"]) == 1
+
+
+# ========================================= readiness, depends_on, systemd ======
+
+def file_ready(tmp_path, name="web", n=1, extra=""):
+    """A watcher of sleepers, each ready once tmp_path/NAME.WID exists."""
+    return sleepers(name, n, f"autostart = false\nready = file:{tmp_path}/{name}.$(circus.wid)\n"
+                    + extra)
+
+
+def extended(client, name=None):
+    """``status`` extended: each watcher's info, by name."""
+    return client.call("status", extended=True, **({"name": name} if name else {}))["watchers"]
+
+
+def process_states(client, name):
+    return [p["state"] for p in extended(client, name)[name]["processes"]]
+
+
+def test_ready_file_keeps_status_starting_until_the_file_exists(make_daemon, tmp_path):
+    daemon = make_daemon(file_ready(tmp_path, n=2))
+    client = daemon.client
+    client.call("start", name="web")
+    wait_for(lambda: process_states(client, "web") == ["starting", "starting"])
+    assert client.call("status", name="web")["status"] == "starting"
+    health = client.call("health")
+    assert (health["status"], health["errno"]) == ("error", 6)
+    assert health["reason"] == "web: 0 of 2 processes ready"
+    (tmp_path / "web.1").touch()
+    wait_for(lambda: process_states(client, "web") == ["ready", "starting"])
+    assert client.call("status", name="web")["status"] == "starting"
+    (tmp_path / "web.2").touch()
+    wait_for(lambda: client.call("status", name="web")["status"] == "active")
+    health = client.call("health")
+    assert health["status"] == "ok" and health["healthy"] is True
+
+
+def test_start_waiting_returns_once_ready_tcp(make_daemon, tmp_path):
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    # The child listens only once told to (by a file), so "ready" is ours to time.
+    code = (f"import os, socket, time\nwhile not os.path.exists({str(tmp_path / 'go')!r}):\n"
+            f"    time.sleep(0.01)\ns = socket.socket()\ns.bind(('127.0.0.1', {port}))\n"
+            "s.listen()\ntime.sleep(1000)\n")
+    (tmp_path / "listen.py").write_text(code)
+    daemon = make_daemon(f"[watcher:web]\ncmd = {PY} {tmp_path}/listen.py\nautostart = false\n"
+                         f"ready = tcp:127.0.0.1:{port}\n")
+    client = minisup.Client(daemon.endpoint, timeout=DEADLINE)
+    sock = client._socket
+    sock.send(json.dumps({"id": 1, "command": "start",
+                          "properties": {"name": "web", "waiting": True}}).encode())
+    assert not sock.poll(QUIET * 1000), "start --waiting answered before the child was ready"
+    assert process_states(daemon.client, "web") == ["starting"]
+    (tmp_path / "go").touch()
+    assert sock.poll(DEADLINE * 1000)
+    reply = json.loads(sock.recv())
+    assert reply["status"] == "ok" and len(reply["info"]["started"]) == 1
+    socket.create_connection(("127.0.0.1", port), timeout=1).close()  # it does listen
+    client.close()
+
+
+NOTIFY_CHILD = """import os, socket, sys, time
+while not os.path.exists(sys.argv[1]):
+    time.sleep(0.01)
+address = os.environ["NOTIFY_SOCKET"]
+with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as sock:
+    sock.sendto(b"STATUS=warm\\nREADY=1", "\\0" + address[1:] if address[0] == "@" else address)
+time.sleep(1000)
+"""
+
+
+def test_ready_notify_counts_a_childs_ready_1_and_not_a_strangers(make_daemon, tmp_path):
+    script = tmp_path / "notify.py"
+    script.write_text(NOTIFY_CHILD)
+    daemon = make_daemon(f"[watcher:svc]\ncmd = {PY} {script} {tmp_path}/go\n"
+                         "autostart = false\nready = notify\n")
+    client = daemon.client
+    client.call("start", name="svc")
+    [pid] = wait_for(lambda: client.call("list", name="svc")["pids"])
+    environ = dict(line.split("=", 1) for line in
+                   pathlib.Path(f"/proc/{pid}/environ").read_text().split("\0") if "=" in line)
+    address = environ["NOTIFY_SOCKET"]
+    assert address.startswith("@minisup-")
+    # We are not one of its processes: the kernel says who sent it.
+    with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as forger:
+        forger.sendto(b"READY=1", "\0" + address[1:])
+    assert not wait_until_quiet(lambda: process_states(client, "svc") != ["starting"])
+    (tmp_path / "go").touch()
+    wait_for(lambda: client.call("status", name="svc")["status"] == "active")
+    assert process_states(client, "svc") == ["ready"]
+
+
+def wait_until_quiet(predicate, quiet=QUIET):
+    """True if ``predicate`` holds at some point within ``quiet`` seconds."""
+    deadline = time.monotonic() + quiet
+    while time.monotonic() < deadline:
+        if predicate():
+            return True
+        time.sleep(0.01)
+    return False
+
+
+def test_not_ready_in_time_is_replaced_as_a_crash(make_daemon, tmp_path):
+    daemon = make_daemon(file_ready(tmp_path, extra="ready_timeout = 0.2\n"))
+    client = daemon.client
+    client.call("start", name="web")
+    [first] = wait_for(lambda: client.call("list", name="web")["pids"])
+    wait_for(lambda: extended(client, "web")["web"]["restarts"] >= 1, what="a replacement")
+    wait_for(lambda: not alive(first) or None, what="the unready child gone")
+    assert client.call("status", name="web")["status"] in ("starting", "backoff")
+    (tmp_path / "web.1").touch()
+    wait_for(lambda: client.call("status", name="web")["status"] == "active")
+
+
+def test_reload_with_ready_rolls_one_new_ready_process_before_an_old_stops(make_daemon,
+                                                                          tmp_path):
+    daemon = make_daemon(file_ready(tmp_path, n=2))
+    client = daemon.client
+    (tmp_path / "web.1").touch()
+    (tmp_path / "web.2").touch()
+    client.call("start", name="web", waiting=True)
+    old = sorted(client.call("list", name="web")["pids"])
+    client.call("reload", name="web")
+    # A third process (wid 3) starts; both old ones serve until it is ready.
+    wait_for(lambda: process_states(client, "web") == ["ready", "ready", "starting"])
+    assert not wait_until_quiet(lambda: len(client.call("list", name="web")["pids"]) != 3)
+    (tmp_path / "web.3").touch()
+    # Then the first old one stops, and a fourth (wid 4) starts at once.
+    wait_for(lambda: not alive(old[0]), what="the first old process stopped")
+    wait_for(lambda: process_states(client, "web") == ["ready", "ready", "starting"])
+    assert alive(old[1]) and not wait_until_quiet(lambda: not alive(old[1]))
+    (tmp_path / "web.4").touch()
+    new = wait_for(lambda: new_pids(client, "web", old, 2), what="two new processes")
+    assert client.call("status", name="web")["status"] == "active"
+    assert not any(alive(p) for p in old) and all(alive(p) for p in new)
+
+
+def test_depends_on_starts_after_ready_and_stops_before(make_daemon, tmp_path):
+    daemon = make_daemon(file_ready(tmp_path, "db") + f"[watcher:web]\nautostart = false\n"
+                         f"depends_on = db\ngraceful_timeout = 1\ncmd = {ignore_term(tmp_path)}\n")
+    client = daemon.client
+    client.call("start", name="web")  # starts db too: web needs it
+    wait_for(lambda: process_states(client, "db") == ["starting"])
+    assert not wait_until_quiet(lambda: client.call("list", name="web")["pids"])
+    (tmp_path / "db.1").touch()
+    wait_for(lambda: client.call("status", name="web")["status"] == "active")
+    [web] = client.call("list", name="web")["pids"]
+    wait_for(lambda: (tmp_path / str(web)).exists(), what="web ignoring SIGTERM")
+    client.call("stop")
+    # web ignores SIGTERM for its 1 s of grace: db waits for it to end.
+    statuses = client.call("status")["statuses"]
+    assert statuses == {"db": "active", "web": "stopping"}
+    assert not wait_until_quiet(lambda: client.call("status", name="db")["status"] != "active")
+    wait_for(lambda: client.call("status")["statuses"] == {"db": "stopped", "web": "stopped"})
+
+
+def test_depends_on_unknown_names_and_cycles_are_errors(make_daemon):
+    with pytest.raises(minisup.ConfigError, match="depends_on makes a cycle: (a|b|c) -> "):
+        minisup.parse_config("[watcher:a]\ncmd = x\ndepends_on = c\n[watcher:b]\ncmd = y\n"
+                             "depends_on = A\n[watcher:c]\ncmd = z\ndepends_on = b\n")
+    with pytest.raises(minisup.ConfigError, match=r"\[watcher:a\]: depends_on names 'nope'"):
+        minisup.parse_config("[watcher:a]\ncmd = x\ndepends_on = nope\n")
+    with pytest.raises(minisup.ConfigError, match="use tcp:PORT"):
+        minisup.parse_config("[watcher:a]\ncmd = x\nready = http://x\n")
+    daemon = make_daemon(sleepers(n=1))
+    reply = daemon.client.call("add", name="late", cmd=PY, options={"depends_on": "nope"})
+    assert reply["errno"] == 3 and "depends_on names 'nope'" in reply["reason"]
+    assert daemon.client.call("add", name="late", cmd=PY, options={"depends_on": ["web"]})[
+        "status"] == "ok"
+
+
+def test_quit_stops_dependents_first_whatever_their_priority(make_arbiter):
+    arbiter, _ = make_arbiter(
+        "[watcher:db]\ncmd = x\npriority = 5\n[watcher:web]\ncmd = y\ndepends_on = db\n"
+        "priority = 9\n[watcher:cache]\ncmd = z\n")
+    stages = minisup.stop_stages(list(arbiter.watchers.values()))
+    assert [[w.name for w in stage] for stage in stages] == [["cache"], ["web"], ["db"]]
+
+
+def notify_listener(tmp_path):
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+    sock.bind(str(tmp_path / "notify.sock"))
+    sock.settimeout(DEADLINE)
+    return sock
+
+
+def notified(sock, until):
+    """Datagrams' lines until one equals ``until``."""
+    lines = []
+    while until not in lines:
+        lines += sock.recv(4096).decode().split("\n")
+    return lines
+
+
+def test_systemd_ready_status_reloading_watchdog_stopping(tmp_path):
+    listener = notify_listener(tmp_path)
+    ini = tmp_path / "app.ini"
+    write_ini(ini, f"ipc://{tmp_path}/c.sock", f"[watcher:web]\ncmd = {py_cmd(SLEEP)}\n"
+              "copy_env = true\n")
+    env = dict(os.environ, NOTIFY_SOCKET=str(tmp_path / "notify.sock"), WATCHDOG_USEC="100000")
+    with open(tmp_path / "daemon.log", "w") as log:
+        proc = subprocess.Popen([PY, "-m", "minisup", "run", str(ini)], stdout=log, env=env,
+                                stderr=subprocess.STDOUT, cwd=os.path.dirname(minisup.__file__))
+    try:
+        lines = notified(listener, "READY=1")
+        assert "STATUS=1 active; 1 processes" in lines
+        assert notified(listener, "WATCHDOG=1").count("WATCHDOG=1") >= 1
+        assert notified(listener, "WATCHDOG=1")  # again, 50 ms later
+        client = minisup.Client(f"ipc://{tmp_path}/c.sock", timeout=DEADLINE)
+        [pid] = client.call("list", name="web")["pids"]
+        environ = pathlib.Path(f"/proc/{pid}/environ").read_text()
+        assert "NOTIFY_SOCKET" not in environ and "WATCHDOG_USEC" not in environ
+        assert client.call("reloadconfig", waiting=True)["status"] == "ok"
+        lines = notified(listener, "RELOADING=1")
+        assert any(line.startswith("MONOTONIC_USEC=") for line in lines)
+        notified(listener, "READY=1")
+        client.call("quit")
+        client.close()
+        notified(listener, "STOPPING=1")
+        assert proc.wait(DEADLINE) == 0
+    finally:
+        proc.kill()
+        proc.wait()
+        listener.close()
+
+
+def test_ctl_status_table_json_health_and_watch(make_daemon, tmp_path, capsys):
+    daemon = make_daemon(sleepers(n=2) + file_ready(tmp_path, "api"))
+    endpoint = daemon.endpoint
+    code, out, _ = ctl(capsys, endpoint, "status")
+    rows = [line.split() for line in out.splitlines()]
+    assert code == 0 and rows[0] == ["WATCHER", "STATE", "PID", "WID", "PROCESS", "UPTIME",
+                                     "RESTARTS", "LAST", "EXIT"]
+    assert rows[1] == ["api", "stopped", "-", "-", "-", "-", "0", "-"]
+    assert [r[:2] + r[3:5] + r[6:] for r in rows[2:]] == [
+        ["web", "active", "1", "ready", "0", "-"], ["web", "active", "2", "ready", "0", "-"]]
+    header, first = out.splitlines()[:2]
+    assert header.index("STATE") == first.index("stopped")  # aligned
+    assert header.index("LAST EXIT") == first.rindex("-")
+    code, out, _ = ctl(capsys, endpoint, "status", "web", "--json")
+    assert code == 0 and json.loads(out)["status"] == "active"
+    daemon.client.call("start", name="api")
+    assert ctl(capsys, endpoint, "health") == (3, "", "error: api: 0 of 1 processes ready\n")
+    (tmp_path / "api.1").touch()
+    wait_for(lambda: daemon.client.call("status", name="api")["status"] == "active")
+    assert ctl(capsys, endpoint, "health") == (0, "healthy\n", "")
+    daemon.client.call("kill", name="web", signum="KILL", waiting=True)
+    wait_for(lambda: extended(daemon.client, "web")["web"]["last_exit"] == -9)
+    code, out, _ = ctl(capsys, endpoint, "status", "web")
+    assert out.splitlines()[1].split()[-1] == "SIGKILL"
+    watcher = subprocess.Popen([PY, "-m", "minisup", "ctl", "--endpoint", endpoint, "watch",
+                                "--interval", "0.05"], stdout=subprocess.PIPE, text=True,
+                               cwd=os.path.dirname(minisup.__file__))
+    headers = 0
+    while headers < 2:
+        headers += watcher.stdout.readline().startswith("WATCHER")
+    watcher.send_signal(signal.SIGINT)
+    assert watcher.wait(DEADLINE) == 0
+
+
+def test_run_daemon_detaches_writes_and_removes_its_pidfile(tmp_path):
+    ini, pidfile = tmp_path / "app.ini", tmp_path / "minisup.pid"
+    endpoint = f"ipc://{tmp_path}/c.sock"
+    write_ini(ini, endpoint, sleepers(n=1))
+    run = [PY, "-m", "minisup", "run", "--daemon", "--pidfile", str(pidfile), str(ini)]
+    here = os.path.dirname(minisup.__file__)
+    first = subprocess.run(run, capture_output=True, text=True, timeout=DEADLINE, cwd=here,
+                           check=False)
+    pid = int(pidfile.read_text())
+    try:
+        assert first.returncode == 0 and alive(pid)
+        with minisup.Client(endpoint) as client:  # serving once the parent exits
+            assert client.call("status")["statuses"] == {"web": "active"}
+            again = subprocess.run(run, capture_output=True, text=True, timeout=DEADLINE,
+                                   cwd=here, check=False)
+            assert again.returncode == 2 and f"pid {pid} is alive" in again.stderr
+            client.call("quit")
+        wait_for(lambda: not alive(pid), what="the daemon gone")
+        assert not pidfile.exists()
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signal.SIGKILL)
+    bad = subprocess.run([PY, "-m", "minisup", "run", "--daemon", "--endpoint", "tcp://8.8.8.8:1",
+                          str(ini)], capture_output=True, text=True, timeout=DEADLINE, cwd=here,
+                         check=False)
+    assert bad.returncode == 2
 
 
 # ======================================================= soak and faults ======
