@@ -37,7 +37,10 @@ deadline ``graceful_timeout`` ahead; a child still alive then gets SIGKILL
 time, so an in-process daemon never reaps its host's other children and a
 pid is never signalled after it was reaped (and could have been reused).
 A child that dies while wanted is replaced at once; one that keeps dying
-young is replaced after a growing delay, so a crash loop never spins.
+young is replaced after a growing delay, so a crash loop never spins.  A
+child with a ``ready`` check counts as starting until it passes (a watcher
+is ``active`` once all are); ``depends_on`` orders starts and stops by it,
+and systemd hears of it through ``sd_notify`` when it runs minisup.
 
 Protocol
 --------
@@ -3236,8 +3239,8 @@ class Daemon:
 
     def start(self, timeout: float = START_TIMEOUT) -> Daemon:
         """Bind the control socket, start the autostart watchers and return
-        once they have spawned (``timeout`` at most).  Raise ConfigError if
-        a bind fails."""
+        once they have spawned and are ready (``timeout`` at most).  Raise
+        ConfigError if a bind fails."""
         if self._started:
             raise MinisupError("a Daemon starts only once")
         self._started = True
@@ -3855,6 +3858,8 @@ def run_daemon(args: argparse.Namespace) -> int:
     except (ConfigError, OSError) as exc:
         print(f"minisup: {exc}", file=sys.stderr)
         return EXIT_USAGE
+    if args.daemon and config.logoutput in ("-", "stdout", "stderr"):
+        print("minisup: --daemon: the log goes to /dev/null (see --log-output)", file=sys.stderr)
     started = daemonize() if args.daemon else None  # before any thread starts
     write_pidfile(config.pidfile)
     systemd, watchdog = systemd_from_env()
