@@ -1485,11 +1485,10 @@ def probe_ready(check: str, wid: int) -> bool:
     if kind == "file":
         return os.path.exists(substitute(target, {"wid": str(wid)}, {}))
     host, _, port = target.rpartition(":")
-    try:
+    with contextlib.suppress(OSError):
         socket.create_connection((host or "127.0.0.1", int(port)), timeout=0.1).close()
-    except OSError:
-        return False
-    return True
+        return True
+    return False
 
 
 class Watcher:
@@ -1499,8 +1498,7 @@ class Watcher:
 
     def __init__(self, config: WatcherConfig,
                  spawn: Callable[[WatcherConfig, int, float], Process] = spawn_process,
-                 emit: Callable[[str, str, dict[str, Any]], None] | None = None
-                 ) -> None:
+                 emit: Callable[[str, str, dict[str, Any]], None] | None = None) -> None:
         self.config, self.name, self.numprocesses = config, config.name, config.numprocesses
         self.state = STOPPED
         self.processes: dict[int, Process] = {}
@@ -1543,7 +1541,8 @@ class Watcher:
     def target(self) -> int:
         """How many children to keep running now: one more while a rolling
         reload waits for a new one to be ready before it stops an old one."""
-        return max(0, self.numprocesses - self._finished) + bool(self._replace and self.config.ready)
+        rolling = bool(self._replace and self.config.ready)
+        return max(0, self.numprocesses - self._finished) + rolling
 
     def status(self, now: float) -> str:
         """The state, or ``backoff`` while a crash loop delays a respawn."""
@@ -1580,8 +1579,7 @@ class Watcher:
         if self.state == STOPPED and not self.processes:
             return
         self._set_state(STOPPING)
-        for process in self.running():
-            self._stop_process(process, now)
+        self._stop_processes(self.running(), now)
         if not self.processes:
             self._set_state(STOPPED)
 
@@ -1592,8 +1590,8 @@ class Watcher:
 
     def reload(self, now: float, sequential: bool = False) -> None:
         """Replace the children gracefully: all at once (new ones spawn as
-        the old ones are stopped), one at a time with ``sequential``, or by
-        SIGHUP with ``send_hup``.  A stopped watcher is started."""
+        the old ones are stopped), one at a time with ``sequential`` or
+        ``ready``, or by SIGHUP with ``send_hup``.  A stopped watcher starts."""
         if self.state in (STOPPED, STOPPING):
             self.start()
             return
@@ -1603,10 +1601,8 @@ class Watcher:
         elif sequential or self.config.ready:
             self._replace, self._finished = self.pids(), 0
         else:
-            self._finished = 0
-            self._next_spawn = now
-            for process in self.running():
-                self._stop_process(process, now)
+            self._finished, self._next_spawn = 0, now
+            self._stop_processes(self.running(), now)
             self._set_state(STARTING)
         self.emit("reload")
 
@@ -1615,8 +1611,7 @@ class Watcher:
         """Stop some children (default all) gracefully with another signal
         or grace period; a watcher that wants them spawns replacements."""
         victims = [p for p in self.running() if pids is None or p.pid in pids]
-        for process in victims:
-            self._stop_process(process, now, signum, timeout)
+        self._stop_processes(victims, now, signum, timeout)
         return [p.pid for p in victims]
 
     def set_numprocesses(self, count: int) -> None:
@@ -1657,15 +1652,14 @@ class Watcher:
         if policy == "never" or policy == "on-failure" and code in self.config.exit_codes:
             self._finished += 1  # done: its slot is not refilled
             return
-        self.restarts += 1
         self._note_crash(now, now - process.started)
 
     def _note_crash(self, now: float, uptime: float) -> None:
         config = self.config
+        self.restarts += 1
         self._crashes = self._crashes + 1 if uptime < config.min_uptime else 0
         if config.flapping_attempts:
-            self._deaths = [t for t in self._deaths if now - t < config.flapping_window]
-            self._deaths.append(now)
+            self._deaths = [t for t in self._deaths if now - t < config.flapping_window] + [now]
             if len(self._deaths) >= config.flapping_attempts:
                 self._flap(now)
                 return
@@ -1686,8 +1680,7 @@ class Watcher:
             self.stop(now)
             return
         logger.warning("%s: flapping, pausing %gs", self.name, config.flapping_retry_in)
-        for process in self.running():
-            self._stop_process(process, now)
+        self._stop_processes(self.running(), now)
         self._resume_at = now + config.flapping_retry_in
         self._set_state(FLAPPING)
 
@@ -1708,12 +1701,11 @@ class Watcher:
         if self.state not in (STARTING, ACTIVE):
             return []
         running = self.running()
-        for process in running[:max(0, len(running) - self.target)]:
-            self._stop_process(process, now)
+        self._stop_processes(running[:max(0, len(running) - self.target)], now)
         for process in self.running():
             if process.expires is not None and now >= process.expires:
                 logger.info("%s: pid %d reached max_age", self.name, process.pid)
-                self._stop_process(process, now)
+                self._stop_processes([process], now)
         self._replace_next(now)
         spawned = [] if held else self._fill(now)
         running = self.running()
@@ -1745,39 +1737,34 @@ class Watcher:
     def _replace_next(self, now: float) -> None:
         # Rolling reload: stop the next old child once the last is gone and
         # its replacement (and, with ``ready``, one more) is ready.
-        if not self._replace or now < self._next_spawn or len(self.running()) < self.target or any(
-                p.stopping or not p.ready for p in self.processes.values()):
+        if (not self._replace or now < self._next_spawn or len(self.running()) < self.target
+                or any(p.stopping or not p.ready for p in self.processes.values())):
             return
         process = self.processes.get(self._replace.pop(0))
         if process is not None:
-            self._stop_process(process, now)
+            self._stop_processes([process], now)
 
     def _fill(self, now: float) -> list[Process]:
-        spawned: list[Process] = []
+        config, spawned = self.config, []
         missing = self.target - len(self.running())
         used = {p.wid for p in self.processes.values()}  # the lowest free wids:
         free = iter([w for w in range(1, len(used) + missing + 1) if w not in used])
         while len(spawned) < missing and now >= self._next_spawn:
-            process = self._spawn_one(now, next(free))
-            if process is None:
+            wid = next(free)
+            try:
+                process = self._spawn(config, wid, now)
+            except Exception as exc:  # noqa: BLE001 - any failure to spawn is one
+                self._spawn_failed(exc, now)
                 break
+            self.retries = 0
+            process.ready, process.ready_by = not config.ready, now + config.ready_timeout
+            self.processes[process.pid] = process
             spawned.append(process)
-            if self.config.warmup_delay:
-                self._next_spawn = now + self.config.warmup_delay
+            logger.info("%s: spawned pid %d (wid %d)", self.name, process.pid, wid)
+            self.emit("spawn", process_pid=process.pid)
+            if config.warmup_delay:
+                self._next_spawn = now + config.warmup_delay
         return spawned
-
-    def _spawn_one(self, now: float, wid: int) -> Process | None:
-        try:
-            process = self._spawn(self.config, wid, now)
-        except Exception as exc:  # noqa: BLE001 - any failure to spawn is one
-            self._spawn_failed(exc, now)
-            return None
-        self.retries = 0
-        process.ready, process.ready_by = not self.config.ready, now + self.config.ready_timeout
-        self.processes[process.pid] = process
-        logger.info("%s: spawned pid %d (wid %d)", self.name, process.pid, wid)
-        self.emit("spawn", process_pid=process.pid)
-        return process
 
     def mark_ready(self, process: Process) -> None:
         """Note that a child passed its ``ready`` check (or sent READY=1)."""
@@ -1797,8 +1784,7 @@ class Watcher:
             elif now >= process.ready_by:
                 logger.warning("%s: pid %d not ready within %gs, replacing it", self.name,
                                process.pid, self.config.ready_timeout)
-                self._stop_process(process, now)
-                self.restarts += 1
+                self._stop_processes([process], now)
                 self._note_crash(now, 0.0)
         if unready and probe:
             self._probe_at = now + READY_POLL
@@ -1806,9 +1792,8 @@ class Watcher:
     def _spawn_failed(self, exc: Exception, now: float) -> None:
         self.retries += 1
         limit = self.config.max_retry
-        attempts = "unlimited" if limit < 0 else str(limit + 1)
-        logger.error("%s: spawn failed (attempt %d of %s): %s", self.name,
-                     self.retries, attempts, exc)
+        logger.error("%s: spawn failed (attempt %d of %s): %s", self.name, self.retries,
+                     "unlimited" if limit < 0 else limit + 1, exc)
         if 0 <= limit < self.retries:
             self.last_error = f"spawn failed {self.retries} times: {exc}"
             logger.error("%s: giving up: %s", self.name, self.last_error)
@@ -1816,16 +1801,17 @@ class Watcher:
         else:
             self._next_spawn = now + self.config.retry_in
 
-    def _stop_process(self, process: Process, now: float, signum: int | None = None,
-                      timeout: float | None = None) -> None:
+    def _stop_processes(self, processes: list[Process], now: float, signum: int | None = None,
+                        timeout: float | None = None) -> None:
         signum = self.config.stop_signal if signum is None else signum
         timeout = self.config.graceful_timeout if timeout is None else timeout
-        logger.debug("%s: stopping pid %d with %s (%gs grace)", self.name,
-                    process.pid, _signal_name(signum), timeout)
-        process.stop(signum, now + timeout, group=self.config.stop_children)
-        self.emit("kill", process_pid=process.pid)
-        if timeout == 0:
-            process.kill()
+        for process in processes:
+            logger.debug("%s: stopping pid %d with %s (%gs grace)", self.name,
+                         process.pid, _signal_name(signum), timeout)
+            process.stop(signum, now + timeout, group=self.config.stop_children)
+            self.emit("kill", process_pid=process.pid)
+            if timeout == 0:
+                process.kill()
 
     def _escalate(self, now: float, tree: Callable[[], dict[int, list[int]]] | None) -> None:
         for process in self.processes.values():
