@@ -1948,8 +1948,9 @@ class Arbiter:
             self._adopt_orphans()
         for watcher, process in exited:
             self._reap(watcher, process)
-        if not events or self._unwatched:
-            self._sweep()
+        if not events or self._unwatched:  # no pidfd, or a quiet turn: ask every child
+            for watcher, process in self._all_processes():
+                self._reap(watcher, process)
 
     def notice_child_exit(self) -> None:
         """SIGCHLD arrived (subreaper mode): look for orphans to reap.
@@ -1982,11 +1983,9 @@ class Arbiter:
         # READY=1 once every autostart watcher is up (again, after a
         # reloadconfig), STATUS= as it changes, WATCHDOG=1 twice a period:
         # from this thread, so systemd notices if the loop hangs.
-        lines = []
         ready = self._quit_stages is None and all(
             w.up and w.settled for w in self.watchers.values() if w.config.autostart)
-        if ready and not self._ready_told:
-            lines.append("READY=1")
+        lines = ["READY=1"] if ready and not self._ready_told else []
         self._ready_told |= ready
         status = f"STATUS={self.summary()}"
         if status != self._status_told:
@@ -2037,12 +2036,10 @@ class Arbiter:
         # Replies leave as the tick ends, not mid-tick, where the woken
         # controller would only wait for the GIL until this thread blocks.
         if self.on_view is not None:
-            replies = {(command, None): COMMANDS[command].handler(self, {})
-                       for command in VIEW_COMMANDS}
-            for name in self.watchers:
-                for command in VIEW_COMMANDS[:2]:
-                    replies[command, name] = COMMANDS[command].handler(self, {"name": name})
-            self.on_view(View(self._seq, replies))
+            self.on_view(View(self._seq, {
+                (command, name): COMMANDS[command].handler(self, {"name": name})
+                for name in [None, *self.watchers]
+                for command in (VIEW_COMMANDS if name is None else VIEW_COMMANDS[:2])}))
         replies, self._replies = self._replies, []
         for job, outcome in replies:
             job.reply(outcome)
@@ -2221,39 +2218,28 @@ class Arbiter:
         self._unwatch(process)
         watcher.reap(process, code, self.clock())
 
-    def _sweep(self) -> None:
-        # Without a pidfd (or as a periodic safety net) ask each child.
-        for watcher, process in self._all_processes():
-            self._reap(watcher, process)
-
     def _timeout(self, now: float) -> float:
-        timeout = self.config.check_delay
-        for watcher in [*self.watchers.values(), *self._retiring]:
-            deadline = watcher.next_deadline()
-            if deadline is not None:
-                timeout = min(timeout, max(0.0, deadline - now))
-        if self._unwatched or self._doomed:
-            timeout = min(timeout, FALLBACK_POLL)
+        deadlines = [w.next_deadline() for w in [*self.watchers.values(), *self._retiring]]
         if self.watchdog:
-            timeout = min(timeout, max(0.0, self._watchdog_at - now))
-        return timeout
+            deadlines.append(self._watchdog_at)
+        timeout = min([self.config.check_delay,
+                       *(max(0.0, d - now) for d in deadlines if d is not None)])
+        return min(timeout, FALLBACK_POLL) if self._unwatched or self._doomed else timeout
 
     def _run_jobs(self) -> None:
         while not self._jobs.empty():  # we alone take from it: get won't block
-            self._run(self._jobs.get())
-
-    def _run(self, job: Job) -> None:
-        self._seq = max(self._seq, job.seq)
-        outcome: Outcome | Pending
-        if (self._quit_stages is not None and job.command not in SHUTDOWN_COMMANDS
-                and not job.command.startswith("_")):  # "_name": internal
-            outcome = MinisupError("the daemon is shutting down")
-        else:
-            outcome = _outcome(job.command, job.handler, self, job.properties)
-        if isinstance(outcome, Pending):
-            self._waiting.append((job, outcome))
-        else:
-            self._replies.append((job, outcome))
+            job = self._jobs.get()
+            self._seq = max(self._seq, job.seq)
+            outcome: Outcome | Pending
+            if (self._quit_stages is not None and job.command not in SHUTDOWN_COMMANDS
+                    and not job.command.startswith("_")):  # "_name": internal
+                outcome = MinisupError("the daemon is shutting down")
+            else:
+                outcome = _outcome(job.command, job.handler, self, job.properties)
+            if isinstance(outcome, Pending):
+                self._waiting.append((job, outcome))
+            else:
+                self._replies.append((job, outcome))
 
     def _answer_waiters(self) -> None:
         still: list[tuple[Job, Pending]] = []
@@ -2275,8 +2261,7 @@ class Arbiter:
         """Register a new, stopped watcher; error if the name is taken."""
         if config.name in self.watchers:
             raise MinisupError(f"{config.name!r} already exist", COMMAND_ERROR)
-        watcher = Watcher(config, self._spawn, self._emit)
-        self.watchers[config.name] = watcher
+        watcher = self.watchers[config.name] = Watcher(config, self._spawn, self._emit)
         logger.info("%s: added", watcher.name)
         watcher.emit("add")
         return watcher
@@ -2310,8 +2295,7 @@ class Arbiter:
         Returns the watchers it touched."""
         old = {w.name: w for w in self.config.watchers}
         fresh = {w.name: w for w in new.watchers}
-        moved_sockets = self._apply_sockets(new)
-        fresh_sockets = {c.name for c in new.sockets}
+        moved_sockets = self._apply_sockets(new)  # every one is in new.sockets
         now, touched = self.clock(), []
         for name in old.keys() - fresh.keys():
             if name in self.watchers:
@@ -2323,12 +2307,11 @@ class Arbiter:
                 touched.append(self.add_watcher(config))
                 if config.autostart:
                     self.start_watchers(touched[-1:])
-            elif old.get(name) != config or moved_sockets & (
-                    set(fresh_sockets) if config.use_sockets else _socket_users(config)):
+            elif old.get(name) != config or (moved_sockets if config.use_sockets
+                                             else moved_sockets & _socket_users(config)):
                 touched.append(watcher)
                 self._update_watcher(watcher, old.get(name), config, now)
-        for key in ("check_delay", "warmup_delay"):
-            setattr(self.config, key, getattr(new, key))
+        self.config.check_delay, self.config.warmup_delay = new.check_delay, new.warmup_delay
         for key in sorted(GLOBAL_OPTIONS.keys() - {"check_delay", "warmup_delay", "endpoint"}):
             if getattr(new, key) != getattr(self.config, key):
                 logger.warning("reloadconfig: [circus] %s changed; it takes "
@@ -2384,7 +2367,6 @@ class Arbiter:
                     self._guard("-", process.pid)
                     self._reap(watcher, process)
         return {}
-
 
 
 def stop_stages(watchers: list[Watcher]) -> list[list[Watcher]]:
