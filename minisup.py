@@ -1893,8 +1893,7 @@ class Arbiter:
         self.subreaper = self.done = self.failed = False
         self._unwatched = self._seq = 0  # pidfd-less children; the last controller job run
         self._jobs: queue.SimpleQueue[Job] = queue.SimpleQueue()
-        self._waker = Waker()
-        self._selector = selectors.DefaultSelector()
+        self._waker, self._selector = Waker(), selectors.DefaultSelector()
         self._selector.register(self._waker, selectors.EVENT_READ, None)
         self._waiting: list[tuple[Job, Pending]] = []
         self._replies: list[tuple[Job, Outcome]] = []  # sent as the tick ends
@@ -1933,8 +1932,7 @@ class Arbiter:
             raise
 
     def poll(self, timeout: float | None) -> None:
-        """Block until a child exits, a job arrives or ``timeout`` passes,
-        then reap every child that exited."""
+        """Block until a child exits, a job arrives or ``timeout`` passes; reap the dead."""
         events = [key.data for key, _ in self._selector.select(timeout)]
         exited = [data for data in events if isinstance(data, tuple)]
         if None in events:
@@ -1948,7 +1946,7 @@ class Arbiter:
             self._adopt_orphans()
         for watcher, process in exited:
             self._reap(watcher, process)
-        if not events or self._unwatched:  # no pidfd, or a quiet turn: ask every child
+        if not events or self._unwatched:  # the sweep: no pidfd, or a quiet turn
             for watcher, process in self._all_processes():
                 self._reap(watcher, process)
 
@@ -2121,8 +2119,7 @@ class Arbiter:
                 self._doomed.discard(pid)
                 logger.info("reaped orphan pid %d", pid)
             elif pid not in self._strays and pid not in self._doomed:
-                owner = _owner(pid, known)
-                self._strays[pid] = owner
+                owner = self._strays[pid] = _owner(pid, known)
                 logger.info("adopted orphan pid %d (of %s)", pid,
                             owner.name if owner else "no known watcher")
 
@@ -2291,8 +2288,7 @@ class Arbiter:
     def apply_config(self, new: Config) -> list[Watcher]:
         """Move to a re-read configuration (``reloadconfig``): add new
         watchers, remove deleted ones, resize on a numprocesses-only change
-        and reload on any other; watchers added at runtime are kept.
-        Returns the watchers it touched."""
+        and reload on any other (runtime additions are kept); return those touched."""
         old = {w.name: w for w in self.config.watchers}
         fresh = {w.name: w for w in new.watchers}
         moved_sockets = self._apply_sockets(new)  # every one is in new.sockets
@@ -2492,8 +2488,7 @@ PID_PROPERTIES = {"pid", "childpid", "process"}
 def check_properties(command: Command, properties: Any) -> dict[str, Any]:
     """Check a request's properties against ``command``; raise MessageError.
     Pids given as digit strings become ints."""
-    if properties is None or properties == []:
-        properties = {}
+    properties = {} if properties in (None, []) else properties
     if not isinstance(properties, dict):
         raise MessageError("'properties' must be an object")
     for key in command.required:
@@ -2519,8 +2514,7 @@ def _targets(arbiter: Arbiter, properties: dict[str, Any],
     ones), or those whose name matches by glob (default), regex or simple."""
     name = properties.get("name")
     if name is None:
-        watchers = list(arbiter.watchers.values())
-        return [w for w in watchers if w.config.autostart] if autostart_only else watchers
+        return [w for w in arbiter.watchers.values() if w.config.autostart or not autostart_only]
     match = properties.get("match", "glob")
     if match == "simple":
         return [arbiter.get_watcher(name)]
@@ -2551,10 +2545,8 @@ def _process_info(watchers: list[Watcher], before: dict[str, list[int]],
                            BAD_MSG_DATA_ERROR)
     old = {p for w in watchers for p in before[w.name]}
     now = {p for w in watchers for p in w.pids()}
-    info = {"stopped": sorted(old - now), "started": sorted(now - old), "kept": sorted(old & now)}
-    if not with_stopped:
-        del info["stopped"]
-    return info
+    stopped = {"stopped": sorted(old - now)} if with_stopped else {}
+    return {**stopped, "started": sorted(now - old), "kept": sorted(old & now)}
 
 
 def handle_list(arbiter: Arbiter, properties: dict[str, Any]) -> dict[str, Any]:
@@ -2759,14 +2751,12 @@ def handle_signal(arbiter: Arbiter, properties: dict[str, Any]) -> dict[str, Any
 
 
 def handle_kill(arbiter: Arbiter, properties: dict[str, Any]) -> dict[str, Any] | Pending:
-    watcher = arbiter.get_watcher(properties["name"])
-    pid = properties.get("pid")
-    if pid is not None:
-        _watcher_process(watcher, pid)
-    victims = watcher.kill(arbiter.clock(), None if pid is None else [pid],
-                           _signum(properties), properties.get("graceful_timeout"))
-    return _when_waiting(
-        properties, lambda: not any(p in watcher.processes for p in victims), dict)
+    watcher, pid = arbiter.get_watcher(properties["name"]), properties.get("pid")
+    pids = None if pid is None else [_watcher_process(watcher, pid).pid]  # or not found
+    victims = watcher.kill(arbiter.clock(), pids, _signum(properties),
+                           properties.get("graceful_timeout"))
+    return _when_waiting(properties, lambda: not any(p in watcher.processes for p in victims),
+                         dict)
 
 
 def handle_stats(arbiter: Arbiter, properties: dict[str, Any]) -> dict[str, Any]:
