@@ -1566,8 +1566,7 @@ class Watcher:
         """Begin (or resume) keeping the children running."""
         if self.state == STOPPING:
             self._restart_pending = True
-            return
-        if self.state in (STOPPED, FLAPPING):
+        elif self.state in (STOPPED, FLAPPING):
             self.retries, self.last_error, self._crashes = 0, None, 0
             self._finished, self._deaths, self._flaps = 0, [], 0
             self._next_spawn = not_before
@@ -2628,9 +2627,8 @@ def handle_restart(arbiter: Arbiter, properties: dict[str, Any]) -> dict[str, An
 def handle_reload(arbiter: Arbiter, properties: dict[str, Any]) -> dict[str, Any] | Pending:
     if properties.get("graceful") is False:
         return handle_restart(arbiter, properties)
-    sequential = bool(properties.get("sequential"))
     return _transition(arbiter, properties, lambda watchers: [
-        w.reload(arbiter.clock(), sequential) for w in watchers])
+        w.reload(arbiter.clock(), bool(properties.get("sequential"))) for w in watchers])
 
 
 def _resize(arbiter: Arbiter, properties: dict[str, Any], sign: int) -> dict[str, Any] | Pending:
