@@ -1488,11 +1488,10 @@ def probe_ready(check: str, wid: int) -> bool:
     if kind == "file":
         return os.path.exists(substitute(target, {"wid": str(wid)}, {}))
     host, _, port = target.rpartition(":")
-    try:
+    with contextlib.suppress(OSError):
         socket.create_connection((host or "127.0.0.1", int(port)), timeout=0.1).close()
-    except OSError:
-        return False
-    return True
+        return True
+    return False
 
 
 class Watcher:
@@ -1502,8 +1501,7 @@ class Watcher:
 
     def __init__(self, config: WatcherConfig,
                  spawn: Callable[[WatcherConfig, int, float], Process] = spawn_process,
-                 emit: Callable[[str, str, dict[str, Any]], None] | None = None
-                 ) -> None:
+                 emit: Callable[[str, str, dict[str, Any]], None] | None = None) -> None:
         self.config, self.name, self.numprocesses = config, config.name, config.numprocesses
         self.state = STOPPED
         self.processes: dict[int, Process] = {}
@@ -1546,7 +1544,8 @@ class Watcher:
     def target(self) -> int:
         """How many children to keep running now: one more while a rolling
         reload waits for a new one to be ready before it stops an old one."""
-        return max(0, self.numprocesses - self._finished) + bool(self._replace and self.config.ready)
+        rolling = bool(self._replace and self.config.ready)
+        return max(0, self.numprocesses - self._finished) + rolling
 
     def status(self, now: float) -> str:
         """The state, or ``backoff`` while a crash loop delays a respawn."""
@@ -1570,8 +1569,7 @@ class Watcher:
         """Begin (or resume) keeping the children running."""
         if self.state == STOPPING:
             self._restart_pending = True
-            return
-        if self.state in (STOPPED, FLAPPING):
+        elif self.state in (STOPPED, FLAPPING):
             self.retries, self.last_error, self._crashes = 0, None, 0
             self._finished, self._deaths, self._flaps = 0, [], 0
             self._next_spawn = not_before
@@ -1583,8 +1581,7 @@ class Watcher:
         if self.state == STOPPED and not self.processes:
             return
         self._set_state(STOPPING)
-        for process in self.running():
-            self._stop_process(process, now)
+        self._stop_processes(self.running(), now)
         if not self.processes:
             self._set_state(STOPPED)
 
@@ -1595,8 +1592,8 @@ class Watcher:
 
     def reload(self, now: float, sequential: bool = False) -> None:
         """Replace the children gracefully: all at once (new ones spawn as
-        the old ones are stopped), one at a time with ``sequential``, or by
-        SIGHUP with ``send_hup``.  A stopped watcher is started."""
+        the old ones are stopped), one at a time with ``sequential`` or
+        ``ready``, or by SIGHUP with ``send_hup``.  A stopped watcher starts."""
         if self.state in (STOPPED, STOPPING):
             self.start()
             return
@@ -1606,10 +1603,8 @@ class Watcher:
         elif sequential or self.config.ready:
             self._replace, self._finished = self.pids(), 0
         else:
-            self._finished = 0
-            self._next_spawn = now
-            for process in self.running():
-                self._stop_process(process, now)
+            self._finished, self._next_spawn = 0, now
+            self._stop_processes(self.running(), now)
             self._set_state(STARTING)
         self.emit("reload")
 
@@ -1618,8 +1613,7 @@ class Watcher:
         """Stop some children (default all) gracefully with another signal
         or grace period; a watcher that wants them spawns replacements."""
         victims = [p for p in self.running() if pids is None or p.pid in pids]
-        for process in victims:
-            self._stop_process(process, now, signum, timeout)
+        self._stop_processes(victims, now, signum, timeout)
         return [p.pid for p in victims]
 
     def set_numprocesses(self, count: int) -> None:
@@ -1660,15 +1654,14 @@ class Watcher:
         if policy == "never" or policy == "on-failure" and code in self.config.exit_codes:
             self._finished += 1  # done: its slot is not refilled
             return
-        self.restarts += 1
         self._note_crash(now, now - process.started)
 
     def _note_crash(self, now: float, uptime: float) -> None:
         config = self.config
+        self.restarts += 1
         self._crashes = self._crashes + 1 if uptime < config.min_uptime else 0
         if config.flapping_attempts:
-            self._deaths = [t for t in self._deaths if now - t < config.flapping_window]
-            self._deaths.append(now)
+            self._deaths = [t for t in self._deaths if now - t < config.flapping_window] + [now]
             if len(self._deaths) >= config.flapping_attempts:
                 self._flap(now)
                 return
@@ -1689,8 +1682,7 @@ class Watcher:
             self.stop(now)
             return
         logger.warning("%s: flapping, pausing %gs", self.name, config.flapping_retry_in)
-        for process in self.running():
-            self._stop_process(process, now)
+        self._stop_processes(self.running(), now)
         self._resume_at = now + config.flapping_retry_in
         self._set_state(FLAPPING)
 
@@ -1711,12 +1703,11 @@ class Watcher:
         if self.state not in (STARTING, ACTIVE):
             return []
         running = self.running()
-        for process in running[:max(0, len(running) - self.target)]:
-            self._stop_process(process, now)
+        self._stop_processes(running[:max(0, len(running) - self.target)], now)
         for process in self.running():
             if process.expires is not None and now >= process.expires:
                 logger.info("%s: pid %d reached max_age", self.name, process.pid)
-                self._stop_process(process, now)
+                self._stop_processes([process], now)
         self._replace_next(now)
         spawned = [] if held else self._fill(now)
         running = self.running()
@@ -1748,39 +1739,34 @@ class Watcher:
     def _replace_next(self, now: float) -> None:
         # Rolling reload: stop the next old child once the last is gone and
         # its replacement (and, with ``ready``, one more) is ready.
-        if not self._replace or now < self._next_spawn or len(self.running()) < self.target or any(
-                p.stopping or not p.ready for p in self.processes.values()):
+        if (not self._replace or now < self._next_spawn or len(self.running()) < self.target
+                or any(p.stopping or not p.ready for p in self.processes.values())):
             return
         process = self.processes.get(self._replace.pop(0))
         if process is not None:
-            self._stop_process(process, now)
+            self._stop_processes([process], now)
 
     def _fill(self, now: float) -> list[Process]:
-        spawned: list[Process] = []
+        config, spawned = self.config, []
         missing = self.target - len(self.running())
         used = {p.wid for p in self.processes.values()}  # the lowest free wids:
         free = iter([w for w in range(1, len(used) + missing + 1) if w not in used])
         while len(spawned) < missing and now >= self._next_spawn:
-            process = self._spawn_one(now, next(free))
-            if process is None:
+            wid = next(free)
+            try:
+                process = self._spawn(config, wid, now)
+            except Exception as exc:  # noqa: BLE001 - any failure to spawn is one
+                self._spawn_failed(exc, now)
                 break
+            self.retries = 0
+            process.ready, process.ready_by = not config.ready, now + config.ready_timeout
+            self.processes[process.pid] = process
             spawned.append(process)
-            if self.config.warmup_delay:
-                self._next_spawn = now + self.config.warmup_delay
+            logger.info("%s: spawned pid %d (wid %d)", self.name, process.pid, wid)
+            self.emit("spawn", process_pid=process.pid)
+            if config.warmup_delay:
+                self._next_spawn = now + config.warmup_delay
         return spawned
-
-    def _spawn_one(self, now: float, wid: int) -> Process | None:
-        try:
-            process = self._spawn(self.config, wid, now)
-        except Exception as exc:  # noqa: BLE001 - any failure to spawn is one
-            self._spawn_failed(exc, now)
-            return None
-        self.retries = 0
-        process.ready, process.ready_by = not self.config.ready, now + self.config.ready_timeout
-        self.processes[process.pid] = process
-        logger.info("%s: spawned pid %d (wid %d)", self.name, process.pid, wid)
-        self.emit("spawn", process_pid=process.pid)
-        return process
 
     def mark_ready(self, process: Process) -> None:
         """Note that a child passed its ``ready`` check (or sent READY=1)."""
@@ -1800,8 +1786,7 @@ class Watcher:
             elif now >= process.ready_by:
                 logger.warning("%s: pid %d not ready within %gs, replacing it", self.name,
                                process.pid, self.config.ready_timeout)
-                self._stop_process(process, now)
-                self.restarts += 1
+                self._stop_processes([process], now)
                 self._note_crash(now, 0.0)
         if unready and probe:
             self._probe_at = now + READY_POLL
@@ -1809,9 +1794,8 @@ class Watcher:
     def _spawn_failed(self, exc: Exception, now: float) -> None:
         self.retries += 1
         limit = self.config.max_retry
-        attempts = "unlimited" if limit < 0 else str(limit + 1)
-        logger.error("%s: spawn failed (attempt %d of %s): %s", self.name,
-                     self.retries, attempts, exc)
+        logger.error("%s: spawn failed (attempt %d of %s): %s", self.name, self.retries,
+                     "unlimited" if limit < 0 else limit + 1, exc)
         if 0 <= limit < self.retries:
             self.last_error = f"spawn failed {self.retries} times: {exc}"
             logger.error("%s: giving up: %s", self.name, self.last_error)
@@ -1819,16 +1803,17 @@ class Watcher:
         else:
             self._next_spawn = now + self.config.retry_in
 
-    def _stop_process(self, process: Process, now: float, signum: int | None = None,
-                      timeout: float | None = None) -> None:
+    def _stop_processes(self, processes: list[Process], now: float, signum: int | None = None,
+                        timeout: float | None = None) -> None:
         signum = self.config.stop_signal if signum is None else signum
         timeout = self.config.graceful_timeout if timeout is None else timeout
-        logger.debug("%s: stopping pid %d with %s (%gs grace)", self.name,
-                    process.pid, _signal_name(signum), timeout)
-        process.stop(signum, now + timeout, group=self.config.stop_children)
-        self.emit("kill", process_pid=process.pid)
-        if timeout == 0:
-            process.kill()
+        for process in processes:
+            logger.debug("%s: stopping pid %d with %s (%gs grace)", self.name,
+                         process.pid, _signal_name(signum), timeout)
+            process.stop(signum, now + timeout, group=self.config.stop_children)
+            self.emit("kill", process_pid=process.pid)
+            if timeout == 0:
+                process.kill()
 
     def _escalate(self, now: float, tree: Callable[[], dict[int, list[int]]] | None) -> None:
         for process in self.processes.values():
@@ -1910,8 +1895,7 @@ class Arbiter:
         self.subreaper = self.done = self.failed = False
         self._unwatched = self._seq = 0  # pidfd-less children; the last controller job run
         self._jobs: queue.SimpleQueue[Job] = queue.SimpleQueue()
-        self._waker = Waker()
-        self._selector = selectors.DefaultSelector()
+        self._waker, self._selector = Waker(), selectors.DefaultSelector()
         self._selector.register(self._waker, selectors.EVENT_READ, None)
         self._waiting: list[tuple[Job, Pending]] = []
         self._replies: list[tuple[Job, Outcome]] = []  # sent as the tick ends
@@ -1950,8 +1934,7 @@ class Arbiter:
             raise
 
     def poll(self, timeout: float | None) -> None:
-        """Block until a child exits, a job arrives or ``timeout`` passes,
-        then reap every child that exited."""
+        """Block until a child exits, a job arrives or ``timeout`` passes; reap the dead."""
         events = [key.data for key, _ in self._selector.select(timeout)]
         exited = [data for data in events if isinstance(data, tuple)]
         if None in events:
@@ -1965,8 +1948,9 @@ class Arbiter:
             self._adopt_orphans()
         for watcher, process in exited:
             self._reap(watcher, process)
-        if not events or self._unwatched:
-            self._sweep()
+        if not events or self._unwatched:  # the sweep: no pidfd, or a quiet turn
+            for watcher, process in self._all_processes():
+                self._reap(watcher, process)
 
     def notice_child_exit(self) -> None:
         """SIGCHLD arrived (subreaper mode): look for orphans to reap.
@@ -1999,11 +1983,9 @@ class Arbiter:
         # READY=1 once every autostart watcher is up (again, after a
         # reloadconfig), STATUS= as it changes, WATCHDOG=1 twice a period:
         # from this thread, so systemd notices if the loop hangs.
-        lines = []
         ready = self._quit_stages is None and all(
             w.up and w.settled for w in self.watchers.values() if w.config.autostart)
-        if ready and not self._ready_told:
-            lines.append("READY=1")
+        lines = ["READY=1"] if ready and not self._ready_told else []
         self._ready_told |= ready
         status = f"STATUS={self.summary()}"
         if status != self._status_told:
@@ -2054,12 +2036,10 @@ class Arbiter:
         # Replies leave as the tick ends, not mid-tick, where the woken
         # controller would only wait for the GIL until this thread blocks.
         if self.on_view is not None:
-            replies = {(command, None): COMMANDS[command].handler(self, {})
-                       for command in VIEW_COMMANDS}
-            for name in self.watchers:
-                for command in VIEW_COMMANDS[:2]:
-                    replies[command, name] = COMMANDS[command].handler(self, {"name": name})
-            self.on_view(View(self._seq, replies))
+            self.on_view(View(self._seq, {
+                (command, name): COMMANDS[command].handler(self, {"name": name})
+                for name in [None, *self.watchers]
+                for command in (VIEW_COMMANDS if name is None else VIEW_COMMANDS[:2])}))
         replies, self._replies = self._replies, []
         for job, outcome in replies:
             job.reply(outcome)
@@ -2141,8 +2121,7 @@ class Arbiter:
                 self._doomed.discard(pid)
                 logger.info("reaped orphan pid %d", pid)
             elif pid not in self._strays and pid not in self._doomed:
-                owner = _owner(pid, known)
-                self._strays[pid] = owner
+                owner = self._strays[pid] = _owner(pid, known)
                 logger.info("adopted orphan pid %d (of %s)", pid,
                             owner.name if owner else "no known watcher")
 
@@ -2238,39 +2217,28 @@ class Arbiter:
         self._unwatch(process)
         watcher.reap(process, code, self.clock())
 
-    def _sweep(self) -> None:
-        # Without a pidfd (or as a periodic safety net) ask each child.
-        for watcher, process in self._all_processes():
-            self._reap(watcher, process)
-
     def _timeout(self, now: float) -> float:
-        timeout = self.config.check_delay
-        for watcher in [*self.watchers.values(), *self._retiring]:
-            deadline = watcher.next_deadline()
-            if deadline is not None:
-                timeout = min(timeout, max(0.0, deadline - now))
-        if self._unwatched or self._doomed:
-            timeout = min(timeout, FALLBACK_POLL)
+        deadlines = [w.next_deadline() for w in [*self.watchers.values(), *self._retiring]]
         if self.watchdog:
-            timeout = min(timeout, max(0.0, self._watchdog_at - now))
-        return timeout
+            deadlines.append(self._watchdog_at)
+        timeout = min([self.config.check_delay,
+                       *(max(0.0, d - now) for d in deadlines if d is not None)])
+        return min(timeout, FALLBACK_POLL) if self._unwatched or self._doomed else timeout
 
     def _run_jobs(self) -> None:
         while not self._jobs.empty():  # we alone take from it: get won't block
-            self._run(self._jobs.get())
-
-    def _run(self, job: Job) -> None:
-        self._seq = max(self._seq, job.seq)
-        outcome: Outcome | Pending
-        if (self._quit_stages is not None and job.command not in SHUTDOWN_COMMANDS
-                and not job.command.startswith("_")):  # "_name": internal
-            outcome = MinisupError("the daemon is shutting down")
-        else:
-            outcome = _outcome(job.command, job.handler, self, job.properties)
-        if isinstance(outcome, Pending):
-            self._waiting.append((job, outcome))
-        else:
-            self._replies.append((job, outcome))
+            job = self._jobs.get()
+            self._seq = max(self._seq, job.seq)
+            outcome: Outcome | Pending
+            if (self._quit_stages is not None and job.command not in SHUTDOWN_COMMANDS
+                    and not job.command.startswith("_")):  # "_name": internal
+                outcome = MinisupError("the daemon is shutting down")
+            else:
+                outcome = _outcome(job.command, job.handler, self, job.properties)
+            if isinstance(outcome, Pending):
+                self._waiting.append((job, outcome))
+            else:
+                self._replies.append((job, outcome))
 
     def _answer_waiters(self) -> None:
         still: list[tuple[Job, Pending]] = []
@@ -2292,8 +2260,7 @@ class Arbiter:
         """Register a new, stopped watcher; error if the name is taken."""
         if config.name in self.watchers:
             raise MinisupError(f"{config.name!r} already exist", COMMAND_ERROR)
-        watcher = Watcher(config, self._spawn, self._emit)
-        self.watchers[config.name] = watcher
+        watcher = self.watchers[config.name] = Watcher(config, self._spawn, self._emit)
         logger.info("%s: added", watcher.name)
         watcher.emit("add")
         return watcher
@@ -2323,12 +2290,10 @@ class Arbiter:
     def apply_config(self, new: Config) -> list[Watcher]:
         """Move to a re-read configuration (``reloadconfig``): add new
         watchers, remove deleted ones, resize on a numprocesses-only change
-        and reload on any other; watchers added at runtime are kept.
-        Returns the watchers it touched."""
+        and reload on any other (runtime additions are kept); return those touched."""
         old = {w.name: w for w in self.config.watchers}
         fresh = {w.name: w for w in new.watchers}
-        moved_sockets = self._apply_sockets(new)
-        fresh_sockets = {c.name for c in new.sockets}
+        moved_sockets = self._apply_sockets(new)  # every one is in new.sockets
         now, touched = self.clock(), []
         for name in old.keys() - fresh.keys():
             if name in self.watchers:
@@ -2340,12 +2305,11 @@ class Arbiter:
                 touched.append(self.add_watcher(config))
                 if config.autostart:
                     self.start_watchers(touched[-1:])
-            elif old.get(name) != config or moved_sockets & (
-                    set(fresh_sockets) if config.use_sockets else _socket_users(config)):
+            elif old.get(name) != config or (moved_sockets if config.use_sockets
+                                             else moved_sockets & _socket_users(config)):
                 touched.append(watcher)
                 self._update_watcher(watcher, old.get(name), config, now)
-        for key in ("check_delay", "warmup_delay"):
-            setattr(self.config, key, getattr(new, key))
+        self.config.check_delay, self.config.warmup_delay = new.check_delay, new.warmup_delay
         for key in sorted(GLOBAL_OPTIONS.keys() - {"check_delay", "warmup_delay", "endpoint"}):
             if getattr(new, key) != getattr(self.config, key):
                 logger.warning("reloadconfig: [circus] %s changed; it takes "
@@ -2401,7 +2365,6 @@ class Arbiter:
                     self._guard("-", process.pid)
                     self._reap(watcher, process)
         return {}
-
 
 
 def stop_stages(watchers: list[Watcher]) -> list[list[Watcher]]:
@@ -2527,8 +2490,7 @@ PID_PROPERTIES = {"pid", "childpid", "process"}
 def check_properties(command: Command, properties: Any) -> dict[str, Any]:
     """Check a request's properties against ``command``; raise MessageError.
     Pids given as digit strings become ints."""
-    if properties is None or properties == []:
-        properties = {}
+    properties = {} if properties in (None, []) else properties
     if not isinstance(properties, dict):
         raise MessageError("'properties' must be an object")
     for key in command.required:
@@ -2554,8 +2516,7 @@ def _targets(arbiter: Arbiter, properties: dict[str, Any],
     ones), or those whose name matches by glob (default), regex or simple."""
     name = properties.get("name")
     if name is None:
-        watchers = list(arbiter.watchers.values())
-        return [w for w in watchers if w.config.autostart] if autostart_only else watchers
+        return [w for w in arbiter.watchers.values() if w.config.autostart or not autostart_only]
     match = properties.get("match", "glob")
     if match == "simple":
         return [arbiter.get_watcher(name)]
@@ -2586,10 +2547,8 @@ def _process_info(watchers: list[Watcher], before: dict[str, list[int]],
                            BAD_MSG_DATA_ERROR)
     old = {p for w in watchers for p in before[w.name]}
     now = {p for w in watchers for p in w.pids()}
-    info = {"stopped": sorted(old - now), "started": sorted(now - old), "kept": sorted(old & now)}
-    if not with_stopped:
-        del info["stopped"]
-    return info
+    stopped = {"stopped": sorted(old - now)} if with_stopped else {}
+    return {**stopped, "started": sorted(now - old), "kept": sorted(old & now)}
 
 
 def handle_list(arbiter: Arbiter, properties: dict[str, Any]) -> dict[str, Any]:
@@ -2671,9 +2630,8 @@ def handle_restart(arbiter: Arbiter, properties: dict[str, Any]) -> dict[str, An
 def handle_reload(arbiter: Arbiter, properties: dict[str, Any]) -> dict[str, Any] | Pending:
     if properties.get("graceful") is False:
         return handle_restart(arbiter, properties)
-    sequential = bool(properties.get("sequential"))
     return _transition(arbiter, properties, lambda watchers: [
-        w.reload(arbiter.clock(), sequential) for w in watchers])
+        w.reload(arbiter.clock(), bool(properties.get("sequential"))) for w in watchers])
 
 
 def _resize(arbiter: Arbiter, properties: dict[str, Any], sign: int) -> dict[str, Any] | Pending:
@@ -2794,14 +2752,12 @@ def handle_signal(arbiter: Arbiter, properties: dict[str, Any]) -> dict[str, Any
 
 
 def handle_kill(arbiter: Arbiter, properties: dict[str, Any]) -> dict[str, Any] | Pending:
-    watcher = arbiter.get_watcher(properties["name"])
-    pid = properties.get("pid")
-    if pid is not None:
-        _watcher_process(watcher, pid)
-    victims = watcher.kill(arbiter.clock(), None if pid is None else [pid],
-                           _signum(properties), properties.get("graceful_timeout"))
-    return _when_waiting(
-        properties, lambda: not any(p in watcher.processes for p in victims), dict)
+    watcher, pid = arbiter.get_watcher(properties["name"]), properties.get("pid")
+    pids = None if pid is None else [_watcher_process(watcher, pid).pid]  # or not found
+    victims = watcher.kill(arbiter.clock(), pids, _signum(properties),
+                           properties.get("graceful_timeout"))
+    return _when_waiting(properties, lambda: not any(p in watcher.processes for p in victims),
+                         dict)
 
 
 def handle_stats(arbiter: Arbiter, properties: dict[str, Any]) -> dict[str, Any]:
