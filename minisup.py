@@ -1133,8 +1133,7 @@ class Sink:
             if self.kind == "stdoutstream":
                 self.fd = os.dup(1)
                 return
-            flags = os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC
-            fd = os.open(self.path, flags, 0o644)
+            fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC, 0o644)
         except OSError as exc:
             self._failed(exc)
             return
@@ -1154,9 +1153,13 @@ class Sink:
             self.open()
 
     def write(self, pid: int, data: bytes) -> None:
-        """Write whole lines (``data`` ends with a newline)."""
-        if self.kind == "stdoutstream" or self.options.get("time_format"):
-            data = self._prefix(pid, data)
+        """Write whole lines (``data`` ends with a newline), each after its
+        prefix: ``NAME.PID | `` on stdout, the time with ``time_format``."""
+        head = f"{self.name}.{pid} | ".encode() if self.kind == "stdoutstream" else b""
+        if self.options.get("time_format"):
+            head += time.strftime(self.options["time_format"]).encode() + b" "
+        if head:
+            data = b"".join(head + line + b"\n" for line in data.split(b"\n")[:-1])
         if self.kind == "watchedfilestream":
             self._follow_moves()
         while data:
@@ -1192,12 +1195,6 @@ class Sink:
         if self.errors % 1000 == 1:
             logger.error("%s: cannot write %s (%s), %d chunks lost so far",
                          self.name, self.path, exc, self.errors)
-
-    def _prefix(self, pid: int, data: bytes) -> bytes:
-        head = f"{self.name}.{pid} | ".encode() if self.kind == "stdoutstream" else b""
-        if self.options.get("time_format"):
-            head += time.strftime(self.options["time_format"]).encode() + b" "
-        return b"".join(head + line + b"\n" for line in data.split(b"\n")[:-1])
 
     def _follow_moves(self) -> None:
         with contextlib.suppress(FileNotFoundError):
@@ -3100,8 +3097,7 @@ class Client:
                  curve_key: str | None = None, server_key: str | None = None) -> None:
         """``curve_key``: our keygen .key_secret file, ``server_key`` the
         daemon's .key file, for a daemon that has CURVE keys."""
-        self.endpoint = endpoint or default_endpoint()
-        self.timeout = timeout
+        self.endpoint, self.timeout = endpoint or default_endpoint(), timeout
         keys = None
         if curve_key or server_key:  # read first: a bad file leaks no context
             keys = (load_curve_key(curve_key or ""), load_curve_key(server_key or "", False))
