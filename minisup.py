@@ -1028,13 +1028,11 @@ def children_map() -> dict[int, list[int]]:
 
 
 def descendants(pid: int, children: dict[int, list[int]], recursive: bool = True) -> list[int]:
-    """Children of ``pid`` (and theirs, with ``recursive``)."""
-    found, todo = [], list(children.get(pid, []))
-    while todo:
-        child = todo.pop(0)
-        found.append(child)
-        if recursive:
-            todo.extend(children.get(child, []))
+    """Children of ``pid`` (and theirs, with ``recursive``), nearest first."""
+    found = list(children.get(pid, []))
+    if recursive:
+        for child in found:  # grows as it goes: each grandchild is visited in turn
+            found.extend(children.get(child, []))
     return found
 
 
