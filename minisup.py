@@ -195,9 +195,14 @@ class Waker:
 
     def close(self) -> None:
         fds, self.read_fd, self.write_fd = (self.read_fd, self.write_fd), -1, -1
-        for fd in fds:
-            if fd >= 0:
-                os.close(fd)
+        close_fds(fds)  # -1 once closed: its number may be reused at once
+
+
+def close_fds(fds: Iterable[int | None]) -> None:
+    """Close each fd that is open: None and -1 stand for none."""
+    for fd in fds:
+        if fd is not None and fd >= 0:
+            os.close(fd)
 
 
 def default_endpoint() -> str:
@@ -209,9 +214,6 @@ def default_endpoint() -> str:
         temp = os.environ.get("TMPDIR") or "/tmp"  # not tempfile: ctl starts faster
         folder = os.path.join(temp, f"minisup-{os.geteuid()}")
     return "ipc://" + os.path.join(folder, "control.sock")
-
-
-LOOPBACK_NAMES = {"localhost", "localhost.localdomain", "ip6-localhost"}
 
 
 def check_endpoint(endpoint: str, curve: bool = False) -> str:
@@ -229,7 +231,7 @@ def check_endpoint(endpoint: str, curve: bool = False) -> str:
         import ipaddress
         loopback = ipaddress.ip_address(host).is_loopback
     except ValueError:
-        loopback = host.lower() in LOOPBACK_NAMES
+        loopback = host.lower() in {"localhost", "localhost.localdomain", "ip6-localhost"}
     if not loopback and not curve:
         raise ConfigError("refusing to listen beyond loopback without authentication: set "
                           "[circus] curve_secret_key and curve_authorized_keys (python -m "
@@ -302,24 +304,6 @@ def _is_int(value: Any) -> bool:
     return isinstance(value, int) and not isinstance(value, bool)
 
 
-def _json_int(minimum: int) -> Callable[[Any], int]:
-    def check(value: Any) -> int:
-        if not _is_int(value):
-            raise ValueError("isn't an integer")
-        if value < minimum:
-            raise ValueError(f"must be at least {minimum}")
-        return value
-    return check
-
-
-def _json_seconds(value: Any) -> float:
-    if not (_is_int(value) or isinstance(value, float)):
-        raise ValueError("isn't a number")
-    if not value >= 0 or value == float("inf"):
-        raise ValueError("must be a finite number of seconds >= 0")
-    return float(value)
-
-
 def _from_text(convert: Callable[[str], Any], what: str, check: Callable[[Any], Any]) -> Kind:
     """A Kind whose INI text is ``convert``-ed, then checked as JSON is."""
     def parse(text: str) -> Any:
@@ -329,6 +313,25 @@ def _from_text(convert: Callable[[str], Any], what: str, check: Callable[[Any], 
             raise ValueError(f"not {what}") from None
         return check(value)
     return Kind(parse, check)
+
+
+def _integer(minimum: int) -> Kind:
+    """The Kind of an integer option that is at least ``minimum``."""
+    def check(value: Any) -> int:
+        if not _is_int(value):
+            raise ValueError("isn't an integer")
+        if value < minimum:
+            raise ValueError(f"must be at least {minimum}")
+        return value
+    return _from_text(int, "an integer", check)
+
+
+def _json_seconds(value: Any) -> float:
+    if not (_is_int(value) or isinstance(value, float)):
+        raise ValueError("isn't a number")
+    if not value >= 0 or value == float("inf"):
+        raise ValueError("must be a finite number of seconds >= 0")
+    return float(value)
 
 
 def _json_type(kind: type, name: str) -> Callable[[Any], Any]:
@@ -357,18 +360,27 @@ def _json_args(value: Any) -> list[str]:
 
 
 def _json_env(value: Any) -> dict[str, str]:
-    if not isinstance(value, dict) or not all(
-            isinstance(v, str) for v in value.values()):
+    if not isinstance(value, dict) or not all(isinstance(v, str) for v in value.values()):
         raise ValueError("must be an object of strings")
     return dict(value)
+
+
+def _json_codes(value: Any) -> list[int]:
+    if not isinstance(value, list) or not all(_is_int(v) and 0 <= v < 256 for v in value):
+        raise ValueError("must be a list of exit codes 0-255")
+    return value
+
+
+def _json_rlimit(value: Any) -> int | None:
+    return None if value is None else COUNT.from_json(value)
 
 
 def _not_in_ini(text: str) -> Any:
     raise ValueError("set it in an [env] or [env:NAME] section")
 
 
-def _id_parser(lookup: Callable[[Any], Any], field: str, what: str) -> Callable[[Any], int]:
-    """A parser of a user (or group) given by name or number, checked to
+def _id_kind(lookup: Callable[[Any], Any], field: str, what: str) -> Kind:
+    """The Kind of a user (or group) given by name or number, checked to
     exist, as Circus's to_uid / to_gid."""
     def parse(value: Any) -> int:
         if isinstance(value, bool) or not isinstance(value, (int, str)):
@@ -379,34 +391,7 @@ def _id_parser(lookup: Callable[[Any], Any], field: str, what: str) -> Callable[
         except (KeyError, OverflowError):
             raise ValueError(f"no such {what}") from None
         return getattr(entry, field)
-    return parse
-
-
-INT = _from_text(int, "an integer", _json_int(-2**63))
-COUNT = _from_text(int, "an integer", _json_int(0))
-RETRIES = _from_text(int, "an integer", _json_int(-1))
-SECONDS = _from_text(float, "a number of seconds", _json_seconds)
-BOOL = Kind(parse_bool, _json_bool)
-STR = Kind(str.strip, _json_str)
-SIGNAL = Kind(parse_signal, _json_signal)
-ARGS = Kind(shlex.split, _json_args)
-ENV = Kind(_not_in_ini, _json_env)
-_uid = _id_parser((pwd.getpwuid, pwd.getpwnam), "pw_uid", "user")
-_gid = _id_parser((grp.getgrgid, grp.getgrnam), "gr_gid", "group")
-USER = Kind(_uid, _uid)
-GROUP = Kind(_gid, _gid)
-OCTAL = _from_text(functools.partial(int, base=8), "an octal number", _json_int(0))
-POSITIVE = _from_text(int, "an integer", _json_int(1))
-
-
-def _json_rlimit(value: Any) -> int | None:
-    return None if value is None else _json_int(0)(value)
-
-
-def _json_codes(value: Any) -> list[int]:
-    if not isinstance(value, list) or not all(_is_int(v) and 0 <= v < 256 for v in value):
-        raise ValueError("must be a list of exit codes 0-255")
-    return value
+    return Kind(parse, parse)
 
 
 def _choice(*words: str) -> Kind:
@@ -417,10 +402,19 @@ def _choice(*words: str) -> Kind:
     return Kind(check, check)
 
 
+INT, COUNT, RETRIES, POSITIVE = _integer(-2**63), _integer(0), _integer(-1), _integer(1)
+SECONDS = _from_text(float, "a number of seconds", _json_seconds)
+OCTAL = _from_text(functools.partial(int, base=8), "an octal number", COUNT.from_json)
+BOOL = Kind(parse_bool, _json_bool)
+STR = Kind(str.strip, _json_str)
+SIGNAL = Kind(parse_signal, _json_signal)
+ARGS = LIST = Kind(shlex.split, _json_args)
+ENV = Kind(_not_in_ini, _json_env)
+USER = _id_kind((pwd.getpwuid, pwd.getpwnam), "pw_uid", "user")
+GROUP = _id_kind((grp.getgrgid, grp.getgrnam), "gr_gid", "group")
 RLIMIT = Kind(lambda text: _json_rlimit(int(text)) if text.strip() else None, _json_rlimit)
 CODES = Kind(lambda text: _json_codes([int(c) for c in re.split(r"[\s,]+", text.strip()) if c]),
              _json_codes)
-LIST = Kind(shlex.split, lambda value: _json_args(value))
 
 STREAM_CLASSES = ("filestream", "timedrotatingfilestream", "watchedfilestream", "stdoutstream")
 ROTATE_WHEN = ("s", "m", "h", "d", "midnight", *(f"w{day}" for day in range(7)))
@@ -989,12 +983,6 @@ def spawn_process(config: WatcherConfig, wid: int, now: float,
     return Process(popen, wid, now, _expiry(config, now), pipes)
 
 
-def close_fds(fds: Iterable[int | None]) -> None:
-    for fd in fds:
-        if fd is not None:
-            os.close(fd)
-
-
 def _output_target(config: WatcherConfig, stream: str,
                    capture: bool) -> tuple[int | None, int | None]:
     # (our read end, the child's fd): a pipe, /dev/null, or ours (None).
@@ -1083,13 +1071,11 @@ def children_map() -> dict[int, list[int]]:
 
 
 def descendants(pid: int, children: dict[int, list[int]], recursive: bool = True) -> list[int]:
-    """Children of ``pid`` (and theirs, with ``recursive``)."""
-    found, todo = [], list(children.get(pid, []))
-    while todo:
-        child = todo.pop(0)
-        found.append(child)
-        if recursive:
-            todo.extend(children.get(child, []))
+    """Children of ``pid`` (and theirs, with ``recursive``), nearest first."""
+    found = list(children.get(pid, []))
+    if recursive:
+        for child in found:  # grows as it goes: each grandchild is visited in turn
+            found.extend(children.get(child, []))
     return found
 
 
@@ -1188,8 +1174,7 @@ class Sink:
             if self.kind == "stdoutstream":
                 self.fd = os.dup(1)
                 return
-            flags = os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC
-            fd = os.open(self.path, flags, 0o644)
+            fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC, 0o644)
         except OSError as exc:
             self._failed(exc)
             return
@@ -1200,8 +1185,7 @@ class Sink:
 
     def close(self) -> None:
         fd, self.fd = self.fd, -1  # a closed number may be reused at once
-        if fd >= 0:
-            os.close(fd)
+        close_fds([fd])
 
     def reopen(self) -> None:
         """Close and open again (SIGUSR1, ``reopen``: after logrotate)."""
@@ -1210,9 +1194,13 @@ class Sink:
             self.open()
 
     def write(self, pid: int, data: bytes) -> None:
-        """Write whole lines (``data`` ends with a newline)."""
-        if self.kind == "stdoutstream" or self.options.get("time_format"):
-            data = self._prefix(pid, data)
+        """Write whole lines (``data`` ends with a newline), each after its
+        prefix: ``NAME.PID | `` on stdout, the time with ``time_format``."""
+        head = f"{self.name}.{pid} | ".encode() if self.kind == "stdoutstream" else b""
+        if self.options.get("time_format"):
+            head += time.strftime(self.options["time_format"]).encode() + b" "
+        if head:
+            data = b"".join(head + line + b"\n" for line in data.split(b"\n")[:-1])
         if self.kind == "watchedfilestream":
             self._follow_moves()
         while data:
@@ -1248,12 +1236,6 @@ class Sink:
         if self.errors % 1000 == 1:
             logger.error("%s: cannot write %s (%s), %d chunks lost so far",
                          self.name, self.path, exc, self.errors)
-
-    def _prefix(self, pid: int, data: bytes) -> bytes:
-        head = f"{self.name}.{pid} | ".encode() if self.kind == "stdoutstream" else b""
-        if self.options.get("time_format"):
-            head += time.strftime(self.options["time_format"]).encode() + b" "
-        return b"".join(head + line + b"\n" for line in data.split(b"\n")[:-1])
 
     def _follow_moves(self) -> None:
         with contextlib.suppress(FileNotFoundError):
@@ -3330,8 +3312,7 @@ class Client:
                  curve_key: str | None = None, server_key: str | None = None) -> None:
         """``curve_key``: our keygen .key_secret file, ``server_key`` the
         daemon's .key file, for a daemon that has CURVE keys."""
-        self.endpoint = endpoint or default_endpoint()
-        self.timeout = timeout
+        self.endpoint, self.timeout = endpoint or default_endpoint(), timeout
         keys = None
         if curve_key or server_key:  # read first: a bad file leaks no context
             keys = (load_curve_key(curve_key or ""), load_curve_key(server_key or "", False))
