@@ -8,6 +8,8 @@ teardown that no child, zombie, thread or fd was left behind.
 """
 
 import contextlib
+import dataclasses
+import io
 import itertools
 import json
 import os
@@ -2944,6 +2946,304 @@ def test_run_daemon_detaches_writes_and_removes_its_pidfile(tmp_path):
                           str(ini)], capture_output=True, text=True, timeout=DEADLINE, cwd=here,
                          check=False)
     assert bad.returncode == 2
+
+
+# ============================================== README and examples ======
+
+#: The repository root: README.rst and examples/ sit beside minisup.py.
+_README_ROOT = pathlib.Path(minisup.__file__).resolve().parent
+#: How long a README example may take; it runs in milliseconds when well.
+_README_DEADLINE = 30.0
+#: How many lines a newcomer sees first (a terminal screen).
+_README_FIRST_SCREEN = 50
+
+
+def _readme_text(name="README.rst"):
+    return (_README_ROOT / name).read_text(encoding="utf-8")
+
+
+def _readme_code_blocks(text, *languages):
+    """``(line number, language, code)`` of every ``.. code-block::`` of
+    one of ``languages`` in reStructuredText ``text``, dedented."""
+    lines, blocks = text.splitlines(), []
+    for number, line in enumerate(lines):
+        match = re.match(r"(\s*)\.\. code-block:: *(\S+)", line)
+        if not match or match.group(2) not in languages:
+            continue
+        indent, body, index = len(match.group(1)), [], number + 1
+        while index < len(lines) and re.match(r"\s+:\w[\w-]*:", lines[index]):
+            index += 1  # directive options
+        for following in lines[index:]:
+            if following.strip() and len(following) - len(following.lstrip()) <= indent:
+                break
+            body.append(following)
+        blocks.append((number + 1, match.group(2), textwrap.dedent("\n".join(body)).strip()))
+    return blocks
+
+
+def _readme_simple_tables(text):
+    """Every reStructuredText simple table in ``text``: a list of
+    ``(header cells, rows)``, each row a list of cells with continuation
+    lines (blank first column) joined in."""
+    lines, tables, index = text.splitlines(), [], 0
+    border = re.compile(r"=+( +=+)+")
+    while index < len(lines):
+        if not border.fullmatch(lines[index]):
+            index += 1
+            continue
+        spans = [m.span() for m in re.finditer(r"=+", lines[index])]
+
+        def cells(line, spans=spans):
+            edges = [start for start, _ in spans[1:]] + [None]
+            return [line[start:end].strip() for (start, _), end in zip(spans, edges)]
+
+        header, index = cells(lines[index + 1]), index + 3  # border, header, border
+        rows = []
+        while index < len(lines) and not border.fullmatch(lines[index]):
+            row = cells(lines[index])
+            if rows and not row[0]:
+                rows[-1] = [f"{a} {b}".strip() for a, b in zip(rows[-1], row)]
+            elif any(row):
+                rows.append(row)
+            index += 1
+        tables.append((header, rows))
+        index += 1
+    return tables
+
+
+def _readme_minisup_argv(words):
+    """The arguments after ``python -m minisup`` in ``words``, or None."""
+    for index in range(len(words) - 2):
+        program = os.path.basename(words[index])
+        if program.startswith("python") and words[index + 1:index + 3] == ["-m", "minisup"]:
+            return words[index + 3:]
+    return None
+
+
+def _readme_shell_argvs(line):
+    """minisup's arguments in each command of a shell line (split at
+    ``&&``, ``||``, ``;`` and ``|``; comments dropped)."""
+    found = []
+    for part in re.split(r"&&|\|\||;|\|", line):
+        argv = _readme_minisup_argv(shlex.split(part, comments=True))
+        if argv is not None:
+            found.append(argv)
+    return found
+
+
+def _readme_json_argvs(text):
+    """minisup's arguments in every JSON array of strings in ``text`` that
+    runs ``python -m minisup`` (Dockerfile exec form, pod specs)."""
+    found = []
+    for match in re.finditer(r'\[\s*"[^\]\n]*\]', text):
+        words = json.loads(match.group(0))
+        argv = _readme_minisup_argv(words)
+        if argv is not None:
+            found.append(argv)
+    return found
+
+
+def _readme_unit_settings(text):
+    """``(key, value)`` of every setting line of a systemd unit file."""
+    return [tuple(part.strip() for part in line.split("=", 1)) for line in text.splitlines()
+            if "=" in line and not line.lstrip().startswith(("#", ";"))]
+
+
+def _readme_healthy(client):
+    try:
+        return client.call("health").get("healthy")
+    except minisup.CallError:
+        return False
+
+
+# -------------------------------------------------------------------- tests --
+
+def test_readme_first_screen_has_the_quick_start_and_test_commands():
+    first = "\n".join(_readme_text().splitlines()[:_README_FIRST_SCREEN])
+    assert "pip install -e '.[test]' && python -m pytest" in first
+    assert re.search(r"python -m minisup run examples/hello\.ini", first)
+    text = _readme_text()
+    assert "bash bench/setup.sh" in text and "python bench/run.py" in text
+
+
+def test_readme_ini_examples_parse_without_warnings():
+    """Every INI example is a whole file (README says so): no fragments."""
+    blocks = _readme_code_blocks(_readme_text(), "ini")
+    assert len(blocks) >= 4
+    for line, _, code in blocks:
+        try:
+            config = minisup.parse_config(code + "\n", f"README.rst:{line}")
+        except minisup.ConfigError as exc:
+            pytest.fail(f"the INI example at README.rst line {line} is refused: {exc}")
+        assert config.warnings == [], f"README.rst line {line}"
+
+
+def test_readme_python_examples_run(tmp_path):
+    """Each Python example runs as written, in its own interpreter: a block
+    defining tests under pytest, any other as a script, each while the
+    quick-start daemon (examples/hello.ini) serves on the default endpoint,
+    made private to this test by XDG_RUNTIME_DIR.  A block that uses
+    NOTIFY_SOCKET must send READY=1 to the one this test listens on."""
+    blocks = _readme_code_blocks(_readme_text(), "python")
+    assert any("Daemon.from_ini" in code for _, _, code in blocks)
+    assert any("Client(" in code and "Daemon" not in code for _, _, code in blocks)
+    runtime = tmp_path / "run"
+    runtime.mkdir(mode=0o700)
+    env = {k: v for k, v in os.environ.items()
+           if k not in ("NOTIFY_SOCKET", "WATCHDOG_USEC", "WATCHDOG_PID")}
+    env["XDG_RUNTIME_DIR"] = str(runtime)
+    endpoint = f"ipc://{runtime}/minisup/control.sock"
+    with open(tmp_path / "daemon.out", "wb") as output:
+        example = str(_README_ROOT / "examples" / "hello.ini")
+        daemon = subprocess.Popen([sys.executable, "-m", "minisup", "run", example],
+                                  cwd=tmp_path, env=env, stdout=output, stderr=subprocess.STDOUT)
+    notify = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+    try:
+        with minisup.Client(endpoint, timeout=1.0) as client:
+            wait_for(lambda: _readme_healthy(client), what="the quick-start daemon")
+        notify.bind(str(tmp_path / "notify.sock"))
+        notify.settimeout(_README_DEADLINE)
+        for line, _, code in blocks:
+            tests = re.search(r"^def test_", code, re.MULTILINE)
+            path = tmp_path / (f"test_readme_{line}.py" if tests else f"readme_{line}.py")
+            path.write_text(code + "\n")
+            command = [sys.executable, *(["-m", "pytest", "-q", "-p", "no:cacheprovider"]
+                                         if tests else []), str(path)]
+            done = subprocess.run(
+                command, check=False, cwd=tmp_path, capture_output=True, text=True,
+                timeout=4 * _README_DEADLINE,
+                env=dict(env, NOTIFY_SOCKET=str(tmp_path / "notify.sock")))
+            assert done.returncode == 0, (
+                f"README.rst line {line}:\n{done.stdout}\n{done.stderr}")
+            if tests:
+                assert re.search(r"\b\d+ passed\b", done.stdout), done.stdout
+            if "NOTIFY_SOCKET" in code:
+                assert b"READY=1" in notify.recv(4096).splitlines(), f"README.rst line {line}"
+    finally:
+        notify.close()
+        daemon.send_signal(signal.SIGTERM)
+        try:
+            assert daemon.wait(_README_DEADLINE) == 0
+        finally:
+            if daemon.poll() is None:
+                daemon.kill()
+                daemon.wait()
+
+
+def test_readme_and_examples_command_lines_parse():
+    """Every ``python -m minisup ...`` shown (README's console blocks and
+    inline literals, JSON arrays in README, the Dockerfile, the unit's
+    Exec lines) is one the command line accepts."""
+    text = _readme_text()
+    found = {"README.rst": [], "examples/Dockerfile": [], "examples/minisup.service": []}
+    for _, _, code in _readme_code_blocks(text, "console"):
+        # Commands start with "$ "; a trailing backslash continues one.
+        for command in re.findall(r"^\$ ((?:.*\\\n)*.*)", code, re.MULTILINE):
+            found["README.rst"] += _readme_shell_argvs(command.replace("\\\n", " "))
+    for match in re.finditer(r"``(.+?)``", text, re.DOTALL):
+        literal = " ".join(match.group(1).split())
+        if "-m minisup" in literal:
+            found["README.rst"] += _readme_shell_argvs(literal)
+    found["README.rst"] += _readme_json_argvs(text)
+    found["examples/Dockerfile"] = _readme_json_argvs(_readme_text("examples/Dockerfile"))
+    for key, value in _readme_unit_settings(_readme_text("examples/minisup.service")):
+        if key.startswith("Exec"):
+            found["examples/minisup.service"] += _readme_shell_argvs(value)
+    bad = []
+    for source, argvs in found.items():
+        assert argvs, f"no minisup command line found in {source}"
+        for argv in argvs:
+            try:
+                minisup.build_parser(argv).parse_args(argv)
+            except SystemExit:
+                bad.append(f"{source}: python -m minisup {shlex.join(argv)}")
+    assert not bad, "command lines the parser refuses:\n" + "\n".join(bad)
+    every = [argv for argvs in found.values() for argv in argvs]
+    assert {"run", "ctl", "keygen"} <= {argv[0] for argv in every}
+    assert any({"--daemon", "--pidfile"} <= set(argv) for argv in every)  # init scripts
+
+
+def test_readme_names_every_option_and_command():
+    text = _readme_text()
+    names = [*minisup.WATCHER_OPTIONS, *minisup.SOCKET_OPTIONS, *minisup.GLOBAL_OPTIONS,
+             *minisup.STREAM_OPTIONS, *minisup.COMMANDS, *minisup.CTL_COMMANDS]
+    missing = sorted({n for n in names if not re.search(rf"``{re.escape(n)}(``| )", text)})
+    assert not missing, f"README.rst does not document: {missing}"
+
+
+def test_readme_option_tables_match_the_dataclasses():
+    """The option tables list exactly the options of each section, and
+    each default, read as the INI would read it, is the real default."""
+    tables = {}
+    for header, rows in _readme_simple_tables(_readme_text()):
+        tables.setdefault(header[0], []).extend(rows)
+    sections = {"[circus] option": (minisup.Config, minisup.GLOBAL_OPTIONS),
+                "[watcher:NAME] option": (minisup.WatcherConfig, minisup.WATCHER_OPTIONS),
+                "[socket:NAME] option": (minisup.SocketConfig, minisup.SOCKET_OPTIONS),
+                "stream option": (None, minisup.STREAM_OPTIONS)}
+    for title, (cls, options) in sections.items():
+        rows = {row[0].strip("`"): row for row in tables.get(title, [])}
+        placeholders = {n for n in rows if "NAME" in n}
+        for name in placeholders:  # rlimit_NAME: stands for every limit
+            assert minisup.watcher_kind(name.replace("NAME", "nofile")) is not None, name
+        assert rows.keys() - placeholders == options.keys(), title
+        assert {row[3] for row in rows.values()} <= {"Circus", "minisup"}, title
+        fields = {f.name: f for f in dataclasses.fields(cls)} if cls else {}
+        for name in rows.keys() - placeholders if cls else ():
+            field, text = fields[name], rows[name][2]
+            if field.default is not dataclasses.MISSING:
+                default = field.default
+            elif field.default_factory is not dataclasses.MISSING:
+                default = field.default_factory()
+            else:
+                assert text == "(required)", name
+                continue
+            if text == "(private)":
+                assert default == minisup.default_endpoint(), name
+            elif text == "(empty)":
+                assert default is not None and not default, name
+            elif text == "unset":
+                assert default is None, name
+            else:
+                assert options[name].from_text(text) == default, f"{title} {name}: {text}"
+
+
+def test_shipped_service_is_type_notify_and_runs_minisup_on_an_ini():
+    settings = _readme_unit_settings(_readme_text("examples/minisup.service"))
+    values = dict(settings)
+    assert values["Type"] == "notify"
+    assert values["KillMode"] == "mixed"  # minisup stops its children itself
+    assert "WatchdogSec" in values
+    start = _readme_minisup_argv(shlex.split(values["ExecStart"]))
+    assert start is not None and start[0] == "run"
+    assert any(arg.endswith(".ini") for arg in start[1:])
+    reload = _readme_minisup_argv(shlex.split(values["ExecReload"]))
+    assert reload is not None and reload[0] == "ctl" and "reloadconfig" in reload
+
+
+def test_shipped_dockerfile_has_json_entrypoint_and_healthcheck():
+    lines = _readme_text("examples/Dockerfile").splitlines()
+    entrypoint = [json.loads(line.split(None, 1)[1]) for line in lines
+                  if line.startswith("ENTRYPOINT ")]
+    assert len(entrypoint) == 1
+    assert entrypoint[0][:4] == ["python", "-m", "minisup", "run"]
+    assert entrypoint[0][-1].endswith(".ini")
+    checks = [json.loads(line.split(" CMD ", 1)[1]) for line in lines
+              if line.startswith("HEALTHCHECK ")]
+    assert checks == [["python", "-m", "minisup", "ctl", "health"]]
+    # The INI the entrypoint runs is copied from the repository and valid.
+    copies = [line.split()[1:] for line in lines if line.startswith("COPY ")]
+    source = next(src for src, target in copies if target == entrypoint[0][-1])
+    assert minisup.load_config(_README_ROOT / source).warnings == []
+
+
+def test_readme_renders_without_warnings():
+    """PyPI renders README.rst as the long description: no docutils warning."""
+    core = pytest.importorskip("docutils.core")
+    messages = io.StringIO()
+    core.publish_doctree(_readme_text(), settings_overrides={
+        "report_level": 2, "halt_level": 5, "warning_stream": messages})
+    assert messages.getvalue() == ""
 
 
 # ======================================================= soak and faults ======
