@@ -3585,8 +3585,10 @@ def status_table(watchers: dict[str, Any]) -> str:
 
 def _duration(seconds: float) -> str:
     minutes, hours = int(seconds) // 60, int(seconds) // 3600
+    if hours >= 24:
+        return f"{hours // 24}d{hours % 24:02d}h"
     if hours:
-        return f"{hours // 24}d{hours % 24:02d}h" if hours >= 24 else f"{hours}h{minutes % 60:02d}m"
+        return f"{hours}h{minutes % 60:02d}m"
     return f"{minutes}m{int(seconds) % 60:02d}s" if minutes else f"{seconds:.1f}s"
 
 
