@@ -304,6 +304,16 @@ def _is_int(value: Any) -> bool:
     return isinstance(value, int) and not isinstance(value, bool)
 
 
+def _check(test: Callable[[Any], bool], problem: str) -> Callable[[Any], Any]:
+    """A JSON check that returns the value if ``test`` holds, else raises
+    ValueError(``problem``)."""
+    def check(value: Any) -> Any:
+        if not test(value):
+            raise ValueError(problem)
+        return value
+    return check
+
+
 def _from_text(convert: Callable[[str], Any], what: str, check: Callable[[Any], Any]) -> Kind:
     """A Kind whose INI text is ``convert``-ed, then checked as JSON is."""
     def parse(text: str) -> Any:
@@ -317,38 +327,21 @@ def _from_text(convert: Callable[[str], Any], what: str, check: Callable[[Any], 
 
 def _integer(minimum: int) -> Kind:
     """The Kind of an integer option that is at least ``minimum``."""
-    def check(value: Any) -> int:
-        if not _is_int(value):
-            raise ValueError("isn't an integer")
-        if value < minimum:
-            raise ValueError(f"must be at least {minimum}")
-        return value
-    return _from_text(int, "an integer", check)
+    at_least = _check(lambda value: value >= minimum, f"must be at least {minimum}")
+    return _from_text(int, "an integer", lambda value: at_least(_json_int(value)))
 
 
-def _json_seconds(value: Any) -> float:
-    if not (_is_int(value) or isinstance(value, float)):
-        raise ValueError("isn't a number")
-    if not value >= 0 or value == float("inf"):
-        raise ValueError("must be a finite number of seconds >= 0")
-    return float(value)
-
-
-def _json_type(kind: type, name: str) -> Callable[[Any], Any]:
-    def check(value: Any) -> Any:
-        if not isinstance(value, kind):
-            raise TypeError(f"isn't {name}")
-        return value
-    return check
-
-
-_json_bool, _json_str = _json_type(bool, "a boolean"), _json_type(str, "a string")
-
-
-def _json_signal(value: Any) -> int:
-    if isinstance(value, bool) or not isinstance(value, (int, str)):
-        raise TypeError("isn't a signal")
-    return parse_signal(value)
+_json_int = _check(_is_int, "isn't an integer")
+_json_number = _check(lambda value: _is_int(value) or isinstance(value, float), "isn't a number")
+_json_seconds = _check(lambda value: 0 <= value < float("inf"),
+                       "must be a finite number of seconds >= 0")
+_json_bool = _check(lambda value: isinstance(value, bool), "isn't a boolean")
+_json_str = _check(lambda value: isinstance(value, str), "isn't a string")
+_json_signal = _check(lambda value: _is_int(value) or isinstance(value, str), "isn't a signal")
+_json_env = _check(lambda value: isinstance(value, dict) and all(
+    isinstance(v, str) for v in value.values()), "must be an object of strings")
+_json_codes = _check(lambda value: isinstance(value, list) and all(
+    _is_int(v) and 0 <= v < 256 for v in value), "must be a list of exit codes 0-255")
 
 
 def _json_args(value: Any) -> list[str]:
@@ -357,18 +350,6 @@ def _json_args(value: Any) -> list[str]:
     if isinstance(value, list) and all(isinstance(a, str) for a in value):
         return list(value)
     raise ValueError("must be a string or a list of strings")
-
-
-def _json_env(value: Any) -> dict[str, str]:
-    if not isinstance(value, dict) or not all(isinstance(v, str) for v in value.values()):
-        raise ValueError("must be an object of strings")
-    return dict(value)
-
-
-def _json_codes(value: Any) -> list[int]:
-    if not isinstance(value, list) or not all(_is_int(v) and 0 <= v < 256 for v in value):
-        raise ValueError("must be a list of exit codes 0-255")
-    return value
 
 
 def _json_rlimit(value: Any) -> int | None:
@@ -403,11 +384,12 @@ def _choice(*words: str) -> Kind:
 
 
 INT, COUNT, RETRIES, POSITIVE = _integer(-2**63), _integer(0), _integer(-1), _integer(1)
-SECONDS = _from_text(float, "a number of seconds", _json_seconds)
+SECONDS = _from_text(float, "a number of seconds",
+                     lambda value: float(_json_seconds(_json_number(value))))
 OCTAL = _from_text(functools.partial(int, base=8), "an octal number", COUNT.from_json)
 BOOL = Kind(parse_bool, _json_bool)
 STR = Kind(str.strip, _json_str)
-SIGNAL = Kind(parse_signal, _json_signal)
+SIGNAL = Kind(parse_signal, lambda value: parse_signal(_json_signal(value)))
 ARGS = LIST = Kind(shlex.split, _json_args)
 ENV = Kind(_not_in_ini, _json_env)
 USER = _id_kind((pwd.getpwuid, pwd.getpwnam), "pw_uid", "user")
