@@ -267,9 +267,11 @@ def prepare_ipc_endpoint(endpoint: str) -> str | None:
                           option="endpoint", value=endpoint)
     if endpoint == default_endpoint() and stat.S_IMODE(info.st_mode) != 0o700:
         os.chmod(folder, 0o700)
-    if os.path.exists(path) and _socket_answers(path):
-        raise ConfigError("another daemon is already listening there",
-                          option="endpoint", value=endpoint)
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as probe, contextlib.suppress(OSError):
+        probe.settimeout(1.0)  # no answer: a stale file, safe to reuse (odd paths: see bind)
+        if probe.connect_ex(path) == 0:
+            raise ConfigError("another daemon is already listening there",
+                              option="endpoint", value=endpoint)
     return path
 
 
@@ -280,15 +282,6 @@ def set_child_subreaper() -> None:
     libc = ctypes.CDLL(None, use_errno=True)
     if libc.prctl(PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0) != 0:
         raise OSError(ctypes.get_errno(), "prctl(PR_SET_CHILD_SUBREAPER) failed")
-
-
-def _socket_answers(path: str) -> bool:
-    """Tell whether something accepts connections on the unix socket path
-    (if not, it is a stale file, safe to reuse)."""
-    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as probe, contextlib.suppress(OSError):
-        probe.settimeout(1.0)
-        return probe.connect_ex(path) == 0
-    return False  # an odd path: bind will say what is wrong
 
 
 # ============================================================== Config ======
@@ -818,11 +811,6 @@ def substitute(text: str, values: dict[str, str], env: dict[str, str]) -> str:
     return SUBSTITUTION.sub(replace, text)
 
 
-def spawn_values(wid: int, sockets: dict[str, socket.socket]) -> dict[str, str]:
-    """The ``$(circus.*)`` values of one child: its wid and socket fds."""
-    return {"wid": str(wid), **{f"sockets.{n}": str(s.fileno()) for n, s in sockets.items()}}
-
-
 def child_env(config: WatcherConfig, values: dict[str, str]) -> dict[str, str]:
     """The environment of one child: only the configured variables unless
     ``copy_env``, as in Circus."""
@@ -844,13 +832,6 @@ def child_argv(config: WatcherConfig, values: dict[str, str], env: dict[str, str
         script = " ".join([cmd, *map(shlex.quote, args)])
         return [script, *(substitute(a, values, env) for a in config.shell_args)]
     return shlex.split(cmd) + args
-
-
-def inherited_fds(config: WatcherConfig, sockets: dict[str, socket.socket]) -> list[int]:
-    """The only fds a child inherits: the sockets its command names, or
-    every configured socket with ``use_sockets``."""
-    named = set(sockets) if config.use_sockets else _socket_users(config)
-    return sorted(sock.fileno() for name, sock in sockets.items() if name in named)
 
 
 def user_options(config: WatcherConfig) -> dict[str, Any]:
@@ -909,12 +890,6 @@ class Process:
             return False  # exited (zombie group) or setuid'd away from us
         return True
 
-    def stop(self, signum: int, deadline: float, group: bool = False) -> None:
-        """Send the stop signal (to the whole group with ``group``) and
-        remember when SIGKILL is due."""
-        self.stop_deadline = deadline
-        self.send_signal(signum, group)
-
     def kill(self, descendants: Iterable[int] = ()) -> None:
         """SIGKILL the child's whole process group and ``descendants``
         (which may have left the group), so no helper lingers."""
@@ -935,9 +910,11 @@ def spawn_process(config: WatcherConfig, wid: int, now: float,
     """Start one child of ``config``; raise if it cannot start.  No Python
     runs between fork and exec, so Popen keeps its vfork path (a ``uid``
     costs it); each child leads its group, out of reach of the terminal's Ctrl-C."""
-    sockets = sockets or {}
-    values = spawn_values(wid, sockets)
+    sockets = sockets or {}  # $(circus.*) values: the wid, and the fd of each socket
+    values = {"wid": str(wid), **{f"sockets.{n}": str(s.fileno()) for n, s in sockets.items()}}
     env = {**child_env(config, values), **(extra_env or {})}
+    # The only fds it inherits: the sockets its command names, or all with use_sockets.
+    named = set(sockets) if config.use_sockets else _socket_users(config)
     stdin = sockets[config.stdin_socket.lower()].fileno() if config.stdin_socket else None
     outputs: dict[str, tuple[int | None, int | None]] = {}
     try:
@@ -947,8 +924,8 @@ def spawn_process(config: WatcherConfig, wid: int, now: float,
             executable=config.executable, cwd=config.working_dir or None, process_group=0,
             stdin=stdin or (subprocess.DEVNULL if config.close_child_stdin else None),
             stdout=outputs["stdout"][1], stderr=outputs["stderr"][1],
-            pass_fds=inherited_fds(config, sockets), **user_options(config),
-            umask=-1 if config.umask is None else config.umask)
+            pass_fds=sorted(s.fileno() for n, s in sockets.items() if n in named),
+            umask=-1 if config.umask is None else config.umask, **user_options(config))
     except BaseException:
         close_fds(read_end for read_end, _ in outputs.values())
         raise
@@ -962,7 +939,9 @@ def spawn_process(config: WatcherConfig, wid: int, now: float,
         popen.wait()
         close_fds(pipes.values())
         raise
-    return Process(popen, wid, now, _expiry(config, now), pipes)
+    # max_age plus a random share of the variance: those started together end apart.
+    expires = now + config.max_age + _RANDOM.uniform(0, config.max_age_variance)
+    return Process(popen, wid, now, expires if config.max_age else None, pipes)
 
 
 def _output_target(config: WatcherConfig, stream: str,
@@ -986,12 +965,6 @@ def apply_rlimits(pid: int, rlimits: dict[str, int | None]) -> None:
     for name, value in rlimits.items():
         limit = resource.RLIM_INFINITY if value is None else value
         resource.prlimit(pid, getattr(resource, "RLIMIT_" + name.upper()), (limit, limit))
-
-
-def _expiry(config: WatcherConfig, now: float) -> float | None:
-    # A random share of the variance: those started together end apart.
-    variance = _RANDOM.uniform(0, config.max_age_variance)
-    return now + config.max_age + variance if config.max_age else None
 
 
 def bind_socket(config: SocketConfig) -> socket.socket:
@@ -1062,15 +1035,11 @@ def descendants(pid: int, children: dict[int, list[int]], recursive: bool = True
 
 
 @functools.cache  # both fixed until the next boot
-def _boot_time() -> float:
+def _boot_time_and_memory() -> tuple[float, int]:
     with open("/proc/stat") as stream:
-        return float(next(line for line in stream if line.startswith("btime")).split()[1])
-
-
-@functools.cache
-def _memory_total() -> int:
+        boot = float(next(line for line in stream if line.startswith("btime")).split()[1])
     with open("/proc/meminfo") as stream:
-        return int(stream.readline().split()[1]) * 1024
+        return boot, int(stream.readline().split()[1]) * 1024
 
 
 def human_bytes(count: int) -> str:
@@ -1091,7 +1060,8 @@ def process_stats(pid: int, children: bool = False) -> dict[str, Any] | str:
         return "No such process (stopped?)"
     cpu_seconds = (int(fields[11]) + int(fields[12])) / CLOCK_TICKS
     hundredths = int(cpu_seconds * 100)  # ctime is m:ss.hh, cut, not rounded
-    created = _boot_time() + int(fields[19]) / CLOCK_TICKS
+    boot_time, memory = _boot_time_and_memory()
+    created = boot_time + int(fields[19]) / CLOCK_TICKS
     age = max(time.time() - created, 1e-9)
     rss = int(fields[21]) * PAGE_SIZE
     try:
@@ -1100,7 +1070,7 @@ def process_stats(pid: int, children: bool = False) -> dict[str, Any] | str:
         username = str(uid)
     return {
         "pid": pid, "cpu": round(100 * cpu_seconds / age, 1), "nice": int(fields[16]),
-        "mem": round(100 * rss / _memory_total(), 3), "mem_info1": human_bytes(rss),
+        "mem": round(100 * rss / memory, 3), "mem_info1": human_bytes(rss),
         "mem_info2": human_bytes(int(fields[20])),
         "ctime": f"{hundredths // 6000}:{hundredths // 100 % 60:02d}.{hundredths % 100:02d}",
         "username": username, "create_time": created, "age": age,
@@ -1774,7 +1744,8 @@ class Watcher:
         for process in processes:
             logger.debug("%s: stopping pid %d with %s (%gs grace)", self.name,
                          process.pid, _signal_name(signum), timeout)
-            process.stop(signum, now + timeout, group=self.config.stop_children)
+            process.stop_deadline = now + timeout  # when SIGKILL is due
+            process.send_signal(signum, group=self.config.stop_children)
             self.emit("kill", process_pid=process.pid)
             if timeout == 0:
                 process.kill()
@@ -1938,11 +1909,6 @@ class Arbiter:
         self._publish()
         return self._timeout(now)
 
-    def tell_systemd(self, *lines: str) -> None:
-        """Send sd_notify(3) lines (``READY=1``...), if systemd listens."""
-        if self.systemd:
-            sd_notify(self.systemd, *lines)
-
     def _report(self, now: float) -> None:
         # READY=1 once every autostart watcher is up (again, after a
         # reloadconfig), STATUS= as it changes, WATCHDOG=1 twice a period:
@@ -1959,11 +1925,11 @@ class Arbiter:
             lines.append("WATCHDOG=1")
             self._watchdog_at = now + self.watchdog / 2
         if lines:
-            self.tell_systemd(*lines)
+            sd_notify(self.systemd, *lines)
 
     def note_reloading(self) -> None:
         """A reloadconfig begins: tell systemd, and READY=1 once settled."""
-        self.tell_systemd("RELOADING=1", f"MONOTONIC_USEC={time.monotonic_ns() // 1000}")
+        sd_notify(self.systemd, "RELOADING=1", f"MONOTONIC_USEC={time.monotonic_ns() // 1000}")
         self._ready_told = False
 
     def summary(self) -> str:
@@ -2017,18 +1983,16 @@ class Arbiter:
         """Let each watcher spawn, signal and kill toward its wanted state."""
         tree = functools.cache(children_map)  # read /proc once, if at all
         for watcher in [*self.watchers.values(), *self._retiring]:
-            for process in watcher.manage(now, tree, self._held(watcher)):
+            # A starting watcher spawns once every watcher it depends on is up.
+            held = watcher.state == STARTING and not all(
+                self.watchers[n].up for n in watcher.config.depends_on if n in self.watchers)
+            for process in watcher.manage(now, tree, held):
                 self._watch(watcher, process)
         self._retiring = [w for w in self._retiring if w.processes or w.state != STOPPED]
         for stages in [self._quit_stages or [], *self._stop_plans]:
             _advance_stages(stages, now)
         self._stop_plans = [stages for stages in self._stop_plans if stages]
         self._kill_strays()
-
-    def _held(self, watcher: Watcher) -> bool:
-        # A starting watcher spawns once every watcher it depends on is up.
-        return watcher.state == STARTING and not all(
-            self.watchers[name].up for name in watcher.config.depends_on if name in self.watchers)
 
     def close(self) -> None:
         """Release the sockets, selector, pipe, pidfds and the guardian;
@@ -2307,7 +2271,7 @@ class Arbiter:
         if self._quit_stages is not None:
             return
         logger.info("quitting: stopping every watcher")
-        self.tell_systemd("STOPPING=1")
+        sd_notify(self.systemd, "STOPPING=1")
         self._quit_stages = stop_stages([*self.watchers.values(), *self._retiring])
         _advance_stages(self._quit_stages, self.clock(), first=True)
 
@@ -2367,9 +2331,11 @@ for group in groups:
     except OSError: pass"""
 
 
-def sd_notify(address: str, *lines: str) -> None:
+def sd_notify(address: str | None, *lines: str) -> None:
     """Send systemd's notify datagram to ``address`` (a path, or ``@name``
-    in the abstract namespace); log, never raise, never block."""
+    in the abstract namespace), if any; log, never raise, never block."""
+    if not address:
+        return
     target = "\0" + address[1:] if address.startswith("@") else address
     try:
         with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM | socket.SOCK_NONBLOCK
