@@ -93,8 +93,6 @@ logger = logging.getLogger("minisup")
 
 #: pidfd_open (Linux 5.3+) lets the worker's selector see a child's death.
 HAS_PIDFD = hasattr(os, "pidfd_open")
-#: prctl option (linux/prctl.h): orphans re-parent to us, not to PID 1.
-PR_SET_CHILD_SUBREAPER = 36
 _RANDOM = random.Random()  # jitter; our own: a host's random state is not ours to move
 
 
@@ -147,18 +145,6 @@ class CallError(MinisupError):
 
 # ============================================================= Helpers ======
 
-TRUE_WORDS = {"1", "true", "yes", "on", "y", "t"}
-FALSE_WORDS = {"0", "false", "no", "off", "n", "f", ""}
-
-
-def parse_bool(text: str) -> bool:
-    """Parse an INI boolean the way Circus accepts them; raise ValueError."""
-    word = text.strip().lower()
-    if word not in TRUE_WORDS | FALSE_WORDS:
-        raise ValueError("not a boolean (use true or false)")
-    return word in TRUE_WORDS
-
-
 def parse_signal(value: str | int) -> int:
     """Return the signal number for 9, "9", "KILL" or "SIGKILL"."""
     if isinstance(value, str) and not value.strip().isdigit():
@@ -183,9 +169,9 @@ class Waker:
         return self.read_fd
 
     def wake(self) -> None:
-        if self.write_fd < 0:
-            return  # closed: its owner is gone, and the fd number may be reused
-        with contextlib.suppress(OSError):  # a full pipe already means a wake-up
+        # OSError: a full pipe (a wake-up is pending) or a closed one: then
+        # write_fd is -1, never a number that may have been reused.
+        with contextlib.suppress(OSError):
             os.write(self.write_fd, b"\0")
 
     def drain(self) -> None:
@@ -280,7 +266,7 @@ def set_child_subreaper() -> None:
     as they would to PID 1; raise OSError if the kernel refuses."""
     import ctypes  # here: a ctl never needs it
     libc = ctypes.CDLL(None, use_errno=True)
-    if libc.prctl(PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0) != 0:
+    if libc.prctl(36, 1, 0, 0, 0) != 0:  # 36: PR_SET_CHILD_SUBREAPER (linux/prctl.h)
         raise OSError(ctypes.get_errno(), "prctl(PR_SET_CHILD_SUBREAPER) failed")
 
 
@@ -298,8 +284,7 @@ def _is_int(value: Any) -> bool:
 
 
 def _check(test: Callable[[Any], bool], problem: str) -> Callable[[Any], Any]:
-    """A JSON check that returns the value if ``test`` holds, else raises
-    ValueError(``problem``)."""
+    """A JSON check: the value if ``test`` holds, else ValueError(``problem``)."""
     def check(value: Any) -> Any:
         if not test(value):
             raise ValueError(problem)
@@ -308,11 +293,12 @@ def _check(test: Callable[[Any], bool], problem: str) -> Callable[[Any], Any]:
 
 
 def _from_text(convert: Callable[[str], Any], what: str, check: Callable[[Any], Any]) -> Kind:
-    """A Kind whose INI text is ``convert``-ed, then checked as JSON is."""
+    """A Kind whose INI text is ``convert``-ed (a ValueError or KeyError:
+    it is not ``what``), then checked as JSON is."""
     def parse(text: str) -> Any:
         try:
             value = convert(text.strip())
-        except ValueError:
+        except (ValueError, KeyError):
             raise ValueError(f"not {what}") from None
         return check(value)
     return Kind(parse, check)
@@ -335,22 +321,9 @@ _json_env = _check(lambda value: isinstance(value, dict) and all(
     isinstance(v, str) for v in value.values()), "must be an object of strings")
 _json_codes = _check(lambda value: isinstance(value, list) and all(
     _is_int(v) and 0 <= v < 256 for v in value), "must be a list of exit codes 0-255")
-
-
-def _json_args(value: Any) -> list[str]:
-    if isinstance(value, str):
-        return shlex.split(value)
-    if isinstance(value, list) and all(isinstance(a, str) for a in value):
-        return list(value)
-    raise ValueError("must be a string or a list of strings")
-
-
-def _json_rlimit(value: Any) -> int | None:
-    return None if value is None else COUNT.from_json(value)
-
-
-def _not_in_ini(text: str) -> Any:
-    raise ValueError("set it in an [env] or [env:NAME] section")
+_json_strs = _check(lambda value: isinstance(value, list) and all(
+    isinstance(v, str) for v in value), "must be a string or a list of strings")
+_not_in_ini = _check(lambda text: False, "set it in an [env] or [env:NAME] section")
 
 
 def _id_kind(lookup: Callable[[Any], Any], field: str, what: str) -> Kind:
@@ -380,16 +353,21 @@ INT, COUNT, RETRIES, POSITIVE = _integer(-2**63), _integer(0), _integer(-1), _in
 SECONDS = _from_text(float, "a number of seconds",
                      lambda value: float(_json_seconds(_json_number(value))))
 OCTAL = _from_text(functools.partial(int, base=8), "an octal number", COUNT.from_json)
-BOOL = Kind(parse_bool, _json_bool)
+BOOLEANS = {**dict.fromkeys(["1", "true", "yes", "on", "y", "t"], True),  # as Circus
+            **dict.fromkeys(["0", "false", "no", "off", "n", "f", ""], False)}
+BOOL = _from_text(lambda text: BOOLEANS[text.lower()], "a boolean (use true or false)",
+                  _json_bool)
 STR = Kind(str.strip, _json_str)
 SIGNAL = Kind(parse_signal, lambda value: parse_signal(_json_signal(value)))
-ARGS = LIST = Kind(shlex.split, _json_args)
+ARGS = LIST = Kind(shlex.split, lambda value: (
+    shlex.split(value) if isinstance(value, str) else list(_json_strs(value))))
 ENV = Kind(_not_in_ini, _json_env)
 USER = _id_kind((pwd.getpwuid, pwd.getpwnam), "pw_uid", "user")
 GROUP = _id_kind((grp.getgrgid, grp.getgrnam), "gr_gid", "group")
-RLIMIT = Kind(lambda text: _json_rlimit(int(text)) if text.strip() else None, _json_rlimit)
-CODES = Kind(lambda text: _json_codes([int(c) for c in re.split(r"[\s,]+", text.strip()) if c]),
-             _json_codes)
+RLIMIT = _from_text(lambda text: int(text) if text else None, "an integer",
+                    lambda value: None if value is None else COUNT.from_json(value))
+CODES = _from_text(lambda text: [int(c) for c in re.split(r"[\s,]+", text) if c],
+                   "a list of exit codes", _json_codes)
 
 STREAM_CLASSES = ("filestream", "timedrotatingfilestream", "watchedfilestream", "stdoutstream")
 ROTATE_WHEN = ("s", "m", "h", "d", "midnight", *(f"w{day}" for day in range(7)))
@@ -466,11 +444,9 @@ def option(kind: Kind | None, default: Any = dataclasses.MISSING, *,
 
 def _json_ready(value: Any) -> str | None:
     text = _json_str(value).strip()
-    kind, _, target = text.partition(":")
     if text in ("", "none"):
         return None
-    if text == "notify" or kind == "file" and target or (
-            kind == "tcp" and re.fullmatch(r"(.+:)?\d{1,5}", target)):
+    if re.fullmatch(r"notify|file:.+|tcp:(.+:)?\d{1,5}", text):
         return text
     raise ValueError("use tcp:PORT, tcp:HOST:PORT, file:PATH or notify")
 
@@ -608,14 +584,10 @@ class Config:
     warnings: list[str] = dataclasses.field(default_factory=list)
 
 
-def _options_of(cls: type) -> dict[str, Kind]:
-    return {f.name: f.metadata["kind"] for f in dataclasses.fields(cls) if f.metadata.get("kind")}
-
-
 #: The option tables: name -> kind, from the dataclasses above.
-WATCHER_OPTIONS = _options_of(WatcherConfig)
-SOCKET_OPTIONS = _options_of(SocketConfig)
-GLOBAL_OPTIONS = _options_of(Config)
+WATCHER_OPTIONS, SOCKET_OPTIONS, GLOBAL_OPTIONS = (
+    {f.name: f.metadata["kind"] for f in dataclasses.fields(cls) if f.metadata.get("kind")}
+    for cls in (WatcherConfig, SocketConfig, Config))
 #: Options whose change needs new processes (``set`` reloads gracefully).
 RELOAD_OPTIONS = {f.name for f in dataclasses.fields(WatcherConfig) if f.metadata.get("reload")}
 
@@ -680,13 +652,12 @@ def check_dependencies(watchers: Iterable[WatcherConfig]) -> None:
         raise ValueError("depends_on makes a cycle: " + " -> ".join(exc.args[1])) from None
 
 
-def _read_options(config: Config, section: Any,
-                  table: dict[str, Kind]) -> dict[str, Any]:
-    """Parse a section's options by ``table``; warn about unknown ones."""
+def _read_options(config: Config, section: Any, kind_of: Callable[[str], Any]) -> dict[str, Any]:
+    """Parse a section's options by their ``kind_of``; warn about unknown ones."""
     values: dict[str, Any] = {}
     for option, text in section.items():
         key = option.lower()
-        kind = watcher_kind(key) if table is WATCHER_OPTIONS else table.get(key)
+        kind = kind_of(key)
         if kind is None or kind is ENV:
             config.warnings.append(f"{config.source}: [{section.name}]: unknown "
                                    f"or unsupported option {option!r}, ignored")
@@ -699,7 +670,7 @@ def _read_options(config: Config, section: Any,
 
 
 def _read_global(config: Config, section: Any) -> None:
-    for key, value in _read_options(config, section, GLOBAL_OPTIONS).items():
+    for key, value in _read_options(config, section, GLOBAL_OPTIONS.get).items():
         setattr(config, key, value)
     if bool(config.curve_secret_key) != bool(config.curve_authorized_keys):
         raise ConfigError("set both curve_secret_key and curve_authorized_keys, or neither",
@@ -716,7 +687,7 @@ def _read_global(config: Config, section: Any) -> None:
 
 
 def _read_socket(config: Config, section: Any) -> SocketConfig:
-    values = _read_options(config, section, SOCKET_OPTIONS)
+    values = _read_options(config, section, SOCKET_OPTIONS.get)
     if values.get("path"):
         values.setdefault("family", "af_unix")
     if values.get("port", 0) > 65535:
@@ -754,7 +725,7 @@ def _read_watcher(config: Config, section: Any,
     if not name:
         raise ConfigError("a watcher needs a name", config.source, section.name)
     try:
-        values = gather_prefixed(_read_options(config, section, WATCHER_OPTIONS))
+        values = gather_prefixed(_read_options(config, section, watcher_kind))
     except ValueError as exc:
         raise ConfigError(str(exc), config.source, section.name) from None
     if not values.get("cmd"):
