@@ -785,10 +785,8 @@ def substitute(text: str, values: dict[str, str], env: dict[str, str]) -> str:
 def child_env(config: WatcherConfig, values: dict[str, str]) -> dict[str, str]:
     """The environment of one child: only the configured variables unless
     ``copy_env``, as in Circus."""
-    env = dict(os.environ) if config.copy_env else {}
-    base = dict(env)
-    for name, value in config.env.items():
-        env[name] = substitute(value, values, base)
+    base = dict(os.environ) if config.copy_env else {}
+    env = {**base, **{name: substitute(v, values, base) for name, v in config.env.items()}}
     if config.copy_path:  # Circus: the daemon's sys.path as PYTHONPATH
         env["PYTHONPATH"] = os.pathsep.join(p for p in sys.path if p)
     return env
@@ -806,16 +804,13 @@ def child_argv(config: WatcherConfig, values: dict[str, str], env: dict[str, str
 
 
 def user_options(config: WatcherConfig) -> dict[str, Any]:
-    """Popen's user/group/extra_groups for ``uid``/``gid`` (none if unset)."""
-    if config.uid is None and config.gid is None:
-        return {}
-    options: dict[str, Any] = {"user": config.uid, "group": config.gid}
-    if config.uid is not None:
-        entry = pwd.getpwuid(config.uid)
-        options["group"] = entry.pw_gid if config.gid is None else config.gid
-        if os.geteuid() == 0:  # only root may set supplementary groups
-            options["extra_groups"] = os.getgrouplist(entry.pw_name, options["group"])
-    return options
+    """Popen's user/group/extra_groups for ``uid``/``gid`` (None: unchanged)."""
+    if config.uid is None:
+        return {"group": config.gid}
+    entry = pwd.getpwuid(config.uid)
+    group = entry.pw_gid if config.gid is None else config.gid
+    extra = os.getgrouplist(entry.pw_name, group) if os.geteuid() == 0 else None  # root only
+    return {"user": config.uid, "group": group, "extra_groups": extra}
 
 
 def kill_pids(pids: Iterable[int], signum: int) -> None:
@@ -850,16 +845,13 @@ class Process:
     def stopping(self) -> bool:
         return self.stop_deadline is not None
 
-    def send_signal(self, signum: int, group: bool = False) -> bool:
-        """Signal the child (or its process group); False if it is gone.  No
+    def send_signal(self, signum: int, group: bool = False) -> None:
+        """Signal the child (or its process group) unless it was reaped.  No
         pid reuse: only the worker reaps it, and only the worker signals it."""
-        if self.popen.returncode is not None:
-            return False
-        try:
-            (os.killpg if group else os.kill)(self.pid, signum)
-        except (ProcessLookupError, PermissionError):
-            return False  # exited (zombie group) or setuid'd away from us
-        return True
+        if self.popen.returncode is None:
+            # Refused if it exited (a zombie group) or setuid'd away from us.
+            with contextlib.suppress(ProcessLookupError, PermissionError):
+                (os.killpg if group else os.kill)(self.pid, signum)
 
     def kill(self, descendants: Iterable[int] = ()) -> None:
         """SIGKILL the child's whole process group and ``descendants``
@@ -870,9 +862,8 @@ class Process:
 
     def close(self) -> None:
         """Release the pidfd; called once the child has been reaped."""
-        if self.pidfd is not None:
-            os.close(self.pidfd)
-            self.pidfd = None
+        fd, self.pidfd = self.pidfd, None
+        close_fds([fd])
 
 
 def spawn_process(config: WatcherConfig, wid: int, now: float,
@@ -888,6 +879,7 @@ def spawn_process(config: WatcherConfig, wid: int, now: float,
     named = set(sockets) if config.use_sockets else _socket_users(config)
     stdin = sockets[config.stdin_socket.lower()].fileno() if config.stdin_socket else None
     outputs: dict[str, tuple[int | None, int | None]] = {}
+    popen = None
     try:
         for stream in ("stdout", "stderr"):
             outputs[stream] = _output_target(config, stream, capture)
@@ -897,19 +889,19 @@ def spawn_process(config: WatcherConfig, wid: int, now: float,
             stdout=outputs["stdout"][1], stderr=outputs["stderr"][1],
             pass_fds=sorted(s.fileno() for n, s in sockets.items() if n in named),
             umask=-1 if config.umask is None else config.umask, **user_options(config))
+        # Limits come just after: the program's first instructions run under ours.
+        for name, value in config.rlimits.items():  # None: unlimited
+            limit = (resource.RLIM_INFINITY if value is None else value,) * 2
+            resource.prlimit(popen.pid, getattr(resource, f"RLIMIT_{name.upper()}"), limit)
     except BaseException:
+        if popen is not None:  # never leave a child running without its limits
+            popen.kill()
+            popen.wait()
         close_fds(read_end for read_end, _ in outputs.values())
         raise
     finally:  # the child has the write ends; we keep the read ends
         close_fds(write for read, write in outputs.values() if read is not None)
-    pipes = {stream: ends[0] for stream, ends in outputs.items() if ends[0] is not None}
-    try:
-        apply_rlimits(popen.pid, config.rlimits)
-    except BaseException:
-        popen.kill()  # never leave a child running without its limits
-        popen.wait()
-        close_fds(pipes.values())
-        raise
+    pipes = {stream: read for stream, (read, _) in outputs.items() if read is not None}
     # max_age plus a random share of the variance: those started together end apart.
     expires = now + config.max_age + _RANDOM.uniform(0, config.max_age_variance)
     return Process(popen, wid, now, expires if config.max_age else None, pipes)
@@ -927,15 +919,6 @@ def _output_target(config: WatcherConfig, stream: str,
             fcntl.fcntl(read_end, fcntl.F_SETPIPE_SZ, READ_SIZE)
         return read_end, write_end
     return None, None
-
-
-def apply_rlimits(pid: int, rlimits: dict[str, int | None]) -> None:
-    """Set ``rlimit_NAME`` limits (None: unlimited) on a just-spawned child;
-    raise OSError if one is refused.  Applied after the spawn, not between
-    fork and exec: the program's first instructions run under ours."""
-    for name, value in rlimits.items():
-        limit = resource.RLIM_INFINITY if value is None else value
-        resource.prlimit(pid, getattr(resource, "RLIMIT_" + name.upper()), (limit, limit))
 
 
 def bind_socket(config: SocketConfig) -> socket.socket:
@@ -1035,10 +1018,9 @@ def process_stats(pid: int, children: bool = False) -> dict[str, Any] | str:
     created = boot_time + int(fields[19]) / CLOCK_TICKS
     age = max(time.time() - created, 1e-9)
     rss = int(fields[21]) * PAGE_SIZE
-    try:
+    username = str(uid)
+    with contextlib.suppress(KeyError):  # a uid with no name: its number
         username = pwd.getpwuid(uid).pw_name
-    except KeyError:
-        username = str(uid)
     return {
         "pid": pid, "cpu": round(100 * cpu_seconds / age, 1), "nice": int(fields[16]),
         "mem": round(100 * rss / memory, 3), "mem_info1": human_bytes(rss),
@@ -1055,7 +1037,7 @@ def process_stats(pid: int, children: bool = False) -> dict[str, Any] | str:
 
 #: One read takes up to this much from a pipe: big reads make capture cheap.
 READ_SIZE = 1 << 18
-#: A drain reads at most this many chunks of a pipe still being written.
+#: A drain reads at most this many chunks: a descendant may keep writing.
 DRAIN_READS = 64
 #: Ends the first part of a line longer than the watcher's ``max_line``.
 SPLIT_MARK = b" [minisup: line split]\n"
@@ -1093,18 +1075,16 @@ class Sink:
     def open(self) -> None:
         """Open the target; on failure, report it and stay closed: each
         later write tries again, and loses its chunk until one succeeds."""
+        flags = os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC
         try:
-            if self.kind == "stdoutstream":
-                self.fd = os.dup(1)
-                return
-            fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC, 0o644)
+            fd = os.dup(1) if self.kind == "stdoutstream" else os.open(self.path, flags, 0o644)
         except OSError as exc:
             self._failed(exc)
             return
         info = os.fstat(fd)
-        self.fd, self.identity, self.size = fd, (info.st_dev, info.st_ino), info.st_size
-        # Never rotate a FIFO or /dev/stdout (supervisord's "Illegal seek").
-        self.rotatable = stat.S_ISREG(info.st_mode)
+        self.fd, self.size = fd, info.st_size
+        # Never rotate our stdout, a FIFO or /dev/stdout (supervisord's "Illegal seek").
+        self.rotatable = stat.S_ISREG(info.st_mode) and self.kind != "stdoutstream"
 
     def close(self) -> None:
         fd, self.fd = self.fd, -1  # a closed number may be reused at once
@@ -1126,22 +1106,19 @@ class Sink:
             data = b"".join(head + line + b"\n" for line in data.split(b"\n")[:-1])
         if self.kind == "watchedfilestream":
             self._follow_moves()
-        while data:
-            data = self._write_some(data)
-
-    def _write_some(self, data: bytes) -> bytes:
-        if self.rollover_at is not None and time.time() >= self.rollover_at:
+        while data:  # rotating between lines
+            if self.rollover_at is not None and time.time() >= self.rollover_at:
+                self._rotate()
+            limit = self.options.get("max_bytes", 0) if self.rotatable else 0
+            if not limit or self.size + len(data) <= limit:
+                self._put(data)
+                return
+            cut = data.rfind(b"\n", 0, max(limit - self.size, 0)) + 1
+            if not cut and not self.size:  # one line longer than a whole file
+                cut = data.index(b"\n") + 1
+            self._put(data[:cut])
             self._rotate()
-        limit = self.options.get("max_bytes", 0) if self.rotatable else 0
-        if not limit or self.size + len(data) <= limit:
-            self._put(data)
-            return b""
-        cut = data.rfind(b"\n", 0, max(limit - self.size, 0)) + 1
-        if not cut and not self.size:  # one line longer than a whole file
-            cut = data.index(b"\n") + 1
-        self._put(data[:cut])
-        self._rotate()
-        return data[cut:]
+            data = data[cut:]
 
     def _put(self, data: bytes) -> None:
         if self.fd < 0:
@@ -1161,39 +1138,36 @@ class Sink:
                          self.name, self.path, exc, self.errors)
 
     def _follow_moves(self) -> None:
-        with contextlib.suppress(FileNotFoundError):
-            info = os.stat(self.path)
-            if (info.st_dev, info.st_ino) == self.identity:
+        with contextlib.suppress(OSError):  # no file, or none open (it failed)
+            if os.path.samestat(os.stat(self.path), os.fstat(self.fd)):
                 return
-        self.reopen()  # moved or deleted
+        self.reopen()  # moved, deleted, or never opened
 
     def _rotate(self) -> None:
         self.close()
-        try:
-            self._shift_backups(self.options.get("backup_count", 0))
+        count = self.options.get("backup_count", 0)
+        try:  # set aside as NAME.TIME (timed) or NAME.1 (older ones move up), or emptied
+            if self.kind == "timedrotatingfilestream":
+                stamp = time.strftime("%Y-%m-%d_%H-%M-%S", self._clock(self.rollover_at - 1))
+                target = f"{self.path}.{stamp}"
+                while os.path.exists(target):  # a size rotation in the same second
+                    target += "_"
+                os.replace(self.path, target)
+                backups = sorted(glob.glob(glob.escape(self.path) + ".*"))
+                for old in backups[:-count] if count else []:
+                    os.remove(old)
+            elif count:
+                for index in range(count - 1, 0, -1):
+                    if os.path.exists(f"{self.path}.{index}"):
+                        os.replace(f"{self.path}.{index}", f"{self.path}.{index + 1}")
+                os.replace(self.path, f"{self.path}.1")
+            else:
+                os.truncate(self.path, 0)
         except OSError as exc:  # moved away meanwhile (logrotate): start anew
             self._failed(exc)
         if self.rollover_at is not None and time.time() >= self.rollover_at:
             self.rollover_at = self._next_rollover(time.time())
         self.open()
-
-    def _shift_backups(self, count: int) -> None:
-        if self.kind == "timedrotatingfilestream":
-            stamp = time.strftime("%Y-%m-%d_%H-%M-%S", self._clock(self.rollover_at - 1))
-            target = f"{self.path}.{stamp}"
-            while os.path.exists(target):  # a size rotation in the same second
-                target += "_"
-            os.replace(self.path, target)
-            backups = sorted(glob.glob(glob.escape(self.path) + ".*"))
-            for old in backups[:max(0, len(backups) - count)] if count else []:
-                os.remove(old)
-        elif count:
-            for index in range(count - 1, 0, -1):
-                if os.path.exists(f"{self.path}.{index}"):
-                    os.replace(f"{self.path}.{index}", f"{self.path}.{index + 1}")
-            os.replace(self.path, f"{self.path}.1")
-        else:
-            os.truncate(self.path, 0)
 
     def _next_rollover(self, now: float) -> float:
         when = self.options.get("rotate_when", "h")
@@ -1210,12 +1184,11 @@ class Sink:
 class Pipe:
     """One child's stdout or stderr, read by the output thread."""
 
-    name: str
+    config: WatcherConfig
     pid: int
     stream: str
     fd: int
     sink: Sink
-    max_line: int
     partial: bytes = b""
 
 
@@ -1224,7 +1197,7 @@ def _queued(method: Callable[..., None]) -> Callable[..., None]:
     (or signal handler) queues it and wakes the thread."""
     @functools.wraps(method)
     def queue_call(pump: Pump, *args: Any) -> None:
-        pump._tasks.put((method, (pump, *args)))
+        pump._tasks.put((method, pump, *args))
         pump._waker.wake()
     return queue_call
 
@@ -1238,7 +1211,7 @@ class Pump:
     def __init__(self, publish: Callable[[str, dict[str, Any]], None] | None = None) -> None:
         self.publish, self._waker, self._running = publish, Waker(), True
         self.wanted: Callable[[str], bool] = lambda topic: True  # anyone subscribed?
-        self._tasks: queue.SimpleQueue[tuple[Callable[..., None], tuple]] = queue.SimpleQueue()
+        self._tasks: queue.SimpleQueue[tuple[Any, ...]] = queue.SimpleQueue()  # (method, *args)
         self._selector = selectors.DefaultSelector()
         self._selector.register(self._waker, selectors.EVENT_READ, None)
         self._sinks: dict[str, Sink] = {}
@@ -1255,18 +1228,14 @@ class Pump:
         try:
             while self._running:
                 for key, _ in self._selector.select():
-                    self._serve(key.data)
+                    if key.data is not None:
+                        self._guarded(self._read, key.data)
+                        continue
+                    self._waker.drain()
+                    while not self._tasks.empty():  # we alone take: get won't block
+                        self._guarded(*self._tasks.get())
         finally:
             self.close()
-
-    def _serve(self, pipe: Pipe | None) -> None:
-        if pipe is not None:
-            self._guarded(self._read, pipe)
-            return
-        self._waker.drain()
-        while not self._tasks.empty():  # we alone take from it: get won't block
-            function, args = self._tasks.get()
-            self._guarded(function, *args)
 
     def _guarded(self, function: Callable[..., Any], *args: Any) -> None:
         try:  # a bug must not stop every capture, nor a drain: log, drop the pipe
@@ -1283,7 +1252,7 @@ class Pump:
         if self._waker.read_fd >= 0:
             for key in list(self._selector.get_map().values()):
                 if key.data is not None:
-                    self._read_some(key.data)
+                    self._read(key.data, DRAIN_READS)
                     self._finish(key.data)
             for sink in [*self._sinks.values(), *self._old_sinks]:
                 sink.close()
@@ -1304,35 +1273,35 @@ class Pump:
             tail = self._tails.get(config.name)
             if tail is None or tail.maxlen != config.tail_lines:
                 self._tails[config.name] = collections.deque(tail or (), config.tail_lines)
-            pipe = Pipe(config.name, pid, stream, fd, sink, config.max_line)
+            pipe = Pipe(config, pid, stream, fd, sink)
             self._selector.register(fd, selectors.EVENT_READ, pipe)
 
-    def _read(self, pipe: Pipe) -> bool:
-        """Read and deliver one chunk; False once the pipe is empty for now
-        (or for good: then it is closed)."""
-        try:
-            data = os.read(pipe.fd, READ_SIZE)
-        except BlockingIOError:
-            return False
-        except OSError:
-            data = b""
-        if not data:
-            self._finish(pipe)
-            return False
-        # Long lines are cut first, so what is kept back is never too long.
-        data = split_long_lines(pipe.partial + data, pipe.max_line)
-        end = data.rfind(b"\n") + 1
-        lines, pipe.partial = data[:end], data[end:]
-        if lines:
-            self._deliver(pipe, lines)
-        return True
+    def _read(self, pipe: Pipe, chunks: int = 1) -> None:
+        """Read and deliver up to ``chunks`` chunks, until the pipe is empty
+        for now (or for good: then it is closed)."""
+        for _ in range(chunks):
+            try:
+                data = os.read(pipe.fd, READ_SIZE)
+            except BlockingIOError:
+                return
+            except OSError:
+                data = b""
+            if not data:
+                self._finish(pipe)
+                return
+            # Long lines are cut first, so what is kept back is never too long.
+            data = split_long_lines(pipe.partial + data, pipe.config.max_line)
+            end = data.rfind(b"\n") + 1
+            lines, pipe.partial = data[:end], data[end:]
+            if lines:
+                self._deliver(pipe, lines)
 
     def _deliver(self, pipe: Pipe, lines: bytes) -> None:
         pipe.sink.write(pipe.pid, lines)
-        tail = self._tails[pipe.name]  # split off only the lines it keeps:
+        tail = self._tails[pipe.config.name]  # split off only the lines it keeps:
         tail.extend((pipe.stream, line)
                     for line in lines.rsplit(b"\n", tail.maxlen + 1)[-tail.maxlen - 1:-1])
-        topic = f"watcher.{pipe.name}.output"
+        topic = f"watcher.{pipe.config.name}.output"
         if self.publish is not None and self.wanted(topic):  # JSON only for a subscriber
             self.publish(topic, {"pid": pipe.pid, "stream": pipe.stream,
                                  "data": lines.decode("utf-8", "replace")})
@@ -1346,19 +1315,13 @@ class Pump:
         if partial:  # the child died mid-line: the line ends here
             self._deliver(pipe, partial + b"\n")
 
-    def _read_some(self, pipe: Pipe) -> None:
-        # What is in it now, within reason: a descendant may keep writing.
-        for _ in range(DRAIN_READS):
-            if not self._read(pipe):
-                return
-
     @_queued
     def drain(self, pid: int, done: Callable[[], None]) -> None:
         """Write what a dead child left in its pipes, then call ``done``."""
         try:
             for key in list(self._selector.get_map().values()):
                 if key.data is not None and key.data.pid == pid:
-                    self._read_some(key.data)
+                    self._read(key.data, DRAIN_READS)
         finally:
             done()  # the worker waits for this to report the death
 

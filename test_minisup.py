@@ -2179,6 +2179,19 @@ def test_a_sink_survives_its_file_vanishing_before_a_rotation(tmp_path):
     assert sink.fd == -1
 
 
+def test_a_watched_sink_whose_first_open_failed_opens_later(tmp_path):
+    log = tmp_path / "out.log"
+    log.mkdir()  # there, but cannot be opened for writing
+    sink = minisup.Sink("w", {"class": "watchedfilestream", "filename": str(log)})
+    try:
+        sink.write(1, b"lost\n")  # reported, not raised
+        log.rmdir()
+        sink.write(1, b"kept\n")
+        assert log.read_bytes() == b"kept\n"
+    finally:
+        sink.close()
+
+
 def test_rotation_keeps_backup_count_files(make_daemon, tmp_path):
     daemon = make_daemon(writer(tmp_path, 5000, 90, extra=(
         "stdout_stream.max_bytes = 50000\nstdout_stream.backup_count = 2")))
