@@ -2335,43 +2335,25 @@ class Command(NamedTuple):
     optional: tuple[str, ...] = ()
 
 
-#: Property name -> (accepted JSON types, how to say it in an error).
-PROPERTY_TYPES: dict[str, tuple[tuple[type, ...], str]] = {
-    **dict.fromkeys(("name", "cmd", "match", "option"), ((str,), "a string")),
-    **dict.fromkeys(("pid", "childpid", "process"), ((int, str), "a pid")),
-    **dict.fromkeys(("nb", "lines"), ((int,), "an integer >= 0")),
+#: Property name -> (accepted JSON types, how to say it in an error, and None
+#: or a function that returns the value to use, or None if it is not one).
+PROPERTY_TYPES: dict[str, tuple[tuple[type, ...], str, Callable[[Any], Any] | None]] = {
+    **dict.fromkeys(("name", "cmd", "match", "option"), ((str,), "a string", None)),
+    # circusctl sends some pids as strings of digits.
+    **dict.fromkeys(("pid", "childpid", "process"), ((int, str), "a pid", lambda pid: (
+        int(pid) if str(pid).isdigit() else None))),
+    **dict.fromkeys(("nb", "lines"), ((int,), "an integer >= 0", lambda n: (
+        n if n >= 0 else None))),
     **dict.fromkeys(("waiting", "start", "nostop", "graceful", "sequential", "children",
-                     "recursive", "extended"), ((bool,), "a boolean")),
-    "args": ((str, list), "a string or a list"), "options": ((dict,), "an object"),
-    "keys": ((list,), "a list of option names"), "stream": ((str,), "stdout or stderr"),
-    "signum": ((int, str), "a signal number or name"),
-    "graceful_timeout": ((int, float), "a number of seconds >= 0"),
+                     "recursive", "extended"), ((bool,), "a boolean", None)),
+    "args": ((str, list), "a string or a list", None), "options": ((dict,), "an object", None),
+    "keys": ((list,), "a list of option names", None),
+    "signum": ((int, str), "a signal number or name", None),
+    "stream": ((str,), "stdout or stderr", lambda stream: (
+        stream if stream in ("stdout", "stderr") else None)),
+    "graceful_timeout": ((int, float), "a number of seconds >= 0", lambda seconds: (
+        seconds if 0 <= seconds < float("inf") else None)),
 }
-#: Properties holding a pid: circusctl sends some as strings of digits.
-PID_PROPERTIES = {"pid", "childpid", "process"}
-
-
-def check_properties(command: Command, properties: Any) -> dict[str, Any]:
-    """Check a request's properties against ``command``; raise MessageError.
-    Pids given as digit strings become ints."""
-    properties = {} if properties in (None, []) else properties
-    if not isinstance(properties, dict):
-        raise MessageError("'properties' must be an object")
-    for key in command.required:
-        if properties.get(key) is None:
-            raise MessageError(f"message invalid {key!r} is missing")
-    for key in command.required + command.optional:
-        value = properties.get(key)
-        if value is None:
-            continue
-        types, wanted = PROPERTY_TYPES[key]
-        if (isinstance(value, bool) and bool not in types) or not isinstance(
-                value, types) or (key in PID_PROPERTIES and not str(value).isdigit()) or (
-                key in ("nb", "lines", "graceful_timeout") and not 0 <= value < float("inf")):
-            raise MessageError(f"{key!r} must be {wanted}, not {value!r}"[:200])
-        if key in PID_PROPERTIES:
-            properties[key] = int(value)
-    return properties
 
 
 def _targets(arbiter: Arbiter, properties: dict[str, Any],
@@ -2397,7 +2379,7 @@ def _targets(arbiter: Arbiter, properties: dict[str, Any],
 
 
 def _when_waiting(properties: dict[str, Any], done: Callable[[], bool],
-                  result: Callable[[], dict[str, Any]]) -> dict[str, Any] | Pending:
+                  result: Callable[[], dict[str, Any]] = dict) -> dict[str, Any] | Pending:
     return Pending(done, result) if properties.get("waiting") else {}
 
 
@@ -2463,20 +2445,23 @@ def handle_health(arbiter: Arbiter, properties: dict[str, Any]) -> dict[str, Any
     return {"healthy": True}
 
 
-def _transition(arbiter: Arbiter, properties: dict[str, Any],
-                action: Callable[[list[Watcher]], Any], start: bool = False
-                ) -> dict[str, Any] | Pending:
-    """Apply a start, restart or reload ``action`` to the named watchers;
-    with ``waiting``, reply once they have settled, with the pids moved."""
-    watchers = _targets(arbiter, properties, autostart_only=start)
-    before = {w.name: w.pids() for w in watchers}
-    action(watchers)
+def handle_start(arbiter: Arbiter, properties: dict[str, Any], action: str = "start"
+                 ) -> dict[str, Any] | Pending:
+    """Start (all: the autostart ones), restart or reload (``action``) the
+    named watchers; with ``waiting``, reply once they have settled, with the
+    pids moved (when starting, none stopped)."""
+    watchers = _targets(arbiter, properties, autostart_only=action == "start")
+    before, now = {w.name: w.pids() for w in watchers}, arbiter.clock()
+    if action == "start":
+        arbiter.start_watchers(watchers)
+    elif action == "reload" and properties.get("graceful") is not False:
+        for watcher in watchers:
+            watcher.reload(now, bool(properties.get("sequential")))
+    else:
+        for watcher in watchers:
+            watcher.restart(now)
     return _when_waiting(properties, lambda: all(w.settled for w in watchers),
-                         lambda: {"info": _process_info(watchers, before, not start)})
-
-
-def handle_start(arbiter: Arbiter, properties: dict[str, Any]) -> dict[str, Any] | Pending:
-    return _transition(arbiter, properties, arbiter.start_watchers, start=True)
+                         lambda: {"info": _process_info(watchers, before, action != "start")})
 
 
 def handle_stop(arbiter: Arbiter, properties: dict[str, Any]) -> dict[str, Any] | Pending:
@@ -2484,18 +2469,6 @@ def handle_stop(arbiter: Arbiter, properties: dict[str, Any]) -> dict[str, Any] 
     arbiter.stop_watchers(watchers)
     return _when_waiting(properties, lambda: all(w.state == STOPPED for w in watchers),
                          lambda: {"info": None})
-
-
-def handle_restart(arbiter: Arbiter, properties: dict[str, Any]) -> dict[str, Any] | Pending:
-    return _transition(arbiter, properties, lambda watchers: [
-        w.restart(arbiter.clock()) for w in watchers])
-
-
-def handle_reload(arbiter: Arbiter, properties: dict[str, Any]) -> dict[str, Any] | Pending:
-    if properties.get("graceful") is False:
-        return handle_restart(arbiter, properties)
-    return _transition(arbiter, properties, lambda watchers: [
-        w.reload(arbiter.clock(), bool(properties.get("sequential"))) for w in watchers])
 
 
 def _resize(arbiter: Arbiter, properties: dict[str, Any], sign: int) -> dict[str, Any] | Pending:
@@ -2539,12 +2512,12 @@ def handle_rm(arbiter: Arbiter, properties: dict[str, Any]) -> dict[str, Any] | 
     watcher = arbiter.get_watcher(properties["name"])
     stop = not properties.get("nostop")
     arbiter.remove_watcher(watcher, stop=stop)
-    return _when_waiting(properties, lambda: not stop or not watcher.processes, dict)
+    return _when_waiting(properties, lambda: not stop or not watcher.processes)
 
 
 def handle_quit(arbiter: Arbiter, properties: dict[str, Any]) -> dict[str, Any] | Pending:
     arbiter.begin_quit()
-    return _when_waiting(properties, lambda: arbiter.quit_finished, dict)
+    return _when_waiting(properties, lambda: arbiter.quit_finished)
 
 
 def handle_get(arbiter: Arbiter, properties: dict[str, Any]) -> dict[str, Any]:
@@ -2574,7 +2547,7 @@ def handle_set(arbiter: Arbiter, properties: dict[str, Any]) -> dict[str, Any] |
     if reload and watcher.state != STOPPED:
         watcher.reload(arbiter.clock())
     watcher.emit("updated")
-    return _when_waiting(properties, lambda: watcher.settled, dict)
+    return _when_waiting(properties, lambda: watcher.settled)
 
 
 def _signum(properties: dict[str, Any]) -> int | None:
@@ -2620,8 +2593,7 @@ def handle_kill(arbiter: Arbiter, properties: dict[str, Any]) -> dict[str, Any] 
     pids = None if pid is None else [_watcher_process(watcher, pid).pid]  # or not found
     victims = watcher.kill(arbiter.clock(), pids, _signum(properties),
                            properties.get("graceful_timeout"))
-    return _when_waiting(properties, lambda: not any(p in watcher.processes for p in victims),
-                         dict)
+    return _when_waiting(properties, lambda: watcher.processes.keys().isdisjoint(victims))
 
 
 def handle_stats(arbiter: Arbiter, properties: dict[str, Any]) -> dict[str, Any]:
@@ -2661,16 +2633,13 @@ def handle_reloadconfig(arbiter: Arbiter, properties: dict[str, Any]) -> dict[st
     arbiter.note_reloading()
     touched = arbiter.apply_config(config)
     logger.info("reloaded %s", source)
-    return _when_waiting(properties, lambda: all(w.settled for w in touched), dict)
+    return _when_waiting(properties, lambda: all(w.settled for w in touched))
 
 
 def handle_tail(arbiter: Arbiter, properties: dict[str, Any]) -> dict[str, Any] | Pending:
     """minisup's own: the last ``lines`` lines a watcher's processes wrote
     to a captured stream (``stream``: stdout or stderr; default both)."""
-    arbiter.get_watcher(properties["name"])
-    stream = properties.get("stream")
-    if stream not in (None, "stdout", "stderr"):
-        raise MessageError(f"'stream' must be stdout or stderr, not {stream!r}"[:200])
+    name = arbiter.get_watcher(properties["name"]).name
     if arbiter.pump is None:
         return {"lines": []}
     answer: list[list[str]] = []
@@ -2678,7 +2647,7 @@ def handle_tail(arbiter: Arbiter, properties: dict[str, Any]) -> dict[str, Any] 
     def reply(lines: list[str]) -> None:  # on the output thread
         answer.append(lines)
         arbiter.wake()
-    arbiter.pump.tail(properties["name"].lower(), properties.get("lines", 10), stream, reply)
+    arbiter.pump.tail(name, properties.get("lines", 10), properties.get("stream"), reply)
     return Pending(lambda: bool(answer), lambda: {"lines": answer[0]})
 
 
@@ -2689,8 +2658,10 @@ COMMANDS: dict[str, Command] = {
     "health": Command(handle_health),
     "start": Command(handle_start, (), ("name", "match", "waiting")),
     "stop": Command(handle_stop, (), ("name", "match", "waiting")),
-    "restart": Command(handle_restart, (), ("name", "match", "waiting")),
-    "reload": Command(handle_reload, (), ("name", "graceful", "sequential", "waiting")),
+    "restart": Command(functools.partial(handle_start, action="restart"), (),
+                       ("name", "match", "waiting")),
+    "reload": Command(functools.partial(handle_start, action="reload"), (),
+                      ("name", "graceful", "sequential", "waiting")),
     "incr": Command(functools.partial(_resize, sign=+1), ("name",), ("nb", "waiting")),
     "decr": Command(functools.partial(_resize, sign=-1), ("name",), ("nb", "waiting")),
     "numprocesses": Command(handle_numprocesses, (), ("name",)),
@@ -2737,38 +2708,43 @@ def decode_request(body: bytes, limit: int = 1 << 20) -> dict[str, Any]:
     return message
 
 
-def find_command(name: Any) -> Command:
-    """The Command for a request's ``command`` field (any case)."""
+def check_request(message: dict[str, Any]) -> tuple[str, Command, dict[str, Any]]:
+    """The command a request names (any case), and its properties checked;
+    raise MinisupError.  Pids given as digit strings become ints."""
+    name, properties = message.get("command"), message.get("properties")
     if not isinstance(name, str):
         raise MessageError("message invalid 'command' is missing"
                            if name is None else "'command' must be a string")
-    try:
-        return COMMANDS[name.lower()]
-    except KeyError:
-        raise MinisupError(f"unknown command: {name[:100]!r}", UNKNOWN_COMMAND) from None
-
-
-def encode_reply(message_id: Any, outcome: Outcome) -> bytes:
-    """Build a Circus-shaped reply frame for ``outcome``."""
-    if isinstance(outcome, MinisupError):
-        reply = {"status": "error", "reason": outcome.reason, "tb": outcome.tb,
-                 "time": time.time(), "errno": outcome.errno}
-    else:
-        reply = {"status": "ok", "time": time.time(), **outcome}
-    reply["id"] = message_id
-    return json.dumps(reply).encode()
+    if name.lower() not in COMMANDS:
+        raise MinisupError(f"unknown command: {name[:100]!r}", UNKNOWN_COMMAND)
+    command, properties = COMMANDS[name.lower()], {} if properties in (None, []) else properties
+    if not isinstance(properties, dict):
+        raise MessageError("'properties' must be an object")
+    for key in command.required:
+        if properties.get(key) is None:
+            raise MessageError(f"message invalid {key!r} is missing")
+    for key in command.required + command.optional:
+        value = properties.get(key)
+        if value is None:
+            continue
+        types, wanted, convert = PROPERTY_TYPES[key]
+        typed = isinstance(value, types) and (bool in types or not isinstance(value, bool))
+        properties[key] = value if not typed or convert is None else convert(value)
+        if not typed or properties[key] is None:
+            raise MessageError(f"{key!r} must be {wanted}, not {value!r}"[:200])
+    return name.lower(), command, properties
 
 
 class Controller:
-    """Owns the ROUTER control socket, the PUB event socket and the UDP
-    discovery socket; ``run`` is the controller thread.  It checks each
+    """Owns a zmq context with the ROUTER control and PUB event sockets, and
+    the UDP discovery socket; ``run`` is the controller thread.  It checks each
     request, hands it to the worker (``submit``) and sends the replies and
     events posted to it.  Other threads call only ``post``, ``publish`` and
     ``shutdown``.  Once ``bound`` is set, the endpoints hold what was bound."""
 
-    def __init__(self, context: zmq.Context, config: Config,
-                 submit: Callable[[Job], None]) -> None:
-        self.context, self.config = context, config
+    def __init__(self, config: Config, submit: Callable[[Job], None]) -> None:
+        self.context, self.config = zmq.Context(), config
+        self.context.linger = 0  # for each socket it makes: a close never waits
         self.endpoint, self.pubsub_endpoint = config.endpoint, config.pubsub_endpoint
         self.multicast_endpoint, self.owner = config.multicast_endpoint, config.endpoint_owner
         self.bound = threading.Event()
@@ -2779,17 +2755,23 @@ class Controller:
         self._submit, self._seq = submit, 0  # how many jobs it was handed
         self._outbox: queue.SimpleQueue[tuple[str, list[bytes]] | None] = queue.SimpleQueue()
         self._waker = Waker()
-        self._sockets: dict[str, Any] = {}
+        self._sockets: dict[str, Any] = {"waker": self._waker}  # what ``_serve`` polls
         self._paths: list[str] = []  # ipc socket files we bound
 
     def post(self, envelope: list[bytes], message_id: Any, outcome: Outcome) -> None:
-        """Queue a reply for the controller to send.  Any thread."""
-        self._outbox.put(("control", [*envelope, encode_reply(message_id, outcome)]))
+        """Queue a Circus-shaped reply for the controller to send.  Any thread."""
+        if isinstance(outcome, MinisupError):
+            reply = {"status": "error", "reason": outcome.reason, "tb": outcome.tb,
+                     "time": time.time(), "errno": outcome.errno}
+        else:
+            reply = {"status": "ok", "time": time.time(), **outcome}
+        reply["id"] = message_id
+        self._outbox.put(("control", [*envelope, json.dumps(reply).encode()]))
         self._waker.wake()
 
     def publish(self, topic: str, payload: dict[str, Any]) -> None:
         """Queue an event for the PUB socket, if anyone subscribed.  Any thread."""
-        if self.pubsub_endpoint and self.wants(topic):
+        if self.wants(topic):
             self._outbox.put(("pubsub", [topic.encode(), json.dumps(payload).encode()]))
             self._waker.wake()
 
@@ -2801,33 +2783,57 @@ class Controller:
     def run(self) -> None:
         """Bind, set ``bound`` (``error`` on failure) and serve until shutdown."""
         try:
-            try:
-                self._bind_all()
-            except BaseException as exc:  # noqa: BLE001 - re-raised by Daemon.start
-                self.error = exc
-                return
-            finally:
-                self.bound.set()
-            self._serve()
+            self._bind_all()
+        except BaseException as exc:  # noqa: BLE001 - re-raised by Daemon.start
+            self.error = exc
+        self.bound.set()
+        try:
+            if self.error is None:
+                self._serve()
         finally:
-            self._close_all()
+            for sock in self._sockets.values():
+                sock.close()  # the context's linger is 0: nothing waits
+            self.context.term()
+            for path in self._paths:  # libzmq leaves them: a stale one confuses ctl
+                with contextlib.suppress(OSError):
+                    os.unlink(path)
 
     def _bind_all(self) -> None:
         if self.config.curve_secret_key:
-            self._start_zap()
+            # libzmq asks the ZAP handler of the context (RFC 27) about each
+            # CURVE client before it lets it in: bound first, answered by us.
+            from zmq.auth import load_certificates  # here: ctl need not pay for it
+            folder = self.config.curve_authorized_keys
+            if not os.path.isdir(folder or ""):
+                raise ConfigError("not a folder", option="curve_authorized_keys", value=folder)
+            self._authorized = {zmq.utils.z85.decode(k) for k in load_certificates(folder)}
+            self._sockets["zap"] = self.context.socket(zmq.REP)
+            self._sockets["zap"].bind("inproc://zeromq.zap.01")
         self.endpoint = self._bind_zmq("control", zmq.ROUTER, self.endpoint)
         logger.info("control socket listening on %s", self.endpoint)
         if self.pubsub_endpoint:
             self.pubsub_endpoint = self._bind_zmq("pubsub", zmq.XPUB, self.pubsub_endpoint)
             logger.info("publishing events on %s", self.pubsub_endpoint)
-        if self.multicast_endpoint:
-            self._bind_discovery()
+        if not self.multicast_endpoint:
+            return
+        host, port = check_udp_endpoint(self.multicast_endpoint)
+        sock = self._sockets["discovery"] = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+        sock.setblocking(False)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            sock.bind((host, port))
+            if not host.startswith("127."):  # checked: so a multicast group
+                group = socket.inet_aton(host) + socket.inet_aton("0.0.0.0")
+                sock.setsockopt(socket.IPPROTO_IP, socket.IP_ADD_MEMBERSHIP, group)
+        except OSError as exc:
+            raise ConfigError(f"cannot bind: {exc}", option="multicast_endpoint",
+                              value=self.multicast_endpoint) from None
+        self.multicast_endpoint = "udp://{}:{}".format(*sock.getsockname())
 
     def _bind_zmq(self, role: str, kind: int, endpoint: str) -> str:
         curve = self.config.curve_secret_key
         path = prepare_ipc_endpoint(check_endpoint(endpoint, bool(curve)))
         sock = self._sockets[role] = self.context.socket(kind)
-        sock.linger = 0
         sock.setsockopt(zmq.MAXMSGSIZE, 64 * self.config.max_message_size)
         try:
             if curve:
@@ -2844,69 +2850,28 @@ class Controller:
                               value=endpoint) from None
         return sock.getsockopt_string(zmq.LAST_ENDPOINT) or endpoint
 
-    def _start_zap(self) -> None:
-        # libzmq asks the ZAP handler of the context (RFC 27) about each
-        # CURVE client before it lets it in: bound first, answered by us.
-        import zmq.auth  # here: ctl need not pay for its import
-        folder = self.config.curve_authorized_keys
-        if not os.path.isdir(folder or ""):
-            raise ConfigError("not a folder", option="curve_authorized_keys", value=folder)
-        self._authorized = {zmq.utils.z85.decode(k) for k in zmq.auth.load_certificates(folder)}
-        zap = self._sockets["zap"] = self.context.socket(zmq.REP)
-        zap.linger = 0
-        zap.bind("inproc://zeromq.zap.01")
-
     def _answer_zap(self, zap: zmq.Socket) -> None:
         frames = zap.recv_multipart()  # version, id, domain, address, identity, mechanism, key
         allowed = len(frames) == 7 and frames[5] == b"CURVE" and frames[6] in self._authorized
         zap.send_multipart([b"1.0", frames[1], b"200" if allowed else b"400",
                             b"OK" if allowed else b"unknown key", b"", b""])
 
-    def _bind_discovery(self) -> None:
-        host, port = check_udp_endpoint(self.multicast_endpoint)
-        sock = self._sockets["discovery"] = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
-        sock.setblocking(False)
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        try:
-            sock.bind((host, port))
-            if not host.startswith("127."):  # checked: so a multicast group
-                group = socket.inet_aton(host) + socket.inet_aton("0.0.0.0")
-                sock.setsockopt(socket.IPPROTO_IP, socket.IP_ADD_MEMBERSHIP, group)
-        except OSError as exc:
-            raise ConfigError(f"cannot bind: {exc}", option="multicast_endpoint",
-                              value=self.multicast_endpoint) from None
-        host, port = sock.getsockname()
-        self.multicast_endpoint = f"udp://{host}:{port}"
-
-    def _close_all(self) -> None:
-        for sock in self._sockets.values():
-            sock.close()  # zmq sockets have linger 0: nothing waits
-        for path in self._paths:  # libzmq leaves them: a stale one confuses ctl
-            with contextlib.suppress(OSError):
-                os.unlink(path)
-        self._waker.close()
-
     def _serve(self) -> None:
-        control, zap, pubsub, discovery = map(self._sockets.get, (
-            "control", "zap", "pubsub", "discovery"))
-        poller = zmq.Poller()
-        for item in [self._waker, *self._sockets.values()]:
-            poller.register(item, zmq.POLLIN)  # the PUB socket is never readable
-        waker, discovery = self._waker.fileno(), discovery and discovery.fileno()
-        while True:  # events name a zmq socket by itself, any other by its fd
-            events = dict(poller.poll())
-            if waker in events:
-                self._waker.drain()
-            if zap in events:
-                self._answer_zap(zap)
-            if control in events:
-                self._receive(control)
-            if pubsub in events:
-                self._note_subscriptions(pubsub)
-            if discovery in events:
-                self._answer_discovery(self._sockets["discovery"])
-            if not self._flush():
-                return
+        readers = {"waker": Waker.drain, "zap": self._answer_zap, "control": self._receive,
+                   "pubsub": self._note_subscriptions, "discovery": self._answer_discovery}
+        poller, answer = zmq.Poller(), {}
+        for role, sock in self._sockets.items():
+            poller.register(sock, zmq.POLLIN)
+            key = sock if isinstance(sock, zmq.Socket) else sock.fileno()  # as poll names it
+            answer[key] = functools.partial(readers[role], sock)
+        while True:
+            for ready, _ in poller.poll():
+                answer[ready]()
+            while not self._outbox.empty():  # we alone take from it: get won't block
+                item = self._outbox.get()
+                if item is None:
+                    return
+                self._send(*item)
 
     def wants(self, topic: str) -> bool:
         """Whether a subscriber would get ``topic``.  Any thread."""
@@ -2945,28 +2910,22 @@ class Controller:
                 return
 
     def _handle(self, frames: list[bytes]) -> None:
-        envelope, body = frames[:-1], frames[-1]
-        # A REQ client adds an empty frame; the same envelope answers it.
-        if len(envelope) != 1 and envelope[1:] != [b""]:
-            self.post(envelope[:1], None, MessageError(
-                "message invalid: send the request as one frame"))
-            return
-        message_id, cast = None, False
+        envelope, message_id, cast = frames[:-1], None, False
         try:
-            message = decode_request(body, self.config.max_message_size)
+            # A REQ client adds an empty frame; the same envelope answers it.
+            if len(envelope) != 1 and envelope[1:] != [b""]:
+                envelope = envelope[:1]
+                raise MessageError("message invalid: send the request as one frame")
+            message = decode_request(frames[-1], self.config.max_message_size)
             message_id, cast = message.get("id"), message.get("msg_type") == "cast"
-            command = find_command(message.get("command"))
-            properties = check_properties(command, message.get("properties"))
+            name, command, properties = check_request(message)
         except MinisupError as exc:
             if not cast:
                 self.post(envelope, message_id, exc)
             return
-        name = message["command"].lower()
-        takes_name = "name" in command.required + command.optional  # else: unchecked
-        viewed = None if properties.get("extended") else self._from_view(
-            name, properties.get("name") if takes_name else None)
+        viewed = None if properties.get("extended") else self._from_view(name, properties)
         if viewed is not None:
-            if not cast:  # encode_reply's shape, with the body encoded once a view
+            if not cast:  # post's shape, with the body encoded once a view
                 self._send("control", [*envelope, (
                     f'{{"status": "ok", "time": {time.time()!r}, {viewed}, '
                     f'"id": {json.dumps(message_id)}}}').encode()])
@@ -2975,25 +2934,18 @@ class Controller:
         self._seq += 1
         self._submit(Job(name, command.handler, properties, reply, self._seq))
 
-    def _from_view(self, command: str, name: str | None) -> str | None:
+    def _from_view(self, command: str, properties: dict[str, Any]) -> str | None:
         # The reply's fields as JSON text, if the latest view has them.
         view = self.view  # one read: the worker may replace it meanwhile
         if view is None or view.seq != self._seq:
             return None  # a job of ours is not run yet: ask the worker
         if view is not self._encoded_view:
             self._encoded_view, self._encoded = view, {}
-        key = (command, None if name is None else name.lower())
+        name = properties.get("name")  # if not a string, unchecked: the command takes none
+        key = (command, name.lower() if isinstance(name, str) else None)
         if key not in self._encoded and key in view.replies:
             self._encoded[key] = json.dumps(view.replies[key])[1:-1]
         return self._encoded.get(key)
-
-    def _flush(self) -> bool:
-        while not self._outbox.empty():  # we alone take from it: get won't block
-            item = self._outbox.get()
-            if item is None:
-                return False
-            self._send(*item)
-        return True
 
     def _send(self, role: str, frames: list[bytes]) -> None:
         sock = self._sockets[role]  # send per frame: pyzmq's send_multipart costs more
@@ -3037,8 +2989,7 @@ class Daemon:
     def __init__(self, config: Config, clock: Callable[[], float] = time.monotonic,
                  subreaper: bool = False, systemd: str | None = None,
                  watchdog: float = 0.0) -> None:
-        self.config = config
-        self.endpoint = config.endpoint
+        self.config, self.endpoint = config, config.endpoint
         self.arbiter = Arbiter(config, clock)
         self.arbiter.subreaper, self.arbiter.systemd = subreaper, systemd
         self.arbiter.watchdog = watchdog
@@ -3067,8 +3018,7 @@ class Daemon:
         for message in self.config.warnings:
             logger.warning("%s", message)
         self._output_thread = self._thread(self.pump.run, "output")
-        self._context = zmq.Context()
-        self.controller = Controller(self._context, self.config, self.arbiter.submit)
+        self.controller = Controller(self.config, self.arbiter.submit)
         self._controller_thread = self._thread(self.controller.run, "controller")
         self.controller.bound.wait()
         try:
@@ -3080,12 +3030,17 @@ class Daemon:
             if self.config.guardian:
                 self.arbiter.start_guardian()
         except BaseException:
-            self.controller.shutdown()
-            self._controller_thread.join()
             self._stopped = True
             self._release()
             raise
-        self._publish_endpoints()
+        # What the controller really bound (an ephemeral port, say) is what
+        # globaloptions reports; the worker does not run yet, so no race.
+        self.endpoint = self.controller.endpoint
+        self.arbiter.bound_endpoints = {key: getattr(self.controller, key) for key in (
+            "endpoint", "pubsub_endpoint", "multicast_endpoint")}
+        self.arbiter.on_event = self.pump.publish = self.controller.publish
+        self.arbiter.on_view = functools.partial(setattr, self.controller, "view")
+        self.pump.wanted = self.controller.wants
         self._worker_thread = self._thread(self._run_worker, "worker")
         try:
             self.call(handle_start, {"waiting": True}, timeout)
@@ -3093,17 +3048,6 @@ class Daemon:
             # A watcher slow or unable to start is reported, not fatal.
             logger.error("not every watcher started: %s", exc)
         return self
-
-    def _publish_endpoints(self) -> None:
-        # What the controller really bound (an ephemeral port, say) is what
-        # globaloptions reports; the worker does not run yet, so no race.
-        self.endpoint = self.controller.endpoint
-        self.arbiter.bound_endpoints = {key: getattr(self.controller, key) for key in (
-            "endpoint", "pubsub_endpoint", "multicast_endpoint")}
-        self.arbiter.on_event = self.controller.publish
-        self.arbiter.on_view = functools.partial(setattr, self.controller, "view")
-        if self.controller.pubsub_endpoint:
-            self.pump.publish, self.pump.wanted = self.controller.publish, self.controller.wants
 
     def _thread(self, target: Callable[[], None], role: str) -> threading.Thread:
         thread = threading.Thread(target=target, name=f"minisup-{role}", daemon=True)
@@ -3138,7 +3082,7 @@ class Daemon:
 
     def request_reload(self) -> None:
         """Ask for a graceful reload of every watcher (SIGHUP)."""
-        self.arbiter.submit(Job("reload", handle_reload, {}, _ignore_reply))
+        self.arbiter.submit(Job("reload", COMMANDS["reload"].handler, {}, _ignore_reply))
 
     def wait(self, timeout: float | None = None) -> bool:
         """Block until the daemon has quit (say by a ``quit`` command);
@@ -3165,19 +3109,18 @@ class Daemon:
             self.arbiter.close()
             self.pump.close()
             return
-        if self._worker_thread.is_alive():
-            self.request_quit()
-            self._worker_thread.join()
-        self._controller_thread.join()
+        self.request_quit()  # left unanswered if the worker has quit already
+        self._worker_thread.join()
         self._release()
 
     def _release(self) -> None:
+        self.controller.shutdown()  # as the worker did as it ended, if it ran
+        self._controller_thread.join()
         if self._client is not None:
             self._client.close()
         self.arbiter.close()
         self.pump.stop()  # after the worker: every pipe is drained by now
         self._output_thread.join()
-        self._context.term()
 
 
 # ============================================================== Client ======
@@ -3224,16 +3167,11 @@ class Client:
         message_id = f"{os.getpid()}-{id(self):x}-{self._counter}"
         self._socket.send(json.dumps(dict(message, id=message_id)).encode())
         deadline = time.monotonic() + (self.timeout if timeout is None else timeout)
-        while True:
-            remaining = deadline - time.monotonic()
-            if remaining <= 0 or not self._socket.poll(remaining * 1000):
-                raise CallError(self._no_answer())
+        while (left := deadline - time.monotonic()) > 0 and self._socket.poll(left * 1000):
             reply = json.loads(self._socket.recv())
             if isinstance(reply, dict) and reply.get("id") == message_id:
                 return reply
             # A late reply to an earlier call that timed out: skip it.
-
-    def _no_answer(self) -> str:
         hint = "is the daemon running, and on this endpoint (--endpoint)?"
         if self.endpoint.startswith("ipc://"):
             path = self.endpoint[len("ipc://"):]
@@ -3241,7 +3179,7 @@ class Client:
                 hint = f"no socket at {path}: is the daemon running (minisup run)?"
             elif not os.access(path, os.R_OK | os.W_OK):
                 hint = f"no permission on {path}: run as the daemon's user"
-        return f"no answer from {self.endpoint} within {self.timeout:g}s; {hint}"
+        raise CallError(f"no answer from {self.endpoint} within {self.timeout:g}s; {hint}")
 
     def close(self) -> None:
         """Close the socket and the client's own zmq context.  Idempotent."""
