@@ -3212,8 +3212,7 @@ CTL_COMMANDS: dict[str, tuple[str, tuple[str, ...]]] = {
     "options": ("show every option of a watcher", ("name",)),
     "get": ("show some options of a watcher", ("name", "keys+")),
     "set": ("set NAME KEY VALUE [KEY VALUE ...]", ("name", "pairs+", "--waiting")),
-    "signal": ("signal NAME [PID] SIGNUM", ("name", "pid?", "signum", "--children",
-                                            "--recursive")),
+    "signal": ("send a signal", ("name", "pid?", "signum", "--children", "--recursive")),
     "kill": ("stop processes gracefully with another signal or grace period",
              ("name", "pid?", "--signum=", "--graceful_timeout=", "--waiting")),
     "stats": ("cpu, memory and age of processes", ("name?", "process?")),
@@ -3234,9 +3233,9 @@ EXIT_OK, EXIT_NO_ANSWER, EXIT_USAGE, EXIT_ERROR_REPLY = 0, 1, 2, 3
 
 
 def build_parser(argv: list[str] | None = None) -> argparse.ArgumentParser:
-    """The command line: ``run`` and ``ctl`` with their options.  Only the
-    sub-commands ``argv`` names are built, if it names any: argparse takes
-    long to build each one, and ``ctl`` should answer fast."""
+    """The command line: ``run``, ``keygen`` and ``ctl`` with their options.
+    Only the sub-commands ``argv`` names are built, if it names any:
+    argparse takes long to build each one, and ``ctl`` should answer fast."""
     words = set(sys.argv[1:] if argv is None else argv)
     parser = argparse.ArgumentParser(prog="minisup", description="A small process "
                                      "supervisor that speaks Circus's control protocol.")
@@ -3255,8 +3254,19 @@ def build_parser(argv: list[str] | None = None) -> argparse.ArgumentParser:
     ctl.add_argument("--json", action="store_true", help="print the raw JSON reply")
     ctl.add_argument("--curve-key", help="your keygen .key_secret file (CURVE)")
     ctl.add_argument("--server-key", help="the daemon's keygen .key file (CURVE)")
-    _add_ctl_commands(ctl.add_subparsers(dest="command", required=True),
-                      [n for n in CTL_COMMANDS if n in words] or list(CTL_COMMANDS))
+    ctl_commands = ctl.add_subparsers(dest="command", required=True)
+    for name in [n for n in CTL_COMMANDS if n in words] or CTL_COMMANDS:
+        text, arguments = CTL_COMMANDS[name]
+        sub = ctl_commands.add_parser(name, help=text, description=text)
+        sub.add_argument("--json", action="store_true", default=argparse.SUPPRESS,
+                         help="print the raw JSON reply")
+        for argument in arguments:
+            flag = argument.rstrip("?+=")  # or a positional's name
+            if argument.startswith("--") and not argument.endswith("="):
+                sub.add_argument(flag, action="store_true")
+            else:
+                nargs = argument[-1] if argument[-1] in "?+" else None
+                sub.add_argument(flag, nargs=nargs, type=ARG_TYPES.get(flag.lstrip("-"), str))
     return parser
 
 
@@ -3270,49 +3280,23 @@ def _add_run_parser(commands: argparse._SubParsersAction) -> None:
                      help="how many copies of --cmd (default 1)")
     run.add_argument("--endpoint", help="control endpoint (default: a private "
                      "ipc socket that ctl finds too)")
-    run.add_argument("--log-level", help="debug, info, warning or error")
-    run.add_argument("--log-output", help="'-' or 'stdout', 'stderr', or a file")
+    run.add_argument("--log-level", dest="loglevel", help="debug, info, warning or error")
+    run.add_argument("--log-output", dest="logoutput", help="'-', 'stdout', 'stderr' or a file")
     run.add_argument("--check-delay", type=float, metavar="S",
                      help="seconds between safety sweeps of every child")
     run.add_argument("--pidfile", help="write the daemon's pid there (refused if it is alive)")
     run.add_argument("--daemon", action="store_true", help="detach; exit once it serves")
 
 
-def _add_ctl_commands(commands: argparse._SubParsersAction, names: list[str]) -> None:
-    for name in names:
-        text, arguments = CTL_COMMANDS[name]
-        sub = commands.add_parser(name, help=text, description=text)
-        sub.add_argument("--json", action="store_true", default=argparse.SUPPRESS,
-                         help="print the raw JSON reply")
-        for argument in arguments:
-            key = argument.strip("-?+*=")
-            if argument.endswith("="):
-                sub.add_argument(argument[:-1], type=ARG_TYPES.get(key, str))
-            elif argument.startswith("--"):
-                sub.add_argument(argument, action="store_true")
-            else:
-                nargs = {"?": "?", "+": "+", "*": "*"}.get(argument[-1])
-                sub.add_argument(key, nargs=nargs, type=ARG_TYPES.get(key, str))
-
-
 def main(argv: list[str] | None = None) -> int:
     """The command line; returns the exit code."""
     try:
         args = build_parser(argv).parse_args(argv)
-        if args.action == "run":
-            return run_daemon(args)
-        return run_ctl(args) if args.action == "ctl" else run_keygen(args)
+        return {"run": run_daemon, "ctl": run_ctl, "keygen": run_keygen}[args.action](args)
     except SystemExit as exc:  # --help, --version or a usage error
+        if isinstance(exc.code, str):  # ours, as sys.exit would print it
+            print(exc.code, file=sys.stderr)
         return exc.code if isinstance(exc.code, int) else EXIT_USAGE
-
-
-def ctl_properties(args: argparse.Namespace) -> dict[str, Any]:
-    """The properties of a ctl command from its parsed arguments."""
-    names = [a.strip("-?+*=") for a in CTL_COMMANDS[args.command][1]]
-    properties = {k: getattr(args, k) for k in names if getattr(args, k) not in (None, False)}
-    if "pairs" in properties:
-        properties["options"] = _parse_pairs(properties.pop("pairs"))
-    return properties
 
 
 def _parse_pairs(pairs: list[str]) -> dict[str, Any]:
@@ -3320,8 +3304,7 @@ def _parse_pairs(pairs: list[str]) -> dict[str, Any]:
     if len(pairs) % 2:
         raise SystemExit(f"minisup: set needs KEY VALUE pairs, got {pairs}")
     options = {}
-    for key, text in zip(pairs[::2], pairs[1::2]):
-        key = key.lower()
+    for key, text in zip(map(str.lower, pairs[::2]), pairs[1::2]):
         kind = WATCHER_OPTIONS.get(key)
         try:
             options[key] = (dict(p.split("=", 1) for p in text.split(",") if p)
@@ -3333,7 +3316,10 @@ def _parse_pairs(pairs: list[str]) -> dict[str, Any]:
 
 def run_ctl(args: argparse.Namespace) -> int:
     """``minisup ctl``: send one command and print its reply."""
-    properties = ctl_properties(args)
+    names = [argument.strip("-?+=") for argument in CTL_COMMANDS[args.command][1]]
+    properties = {k: getattr(args, k) for k in names if getattr(args, k) not in (None, False)}
+    if "pairs" in properties:
+        properties["options"] = _parse_pairs(properties.pop("pairs"))
     try:
         client = Client(args.endpoint, args.timeout, args.curve_key, args.server_key)
     except (OSError, ValueError) as exc:
@@ -3351,13 +3337,12 @@ def run_ctl(args: argparse.Namespace) -> int:
         except CallError as exc:
             print(f"minisup: {exc}", file=sys.stderr)
             return EXIT_NO_ANSWER
-    if args.json:
-        print(json.dumps(reply, indent=2, sort_keys=True))
-    elif reply.get("status") == "error":
+    failed = reply.get("status") == "error"
+    if failed and not args.json:
         print(f"error: {reply.get('reason')}", file=sys.stderr)
     else:
-        print(format_reply(reply))
-    return EXIT_ERROR_REPLY if reply.get("status") == "error" else EXIT_OK
+        print(json.dumps(reply, indent=2, sort_keys=True) if args.json else format_reply(reply))
+    return EXIT_ERROR_REPLY if failed else EXIT_OK
 
 
 def run_keygen(args: argparse.Namespace) -> int:
@@ -3374,23 +3359,20 @@ def watch(client: Client, properties: dict[str, Any]) -> int:
     """``ctl watch``: the status table, redrawn every ``interval`` seconds
     (cleared first on a terminal) until interrupted."""
     interval, clear = properties.pop("interval", None) or 1.0, sys.stdout.isatty()
-    try:
+    with contextlib.suppress(KeyboardInterrupt):  # how it ends
         while True:
             reply = client.call("status", extended=True, **properties)
             text = format_reply(reply) if reply["status"] == "ok" else f"error: {reply['reason']}"
             print("\x1b[H\x1b[2J" * clear + time.strftime("%H:%M:%S\n") + text + "\n", flush=True)
             threading.Event().wait(interval)
-    except KeyboardInterrupt:
-        return EXIT_OK
-
-
-STATUS_COLUMNS = ("WATCHER", "STATE", "PID", "WID", "PROCESS", "UPTIME", "RESTARTS", "LAST EXIT")
+    return EXIT_OK
 
 
 def status_table(watchers: dict[str, Any]) -> str:
     """``ctl status``: an aligned row per process (a watcher without any
     has one), then the reason of each watcher that gave up."""
-    rows = [STATUS_COLUMNS]
+    rows: list[tuple[Any, ...]] = [
+        ("WATCHER", "STATE", "PID", "WID", "PROCESS", "UPTIME", "RESTARTS", "LAST EXIT")]
     for name, info in sorted(watchers.items()):
         code = info["last_exit"]
         last = "-" if code is None else _signal_name(-code) if code < 0 else code
@@ -3398,7 +3380,7 @@ def status_table(watchers: dict[str, Any]) -> str:
             rows.append((name, info["status"], p.get("pid", "-"), p.get("wid", "-"),
                          p.get("state", "-"), _duration(p["uptime"]) if p else "-",
                          info["restarts"], last))
-    widths = [max(len(str(row[i])) for row in rows) for i in range(len(STATUS_COLUMNS))]
+    widths = [max(len(str(row[i])) for row in rows) for i in range(len(rows[0]))]
     lines = ["  ".join(str(c).ljust(w) for c, w in zip(row, widths)).rstrip() for row in rows]
     return "\n".join(lines + [f"{n}: {i['reason']}" for n, i in watchers.items() if i["reason"]])
 
@@ -3416,47 +3398,34 @@ def follow(client: Client, name: str, properties: dict[str, Any]) -> int:
     """``ctl tail --follow``: subscribe to the watcher's output events, print
     its last lines, drop what was published meanwhile (those lines are in
     them), then print what it writes, as written, until interrupted."""
-    endpoint = client.call("globaloptions")["options"].get("pubsub_endpoint")
-    context = zmq.Context()
-    sub = context.socket(zmq.SUB)
-    sub.linger = 0
-    sub.setsockopt(zmq.SUBSCRIBE, f"watcher.{name.lower()}.output".encode())
     try:
-        sub.connect(endpoint or "")
-        reply = client.call("tail", **properties)
-        if reply.get("status") != "ok":
-            print(f"error: {reply.get('reason')}", file=sys.stderr)
-            return EXIT_ERROR_REPLY
-        print("\n".join(reply["lines"]), flush=True)
-        while sub.poll(0):
-            sub.recv_multipart()
-        while True:
-            print(json.loads(sub.recv_multipart()[1])["data"], end="", flush=True)
+        with zmq.Context() as context, context.socket(zmq.SUB) as sub:
+            sub.linger = 0
+            sub.subscribe(f"watcher.{name.lower()}.output")
+            sub.connect(client.call("globaloptions")["options"].get("pubsub_endpoint") or "")
+            reply = client.call("tail", **properties)
+            if reply.get("status") != "ok":
+                print(f"error: {reply.get('reason')}", file=sys.stderr)
+                return EXIT_ERROR_REPLY
+            print("\n".join(reply["lines"]), flush=True)
+            while sub.poll(0):
+                sub.recv_multipart()
+            while True:
+                print(json.loads(sub.recv_multipart()[1])["data"], end="", flush=True)
     except KeyboardInterrupt:
         return EXIT_OK
     except zmq.ZMQError:
         print("minisup: the daemon publishes no events (set pubsub_endpoint)", file=sys.stderr)
         return EXIT_ERROR_REPLY
-    finally:
-        sub.close()
-        context.term()
 
 
-STATS_LINE = "{pid}  {cmdline} {username} {nice} {mem_info1} {mem_info2} {cpu} {mem} {ctime}"
-
-
-def _stats_lines(info: dict[str, Any] | str, indent: str = "") -> list[str]:
+def _stats_text(info: dict[str, Any] | str, indent: str = "") -> str:
+    """A process's stats line (or why there is none), then its children's."""
     if not isinstance(info, dict):
-        return [indent + str(info)]
-    children = info.get("children", [])
-    return [indent + STATS_LINE.format(**info),
-            *(line for child in children for line in _stats_lines(child, indent + "   "))]
-
-
-def _option_text(key: str, value: Any) -> str:
-    if key == "env" and isinstance(value, dict):
-        return ",".join(f"{k}={v}" for k, v in sorted(value.items()))
-    return "" if value is None else str(value)
+        return indent + str(info)
+    line = "{pid}  {cmdline} {username} {nice} {mem_info1} {mem_info2} {cpu} {mem} {ctime}"
+    return "\n".join([indent + line.format(**info), *(
+        _stats_text(child, indent + "   ") for child in info.get("children", []))])
 
 
 def format_reply(reply: dict[str, Any]) -> str:
@@ -3476,24 +3445,22 @@ def format_reply(reply: dict[str, Any]) -> str:
     if "lines" in reply:
         return "\n".join(reply["lines"])
     if "options" in reply:
-        return "\n".join(f"{k}: {_option_text(k, v)}" for k, v in reply["options"].items())
+        options = dict(reply["options"])
+        if isinstance(options.get("env"), dict):  # as ``set`` takes it: A=1,B=2
+            options["env"] = ",".join(f"{k}={v}" for k, v in sorted(options["env"].items()))
+        return "\n".join(f"{k}: {'' if v is None else v}" for k, v in options.items())
     if "sockets" in reply:
         return "\n".join(f"{s['fd']}:socket '{s['name']}' at " + (s.get("path") or
                           f"{s['host']}:{s['port']}") for s in reply["sockets"])
-    return _format_stats(reply) or str(reply.get("status", "ok"))
-
-
-def _format_stats(reply: dict[str, Any]) -> str:
-    if "infos" in reply or "name" in reply:
-        groups = reply.get("infos") or {reply.get("name"): reply.get("info")}
-        return "\n".join(line for name, infos in groups.items() for line in (
-            [f"{name}:"] + [f"{pid}: " + "\n".join(_stats_lines(info))
-                            for pid, info in (infos or {}).items()]))
+    if "infos" in reply or "name" in reply:  # ``stats``, of every watcher or of one
+        groups = reply["infos"] if "infos" in reply else {reply["name"]: reply["info"]}
+        return "\n".join(f"{name}:" + "".join(f"\n{pid}: {_stats_text(i)}" for pid, i in
+                                              infos.items()) for name, infos in groups.items())
     if "process" in reply:
-        return f"{reply['process']}: " + "\n".join(_stats_lines(reply["info"]))
+        return f"{reply['process']}: {_stats_text(reply['info'])}"
     if isinstance(reply.get("info"), dict) and "pid" in reply["info"]:  # dstats
-        return "Main Process:\n" + "\n".join(_stats_lines(reply["info"], "    "))
-    return ""
+        return "Main Process:\n" + _stats_text(reply["info"], "    ")
+    return str(reply.get("status", "ok"))
 
 
 def config_from_args(args: argparse.Namespace) -> Config:
@@ -3501,42 +3468,26 @@ def config_from_args(args: argparse.Namespace) -> Config:
     command line's overrides; raise ConfigError."""
     if bool(args.config) == bool(args.cmd):
         raise ConfigError("give either an INI file or --cmd, not both or neither")
-    if args.config:
-        config = load_config(args.config)
-    else:
-        name = args.name or os.path.basename(shlex.split(args.cmd)[0])
-        config = Config(watchers=[WatcherConfig(
-            name=name, cmd=args.cmd, numprocesses=args.numprocesses, copy_env=True)])
-    overrides = {"endpoint": args.endpoint, "loglevel": args.log_level,
-                 "logoutput": args.log_output, "check_delay": args.check_delay,
-                 "pidfile": args.pidfile}
-    for key, value in overrides.items():
-        if value is not None:
-            setattr(config, key, value)
+    config = load_config(args.config) if args.config else Config(watchers=[WatcherConfig(
+        name=args.name or os.path.basename(shlex.split(args.cmd)[0]), cmd=args.cmd,
+        numprocesses=args.numprocesses, copy_env=True)])
+    for key in ("endpoint", "loglevel", "logoutput", "check_delay", "pidfile"):
+        if getattr(args, key) is not None:
+            setattr(config, key, getattr(args, key))
     check_endpoint(config.endpoint, bool(config.curve_secret_key))
     return config
 
 
 def setup_logging(level: str, output: str) -> None:
     """Send minisup's log to ``output`` ('-', 'stdout', 'stderr' or a file)."""
-    streams = {"-": sys.stdout, "stdout": sys.stdout, "stderr": sys.stderr}
-    handler: logging.Handler = (logging.StreamHandler(streams[output]) if output in streams
-                                else logging.FileHandler(output))
+    if not isinstance(logging.getLevelName(level.upper()), int):
+        raise ConfigError("use debug, info, warning or error", option="loglevel", value=level)
+    stream = {"-": sys.stdout, "stdout": sys.stdout, "stderr": sys.stderr}.get(output)
+    handler = logging.StreamHandler(stream) if stream else logging.FileHandler(output)
     handler.setFormatter(logging.Formatter(
         "%(asctime)s minisup[%(process)d] %(levelname)s %(message)s"))
     logger.addHandler(handler)
-    numeric = logging.getLevelName(level.upper())
-    if not isinstance(numeric, int):
-        raise ConfigError("use debug, info, warning or error", option="loglevel", value=level)
-    logger.setLevel(numeric)
-
-
-def systemd_from_env() -> tuple[str | None, float]:
-    """NOTIFY_SOCKET and WATCHDOG_USEC (in seconds, if meant for us), taken
-    out of the environment: they are not the children's to use."""
-    address, usec = os.environ.pop("NOTIFY_SOCKET", None), os.environ.pop("WATCHDOG_USEC", "")
-    meant = os.environ.pop("WATCHDOG_PID", str(os.getpid())) == str(os.getpid())
-    return address, int(usec) / 1e6 if usec.isdigit() and meant else 0.0
+    logger.setLevel(level.upper())
 
 
 def daemonize() -> int:
@@ -3566,42 +3517,21 @@ def check_pidfile(path: str | None) -> None:
     stale one, whose process is gone, will be replaced)."""
     if path and not os.access(os.path.dirname(os.path.abspath(path)), os.W_OK):
         raise ConfigError("cannot write in its folder", option="pidfile", value=path)
-    try:
-        with open(path or "") as stream:
-            pid = int(stream.read().split()[0])
-        os.kill(pid, 0)  # signal 0: only asks whether it exists
-    except PermissionError:
-        pass  # it does: another user's
-    except (OSError, ValueError, IndexError):
-        return  # no file, no pid in it, or no such process
-    raise ConfigError(f"pid {pid} is alive: is minisup running already?", option="pidfile",
-                      value=path)
-
-
-def write_pidfile(path: str | None) -> None:
-    if path:  # whole or not at all: a reader never sees half a pid
-        with open(f"{path}.{os.getpid()}", "w") as stream:
-            stream.write(f"{os.getpid()}\n")
-        os.replace(f"{path}.{os.getpid()}", path)
-
-
-def remove_pidfile(path: str | None) -> None:
-    with contextlib.suppress(OSError, ValueError), open(path or "") as stream:
-        if int(stream.read()) == os.getpid():  # ours, not a successor's
-            os.unlink(path)
+    # Silent if there is no file, no pid in it, or no such process.
+    with contextlib.suppress(OSError, ValueError, IndexError), open(path or "") as stream:
+        pid = int(stream.read().split()[0])
+        with contextlib.suppress(PermissionError):  # it exists: another user's
+            os.kill(pid, 0)  # signal 0: only asks whether it exists
+        raise ConfigError(f"pid {pid} is alive: is minisup running already?",
+                          option="pidfile", value=path)
 
 
 def install_signal_handlers(daemon: Daemon) -> None:
     """On the main thread: TERM/INT/QUIT quit gracefully (a second one
     SIGKILLs every child), HUP reloads every watcher.  Handlers only queue."""
-    asked: list[int] = []
-
-    def on_quit(signum: int, frame: Any) -> None:
-        daemon.request_quit(force=bool(asked))
-        asked.append(signum)
-
+    forced = iter([False])  # the first quit is graceful, any later one forced
     for signum in (signal.SIGTERM, signal.SIGINT, signal.SIGQUIT):
-        signal.signal(signum, on_quit)
+        signal.signal(signum, lambda signum, frame: daemon.request_quit(force=next(forced, True)))
     signal.signal(signal.SIGHUP, lambda signum, frame: daemon.request_reload())
     signal.signal(signal.SIGCHLD, lambda signum, frame: daemon.arbiter.notice_child_exit())
     signal.signal(signal.SIGUSR1, lambda signum, frame: daemon.pump.reopen())
@@ -3609,7 +3539,8 @@ def install_signal_handlers(daemon: Daemon) -> None:
 
 def run_daemon(args: argparse.Namespace) -> int:
     """``minisup run``: supervise (in the foreground unless ``--daemon``)
-    until told to quit."""
+    until told to quit.  The pidfile is checked before detaching (a live
+    pid is a usage error the caller sees), written after (the pid changes)."""
     try:
         config = config_from_args(args)
         setup_logging(config.loglevel, config.logoutput)
@@ -3620,9 +3551,15 @@ def run_daemon(args: argparse.Namespace) -> int:
     if args.daemon and config.logoutput in ("-", "stdout", "stderr"):
         print("minisup: --daemon: the log goes to /dev/null (see --log-output)", file=sys.stderr)
     started = daemonize() if args.daemon else None  # before any thread starts
-    write_pidfile(config.pidfile)
-    systemd, watchdog = systemd_from_env()
-    daemon = Daemon(config, subreaper=True, systemd=systemd, watchdog=watchdog)
+    if config.pidfile:  # whole or not at all: a reader never sees half a pid
+        with open(f"{config.pidfile}.{os.getpid()}", "w") as stream:
+            stream.write(f"{os.getpid()}\n")
+        os.replace(stream.name, config.pidfile)
+    # systemd's variables (WATCHDOG_USEC if meant for us) are not the children's.
+    address, usec = os.environ.pop("NOTIFY_SOCKET", None), os.environ.pop("WATCHDOG_USEC", "")
+    meant = os.environ.pop("WATCHDOG_PID", str(os.getpid())) == str(os.getpid())
+    daemon = Daemon(config, subreaper=True, systemd=address,
+                    watchdog=int(usec) / 1e6 if usec.isdigit() and meant else 0.0)
     install_signal_handlers(daemon)  # first: a Ctrl-C during start is clean
     try:
         daemon.start()
@@ -3635,7 +3572,9 @@ def run_daemon(args: argparse.Namespace) -> int:
         return EXIT_NO_ANSWER
     finally:
         daemon.stop()
-        remove_pidfile(config.pidfile)
+        with contextlib.suppress(OSError, ValueError), open(config.pidfile or "") as stream:
+            if int(stream.read()) == os.getpid():  # ours, not a successor's
+                os.unlink(stream.name)
     if daemon.arbiter.failed:
         return EXIT_NO_ANSWER
     logger.info("stopped")
