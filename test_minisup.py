@@ -2807,7 +2807,8 @@ def test_reload_with_ready_rolls_one_new_ready_process_before_an_old_stops(make_
     (tmp_path / "web.4").touch()
     new = wait_for(lambda: new_pids(client, "web", old, 2), what="two new processes")
     assert client.call("status", name="web")["status"] == "active"
-    assert not any(alive(p) for p in old) and all(alive(p) for p in new)
+    wait_for(lambda: not any(alive(p) for p in old), what="the second old process stopped")
+    assert all(alive(p) for p in new)
 
 
 def test_depends_on_starts_after_ready_and_stops_before(make_daemon, tmp_path):
