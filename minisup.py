@@ -1369,7 +1369,7 @@ class Watcher:
 
     def __init__(self, config: WatcherConfig,
                  spawn: Callable[[WatcherConfig, int, float], Process] = spawn_process,
-                 emit: Callable[[str, str, dict[str, Any]], None] | None = None) -> None:
+                 emit: Callable[[str, dict[str, Any]], None] | None = None) -> None:
         self.config, self.name, self.numprocesses = config, config.name, config.numprocesses
         self.state = STOPPED
         self.processes: dict[int, Process] = {}
@@ -1377,18 +1377,17 @@ class Watcher:
         self.last_error: str | None = None
         self.last_exit: int | None = None
         self._spawn, self._emit = spawn, emit
-        self._next_spawn, self._restart_pending = 0.0, False
+        self._next_spawn, self._probe_at, self._restart_pending = 0.0, 0.0, False
         self._replace: list[int] = []  # pids a sequential reload still replaces
         self._finished = 0  # slots whose process is done and not replaced
         self._crashes = 0  # consecutive deaths younger than min_uptime
         self._deaths: list[float] = []  # restart times within flapping_window
         self._flaps = 0  # flapping pauses since the last start
-        self._resume_at = self._probe_at = 0.0
 
     def emit(self, topic: str, **payload: Any) -> None:
         """Publish ``watcher.<name>.<topic>`` (Circus's event payloads)."""
         if self._emit is not None:
-            self._emit(self.name, topic, {**payload, "time": time.time()})
+            self._emit(f"watcher.{self.name}.{topic}", {**payload, "time": time.time()})
 
     def _set_state(self, state: str) -> None:
         if state != self.state:
@@ -1439,19 +1438,17 @@ class Watcher:
             self._restart_pending = True
         elif self.state in (STOPPED, FLAPPING):
             self.retries, self.last_error, self._crashes = 0, None, 0
-            self._finished, self._deaths, self._flaps = 0, [], 0
-            self._next_spawn = not_before
+            self._finished, self._deaths, self._flaps, self._next_spawn = 0, [], 0, not_before
             self._set_state(STARTING)
 
     def stop(self, now: float) -> None:
         """Begin a graceful stop of every child."""
         self._restart_pending, self._replace = False, []
-        if self.state == STOPPED and not self.processes:
-            return
-        self._set_state(STOPPING)
-        self._stop_processes(self.running(), now)
-        if not self.processes:
-            self._set_state(STOPPED)
+        if self.state != STOPPED or self.processes:
+            self._set_state(STOPPING)
+            self.kill(now)
+            if not self.processes:
+                self._set_state(STOPPED)
 
     def restart(self, now: float) -> None:
         """Stop every child, then start again once all have exited."""
@@ -1472,16 +1469,25 @@ class Watcher:
             self._replace, self._finished = self.pids(), 0
         else:
             self._finished, self._next_spawn = 0, now
-            self._stop_processes(self.running(), now)
+            self.kill(now)
             self._set_state(STARTING)
         self.emit("reload")
 
     def kill(self, now: float, pids: list[int] | None = None,
              signum: int | None = None, timeout: float | None = None) -> list[int]:
-        """Stop some children (default all) gracefully with another signal
-        or grace period; a watcher that wants them spawns replacements."""
+        """Stop some children (default all) gracefully, with another signal or
+        grace period if given; return their pids.  Wanted ones are replaced."""
+        signum = self.config.stop_signal if signum is None else signum
+        timeout = self.config.graceful_timeout if timeout is None else timeout
         victims = [p for p in self.running() if pids is None or p.pid in pids]
-        self._stop_processes(victims, now, signum, timeout)
+        for process in victims:
+            logger.debug("%s: stopping pid %d with %s (%gs grace)", self.name,
+                         process.pid, _signal_name(signum), timeout)
+            process.stop_deadline = now + timeout  # when SIGKILL is due
+            process.send_signal(signum, group=self.config.stop_children)
+            self.emit("kill", process_pid=process.pid)
+            if timeout == 0:
+                process.kill()
         return [p.pid for p in victims]
 
     def set_numprocesses(self, count: int) -> None:
@@ -1490,17 +1496,13 @@ class Watcher:
         if self.state == ACTIVE:
             self._set_state(STARTING)
 
-    def abandon(self) -> None:
-        """Stop managing without stopping the children (``rm nostop``); they
-        are still reaped, and stopped when the daemon quits."""
+    def abandon(self, kill: bool = False) -> None:
+        """Stop managing the children without a graceful stop: leave them to
+        exit (``rm nostop``: still reaped, and stopped when the daemon quits)
+        or, with ``kill``, SIGKILL them now (the daemon's forced quit)."""
         self._restart_pending = False
-        self._set_state(STOPPED)
-
-    def kill_all(self) -> None:
-        """SIGKILL every child now (the daemon's forced quit)."""
-        self._restart_pending = False
-        self._set_state(STOPPING if self.processes else STOPPED)
-        for process in self.processes.values():
+        self._set_state(STOPPING if kill and self.processes else STOPPED)
+        for process in self.processes.values() if kill else ():
             # Marked as stopping, so that its exit is not taken for a crash.
             process.stop_deadline = process.stop_deadline or 0.0
             process.kill()
@@ -1525,58 +1527,52 @@ class Watcher:
         self._note_crash(now, now - process.started)
 
     def _note_crash(self, now: float, uptime: float) -> None:
+        # A crash loop backs off; flapping pauses the watcher, or gives up.
         config = self.config
         self.restarts += 1
         self._crashes = self._crashes + 1 if uptime < config.min_uptime else 0
         if config.flapping_attempts:
             self._deaths = [t for t in self._deaths if now - t < config.flapping_window] + [now]
-            if len(self._deaths) >= config.flapping_attempts:
-                self._flap(now)
-                return
-        if self._crashes > 1:  # the first quick death is replaced at once
+        if 0 < config.flapping_attempts <= len(self._deaths):
+            self._flaps, self._deaths = self._flaps + 1, []
+            if 0 <= config.flapping_max_retry < self._flaps:
+                self.last_error = (f"flapping: {config.flapping_attempts} restarts within "
+                                   f"{config.flapping_window:g}s, {self._flaps} times")
+                logger.error("%s: giving up: %s", self.name, self.last_error)
+                self.stop(now)
+            else:
+                logger.warning("%s: flapping, pausing %gs", self.name, config.flapping_retry_in)
+                self.kill(now)
+                self._next_spawn = max(self._next_spawn, now + config.flapping_retry_in)
+                self._set_state(FLAPPING)
+        elif self._crashes > 1:  # the first quick death is replaced at once
             delay = min(config.backoff_delay * config.backoff_factor ** (self._crashes - 2),
                         config.backoff_max)
             delay *= 1 + _RANDOM.uniform(-config.backoff_jitter, config.backoff_jitter)
             self._next_spawn = max(self._next_spawn, now + delay)
             logger.info("%s: crash loop, next spawn in %.2fs", self.name, delay)
 
-    def _flap(self, now: float) -> None:
-        config = self.config
-        self._flaps, self._deaths = self._flaps + 1, []
-        if 0 <= config.flapping_max_retry < self._flaps:
-            self.last_error = (f"flapping: {config.flapping_attempts} restarts within "
-                               f"{config.flapping_window:g}s, {self._flaps} times")
-            logger.error("%s: giving up: %s", self.name, self.last_error)
-            self.stop(now)
-            return
-        logger.warning("%s: flapping, pausing %gs", self.name, config.flapping_retry_in)
-        self._stop_processes(self.running(), now)
-        self._resume_at = now + config.flapping_retry_in
-        self._set_state(FLAPPING)
-
     def manage(self, now: float, tree: Callable[[], dict[int, list[int]]] | None = None,
                held: bool = False) -> list[Process]:
         """Move toward the wanted state; return the children it spawned.
         ``tree`` (a cached ``children_map``) lets SIGKILL reach descendants;
         ``held``: spawn nothing yet (a dependency is not up)."""
-        self._escalate(now, tree)
+        for process in self.processes.values():
+            if process.stopping and not process.killed and now >= process.stop_deadline:
+                logger.warning("%s: pid %d outlived its grace period, SIGKILL to it, "
+                               "its group and its descendants", self.name, process.pid)
+                process.kill(descendants(process.pid, tree()) if tree else ())
         self._check_ready(now)
         if self.state == STOPPING and not self.processes:
             self._set_state(STOPPED)
             if self._restart_pending:
                 self._restart_pending = False
                 self.start(now)
-        if self.state == FLAPPING and now >= self._resume_at:
+        if self.state == FLAPPING and now >= self._next_spawn:
             self._set_state(STARTING)
         if self.state not in (STARTING, ACTIVE):
             return []
-        running = self.running()
-        self._stop_processes(running[:max(0, len(running) - self.target)], now)
-        for process in self.running():
-            if process.expires is not None and now >= process.expires:
-                logger.info("%s: pid %d reached max_age", self.name, process.pid)
-                self._stop_processes([process], now)
-        self._replace_next(now)
+        self._stop_unwanted(now)
         spawned = [] if held else self._fill(now)
         running = self.running()
         if self.state == STARTING and len(running) >= self.target and all(
@@ -1595,24 +1591,27 @@ class Watcher:
         deadlines += [p.expires for p in running if p.expires is not None]
         unready = [p for p in running if not p.ready]
         replacing = self._replace and len(running) == len(self.processes) and not unready
-        if self.state in (STARTING, ACTIVE) and (len(running) < self.target or replacing):
+        if self.state == FLAPPING or self.state in (STARTING, ACTIVE) and (
+                len(running) < self.target or replacing):
             deadlines.append(self._next_spawn)
         deadlines += [p.ready_by for p in unready]
         if unready and self.config.ready != "notify":
             deadlines.append(self._probe_at)
-        if self.state == FLAPPING:
-            deadlines.append(self._resume_at)
         return min(deadlines) if deadlines else None
 
-    def _replace_next(self, now: float) -> None:
-        # Rolling reload: stop the next old child once the last is gone and
-        # its replacement (and, with ``ready``, one more) is ready.
-        if (not self._replace or now < self._next_spawn or len(self.running()) < self.target
-                or any(p.stopping or not p.ready for p in self.processes.values())):
-            return
-        process = self.processes.get(self._replace.pop(0))
-        if process is not None:
-            self._stop_processes([process], now)
+    def _stop_unwanted(self, now: float) -> None:
+        # Stop the children no longer wanted: extras, those past max_age and,
+        # in a rolling reload, the next old one once the last is gone and its
+        # replacement (and, with ``ready``, one more) is ready.
+        running = self.running()
+        self.kill(now, [p.pid for p in running[:max(0, len(running) - self.target)]])
+        for process in self.running():
+            if process.expires is not None and now >= process.expires:
+                logger.info("%s: pid %d reached max_age", self.name, process.pid)
+                self.kill(now, [process.pid])
+        if (self._replace and now >= self._next_spawn and len(self.running()) >= self.target
+                and not any(p.stopping or not p.ready for p in self.processes.values())):
+            self.kill(now, [self._replace.pop(0)])  # if it is still there
 
     def _fill(self, now: float) -> list[Process]:
         config, spawned = self.config, []
@@ -1624,7 +1623,14 @@ class Watcher:
             try:
                 process = self._spawn(config, wid, now)
             except Exception as exc:  # noqa: BLE001 - any failure to spawn is one
-                self._spawn_failed(exc, now)
+                self.retries, limit = self.retries + 1, config.max_retry
+                logger.error("%s: spawn failed (attempt %d of %s): %s", self.name, self.retries,
+                             "unlimited" if limit < 0 else limit + 1, exc)
+                self._next_spawn = now + config.retry_in
+                if 0 <= limit < self.retries:
+                    self.last_error = f"spawn failed {self.retries} times: {exc}"
+                    logger.error("%s: giving up: %s", self.name, self.last_error)
+                    self.stop(now)
                 break
             self.retries = 0
             process.ready, process.ready_by = not config.ready, now + config.ready_timeout
@@ -1654,42 +1660,10 @@ class Watcher:
             elif now >= process.ready_by:
                 logger.warning("%s: pid %d not ready within %gs, replacing it", self.name,
                                process.pid, self.config.ready_timeout)
-                self._stop_processes([process], now)
+                self.kill(now, [process.pid])
                 self._note_crash(now, 0.0)
         if unready and probe:
             self._probe_at = now + READY_POLL
-
-    def _spawn_failed(self, exc: Exception, now: float) -> None:
-        self.retries += 1
-        limit = self.config.max_retry
-        logger.error("%s: spawn failed (attempt %d of %s): %s", self.name, self.retries,
-                     "unlimited" if limit < 0 else limit + 1, exc)
-        if 0 <= limit < self.retries:
-            self.last_error = f"spawn failed {self.retries} times: {exc}"
-            logger.error("%s: giving up: %s", self.name, self.last_error)
-            self.stop(now)
-        else:
-            self._next_spawn = now + self.config.retry_in
-
-    def _stop_processes(self, processes: list[Process], now: float, signum: int | None = None,
-                        timeout: float | None = None) -> None:
-        signum = self.config.stop_signal if signum is None else signum
-        timeout = self.config.graceful_timeout if timeout is None else timeout
-        for process in processes:
-            logger.debug("%s: stopping pid %d with %s (%gs grace)", self.name,
-                         process.pid, _signal_name(signum), timeout)
-            process.stop_deadline = now + timeout  # when SIGKILL is due
-            process.send_signal(signum, group=self.config.stop_children)
-            self.emit("kill", process_pid=process.pid)
-            if timeout == 0:
-                process.kill()
-
-    def _escalate(self, now: float, tree: Callable[[], dict[int, list[int]]] | None) -> None:
-        for process in self.processes.values():
-            if process.stopping and not process.killed and now >= process.stop_deadline:
-                logger.warning("%s: pid %d outlived its grace period, SIGKILL to it, "
-                               "its group and its descendants", self.name, process.pid)
-                process.kill(descendants(process.pid, tree()) if tree else ())
 
 
 def _signal_name(signum: int) -> str:
@@ -1704,8 +1678,7 @@ def _signal_name(signum: int) -> str:
 Outcome = dict[str, Any] | MinisupError
 
 
-@dataclasses.dataclass
-class Job:
+class Job(NamedTuple):
     """One command for the worker thread: ``handler(arbiter, properties)``
     returns a result dict or a Pending; ``reply`` is then called once, on
     the worker, with the result dict or a MinisupError."""
@@ -1726,18 +1699,15 @@ class View(NamedTuple):
     replies: dict[tuple[str, str | None], dict[str, Any]]
 
 
-#: Commands in a View: without a name, and (the first two) with each name.
-VIEW_COMMANDS = ("list", "status", "numwatchers", "numprocesses")
-
-
-@dataclasses.dataclass
-class Pending:
+class Pending(NamedTuple):
     """A deferred reply: answered once ``done()`` holds, with ``result()``."""
 
     done: Callable[[], bool]
     result: Callable[[], dict[str, Any]]
 
 
+#: Commands in a View: without a name, and (the first two) with each name.
+VIEW_COMMANDS = ("list", "status", "numwatchers", "numprocesses")
 #: Commands still served while the daemon shuts down.
 SHUTDOWN_COMMANDS = {"list", "status", "numprocesses", "numwatchers", "quit", "options", "get",
                      "globaloptions", "stats", "dstats", "listsockets"}
@@ -1757,7 +1727,7 @@ class Arbiter:
         self.sockets: dict[str, socket.socket] = {}
         # Set by the Daemon: where events go (its PUB socket), the endpoints
         # as bound (for globaloptions), the output thread, subreaper mode.
-        self.on_event: Callable[[str, dict[str, Any]], None] | None = None
+        self.on_event: Callable[[str, dict[str, Any]], None] = lambda topic, payload: None
         self.on_view: Callable[[View], None] | None = None
         self.bound_endpoints: dict[str, str | None] = {}
         self.pump: Pump | None = None
@@ -1766,11 +1736,10 @@ class Arbiter:
         self._jobs: queue.SimpleQueue[Job] = queue.SimpleQueue()
         self._waker, self._selector = Waker(), selectors.DefaultSelector()
         self._selector.register(self._waker, selectors.EVENT_READ, None)
-        self._waiting: list[tuple[Job, Pending]] = []
-        self._replies: list[tuple[Job, Outcome]] = []  # sent as the tick ends
+        self._outcomes: list[tuple[Job, Outcome | Pending]] = []  # replied as the tick ends
         self._retiring: list[Watcher] = []  # removed by rm, children not gone
-        self._quit_stages: list[list[Watcher]] | None = None
-        self._stop_plans: list[list[list[Watcher]]] = []  # staged ``stop`` commands
+        self._stop_plans: list[list[list[Watcher]]] = []  # staged stops: ``stop``s, the quit
+        self._quit_stages: list[list[Watcher]] | None = None  # the quit's plan, once begun
         # systemd (set by the Daemon): NOTIFY_SOCKET, WATCHDOG_USEC in seconds.
         self.systemd: str | None = None
         self.watchdog, self._watchdog_at = 0.0, 0.0
@@ -1833,15 +1802,16 @@ class Arbiter:
         self._run_jobs()
         now = self.clock()
         self.manage_watchers(now)
-        self._answer_waiters()
         if self.systemd:
             self._report(now)
-        if self.quit_finished:
-            self._replies += [(job, MinisupError("the daemon quit first", BAD_MSG_DATA_ERROR))
-                              for job, _ in self._waiting]
-            self._waiting, self.done = [], True
+        self.done = self.quit_finished
         self._publish()
-        return self._timeout(now)
+        deadlines = [w.next_deadline() for w in [*self.watchers.values(), *self._retiring]]
+        if self.watchdog:
+            deadlines.append(self._watchdog_at)
+        timeout = min([self.config.check_delay,
+                       *(max(0.0, d - now) for d in deadlines if d is not None)])
+        return min(timeout, FALLBACK_POLL) if self._unwatched or self._doomed else timeout
 
     def _report(self, now: float) -> None:
         # READY=1 once every autostart watcher is up (again, after a
@@ -1851,37 +1821,21 @@ class Arbiter:
             w.up and w.settled for w in self.watchers.values() if w.config.autostart)
         lines = ["READY=1"] if ready and not self._ready_told else []
         self._ready_told |= ready
-        status = f"STATUS={self.summary()}"
+        states = collections.Counter(w.state for w in self.watchers.values())
+        status = "STATUS=" + ", ".join(f"{n} {s}" for s, n in sorted(states.items()))
+        status += f"; {sum(len(w.processes) for w in self.watchers.values())} processes"
         if status != self._status_told:
             lines.append(status)
             self._status_told = status
         if self.watchdog and now >= self._watchdog_at:
             lines.append("WATCHDOG=1")
             self._watchdog_at = now + self.watchdog / 2
-        if lines:
-            sd_notify(self.systemd, *lines)
+        sd_notify(self.systemd, *lines)
 
     def note_reloading(self) -> None:
         """A reloadconfig begins: tell systemd, and READY=1 once settled."""
         sd_notify(self.systemd, "RELOADING=1", f"MONOTONIC_USEC={time.monotonic_ns() // 1000}")
         self._ready_told = False
-
-    def summary(self) -> str:
-        """One line: how many watchers in each state, how many processes."""
-        states = collections.Counter(w.state for w in self.watchers.values())
-        count = sum(len(w.processes) for w in self.watchers.values())
-        return f"{', '.join(f'{n} {s}' for s, n in sorted(states.items()))}; {count} processes"
-
-    def _notify_address(self) -> str:
-        # One datagram socket for every ``ready = notify`` child; the kernel
-        # stamps each message with its sender's pid (SO_PASSCRED): no forging.
-        if self._notify is None:
-            self._notify = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM | socket.SOCK_NONBLOCK
-                                         | socket.SOCK_CLOEXEC)
-            self._notify.setsockopt(socket.SOL_SOCKET, socket.SO_PASSCRED, 1)
-            self._notify.bind(f"\0minisup-{os.getpid()}-{id(self):x}")
-            self._selector.register(self._notify, selectors.EVENT_READ, "notify")
-        return "@" + self._notify.getsockname()[1:].decode()
 
     def _read_notifications(self) -> None:
         # READY=1 counts from a child or a process in its group (a shell's
@@ -1897,15 +1851,24 @@ class Arbiter:
                     owner[0].mark_ready(owner[1])
 
     def _publish(self) -> None:
-        # Replies leave as the tick ends, not mid-tick, where the woken
-        # controller would only wait for the GIL until this thread blocks.
+        # Publish the View, then reply to each job whose outcome is known (a
+        # Pending's once done, or once the daemon is): as the tick ends, not
+        # mid-tick, where the woken controller would only wait for the GIL.
         if self.on_view is not None:
             self.on_view(View(self._seq, {
                 (command, name): COMMANDS[command].handler(self, {"name": name})
                 for name in [None, *self.watchers]
                 for command in (VIEW_COMMANDS if name is None else VIEW_COMMANDS[:2])}))
-        replies, self._replies = self._replies, []
-        for job, outcome in replies:
+        outcomes, self._outcomes = self._outcomes, []
+        for job, outcome in outcomes:
+            if isinstance(outcome, Pending):
+                if outcome.done():
+                    outcome = _outcome(job.command, outcome.result)
+                elif self.done:
+                    outcome = MinisupError("the daemon quit first", BAD_MSG_DATA_ERROR)
+                else:
+                    self._outcomes.append((job, outcome))
+                    continue
             job.reply(outcome)
 
     @property
@@ -1914,7 +1877,9 @@ class Arbiter:
         return self._quit_stages == [] and not self._strays and not self._doomed
 
     def manage_watchers(self, now: float) -> None:
-        """Let each watcher spawn, signal and kill toward its wanted state."""
+        """Let each watcher spawn, signal and kill toward its wanted state,
+        each staged stop stop its next stage once all before have stopped,
+        and orphans die with their watcher, or at quit."""
         tree = functools.cache(children_map)  # read /proc once, if at all
         for watcher in [*self.watchers.values(), *self._retiring]:
             # A starting watcher spawns once every watcher it depends on is up.
@@ -1923,10 +1888,20 @@ class Arbiter:
             for process in watcher.manage(now, tree, held):
                 self._watch(watcher, process)
         self._retiring = [w for w in self._retiring if w.processes or w.state != STOPPED]
-        for stages in [self._quit_stages or [], *self._stop_plans]:
-            _advance_stages(stages, now)
+        for stages in self._stop_plans:
+            while stages and all(w.state == STOPPED and not w.processes for w in stages[0]):
+                stages.pop(0)
+                for watcher in stages[0] if stages else []:
+                    watcher.stop(now)
         self._stop_plans = [stages for stages in self._stop_plans if stages]
-        self._kill_strays()
+        for pid, owner in list(self._strays.items()):
+            if self._quit_stages == [] or owner is not None and (
+                    owner.state == STOPPED and not owner.processes):
+                logger.info("killing orphan pid %d", pid)
+                with contextlib.suppress(OSError):
+                    os.kill(pid, signal.SIGKILL)  # our child: no pid reuse
+                del self._strays[pid]
+                self._doomed.add(pid)
 
     def close(self) -> None:
         """Release the sockets, selector, pipe, pidfds and the guardian;
@@ -1955,11 +1930,10 @@ class Arbiter:
             logger.warning("no guardian (%s): children would outlive a crash", exc)
 
     def _guard(self, sign: str, pid: int) -> None:
-        if self._guardian is None:
-            return
         try:
-            self._guardian.stdin.write(f"{sign}{pid}\n".encode())
-            self._guardian.stdin.flush()
+            if self._guardian is not None:
+                self._guardian.stdin.write(f"{sign}{pid}\n".encode())
+                self._guardian.stdin.flush()
         except OSError as exc:
             logger.error("the guardian is gone (%s): children now outlive a crash", exc)
             self._guardian.kill()
@@ -1974,10 +1948,9 @@ class Arbiter:
         if self._guardian is not None:
             known[self._guardian.pid] = None
         for pid in children_of() - known.keys():
-            try:
-                dead = os.waitpid(pid, os.WNOHANG)[0]
-            except ChildProcessError:
-                dead = pid
+            dead = pid  # if ChildProcessError: reaped already
+            with contextlib.suppress(ChildProcessError):
+                dead = os.waitpid(pid, os.WNOHANG)[0]  # 0: still alive
             if dead:
                 self._strays.pop(pid, None)
                 self._doomed.discard(pid)
@@ -1986,17 +1959,6 @@ class Arbiter:
                 owner = self._strays[pid] = _owner(pid, known)
                 logger.info("adopted orphan pid %d (of %s)", pid,
                             owner.name if owner else "no known watcher")
-
-    def _kill_strays(self) -> None:
-        # Orphans die with their watcher, or at quit.  Ours: no pid reuse.
-        for pid, owner in list(self._strays.items()):
-            if self._quit_stages == [] or owner is not None and (
-                    owner.state == STOPPED and not owner.processes):
-                logger.info("killing orphan pid %d", pid)
-                with contextlib.suppress(OSError):
-                    os.kill(pid, signal.SIGKILL)
-                del self._strays[pid]
-                self._doomed.add(pid)
 
     def bind_sockets(self, configs: list[SocketConfig] | None = None) -> None:
         """Bind every ``[socket:NAME]`` (or ``configs``) before any watcher
@@ -2023,17 +1985,22 @@ class Arbiter:
             dict(zip(("host", "port"), sock.getsockname())))}
             for name, sock in self.sockets.items()), key=lambda info: info["fd"])
 
-    def _emit(self, name: str, topic: str, payload: dict[str, Any]) -> None:
-        if self.on_event is not None:
-            self.on_event(f"watcher.{name}.{topic}", payload)
-
-    def _all_processes(self) -> Iterable[tuple[Watcher, Process]]:
-        for watcher in [*self.watchers.values(), *self._retiring]:
-            for process in list(watcher.processes.values()):
-                yield watcher, process
+    def _all_processes(self) -> list[tuple[Watcher, Process]]:
+        return [(w, p) for w in [*self.watchers.values(), *self._retiring]
+                for p in w.processes.values()]
 
     def _spawn(self, config: WatcherConfig, wid: int, now: float) -> Process:
-        extra = {"NOTIFY_SOCKET": self._notify_address()} if config.ready == "notify" else None
+        extra = None
+        if config.ready == "notify":
+            # One datagram socket for every ``ready = notify`` child; the kernel
+            # stamps each message with its sender's pid (SO_PASSCRED): no forging.
+            if self._notify is None:
+                self._notify = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM
+                                             | socket.SOCK_NONBLOCK | socket.SOCK_CLOEXEC)
+                self._notify.setsockopt(socket.SOL_SOCKET, socket.SO_PASSCRED, 1)
+                self._notify.bind(f"\0minisup-{os.getpid()}-{id(self):x}")
+                self._selector.register(self._notify, selectors.EVENT_READ, "notify")
+            extra = {"NOTIFY_SOCKET": "@" + self._notify.getsockname()[1:].decode()}
         return spawn_process(config, wid, now, self.sockets, self.pump is not None, extra)
 
     def wake(self) -> None:
@@ -2060,8 +2027,12 @@ class Arbiter:
                 process.close()
 
     def _reap(self, watcher: Watcher, process: Process, drained: bool = False) -> None:
-        if process.draining and not drained or not _has_exited(process.pid):
+        if process.draining and not drained:
             return
+        with contextlib.suppress(ChildProcessError):  # reaped: Popen.poll will say so
+            # WNOWAIT, a peek: the zombie keeps its pid and group until Popen reaps it.
+            if os.waitid(os.P_PID, process.pid, os.WEXITED | os.WNOHANG | os.WNOWAIT) is None:
+                return
         if process.stopping:
             # Its group's leftovers die too; the zombie keeps the group id.
             process.send_signal(signal.SIGKILL, group=True)
@@ -2079,37 +2050,14 @@ class Arbiter:
         self._unwatch(process)
         watcher.reap(process, code, self.clock())
 
-    def _timeout(self, now: float) -> float:
-        deadlines = [w.next_deadline() for w in [*self.watchers.values(), *self._retiring]]
-        if self.watchdog:
-            deadlines.append(self._watchdog_at)
-        timeout = min([self.config.check_delay,
-                       *(max(0.0, d - now) for d in deadlines if d is not None)])
-        return min(timeout, FALLBACK_POLL) if self._unwatched or self._doomed else timeout
-
     def _run_jobs(self) -> None:
         while not self._jobs.empty():  # we alone take from it: get won't block
             job = self._jobs.get()
             self._seq = max(self._seq, job.seq)
-            outcome: Outcome | Pending
-            if (self._quit_stages is not None and job.command not in SHUTDOWN_COMMANDS
-                    and not job.command.startswith("_")):  # "_name": internal
-                outcome = MinisupError("the daemon is shutting down")
-            else:
-                outcome = _outcome(job.command, job.handler, self, job.properties)
-            if isinstance(outcome, Pending):
-                self._waiting.append((job, outcome))
-            else:
-                self._replies.append((job, outcome))
-
-    def _answer_waiters(self) -> None:
-        still: list[tuple[Job, Pending]] = []
-        for job, pending in self._waiting:
-            if pending.done():
-                self._replies.append((job, _outcome(job.command, pending.result)))
-            else:
-                still.append((job, pending))
-        self._waiting = still
+            refused = (self._quit_stages is not None and job.command not in SHUTDOWN_COMMANDS
+                       and not job.command.startswith("_"))  # "_name": internal
+            self._outcomes.append((job, MinisupError("the daemon is shutting down") if refused
+                                   else _outcome(job.command, job.handler, self, job.properties)))
 
     def get_watcher(self, name: str) -> Watcher:
         """The watcher called ``name`` (any case); MessageError if none."""
@@ -2122,7 +2070,8 @@ class Arbiter:
         """Register a new, stopped watcher; error if the name is taken."""
         if config.name in self.watchers:
             raise MinisupError(f"{config.name!r} already exist", COMMAND_ERROR)
-        watcher = self.watchers[config.name] = Watcher(config, self._spawn, self._emit)
+        watcher = self.watchers[config.name] = Watcher(  # on_event: looked up at each event
+            config, self._spawn, lambda *event: self.on_event(*event))
         logger.info("%s: added", watcher.name)
         watcher.emit("add")
         return watcher
@@ -2145,8 +2094,7 @@ class Arbiter:
                        if name in self.watchers and self.watchers[name] not in wanted]
         for stage in (stage for stages in self._stop_plans for stage in stages):
             stage[:] = [w for w in stage if w not in wanted]  # a start overrides a stop
-        ordered = sorted(wanted, key=lambda w: -w.config.priority)
-        for index, watcher in enumerate(ordered):
+        for index, watcher in enumerate(sorted(wanted, key=lambda w: -w.config.priority)):
             watcher.start(not_before=now + index * self.config.warmup_delay)
 
     def apply_config(self, new: Config) -> list[Watcher]:
@@ -2156,11 +2104,9 @@ class Arbiter:
         old = {w.name: w for w in self.config.watchers}
         fresh = {w.name: w for w in new.watchers}
         moved_sockets = self._apply_sockets(new)  # every one is in new.sockets
-        now, touched = self.clock(), []
-        for name in old.keys() - fresh.keys():
-            if name in self.watchers:
-                touched.append(self.watchers[name])
-                self.remove_watcher(self.watchers[name])
+        touched = [self.watchers[n] for n in old.keys() - fresh.keys() if n in self.watchers]
+        for watcher in touched:
+            self.remove_watcher(watcher)
         for name, config in fresh.items():
             watcher = self.watchers.get(name)
             if watcher is None:
@@ -2170,7 +2116,14 @@ class Arbiter:
             elif old.get(name) != config or (moved_sockets if config.use_sockets
                                              else moved_sockets & _socket_users(config)):
                 touched.append(watcher)
-                self._update_watcher(watcher, old.get(name), config, now)
+                changed = {f.name for f in dataclasses.fields(config) if name not in old
+                           or getattr(old[name], f.name) != getattr(config, f.name)}
+                if changed != {"numprocesses"}:  # more than a resize: reload
+                    watcher.config = config
+                    if watcher.state != STOPPED:
+                        watcher.reload(self.clock())
+                watcher.set_numprocesses(config.numprocesses)
+                watcher.emit("updated")
         self.config.check_delay, self.config.warmup_delay = new.check_delay, new.warmup_delay
         for key in sorted(GLOBAL_OPTIONS.keys() - {"check_delay", "warmup_delay", "endpoint"}):
             if getattr(new, key) != getattr(self.config, key):
@@ -2178,17 +2131,6 @@ class Arbiter:
                                "effect when the daemon restarts", key)
         self.config.watchers, self.config.source = new.watchers, new.source
         return touched
-
-    def _update_watcher(self, watcher: Watcher, before: WatcherConfig | None,
-                        after: WatcherConfig, now: float) -> None:
-        changed = {f.name for f in dataclasses.fields(after)
-                   if before is None or getattr(before, f.name) != getattr(after, f.name)}
-        if changed != {"numprocesses"}:
-            watcher.config = after
-            if watcher.state != STOPPED:
-                watcher.reload(now)
-        watcher.set_numprocesses(after.numprocesses)
-        watcher.emit("updated")
 
     def _apply_sockets(self, new: Config) -> set[str]:
         old = {s.name: s for s in self.config.sockets}
@@ -2202,17 +2144,17 @@ class Arbiter:
 
     def begin_quit(self) -> None:
         """Stop every watcher (in ``stop_stages`` order), then end the loop."""
-        if self._quit_stages is not None:
-            return
-        logger.info("quitting: stopping every watcher")
-        sd_notify(self.systemd, "STOPPING=1")
-        self._quit_stages = stop_stages([*self.watchers.values(), *self._retiring])
-        _advance_stages(self._quit_stages, self.clock(), first=True)
+        if self._quit_stages is None:
+            logger.info("quitting: stopping every watcher")
+            sd_notify(self.systemd, "STOPPING=1")
+            self.stop_watchers([*self.watchers.values(), *self._retiring])
+            self._quit_stages = self._stop_plans[-1]  # emptied as it advances
 
     def stop_watchers(self, watchers: list[Watcher]) -> None:
         """Stop ``watchers`` in ``stop_stages`` order, over the next ticks."""
         stages = stop_stages(watchers)
-        _advance_stages(stages, self.clock(), first=True)
+        for watcher in stages[0] if stages else []:
+            watcher.stop(self.clock())
         self._stop_plans.append(stages)
 
     def kill_everything(self, wait: bool = False) -> dict[str, Any]:
@@ -2220,39 +2162,22 @@ class Arbiter:
         logger.warning("SIGKILL to every child")
         self.begin_quit()
         for watcher in [*self.watchers.values(), *self._retiring]:
-            watcher.kill_all()
-            if wait:
-                for process in list(watcher.processes.values()):
-                    process.popen.wait()  # SIGKILLed: returns at once
-                    self._guard("-", process.pid)
-                    self._reap(watcher, process)
+            watcher.abandon(kill=True)
+        for watcher, process in self._all_processes() if wait else []:
+            process.popen.wait()  # SIGKILLed: returns at once
+            self._guard("-", process.pid)
+            self._reap(watcher, process)
         return {}
 
 
 def stop_stages(watchers: list[Watcher]) -> list[list[Watcher]]:
     """Groups of ``watchers`` to stop one after the other: each watcher
     after those that depend on it, and lower priority first."""
-    import graphlib  # configurations are checked: no cycle
-    sorter = graphlib.TopologicalSorter({w: [d for d in watchers if w.name in d.config.depends_on]
-                                         for w in watchers})
-    sorter.prepare()
-    stages = []
-    while sorter.is_active():
-        ready = sorter.get_ready()
-        for priority in sorted({w.config.priority for w in ready}):
-            stages.append([w for w in ready if w.config.priority == priority])
-        sorter.done(*ready)
-    return stages
-
-
-def _advance_stages(stages: list[list[Watcher]], now: float, first: bool = False) -> None:
-    # Stop the first stage (``first``), then each next one once all before have stopped.
-    for watcher in stages[0] if first and stages else []:
-        watcher.stop(now)
-    while stages and all(w.state == STOPPED and not w.processes for w in stages[0]):
-        stages.pop(0)
-        for watcher in stages[0] if stages else []:
-            watcher.stop(now)
+    @functools.cache
+    def depth(w: Watcher) -> int:  # its longest chain of dependents (checked: no cycle)
+        return max((depth(d) + 1 for d in watchers if w.name in d.config.depends_on), default=0)
+    keys = sorted({(depth(w), w.config.priority) for w in watchers})
+    return [[w for w in watchers if (depth(w), w.config.priority) == key] for key in keys]
 
 
 #: The guardian helper (see Arbiter.start_guardian), run as python -S -c.
@@ -2268,7 +2193,7 @@ for group in groups:
 def sd_notify(address: str | None, *lines: str) -> None:
     """Send systemd's notify datagram to ``address`` (a path, or ``@name``
     in the abstract namespace), if any; log, never raise, never block."""
-    if not address:
+    if not address or not lines:
         return
     target = "\0" + address[1:] if address.startswith("@") else address
     try:
@@ -2277,13 +2202,6 @@ def sd_notify(address: str | None, *lines: str) -> None:
             sock.sendto("\n".join(lines).encode(), target)
     except OSError as exc:
         logger.warning("cannot notify systemd at %s: %s", address, exc)
-
-
-def _has_exited(pid: int) -> bool:
-    try:  # WNOWAIT, a peek: the zombie keeps its pid and group until Popen reaps
-        return os.waitid(os.P_PID, pid, os.WEXITED | os.WNOHANG | os.WNOWAIT) is not None
-    except ChildProcessError:
-        return True  # already reaped: Popen.poll will say so
 
 
 def _owner(pid: int, known: dict[int, Any]) -> Any:

@@ -626,7 +626,7 @@ def test_a_flapping_pause_left_mid_reload_has_only_its_own_deadline():
     # the pause must still be the only deadline, or the worker spins.
     watcher = minisup.Watcher(minisup.WatcherConfig("w", "x"))
     watcher.state, watcher._replace = minisup.FLAPPING, [12345]
-    watcher._next_spawn, watcher._resume_at = 0.0, 100.0
+    watcher._next_spawn = 100.0  # the end of the pause
     assert watcher.next_deadline() == 100.0
 
 
