@@ -2242,13 +2242,10 @@ def server_error(command: str, exc: Exception) -> MinisupError:
 # Each handler runs on the worker thread with properties the controller has
 # already checked, and returns a reply dict or a Pending (for ``waiting``).
 
-Handler = Callable[[Arbiter, dict[str, Any]], "dict[str, Any] | Pending"]
-
-
 class Command(NamedTuple):
     """A wire command: its handler and the properties it reads."""
 
-    handler: Handler
+    handler: Callable[[Arbiter, dict[str, Any]], dict[str, Any] | Pending]
     required: tuple[str, ...] = ()
     optional: tuple[str, ...] = ()
 
@@ -2410,8 +2407,7 @@ def handle_add(arbiter: Arbiter, properties: dict[str, Any]) -> dict[str, Any] |
         raise MessageError("'name' must not be empty")
     config = watcher_config_from_json(properties["name"], properties["cmd"],
                                       properties.get("args"), properties.get("options"))
-    owner = arbiter.config.endpoint_owner
-    if owner is not None and config.uid != owner:
+    if arbiter.config.endpoint_owner not in (None, config.uid):
         # The socket's owner may add commands only as itself, as in Circus.
         raise MessageError("uid does not match endpoint_owner")
     try:
@@ -2560,12 +2556,9 @@ def handle_tail(arbiter: Arbiter, properties: dict[str, Any]) -> dict[str, Any] 
     name = arbiter.get_watcher(properties["name"]).name
     if arbiter.pump is None:
         return {"lines": []}
-    answer: list[list[str]] = []
-
-    def reply(lines: list[str]) -> None:  # on the output thread
-        answer.append(lines)
-        arbiter.wake()
-    arbiter.pump.tail(name, properties.get("lines", 10), properties.get("stream"), reply)
+    answer: list[list[str]] = []  # filled on the output thread, which then wakes us
+    arbiter.pump.tail(name, properties.get("lines", 10), properties.get("stream"),
+                      lambda lines: answer.append(lines) or arbiter.wake())
     return Pending(lambda: bool(answer), lambda: {"lines": answer[0]})
 
 
@@ -2579,7 +2572,7 @@ COMMANDS: dict[str, Command] = {
     "restart": Command(functools.partial(handle_start, action="restart"), (),
                        ("name", "match", "waiting")),
     "reload": Command(functools.partial(handle_start, action="reload"), (),
-                      ("name", "graceful", "sequential", "waiting")),
+                      ("name", "match", "graceful", "sequential", "waiting")),
     "incr": Command(functools.partial(_resize, sign=+1), ("name",), ("nb", "waiting")),
     "decr": Command(functools.partial(_resize, sign=-1), ("name",), ("nb", "waiting")),
     "numprocesses": Command(handle_numprocesses, (), ("name",)),
@@ -2664,7 +2657,7 @@ class Controller:
         self.context, self.config = zmq.Context(), config
         self.context.linger = 0  # for each socket it makes: a close never waits
         self.endpoint, self.pubsub_endpoint = config.endpoint, config.pubsub_endpoint
-        self.multicast_endpoint, self.owner = config.multicast_endpoint, config.endpoint_owner
+        self.multicast_endpoint = config.multicast_endpoint
         self.bound = threading.Event()
         self.error: BaseException | None = None
         self.view: View | None = None  # replaced by the worker each tick
@@ -2761,8 +2754,8 @@ class Controller:
             if path:
                 self._paths.append(path)
                 os.chmod(path, 0o600)  # the folder is private; belt and braces
-                if role == "control" and self.owner is not None:
-                    os.chown(path, self.owner, -1)  # Circus's endpoint_owner
+                if role == "control" and self.config.endpoint_owner is not None:
+                    os.chown(path, self.config.endpoint_owner, -1)  # as Circus
         except (zmq.ZMQError, OSError, ValueError) as exc:
             raise ConfigError(f"cannot bind: {exc}", option=f"{role} endpoint",
                               value=endpoint) from None
@@ -2798,10 +2791,9 @@ class Controller:
     def _note_subscriptions(self, sock: zmq.Socket) -> None:
         # The XPUB tells of each topic's first subscriber and of its last.
         topics = set(self.subscribed)
-        with contextlib.suppress(zmq.Again):
-            while True:
-                message = sock.recv(zmq.NOBLOCK)
-                (topics.add if message[:1] == b"\x01" else topics.discard)(message[1:])
+        while sock.getsockopt(zmq.EVENTS) & zmq.POLLIN:  # then a recv cannot fail
+            message = sock.recv(zmq.NOBLOCK)
+            (topics.add if message[:1] == b"\x01" else topics.discard)(message[1:])
         self.subscribed = frozenset(topics)
 
     def _answer_discovery(self, sock: socket.socket) -> None:
@@ -2813,19 +2805,17 @@ class Controller:
                 sock.sendto(answer, sender)
 
     def _receive(self, sock: zmq.Socket) -> None:
-        # The poll said a request is there; EVENTS tells if more are (not
-        # a recv until zmq.Again: an exception per wake-up costs).
+        # EVENTS tells if a request is there, even when the poll's news was
+        # stale (not a recv until zmq.Again: an exception per wake-up costs);
+        # a ROUTER that says so holds it already, so the recv cannot fail.
         for _ in range(RECEIVE_BATCH):
-            try:
-                frames = sock.recv_multipart(zmq.NOBLOCK)
-            except zmq.Again:  # rare: the poll's news was stale
+            if not sock.getsockopt(zmq.EVENTS) & zmq.POLLIN:
                 return
+            frames = sock.recv_multipart(zmq.NOBLOCK)
             try:
                 self._handle(frames)
             except Exception as exc:  # noqa: BLE001 - a bug must not silence the daemon
                 self.post(frames[:1], None, server_error("(request)", exc))
-            if not sock.getsockopt(zmq.EVENTS) & zmq.POLLIN:
-                return
 
     def _handle(self, frames: list[bytes]) -> None:
         envelope, message_id, cast = frames[:-1], None, False
@@ -2914,6 +2904,7 @@ class Daemon:
         self.pump = self.arbiter.pump = Pump()
         self._started = self._stopped = False
         self._client: Client | None = None
+        self._worker_thread: threading.Thread | None = None  # started once the rest is up
 
     @classmethod
     def from_ini(cls, text: str, source: str = "<string>") -> Daemon:
@@ -2948,8 +2939,7 @@ class Daemon:
             if self.config.guardian:
                 self.arbiter.start_guardian()
         except BaseException:
-            self._stopped = True
-            self._release()
+            self.stop()
             raise
         # What the controller really bound (an ephemeral port, say) is what
         # globaloptions reports; the worker does not run yet, so no race.
@@ -2960,11 +2950,13 @@ class Daemon:
         self.arbiter.on_view = functools.partial(setattr, self.controller, "view")
         self.pump.wanted = self.controller.wants
         self._worker_thread = self._thread(self._run_worker, "worker")
-        try:
-            self.call(handle_start, {"waiting": True}, timeout)
-        except MinisupError as exc:
-            # A watcher slow or unable to start is reported, not fatal.
-            logger.error("not every watcher started: %s", exc)
+        outcomes: queue.SimpleQueue[Outcome] = queue.SimpleQueue()
+        self.arbiter.submit(Job("start", handle_start, {"waiting": True}, outcomes.put))
+        outcome: Outcome = MinisupError(f"the start did not finish in {timeout}s")
+        with contextlib.suppress(queue.Empty):
+            outcome = outcomes.get(timeout=timeout)
+        if isinstance(outcome, MinisupError):  # a watcher slow or unable to start: not fatal
+            logger.error("not every watcher started: %s", outcome)
         return self
 
     def _thread(self, target: Callable[[], None], role: str) -> threading.Thread:
@@ -2977,20 +2969,6 @@ class Daemon:
             self.arbiter.run()
         finally:  # the controller ends with the worker
             self.controller.shutdown()
-
-    def call(self, handler: Handler, properties: dict[str, Any] | None = None,
-             timeout: float | None = None) -> dict[str, Any]:
-        """Run a command handler on the worker and wait for its outcome;
-        raise its MinisupError, or CallError on timeout."""
-        outcomes: queue.SimpleQueue[Outcome] = queue.SimpleQueue()
-        self.arbiter.submit(Job(handler.__name__, handler, properties or {}, outcomes.put))
-        try:
-            outcome = outcomes.get(timeout=timeout)
-        except queue.Empty:
-            raise CallError(f"{handler.__name__} did not finish in {timeout}s") from None
-        if isinstance(outcome, MinisupError):
-            raise outcome
-        return outcome
 
     def request_quit(self, force: bool = False) -> None:
         """Ask for a graceful quit (``force``: SIGKILL every child now).
@@ -3005,7 +2983,7 @@ class Daemon:
     def wait(self, timeout: float | None = None) -> bool:
         """Block until the daemon has quit (say by a ``quit`` command);
         True if it has."""
-        if not self._started:
+        if self._worker_thread is None:
             raise MinisupError("the Daemon was never started")
         self._worker_thread.join(timeout)
         return not self._worker_thread.is_alive()
@@ -3027,11 +3005,9 @@ class Daemon:
             self.arbiter.close()
             self.pump.close()
             return
-        self.request_quit()  # left unanswered if the worker has quit already
-        self._worker_thread.join()
-        self._release()
-
-    def _release(self) -> None:
+        if self._worker_thread is not None:
+            self.request_quit()  # left unanswered if the worker has quit already
+            self._worker_thread.join()
         self.controller.shutdown()  # as the worker did as it ended, if it ran
         self._controller_thread.join()
         if self._client is not None:
@@ -3056,9 +3032,8 @@ class Client:
         """``curve_key``: our keygen .key_secret file, ``server_key`` the
         daemon's .key file, for a daemon that has CURVE keys."""
         self.endpoint, self.timeout = endpoint or default_endpoint(), timeout
-        keys = None
-        if curve_key or server_key:  # read first: a bad file leaks no context
-            keys = (load_curve_key(curve_key or ""), load_curve_key(server_key or "", False))
+        keys = (load_curve_key(curve_key or ""), load_curve_key(server_key or "", False)) if (
+            curve_key or server_key) else None  # read first: a bad file leaks no context
         self._context = zmq.Context()
         self._socket = self._context.socket(zmq.DEALER)
         self._socket.linger = 0
@@ -3223,7 +3198,7 @@ def _parse_pairs(pairs: list[str]) -> dict[str, Any]:
         raise SystemExit(f"minisup: set needs KEY VALUE pairs, got {pairs}")
     options = {}
     for key, text in zip(map(str.lower, pairs[::2]), pairs[1::2]):
-        kind = WATCHER_OPTIONS.get(key)
+        kind = watcher_kind(key)
         try:
             options[key] = (dict(p.split("=", 1) for p in text.split(",") if p)
                             if kind is ENV else kind.from_text(text) if kind else text)
@@ -3483,8 +3458,7 @@ def run_daemon(args: argparse.Namespace) -> int:
         daemon.start()
         if started is not None:
             os.write(started, b"1")
-        while not daemon.wait():
-            pass
+        daemon.wait()  # signal handlers run meanwhile: a join is interruptible
     except MinisupError as exc:
         logger.error("%s", exc)
         return EXIT_NO_ANSWER

@@ -2481,7 +2481,8 @@ def test_run_cmd_mode_without_a_file(tmp_path):
         with minisup.Client(endpoint, timeout=1.0) as client:
             wait_for(lambda: _answers(client), what="--cmd daemon")
             assert client.call("list")["watchers"] == ["solo"]
-            assert len(client.call("list", name="solo")["pids"]) == 2
+            # The daemon answers while it starts: the spawns may come a tick later.
+            wait_for(lambda: len(client.call("list", name="solo")["pids"]) == 2)
             client.call("quit")
         assert proc.wait(DEADLINE) == 0
     finally:
