@@ -392,9 +392,6 @@ def _json_stream(value: Any) -> dict[str, Any]:
 
 STREAM = Kind(_not_in_ini, _json_stream)
 
-#: Circus options minisup does not implement: refused, never ignored.
-NOT_YET_OPTIONS = {"hooks"}  # and hooks.NAME
-
 PREFIXED = {"rlimit_": "rlimits", "stdout_stream.": "stdout_stream",
             "stderr_stream.": "stderr_stream"}
 
@@ -703,14 +700,11 @@ SOCKET_REFERENCE = re.compile(r"\$\(circus\.sockets\.([\w-]+)\)", re.IGNORECASE)
 def _check_socket_names(config: Config) -> None:
     names = {s.name for s in config.sockets}
     for watcher in config.watchers:
-        if watcher.stdin_socket and watcher.stdin_socket.lower() not in names:
-            raise ConfigError(f"no [socket:{watcher.stdin_socket}] section", config.source,
-                              f"watcher:{watcher.name}", "stdin_socket", watcher.stdin_socket)
-        for text in [watcher.cmd, *watcher.args]:
-            for name in SOCKET_REFERENCE.findall(text):
-                if name.lower() not in names:
-                    raise ConfigError(f"no [socket:{name}] section", config.source,
-                                      f"watcher:{watcher.name}", "cmd", text)
+        stdin = {watcher.stdin_socket.lower()} if watcher.stdin_socket else set()
+        for key, wanted in (("stdin_socket", stdin), ("cmd", _socket_users(watcher))):
+            for name in wanted - names:
+                raise ConfigError(f"no [socket:{name}] section", config.source,
+                                  f"watcher:{watcher.name}", key, getattr(watcher, key))
 
 
 def expand_vars(text: str, environ: dict[str, str]) -> str:
@@ -756,7 +750,7 @@ def watcher_config_from_json(name: Any, cmd: Any, args: Any, options: Any) -> Wa
 def _check_json_option(key: str, value: Any) -> Any:
     kind = watcher_kind(key)
     if kind is None:
-        if key.partition(".")[0] in NOT_YET_OPTIONS:
+        if key.partition(".")[0] == "hooks":  # not implemented: refused, never ignored
             raise MessageError(f"option {key!r} is not supported by minisup yet")
         raise MessageError(f"unknown key {key!r}")
     try:
@@ -1070,17 +1064,12 @@ class Sink:
         self.errors, self.fd, self.size, self.rotatable = 0, -1, 0, False
         self.rollover_at = (self._next_rollover(time.time())
                             if self.kind == "timedrotatingfilestream" else None)
-        self.open()
+        self.reopen()
 
     def open(self) -> None:
-        """Open the target; on failure, report it and stay closed: each
-        later write tries again, and loses its chunk until one succeeds."""
+        """Open the target; raise OSError."""
         flags = os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC
-        try:
-            fd = os.dup(1) if self.kind == "stdoutstream" else os.open(self.path, flags, 0o644)
-        except OSError as exc:
-            self._failed(exc)
-            return
+        fd = os.dup(1) if self.kind == "stdoutstream" else os.open(self.path, flags, 0o644)
         info = os.fstat(fd)
         self.fd, self.size = fd, info.st_size
         # Never rotate our stdout, a FIFO or /dev/stdout (supervisord's "Illegal seek").
@@ -1091,9 +1080,10 @@ class Sink:
         close_fds([fd])
 
     def reopen(self) -> None:
-        """Close and open again (SIGUSR1, ``reopen``: after logrotate)."""
-        if self.kind != "stdoutstream":
-            self.close()
+        """(Re)open the target (SIGUSR1, ``reopen``: after logrotate); if that
+        fails it stays closed, and each write tries again or loses its chunk."""
+        self.close()
+        with contextlib.suppress(OSError):
             self.open()
 
     def write(self, pid: int, data: bytes) -> None:
@@ -1109,6 +1099,7 @@ class Sink:
         while data:  # rotating between lines
             if self.rollover_at is not None and time.time() >= self.rollover_at:
                 self._rotate()
+                self.rollover_at = self._next_rollover(time.time())
             limit = self.options.get("max_bytes", 0) if self.rotatable else 0
             if not limit or self.size + len(data) <= limit:
                 self._put(data)
@@ -1121,10 +1112,10 @@ class Sink:
             data = data[cut:]
 
     def _put(self, data: bytes) -> None:
-        if self.fd < 0:
-            self.open()
         view = memoryview(data)
         try:
+            if self.fd < 0:
+                self.open()
             while view:
                 view = view[os.write(self.fd, view):]
         except OSError as exc:  # a full disk loses this chunk, not the daemon
@@ -1144,7 +1135,6 @@ class Sink:
         self.reopen()  # moved, deleted, or never opened
 
     def _rotate(self) -> None:
-        self.close()
         count = self.options.get("backup_count", 0)
         try:  # set aside as NAME.TIME (timed) or NAME.1 (older ones move up), or emptied
             if self.kind == "timedrotatingfilestream":
@@ -1165,9 +1155,7 @@ class Sink:
                 os.truncate(self.path, 0)
         except OSError as exc:  # moved away meanwhile (logrotate): start anew
             self._failed(exc)
-        if self.rollover_at is not None and time.time() >= self.rollover_at:
-            self.rollover_at = self._next_rollover(time.time())
-        self.open()
+        self.reopen()
 
     def _next_rollover(self, now: float) -> float:
         when = self.options.get("rotate_when", "h")
@@ -1208,14 +1196,14 @@ class Pump:
     Other threads call ``attach``, ``drain``, ``tail``, ``reopen`` and
     ``stop``, which are queued to run on the output thread."""
 
-    def __init__(self, publish: Callable[[str, dict[str, Any]], None] | None = None) -> None:
-        self.publish, self._waker, self._running = publish, Waker(), True
+    def __init__(self) -> None:
+        self._waker, self._running = Waker(), True
+        self.publish: Callable[[str, dict[str, Any]], None] | None = None  # set by the Daemon
         self.wanted: Callable[[str], bool] = lambda topic: True  # anyone subscribed?
         self._tasks: queue.SimpleQueue[tuple[Any, ...]] = queue.SimpleQueue()  # (method, *args)
         self._selector = selectors.DefaultSelector()
         self._selector.register(self._waker, selectors.EVENT_READ, None)
-        self._sinks: dict[str, Sink] = {}
-        self._old_sinks: list[Sink] = []
+        self._sinks: dict[tuple[str, str], Sink] = {}  # by file (or stream) and options
         self._tails: dict[str, collections.deque[tuple[str, bytes]]] = {}
 
     @_queued
@@ -1254,7 +1242,7 @@ class Pump:
                 if key.data is not None:
                     self._read(key.data, DRAIN_READS)
                     self._finish(key.data)
-            for sink in [*self._sinks.values(), *self._old_sinks]:
+            for sink in self._sinks.values():
                 sink.close()
             self._selector.close()
             self._waker.close()
@@ -1264,16 +1252,15 @@ class Pump:
         """Start reading a new child's pipes."""
         for stream, fd in pipes.items():
             options = getattr(config, f"{stream}_stream")
-            key = options.get("filename") or f"{config.name}.{stream}"  # one per file
-            sink = self._sinks.get(key)
-            if sink is None or sink.options != options:
-                if sink is not None:  # old processes may still write to it
-                    self._old_sinks.append(sink)
-                sink = self._sinks[key] = Sink(config.name, options)
+            # New options make a new sink: old processes may still write to the old one.
+            key = (options.get("filename") or f"{config.name}.{stream}",
+                   json.dumps(options, sort_keys=True))
+            if key not in self._sinks:
+                self._sinks[key] = Sink(config.name, options)
             tail = self._tails.get(config.name)
             if tail is None or tail.maxlen != config.tail_lines:
                 self._tails[config.name] = collections.deque(tail or (), config.tail_lines)
-            pipe = Pipe(config, pid, stream, fd, sink)
+            pipe = Pipe(config, pid, stream, fd, self._sinks[key])
             self._selector.register(fd, selectors.EVENT_READ, pipe)
 
     def _read(self, pipe: Pipe, chunks: int = 1) -> None:
