@@ -1483,6 +1483,17 @@ class Watcher:
         if self.state == ACTIVE:
             self._set_state(STARTING)
 
+    def update(self, config: WatcherConfig, now: float, reload: bool,
+               count: int | None = None) -> None:
+        """Take a changed ``config`` (``set``, ``reloadconfig``): resize to
+        ``count`` if given, and replace the children if ``reload``."""
+        self.config = config
+        if count is not None or config.singleton:
+            self.set_numprocesses(self.numprocesses if count is None else count)
+        if reload and self.state != STOPPED:
+            self.reload(now)
+        self.emit("updated")
+
     def abandon(self, kill: bool = False) -> None:
         """Stop managing the children without a graceful stop: leave them to
         exit (``rm nostop``: still reaped, and stopped when the daemon quits)
@@ -1571,8 +1582,7 @@ class Watcher:
 
     def next_deadline(self) -> float | None:
         """When ``manage`` next has something to do on its own, if ever."""
-        # Called every tick for every watcher: one pass, no sorting.
-        running = [p for p in self.processes.values() if not p.stopping]
+        running = self.running()
         deadlines = [p.stop_deadline for p in self.processes.values()
                      if p.stopping and not p.killed]
         deadlines += [p.expires for p in running if p.expires is not None]
@@ -1706,19 +1716,22 @@ class Arbiter:
     """Owns every watcher and process; ``run`` is the worker thread.
     Other threads only call ``submit``.  ``poll`` and ``tick`` are the two
     halves of one loop turn, public so that tests can drive an arbiter on a
-    fake clock without a thread."""
+    fake clock without a thread.  The Daemon's ``pump`` (output thread),
+    ``subreaper``, ``systemd`` and ``watchdog`` are as the Daemon's."""
 
-    def __init__(self, config: Config, clock: Callable[[], float] = time.monotonic) -> None:
-        self.config, self.clock = config, clock
+    def __init__(self, config: Config, clock: Callable[[], float] = time.monotonic,
+                 pump: Pump | None = None, subreaper: bool = False,
+                 systemd: str | None = None, watchdog: float = 0.0) -> None:
+        self.config, self.clock, self.pump, self.subreaper = config, clock, pump, subreaper
+        self.systemd, self.watchdog, self._watchdog_at = systemd, watchdog, 0.0
         self.watchers: dict[str, Watcher] = {}
         self.sockets: dict[str, socket.socket] = {}
-        # Set by the Daemon: where events go (its PUB socket), the endpoints
-        # as bound (for globaloptions), the output thread, subreaper mode.
+        # Set by the Daemon once its controller runs: where events go (its PUB
+        # socket) and each View, and the endpoints as bound (for globaloptions).
         self.on_event: Callable[[str, dict[str, Any]], None] = lambda topic, payload: None
         self.on_view: Callable[[View], None] | None = None
         self.bound_endpoints: dict[str, str | None] = {}
-        self.pump: Pump | None = None
-        self.subreaper = self.done = self.failed = False
+        self.done = self.failed = False
         self._unwatched = self._seq = 0  # pidfd-less children; the last controller job run
         self._jobs: queue.SimpleQueue[Job] = queue.SimpleQueue()
         self._waker, self._selector = Waker(), selectors.DefaultSelector()
@@ -1727,9 +1740,6 @@ class Arbiter:
         self._retiring: list[Watcher] = []  # removed by rm, children not gone
         self._stop_plans: list[list[list[Watcher]]] = []  # staged stops: ``stop``s, the quit
         self._quit_stages: list[list[Watcher]] | None = None  # the quit's plan, once begun
-        # systemd (set by the Daemon): NOTIFY_SOCKET, WATCHDOG_USEC in seconds.
-        self.systemd: str | None = None
-        self.watchdog, self._watchdog_at = 0.0, 0.0
         self._ready_told, self._status_told = False, ""
         self._notify: socket.socket | None = None  # for ``ready = notify`` children
         self._orphans_died = False
@@ -1771,11 +1781,9 @@ class Arbiter:
             # Once a batch, before reaping: a dead leader's pid still names
             # its orphans' group and session as long as it is a zombie.
             self._adopt_orphans()
-        for watcher, process in exited:
+        sweep = not events or self._unwatched  # every child: no pidfd, or a quiet turn
+        for watcher, process in self._all_processes() if sweep else exited:
             self._reap(watcher, process)
-        if not events or self._unwatched:  # the sweep: no pidfd, or a quiet turn
-            for watcher, process in self._all_processes():
-                self._reap(watcher, process)
 
     def notice_child_exit(self) -> None:
         """SIGCHLD arrived (subreaper mode): look for orphans to reap.
@@ -1786,7 +1794,13 @@ class Arbiter:
     def tick(self) -> float | None:
         """Run queued jobs, manage watchers and answer finished waiters.
         Returns how long the loop may block before the next deadline."""
-        self._run_jobs()
+        while not self._jobs.empty():  # we alone take from it: get won't block
+            job = self._jobs.get()
+            self._seq = max(self._seq, job.seq)
+            refused = (self._quit_stages is not None and job.command not in SHUTDOWN_COMMANDS
+                       and not job.command.startswith("_"))  # "_name": internal
+            self._outcomes.append((job, MinisupError("the daemon is shutting down") if refused
+                                   else _outcome(job.command, job.handler, self, job.properties)))
         now = self.clock()
         self.manage_watchers(now)
         if self.systemd:
@@ -1902,8 +1916,7 @@ class Arbiter:
         self._selector.close()
         self._waker.close()
         if self._guardian is not None:
-            self._guardian.stdin.close()  # EOF: it kills what is left, exits
-            self._guardian.wait()
+            self._guardian.communicate()  # EOF: it kills what is left, exits
 
     def start_guardian(self) -> None:
         """Start the helper that kills every child's process group should
@@ -1912,15 +1925,14 @@ class Arbiter:
         closes however we die; on EOF it SIGKILLs the groups it holds."""
         try:
             self._guardian = subprocess.Popen([sys.executable, "-S", "-c", GUARDIAN_CODE],
-                                              stdin=subprocess.PIPE, process_group=0)
+                                              stdin=subprocess.PIPE, bufsize=0, process_group=0)
         except OSError as exc:  # an embedded Python may have no executable
             logger.warning("no guardian (%s): children would outlive a crash", exc)
 
     def _guard(self, sign: str, pid: int) -> None:
         try:
             if self._guardian is not None:
-                self._guardian.stdin.write(f"{sign}{pid}\n".encode())
-                self._guardian.stdin.flush()
+                self._guardian.stdin.write(f"{sign}{pid}\n".encode())  # unbuffered
         except OSError as exc:
             logger.error("the guardian is gone (%s): children now outlive a crash", exc)
             self._guardian.kill()
@@ -1988,6 +2000,9 @@ class Arbiter:
                 self._notify.bind(f"\0minisup-{os.getpid()}-{id(self):x}")
                 self._selector.register(self._notify, selectors.EVENT_READ, "notify")
             extra = {"NOTIFY_SOCKET": "@" + self._notify.getsockname()[1:].decode()}
+        elif (config.ready or "").startswith("file:"):  # a stale file would pass at once
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(substitute(config.ready[5:], {"wid": str(wid)}, {}))
         return spawn_process(config, wid, now, self.sockets, self.pump is not None, extra)
 
     def wake(self) -> None:
@@ -2037,15 +2052,6 @@ class Arbiter:
         self._unwatch(process)
         watcher.reap(process, code, self.clock())
 
-    def _run_jobs(self) -> None:
-        while not self._jobs.empty():  # we alone take from it: get won't block
-            job = self._jobs.get()
-            self._seq = max(self._seq, job.seq)
-            refused = (self._quit_stages is not None and job.command not in SHUTDOWN_COMMANDS
-                       and not job.command.startswith("_"))  # "_name": internal
-            self._outcomes.append((job, MinisupError("the daemon is shutting down") if refused
-                                   else _outcome(job.command, job.handler, self, job.properties)))
-
     def get_watcher(self, name: str) -> Watcher:
         """The watcher called ``name`` (any case); MessageError if none."""
         try:
@@ -2090,7 +2096,13 @@ class Arbiter:
         and reload on any other (runtime additions are kept); return those touched."""
         old = {w.name: w for w in self.config.watchers}
         fresh = {w.name: w for w in new.watchers}
-        moved_sockets = self._apply_sockets(new)  # every one is in new.sockets
+        # Sockets first: close those gone or changed, bind those new or changed.
+        sockets = {s.name: s for s in self.config.sockets}
+        moved_sockets = {s.name for s in new.sockets if sockets.get(s.name, s) != s}
+        for name in [s.name for s in sockets.values() if s not in new.sockets]:
+            self._close_socket(name)
+        self.config.sockets = new.sockets
+        self.bind_sockets([s for s in new.sockets if sockets.get(s.name) != s])
         touched = [self.watchers[n] for n in old.keys() - fresh.keys() if n in self.watchers]
         for watcher in touched:
             self.remove_watcher(watcher)
@@ -2103,14 +2115,11 @@ class Arbiter:
             elif old.get(name) != config or (moved_sockets if config.use_sockets
                                              else moved_sockets & _socket_users(config)):
                 touched.append(watcher)
-                changed = {f.name for f in dataclasses.fields(config) if name not in old
-                           or getattr(old[name], f.name) != getattr(config, f.name)}
-                if changed != {"numprocesses"}:  # more than a resize: reload
-                    watcher.config = config
-                    if watcher.state != STOPPED:
-                        watcher.reload(self.clock())
-                watcher.set_numprocesses(config.numprocesses)
-                watcher.emit("updated")
+                # Only numprocesses changed: a resize, keeping what ``set`` changed.
+                resize = old.get(name) not in (None, config) and dataclasses.replace(
+                    old[name], numprocesses=config.numprocesses) == config
+                watcher.update(watcher.config if resize else config, self.clock(),
+                               not resize, config.numprocesses)
         self.config.check_delay, self.config.warmup_delay = new.check_delay, new.warmup_delay
         for key in sorted(GLOBAL_OPTIONS.keys() - {"check_delay", "warmup_delay", "endpoint"}):
             if getattr(new, key) != getattr(self.config, key):
@@ -2118,16 +2127,6 @@ class Arbiter:
                                "effect when the daemon restarts", key)
         self.config.watchers, self.config.source = new.watchers, new.source
         return touched
-
-    def _apply_sockets(self, new: Config) -> set[str]:
-        old = {s.name: s for s in self.config.sockets}
-        fresh = {s.name: s for s in new.sockets}
-        changed = {n for n in old.keys() & fresh.keys() if old[n] != fresh[n]}
-        for name in (old.keys() - fresh.keys()) | changed:
-            self._close_socket(name)
-        self.config.sockets = new.sockets
-        self.bind_sockets([fresh[name] for name in (fresh.keys() - old.keys()) | changed])
-        return changed
 
     def begin_quit(self) -> None:
         """Stop every watcher (in ``stop_stages`` order), then end the loop."""
@@ -2442,12 +2441,7 @@ def handle_set(arbiter: Arbiter, properties: dict[str, Any]) -> dict[str, Any] |
         raise MessageError("'numprocesses' must be 1 for a singleton watcher")
     reload = any(getattr(watcher.config, key) != value for key, value in values.items()
                  if key in RELOAD_OPTIONS)
-    watcher.config = config
-    if count is not None or config.singleton:
-        watcher.set_numprocesses(watcher.numprocesses if count is None else count)
-    if reload and watcher.state != STOPPED:
-        watcher.reload(arbiter.clock())
-    watcher.emit("updated")
+    watcher.update(config, arbiter.clock(), reload, count)
     return _when_waiting(properties, lambda: watcher.settled)
 
 
@@ -2885,10 +2879,8 @@ class Daemon:
                  subreaper: bool = False, systemd: str | None = None,
                  watchdog: float = 0.0) -> None:
         self.config, self.endpoint = config, config.endpoint
-        self.arbiter = Arbiter(config, clock)
-        self.arbiter.subreaper, self.arbiter.systemd = subreaper, systemd
-        self.arbiter.watchdog = watchdog
-        self.pump = self.arbiter.pump = Pump()
+        self.pump = Pump()
+        self.arbiter = Arbiter(config, clock, self.pump, subreaper, systemd, watchdog)
         self._started = self._stopped = False
         self._client: Client | None = None
         self._worker_thread: threading.Thread | None = None  # started once the rest is up

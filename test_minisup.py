@@ -2710,6 +2710,18 @@ def test_ready_file_keeps_status_starting_until_the_file_exists(make_daemon, tmp
     assert health["status"] == "ok" and health["healthy"] is True
 
 
+def test_ready_file_left_by_a_previous_process_is_removed_at_spawn(make_daemon, tmp_path):
+    daemon = make_daemon(file_ready(tmp_path))
+    client = daemon.client
+    (tmp_path / "web.1").touch()  # as a process that did not remove it would leave it
+    client.call("start", name="web")
+    wait_for(lambda: process_states(client, "web") == ["starting"])
+    assert not wait_until_quiet(lambda: process_states(client, "web") != ["starting"])
+    assert not (tmp_path / "web.1").exists()
+    (tmp_path / "web.1").touch()
+    wait_for(lambda: client.call("status", name="web")["status"] == "active")
+
+
 def test_start_waiting_returns_once_ready_tcp(make_daemon, tmp_path):
     with socket.socket() as probe:
         probe.bind(("127.0.0.1", 0))
@@ -2784,17 +2796,20 @@ def test_not_ready_in_time_is_replaced_as_a_crash(make_daemon, tmp_path):
     wait_for(lambda: extended(client, "web")["web"]["restarts"] >= 1, what="a replacement")
     wait_for(lambda: not alive(first) or None, what="the unready child gone")
     assert client.call("status", name="web")["status"] in ("starting", "backoff")
-    (tmp_path / "web.1").touch()
-    wait_for(lambda: client.call("status", name="web")["status"] == "active")
+    # Each spawn removes a stale file: write it, as a child would, until one sees it.
+    wait_for(lambda: (tmp_path / "web.1").touch() or
+             client.call("status", name="web")["status"] == "active")
 
 
 def test_reload_with_ready_rolls_one_new_ready_process_before_an_old_stops(make_daemon,
                                                                           tmp_path):
     daemon = make_daemon(file_ready(tmp_path, n=2))
     client = daemon.client
+    client.call("start", name="web")
+    wait_for(lambda: process_states(client, "web") == ["starting", "starting"])
     (tmp_path / "web.1").touch()
     (tmp_path / "web.2").touch()
-    client.call("start", name="web", waiting=True)
+    wait_for(lambda: client.call("status", name="web")["status"] == "active")
     old = sorted(client.call("list", name="web")["pids"])
     client.call("reload", name="web")
     # A third process (wid 3) starts; both old ones serve until it is ready.
