@@ -1466,7 +1466,8 @@ class Watcher:
         grace period if given; return their pids.  Wanted ones are replaced."""
         signum = self.config.stop_signal if signum is None else signum
         timeout = self.config.graceful_timeout if timeout is None else timeout
-        victims = [p for p in self.running() if pids is None or p.pid in pids]
+        victims = self.running() if pids is None else [  # by pid: each tick calls this
+            p for p in map(self.processes.get, pids) if p is not None and not p.stopping]
         for process in victims:
             logger.debug("%s: stopping pid %d with %s (%gs grace)", self.name,
                          process.pid, _signal_name(signum), timeout)
