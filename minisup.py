@@ -63,8 +63,10 @@ import fnmatch
 import functools
 import glob
 import grp
+import itertools
 import json
 import logging
+import math
 import os
 import pwd
 import queue
@@ -81,7 +83,7 @@ import sys
 import threading
 import time
 import traceback
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
 from typing import Any, NamedTuple, Self
 
 import zmq
@@ -122,10 +124,9 @@ class MessageError(MinisupError):
     errno = MESSAGE_ERROR
 
 
-class ConfigError(MinisupError):
-    """A bad configuration: names the file, section, option and value."""
-
-    errno = MESSAGE_ERROR
+class ConfigError(MessageError):
+    """A bad configuration, from a file or from ``add``/``set``: names the
+    file, section, option and value (cut short if long)."""
 
     def __init__(self, reason: str, source: str | None = None,
                  section: str | None = None, option: str | None = None,
@@ -133,7 +134,10 @@ class ConfigError(MinisupError):
         self.source, self.section = source, section
         self.option, self.value, self.detail = option, value, reason
         where = ": ".join(p for p in (source, section and f"[{section}]") if p)
-        what = f"{option} = {value!r}: " if option else ""
+        shown = repr(value)
+        if len(shown) > 100:  # a whole megabyte of cmd helps no one
+            shown = shown[:100] + "..."
+        what = f"{option} = {shown}: " if option else ""
         super().__init__(f"{where}: {what}{reason}" if where else what + reason)
 
 
@@ -225,6 +229,22 @@ def check_endpoint(endpoint: str, curve: bool = False) -> str:
     return endpoint
 
 
+def check_endpoint_owner(uid: int | None) -> None:
+    """Raise ConfigError unless ``endpoint_owner`` gives nothing away.
+    Whoever holds the control socket has every power of the daemon's user
+    (``add`` and ``set`` run any program as it, write any file it may), so
+    the socket of a daemon running as root is root's alone; and only root
+    could give a socket to another user."""
+    if uid is None or uid == os.geteuid():
+        return
+    if os.geteuid() == 0:
+        reason = ("the control socket's owner controls the daemon, so uid "
+                  f"{uid} would have root's power: run the daemon as that user instead")
+    else:
+        reason = f"a daemon running as uid {os.geteuid()} cannot give its socket away"
+    raise ConfigError(reason, option="endpoint_owner", value=uid)
+
+
 def check_udp_endpoint(endpoint: str) -> tuple[str, int]:
     """Split a discovery endpoint ``udp://HOST:PORT``; raise ConfigError.
     HOST is a loopback address or a multicast group (which is joined)."""
@@ -240,8 +260,9 @@ def check_udp_endpoint(endpoint: str) -> tuple[str, int]:
 def prepare_ipc_endpoint(endpoint: str) -> str | None:
     """Make the private folder of an ipc endpoint; return the socket path.
     A folder owned by another user is refused (its owner could swap the
-    socket), and so is a socket a live daemon answers on (libzmq would
-    silently unlink and steal it)."""
+    socket), so is one that others may write in (or one above it), and so
+    is a socket a live daemon answers on (libzmq would silently unlink and
+    steal it)."""
     if not endpoint.startswith("ipc://"):
         return None
     path = os.path.abspath(endpoint[len("ipc://"):])
@@ -251,6 +272,11 @@ def prepare_ipc_endpoint(endpoint: str) -> str | None:
     if not stat.S_ISDIR(info.st_mode) or info.st_uid != os.geteuid():
         raise ConfigError(f"{folder} is not a folder of uid {os.geteuid()}",
                           option="endpoint", value=endpoint)
+    swappable = _writable_by_others(folder)
+    if swappable:
+        raise ConfigError(f"anyone may write in {swappable}, and so replace the socket: "
+                          "use a folder only its owner may write in (or one with the "
+                          "sticky bit, as /tmp)", option="endpoint", value=endpoint)
     if endpoint == default_endpoint() and stat.S_IMODE(info.st_mode) != 0o700:
         os.chmod(folder, 0o700)
     with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as probe, contextlib.suppress(OSError):
@@ -259,6 +285,22 @@ def prepare_ipc_endpoint(endpoint: str) -> str | None:
             raise ConfigError("another daemon is already listening there",
                               option="endpoint", value=endpoint)
     return path
+
+
+def _writable_by_others(folder: str) -> str | None:
+    """The first of ``folder`` and its parents in which any user may rename
+    or delete entries (world-writable without the sticky bit), or None: such
+    a folder lets anyone swap what is below.  (A group-writable folder is
+    left to the admin who shared it with that group.)"""
+    while True:
+        mode = os.lstat(folder).st_mode
+        shared = mode & stat.S_IWOTH and not mode & stat.S_ISVTX
+        if shared:
+            return folder
+        parent = os.path.dirname(folder)
+        if parent == folder:
+            return None
+        folder = parent
 
 
 def set_child_subreaper() -> None:
@@ -277,6 +319,27 @@ class Kind(NamedTuple):
 
     from_text: Callable[[str], Any]
     from_json: Callable[[Any], Any]
+
+
+#: The bounds of numbers.  Larger values are typing errors, and unbounded
+#: ones would let one request make the daemon loop or allocate for hours.
+MAX_INT = 2**31 - 1
+#: A year: the longest time any option or request may name (the worker's
+#: deadlines and the selector's timeout stay far from overflowing).
+MAX_SECONDS = 365 * 86400.0
+#: The kernel's own ceiling on pids (PID_MAX_LIMIT, 64-bit Linux): no
+#: watcher ever wants more processes; the daemon's own limit is lower
+#: (``Config.max_processes``, derived from its fd and pid limits).
+MAX_PROCESSES = 1 << 22
+#: A line longer than this is always split: a child's unfinished line is
+#: kept in memory, and joined to each new read, until it ends.
+MAX_LINE = 1 << 20
+#: The most lines ``tail_lines`` keeps and ``tail`` returns.
+MAX_TAIL = 100_000
+#: The most backup files a rotating stream keeps (each rotation renames them all).
+MAX_BACKUPS = 1000
+#: The largest limit ``rlimit_NAME`` takes (unset is unlimited): what rlim_t holds.
+MAX_RLIMIT = 2**63 - 1
 
 
 def _is_int(value: Any) -> bool:
@@ -304,16 +367,49 @@ def _from_text(convert: Callable[[str], Any], what: str, check: Callable[[Any], 
     return Kind(parse, check)
 
 
-def _integer(minimum: int) -> Kind:
-    """The Kind of an integer option that is at least ``minimum``."""
-    at_least = _check(lambda value: value >= minimum, f"must be at least {minimum}")
-    return _from_text(int, "an integer", lambda value: at_least(_json_int(value)))
-
-
 _json_int = _check(_is_int, "isn't an integer")
 _json_number = _check(lambda value: _is_int(value) or isinstance(value, float), "isn't a number")
-_json_seconds = _check(lambda value: 0 <= value < float("inf"),
-                       "must be a finite number of seconds >= 0")
+
+
+def _plain(number: float) -> int | float:
+    """``number`` as a message shows it: 31536000, not 31536000.0 or 3.1536e+07."""
+    if float(number).is_integer():
+        return int(number)
+    return number
+
+
+def _in_range(minimum: float, maximum: float) -> Callable[[Any], Any]:
+    """A JSON check that a number lies from ``minimum`` to ``maximum``: every
+    number an option or a request takes has an upper bound, so that nothing
+    the daemon is sent can make it work or allocate without end."""
+    def check(value: Any) -> Any:
+        if not minimum <= value <= maximum:  # False for NaN too
+            if maximum == MAX_INT:
+                raise ValueError(f"must be at least {_plain(minimum)}")
+            raise ValueError(f"must be from {_plain(minimum)} to {_plain(maximum)}")
+        return value
+    return check
+
+
+def _integer(minimum: int, maximum: int = MAX_INT) -> Kind:
+    """The Kind of an integer option from ``minimum`` to ``maximum``."""
+    in_range = _in_range(minimum, maximum)
+
+    def check(value: Any) -> int:
+        return in_range(_json_int(value))
+    return _from_text(int, "an integer", check)
+
+
+def _number(minimum: float, maximum: float, what: str) -> Kind:
+    """The Kind of a number (``what``: "a number of seconds", say) from
+    ``minimum`` to ``maximum``, read as a float."""
+    in_range = _in_range(minimum, maximum)
+
+    def check(value: Any) -> float:
+        return float(in_range(_json_number(value)))
+    return _from_text(float, what, check)
+
+
 _json_bool = _check(lambda value: isinstance(value, bool), "isn't a boolean")
 _json_str = _check(lambda value: isinstance(value, str), "isn't a string")
 _json_signal = _check(lambda value: _is_int(value) or isinstance(value, str), "isn't a signal")
@@ -349,10 +445,9 @@ def _choice(*words: str) -> Kind:
     return Kind(check, check)
 
 
-INT, COUNT, RETRIES, POSITIVE = _integer(-2**63), _integer(0), _integer(-1), _integer(1)
-SECONDS = _from_text(float, "a number of seconds",
-                     lambda value: float(_json_seconds(_json_number(value))))
-OCTAL = _from_text(functools.partial(int, base=8), "an octal number", COUNT.from_json)
+INT, COUNT, RETRIES, POSITIVE = _integer(-MAX_INT), _integer(0), _integer(-1), _integer(1)
+SECONDS = _number(0, MAX_SECONDS, "a number of seconds")
+OCTAL = _from_text(functools.partial(int, base=8), "an octal number", _integer(0, 0o777).from_json)
 BOOLEANS = {**dict.fromkeys(["1", "true", "yes", "on", "y", "t"], True),  # as Circus
             **dict.fromkeys(["0", "false", "no", "off", "n", "f", ""], False)}
 BOOL = _from_text(lambda text: BOOLEANS[text.lower()], "a boolean (use true or false)",
@@ -365,7 +460,7 @@ ENV = Kind(_not_in_ini, _json_env)
 USER = _id_kind((pwd.getpwuid, pwd.getpwnam), "pw_uid", "user")
 GROUP = _id_kind((grp.getgrgid, grp.getgrnam), "gr_gid", "group")
 RLIMIT = _from_text(lambda text: int(text) if text else None, "an integer",
-                    lambda value: None if value is None else COUNT.from_json(value))
+                    lambda value: None if value is None else _integer(0, MAX_RLIMIT).from_json(value))
 CODES = _from_text(lambda text: [int(c) for c in re.split(r"[\s,]+", text) if c],
                    "a list of exit codes", _json_codes)
 
@@ -376,8 +471,9 @@ STREAM_OPTIONS: dict[str, Kind] = {
     # "circus.stream.FileStream" and "FileStream" both name the FileStream.
     "class": Kind(lambda t: _choice(*STREAM_CLASSES).from_text(t.rsplit(".", 1)[-1]),
                   lambda v: _choice(*STREAM_CLASSES).from_json(_json_str(v).rsplit(".", 1)[-1])),
-    "filename": STR, "max_bytes": COUNT, "backup_count": COUNT, "time_format": STR,
-    "rotate_when": _choice(*ROTATE_WHEN), "rotate_interval": COUNT, "utc": BOOL,
+    "filename": STR, "max_bytes": _integer(0, MAX_RLIMIT), "backup_count": _integer(0, MAX_BACKUPS),
+    "time_format": STR, "rotate_when": _choice(*ROTATE_WHEN),
+    "rotate_interval": _integer(0, 100_000), "utc": BOOL,  # 100,000 days: the clock's range
 }
 
 
@@ -459,7 +555,7 @@ class WatcherConfig:
     name: str
     cmd: str = option(STR, reload=True)
     args: list[str] = dataclasses.field(default_factory=list, metadata=meta(ARGS, True))
-    numprocesses: int = option(COUNT, 1)
+    numprocesses: int = option(_integer(0, MAX_PROCESSES), 1)
     working_dir: str | None = option(STR, None, reload=True)
     shell: bool = option(BOOL, False, reload=True)
     copy_env: bool = option(BOOL, False, reload=True)
@@ -492,8 +588,8 @@ class WatcherConfig:
                                                       metadata=meta(STREAM, True))
     stderr_stream: dict[str, Any] = dataclasses.field(default_factory=dict,
                                                       metadata=meta(STREAM, True))
-    max_line: int = option(POSITIVE, 65536, reload=True)  # longer lines are split
-    tail_lines: int = option(COUNT, 100)  # kept in memory for ``tail``
+    max_line: int = option(_integer(1, MAX_LINE), 65536, reload=True)  # longer lines are split
+    tail_lines: int = option(_integer(0, MAX_TAIL), 100)  # kept in memory for ``tail``
     # minisup's own: env names (glob patterns) whose values options/get hide.
     redact_env: list[str] = dataclasses.field(default_factory=list, metadata=meta(LIST))
     max_age: float = option(SECONDS, 0.0)
@@ -504,9 +600,9 @@ class WatcherConfig:
     exit_codes: list[int] = dataclasses.field(default_factory=lambda: [0], metadata=meta(CODES))
     min_uptime: float = option(SECONDS, 1.0)
     backoff_delay: float = option(SECONDS, 0.1)
-    backoff_factor: float = option(SECONDS, 2.0)
+    backoff_factor: float = option(_number(1, 100, "a number"), 2.0)
     backoff_max: float = option(SECONDS, 5.0)
-    backoff_jitter: float = option(SECONDS, 0.1)
+    backoff_jitter: float = option(_number(0, 1, "a fraction"), 0.1)
     flapping_attempts: int = option(COUNT, 0)
     flapping_window: float = option(SECONDS, 1.0)
     flapping_retry_in: float = option(SECONDS, 7.0)
@@ -543,11 +639,11 @@ class SocketConfig:
 
     name: str
     host: str = option(STR, "127.0.0.1")
-    port: int = option(COUNT, 0)
+    port: int = option(_integer(0, 65535), 0)
     path: str | None = option(STR, None)
     family: str = option(_choice("af_inet", "af_inet6", "af_unix"), "af_inet")
     type: str = option(_choice("sock_stream", "sock_dgram"), "sock_stream")
-    backlog: int = option(COUNT, 2048)
+    backlog: int = option(_integer(0, 65535), 2048)
     umask: int | None = option(OCTAL, None)
     replace: bool = option(BOOL, False)
     so_reuseport: bool = option(BOOL, False)
@@ -566,7 +662,10 @@ class Config:
     endpoint_owner: int | None = option(USER, None)
     # minisup's own: a larger request gets an errno 3 reply; 64 times larger,
     # libzmq drops it (and its connection) before it is read into memory.
-    max_message_size: int = option(POSITIVE, 1 << 20)
+    max_message_size: int = option(_integer(1, 1 << 24), 1 << 20)
+    # minisup's own: how many processes, over every watcher, the daemon may
+    # keep (0: what its fd and pid limits allow); a request for more is refused.
+    max_processes: int = option(_integer(0, MAX_PROCESSES), 0)
     # CURVE on every zmq socket: the daemon's key pair (keygen's .key_secret
     # file) and the folder of the public .key files of the clients let in.
     curve_secret_key: str | None = option(STR, None)
@@ -628,12 +727,23 @@ def parse_config(text: str, source: str = "<string>",
             config.sockets.append(_read_socket(config, parser[section]))
         elif kind not in ("circus", "env"):
             config.warnings.append(f"{source}: [{section}]: section not supported, ignored")
+    if not config.watchers:
+        raise ConfigError(_no_watcher_reason(parser.sections()), source)
     _check_socket_names(config)
     try:
         check_dependencies(config.watchers)
     except ValueError as exc:
         raise ConfigError(str(exc), source) from None
     return config
+
+
+def _no_watcher_reason(sections: list[str]) -> str:
+    """Why a file without a ``[watcher:NAME]`` is refused (a daemon with
+    nothing to run is a mistake), with a hint for a supervisord file."""
+    if any(section.startswith("program:") for section in sections):
+        return ("no [watcher:NAME] section; this looks like a supervisord file: "
+                "[program:x] is [watcher:x], command is cmd, numprocs is numprocesses")
+    return "no [watcher:NAME] section: nothing to run"
 
 
 def check_dependencies(watchers: Iterable[WatcherConfig]) -> None:
@@ -672,6 +782,10 @@ def _read_global(config: Config, section: Any) -> None:
     if bool(config.curve_secret_key) != bool(config.curve_authorized_keys):
         raise ConfigError("set both curve_secret_key and curve_authorized_keys, or neither",
                           config.source, "circus")
+    try:
+        check_endpoint_owner(config.endpoint_owner)
+    except ConfigError as exc:
+        raise ConfigError(exc.detail, config.source, "circus", exc.option, exc.value) from None
     for key in ("endpoint", "pubsub_endpoint", "multicast_endpoint"):
         value = getattr(config, key)
         try:
@@ -687,8 +801,6 @@ def _read_socket(config: Config, section: Any) -> SocketConfig:
     values = _read_options(config, section, SOCKET_OPTIONS.get)
     if values.get("path"):
         values.setdefault("family", "af_unix")
-    if values.get("port", 0) > 65535:
-        raise ConfigError("not a port", config.source, section.name, "port", values["port"])
     if values.get("family") == "af_unix" and not values.get("path"):
         raise ConfigError("a unix socket needs a path", config.source, section.name, "path", "")
     return SocketConfig(name=section.name.partition(":")[2].strip().lower(), **values)
@@ -729,34 +841,74 @@ def _read_watcher(config: Config, section: Any,
         if not patterns or any(fnmatch.fnmatch(name.lower(), p.strip().lower())
                                for p in patterns.split(",")):
             env.update(variables)
-    return WatcherConfig(name=name, env=env, **values)
+    watcher = WatcherConfig(name=name, env=env, **values)
+    check_watcher_values(watcher, config.source)
+    return watcher
 
 
 def watcher_config_from_json(name: Any, cmd: Any, args: Any, options: Any) -> WatcherConfig:
-    """Build a WatcherConfig from ``add`` properties; raise MessageError.
-    Types are strict, as in Circus: ``"3"`` is not an integer."""
+    """Build a WatcherConfig from ``add`` properties; raise ConfigError (a
+    MessageError) in the INI's format.  Types are strict, as in Circus:
+    ``"3"`` is not an integer."""
     if options is not None and not isinstance(options, dict):
         raise MessageError("'options' must be an object")
-    given = dict(options or {}, cmd=cmd, **({} if args is None else {"args": args}))
-    values = {key: _check_json_option(key, value) for key, value in given.items()}
+    given = dict(options or {}, cmd=cmd)
+    if args is not None:
+        given["args"] = args
+    values = {key: check_json_option(name, key, value) for key, value in given.items()}
     if not values["cmd"].strip():
-        raise MessageError("'cmd' must not be empty")
+        raise ConfigError("must not be empty", section=f"watcher:{name}", option="cmd", value=cmd)
     try:
-        return WatcherConfig(name=name, **gather_prefixed(values))
+        config = WatcherConfig(name=name, **gather_prefixed(values))
     except ValueError as exc:
-        raise MessageError(str(exc)) from None
+        raise ConfigError(str(exc), section=f"watcher:{name}") from None
+    check_watcher_values(config)
+    return config
 
 
-def _check_json_option(key: str, value: Any) -> Any:
+def check_json_option(name: str, key: str, value: Any) -> Any:
+    """Check and convert one option of watcher ``name`` sent as JSON (by
+    ``add`` or ``set``); raise ConfigError naming it."""
     kind = watcher_kind(key)
+    section = f"watcher:{name}"
+    if kind is None and key.partition(".")[0] == "hooks":  # refused, never ignored
+        raise ConfigError("not supported by minisup yet", section=section, option=key,
+                          value=value)
     if kind is None:
-        if key.partition(".")[0] == "hooks":  # not implemented: refused, never ignored
-            raise MessageError(f"option {key!r} is not supported by minisup yet")
-        raise MessageError(f"unknown key {key!r}")
+        raise ConfigError(f"unknown option {key!r}", section=section)
     try:
         return kind.from_json(value)
     except (ValueError, TypeError) as exc:
-        raise MessageError(f"{key!r} {exc}") from None
+        raise ConfigError(str(exc), section=section, option=key, value=value) from None
+
+
+def check_watcher_values(config: WatcherConfig, source: str | None = None) -> None:
+    """Raise ConfigError for what would otherwise fail only at each spawn: a
+    NUL byte in a command, a name or a path; an env name with '='; a ``cmd``
+    with an open quote; a log file in a folder that does not exist."""
+    section = f"watcher:{config.name}"
+    texts = {"cmd": [config.cmd], "args": config.args, "shell_args": config.shell_args,
+             "executable": [config.executable or ""], "working_dir": [config.working_dir or ""],
+             "env": [*config.env, *config.env.values()], "ready": [config.ready or ""]}
+    for option, values in texts.items():
+        for value in values:
+            if "\0" in value:
+                raise ConfigError("must not hold a NUL byte", source, section, option, value)
+    for variable in config.env:
+        if not variable or "=" in variable:
+            raise ConfigError("a variable's name is not empty and holds no '='",
+                              source, section, "env", variable)
+    if not config.shell:
+        try:
+            shlex.split(config.cmd)
+        except ValueError as exc:  # "No closing quotation", say
+            raise ConfigError(str(exc), source, section, "cmd", config.cmd) from None
+    for stream in ("stdout_stream", "stderr_stream"):
+        filename = getattr(config, stream).get("filename")
+        folder = os.path.dirname(os.path.abspath(filename or "."))
+        if filename and not os.path.isdir(folder):
+            raise ConfigError(f"no folder {folder}", source, section,
+                              f"{stream}.filename", filename)
 
 
 # ============================================================= Process ======
@@ -1334,6 +1486,10 @@ STOPPED, STARTING, ACTIVE, STOPPING = "stopped", "starting", "active", "stopping
 FLAPPING = "flapping"
 #: How often a ``ready = tcp:`` or ``file:`` check is tried.
 READY_POLL = 0.05
+#: The most children one watcher spawns in one turn of the worker's loop:
+#: enough that 500 start as fast as in one go, few enough that jobs and
+#: deaths are seen between batches of a large ``incr``.
+SPAWN_BATCH = 50
 
 
 def probe_ready(check: str, wid: int) -> bool:
@@ -1347,6 +1503,17 @@ def probe_ready(check: str, wid: int) -> bool:
         socket.create_connection((host or "127.0.0.1", int(port)), timeout=0.1).close()
         return True
     return False
+
+
+def backoff_delay(config: WatcherConfig, crashes: int) -> float:
+    """How long a watcher waits before the next spawn after ``crashes``
+    quick deaths in a row (2 or more), jitter aside: growing by
+    ``backoff_factor`` each time, up to ``backoff_max``."""
+    try:
+        delay = config.backoff_delay * config.backoff_factor ** (crashes - 2)
+    except OverflowError:  # a crash loop of a thousand deaths and more: past any cap
+        return config.backoff_max
+    return min(delay, config.backoff_max)
 
 
 class Watcher:
@@ -1545,8 +1712,7 @@ class Watcher:
                 self._next_spawn = max(self._next_spawn, now + config.flapping_retry_in)
                 self._set_state(FLAPPING)
         elif self._crashes > 1:  # the first quick death is replaced at once
-            delay = min(config.backoff_delay * config.backoff_factor ** (self._crashes - 2),
-                        config.backoff_max)
+            delay = backoff_delay(config, self._crashes)
             delay *= 1 + _RANDOM.uniform(-config.backoff_jitter, config.backoff_jitter)
             self._next_spawn = max(self._next_spawn, now + delay)
             logger.info("%s: crash loop, next spawn in %.2fs", self.name, delay)
@@ -1612,10 +1778,12 @@ class Watcher:
             self.kill(now, [self._replace.pop(0)])  # if it is still there
 
     def _fill(self, now: float) -> list[Process]:
+        # Spawn up to SPAWN_BATCH missing children, in the lowest free wids;
+        # the worker's next turn (at once: the deadline is now) spawns more,
+        # so a large ``incr`` never keeps the worker from its other jobs.
         config, spawned = self.config, []
-        missing = self.target - len(self.running())
-        used = {p.wid for p in self.processes.values()}  # the lowest free wids:
-        free = iter([w for w in range(1, len(used) + missing + 1) if w not in used])
+        missing = min(self.target - len(self.running()), SPAWN_BATCH)
+        free = self._free_wids()
         while len(spawned) < missing and now >= self._next_spawn:
             wid = next(free)
             try:
@@ -1639,6 +1807,11 @@ class Watcher:
             if config.warmup_delay:
                 self._next_spawn = now + config.warmup_delay
         return spawned
+
+    def _free_wids(self) -> Iterator[int]:
+        """The wids no child holds, lowest first, found as they are taken."""
+        used = {p.wid for p in self.processes.values()}
+        return (wid for wid in itertools.count(1) if wid not in used)
 
     def mark_ready(self, process: Process) -> None:
         """Note that a child passed its ``ready`` check (or sent READY=1)."""
@@ -1711,6 +1884,33 @@ SHUTDOWN_COMMANDS = {"list", "status", "numprocesses", "numwatchers", "quit", "o
                      "globaloptions", "stats", "dstats", "listsockets"}
 #: Without pidfds, how often the worker polls each child for its exit.
 FALLBACK_POLL = 0.05
+#: The longest the worker's selector waits: epoll refuses a timeout over
+#: about 24 days (OverflowError), and a year-long check_delay is allowed.
+LONGEST_WAIT = 3600.0
+
+
+#: File descriptors the daemon keeps for its own use, beside its children's.
+RESERVED_FDS = 64
+#: The most fds the daemon holds for one child: its pidfd and two pipes.
+FDS_PER_PROCESS = 3
+
+
+def process_limit(max_processes: int) -> tuple[int, str]:
+    """How many processes, over every watcher, the daemon may keep, and
+    what sets that: ``max_processes`` if not 0, else the daemon's fd limit
+    (FDS_PER_PROCESS each) or the kernel's pid_max, whichever is lower."""
+    if max_processes:
+        return max_processes, "[circus] max_processes"
+    soft, _ = resource.getrlimit(resource.RLIMIT_NOFILE)
+    by_fds = max(1, (soft - RESERVED_FDS) // FDS_PER_PROCESS)
+    by_pids = MAX_PROCESSES
+    # No /proc, or an odd one: the kernel's ceiling stands.
+    with contextlib.suppress(OSError, ValueError), open("/proc/sys/kernel/pid_max") as stream:
+        by_pids = int(stream.read())
+    if by_pids < by_fds:
+        return by_pids, "the kernel's pid_max"
+    return by_fds, (f"the daemon's fd limit of {soft}, {FDS_PER_PROCESS} a process: raise it "
+                    "with ulimit -n or LimitNOFILE=, or set [circus] max_processes")
 
 
 class Arbiter:
@@ -1727,6 +1927,7 @@ class Arbiter:
         self.systemd, self.watchdog, self._watchdog_at = systemd, watchdog, 0.0
         self.watchers: dict[str, Watcher] = {}
         self.sockets: dict[str, socket.socket] = {}
+        self.process_limit = process_limit(config.max_processes)
         # Set by the Daemon once its controller runs: where events go (its PUB
         # socket) and each View, and the endpoints as bound (for globaloptions).
         self.on_event: Callable[[str, dict[str, Any]], None] = lambda topic, payload: None
@@ -1811,7 +2012,7 @@ class Arbiter:
         deadlines = [w.next_deadline() for w in [*self.watchers.values(), *self._retiring]]
         if self.watchdog:
             deadlines.append(self._watchdog_at)
-        timeout = min([self.config.check_delay,
+        timeout = min([self.config.check_delay, LONGEST_WAIT,
                        *(max(0.0, d - now) for d in deadlines if d is not None)])
         return min(timeout, FALLBACK_POLL) if self._unwatched or self._doomed else timeout
 
@@ -2053,6 +2254,25 @@ class Arbiter:
         self._unwatch(process)
         watcher.reap(process, code, self.clock())
 
+    def check_process_count(self, name: str, count: int) -> None:
+        """Raise MessageError if ``count`` processes for the watcher ``name``
+        (new or not) would take the sum of every watcher's numprocesses past
+        ``process_limit``: no request may ask for more than the daemon can hold."""
+        limit, why = self.process_limit
+        others = sum(w.numprocesses for w in self.watchers.values() if w.name != name)
+        if others + count > limit:
+            raise MessageError(f"{name}: {count} processes would make {others + count} in all, "
+                               f"over the daemon's limit of {limit} ({why})")
+
+    def warn_if_over_limit(self) -> None:
+        """Log a warning if the configured watchers want more processes than
+        ``process_limit``: spawns past it would fail (at start, reloadconfig)."""
+        limit, why = self.process_limit
+        wanted = sum(w.numprocesses for w in self.watchers.values())
+        if wanted > limit:
+            logger.warning("the watchers want %d processes, but this daemon can hold %d (%s)",
+                           wanted, limit, why)
+
     def get_watcher(self, name: str) -> Watcher:
         """The watcher called ``name`` (any case); MessageError if none."""
         try:
@@ -2237,24 +2457,48 @@ class Command(NamedTuple):
     optional: tuple[str, ...] = ()
 
 
+def _pid_property(value: int | str) -> int | None:
+    """A pid property as an int (circusctl sends some pids as strings of
+    digits), or None if it cannot be one."""
+    text = str(value)
+    # ASCII digits only, and few: int() refuses "²" and thousands of digits.
+    if not (text.isascii() and text.isdigit()) or len(text) > 10:
+        return None
+    return int(text)
+
+
+def _bounded(maximum: float) -> Callable[[Any], Any]:
+    """A property conversion: the number if from 0 to ``maximum``, else None."""
+    def convert(value: Any) -> Any:
+        if 0 <= value <= maximum:
+            return value
+        return None
+    return convert
+
+
+def _stream_property(value: str) -> str | None:
+    """The ``stream`` property: stdout or stderr, else None."""
+    if value in ("stdout", "stderr"):
+        return value
+    return None
+
+
 #: Property name -> (accepted JSON types, how to say it in an error, and None
 #: or a function that returns the value to use, or None if it is not one).
+#: Every number has an upper bound: see MAX_PROCESSES and the other bounds.
 PROPERTY_TYPES: dict[str, tuple[tuple[type, ...], str, Callable[[Any], Any] | None]] = {
     **dict.fromkeys(("name", "cmd", "match", "option"), ((str,), "a string", None)),
-    # circusctl sends some pids as strings of digits.
-    **dict.fromkeys(("pid", "childpid", "process"), ((int, str), "a pid", lambda pid: (
-        int(pid) if str(pid).isdigit() else None))),
-    **dict.fromkeys(("nb", "lines"), ((int,), "an integer >= 0", lambda n: (
-        n if n >= 0 else None))),
+    **dict.fromkeys(("pid", "childpid", "process"), ((int, str), "a pid", _pid_property)),
+    "nb": ((int,), f"an integer from 0 to {MAX_PROCESSES}", _bounded(MAX_PROCESSES)),
+    "lines": ((int,), f"an integer from 0 to {MAX_TAIL}", _bounded(MAX_TAIL)),
     **dict.fromkeys(("waiting", "start", "nostop", "graceful", "sequential", "children",
                      "recursive", "extended"), ((bool,), "a boolean", None)),
     "args": ((str, list), "a string or a list", None), "options": ((dict,), "an object", None),
     "keys": ((list,), "a list of option names", None),
     "signum": ((int, str), "a signal number or name", None),
-    "stream": ((str,), "stdout or stderr", lambda stream: (
-        stream if stream in ("stdout", "stderr") else None)),
-    "graceful_timeout": ((int, float), "a number of seconds >= 0", lambda seconds: (
-        seconds if 0 <= seconds < float("inf") else None)),
+    "stream": ((str,), "stdout or stderr", _stream_property),
+    "graceful_timeout": ((int, float), f"a number of seconds from 0 to {_plain(MAX_SECONDS)}",
+                         _bounded(MAX_SECONDS)),
 }
 
 
@@ -2377,7 +2621,9 @@ def _resize(arbiter: Arbiter, properties: dict[str, Any], sign: int) -> dict[str
     watcher = arbiter.get_watcher(properties["name"])
     if watcher.config.singleton:
         return {"numprocesses": watcher.numprocesses, "singleton": True}
-    watcher.set_numprocesses(watcher.numprocesses + sign * properties.get("nb", 1))
+    count = max(0, watcher.numprocesses + sign * properties.get("nb", 1))
+    arbiter.check_process_count(watcher.name, count)
+    watcher.set_numprocesses(count)
     reply = {"numprocesses": watcher.numprocesses}
     return Pending(lambda: watcher.settled, lambda: reply) if properties.get("waiting") else reply
 
@@ -2394,9 +2640,7 @@ def handle_add(arbiter: Arbiter, properties: dict[str, Any]) -> dict[str, Any] |
         raise MessageError("'name' must not be empty")
     config = watcher_config_from_json(properties["name"], properties["cmd"],
                                       properties.get("args"), properties.get("options"))
-    if arbiter.config.endpoint_owner not in (None, config.uid):
-        # The socket's owner may add commands only as itself, as in Circus.
-        raise MessageError("uid does not match endpoint_owner")
+    arbiter.check_process_count(config.name, config.numprocesses)
     try:
         check_dependencies([*(w.config for w in arbiter.watchers.values()), config])
     except ValueError as exc:
@@ -2432,14 +2676,17 @@ def handle_get(arbiter: Arbiter, properties: dict[str, Any]) -> dict[str, Any]:
 def handle_set(arbiter: Arbiter, properties: dict[str, Any]) -> dict[str, Any] | Pending:
     watcher = arbiter.get_watcher(properties["name"])
     try:
-        values = gather_prefixed({key: _check_json_option(key, value) for key, value
+        values = gather_prefixed({key: check_json_option(watcher.name, key, value) for key, value
                                   in properties["options"].items()}, watcher.config)
     except ValueError as exc:
-        raise MessageError(str(exc)) from None
+        raise ConfigError(str(exc), section=f"watcher:{watcher.name}") from None
     count = values.pop("numprocesses", None)
     config = dataclasses.replace(watcher.config, **values)
+    check_watcher_values(config)
     if config.singleton and (count or 0) > 1:
         raise MessageError("'numprocesses' must be 1 for a singleton watcher")
+    if count is not None:
+        arbiter.check_process_count(watcher.name, count)
     reload = any(getattr(watcher.config, key) != value for key, value in values.items()
                  if key in RELOAD_OPTIONS)
     watcher.update(config, arbiter.clock(), reload, count)
@@ -2514,6 +2761,7 @@ def handle_globaloptions(arbiter: Arbiter, properties: dict[str, Any]) -> dict[s
     config = arbiter.config
     options = {"endpoint": config.endpoint, "pubsub_endpoint": config.pubsub_endpoint,
                "check_delay": config.check_delay, "stats_endpoint": None,
+               "max_processes": arbiter.process_limit[0],
                "multicast_endpoint": config.multicast_endpoint, **arbiter.bound_endpoints}
     wanted = properties.get("option")
     if wanted is not None and wanted not in options:
@@ -2522,14 +2770,22 @@ def handle_globaloptions(arbiter: Arbiter, properties: dict[str, Any]) -> dict[s
 
 
 def handle_reloadconfig(arbiter: Arbiter, properties: dict[str, Any]) -> dict[str, Any] | Pending:
+    """Re-read the INI file the daemon started from and apply what changed;
+    reply with the file's warnings (unknown options), which are logged too."""
     source = arbiter.config.source
     if not source or source.startswith("<"):
         raise MinisupError("no INI file to reload: the daemon was not started from one")
     config = load_config(source)
+    for message in config.warnings:  # as at start: a typo is told, not swallowed
+        logger.warning("%s", message)
     arbiter.note_reloading()
     touched = arbiter.apply_config(config)
+    arbiter.warn_if_over_limit()
     logger.info("reloaded %s", source)
-    return _when_waiting(properties, lambda: all(w.settled for w in touched))
+    reply = {"warnings": config.warnings}
+    if properties.get("waiting"):
+        return Pending(lambda: all(w.settled for w in touched), lambda: reply)
+    return reply
 
 
 def handle_tail(arbiter: Arbiter, properties: dict[str, Any]) -> dict[str, Any] | Pending:
@@ -2587,13 +2843,34 @@ COMMANDS: dict[str, Command] = {
 RECEIVE_BATCH = 256
 
 
+class NotFinite(ValueError):
+    """A request holds NaN, Infinity or a number too large for a float."""
+
+
+def _finite_float(text: str) -> float:
+    """A JSON number with a fraction or exponent, if finite (1e999 is not)."""
+    value = float(text)
+    if not math.isfinite(value):
+        raise NotFinite(f"{text[:20]} is out of range")
+    return value
+
+
+def _refuse_constant(name: str) -> float:
+    """Python's json reads NaN and Infinity, which are not JSON: refuse them,
+    so that no reply ever echoes one (a strict reader would choke on it)."""
+    raise NotFinite(f"{name} is not a JSON number")
+
+
 def decode_request(body: bytes, limit: int = 1 << 20) -> dict[str, Any]:
     """Parse one request frame into a dict; raise MinisupError if it is not
-    a JSON object of at most ``limit`` bytes."""
+    a JSON object of at most ``limit`` bytes, strict JSON (no NaN)."""
     if len(body) > limit:
         raise MessageError(f"message too large ({len(body)} bytes, limit {limit})")
     try:
-        message = json.loads(body.decode())
+        message = json.loads(body.decode(), parse_float=_finite_float,
+                             parse_constant=_refuse_constant)
+    except NotFinite as exc:
+        raise MinisupError(f"json invalid: {exc}", INVALID_JSON) from None
     except (ValueError, RecursionError):
         raise MinisupError("json invalid", INVALID_JSON) from None
     if not isinstance(message, dict):
@@ -2702,6 +2979,7 @@ class Controller:
             self._authorized = {zmq.utils.z85.decode(k) for k in load_certificates(folder)}
             self._sockets["zap"] = self.context.socket(zmq.REP)
             self._sockets["zap"].bind("inproc://zeromq.zap.01")
+        check_endpoint_owner(self.config.endpoint_owner)  # a Config built in Python too
         self.endpoint = self._bind_zmq("control", zmq.ROUTER, self.endpoint)
         logger.info("control socket listening on %s", self.endpoint)
         if self.pubsub_endpoint:
@@ -2735,9 +3013,9 @@ class Controller:
             sock.bind(endpoint)
             if path:
                 self._paths.append(path)
-                os.chmod(path, 0o600)  # the folder is private; belt and braces
-                if role == "control" and self.config.endpoint_owner is not None:
-                    os.chown(path, self.config.endpoint_owner, -1)  # as Circus
+                # The folder is private; belt and braces.  No chown to
+                # endpoint_owner: it can only be our own user (checked).
+                os.chmod(path, 0o600)
         except (zmq.ZMQError, OSError, ValueError) as exc:
             raise ConfigError(f"cannot bind: {exc}", option=f"{role} endpoint",
                               value=endpoint) from None
@@ -2906,6 +3184,11 @@ class Daemon:
         self._started = True
         for message in self.config.warnings:
             logger.warning("%s", message)
+        self.arbiter.warn_if_over_limit()
+        if os.geteuid() == 0 and self.config.endpoint.startswith("tcp://") and not (
+                self.config.curve_secret_key):
+            logger.warning("every local user may send commands to %s, so may act as root: "
+                           "use an ipc:// endpoint or CURVE keys", self.config.endpoint)
         self._output_thread = self._thread(self.pump.run, "output")
         self.controller = Controller(self.config, self.arbiter.submit)
         self._controller_thread = self._thread(self.controller.run, "controller")
@@ -3317,6 +3600,8 @@ def format_reply(reply: dict[str, Any]) -> str:
             return ",".join(map(str, value)) if isinstance(value, list) else str(value)
     if "lines" in reply:
         return "\n".join(reply["lines"])
+    if reply.get("warnings"):  # reloadconfig's, printed as it logs them
+        return "\n".join(f"warning: {message}" for message in reply["warnings"])
     if "options" in reply:
         options = dict(reply["options"])
         if isinstance(options.get("env"), dict):  # as ``set`` takes it: A=1,B=2

@@ -255,9 +255,17 @@ def test_unknown_options_and_sections_are_warnings_naming_them():
 
 @pytest.mark.parametrize("option, value, reason", [
     ("numprocesses", "two", "not an integer"),
-    ("numprocesses", "-1", "must be at least 0"),
-    ("graceful_timeout", "-1", "seconds >= 0"),
-    ("graceful_timeout", "nan", "seconds >= 0"),
+    ("numprocesses", "-1", "must be from 0 to 4194304"),
+    ("numprocesses", "100000000", "must be from 0 to 4194304"),
+    ("graceful_timeout", "-1", "must be from 0 to 31536000"),
+    ("graceful_timeout", "nan", "must be from 0 to 31536000"),
+    ("warmup_delay", "1e308", "must be from 0 to 31536000"),
+    ("backoff_factor", "1e308", "must be from 1 to 100"),
+    ("tail_lines", "1000000000", "must be from 0 to 100000"),
+    ("max_line", "1000000000", "must be from 1 to 1048576"),
+    ("umask", "1000", "must be from 0 to 511"),
+    ("rlimit_nofile", str(2**64), "must be from 0 to 9223372036854775807"),
+    ("stdout_stream.backup_count", "1000000", "must be from 0 to 1000"),
     ("respawn", "maybe", "not a boolean"),
     ("stop_signal", "SIGFOO", "not a signal name"),
     ("stop_signal", "999", "not a valid signal number"),
@@ -310,7 +318,8 @@ def test_endpoints_beyond_loopback_are_refused(endpoint):
     "tcp://127.0.0.1:5555", "tcp://localhost:1", "tcp://[::1]:5555", "ipc:///tmp/x.sock",
 ])
 def test_loopback_and_ipc_endpoints_are_accepted(endpoint):
-    assert minisup.parse_config(f"[circus]\nendpoint = {endpoint}\n").endpoint == endpoint
+    text = f"[circus]\nendpoint = {endpoint}\n[watcher:w]\ncmd = x\n"
+    assert minisup.parse_config(text).endpoint == endpoint
 
 
 def test_empty_pubsub_and_multicast_endpoints_mean_off_as_in_circus(make_daemon):
@@ -355,34 +364,55 @@ def test_copy_env_copies_the_daemon_environment(monkeypatch):
 
 
 @pytest.mark.parametrize("options, reason", [
-    ({"numprocesses": "3"}, "'numprocesses' isn't an integer"),
-    ({"numprocesses": True}, "'numprocesses' isn't an integer"),
-    ({"numprocesses": -1}, "'numprocesses' must be at least 0"),
-    ({"respawn": "yes"}, "'respawn' isn't a boolean"),
-    ({"graceful_timeout": "1"}, "'graceful_timeout' isn't a number"),
-    ({"env": {"A": 1}}, "'env' must be an object of strings"),
-    ({"stop_signal": "NOPE"}, "'stop_signal' not a signal name"),
-    ({"colour": 1}, "unknown key 'colour'"),
-    ({"uid": "no-such-user-here"}, "'uid' no such user"),
-    ({"gid": 1.5}, "'gid' isn't an integer or string"),
-    ({"hooks": {}}, "option 'hooks' is not supported by minisup yet"),
-    ({"rlimit_nofile": "1"}, "'rlimit_nofile' isn't an integer"),
-    ({"rlimit_nope": 1}, "unknown key 'rlimit_nope'"),
-    ({"restart": "sometimes"}, "'restart' use one of always, on-failure, never"),
-    ({"exit_codes": [0, 300]}, "'exit_codes' must be a list of exit codes 0-255"),
+    ({"numprocesses": "3"}, "numprocesses = '3': isn't an integer"),
+    ({"numprocesses": True}, "numprocesses = True: isn't an integer"),
+    ({"numprocesses": -1}, "numprocesses = -1: must be from 0 to 4194304"),
+    ({"numprocesses": 10**4000}, "numprocesses = 1000000"),
+    ({"respawn": "yes"}, "respawn = 'yes': isn't a boolean"),
+    ({"graceful_timeout": "1"}, "graceful_timeout = '1': isn't a number"),
+    ({"warmup_delay": 1e308}, "warmup_delay = 1e+308: must be from 0 to 31536000"),
+    ({"env": {"A": 1}}, "env = {'A': 1}: must be an object of strings"),
+    ({"env": {"A=B": "1"}}, "env = 'A=B': a variable's name is not empty and holds no '='"),
+    ({"env": {"A": "1\0"}}, "env = '1\\x00': must not hold a NUL byte"),
+    ({"stop_signal": "NOPE"}, "stop_signal = 'NOPE': not a signal name"),
+    ({"colour": 1}, "unknown option 'colour'"),
+    ({"uid": "no-such-user-here"}, "uid = 'no-such-user-here': no such user"),
+    ({"gid": 1.5}, "gid = 1.5: isn't an integer or string"),
+    ({"hooks": {}}, "hooks = {}: not supported by minisup yet"),
+    ({"rlimit_nofile": "1"}, "rlimit_nofile = '1': isn't an integer"),
+    ({"rlimit_nofile": 2**64}, "rlimit_nofile = 18446744073709551616: must be from 0 to"),
+    ({"rlimit_nope": 1}, "unknown option 'rlimit_nope'"),
+    ({"restart": "sometimes"}, "restart = 'sometimes': use one of always, on-failure, never"),
+    ({"exit_codes": [0, 300]}, "exit_codes = [0, 300]: must be a list of exit codes 0-255"),
+    ({"stdout_stream.class": "FileStream", "stdout_stream.filename": "/no/such/dir/out"},
+     "stdout_stream.filename = '/no/such/dir/out': no folder /no/such/dir"),
 ])
 def test_add_options_are_checked_strictly(options, reason):
-    with pytest.raises(minisup.MessageError, match=reason) as info:
+    with pytest.raises(minisup.ConfigError, match=re.escape(reason)) as info:
         minisup.watcher_config_from_json("w", "x", None, options)
+    assert str(info.value).startswith("[watcher:w]: ")
     assert info.value.errno == minisup.MESSAGE_ERROR
 
 
+@pytest.mark.parametrize("cmd, args, reason", [
+    ("sh -c 'unbalanced", None, "cmd = \"sh -c 'unbalanced\": No closing quotation"),
+    ("x\0y", None, "cmd = 'x\\x00y': must not hold a NUL byte"),
+    ("x", ["a\0"], "args = 'a\\x00': must not hold a NUL byte"),
+])
+def test_commands_that_could_never_spawn_are_refused_at_add_and_load(cmd, args, reason):
+    with pytest.raises(minisup.ConfigError, match=re.escape(reason)):
+        minisup.watcher_config_from_json("w", cmd, args, None)
+    if args is None and "\0" not in cmd:  # an INI file holds no NUL
+        with pytest.raises(minisup.ConfigError, match=re.escape(f"app.ini: [watcher:w]: {reason}")):
+            minisup.parse_config(f"[watcher:w]\ncmd = {cmd}\n", "app.ini")
+
+
 def test_sockets_and_global_endpoints_are_parsed():
-    config = minisup.parse_config("""
+    config = minisup.parse_config(f"""
 [circus]
 pubsub_endpoint = ipc:///tmp/x/pub.sock
 multicast_endpoint = udp://127.0.0.1:12027
-endpoint_owner = nobody
+endpoint_owner = {pwd.getpwuid(os.geteuid()).pw_name}
 [socket:Web]
 host = 127.0.0.1
 port = 8080
@@ -401,7 +431,7 @@ stop_children = yes
 """)
     assert config.pubsub_endpoint == "ipc:///tmp/x/pub.sock"
     assert config.multicast_endpoint == "udp://127.0.0.1:12027"
-    assert config.endpoint_owner == pwd.getpwnam("nobody").pw_uid
+    assert config.endpoint_owner == os.geteuid()
     web, unix = config.sockets
     assert (web.name, web.host, web.port, web.backlog, web.so_reuseport) == (
         "web", "127.0.0.1", 8080, 10, True)
@@ -441,10 +471,10 @@ close_child_stdin = false
     ("[watcher:w]\ncmd = x\nrestart = maybe\n", "use one of always, on-failure, never"),
     ("[watcher:w]\ncmd = x\nexit_codes = 0 x\n", "exit_codes = '0 x'"),
     ("[watcher:w]\ncmd = x\nstdin_socket = nope\n", "no [socket:nope] section"),
-    ("[watcher:w]\ncmd = x\nmax_line = 0\n", "max_line = '0': must be at least 1"),
+    ("[watcher:w]\ncmd = x\nmax_line = 0\n", "max_line = '0': must be from 1 to 1048576"),
     ("[socket:s]\nfamily = AF_PACKET\n", "family = 'AF_PACKET': use one of af_inet"),
     ("[socket:s]\nfamily = AF_UNIX\n", "a unix socket needs a path"),
-    ("[socket:s]\nport = 70000\n", "port = 70000: not a port"),
+    ("[socket:s]\nport = 70000\n", "port = '70000': must be from 0 to 65535"),
     ("[socket:s]\numask = 9\n", "umask = '9': not an octal number"),
     ("[watcher:w]\ncmd = x $(circus.sockets.nope)\n", "no [socket:nope] section"),
     ("[watcher:w]\ncmd = x\nuid = no-such-user-here\n", "uid = 'no-such-user-here': no such user"),
@@ -582,6 +612,25 @@ def test_wid_is_lowest_free_slot(make_arbiter):
     os.kill(by_wid[2], signal.SIGKILL)
     settle(arbiter, lambda: len(watcher.pids()) == 3 and by_wid[2] not in watcher.pids())
     assert sorted(p.wid for p in watcher.processes.values()) == [1, 2, 3]
+
+
+def test_a_large_incr_spawns_in_batches_between_which_jobs_run(make_arbiter):
+    arbiter, _, watcher = start_one(make_arbiter, "[watcher:w]\ncmd = /bin/sleep 1000\n"
+                                                  "numprocesses = 0\n")
+    watcher.set_numprocesses(2 * minisup.SPAWN_BATCH + 7)
+    counts = []
+    for _ in range(3):
+        arbiter.tick()
+        counts.append(len(watcher.processes))
+    assert counts == [minisup.SPAWN_BATCH, 2 * minisup.SPAWN_BATCH, 2 * minisup.SPAWN_BATCH + 7]
+    assert sorted(p.wid for p in watcher.processes.values()) == list(range(1, counts[-1] + 1))
+
+
+def test_backoff_never_overflows_however_long_the_crash_loop():
+    config = minisup.WatcherConfig(name="w", cmd="x", backoff_factor=100, backoff_max=5)
+    assert minisup.backoff_delay(config, 2) == config.backoff_delay
+    assert minisup.backoff_delay(config, 3) == 5  # 0.1 * 100, capped
+    assert minisup.backoff_delay(config, 100_000) == 5  # 100 ** 99998: past a float
 
 
 def test_restart_on_failure_replaces_only_failures(make_arbiter):
@@ -937,7 +986,7 @@ def test_add_with_bad_options_is_errno_3(make_daemon):
     daemon = make_daemon(sleepers(n=1))
     reply = daemon.client.call("add", name="x", cmd="y", options={"numprocesses": "3"})
     assert reply["status"] == "error" and reply["errno"] == 3
-    assert reply["reason"] == "'numprocesses' isn't an integer"
+    assert reply["reason"] == "[watcher:x]: numprocesses = '3': isn't an integer"
     assert daemon.client.call("numwatchers")["numwatchers"] == 1
 
 
@@ -964,7 +1013,6 @@ def test_start_waiting_reports_a_watcher_that_cannot_spawn(make_daemon, tmp_path
 
 @pytest.mark.parametrize("cmd, options", [
     ("$(circus.env.NOT_SET_ANYWHERE)", {}),  # an empty command line
-    (PY, {"rlimit_nofile": 2**64}),  # a limit the kernel cannot hold
     (PY, {"stdin_socket": "nope"}),  # a socket that does not exist
 ])
 def test_odd_spawn_failures_are_reported_not_fatal(make_daemon, cmd, options):
@@ -1151,10 +1199,13 @@ def test_options_get_and_set(make_daemon):
 
 
 @pytest.mark.parametrize("options, reason", [
-    ({"numprocesses": "3"}, "'numprocesses' isn't an integer"),
-    ({"nope": 1}, "unknown key 'nope'"),
-    ({"stop_signal": "SIGNOPE"}, "'stop_signal' not a signal name"),
-    ({"env": {"A": 1}}, "'env' must be an object of strings"),
+    ({"numprocesses": "3"}, "[watcher:web]: numprocesses = '3': isn't an integer"),
+    ({"nope": 1}, "[watcher:web]: unknown option 'nope'"),
+    ({"stop_signal": "SIGNOPE"}, "[watcher:web]: stop_signal = 'SIGNOPE': not a signal name"),
+    ({"env": {"A": 1}}, "[watcher:web]: env = {'A': 1}: must be an object of strings"),
+    ({"cmd": "sh -c 'open"}, "[watcher:web]: cmd = \"sh -c 'open\": No closing quotation"),
+    ({"graceful_timeout": 1e308},
+     "[watcher:web]: graceful_timeout = 1e+308: must be from 0 to 31536000"),
 ])
 def test_set_validates_every_key(make_daemon, options, reason):
     daemon = make_daemon(sleepers(n=1))
@@ -1279,7 +1330,11 @@ def test_globaloptions(make_daemon):
     options = daemon.client.call("globaloptions")["options"]
     assert options["endpoint"] == daemon.endpoint
     assert set(options) == {"endpoint", "pubsub_endpoint", "check_delay",
-                            "multicast_endpoint", "stats_endpoint"}
+                            "multicast_endpoint", "stats_endpoint", "max_processes"}
+    soft = resource.getrlimit(resource.RLIMIT_NOFILE)[0]
+    with open("/proc/sys/kernel/pid_max") as stream:
+        pid_max = int(stream.read())
+    assert options["max_processes"] == min((soft - 64) // 3, pid_max)
     assert daemon.client.call("globaloptions", option="check_delay")["options"] == {
         "check_delay": 5.0}
     reply = daemon.client.call("globaloptions", option="nope")
@@ -1518,20 +1573,27 @@ def test_redact_env_hides_secrets_from_options_and_get(make_daemon):
 
 
 @pytest.mark.skipif(os.geteuid() != 0, reason="changing owners needs root")
-def test_endpoint_owner_owns_the_socket_and_adds_only_as_itself(make_daemon, tmp_path):
-    nobody = pwd.getpwnam("nobody")
-    daemon = make_daemon(sleepers(n=1), endpoint_owner="nobody")
-    assert os.stat(daemon.endpoint[len("ipc://"):]).st_uid == nobody.pw_uid
-    reply = daemon.client.call("add", name="x", cmd=PY, args=["-c", SLEEP])
-    assert (reply["errno"], reply["reason"]) == (3, "uid does not match endpoint_owner")
-    # /bin/sleep: nobody may not enter the folder of this test's Python.
-    reply = daemon.client.call("add", name="x", cmd="/bin/sleep", args=["1000"],
-                               options={"uid": "nobody"}, start=True, waiting=True)
-    (pid,) = reply["started"]
-    with open(f"/proc/{pid}/status") as stream:
-        status = stream.read()
-    assert re.search(rf"^Uid:\s+{nobody.pw_uid}\s", status, re.MULTILINE)
-    assert re.search(rf"^Gid:\s+{nobody.pw_gid}\s", status, re.MULTILINE)
+@pytest.mark.skipif(os.geteuid() != 0, reason="needs a root daemon")
+def test_endpoint_owner_other_than_the_daemons_user_is_refused(make_daemon, tmp_path, capsys):
+    # Whoever holds the socket controls the daemon (set cmd, add with uid,
+    # stdout_stream.filename, ready = file:, copy_env): for a root daemon, a
+    # socket given to nobody would make nobody root.  So it is refused from
+    # a file, from Python and from the command line, and root's own is fine.
+    text = "[circus]\nendpoint_owner = nobody\n" + sleepers(n=1)
+    with pytest.raises(minisup.ConfigError, match=re.escape(
+            "app.ini: [circus]: endpoint_owner = 65534: the control socket's owner controls "
+            "the daemon, so uid 65534 would have root's power")):
+        minisup.parse_config(text, "app.ini")
+    config = minisup.parse_config(sleepers(n=1))
+    config.endpoint, config.endpoint_owner = f"ipc://{tmp_path}/owner.sock", 65534
+    with pytest.raises(minisup.ConfigError, match="endpoint_owner = 65534"):
+        minisup.Daemon(config).start()
+    ini = tmp_path / "app.ini"
+    ini.write_text(text)
+    assert minisup.main(["run", str(ini)]) == minisup.EXIT_USAGE
+    assert "would have root's power" in capsys.readouterr().err
+    daemon = make_daemon(sleepers(n=1), endpoint_owner="root")
+    assert os.stat(daemon.endpoint[len("ipc://"):]).st_uid == 0
 
 
 # ============================================================ bad input ======
@@ -1575,14 +1637,26 @@ def request(command, **properties):
     (b'{"command": "nope"}', 2, "unknown command: 'nope'"),
     (b'{"command": "list", "properties": "web"}', 3, "'properties' must be an object"),
     (request("incr"), 3, "message invalid 'name' is missing"),
-    (request("incr", name="web", nb="2"), 3, "'nb' must be an integer >= 0"),
-    (request("incr", name="web", nb=-1), 3, "'nb' must be an integer >= 0"),
-    (request("incr", name="web", nb=True), 3, "'nb' must be an integer >= 0"),
+    (request("incr", name="web", nb="2"), 3, "'nb' must be an integer from 0 to 4194304"),
+    (request("incr", name="web", nb=-1), 3, "'nb' must be an integer from 0 to 4194304"),
+    (request("incr", name="web", nb=True), 3, "'nb' must be an integer from 0 to 4194304"),
+    (request("incr", name="web", nb=10**4000), 3, "'nb' must be an integer from 0 to 4194304"),
+    (request("incr", name="web", nb=100000000), 3, "'nb' must be an integer from 0 to 4194304"),
+    (request("signal", name="web", signum=9, pid="9" * 5000), 3, "'pid' must be a pid"),
+    (request("signal", name="web", signum=9, pid="\u00b2"), 3, "'pid' must be a pid"),
+    (request("tail", name="web", lines=10**9), 3, "'lines' must be an integer from 0 to 100000"),
+    (request("kill", name="web", graceful_timeout=1e308), 3,
+     "'graceful_timeout' must be a number of seconds from 0 to 31536000"),
+    (b'{"id": NaN, "command": "list"}', 1, "json invalid: NaN is not a JSON number"),
+    (b'{"command": "kill", "properties": {"name": "web", "graceful_timeout": Infinity}}', 1,
+     "json invalid: Infinity is not a JSON number"),
+    (b'{"command": "kill", "properties": {"name": "web", "graceful_timeout": 1e999}}', 1,
+     "json invalid: 1e999 is out of range"),
     (request("status", name=["web"]), 3, "'name' must be a string"),
     (request("stop", name="web", waiting="yes"), 3, "'waiting' must be a boolean"),
     (request("add", name="x", cmd="y", options=[]), 3, "'options' must be an object"),
     (request("add", name=" ", cmd="y"), 3, "'name' must not be empty"),
-    (request("add", name="x", cmd="y", args=[1]), 3, "'args' must be a string or a list"),
+    (request("add", name="x", cmd="y", args=[1]), 3, "args = [1]: must be a string or a list"),
     (b'{"command": "list", "x": ' + b"1" * 5000 + b"}", 1, "json invalid"),
     (b" " * ((1 << 20) + 1), 3, "message too large"),  # the default max_message_size
 ])
@@ -1595,6 +1669,46 @@ def test_malformed_requests_get_their_own_error(make_daemon, body, errno, reason
     assert isinstance(reply["time"], float) and "tb" in reply
     assert daemon.client.call("numwatchers")["numwatchers"] == 1
     assert sorted(minisup_threads()) == ["minisup-controller", "minisup-output", "minisup-worker"]
+
+
+def test_a_huge_incr_is_refused_at_once_naming_the_limit(make_daemon):
+    daemon = make_daemon(sleepers(n=1))
+    client = daemon.client
+    reply = client.call("incr", name="web", nb=100_000_000)  # used to hang, eating GiBs
+    assert (reply["errno"], reply["reason"]) == (
+        3, "'nb' must be an integer from 0 to 4194304, not 100000000")
+    limit = client.call("globaloptions")["options"]["max_processes"]
+    for reply in (client.call("incr", name="web", nb=minisup.MAX_PROCESSES),
+                  client.call("set", name="web", options={"numprocesses": limit + 1})):
+        assert reply["errno"] == 3 and f"over the daemon's limit of {limit} (" in reply["reason"]
+        assert "fd limit" in reply["reason"] or "pid_max" in reply["reason"]
+    assert client.call("numprocesses", name="web")["numprocesses"] == 1
+
+
+def test_max_processes_bounds_the_sum_of_every_watchers_numprocesses(make_daemon):
+    daemon = make_daemon(sleepers(n=2), max_processes=5)
+    client = daemon.client
+    why = "over the daemon's limit of 5 ([circus] max_processes)"
+    assert client.call("incr", name="web", nb=3, waiting=True)["numprocesses"] == 5
+    assert why in client.call("incr", name="web")["reason"]
+    reply = client.call("add", name="more", cmd="/bin/sleep", args=["1000"])
+    assert reply["reason"] == f"more: 1 processes would make 6 in all, {why}"
+    assert client.call("decr", name="web", nb=2, waiting=True)["numprocesses"] == 3
+    assert client.call("add", name="more", cmd="/bin/sleep", args=["1000"],
+                       options={"numprocesses": 2})["status"] == "ok"
+    assert why in client.call("set", name="more", options={"numprocesses": 3})["reason"]
+    assert client.call("globaloptions", option="max_processes")["options"] == {
+        "max_processes": 5}
+
+
+def test_a_year_long_check_delay_does_not_kill_the_worker(make_daemon):
+    # epoll refuses a timeout past ~24 days: the worker used to die (and
+    # SIGKILL every child) on its first quiet turn.
+    daemon = make_daemon(sleepers(n=1), check_delay=minisup.MAX_SECONDS)
+    (pid,) = daemon.client.call("list", name="web")["pids"]
+    assert not wait_until_quiet(lambda: "minisup-worker" not in minisup_threads())
+    reply = daemon.client.call("incr", name="web", waiting=True)  # needs the worker
+    assert reply["numprocesses"] == 2 and alive(pid)
 
 
 def test_error_reply_echoes_the_id_when_it_can(make_daemon):
@@ -1645,10 +1759,23 @@ MESSAGES = st.one_of(
         JSON))
 
 
+def strict_json(text):
+    """``json.loads`` that refuses NaN, Infinity and 1e999, as the daemon does."""
+    def refuse(name):
+        raise ValueError(f"{name} is not JSON")
+
+    def finite(number):
+        value = float(number)
+        if value in (float("inf"), float("-inf")):
+            refuse(number)
+        return value
+    return json.loads(text, parse_constant=refuse, parse_float=finite)
+
+
 def expected_id(body):
     """The id a reply must echo, and whether a reply is due at all."""
     try:
-        message = json.loads(body)
+        message = strict_json(body)
     except ValueError:
         return None, True
     if not isinstance(message, dict):
@@ -1668,7 +1795,7 @@ def test_fuzzed_requests_get_circus_shaped_replies(make_daemon, fuzz_state, body
         sock.send(body)
         if replied:
             assert sock.poll(DEADLINE * 1000), "no reply"
-            reply = json.loads(sock.recv())
+            reply = strict_json(sock.recv())  # a reply is always strict JSON
             assert reply["status"] in ("ok", "error") and isinstance(reply["time"], float)
             assert reply["id"] == message_id or message_id is None
             if reply["status"] == "error":
@@ -1724,6 +1851,21 @@ def test_second_daemon_on_a_live_endpoint_is_refused(make_daemon, tmp_path):
     with pytest.raises(minisup.ConfigError, match="already listening"):
         make_daemon(sleepers("other", 1), endpoint=first.endpoint)
     assert first.client.call("list")["watchers"] == ["web"]
+
+
+def test_an_ipc_folder_anyone_may_write_in_is_refused(make_daemon, tmp_path):
+    shared = tmp_path / "shared"
+    shared.mkdir()
+    shared.chmod(0o777)  # anyone could rename the socket away and put theirs
+    below = shared / "private"
+    below.mkdir(mode=0o700)
+    for folder in (shared, below):
+        with pytest.raises(minisup.ConfigError, match=re.escape(
+                f"anyone may write in {shared}, and so replace the socket")):
+            make_daemon(sleepers(n=1), endpoint=f"ipc://{folder}/ctl.sock")
+    shared.chmod(0o1777)  # the sticky bit, as /tmp: only an entry's owner may move it
+    daemon = make_daemon(sleepers(n=1), endpoint=f"ipc://{below}/ctl.sock")
+    assert daemon.client.call("numwatchers")["numwatchers"] == 1
 
 
 def test_loopback_tcp_endpoint_with_ephemeral_port(make_daemon):
@@ -2409,7 +2551,7 @@ def test_stream_options_are_checked():
     ]:
         with pytest.raises(minisup.ConfigError, match=re.escape(message)):
             minisup.parse_config("[watcher:w]\ncmd = x\n" + text)
-    with pytest.raises(minisup.MessageError, match="'stdout_stream' has no option 'colour'"):
+    with pytest.raises(minisup.MessageError, match="stdout_stream = {'colour': 1}: has no option"):
         minisup.watcher_config_from_json("w", "x", None, {"stdout_stream": {"colour": 1}})
 
 
@@ -3104,6 +3246,11 @@ def test_readme_ini_examples_parse_without_warnings():
         try:
             config = minisup.parse_config(code + "\n", f"README.rst:{line}")
         except minisup.ConfigError as exc:
+            # A log folder of the reader's machine (/var/log/app) is checked
+            # at load; this machine has none, and that is the only excuse.
+            folder = exc.detail.removeprefix("no folder ")
+            if folder != exc.detail and not os.path.exists(folder):
+                continue
             pytest.fail(f"the INI example at README.rst line {line} is refused: {exc}")
         assert config.warnings == [], f"README.rst line {line}"
 
