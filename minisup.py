@@ -1187,6 +1187,8 @@ READ_SIZE = 1 << 18
 DRAIN_READS = 64
 #: Ends the first part of a line longer than the watcher's ``max_line``.
 SPLIT_MARK = b" [minisup: line split]\n"
+#: Ends a partial line a failed write left where it cannot be cut off.
+CUT_MARK = b" [minisup: line cut]\n"
 ROTATE_SECONDS = {"s": 1, "m": 60, "h": 3600, "d": 86400}
 
 
@@ -1214,6 +1216,8 @@ class Sink:
         self.path = options.get("filename", "")
         self._clock = time.gmtime if options.get("utc") else time.localtime
         self.errors, self.fd, self.size, self.rotatable = 0, -1, 0, False
+        self.uncut = 0  # partial lines that could not be cut off the target
+        self.torn = False  # the target ends with one: the next write ends it
         self.rollover_at = (self._next_rollover(time.time())
                             if self.kind == "timedrotatingfilestream" else None)
         self.reopen()
@@ -1264,20 +1268,63 @@ class Sink:
             data = data[cut:]
 
     def _put(self, data: bytes) -> None:
-        view = memoryview(data)
+        """Append ``data`` (whole lines) to the target; on the output thread,
+        may block on a slow disk, never raises.  A write that fails loses
+        the rest of the chunk (logged) and leaves no partial line behind."""
+        if self.torn:  # end the partial line a failed write left, first
+            data = CUT_MARK + data
+        view, written = memoryview(data), 0
         try:
             if self.fd < 0:
                 self.open()
-            while view:
-                view = view[os.write(self.fd, view):]
+            while written < len(data):
+                written += os.write(self.fd, view[written:])
+            self.torn = False
         except OSError as exc:  # a full disk loses this chunk, not the daemon
             self._failed(exc)
-        self.size += len(data)
+            written = self._discard_partial_line(data, written)
+        self.size += written  # what the file holds, for max_bytes
+
+    def _discard_partial_line(self, data: bytes, written: int) -> int:
+        """Cut off the partial line that a write of ``data``, failing after
+        ``written`` bytes, left at the end of the target, so that the next
+        write cannot join a line to it; return how many bytes of ``data``
+        the target keeps.  On the output thread, after ``_failed``; never
+        raises."""
+        kept = data.rfind(b"\n", 0, written) + 1
+        if kept < written:
+            try:
+                # The output thread alone writes to this fd, and appends: the
+                # offset after its last write is the end of the file.
+                end = os.lseek(self.fd, 0, os.SEEK_CUR)
+                # Shrinking takes no new block, so it works on a full disk.
+                os.ftruncate(self.fd, end - (written - kept))
+            except OSError as exc:  # a FIFO, our stdout, an append-only file
+                self._leave_partial_line(exc)
+                return written
+        if kept:
+            self.torn = False  # the target ends with a whole line of ours
+        return kept
+
+    def _leave_partial_line(self, exc: OSError) -> None:
+        """Log that a partial line stays at the end of the target, which
+        cannot be truncated, and have the next write end it with CUT_MARK;
+        on the output thread.  Reopening would not help (the file would
+        still end mid-line), and losing every later chunk until a truncate
+        works could silence a FIFO for good: a marked end keeps each later
+        line whole and says where one was cut."""
+        self.torn = True
+        self.uncut += 1  # reported the first time and every thousandth
+        if self.uncut % 1000 == 1:
+            logger.error("%s: cannot cut a partial line off %s (%s), %d ended with %r so far",
+                         self.name, self.path, exc, self.uncut, CUT_MARK.strip().decode())
 
     def _failed(self, exc: OSError) -> None:
+        """Count and log a chunk lost, in whole or in part, to a failed open,
+        write or rotation; on the output thread."""
         self.errors += 1  # reported the first time and every thousandth
         if self.errors % 1000 == 1:
-            logger.error("%s: cannot write %s (%s), %d chunks lost so far",
+            logger.error("%s: cannot write %s (%s), %d chunks lost or cut short so far",
                          self.name, self.path, exc, self.errors)
 
     def _follow_moves(self) -> None:

@@ -2538,6 +2538,94 @@ def test_ctl_tail_prints_and_follows(cli_daemon, tmp_path):
     assert follow == list(range(follow[0], follow[0] + 15)) and follow[0] > tail[-1]
 
 
+NEEDS_MOUNT = pytest.mark.skipif(os.geteuid() != 0 or not shutil.which("mount"),
+                                 reason="needs root and mount for a tmpfs")
+
+
+@contextlib.contextmanager
+def small_disk(folder, size="1m"):
+    """A tmpfs of ``size`` mounted on ``folder`` (made here) for the block;
+    skips the test if it cannot be mounted.  Stop whatever writes to it
+    first: the lazy unmount then leaves nothing behind."""
+    folder.mkdir()
+    mounted = subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs",
+                              str(folder)], check=False, capture_output=True, text=True)
+    if mounted.returncode:
+        pytest.skip(f"cannot mount a tmpfs: {mounted.stderr.strip()}")
+    try:
+        yield folder
+    finally:
+        subprocess.run(["umount", "-l", str(folder)], check=False)
+
+
+def fill(path):
+    """Write to ``path`` until its file system is full."""
+    import errno
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT, 0o644)
+    try:
+        while True:
+            os.write(fd, b"\0" * 65536)
+    except OSError as exc:
+        assert exc.errno == errno.ENOSPC, exc
+    finally:
+        os.close(fd)
+
+
+#: Lines of 101 bytes: no run of them ends where a 4 KiB page does, so a
+#: write that a full disk stops at a page's end stops mid-line.
+BURST_LINE = b"line %08d " + b"x" * 86 + b"\n"
+BURST = 200
+BURSTER = f"""
+import os, signal
+signal.pthread_sigmask(signal.SIG_BLOCK, {{signal.SIGUSR1}})
+for first in range(0, 10 ** 9, {BURST}):  # a burst now, then one per SIGUSR1
+    os.write(1, b"".join({BURST_LINE!r} % n for n in range(first, first + {BURST})))
+    signal.sigwait({{signal.SIGUSR1}})
+"""
+
+
+@NEEDS_MOUNT
+def test_a_write_cut_short_by_a_full_disk_leaves_no_partial_line(make_daemon, tmp_path,
+                                                                caplog):
+    """A full disk stops a burst of lines mid-line (a short write), then
+    refuses the next burst; once space is back the next burst starts on a
+    line of its own: the partial line was discarded, never joined (README)."""
+    with small_disk(tmp_path / "disk") as disk:
+        (disk / "slack").write_bytes(b"\0" * 8192)
+        fill(disk / "filler")
+        (disk / "slack").unlink()  # 8 KiB free: less than a burst of 20 KiB
+        caplog.set_level("ERROR", logger="minisup")
+        script = tmp_path / "burster.py"
+        script.write_text(BURSTER)
+        daemon = make_daemon(f"[watcher:b]\ncmd = {PY} {script}\n"
+                             f"stdout_stream.class = FileStream\n"
+                             f"stdout_stream.filename = {disk}/out.log\n")
+        client, log = daemon.client, disk / "out.log"
+        (pid,) = wait_for(lambda: new_pids(client, "b", [], 1), what="the burster")
+
+        def delivered(number):  # the output thread wrote (or lost) line ``number``
+            last = (BURST_LINE % number).decode().rstrip("\n")
+            return lambda: client.call("tail", name="b", lines=1)["lines"] == [last]
+        wait_for(delivered(BURST - 1), what="the first burst, cut short")
+        os.kill(pid, signal.SIGUSR1)  # the second burst: no space at all
+        wait_for(delivered(2 * BURST - 1), what="the second burst, lost")
+        (disk / "filler").unlink()
+        os.kill(pid, signal.SIGUSR1)  # the third burst, with space again
+        last = BURST_LINE % (3 * BURST - 1)
+        wait_for(lambda: log.read_bytes().endswith(last), what="the third burst in the log")
+        lines = log.read_bytes().splitlines(keepends=True)
+        client.call("stop", name="b", waiting=True)
+        daemon.stop()  # closes the log before the unmount
+    whole = re.compile(rb"line (\d{8}) x{86}\n")
+    torn = [line for line in lines if not whole.fullmatch(line)]
+    assert not torn, f"a partial line was joined to the next: {torn[0]!r}"
+    numbers = [int(whole.fullmatch(line)[1]) for line in lines]
+    kept = numbers.index(2 * BURST)  # how much of the first burst fit
+    assert 0 < kept < BURST, "the first burst should have been cut short"
+    assert numbers == [*range(kept), *range(2 * BURST, 3 * BURST)]
+    assert any("No space left" in r.getMessage() for r in caplog.records)
+
+
 def test_stream_options_are_checked():
     config = minisup.parse_config("[watcher:w]\ncmd = x\nstdout_stream.class = FileStream\n"
                                   "stdout_stream.filename = /tmp/o\nstdout_stream.max_bytes = 10\n")
@@ -3585,32 +3673,12 @@ COUNTER = ("import itertools, os, time; [(print(os.getpid(), n, flush=True), "
            "time.sleep(0.005)) for n in itertools.count()]")
 
 
-def fill(path):
-    """Write to ``path`` until its file system is full."""
-    import errno
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT, 0o644)
-    try:
-        while True:
-            os.write(fd, b"\0" * 65536)
-    except OSError as exc:
-        assert exc.errno == errno.ENOSPC, exc
-    finally:
-        os.close(fd)
-
-
 @SOAK
-@pytest.mark.skipif(os.geteuid() != 0 or not shutil.which("mount"),
-                    reason="needs root and mount for a tmpfs")
+@NEEDS_MOUNT
 def test_soak_disk_full_under_a_filestream(make_daemon, tmp_path, caplog):
     """A full disk under a FileStream: the daemon keeps supervising and
     says it cannot write; once space is back the log grows again."""
-    disk = tmp_path / "disk"
-    disk.mkdir()
-    mounted = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=1m", "tmpfs", str(disk)],
-                             check=False, capture_output=True, text=True)
-    if mounted.returncode:
-        pytest.skip(f"cannot mount a tmpfs: {mounted.stderr.strip()}")
-    try:
+    with small_disk(tmp_path / "disk") as disk:
         fill(disk / "filler")
         caplog.set_level("ERROR", logger="minisup")
         daemon = make_daemon(f"[watcher:count]\ncmd = {py_cmd(COUNTER)}\n"
@@ -3639,8 +3707,6 @@ def test_soak_disk_full_under_a_filestream(make_daemon, tmp_path, caplog):
         print(f"\n{len(messages)} error(s) logged; first: {messages[0]}")
         assert all(str(log) in m and "No space left" in m for m in messages)
         daemon.stop()  # closes the log before the unmount
-    finally:
-        subprocess.run(["umount", "-l", str(disk)], check=False)
 
 
 FLOOD = "import itertools, os; [os.write(2, b'flood ' * 20 + b'\\n') for _ in itertools.count()]"
