@@ -58,6 +58,7 @@ import argparse
 import collections
 import contextlib
 import dataclasses
+import errno
 import fcntl
 import fnmatch
 import functools
@@ -1552,6 +1553,21 @@ def probe_ready(check: str, wid: int) -> bool:
     return False
 
 
+def describe_exit(code: int) -> str:
+    """A child's exit as the log says it: ``exited 1``, ``killed by SIGKILL``."""
+    if code < 0:
+        return f"killed by {_signal_name(-code)}"
+    return f"exited {code}"
+
+
+def _signal_name(signum: int) -> str:
+    """``SIGTERM`` for 15; ``signal 99`` for a number with no name."""
+    try:
+        return signal.Signals(signum).name
+    except ValueError:
+        return f"signal {signum}"
+
+
 def backoff_delay(config: WatcherConfig, crashes: int) -> float:
     """How long a watcher waits before the next spawn after ``crashes``
     quick deaths in a row (2 or more), jitter aside: growing by
@@ -1577,6 +1593,8 @@ class Watcher:
         self.retries = self.restarts = 0
         self.last_error: str | None = None
         self.last_exit: int | None = None
+        self.spawn_failures = 0  # ever: a waiting start answers at the next one
+        self.spawn_error: str | None = None  # the last, with its attempt number
         self._spawn, self._emit = spawn, emit
         self._next_spawn, self._probe_at, self._restart_pending = 0.0, 0.0, False
         self._replace: list[int] = []  # pids a sequential reload still replaces
@@ -1620,6 +1638,16 @@ class Watcher:
         if self.state in (STARTING, ACTIVE) and self._crashes > 1 and now < self._next_spawn:
             return "backoff"
         return self.state
+
+    def crash_looping(self, now: float) -> str | None:
+        """Why the watcher is in a crash loop, or None: its last deaths came
+        before ``min_uptime``, and a child still younger than that may die
+        the same way (until it lives that long, it is not taken as up)."""
+        young = [p for p in self.running() if now - p.started < self.config.min_uptime]
+        if not self._crashes or not young or self.last_exit is None:
+            return None
+        return (f"{self._crashes} quick exits in a row, the last "
+                f"{describe_exit(self.last_exit)}")
 
     def options(self) -> dict[str, Any]:
         """Every option, with the current number of processes."""
@@ -1725,7 +1753,7 @@ class Watcher:
         self.processes.pop(process.pid, None)
         self.last_exit = code
         self.emit("reap", process_pid=process.pid, exit_code=code)
-        how = f"killed by {_signal_name(-code)}" if code < 0 else f"exited {code}"
+        how = describe_exit(code)
         if process.stopping:
             logger.info("%s: pid %d stopped (%s)", self.name, process.pid, how)
             return
@@ -1837,8 +1865,10 @@ class Watcher:
                 process = self._spawn(config, wid, now)
             except Exception as exc:  # noqa: BLE001 - any failure to spawn is one
                 self.retries, limit = self.retries + 1, config.max_retry
-                logger.error("%s: spawn failed (attempt %d of %s): %s", self.name, self.retries,
-                             "unlimited" if limit < 0 else limit + 1, exc)
+                attempts = "unlimited" if limit < 0 else limit + 1
+                self.spawn_failures += 1
+                self.spawn_error = f"spawn failed (attempt {self.retries} of {attempts}): {exc}"
+                logger.error("%s: %s", self.name, self.spawn_error)
                 self._next_spawn = now + config.retry_in
                 if 0 <= limit < self.retries:
                     self.last_error = f"spawn failed {self.retries} times: {exc}"
@@ -1882,13 +1912,6 @@ class Watcher:
                 self._note_crash(now, 0.0)
         if unready and probe:
             self._probe_at = now + READY_POLL
-
-
-def _signal_name(signum: int) -> str:
-    try:
-        return signal.Signals(signum).name
-    except ValueError:
-        return f"signal {signum}"
 
 
 # ============================================================= Arbiter ======
@@ -2573,7 +2596,38 @@ def _targets(arbiter: Arbiter, properties: dict[str, Any],
 
 def _when_waiting(properties: dict[str, Any], done: Callable[[], bool],
                   result: Callable[[], dict[str, Any]] = dict) -> dict[str, Any] | Pending:
+    """An empty reply now, or with ``waiting`` a Pending on ``done``."""
     return Pending(done, result) if properties.get("waiting") else {}
+
+
+def _when_started(properties: dict[str, Any], watchers: list[Watcher],
+                  before: dict[str, list[int]], with_stopped: bool,
+                  as_info: bool) -> dict[str, Any] | Pending:
+    """What a start, restart, reload or add of ``watchers`` replies: nothing
+    now, or with ``waiting``, once every one has settled, the pids moved
+    (under ``info`` if ``as_info``), or at the first spawn failure an errno 6
+    naming it, not a silence until the client gives up; the watcher keeps
+    retrying as ``max_retry`` says."""
+    if not properties.get("waiting"):
+        return {}
+    failures = {w.name: w.spawn_failures for w in watchers}
+
+    def failed_to_spawn() -> list[Watcher]:
+        return [w for w in watchers if w.spawn_failures > failures[w.name]]
+
+    def done() -> bool:
+        return all(w.settled for w in watchers) or bool(failed_to_spawn())
+
+    def result() -> dict[str, Any]:
+        info = _process_info(watchers, before, with_stopped)  # errno 6 if one gave up
+        failed = failed_to_spawn()
+        if failed:
+            raise MinisupError("; ".join(f"{w.name}: {w.spawn_error}" for w in failed),
+                               BAD_MSG_DATA_ERROR)
+        if as_info:
+            return {"info": info}
+        return info
+    return Pending(done, result)
 
 
 def _process_info(watchers: list[Watcher], before: dict[str, list[int]],
@@ -2628,6 +2682,9 @@ def handle_health(arbiter: Arbiter, properties: dict[str, Any]) -> dict[str, Any
         unready = sum(not p.ready for p in running)
         if not watcher.config.autostart and watcher.state == STOPPED:
             continue  # never started, and not meant to be
+        looping = watcher.crash_looping(arbiter.clock())
+        if looping and watcher.state in (STARTING, ACTIVE):
+            raise MinisupError(f"{name} is restarting: {looping}", BAD_MSG_DATA_ERROR)
         if watcher.state in (STARTING, ACTIVE) and (unready or len(running) < watcher.target):
             raise MinisupError(f"{name}: {len(running) - unready} of {watcher.target} "
                                "processes ready", BAD_MSG_DATA_ERROR)
@@ -2653,8 +2710,7 @@ def handle_start(arbiter: Arbiter, properties: dict[str, Any], action: str = "st
     else:
         for watcher in watchers:
             watcher.restart(now)
-    return _when_waiting(properties, lambda: all(w.settled for w in watchers),
-                         lambda: {"info": _process_info(watchers, before, action != "start")})
+    return _when_started(properties, watchers, before, action != "start", as_info=True)
 
 
 def handle_stop(arbiter: Arbiter, properties: dict[str, Any]) -> dict[str, Any] | Pending:
@@ -2696,8 +2752,7 @@ def handle_add(arbiter: Arbiter, properties: dict[str, Any]) -> dict[str, Any] |
     if not properties.get("start"):
         return {}
     arbiter.start_watchers([watcher])
-    return _when_waiting(properties, lambda: watcher.settled,
-                         lambda: _process_info([watcher], {watcher.name: []}, False))
+    return _when_started(properties, [watcher], {watcher.name: []}, False, as_info=False)
 
 
 def handle_rm(arbiter: Arbiter, properties: dict[str, Any]) -> dict[str, Any] | Pending:
@@ -3333,6 +3388,24 @@ class Daemon:
 CLIENT_TIMEOUT = 5.0
 
 
+def ipc_problem(endpoint: str) -> str | None:
+    """Why no daemon can answer on ``endpoint`` now, when its ipc socket
+    file tells (missing, not ours to open, or nobody listening: a stale
+    file), else None.  Never blocks: the probe connects without waiting."""
+    if not endpoint.startswith("ipc://"):
+        return None
+    path = endpoint[len("ipc://"):]
+    if not os.path.exists(path):
+        return f"no socket at {path}: is the daemon running (minisup run)?"
+    if not os.access(path, os.R_OK | os.W_OK):
+        return f"no permission on {path}: run as the daemon's user"
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as probe:
+        probe.setblocking(False)  # a full backlog says EAGAIN: someone listens
+        if probe.connect_ex(path) == errno.ECONNREFUSED:
+            return f"nothing listens at {path} (a stale socket file): is the daemon running?"
+    return None
+
+
 class Client:
     """A DEALER on a daemon's control socket, as Circus's; one thread only.
     ``call`` returns the reply, whatever its status; CallError: no reply."""
@@ -3350,8 +3423,14 @@ class Client:
         if keys:
             self._socket.curve_publickey, self._socket.curve_secretkey = keys[0]
             self._socket.curve_serverkey = keys[1][0]
-        self._socket.connect(self.endpoint)
+        try:
+            self._socket.connect(self.endpoint)
+        except zmq.ZMQError:  # "foo", "tcp://nohost": libzmq says only EINVAL
+            self.close()
+            raise ConfigError("use ipc://PATH or tcp://HOST:PORT", option="endpoint",
+                              value=self.endpoint) from None
         self._counter = 0
+        self._answered = False  # until a first reply, a missing socket fails at once
 
     def __enter__(self) -> Self:
         return self
@@ -3366,6 +3445,10 @@ class Client:
     def send(self, message: dict[str, Any], timeout: float | None = None) -> dict[str, Any]:
         """Send a whole request dict (an ``id`` is added) and wait for the
         reply carrying that id; raise CallError after ``timeout``."""
+        if not self._answered:  # no waiting out the timeout for a daemon that is not there
+            problem = ipc_problem(self.endpoint)
+            if problem is not None:
+                raise CallError(f"no daemon at {self.endpoint}; {problem}")
         self._counter += 1
         message_id = f"{os.getpid()}-{id(self):x}-{self._counter}"
         self._socket.send(json.dumps(dict(message, id=message_id)).encode())
@@ -3373,15 +3456,12 @@ class Client:
         while (left := deadline - time.monotonic()) > 0 and self._socket.poll(left * 1000):
             reply = json.loads(self._socket.recv())
             if isinstance(reply, dict) and reply.get("id") == message_id:
+                self._answered = True
                 return reply
             # A late reply to an earlier call that timed out: skip it.
-        hint = "is the daemon running, and on this endpoint (--endpoint)?"
-        if self.endpoint.startswith("ipc://"):
-            path = self.endpoint[len("ipc://"):]
-            if not os.path.exists(path):
-                hint = f"no socket at {path}: is the daemon running (minisup run)?"
-            elif not os.access(path, os.R_OK | os.W_OK):
-                hint = f"no permission on {path}: run as the daemon's user"
+        hint = ipc_problem(self.endpoint)
+        if hint is None:
+            hint = "is the daemon running, and on this endpoint (--endpoint)?"
         raise CallError(f"no answer from {self.endpoint} within {self.timeout:g}s; {hint}")
 
     def close(self) -> None:
@@ -3527,6 +3607,9 @@ def run_ctl(args: argparse.Namespace) -> int:
         client = Client(args.endpoint, args.timeout, args.curve_key, args.server_key)
     except (OSError, ValueError) as exc:
         print(f"minisup: cannot read a CURVE key: {exc}", file=sys.stderr)
+        return EXIT_USAGE
+    except ConfigError as exc:  # an endpoint libzmq cannot even parse
+        print(f"minisup: {exc}", file=sys.stderr)
         return EXIT_USAGE
     with client:
         try:
@@ -3697,14 +3780,16 @@ def setup_logging(level: str, output: str) -> None:
 
 def daemonize() -> int:
     """Detach, for init scripts (``--daemon``): fork, new session, fork,
-    stdio on /dev/null.  The first process exits 0 once a byte arrives on
-    the returned fd (the daemon serves), 1 if the daemon died first."""
+    stdio on /dev/null.  The first process exits 0 once "1" arrives on the
+    returned fd (the daemon serves), or 1 once "0" and a reason arrive
+    (printed) or the daemon died first."""
     read_end, write_end = os.pipe()
     if os.fork():
         os.close(write_end)
         if os.read(read_end, 1) == b"1":  # EOF: every writer is gone
             os._exit(EXIT_OK)
-        os.write(2, b"minisup: the daemon did not start; see its log\n")
+        why = os.read(read_end, 4096)  # "0" then the reason, or EOF: it died
+        os.write(2, why or b"minisup: the daemon did not start; see its log\n")
         os._exit(EXIT_NO_ANSWER)
     os.close(read_end)
     os.setsid()
@@ -3742,6 +3827,19 @@ def install_signal_handlers(daemon: Daemon) -> None:
     signal.signal(signal.SIGUSR1, lambda signum, frame: daemon.pump.reopen())
 
 
+def report_start_failure(exc: MinisupError, logoutput: str, started: int | None) -> None:
+    """Say why the daemon could not start (its endpoint is taken, say): in
+    its log, on stderr too unless the log goes there already (a log file is
+    not where a person at the terminal looks), and to the first process of
+    ``--daemon`` through ``started``, which prints it."""
+    logger.error("%s", exc)
+    if logoutput != "stderr":
+        print(f"minisup: {exc}", file=sys.stderr)
+    if started is not None:
+        with contextlib.suppress(OSError):  # the first process is gone: nobody to tell
+            os.write(started, f"0minisup: {exc}\n".encode())
+
+
 def run_daemon(args: argparse.Namespace) -> int:
     """``minisup run``: supervise (in the foreground unless ``--daemon``)
     until told to quit.  The pidfile is checked before detaching (a live
@@ -3772,7 +3870,7 @@ def run_daemon(args: argparse.Namespace) -> int:
             os.write(started, b"1")
         daemon.wait()  # signal handlers run meanwhile: a join is interruptible
     except MinisupError as exc:
-        logger.error("%s", exc)
+        report_start_failure(exc, config.logoutput, started)
         return EXIT_NO_ANSWER
     finally:
         daemon.stop()

@@ -296,6 +296,19 @@ def test_ini_syntax_errors_name_the_file(text):
         minisup.parse_config(text, "app.ini")
 
 
+@pytest.mark.parametrize("text, reason", [
+    ("", "app.ini: no [watcher:NAME] section: nothing to run"),
+    ("[circus]\nloglevel = debug\n", "app.ini: no [watcher:NAME] section: nothing to run"),
+    ("[program:web]\ncommand = /srv/web\nnumprocs = 2\n",
+     ("app.ini: no [watcher:NAME] section; this looks like a supervisord file: [program:x] "
+      "is [watcher:x], command is cmd, numprocs is numprocesses")),
+])
+def test_a_file_without_watchers_is_an_error_with_a_hint_for_supervisord(text, reason):
+    with pytest.raises(minisup.ConfigError) as info:
+        minisup.parse_config(text, "app.ini")
+    assert str(info.value) == reason
+
+
 def test_load_config_reads_a_file_and_reports_a_missing_one(tmp_path):
     path = tmp_path / "app.ini"
     path.write_text("[watcher:w]\ncmd = x\n")
@@ -631,6 +644,22 @@ def test_backoff_never_overflows_however_long_the_crash_loop():
     assert minisup.backoff_delay(config, 2) == config.backoff_delay
     assert minisup.backoff_delay(config, 3) == 5  # 0.1 * 100, capped
     assert minisup.backoff_delay(config, 100_000) == 5  # 100 ** 99998: past a float
+
+
+def test_health_is_not_healthy_while_a_crash_loop_respawns(make_arbiter):
+    arbiter, clock, watcher = start_one(make_arbiter, "[watcher:w]\ncmd = /bin/sleep 1000\n"
+                                                      "min_uptime = 5\n")
+    arbiter.tick()
+    assert minisup.handle_health(arbiter, {}) == {"healthy": True}
+    (pid,) = watcher.pids()
+    os.kill(pid, signal.SIGKILL)  # at once: younger than min_uptime, a quick exit
+    settle(arbiter, lambda: len(watcher.pids()) == 1 and pid not in watcher.pids())
+    with pytest.raises(minisup.MinisupError) as info:  # used to say healthy here
+        minisup.handle_health(arbiter, {})
+    assert info.value.reason == ("w is restarting: 1 quick exits in a row, "
+                                 "the last killed by SIGKILL")
+    clock.now += 5  # the new child lived min_uptime: the loop is over
+    assert minisup.handle_health(arbiter, {}) == {"healthy": True}
 
 
 def test_restart_on_failure_replaces_only_failures(make_arbiter):
@@ -1400,7 +1429,7 @@ def test_reloadconfig_applies_only_what_changed(tmp_path):
         client.call("add", name="runtime", cmd=PY, args=["-c", SLEEP], start=True, waiting=True)
         write_ini(ini, endpoint, sleepers("same", 1) + sleepers("grow", 3)
                   + sleepers("change", 1, "graceful_timeout = 3") + sleepers("fresh", 2))
-        assert client.call("reloadconfig", waiting=True)["status"] == "ok"
+        assert client.call("reloadconfig", waiting=True)["warnings"] == []
         assert client.call("list")["watchers"] == ["change", "fresh", "grow", "runtime", "same"]
         assert client.call("list", name="same")["pids"] == before["same"]
         grown = client.call("list", name="grow")["pids"]
@@ -1412,6 +1441,19 @@ def test_reloadconfig_applies_only_what_changed(tmp_path):
         reply = client.call("reloadconfig")
         assert reply["errno"] == 3 and "numprocesses = 'many'" in reply["reason"]
         assert client.call("numwatchers")["numwatchers"] == 5
+    assert_nothing_leaked(fds_before)
+
+
+def test_reloadconfig_replies_and_logs_the_warnings_of_the_file(tmp_path, capsys, caplog):
+    fds_before = open_fds()
+    ini = tmp_path / "app.ini"
+    endpoint = f"ipc://{tmp_path}/rc.sock"
+    write_ini(ini, endpoint, sleepers("web", 1))
+    with minisup.Daemon(minisup.load_config(ini)):
+        write_ini(ini, endpoint, sleepers("web", 1, "numprocess = 2"))  # a typo
+        warning = f"{ini}: [watcher:web]: unknown or unsupported option 'numprocess', ignored"
+        assert ctl(capsys, endpoint, "reloadconfig") == (0, f"warning: {warning}\n", "")
+        assert warning in [r.getMessage() for r in caplog.records]
     assert_nothing_leaked(fds_before)
 
 
@@ -2636,6 +2678,8 @@ def test_stream_options_are_checked():
         ("stdout_stream.class = FileStream\n", "stdout_stream needs a filename"),
         ("stderr_stream.class = Syslog\n", "use one of filestream"),
         ("stdout_stream.rotate_when = X\n", "use one of s, m, h"),
+        ("stdout_stream.class = FileStream\nstdout_stream.filename = /no/such/dir/x.log\n",
+         "stdout_stream.filename = '/no/such/dir/x.log': no folder /no/such/dir"),
     ]:
         with pytest.raises(minisup.ConfigError, match=re.escape(message)):
             minisup.parse_config("[watcher:w]\ncmd = x\n" + text)
@@ -2671,10 +2715,46 @@ def test_ctl_commands_print_and_exit_like_circusctl(make_daemon, capsys):
     assert ctl(capsys, endpoint, "rm", "extra") == (0, "ok\n", "")
 
 
-def test_ctl_no_answer_is_exit_1_with_a_hint(tmp_path, capsys):
-    code, out, err = ctl(capsys, f"ipc://{tmp_path}/none.sock", "--timeout", "0.2", "status")
-    assert code == 1 and out == ""
-    assert f"no socket at {tmp_path}/none.sock" in err
+def test_ctl_with_no_daemon_fails_at_once_with_a_hint(tmp_path, capsys):
+    stale = socket.socket(socket.AF_UNIX)  # bound, never listening, closed: a stale file
+    stale.bind(f"{tmp_path}/stale.sock")
+    stale.close()
+    for name, hint in (("none.sock", "no socket at"), ("stale.sock", "nothing listens at")):
+        started = time.monotonic()
+        code, out, err = ctl(capsys, f"ipc://{tmp_path}/{name}", "status")
+        assert time.monotonic() - started < minisup.CLIENT_TIMEOUT / 2  # not the timeout
+        assert code == 1 and out == ""
+        assert f"no daemon at ipc://{tmp_path}/{name}; {hint} {tmp_path}/{name}" in err
+
+
+def test_ctl_with_an_endpoint_libzmq_cannot_parse_is_a_usage_error(capsys):
+    assert ctl(capsys, "foo", "status") == (
+        2, "", "minisup: endpoint = 'foo': use ipc://PATH or tcp://HOST:PORT\n")
+
+
+def test_ctl_add_of_a_missing_program_says_the_spawn_failed(make_daemon, capsys):
+    daemon = make_daemon(sleepers(n=1))
+    started = time.monotonic()
+    code, out, err = ctl(capsys, daemon.endpoint, "add", "y", "/no/such/bin", "--start",
+                         "--waiting")
+    assert time.monotonic() - started < minisup.CLIENT_TIMEOUT / 2  # used to time out
+    assert (code, out) == (3, "")
+    assert err == ("error: y: spawn failed (attempt 1 of 6): [Errno 2] No such file or "
+                   "directory: '/no/such/bin'\n")
+    assert daemon.client.call("status", name="y")["status"] == "starting"  # still trying
+
+
+def test_a_start_failure_is_printed_even_with_the_log_in_a_file(make_daemon, tmp_path):
+    first = make_daemon(sleepers(n=1))
+    ini = tmp_path / "second.ini"
+    ini.write_text(f"[circus]\nendpoint = {first.endpoint}\nlogoutput = {tmp_path}/second.log\n"
+                   + sleepers(n=1))
+    result = subprocess.run([PY, "-m", "minisup", "run", str(ini)], check=False,
+                            capture_output=True, text=True, timeout=DEADLINE * 3,
+                            cwd=os.path.dirname(minisup.__file__))
+    assert result.returncode == minisup.EXIT_NO_ANSWER
+    assert "another daemon is already listening there" in result.stderr  # used to be silent
+    assert "another daemon is already listening there" in (tmp_path / "second.log").read_text()
 
 
 def test_cli_usage_errors_are_exit_2(capsys):
