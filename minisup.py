@@ -960,6 +960,184 @@ def user_options(config: WatcherConfig) -> dict[str, Any]:
     return {"user": config.uid, "group": group, "extra_groups": extra}
 
 
+#: linux/capability.h: the capability to raise a hard limit.
+CAP_SYS_RESOURCE = 24
+
+
+def has_capability(bit: int) -> bool:
+    """Whether this process holds capability ``bit`` (CapEff in
+    /proc/self/status).  Any thread; never raises: True when it cannot be
+    read, so the kernel decides rather than a guess of ours."""
+    try:
+        with open("/proc/self/status") as stream:
+            fields = dict(line.split(":", 1) for line in stream if ":" in line)
+        return bool(int(fields["CapEff"], 16) >> bit & 1)
+    except (OSError, KeyError, ValueError):
+        return True
+
+
+def _above(limit: int, hard: int) -> bool:
+    """Whether rlimit ``limit`` is above ``hard``, RLIM_INFINITY being the most."""
+    if hard == resource.RLIM_INFINITY:
+        return False
+    return limit == resource.RLIM_INFINITY or limit > hard
+
+
+def resolve_rlimits(config: WatcherConfig) -> list[tuple[int, int]]:
+    """``config``'s ``rlimit_NAME`` options as (resource, limit) pairs, empty
+    meaning RLIM_INFINITY, for spawn_process.  Raise ConfigError for a limit
+    above the daemon's hard one when it lacks CAP_SYS_RESOURCE: neither
+    prlimit nor setrlimit could raise it, so no child should start."""
+    limits = []
+    for name, value in config.rlimits.items():
+        which = getattr(resource, f"RLIMIT_{name.upper()}")
+        limit = resource.RLIM_INFINITY if value is None else value
+        hard = resource.getrlimit(which)[1]
+        if _above(limit, hard) and not has_capability(CAP_SYS_RESOURCE):
+            raise ConfigError(f"above the daemon's hard limit ({hard}); raising a hard limit "
+                              "needs CAP_SYS_RESOURCE, which the daemon lacks",
+                              option=f"rlimit_{name}", value="unlimited" if value is None else value)
+        limits.append((which, limit))
+    return limits
+
+
+def uses_helper(config: WatcherConfig) -> bool:
+    """Whether ``config``'s children start through the exec helper: limits
+    with other ids, which prlimit could set only with CAP_SYS_RESOURCE."""
+    return bool(config.rlimits) and (config.uid is not None or config.gid is not None)
+
+
+def program_argv(config: WatcherConfig, argv: list[str]) -> tuple[str, list[str]]:
+    """The program Popen would execute for ``argv`` (child_argv's) and the
+    argv it would give it: ``shell`` runs ``/bin/sh -c`` (or ``executable``)
+    with the script and its ``$0 $1 ...``.  Raise ValueError if empty."""
+    if config.shell:
+        argv = [config.executable or "/bin/sh", "-c", *argv]
+    if not argv:
+        raise ValueError("empty command line")
+    return config.executable or argv[0], argv
+
+
+def _exec_problem(path: str) -> int | None:
+    """The errno execve would fail with for ``path`` as this process sees
+    it (EACCES: not an executable file), or None if it looks runnable."""
+    try:
+        mode = os.stat(path).st_mode
+    except OSError as exc:
+        return exc.errno
+    if stat.S_ISREG(mode) and os.access(path, os.X_OK):
+        return None
+    return errno.EACCES
+
+
+def find_program(name: str, env: dict[str, str], cwd: str | None) -> str:
+    """The path Popen would run ``name`` from: as given if it has a slash,
+    else the first runnable one along ``env``'s PATH (os.defpath without
+    one); relative paths count from ``cwd``.  Raise as Popen would: the
+    first error other than a missing file (PermissionError), or
+    FileNotFoundError."""
+    candidates = [name]
+    if not os.path.dirname(name):
+        candidates = [os.path.join(folder, name) for folder in os.get_exec_path(env)]
+    first = None
+    for path in candidates:
+        problem = _exec_problem(os.path.join(cwd or "", path))
+        if problem is None:
+            return path
+        if first is None and problem not in (errno.ENOENT, errno.ENOTDIR):
+            first = problem
+    code = errno.ENOENT if first is None else first
+    raise OSError(code, os.strerror(code), name)  # OSError picks the subclass by code
+
+
+#: The exec helper (see helper_argv), run as ``python -I -S -c`` by the
+#: daemon's user: -I keeps the working directory and PYTHON* variables out
+#: of it.  Its arguments: the limits (WHICH=LIMIT ...), the groups, gid and
+#: uid ("-": unchanged), the fd of the program's environment (see
+#: environment_fd), the program's path, then its argv.  No json nor signal:
+#: their imports would double its start.
+HELPER_CODE = """import os, resource, sys
+try:
+    import _signal as signal
+except ImportError:
+    import signal
+try:
+    fd = int(sys.argv[5])
+    items = os.pread(fd, os.fstat(fd).st_size, 0).split(b"\\0")[:-1]
+    os.close(fd)  # the program must not inherit it
+    env = dict(item.split(b"=", 1) for item in items)
+    for item in sys.argv[1].split():  # still the daemon's user: lowering is allowed
+        which, limit = item.split("=")
+        resource.setrlimit(int(which), (int(limit), int(limit)))
+    if sys.argv[2] != "-":
+        os.setgroups([int(group) for group in sys.argv[2].split()])
+    if sys.argv[3] != "-":
+        gid = int(sys.argv[3])
+        os.setresgid(gid, gid, gid)
+    if sys.argv[4] != "-":
+        uid = int(sys.argv[4])
+        os.setresuid(uid, uid, uid)
+    for signum in (signal.SIGPIPE, signal.SIGXFSZ):  # Python ignored them; exec would keep that
+        signal.signal(signum, signal.SIG_DFL)
+    os.execve(sys.argv[6], sys.argv[7:], env)
+except Exception as exc:
+    os.write(2, f"minisup: cannot run {sys.argv[6]}: {exc}\\n".encode(errors="surrogateescape"))
+os._exit(127)"""
+
+
+def _id_text(ids: int | list[int] | None) -> str:
+    """An id (or list of ids) as the exec helper reads it; "-": unchanged."""
+    if ids is None:
+        return "-"
+    if isinstance(ids, int):
+        return str(ids)
+    return " ".join(map(str, ids))
+
+
+def environment_fd(env: dict[str, str]) -> int:
+    """A new memfd (close-on-exec) holding ``env`` as execve takes it,
+    ``NAME=VALUE\\0`` each, for the exec helper; the caller closes it.  Not
+    in the helper's arguments: ps and audit logs show those to anyone.
+    Raise ValueError for an environment Popen would refuse."""
+    items = []
+    for name, value in env.items():
+        key = os.fsencode(name)
+        if not key or b"=" in key:  # the helper's os.execve refuses an empty one too
+            raise ValueError("illegal environment variable name")
+        items.append(key + b"=" + os.fsencode(value) + b"\0")
+    data = b"".join(items)
+    if data.count(b"\0") != len(items):
+        raise ValueError("embedded null byte")
+    fd = os.memfd_create("minisup-env", os.MFD_CLOEXEC)
+    try:
+        with open(fd, "wb", closefd=False) as stream:
+            stream.write(data)  # a buffered writer writes it all, or raises
+    except BaseException:
+        os.close(fd)
+        raise
+    return fd
+
+
+def helper_argv(config: WatcherConfig, argv: list[str], env: dict[str, str],
+                limits: list[tuple[int, int]], env_fd: int) -> list[str]:
+    """The exec helper's command line that sets ``limits``, takes
+    ``config``'s ids as Popen's user/group/extra_groups would, then execs
+    ``argv`` (child_argv's) with the environment in ``env_fd``
+    (environment_fd's; ``env`` is its PATH); for spawn_process.  Raise
+    FileNotFoundError or PermissionError for a program Popen could not
+    run, MinisupError without a Python executable."""
+    if not sys.executable:
+        raise MinisupError("rlimit_NAME with uid or gid needs a Python executable to run "
+                           "minisup's exec helper, and sys.executable is empty")
+    executable, program = program_argv(config, argv)
+    path = find_program(executable, env, config.working_dir)
+    ids = user_options(config)
+    limit_items = " ".join(f"{which}={limit}" for which, limit in limits)
+    return [sys.executable, "-I", "-S", "-c", HELPER_CODE, limit_items,
+            _id_text(ids.get("extra_groups")), _id_text(ids.get("group")),
+            _id_text(ids.get("user")), str(env_fd), path, *program]
+
+
 def kill_pids(pids: Iterable[int], signum: int) -> None:
     """Signal pids that are not our children (read from /proc); such a pid
     could be reused between reading /proc and kill(), a risk every
@@ -1016,42 +1194,79 @@ class Process:
 def spawn_process(config: WatcherConfig, wid: int, now: float,
                   sockets: dict[str, socket.socket] | None = None,
                   capture: bool = False, extra_env: dict[str, str] | None = None) -> Process:
-    """Start one child of ``config``; raise if it cannot start.  No Python
-    runs between fork and exec, so Popen keeps its vfork path (a ``uid``
-    costs it); each child leads its group, out of reach of the terminal's Ctrl-C."""
+    """Start one child of ``config`` for the worker thread; blocks only until
+    Popen's exec; raise if it cannot start, leaving nothing running.  No
+    Python runs between fork and exec (the exec helper runs after one), so
+    Popen keeps its vfork path (a ``uid`` costs it); each child leads its
+    group, out of reach of the terminal's Ctrl-C."""
     sockets = sockets or {}  # $(circus.*) values: the wid, and the fd of each socket
     values = {"wid": str(wid), **{f"sockets.{n}": str(s.fileno()) for n, s in sockets.items()}}
     env = {**child_env(config, values), **(extra_env or {})}
-    # The only fds it inherits: the sockets its command names, or all with use_sockets.
-    named = set(sockets) if config.use_sockets else _socket_users(config)
+    limits = resolve_rlimits(config)  # before any child starts: one we cannot set is an error
+    helper = uses_helper(config)
+    inherited = _inherited_fds(config, sockets)
     stdin = sockets[config.stdin_socket.lower()].fileno() if config.stdin_socket else None
     outputs: dict[str, tuple[int | None, int | None]] = {}
-    popen = None
+    popen = env_fd = None
     try:
         for stream in ("stdout", "stderr"):
             outputs[stream] = _output_target(config, stream, capture)
-        popen = subprocess.Popen(child_argv(config, values, env), shell=config.shell, env=env,
-            executable=config.executable, cwd=config.working_dir or None, process_group=0,
+        if helper:  # which reads the program's environment from this fd
+            env_fd = environment_fd(env)
+            inherited.append(env_fd)
+        launch = _launch(config, child_argv(config, values, env), env, limits, env_fd)
+        popen = subprocess.Popen(**launch, cwd=config.working_dir or None, process_group=0,
             stdin=stdin or (subprocess.DEVNULL if config.close_child_stdin else None),
-            stdout=outputs["stdout"][1], stderr=outputs["stderr"][1],
-            pass_fds=sorted(s.fileno() for n, s in sockets.items() if n in named),
-            umask=-1 if config.umask is None else config.umask, **user_options(config))
-        # Limits come just after: the program's first instructions run under ours.
-        for name, value in config.rlimits.items():  # None: unlimited
-            limit = (resource.RLIM_INFINITY if value is None else value,) * 2
-            resource.prlimit(popen.pid, getattr(resource, f"RLIMIT_{name.upper()}"), limit)
+            stdout=outputs["stdout"][1], stderr=outputs["stderr"][1], pass_fds=sorted(inherited),
+            umask=-1 if config.umask is None else config.umask)
+        if not helper:  # else the helper has set them, before the program's exec
+            # Our ids, so prlimit needs no capability; but it comes just after
+            # exec: the program's first instructions run under our limits.
+            for which, limit in limits:
+                resource.prlimit(popen.pid, which, (limit, limit))
     except BaseException:
-        if popen is not None:  # never leave a child running without its limits
-            popen.kill()
-            popen.wait()
         close_fds(read_end for read_end, _ in outputs.values())
+        if popen is not None:  # never leave a child running without its limits
+            abandon(popen)
         raise
-    finally:  # the child has the write ends; we keep the read ends
-        close_fds(write for read, write in outputs.values() if read is not None)
+    finally:  # the child has the write ends and the environment; we keep the read ends
+        close_fds([env_fd, *(write for read, write in outputs.values() if read is not None)])
     pipes = {stream: read for stream, (read, _) in outputs.items() if read is not None}
     # max_age plus a random share of the variance: those started together end apart.
     expires = now + config.max_age + _RANDOM.uniform(0, config.max_age_variance)
     return Process(popen, wid, now, expires if config.max_age else None, pipes)
+
+
+def _inherited_fds(config: WatcherConfig, sockets: dict[str, socket.socket]) -> list[int]:
+    """The only fds a child of ``config`` inherits (besides 0-2): the
+    sockets its command names, or all of them with ``use_sockets``."""
+    named = set(sockets) if config.use_sockets else _socket_users(config)
+    return [sock.fileno() for name, sock in sockets.items() if name in named]
+
+
+def abandon(popen: subprocess.Popen) -> None:
+    """SIGKILL a child whose spawn failed after it started, with its whole
+    process group, then reap it.  For spawn_process; blocks only until the
+    kernel has the leader dead."""
+    # The group, not the child alone: a shell may have forked helpers by now,
+    # and they would outlive it.  The child leads its group (process_group=0)
+    # and is not reaped yet, so the group id cannot have been reused, and the
+    # group exists (a zombie leader counts): no ProcessLookupError to expect.
+    os.killpg(popen.pid, signal.SIGKILL)
+    popen.wait()  # SIGKILLed: returns at once
+
+
+def _launch(config: WatcherConfig, argv: list[str], env: dict[str, str],
+            limits: list[tuple[int, int]], env_fd: int | None) -> dict[str, Any]:
+    """Popen's program, environment and ids for one child of spawn_process:
+    the child itself, or with ``env_fd`` (environment_fd's) the exec helper
+    that becomes it.  Raise as helper_argv does."""
+    if env_fd is not None:
+        # The helper's own environment is empty: the program's comes from
+        # env_fd, so nothing Python's startup sets (LC_CTYPE) can leak.
+        return {"args": helper_argv(config, argv, env, limits, env_fd), "env": {}}
+    return {"args": argv, "shell": config.shell, "executable": config.executable, "env": env,
+            **user_options(config)}
 
 
 def _output_target(config: WatcherConfig, stream: str,

@@ -9,6 +9,7 @@ teardown that no child, zombie, thread or fd was left behind.
 
 import contextlib
 import dataclasses
+import errno
 import io
 import itertools
 import json
@@ -2099,6 +2100,204 @@ def test_bad_working_dir_is_a_visible_spawn_failure(make_daemon, tmp_path):
     assert reply["status"] == "stopped"
     assert reply["reason"].startswith("spawn failed 1 times: [Errno 2]")
     assert daemon.client.call("numwatchers")["numwatchers"] == 1
+
+
+# -- uid with rlimit_NAME: the exec helper; an abandoned spawn --
+
+NEEDS_ROOT = pytest.mark.skipif(os.geteuid() != 0, reason="changing users needs root")
+#: Variables /bin/sh exports on its own (dash: PWD; bash also SHLVL and _).
+SHELL_SETS = {b"PWD", b"OLDPWD", b"SHLVL", b"_"}
+
+
+def proc_status(pid):
+    """/proc/PID/status as {field: its words}."""
+    with open(f"/proc/{pid}/status") as stream:
+        return {name: text.split() for name, text in (line.split(":", 1) for line in stream)}
+
+
+def proc_limits(pid):
+    """/proc/PID/limits as {limit name: (soft, hard)}."""
+    with open(f"/proc/{pid}/limits") as stream:
+        lines = stream.read().splitlines()[1:]  # after the header
+    return {line[:26].strip(): tuple(line[26:].split()[:2]) for line in lines}
+
+
+def proc_bytes(pid, name):
+    """/proc/PID/NAME's bytes (b"" once the process is gone)."""
+    try:
+        with open(f"/proc/{pid}/{name}", "rb") as stream:
+            return stream.read()
+    except OSError:
+        return b""
+
+
+def live_members(group):
+    """Pids of process group ``group`` that are alive (zombies are dead:
+    init reaps those the group's leader can no longer reap)."""
+    found = set()
+    for entry in filter(str.isdigit, os.listdir("/proc")):
+        fields = proc_bytes(entry, "stat").rsplit(b")", 1)[-1].split()
+        if len(fields) > 2 and int(fields[2]) == group and fields[0] != b"Z":
+            found.add(int(entry))
+    return found
+
+
+@NEEDS_ROOT
+@pytest.mark.parametrize("cmd, shell", [("/bin/sleep 1000", "false"),
+                                        ("exec /bin/sleep 1000", "true")])
+def test_uid_with_rlimits_runs_as_the_user_with_exactly_its_limits_and_env(
+        make_daemon, cmd, shell):
+    nobody = pwd.getpwnam("nobody")
+    # /bin/sleep: nobody may not enter the folder of this test's Python.
+    daemon = make_daemon(f"""
+        [watcher:capped]
+        cmd = {cmd}
+        shell = {shell}
+        uid = nobody
+        rlimit_nproc = 5
+        rlimit_nofile = 64
+        autostart = false
+        max_retry = 0
+        [env:capped]
+        GREETING = grüß dich
+        MODE = capped
+        """)
+    reply = daemon.client.call("start", name="capped", waiting=True)
+    assert reply["status"] == "ok", reply
+    (pid,) = daemon.client.call("list", name="capped")["pids"]
+    # The helper becomes the program by exec, under the same pid.
+    wait_for(lambda: proc_bytes(pid, "cmdline") == b"/bin/sleep\0" b"1000\0",
+             what="the helper to exec /bin/sleep")
+    status = proc_status(pid)
+    assert status["Uid"] == [str(nobody.pw_uid)] * 4
+    assert status["Gid"] == [str(nobody.pw_gid)] * 4
+    assert status["Groups"] == [str(g) for g in os.getgrouplist("nobody", nobody.pw_gid)]
+    ignored = int(status["SigIgn"][0], 16)  # Python ignores these; the program must not
+    assert not ignored & (1 << signal.SIGPIPE - 1 | 1 << signal.SIGXFSZ - 1)
+    limits, ours = proc_limits(pid), proc_limits("self")
+    assert limits.pop("Max processes") == ("5", "5")
+    assert limits.pop("Max open files") == ("64", "64")
+    assert limits == {k: v for k, v in ours.items() if k not in ("Max processes", "Max open files")}
+    environ = proc_bytes(pid, "environ").split(b"\0")[:-1]
+    if shell == "true":  # what the shell sets itself before it execs sleep
+        environ = [item for item in environ if item.split(b"=")[0] not in SHELL_SETS]
+    assert sorted(environ) == [b"GREETING=gr\xc3\xbc\xc3\x9f dich", b"MODE=capped"]
+    assert int(minisup.read_stat(pid)[2]) == pid  # it leads its own process group
+    assert sorted(os.listdir(f"/proc/{pid}/fd")) == ["0", "1", "2"]  # not the helper's env fd
+
+
+@NEEDS_ROOT
+def test_gid_with_rlimits_runs_with_that_group_and_its_limits(make_daemon):
+    # prlimit on a child of another group needs CAP_SYS_RESOURCE just the same.
+    nogroup = pwd.getpwnam("nobody").pw_gid
+    daemon = make_daemon(f"""
+        [watcher:grouped]
+        cmd = /bin/sleep 1000
+        gid = {nogroup}
+        rlimit_nofile = 64
+        autostart = false
+        max_retry = 0
+        """)
+    reply = daemon.client.call("start", name="grouped", waiting=True)
+    assert reply["status"] == "ok", reply
+    (pid,) = daemon.client.call("list", name="grouped")["pids"]
+    wait_for(lambda: proc_bytes(pid, "cmdline") == b"/bin/sleep\0" b"1000\0",
+             what="the helper to exec /bin/sleep")
+    status = proc_status(pid)
+    assert status["Uid"] == [str(os.getuid())] * 4 and status["Gid"] == [str(nogroup)] * 4
+    assert status["Groups"] == proc_status("self")["Groups"]  # as Popen's group= leaves them
+    assert proc_limits(pid)["Max open files"] == ("64", "64")
+
+
+@NEEDS_ROOT
+@pytest.mark.parametrize("program", ["missing", "not-executable"])
+def test_uid_with_rlimits_reports_a_program_it_cannot_find_as_a_spawn_failure(
+        make_daemon, tmp_path, program):
+    (tmp_path / "not-executable").write_text("#!/bin/sh\n")
+    common = "uid = nobody\nrlimit_nofile = 64\nautostart = false\nmax_retry = 0\n"
+    daemon = make_daemon(f"""
+[watcher:ghost]
+cmd = {tmp_path}/{program}
+{common}
+[watcher:plain]
+cmd = {tmp_path}/{program}
+autostart = false
+max_retry = 0
+[watcher:found]
+cmd = sleep 1000
+{common}
+[env:found]
+PATH = {tmp_path}:/bin
+""")
+    reply = daemon.client.call("start", name="ghost", waiting=True)
+    assert reply["status"] == "error" and reply["errno"] == 6
+    assert daemon.client.call("status", name="ghost")["status"] == "stopped"
+    plain = daemon.client.call("start", name="plain", waiting=True)  # no uid: Popen's error
+    assert reply["reason"] == plain["reason"].replace("plain:", "ghost:")
+    assert f"ghost: spawn failed 1 times: [Errno {2 if program == 'missing' else 13}]" in (
+        reply["reason"])
+    # Looked up along the child's PATH, as Popen does, then run as nobody.
+    reply = daemon.client.call("start", name="found", waiting=True)
+    assert reply["status"] == "ok", reply
+    (pid,) = daemon.client.call("list", name="found")["pids"]
+    wait_for(lambda: proc_bytes(pid, "cmdline") == b"sleep\0" b"1000\0",
+             what="the helper to exec sleep")
+    assert os.path.realpath(f"/proc/{pid}/exe") == os.path.realpath("/bin/sleep")
+
+
+@NEEDS_ROOT
+def test_uid_with_rlimits_exec_failure_is_one_line_on_stderr_and_127(make_daemon, tmp_path):
+    # Root may run tmp_path/sleep; nobody cannot enter tmp_path's parent (0700).
+    shutil.copy("/bin/sleep", tmp_path / "sleep")
+    errors = tmp_path / "errors.log"
+    daemon = make_daemon(f"""
+        [watcher:locked]
+        cmd = {tmp_path}/sleep 1000
+        uid = nobody
+        rlimit_nofile = 64
+        restart = never
+        stderr_stream.class = FileStream
+        stderr_stream.filename = {errors}
+        """)
+    wait_for(lambda: daemon.client.call("status", name="locked")["status"] == "stopped",
+             what="the helper to exit")
+    info = daemon.client.call("status", name="locked", extended=True)["watchers"]["locked"]
+    assert info["last_exit"] == 127
+    assert errors.read_text() == (f"minisup: cannot run {tmp_path}/sleep: [Errno 13] "
+                                  f"Permission denied: '{tmp_path}/sleep'\n")
+
+
+def test_an_abandoned_spawn_kills_the_childs_whole_group(make_arbiter, monkeypatch):
+    groups = []
+
+    def refuse_once_the_group_has_three(pid, *args):
+        # Fail only once the shell has forked its two sleeps: their group is
+        # what must die with it.
+        groups.append(pid)
+        wait_for(lambda: len(live_members(pid)) >= 3, what="the shell's two sleeps")
+        raise PermissionError(errno.EPERM, "refused by the test")
+
+    monkeypatch.setattr(minisup.resource, "prlimit", refuse_once_the_group_has_three)
+    arbiter, _, watcher = start_one(make_arbiter, """
+        [watcher:family]
+        cmd = /bin/sleep 1000 & /bin/sleep 1000 & exec /bin/sleep 1000
+        shell = true
+        rlimit_nofile = 64
+        max_retry = 0
+        """)
+    try:
+        arbiter.tick()
+        assert "refused by the test" in watcher.last_error
+        (group,) = groups
+        assert not alive(group)  # the leader: killed and reaped
+        deadline = time.monotonic() + DEADLINE  # SIGKILL is quick, but not instant
+        while live_members(group) and time.monotonic() < deadline:
+            time.sleep(0.005)
+        assert live_members(group) == set(), "the group outlived the abandoned spawn"
+    finally:  # whatever the outcome (the old code left the sleeps), leave nothing behind
+        for group in groups:
+            with contextlib.suppress(ProcessLookupError):  # none left: the fix worked
+                os.killpg(group, signal.SIGKILL)
 
 
 FAMILY = """
