@@ -449,6 +449,9 @@ def _choice(*words: str) -> Kind:
 INT, COUNT, RETRIES, POSITIVE = _integer(-MAX_INT), _integer(0), _integer(-1), _integer(1)
 SECONDS = _number(0, MAX_SECONDS, "a number of seconds")
 OCTAL = _from_text(functools.partial(int, base=8), "an octal number", _integer(0, 0o777).from_json)
+#: libzmq counts a handshake's time in whole milliseconds (a C int), and
+#: 0 ms means no limit at all: so at least 1 ms, at most a day.
+HANDSHAKE = _number(0.001, 86400.0, "a number of seconds")
 BOOLEANS = {**dict.fromkeys(["1", "true", "yes", "on", "y", "t"], True),  # as Circus
             **dict.fromkeys(["0", "false", "no", "off", "n", "f", ""], False)}
 BOOL = _from_text(lambda text: BOOLEANS[text.lower()], "a boolean (use true or false)",
@@ -671,6 +674,12 @@ class Config:
     # file) and the folder of the public .key files of the clients let in.
     curve_secret_key: str | None = option(STR, None)
     curve_authorized_keys: str | None = option(STR, None)
+    # minisup's own: libzmq drops a connection (CURVE or not) whose ZMTP
+    # handshake is not done by then, so idle raw connections cannot hold the
+    # daemon's fds for long (libzmq's default: 30 s).  A real client finishes
+    # in milliseconds on loopback, in well under a second over a slow link:
+    # 5 s leaves it a wide margin.  0 is refused (libzmq: no limit at all).
+    handshake_timeout: float = option(HANDSHAKE, 5.0)
     guardian: bool = option(BOOL, True)  # children die with the daemon
     check_delay: float = option(SECONDS, 5.0)
     warmup_delay: float = option(SECONDS, 0.0)
@@ -3222,6 +3231,17 @@ def check_request(message: dict[str, Any]) -> tuple[str, Command, dict[str, Any]
     return name.lower(), command, properties
 
 
+def handshake_ivl(seconds: float) -> int:
+    """libzmq's ZMQ_HANDSHAKE_IVL (whole milliseconds, rounded up) for
+    ``handshake_timeout``, checked again for a Config made in Python: raise
+    ConfigError for what the INI file refuses, 0 included (no limit)."""
+    try:
+        checked = HANDSHAKE.from_json(seconds)
+    except (ValueError, TypeError) as exc:
+        raise ConfigError(str(exc), option="handshake_timeout", value=seconds) from None
+    return math.ceil(checked * 1000)
+
+
 class Controller:
     """Owns a zmq context with the ROUTER control and PUB event sockets, and
     the UDP discovery socket; ``run`` is the controller thread.  It checks each
@@ -3323,6 +3343,8 @@ class Controller:
         path = prepare_ipc_endpoint(check_endpoint(endpoint, bool(curve)))
         sock = self._sockets[role] = self.context.socket(kind)
         sock.setsockopt(zmq.MAXMSGSIZE, 64 * self.config.max_message_size)
+        # An unfinished handshake holds an fd: bound its time, CURVE or not.
+        sock.setsockopt(zmq.HANDSHAKE_IVL, handshake_ivl(self.config.handshake_timeout))
         try:
             if curve:
                 sock.curve_publickey, sock.curve_secretkey = load_curve_key(curve)

@@ -71,9 +71,10 @@ def wait_for(predicate, timeout=DEADLINE, what="condition"):
     pytest.fail(f"timed out after {timeout}s waiting for {what}; last: {value!r}")
 
 
-def child_pids():
-    """Pids whose parent is this test process, zombies included."""
-    me, found = os.getpid(), set()
+def child_pids(parent=None):
+    """Pids whose parent is ``parent`` (default: this test process),
+    zombies included."""
+    me, found = parent or os.getpid(), set()
     for entry in os.listdir("/proc"):
         if not entry.isdigit():
             continue
@@ -419,6 +420,19 @@ def test_commands_that_could_never_spawn_are_refused_at_add_and_load(cmd, args, 
     if args is None and "\0" not in cmd:  # an INI file holds no NUL
         with pytest.raises(minisup.ConfigError, match=re.escape(f"app.ini: [watcher:w]: {reason}")):
             minisup.parse_config(f"[watcher:w]\ncmd = {cmd}\n", "app.ini")
+
+
+def test_handshake_timeout_is_parsed_and_zero_is_refused():
+    assert minisup.Config().handshake_timeout == 5.0
+    config = minisup.parse_config("[circus]\nhandshake_timeout = 0.25\n" + sleepers(n=1))
+    assert minisup.handshake_ivl(config.handshake_timeout) == 250
+    assert minisup.handshake_ivl(0.0011) == 2  # rounded up: never 0, which is no limit
+    for text in ("0", "-1", "inf", "nan", "1e6", "soon"):
+        with pytest.raises(minisup.ConfigError, match="handshake_timeout"):
+            minisup.parse_config(f"[circus]\nhandshake_timeout = {text}\n" + sleepers(n=1))
+    # A Config made in Python is checked too, when the daemon binds.
+    with pytest.raises(minisup.ConfigError, match="handshake_timeout"):
+        minisup.handshake_ivl(0)
 
 
 def test_sockets_and_global_endpoints_are_parsed():
@@ -1928,10 +1942,19 @@ def test_client_timeout_names_the_endpoint(tmp_path):
 
 # ============================================== signals (a real daemon) ======
 
-def spawn_cli(tmp_path, *args):
-    """``python -m minisup`` in a subprocess, its log in tmp_path/daemon.log."""
+#: Sets RLIMIT_NOFILE to argv[1], then becomes ``python argv[2:]`` (same
+#: pid): only the daemon gets the low limit, never this test process.
+WITH_NOFILE = ("import os, resource, sys; limit = int(sys.argv[1]); "
+               "resource.setrlimit(resource.RLIMIT_NOFILE, (limit, limit)); "
+               "os.execv(sys.executable, [sys.executable, *sys.argv[2:]])")
+
+
+def spawn_cli(tmp_path, *args, nofile=None):
+    """``python -m minisup`` in a subprocess, its log in tmp_path/daemon.log;
+    ``nofile``: its RLIMIT_NOFILE."""
+    launcher = [PY] if nofile is None else [PY, "-c", WITH_NOFILE, str(nofile)]
     with open(tmp_path / "daemon.log", "w") as log:
-        return subprocess.Popen([PY, "-m", "minisup", *args], stdout=log,
+        return subprocess.Popen([*launcher, "-m", "minisup", *args], stdout=log,
                                 stderr=subprocess.STDOUT,
                                 cwd=os.path.dirname(minisup.__file__))
 
@@ -2010,6 +2033,112 @@ def test_quit_command_ends_the_cli_daemon(cli_daemon):
     assert client.call("quit", waiting=True)["status"] == "ok"
     client.close()
     assert proc.wait(DEADLINE) == 0
+
+
+#: The flood test's daemon gets FLOOD_NOFILE fds and twice as many idle
+#: raw connections, so they cannot all be held at once.
+FLOOD_NOFILE = 200
+FLOOD_CONNECTIONS = 2 * FLOOD_NOFILE
+#: Connections opened at once until the daemon is out of fds: half libzmq's
+#: listen backlog (ZMQ_BACKLOG, 100), so that a daemon slow to accept never
+#: sees its accept queue overflow: the kernel would drop those SYNs and
+#: resend them a second later, when the first ones are dropped already.
+FLOOD_CHUNK = 50
+#: Its handshake_timeout: short, so that the test is too.
+FLOOD_HANDSHAKE = 1.0
+#: How long past FLOOD_HANDSHAKE a new authorized client may wait for its
+#: answer.  It comes as an idle batch is dropped (measured: one or two
+#: FLOOD_HANDSHAKEs after the flood); the margin covers the client's own SYN
+#: dropped by the full accept queue, which the kernel resends after 1 s,
+#: then 3 s.  libzmq's default handshake limit (30 s) is far beyond it.
+FLOOD_MARGIN = 5.0
+
+
+def _logged_endpoint(tmp_path):
+    """The control endpoint a CLI daemon logged it listens on, or None yet."""
+    found = re.search(r"control socket listening on (\S+)",
+                      (tmp_path / "daemon.log").read_text())
+    return found.group(1) if found else None
+
+
+def _fd_count(pid):
+    """How many fds the process ``pid`` has open."""
+    return len(os.listdir(f"/proc/{pid}/fd"))
+
+
+def _stop_cli(proc):
+    """SIGTERM a CLI daemon and reap it: it must exit 0 within DEADLINE
+    (if not, SIGKILL it, so that nothing is left, and fail)."""
+    proc.send_signal(signal.SIGTERM)
+    try:
+        code = proc.wait(DEADLINE)
+    except subprocess.TimeoutExpired:
+        proc.kill()  # its guardian then kills its children
+        proc.wait()
+        raise
+    assert code == 0
+
+
+def _open_idle_connections(endpoint, count, into):
+    """Open ``count`` raw TCP connections to a tcp:// ``endpoint`` and
+    append them to ``into`` (the caller closes them); never send a byte:
+    each holds one of the daemon's fds until libzmq drops it."""
+    host, port = endpoint[len("tcp://"):].rsplit(":", 1)
+    for _ in range(count):
+        sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        into.append(sock)
+        sock.setblocking(False)  # a SYN a full accept queue drops must not block us
+        sock.connect_ex((host, int(port)))
+
+
+def _accept_queue(port):
+    """How many connections wait for accept() on 127.0.0.1:``port`` (the
+    rx_queue /proc/net/tcp shows for a listening socket), or None."""
+    with open("/proc/net/tcp") as table:
+        rows = [line.split() for line in table.readlines()[1:]]
+    for row in rows:
+        if row[1] == f"0100007F:{port:04X}" and row[3] == "0A":  # 0A: LISTEN
+            return int(row[4].split(":")[1], 16)
+    return None
+
+
+def _flood(endpoint, pid, into):
+    """Open FLOOD_CONNECTIONS idle connections to the daemon ``pid``: a
+    chunk at a time, each accepted before the next, until it has
+    FLOOD_NOFILE fds open; then the rest at once.  Append them to ``into``."""
+    port = int(endpoint.rsplit(":", 1)[1])
+    while _fd_count(pid) < FLOOD_NOFILE:
+        assert len(into) < FLOOD_CONNECTIONS, "the daemon never ran out of fds"
+        _open_idle_connections(endpoint, FLOOD_CHUNK, into)
+        wait_for(lambda: _accept_queue(port) == 0 or _fd_count(pid) >= FLOOD_NOFILE,
+                 what="the daemon to accept a chunk or run out of fds")
+    _open_idle_connections(endpoint, FLOOD_CONNECTIONS - len(into), into)
+
+
+def test_idle_raw_connections_are_dropped_after_handshake_timeout(curve_keys, tmp_path):
+    keys, raw = curve_keys, []
+    alice = (str(keys / "alice.key_secret"), str(keys / "daemon" / "daemon.key"))
+    ini = tmp_path / "flood.ini"
+    ini.write_text(f"[circus]\nendpoint = tcp://127.0.0.1:*\n"
+                   f"handshake_timeout = {FLOOD_HANDSHAKE}\n"
+                   f"curve_secret_key = {keys / 'daemon' / 'daemon.key_secret'}\n"
+                   f"curve_authorized_keys = {keys / 'clients'}\n" + sleepers(n=1))
+    proc = spawn_cli(tmp_path, "run", str(ini), nofile=FLOOD_NOFILE)
+    try:
+        endpoint = wait_for(lambda: _logged_endpoint(tmp_path), what="the daemon's endpoint")
+        with minisup.Client(endpoint, DEADLINE, *alice) as client:
+            wait_for(lambda: client.call("status", name="web")["status"] == "active",
+                     what="the watcher's child")
+        children = child_pids(proc.pid)  # that child and the guardian
+        _flood(endpoint, proc.pid, raw)
+        # A new connection, the daemon out of fds: idle ones must make way.
+        with minisup.Client(endpoint, FLOOD_HANDSHAKE + FLOOD_MARGIN, *alice) as client:
+            assert client.call("numwatchers")["numwatchers"] == 1
+    finally:
+        for sock in raw:
+            sock.close()
+        _stop_cli(proc)
+    assert len(children) == 2 and not any(alive(pid) for pid in children)
 
 
 # ================================================ process control in depth ======
@@ -2154,7 +2283,7 @@ def test_uid_with_rlimits_runs_as_the_user_with_exactly_its_limits_and_env(
         cmd = {cmd}
         shell = {shell}
         uid = nobody
-        rlimit_nproc = 5
+        rlimit_nproc = 100  # counts every process of nobody: room for others
         rlimit_nofile = 64
         autostart = false
         max_retry = 0
@@ -2175,7 +2304,7 @@ def test_uid_with_rlimits_runs_as_the_user_with_exactly_its_limits_and_env(
     ignored = int(status["SigIgn"][0], 16)  # Python ignores these; the program must not
     assert not ignored & (1 << signal.SIGPIPE - 1 | 1 << signal.SIGXFSZ - 1)
     limits, ours = proc_limits(pid), proc_limits("self")
-    assert limits.pop("Max processes") == ("5", "5")
+    assert limits.pop("Max processes") == ("100", "100")
     assert limits.pop("Max open files") == ("64", "64")
     assert limits == {k: v for k, v in ours.items() if k not in ("Max processes", "Max open files")}
     environ = proc_bytes(pid, "environ").split(b"\0")[:-1]
