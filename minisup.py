@@ -3528,6 +3528,10 @@ class Daemon:
                 self.config.curve_secret_key):
             logger.warning("every local user may send commands to %s, so may act as root: "
                            "use an ipc:// endpoint or CURVE keys", self.config.endpoint)
+        # The start is the worker's first job, queued before the control
+        # socket exists: a command sent the moment it does runs after it.
+        outcomes: queue.SimpleQueue[Outcome] = queue.SimpleQueue()
+        self.arbiter.submit(Job("start", handle_start, {"waiting": True}, outcomes.put))
         self._output_thread = self._thread(self.pump.run, "output")
         self.controller = Controller(self.config, self.arbiter.submit)
         self._controller_thread = self._thread(self.controller.run, "controller")
@@ -3552,8 +3556,6 @@ class Daemon:
         self.arbiter.on_view = functools.partial(setattr, self.controller, "view")
         self.pump.wanted = self.controller.wants
         self._worker_thread = self._thread(self._run_worker, "worker")
-        outcomes: queue.SimpleQueue[Outcome] = queue.SimpleQueue()
-        self.arbiter.submit(Job("start", handle_start, {"waiting": True}, outcomes.put))
         outcome: Outcome = MinisupError(f"the start did not finish in {timeout}s")
         with contextlib.suppress(queue.Empty):
             outcome = outcomes.get(timeout=timeout)

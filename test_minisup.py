@@ -2277,13 +2277,14 @@ def live_members(group):
 def test_uid_with_rlimits_runs_as_the_user_with_exactly_its_limits_and_env(
         make_daemon, cmd, shell):
     nobody = pwd.getpwnam("nobody")
-    # /bin/sleep: nobody may not enter the folder of this test's Python.
+    # /bin/sleep: nobody may not enter the folder of this test's Python.  rlimit_nproc
+    # counts every process of nobody on the machine: 100 leaves room for others.
     daemon = make_daemon(f"""
         [watcher:capped]
         cmd = {cmd}
         shell = {shell}
         uid = nobody
-        rlimit_nproc = 100  # counts every process of nobody: room for others
+        rlimit_nproc = 100
         rlimit_nofile = 64
         autostart = false
         max_retry = 0
@@ -3138,8 +3139,8 @@ def test_readme_quick_start_runs_the_shipped_example(tmp_path):
     try:
         with minisup.Client(endpoint, timeout=1.0) as client:
             wait_for(lambda: _answers(client), what="the example daemon")
-            assert client.call("status")["statuses"] == {"clock": "active",
-                                                         "workers": "active"}
+            wait_for(lambda: client.call("status")["statuses"] == {
+                "clock": "active", "workers": "active"}, what="both watchers active")
             pids = client.call("list", name="workers")["pids"]
             assert len(pids) == 3
         log = tmp_path / "daemon.log"
