@@ -102,8 +102,13 @@ _RANDOM = random.Random()  # jitter; our own: a host's random state is not ours 
 # ============================================================== Errors ======
 
 # Circus's wire error numbers, 0 to 6.
-(NOT_SPECIFIED, INVALID_JSON, UNKNOWN_COMMAND, MESSAGE_ERROR, OS_ERROR, COMMAND_ERROR,
- BAD_MSG_DATA_ERROR) = range(7)
+NOT_SPECIFIED = 0
+INVALID_JSON = 1
+UNKNOWN_COMMAND = 2
+MESSAGE_ERROR = 3
+OS_ERROR = 4
+COMMAND_ERROR = 5
+BAD_MSG_DATA_ERROR = 6
 
 
 class MinisupError(Exception):
@@ -114,7 +119,6 @@ class MinisupError(Exception):
     def __init__(self, reason: str, errno: int | None = None) -> None:
         super().__init__(reason)
         self.reason = reason
-        self.tb: str | None = None
         if errno is not None:
             self.errno = errno
 
@@ -146,6 +150,41 @@ class CallError(MinisupError):
     """The client got no answer from the daemon in time."""
 
     errno = NOT_SPECIFIED
+
+
+class Reply(NamedTuple):
+    """What a command answers, for the controller to send: the ``fields``
+    of an ok reply, or an error's ``errno``, ``reason`` and traceback."""
+
+    fields: dict[str, Any]
+    errno: int | None = None  # None: ok
+    reason: str = ""
+    tb: str | None = None
+
+    @classmethod
+    def refusal(cls, error: MinisupError) -> Reply:
+        """The error reply that says why ``error`` was raised."""
+        return cls({}, error.errno, error.reason)
+
+    @property
+    def ok(self) -> bool:
+        """Whether this is an ok reply."""
+        return self.errno is None
+
+    def to_json(self, message_id: Any) -> dict[str, Any]:
+        """The reply as Circus shapes it, echoing ``message_id``."""
+        if self.ok:
+            return {"status": "ok", "time": time.time(), **self.fields, "id": message_id}
+        return {"status": "error", "reason": self.reason, "tb": self.tb, "time": time.time(),
+                "errno": self.errno, "id": message_id}
+
+
+def server_error(command: str, exc: Exception) -> Reply:
+    """Log an unexpected failure of ``command`` with its traceback and make
+    the errno 5 reply that carries it: a bug answers, never silences."""
+    logger.error("command %r failed", command, exc_info=exc)
+    return Reply({}, COMMAND_ERROR, f"command {command!r} failed: {exc!r}",
+                 "".join(traceback.format_exception(exc)))
 
 
 # ============================================================= Helpers ======
@@ -823,7 +862,7 @@ def _check_socket_names(config: Config) -> None:
     names = {s.name for s in config.sockets}
     for watcher in config.watchers:
         stdin = {watcher.stdin_socket.lower()} if watcher.stdin_socket else set()
-        for key, wanted in (("stdin_socket", stdin), ("cmd", _socket_users(watcher))):
+        for key, wanted in (("stdin_socket", stdin), ("cmd", socket_users(watcher))):
             for name in wanted - names:
                 raise ConfigError(f"no [socket:{name}] section", config.source,
                                   f"watcher:{watcher.name}", key, getattr(watcher, key))
@@ -919,6 +958,12 @@ def check_watcher_values(config: WatcherConfig, source: str | None = None) -> No
         if filename and not os.path.isdir(folder):
             raise ConfigError(f"no folder {folder}", source, section,
                               f"{stream}.filename", filename)
+
+
+def socket_users(config: WatcherConfig) -> set[str]:  # TEMP until the Config merge
+    """Names of the sockets a watcher's command refers to."""
+    return {n.lower() for text in [config.cmd, *config.args]
+            for n in SOCKET_REFERENCE.findall(text)}
 
 
 # ============================================================= Process ======
@@ -1249,7 +1294,7 @@ def spawn_process(config: WatcherConfig, wid: int, now: float,
 def _inherited_fds(config: WatcherConfig, sockets: dict[str, socket.socket]) -> list[int]:
     """The only fds a child of ``config`` inherits (besides 0-2): the
     sockets its command names, or all of them with ``use_sockets``."""
-    named = set(sockets) if config.use_sockets else _socket_users(config)
+    named = set(sockets) if config.use_sockets else socket_users(config)
     return [sock.fileno() for name, sock in sockets.items() if name in named]
 
 
@@ -1753,7 +1798,11 @@ class Pump:
 
 # ============================================================= Watcher ======
 
-STOPPED, STARTING, ACTIVE, STOPPING = "stopped", "starting", "active", "stopping"
+# A watcher's states.
+STOPPED = "stopped"
+STARTING = "starting"
+ACTIVE = "active"
+STOPPING = "stopping"
 #: Paused after flapping_attempts restarts within flapping_window.
 FLAPPING = "flapping"
 #: How often a ``ready = tcp:`` or ``file:`` check is tried.
@@ -1767,21 +1816,14 @@ SPAWN_BATCH = 50
 def probe_ready(check: str, wid: int) -> bool:
     """Whether a ``tcp:[HOST:]PORT`` or ``file:PATH`` check passes now; on
     the worker, so a connect waits 0.1 s at most (loopback answers at once)."""
-    kind, _, target = check.partition(":")
-    if kind == "file":
+    check_type, _, target = check.partition(":")
+    if check_type == "file":
         return os.path.exists(substitute(target, {"wid": str(wid)}, {}))
     host, _, port = target.rpartition(":")
-    with contextlib.suppress(OSError):
+    with contextlib.suppress(OSError):  # refused or silent: not ready yet
         socket.create_connection((host or "127.0.0.1", int(port)), timeout=0.1).close()
         return True
     return False
-
-
-def describe_exit(code: int) -> str:
-    """A child's exit as the log says it: ``exited 1``, ``killed by SIGKILL``."""
-    if code < 0:
-        return f"killed by {_signal_name(-code)}"
-    return f"exited {code}"
 
 
 def _signal_name(signum: int) -> str:
@@ -1790,6 +1832,13 @@ def _signal_name(signum: int) -> str:
         return signal.Signals(signum).name
     except ValueError:
         return f"signal {signum}"
+
+
+def describe_exit(code: int) -> str:
+    """A child's exit as the log says it: ``exited 1``, ``killed by SIGKILL``."""
+    if code < 0:
+        return f"killed by {_signal_name(-code)}"
+    return f"exited {code}"
 
 
 def backoff_delay(config: WatcherConfig, crashes: int) -> float:
@@ -1805,22 +1854,29 @@ def backoff_delay(config: WatcherConfig, crashes: int) -> float:
 
 class Watcher:
     """Keeps ``numprocesses`` children of one program; owned by the worker.
-    For the arbiter: ``start``, ``stop``, ``restart``, ``reload``, ``kill``,
-    ``set_numprocesses``, ``reap``, and ``manage`` each tick."""
+    For the arbiter: ``start``, ``stop``, ``restart``, ``reload``,
+    ``stop_processes``, ``set_numprocesses``, ``reap``, and ``manage`` each
+    tick."""
 
     def __init__(self, config: WatcherConfig,
                  spawn: Callable[[WatcherConfig, int, float], Process] = spawn_process,
                  emit: Callable[[str, dict[str, Any]], None] | None = None) -> None:
-        self.config, self.name, self.numprocesses = config, config.name, config.numprocesses
+        self.config = config
+        self.name = config.name
+        self.numprocesses = config.numprocesses  # wanted now (incr, decr, set)
         self.state = STOPPED
-        self.processes: dict[int, Process] = {}
-        self.retries = self.restarts = 0
-        self.last_error: str | None = None
+        self.processes: dict[int, Process] = {}  # by pid, in spawn order
+        self.retries = 0  # failed spawns in a row
+        self.restarts = 0  # children replaced after dying on their own
+        self.last_error: str | None = None  # why it gave up
         self.last_exit: int | None = None
         self.spawn_failures = 0  # ever: a waiting start answers at the next one
         self.spawn_error: str | None = None  # the last, with its attempt number
-        self._spawn, self._emit = spawn, emit
-        self._next_spawn, self._probe_at, self._restart_pending = 0.0, 0.0, False
+        self._spawn = spawn
+        self._emit = emit
+        self._next_spawn = 0.0  # no spawn before: warmup, retry, backoff, flapping pause
+        self._probe_at = 0.0  # the next tcp: or file: readiness probe
+        self._restart_pending = False  # start again once the stop is done
         self._replace: list[int] = []  # pids a sequential reload still replaces
         self._finished = 0  # slots whose process is done and not replaced
         self._crashes = 0  # consecutive deaths younger than min_uptime
@@ -1833,11 +1889,16 @@ class Watcher:
             self._emit(f"watcher.{self.name}.{topic}", {**payload, "time": time.time()})
 
     def _set_state(self, state: str) -> None:
-        if state != self.state:
-            logger.info("%s: %s -> %s", self.name, self.state, state)
-            if state == STOPPED or self.state == STOPPED:
-                self.emit("stop" if state == STOPPED else "start")
-            self.state = state
+        """Move to ``state``, logging it; leaving or entering ``stopped``
+        publishes Circus's ``start`` or ``stop`` event."""
+        if state == self.state:
+            return
+        logger.info("%s: %s -> %s", self.name, self.state, state)
+        if state == STOPPED:
+            self.emit("stop")
+        elif self.state == STOPPED:
+            self.emit("start")
+        self.state = state
 
     @property
     def settled(self) -> bool:
@@ -1883,23 +1944,31 @@ class Watcher:
         return [p for p in self.processes.values() if not p.stopping]
 
     def pids(self) -> list[int]:
+        """The pids of ``running``, oldest first."""
         return [p.pid for p in self.running()]
 
     def start(self, not_before: float = 0.0) -> None:
-        """Begin (or resume) keeping the children running."""
+        """Begin (or resume) keeping the children running, spawning no
+        sooner than ``not_before``; a watcher still stopping starts after."""
         if self.state == STOPPING:
             self._restart_pending = True
         elif self.state in (STOPPED, FLAPPING):
-            self.retries, self.last_error, self._crashes = 0, None, 0
-            self._finished, self._deaths, self._flaps, self._next_spawn = 0, [], 0, not_before
+            self.retries = 0
+            self.last_error = None
+            self._crashes = 0
+            self._finished = 0
+            self._deaths = []
+            self._flaps = 0
+            self._next_spawn = not_before
             self._set_state(STARTING)
 
     def stop(self, now: float) -> None:
         """Begin a graceful stop of every child."""
-        self._restart_pending, self._replace = False, []
+        self._restart_pending = False
+        self._replace = []
         if self.state != STOPPED or self.processes:
             self._set_state(STOPPING)
-            self.kill(now)
+            self.stop_processes(now)
             if not self.processes:
                 self._set_state(STOPPED)
 
@@ -1919,21 +1988,26 @@ class Watcher:
             for process in self.running():
                 process.send_signal(signal.SIGHUP)
         elif sequential or self.config.ready:
-            self._replace, self._finished = self.pids(), 0
+            self._replace = self.pids()
+            self._finished = 0
         else:
-            self._finished, self._next_spawn = 0, now
-            self.kill(now)
+            self._finished = 0
+            self._next_spawn = now
+            self.stop_processes(now)
             self._set_state(STARTING)
         self.emit("reload")
 
-    def kill(self, now: float, pids: list[int] | None = None,
-             signum: int | None = None, timeout: float | None = None) -> list[int]:
-        """Stop some children (default all) gracefully, with another signal or
-        grace period if given; return their pids.  Wanted ones are replaced."""
-        signum = self.config.stop_signal if signum is None else signum
-        timeout = self.config.graceful_timeout if timeout is None else timeout
-        victims = self.running() if pids is None else [  # by pid: each tick calls this
-            p for p in map(self.processes.get, pids) if p is not None and not p.stopping]
+    def stop_processes(self, now: float, pids: list[int] | None = None,
+                       signum: int | None = None, timeout: float | None = None) -> list[int]:
+        """Stop some children (default: every running one) gracefully: send
+        ``stop_signal`` (or ``signum``) and SIGKILL them if they outlive
+        ``graceful_timeout`` (or ``timeout``); return their pids.  Those
+        still wanted are replaced."""
+        if signum is None:
+            signum = self.config.stop_signal
+        if timeout is None:
+            timeout = self.config.graceful_timeout
+        victims = self._stoppable(pids)
         for process in victims:
             logger.debug("%s: stopping pid %d with %s (%gs grace)", self.name,
                          process.pid, _signal_name(signum), timeout)
@@ -1944,9 +2018,19 @@ class Watcher:
                 process.kill()
         return [p.pid for p in victims]
 
+    def _stoppable(self, pids: list[int] | None) -> list[Process]:
+        """The running children among ``pids`` (None: all of them), looked
+        up by pid: each tick asks, usually for none, with 500 running."""
+        if pids is None:
+            return self.running()
+        found = [self.processes.get(pid) for pid in pids]
+        return [p for p in found if p is not None and not p.stopping]
+
     def set_numprocesses(self, count: int) -> None:
         """Change how many children are wanted (a singleton stays at 1)."""
-        self.numprocesses = max(0, min(count, 1) if self.config.singleton else count)
+        if self.config.singleton:
+            count = min(count, 1)
+        self.numprocesses = max(0, count)
         if self.state == ACTIVE:
             self._set_state(STARTING)
 
@@ -1955,21 +2039,32 @@ class Watcher:
         """Take a changed ``config`` (``set``, ``reloadconfig``): resize to
         ``count`` if given, and replace the children if ``reload``."""
         self.config = config
-        if count is not None or config.singleton:
-            self.set_numprocesses(self.numprocesses if count is None else count)
+        if count is not None:
+            self.set_numprocesses(count)
+        elif config.singleton:
+            self.set_numprocesses(self.numprocesses)
         if reload and self.state != STOPPED:
             self.reload(now)
         self.emit("updated")
 
-    def abandon(self, kill: bool = False) -> None:
-        """Stop managing the children without a graceful stop: leave them to
-        exit (``rm nostop``: still reaped, and stopped when the daemon quits)
-        or, with ``kill``, SIGKILL them now (the daemon's forced quit)."""
+    def abandon(self) -> None:
+        """Stop managing the children without stopping them (``rm
+        nostop``): they are left to exit, still reaped, and stopped when
+        the daemon quits."""
         self._restart_pending = False
-        self._set_state(STOPPING if kill and self.processes else STOPPED)
-        for process in self.processes.values() if kill else ():
-            # Marked as stopping, so that its exit is not taken for a crash.
-            process.stop_deadline = process.stop_deadline or 0.0
+        self._set_state(STOPPED)
+
+    def kill_now(self) -> None:
+        """SIGKILL every child at once, without a grace period (the
+        daemon's forced quit); the watcher is stopping until all are reaped."""
+        self._restart_pending = False
+        if not self.processes:
+            self._set_state(STOPPED)
+            return
+        self._set_state(STOPPING)
+        for process in self.processes.values():
+            if process.stop_deadline is None:  # stopping: its exit is no crash
+                process.stop_deadline = 0.0
             process.kill()
 
     def reap(self, process: Process, code: int, now: float) -> None:
@@ -1992,40 +2087,48 @@ class Watcher:
         self._note_crash(now, now - process.started)
 
     def _note_crash(self, now: float, uptime: float) -> None:
-        # A crash loop backs off; flapping pauses the watcher, or gives up.
+        """Count a child that died while wanted (``uptime`` old): past
+        ``flapping_attempts`` within ``flapping_window`` the watcher pauses,
+        or gives up; quick deaths in a row back off the next spawn."""
         config = self.config
         self.restarts += 1
-        self._crashes = self._crashes + 1 if uptime < config.min_uptime else 0
+        if uptime < config.min_uptime:
+            self._crashes += 1
+        else:
+            self._crashes = 0
         if config.flapping_attempts:
             self._deaths = [t for t in self._deaths if now - t < config.flapping_window] + [now]
         if 0 < config.flapping_attempts <= len(self._deaths):
-            self._flaps, self._deaths = self._flaps + 1, []
-            if 0 <= config.flapping_max_retry < self._flaps:
-                self.last_error = (f"flapping: {config.flapping_attempts} restarts within "
-                                   f"{config.flapping_window:g}s, {self._flaps} times")
-                logger.error("%s: giving up: %s", self.name, self.last_error)
-                self.stop(now)
-            else:
-                logger.warning("%s: flapping, pausing %gs", self.name, config.flapping_retry_in)
-                self.kill(now)
-                self._next_spawn = max(self._next_spawn, now + config.flapping_retry_in)
-                self._set_state(FLAPPING)
+            self._flaps += 1
+            self._deaths = []
+            self._flap(now)
         elif self._crashes > 1:  # the first quick death is replaced at once
             delay = backoff_delay(config, self._crashes)
             delay *= 1 + _RANDOM.uniform(-config.backoff_jitter, config.backoff_jitter)
             self._next_spawn = max(self._next_spawn, now + delay)
             logger.info("%s: crash loop, next spawn in %.2fs", self.name, delay)
 
+    def _flap(self, now: float) -> None:
+        """The watcher is flapping: pause ``flapping_retry_in`` with every
+        child stopped, or give up past ``flapping_max_retry`` pauses."""
+        config = self.config
+        if 0 <= config.flapping_max_retry < self._flaps:
+            self.last_error = (f"flapping: {config.flapping_attempts} restarts within "
+                               f"{config.flapping_window:g}s, {self._flaps} times")
+            logger.error("%s: giving up: %s", self.name, self.last_error)
+            self.stop(now)
+            return
+        logger.warning("%s: flapping, pausing %gs", self.name, config.flapping_retry_in)
+        self.stop_processes(now)
+        self._next_spawn = max(self._next_spawn, now + config.flapping_retry_in)
+        self._set_state(FLAPPING)
+
     def manage(self, now: float, tree: Callable[[], dict[int, list[int]]] | None = None,
                held: bool = False) -> list[Process]:
         """Move toward the wanted state; return the children it spawned.
         ``tree`` (a cached ``children_map``) lets SIGKILL reach descendants;
         ``held``: spawn nothing yet (a dependency is not up)."""
-        for process in self.processes.values():
-            if process.stopping and not process.killed and now >= process.stop_deadline:
-                logger.warning("%s: pid %d outlived its grace period, SIGKILL to it, "
-                               "its group and its descendants", self.name, process.pid)
-                process.kill(descendants(process.pid, tree()) if tree else ())
+        self._kill_overdue(now, tree)
         self._check_ready(now)
         if self.state == STOPPING and not self.processes:
             self._set_state(STOPPED)
@@ -2037,7 +2140,9 @@ class Watcher:
         if self.state not in (STARTING, ACTIVE):
             return []
         self._stop_unwanted(now)
-        spawned = [] if held else self._fill(now)
+        spawned = []
+        if not held:
+            spawned = self._fill(now)
         running = self.running()
         if self.state == STARTING and len(running) >= self.target and all(
                 p.ready for p in running):
@@ -2046,6 +2151,18 @@ class Watcher:
             self._set_state(STOPPED)  # every process is done
         return spawned
 
+    def _kill_overdue(self, now: float, tree: Callable[[], dict[int, list[int]]] | None) -> None:
+        """SIGKILL every child that outlived its grace period, with its group
+        and (given ``tree``) its descendants, which may have left the group."""
+        for process in self.processes.values():
+            if process.stopping and not process.killed and now >= process.stop_deadline:
+                logger.warning("%s: pid %d outlived its grace period, SIGKILL to it, "
+                               "its group and its descendants", self.name, process.pid)
+                below: list[int] = []
+                if tree is not None:
+                    below = descendants(process.pid, tree())
+                process.kill(below)
+
     def next_deadline(self) -> float | None:
         """When ``manage`` next has something to do on its own, if ever."""
         running = self.running()
@@ -2053,34 +2170,46 @@ class Watcher:
                      if p.stopping and not p.killed]
         deadlines += [p.expires for p in running if p.expires is not None]
         unready = [p for p in running if not p.ready]
-        replacing = self._replace and len(running) == len(self.processes) and not unready
-        if self.state == FLAPPING or self.state in (STARTING, ACTIVE) and (
-                len(running) < self.target or replacing):
+        if self._waits_to_spawn(running, unready):
             deadlines.append(self._next_spawn)
         deadlines += [p.ready_by for p in unready]
         if unready and self.config.ready != "notify":
             deadlines.append(self._probe_at)
-        return min(deadlines) if deadlines else None
+        if not deadlines:
+            return None
+        return min(deadlines)
+
+    def _waits_to_spawn(self, running: list[Process], unready: list[Process]) -> bool:
+        """Whether ``_next_spawn`` is a deadline: a flapping pause ends then,
+        or a child is missing, or a rolling reload's next old child may go
+        (none stopping, all ready)."""
+        if self.state == FLAPPING:
+            return True
+        if self.state not in (STARTING, ACTIVE):
+            return False
+        replacing = self._replace and len(running) == len(self.processes) and not unready
+        return len(running) < self.target or bool(replacing)
 
     def _stop_unwanted(self, now: float) -> None:
-        # Stop the children no longer wanted: extras, those past max_age and,
-        # in a rolling reload, the next old one once the last is gone and its
-        # replacement (and, with ``ready``, one more) is ready.
+        """Stop the children no longer wanted: extras, those past max_age
+        and, in a rolling reload, the next old one once the last is gone
+        and its replacement (and, with ``ready``, one more) is ready."""
         running = self.running()
-        self.kill(now, [p.pid for p in running[:max(0, len(running) - self.target)]])
+        self.stop_processes(now, [p.pid for p in running[:max(0, len(running) - self.target)]])
         for process in self.running():
             if process.expires is not None and now >= process.expires:
                 logger.info("%s: pid %d reached max_age", self.name, process.pid)
-                self.kill(now, [process.pid])
+                self.stop_processes(now, [process.pid])
         if (self._replace and now >= self._next_spawn and len(self.running()) >= self.target
                 and not any(p.stopping or not p.ready for p in self.processes.values())):
-            self.kill(now, [self._replace.pop(0)])  # if it is still there
+            self.stop_processes(now, [self._replace.pop(0)])  # if it is still there
 
     def _fill(self, now: float) -> list[Process]:
-        # Spawn up to SPAWN_BATCH missing children, in the lowest free wids;
-        # the worker's next turn (at once: the deadline is now) spawns more,
-        # so a large ``incr`` never keeps the worker from its other jobs.
-        config, spawned = self.config, []
+        """Spawn up to SPAWN_BATCH missing children, in the lowest free wids;
+        the worker's next turn (at once: the deadline is now) spawns more,
+        so a large ``incr`` never keeps the worker from its other jobs."""
+        config = self.config
+        spawned: list[Process] = []
         missing = min(self.target - len(self.running()), SPAWN_BATCH)
         free = self._free_wids()
         while len(spawned) < missing and now >= self._next_spawn:
@@ -2088,19 +2217,11 @@ class Watcher:
             try:
                 process = self._spawn(config, wid, now)
             except Exception as exc:  # noqa: BLE001 - any failure to spawn is one
-                self.retries, limit = self.retries + 1, config.max_retry
-                attempts = "unlimited" if limit < 0 else limit + 1
-                self.spawn_failures += 1
-                self.spawn_error = f"spawn failed (attempt {self.retries} of {attempts}): {exc}"
-                logger.error("%s: %s", self.name, self.spawn_error)
-                self._next_spawn = now + config.retry_in
-                if 0 <= limit < self.retries:
-                    self.last_error = f"spawn failed {self.retries} times: {exc}"
-                    logger.error("%s: giving up: %s", self.name, self.last_error)
-                    self.stop(now)
+                self._spawn_failed(now, exc)
                 break
             self.retries = 0
-            process.ready, process.ready_by = not config.ready, now + config.ready_timeout
+            process.ready = not config.ready
+            process.ready_by = now + config.ready_timeout
             self.processes[process.pid] = process
             spawned.append(process)
             logger.info("%s: spawned pid %d (wid %d)", self.name, process.pid, wid)
@@ -2108,6 +2229,23 @@ class Watcher:
             if config.warmup_delay:
                 self._next_spawn = now + config.warmup_delay
         return spawned
+
+    def _spawn_failed(self, now: float, exc: Exception) -> None:
+        """Note a spawn that raised ``exc``: try again ``retry_in`` later,
+        or give up (stop) past ``max_retry`` failures in a row."""
+        self.retries += 1
+        limit = self.config.max_retry
+        attempts = "unlimited"
+        if limit >= 0:
+            attempts = str(limit + 1)
+        self.spawn_failures += 1
+        self.spawn_error = f"spawn failed (attempt {self.retries} of {attempts}): {exc}"
+        logger.error("%s: %s", self.name, self.spawn_error)
+        self._next_spawn = now + self.config.retry_in
+        if 0 <= limit < self.retries:
+            self.last_error = f"spawn failed {self.retries} times: {exc}"
+            logger.error("%s: giving up: %s", self.name, self.last_error)
+            self.stop(now)
 
     def _free_wids(self) -> Iterator[int]:
         """The wids no child holds, lowest first, found as they are taken."""
@@ -2122,8 +2260,8 @@ class Watcher:
             self.emit("ready", process_pid=process.pid)
 
     def _check_ready(self, now: float) -> None:
-        # Probe tcp: and file: checks every READY_POLL; a child not ready by
-        # its deadline is replaced, as a quick crash (the backoff applies).
+        """Probe tcp: and file: checks every READY_POLL; a child not ready
+        by its deadline is replaced, as a quick crash (the backoff applies)."""
         unready = [p for p in self.running() if not p.ready]
         probe = self.config.ready != "notify" and now >= self._probe_at
         for process in unready:
@@ -2132,26 +2270,36 @@ class Watcher:
             elif now >= process.ready_by:
                 logger.warning("%s: pid %d not ready within %gs, replacing it", self.name,
                                process.pid, self.config.ready_timeout)
-                self.kill(now, [process.pid])
+                self.stop_processes(now, [process.pid])
                 self._note_crash(now, 0.0)
         if unready and probe:
             self._probe_at = now + READY_POLL
 
 
 # ============================================================= Arbiter ======
+# The worker thread's side: the Arbiter owns the watchers and runs the loop,
+# with three parts of its own, each with one job: a JobRunner (commands from
+# other threads, and the replies), a Reaper (the children's deaths: pidfds,
+# waitid, orphans, the guardian) and a SystemdNotifier.  All four are owned
+# by the worker thread; other threads only call ``submit`` and
+# ``call_on_worker``, which queue and wake it.
 
-Outcome = dict[str, Any] | MinisupError
+class Pending(NamedTuple):
+    """A deferred reply: answered once ``done()`` holds, with ``result()``."""
+
+    done: Callable[[], bool]
+    result: Callable[[], dict[str, Any]]
 
 
 class Job(NamedTuple):
     """One command for the worker thread: ``handler(arbiter, properties)``
     returns a result dict or a Pending; ``reply`` is then called once, on
-    the worker, with the result dict or a MinisupError."""
+    the worker, with its Reply."""
 
     command: str
     handler: Callable[[Arbiter, dict[str, Any]], dict[str, Any] | Pending]
     properties: dict[str, Any]
-    reply: Callable[[Outcome], None]
+    reply: Callable[[Reply], None]
     seq: int = 0  # the controller numbers its jobs: see View
 
 
@@ -2164,25 +2312,355 @@ class View(NamedTuple):
     replies: dict[tuple[str, str | None], dict[str, Any]]
 
 
-class Pending(NamedTuple):
-    """A deferred reply: answered once ``done()`` holds, with ``result()``."""
+def answer(command: str, call: Callable[..., Any], *args: Any) -> Reply | Pending:
+    """Run ``call(*args)``, the work of ``command``, and make what it
+    returns or raises into its Reply (a Pending stays one): a failure is
+    an error reply, never lost.  On the worker thread."""
+    try:
+        result = call(*args)
+    except MinisupError as exc:
+        return Reply.refusal(exc)
+    except OSError as exc:
+        return Reply({}, OS_ERROR, str(exc))
+    except Exception as exc:  # noqa: BLE001 - logged with its traceback
+        return server_error(command, exc)
+    if isinstance(result, Pending):
+        return result
+    return Reply(result)
 
-    done: Callable[[], bool]
-    result: Callable[[], dict[str, Any]]
+
+def ignore_reply(reply: Reply) -> None:
+    """Where the reply of a cast goes: nowhere, errors included."""
 
 
-#: Commands in a View: without a name, and (the first two) with each name.
-VIEW_COMMANDS = ("list", "status", "numwatchers", "numprocesses")
 #: Commands still served while the daemon shuts down.
 SHUTDOWN_COMMANDS = {"list", "status", "numprocesses", "numwatchers", "quit", "options", "get",
                      "globaloptions", "stats", "dstats", "listsockets"}
+
+
+def _call_logged(function: Callable[[], Any]) -> None:
+    """Call ``function()`` for ``call_on_worker``; a failure is logged with
+    its traceback, never allowed to end the worker's loop."""
+    try:
+        function()
+    except Exception:  # logged; the loop must go on
+        logger.exception("a call on the worker thread failed")
+
+
+class JobRunner:
+    """The worker's queue of jobs (commands, from the controller) and of
+    calls (from the output thread, signal handlers and itself) to make on
+    the worker thread.  ``submit`` and ``call_on_worker`` are for any thread
+    and never block; ``run_queued`` and ``send_replies`` are the worker's."""
+
+    def __init__(self, wake: Callable[[], None]) -> None:
+        self._wake = wake  # the worker's waker: the queue's other half
+        self._queue: queue.SimpleQueue[Job | Callable[[], Any]] = queue.SimpleQueue()
+        self._replies: list[tuple[Job, Reply | Pending]] = []  # sent as the tick ends
+        self.seq = 0  # the last controller job run (see View)
+
+    def submit(self, job: Job) -> None:
+        """Queue a job and wake the worker.  Any thread; never blocks."""
+        self._queue.put(job)
+        self._wake()
+
+    def call_on_worker(self, function: Callable[[], Any]) -> None:
+        """Have the worker thread call ``function()`` at its next turn, so
+        that only it touches what it owns.  Any thread, signal handlers
+        included (a queue put and a pipe write); never blocks."""
+        self._queue.put(function)
+        self._wake()
+
+    def run_queued(self, arbiter: Arbiter, quitting: bool) -> None:
+        """Run every queued call, and every job (while ``quitting``, only
+        those in SHUTDOWN_COMMANDS; the others are refused), keeping their
+        replies for ``send_replies``.  On the worker thread."""
+        while not self._queue.empty():  # we alone take from it: get won't block
+            item = self._queue.get()
+            if not isinstance(item, Job):
+                _call_logged(item)
+                continue
+            self.seq = max(self.seq, item.seq)
+            if quitting and item.command not in SHUTDOWN_COMMANDS:
+                reply: Reply | Pending = Reply.refusal(
+                    MinisupError("the daemon is shutting down"))
+            else:
+                reply = answer(item.command, item.handler, arbiter, item.properties)
+            self._replies.append((item, reply))
+
+    def send_replies(self, done: bool) -> None:
+        """Reply to each job whose outcome is known: at once, or a
+        Pending's once done (or once the daemon is: ``done``).  On the
+        worker thread, as a tick ends."""
+        replies = self._replies
+        self._replies = []
+        for job, reply in replies:
+            if isinstance(reply, Pending):
+                if reply.done():
+                    reply = answer(job.command, reply.result)
+                elif done:
+                    reply = Reply.refusal(MinisupError("the daemon quit first",
+                                                       BAD_MSG_DATA_ERROR))
+                else:
+                    self._replies.append((job, reply))
+                    continue
+            job.reply(reply)
+
+
+#: The guardian helper (see Reaper.start_guardian), run as python -S -c.
+GUARDIAN_CODE = """import os, signal, sys
+groups = set()
+for line in sys.stdin.buffer:
+    (groups.add if line[:1] == b"+" else groups.discard)(int(line[1:]))
+for group in groups:
+    try: os.killpg(group, signal.SIGKILL)
+    except OSError: pass"""
+
+
+def group_owner(pid: int, known: dict[int, Any]) -> Any:
+    """What ``known`` (by pid) holds for the leader of ``pid``'s process
+    group, else of its session, else None: how an orphan or a shell's
+    helper is tied to the child that started it."""
+    try:
+        fields = read_stat(pid)
+    except (OSError, ValueError):  # gone meanwhile
+        return None
+    group = int(fields[2])
+    if group in known:
+        return known[group]
+    return known.get(int(fields[3]))  # its session
+
+
+class Reaper:
+    """The worker's side of children's deaths: a pidfd per child in the
+    worker's ``selector``, waitid and Popen.poll to reap, in subreaper mode
+    the orphans that re-parent to the daemon, and the guardian helper.
+    Owned by the worker thread; ``notice_child_exit`` alone is for a signal
+    handler."""
+
+    def __init__(self, selector: selectors.BaseSelector, subreaper: bool) -> None:
+        self.selector = selector  # the worker's, shared with the Arbiter's loop
+        self.subreaper = subreaper
+        self.unwatched = 0  # children with no pidfd (an old kernel): polled
+        self.orphans_died = False  # SIGCHLD came: a flag a signal handler may set
+        self._strays: dict[int, Watcher | None] = {}  # live adopted orphans, by owner
+        self._killed_orphans: set[int] = set()  # SIGKILLed, not yet reaped
+        self._guardian: subprocess.Popen | None = None
+
+    def start_guardian(self) -> None:
+        """Start the helper that kills every child's process group should
+        this process die without stopping them, even by SIGKILL: it reads
+        ``+PID``/``-PID`` lines from a pipe only we write, which the kernel
+        closes however we die; on EOF it SIGKILLs the groups it holds."""
+        try:
+            self._guardian = subprocess.Popen([sys.executable, "-S", "-c", GUARDIAN_CODE],
+                                              stdin=subprocess.PIPE, bufsize=0, process_group=0)
+        except OSError as exc:  # an embedded Python may have no executable
+            logger.warning("no guardian (%s): children would outlive a crash", exc)
+
+    def tell_guardian(self, sign: str, pid: int) -> None:
+        """Tell the guardian to hold (``+``) or forget (``-``) ``pid``'s
+        group; if it is gone, say so once and go on without it."""
+        if self._guardian is None:
+            return
+        try:
+            self._guardian.stdin.write(f"{sign}{pid}\n".encode())  # unbuffered
+        except OSError as exc:
+            logger.error("the guardian is gone (%s): children now outlive a crash", exc)
+            self._guardian.kill()
+            self._guardian.wait()
+            self._guardian = None
+
+    def watch(self, watcher: Watcher, process: Process) -> None:
+        """Start watching a new child: the guardian holds its group and its
+        pidfd wakes the worker's selector when it dies."""
+        self.tell_guardian("+", process.pid)
+        process.watched = True
+        if process.pidfd is None:
+            self.unwatched += 1
+        else:
+            self.selector.register(process.pidfd, selectors.EVENT_READ, (watcher, process))
+
+    def unwatch(self, process: Process) -> None:
+        """Stop watching a child that exited (idempotent); its pidfd is closed."""
+        if not process.watched:
+            return
+        process.watched = False
+        if process.pidfd is None:
+            self.unwatched -= 1
+        else:
+            self.selector.unregister(process.pidfd)
+            process.close()
+
+    @staticmethod
+    def has_exited(process: Process) -> bool:
+        """Whether the child is dead, without reaping it: a zombie keeps
+        its pid and group until ``collect`` reaps it."""
+        with contextlib.suppress(ChildProcessError):  # reaped: Popen.poll will say so
+            # WNOWAIT, a peek; WNOHANG: None while it runs.
+            flags = os.WEXITED | os.WNOHANG | os.WNOWAIT
+            if os.waitid(os.P_PID, process.pid, flags) is None:
+                return False
+        return True
+
+    def collect(self, process: Process) -> int | None:
+        """Reap a dead child and forget it; return its exit code (-signum
+        if killed), or None if it was reaped elsewhere meanwhile."""
+        code = process.popen.poll()
+        if code is None:
+            return None  # reaped elsewhere meanwhile; the sweep will catch it
+        self.tell_guardian("-", process.pid)
+        self.unwatch(process)
+        return code
+
+    def notice_child_exit(self) -> None:
+        """SIGCHLD arrived (subreaper mode): look for orphans at the next
+        turn.  Safe in a signal handler: it sets a flag (the caller wakes
+        the worker)."""
+        self.orphans_died = True
+
+    def should_adopt(self, exited: bool, quiet: bool) -> bool:
+        """Whether this turn looks for orphans: in subreaper mode, when a
+        child died, SIGCHLD came, a killed orphan awaits reaping, or on a
+        quiet turn."""
+        return self.subreaper and (exited or self.orphans_died or quiet
+                                   or bool(self._killed_orphans))
+
+    def adopt_orphans(self, known: dict[int, Watcher | None]) -> None:
+        """Reap the dead among our unknown children (orphans re-parented to
+        us, subreaper mode) and note which watcher each live one belongs
+        to (``known``: every child's pid -> its watcher), by its process
+        group or session, when that is knowable.  Before reaping the
+        children: a dead leader's pid still names its orphans' group and
+        session as long as it is a zombie."""
+        self.orphans_died = False
+        known = dict(known)
+        if self._guardian is not None:
+            known[self._guardian.pid] = None
+        for pid in children_of() - known.keys():
+            dead = pid  # if ChildProcessError: reaped already
+            with contextlib.suppress(ChildProcessError):
+                dead = os.waitpid(pid, os.WNOHANG)[0]  # 0: still alive
+            if dead:
+                self._strays.pop(pid, None)
+                self._killed_orphans.discard(pid)
+                logger.info("reaped orphan pid %d", pid)
+            elif pid not in self._strays and pid not in self._killed_orphans:
+                self._adopt(pid, known)
+
+    def _adopt(self, pid: int, known: dict[int, Watcher | None]) -> None:
+        """Note a live orphan and the watcher it belongs to, if any."""
+        owner = group_owner(pid, known)
+        self._strays[pid] = owner
+        name = "no known watcher"
+        if owner is not None:
+            name = owner.name
+        logger.info("adopted orphan pid %d (of %s)", pid, name)
+
+    def kill_orphans(self, quit_done: bool) -> None:
+        """SIGKILL each orphan whose watcher has stopped with no child left,
+        or every orphan once the quit has stopped every watcher."""
+        for pid, owner in list(self._strays.items()):
+            owner_gone = owner is not None and owner.state == STOPPED and not owner.processes
+            if quit_done or owner_gone:
+                logger.info("killing orphan pid %d", pid)
+                with contextlib.suppress(OSError):
+                    os.kill(pid, signal.SIGKILL)  # our child: no pid reuse
+                del self._strays[pid]
+                self._killed_orphans.add(pid)
+
+    @property
+    def orphans_left(self) -> bool:
+        """Whether an orphan is still alive or not yet reaped."""
+        return bool(self._strays or self._killed_orphans)
+
+    @property
+    def polling(self) -> bool:
+        """Whether the worker must poll (no pidfd, or orphans to reap)."""
+        return bool(self.unwatched or self._killed_orphans)
+
+    def close(self) -> None:
+        """Close the guardian's pipe: on EOF it kills what is left, exits."""
+        if self._guardian is not None:
+            self._guardian.communicate()
+
+
+def sd_notify(address: str | None, *lines: str) -> None:
+    """Send systemd's notify datagram to ``address`` (a path, or ``@name``
+    in the abstract namespace), if any; log, never raise, never block."""
+    if not address or not lines:
+        return
+    target = address
+    if address.startswith("@"):
+        target = "\0" + address[1:]
+    try:
+        with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM | socket.SOCK_NONBLOCK
+                           | socket.SOCK_CLOEXEC) as sock:
+            sock.sendto("\n".join(lines).encode(), target)
+    except OSError as exc:
+        logger.warning("cannot notify systemd at %s: %s", address, exc)
+
+
+class SystemdNotifier:
+    """What systemd hears when it runs minisup (``address``: its
+    NOTIFY_SOCKET, None if not): READY=1 once every autostart watcher is up
+    (again after a reloadconfig), STATUS= as it changes, WATCHDOG=1 twice
+    per ``watchdog`` period, STOPPING=1.  Owned by the worker thread, so
+    systemd notices if the loop hangs."""
+
+    def __init__(self, address: str | None, watchdog: float) -> None:
+        self.address = address
+        self.watchdog = watchdog  # seconds (WATCHDOG_USEC), 0: none
+        self._watchdog_at = 0.0  # the next WATCHDOG=1
+        self._ready_told = False
+        self._status_told = ""
+
+    def report(self, now: float, watchers: list[Watcher], quitting: bool) -> None:
+        """Tell what changed since the last turn, and the watchdog's ping."""
+        if not self.address:
+            return
+        ready = not quitting and all(w.up and w.settled for w in watchers if w.config.autostart)
+        lines = []
+        if ready and not self._ready_told:
+            lines.append("READY=1")
+            self._ready_told = True
+        status = self._status(watchers)
+        if status != self._status_told:
+            lines.append(status)
+            self._status_told = status
+        if self.watchdog and now >= self._watchdog_at:
+            lines.append("WATCHDOG=1")
+            self._watchdog_at = now + self.watchdog / 2
+        sd_notify(self.address, *lines)
+
+    @staticmethod
+    def _status(watchers: list[Watcher]) -> str:
+        """``STATUS=2 active, 1 stopped; 5 processes``."""
+        states = collections.Counter(w.state for w in watchers)
+        counts = ", ".join(f"{count} {state}" for state, count in sorted(states.items()))
+        return f"STATUS={counts}; {sum(len(w.processes) for w in watchers)} processes"
+
+    def reloading(self) -> None:
+        """A reloadconfig begins: say so, and READY=1 again once settled."""
+        sd_notify(self.address, "RELOADING=1", f"MONOTONIC_USEC={time.monotonic_ns() // 1000}")
+        self._ready_told = False
+
+    def stopping(self) -> None:
+        """The daemon begins to quit."""
+        sd_notify(self.address, "STOPPING=1")
+
+    def next_deadline(self) -> float | None:
+        """When the watchdog is next due, if there is one."""
+        if not self.watchdog:
+            return None
+        return self._watchdog_at
+
+
 #: Without pidfds, how often the worker polls each child for its exit.
 FALLBACK_POLL = 0.05
 #: The longest the worker's selector waits: epoll refuses a timeout over
 #: about 24 days (OverflowError), and a year-long check_delay is allowed.
 LONGEST_WAIT = 3600.0
-
-
 #: File descriptors the daemon keeps for its own use, beside its children's.
 RESERVED_FDS = 64
 #: The most fds the daemon holds for one child: its pidfd and two pipes.
@@ -2207,47 +2685,79 @@ def process_limit(max_processes: int) -> tuple[int, str]:
                     "with ulimit -n or LimitNOFILE=, or set [circus] max_processes")
 
 
+def stop_stages(watchers: list[Watcher]) -> list[list[Watcher]]:
+    """Groups of ``watchers`` to stop one after the other: each watcher
+    after those that depend on it, and lower priority first."""
+    @functools.cache
+    def depth(watcher: Watcher) -> int:
+        """The watcher's longest chain of dependents (checked: no cycle)."""
+        return max((depth(d) + 1 for d in watchers if watcher.name in d.config.depends_on),
+                   default=0)
+    keys = sorted({(depth(w), w.config.priority) for w in watchers})
+    return [[w for w in watchers if (depth(w), w.config.priority) == key] for key in keys]
+
+
+def _priority_first(watcher: Watcher) -> int:
+    """Sort key: higher ``priority`` first."""
+    return -watcher.config.priority
+
+
+def _by_fd(info: dict[str, Any]) -> int:
+    """Sort key of ``socket_infos``."""
+    return info["fd"]
+
+
 class Arbiter:
     """Owns every watcher and process; ``run`` is the worker thread.
-    Other threads only call ``submit``.  ``poll`` and ``tick`` are the two
-    halves of one loop turn, public so that tests can drive an arbiter on a
-    fake clock without a thread.  The Daemon's ``pump`` (output thread),
-    ``subreaper``, ``systemd`` and ``watchdog`` are as the Daemon's."""
+    Other threads only call ``submit`` and ``call_on_worker``.  ``poll``
+    and ``tick`` are the two halves of one loop turn, public so that tests
+    can drive an arbiter on a fake clock without a thread.  The Daemon's
+    ``pump`` (output thread), ``subreaper``, ``systemd`` and ``watchdog``
+    are as the Daemon's."""
 
     def __init__(self, config: Config, clock: Callable[[], float] = time.monotonic,
                  pump: Pump | None = None, subreaper: bool = False,
                  systemd: str | None = None, watchdog: float = 0.0) -> None:
-        self.config, self.clock, self.pump, self.subreaper = config, clock, pump, subreaper
-        self.systemd, self.watchdog, self._watchdog_at = systemd, watchdog, 0.0
+        self.config = config
+        self.clock = clock
+        self.pump = pump
         self.watchers: dict[str, Watcher] = {}
         self.sockets: dict[str, socket.socket] = {}
         self.process_limit = process_limit(config.max_processes)
-        # Set by the Daemon once its controller runs: where events go (its PUB
-        # socket) and each View, and the endpoints as bound (for globaloptions).
-        self.on_event: Callable[[str, dict[str, Any]], None] = lambda topic, payload: None
-        self.on_view: Callable[[View], None] | None = None
+        # Set by the Daemon once its controller runs: where events go (its
+        # PUB socket), what publishes each View, and the endpoints as bound
+        # (for globaloptions).
+        self.on_event: Callable[[str, dict[str, Any]], None] | None = None
+        self.on_view: Callable[[Arbiter, int], None] | None = None
         self.bound_endpoints: dict[str, str | None] = {}
-        self.done = self.failed = False
-        self._unwatched = self._seq = 0  # pidfd-less children; the last controller job run
-        self._jobs: queue.SimpleQueue[Job] = queue.SimpleQueue()
-        self._waker, self._selector = Waker(), selectors.DefaultSelector()
+        self.done = False  # the quit is over: ``run`` returns
+        self.failed = False  # the loop itself failed
+        self._waker = Waker()
+        self._selector = selectors.DefaultSelector()  # the waker, pidfds, the notify socket
         self._selector.register(self._waker, selectors.EVENT_READ, None)
-        self._outcomes: list[tuple[Job, Outcome | Pending]] = []  # replied as the tick ends
+        self.jobs = JobRunner(self._waker.wake)
+        self.reaper = Reaper(self._selector, subreaper)
+        self.systemd = SystemdNotifier(systemd, watchdog)
         self._retiring: list[Watcher] = []  # removed by rm, children not gone
         self._stop_plans: list[list[list[Watcher]]] = []  # staged stops: ``stop``s, the quit
         self._quit_stages: list[list[Watcher]] | None = None  # the quit's plan, once begun
-        self._ready_told, self._status_told = False, ""
         self._notify: socket.socket | None = None  # for ``ready = notify`` children
-        self._orphans_died = False
-        self._strays: dict[int, Watcher | None] = {}  # live adopted orphans
-        self._doomed: set[int] = set()  # orphans killed, not yet reaped
-        self._guardian: subprocess.Popen | None = None
         for watcher_config in config.watchers:
             self.add_watcher(watcher_config)
 
     def submit(self, job: Job) -> None:
         """Queue a job and wake the worker.  Any thread; never blocks."""
-        self._jobs.put(job)
+        self.jobs.submit(job)
+
+    def call_on_worker(self, function: Callable[[], Any]) -> None:
+        """Have the worker call ``function()`` at its next turn.  Any
+        thread, signal handlers included; never blocks."""
+        self.jobs.call_on_worker(function)
+
+    def notice_child_exit(self) -> None:
+        """SIGCHLD arrived (subreaper mode): look for orphans to reap.
+        Safe in a signal handler: a flag and a wake-up."""
+        self.reaper.notice_child_exit()
         self._waker.wake()
 
     def run(self) -> None:
@@ -2265,113 +2775,72 @@ class Arbiter:
             raise
 
     def poll(self, timeout: float | None) -> None:
-        """Block until a child exits, a job arrives or ``timeout`` passes; reap the dead."""
+        """Block until a child exits, a job arrives or ``timeout`` passes;
+        reap the dead."""
         events = [key.data for key, _ in self._selector.select(timeout)]
         exited = [data for data in events if isinstance(data, tuple)]
         if None in events:
             self._waker.drain()
         if "notify" in events:
             self._read_notifications()
-        if self.subreaper and (exited or self._orphans_died or not events or self._doomed):
-            self._orphans_died = False
-            # Once a batch, before reaping: a dead leader's pid still names
-            # its orphans' group and session as long as it is a zombie.
-            self._adopt_orphans()
-        sweep = not events or self._unwatched  # every child: no pidfd, or a quiet turn
-        for watcher, process in self._all_processes() if sweep else exited:
+        if self.reaper.should_adopt(bool(exited), not events):
+            self.reaper.adopt_orphans({p.pid: w for w, p in self._all_processes()})
+        if not events or self.reaper.unwatched:  # every child: no pidfd, or a quiet turn
+            exited = self._all_processes()
+        for watcher, process in exited:
             self._reap(watcher, process)
 
-    def notice_child_exit(self) -> None:
-        """SIGCHLD arrived (subreaper mode): look for orphans to reap.
-        Safe in a signal handler: a flag and a wake-up."""
-        self._orphans_died = True
-        self._waker.wake()
-
     def tick(self) -> float | None:
-        """Run queued jobs, manage watchers and answer finished waiters.
-        Returns how long the loop may block before the next deadline."""
-        while not self._jobs.empty():  # we alone take from it: get won't block
-            job = self._jobs.get()
-            self._seq = max(self._seq, job.seq)
-            refused = (self._quit_stages is not None and job.command not in SHUTDOWN_COMMANDS
-                       and not job.command.startswith("_"))  # "_name": internal
-            self._outcomes.append((job, MinisupError("the daemon is shutting down") if refused
-                                   else _outcome(job.command, job.handler, self, job.properties)))
+        """Run queued jobs and calls, manage watchers and answer finished
+        waiters.  Returns how long the loop may block before the next
+        deadline."""
+        self.jobs.run_queued(self, self._quit_stages is not None)
         now = self.clock()
         self.manage_watchers(now)
-        if self.systemd:
-            self._report(now)
+        self.systemd.report(now, list(self.watchers.values()), self._quit_stages is not None)
         self.done = self.quit_finished
-        self._publish()
-        deadlines = [w.next_deadline() for w in [*self.watchers.values(), *self._retiring]]
-        if self.watchdog:
-            deadlines.append(self._watchdog_at)
-        timeout = min([self.config.check_delay, LONGEST_WAIT,
-                       *(max(0.0, d - now) for d in deadlines if d is not None)])
-        return min(timeout, FALLBACK_POLL) if self._unwatched or self._doomed else timeout
+        if self.on_view is not None:  # before the replies: see View
+            self.on_view(self, self.jobs.seq)
+        # The replies go as the tick ends, not mid-tick, where the woken
+        # controller would only wait for the GIL.
+        self.jobs.send_replies(self.done)
+        return self._timeout(now)
 
-    def _report(self, now: float) -> None:
-        # READY=1 once every autostart watcher is up (again, after a
-        # reloadconfig), STATUS= as it changes, WATCHDOG=1 twice a period:
-        # from this thread, so systemd notices if the loop hangs.
-        ready = self._quit_stages is None and all(
-            w.up and w.settled for w in self.watchers.values() if w.config.autostart)
-        lines = ["READY=1"] if ready and not self._ready_told else []
-        self._ready_told |= ready
-        states = collections.Counter(w.state for w in self.watchers.values())
-        status = "STATUS=" + ", ".join(f"{n} {s}" for s, n in sorted(states.items()))
-        status += f"; {sum(len(w.processes) for w in self.watchers.values())} processes"
-        if status != self._status_told:
-            lines.append(status)
-            self._status_told = status
-        if self.watchdog and now >= self._watchdog_at:
-            lines.append("WATCHDOG=1")
-            self._watchdog_at = now + self.watchdog / 2
-        sd_notify(self.systemd, *lines)
+    def _timeout(self, now: float) -> float:
+        """How long the next poll may block: until the nearest deadline of
+        a watcher or the systemd watchdog, ``check_delay`` at most (and
+        FALLBACK_POLL while some child has no pidfd)."""
+        deadlines = [w.next_deadline() for w in [*self.watchers.values(), *self._retiring]]
+        deadlines.append(self.systemd.next_deadline())
+        waits = [max(0.0, d - now) for d in deadlines if d is not None]
+        timeout = min([self.config.check_delay, LONGEST_WAIT, *waits])
+        if self.reaper.polling:
+            return min(timeout, FALLBACK_POLL)
+        return timeout
 
     def note_reloading(self) -> None:
         """A reloadconfig begins: tell systemd, and READY=1 once settled."""
-        sd_notify(self.systemd, "RELOADING=1", f"MONOTONIC_USEC={time.monotonic_ns() // 1000}")
-        self._ready_told = False
+        self.systemd.reloading()
 
     def _read_notifications(self) -> None:
-        # READY=1 counts from a child or a process in its group (a shell's
-        # systemd-notify, say), known by the pid the kernel stamped.
+        """Read the ``ready = notify`` datagrams: READY=1 counts from a child
+        or a process in its group (a shell's systemd-notify, say), known by
+        the pid the kernel stamped on it."""
         known = {p.pid: (w, p) for w, p in self._all_processes()}
-        with contextlib.suppress(BlockingIOError):
+        with contextlib.suppress(BlockingIOError):  # read them all
             while True:
                 data, ancillary, _, _ = self._notify.recvmsg(4096, socket.CMSG_SPACE(12))
-                pid = next((int.from_bytes(d[:4], sys.byteorder) for _, kind, d in ancillary
-                            if kind == socket.SCM_CREDENTIALS), 0)
-                owner = known.get(pid) or _owner(pid, known)
-                if owner and b"READY=1" in data.splitlines():
+                sender = _credentials_pid(ancillary)
+                owner = known.get(sender)
+                if owner is None:
+                    owner = group_owner(sender, known)
+                if owner is not None and b"READY=1" in data.splitlines():
                     owner[0].mark_ready(owner[1])
-
-    def _publish(self) -> None:
-        # Publish the View, then reply to each job whose outcome is known (a
-        # Pending's once done, or once the daemon is): as the tick ends, not
-        # mid-tick, where the woken controller would only wait for the GIL.
-        if self.on_view is not None:
-            self.on_view(View(self._seq, {
-                (command, name): COMMANDS[command].handler(self, {"name": name})
-                for name in [None, *self.watchers]
-                for command in (VIEW_COMMANDS if name is None else VIEW_COMMANDS[:2])}))
-        outcomes, self._outcomes = self._outcomes, []
-        for job, outcome in outcomes:
-            if isinstance(outcome, Pending):
-                if outcome.done():
-                    outcome = _outcome(job.command, outcome.result)
-                elif self.done:
-                    outcome = MinisupError("the daemon quit first", BAD_MSG_DATA_ERROR)
-                else:
-                    self._outcomes.append((job, outcome))
-                    continue
-            job.reply(outcome)
 
     @property
     def quit_finished(self) -> bool:
         """True once a quit has stopped every child, orphans included."""
-        return self._quit_stages == [] and not self._strays and not self._doomed
+        return self._quit_stages == [] and not self.reaper.orphans_left
 
     def manage_watchers(self, now: float) -> None:
         """Let each watcher spawn, signal and kill toward its wanted state,
@@ -2379,26 +2848,30 @@ class Arbiter:
         and orphans die with their watcher, or at quit."""
         tree = functools.cache(children_map)  # read /proc once, if at all
         for watcher in [*self.watchers.values(), *self._retiring]:
-            # A starting watcher spawns once every watcher it depends on is up.
-            held = watcher.state == STARTING and not all(
-                self.watchers[n].up for n in watcher.config.depends_on if n in self.watchers)
-            for process in watcher.manage(now, tree, held):
+            for process in watcher.manage(now, tree, self._held(watcher)):
                 self._watch(watcher, process)
         self._retiring = [w for w in self._retiring if w.processes or w.state != STOPPED]
         for stages in self._stop_plans:
-            while stages and all(w.state == STOPPED and not w.processes for w in stages[0]):
-                stages.pop(0)
-                for watcher in stages[0] if stages else []:
-                    watcher.stop(now)
+            self._advance(stages, now)
         self._stop_plans = [stages for stages in self._stop_plans if stages]
-        for pid, owner in list(self._strays.items()):
-            if self._quit_stages == [] or owner is not None and (
-                    owner.state == STOPPED and not owner.processes):
-                logger.info("killing orphan pid %d", pid)
-                with contextlib.suppress(OSError):
-                    os.kill(pid, signal.SIGKILL)  # our child: no pid reuse
-                del self._strays[pid]
-                self._doomed.add(pid)
+        self.reaper.kill_orphans(self._quit_stages == [])
+
+    def _held(self, watcher: Watcher) -> bool:
+        """Whether a starting watcher must wait: one it depends on is not up."""
+        if watcher.state != STARTING:
+            return False
+        needed = [self.watchers[n] for n in watcher.config.depends_on if n in self.watchers]
+        return not all(w.up for w in needed)
+
+    @staticmethod
+    def _advance(stages: list[list[Watcher]], now: float) -> None:
+        """Drop the stages of a staged stop that have stopped, and stop the
+        next one (each begins once all before it are down)."""
+        while stages and all(w.state == STOPPED and not w.processes for w in stages[0]):
+            stages.pop(0)
+            if stages:
+                for watcher in stages[0]:
+                    watcher.stop(now)
 
     def close(self) -> None:
         """Release the sockets, selector, pipe, pidfds and the guardian;
@@ -2411,54 +2884,18 @@ class Arbiter:
             self._notify.close()
         self._selector.close()
         self._waker.close()
-        if self._guardian is not None:
-            self._guardian.communicate()  # EOF: it kills what is left, exits
+        self.reaper.close()
 
     def start_guardian(self) -> None:
-        """Start the helper that kills every child's process group should
-        this process die without stopping them, even by SIGKILL: it reads
-        ``+PID``/``-PID`` lines from a pipe only we write, which the kernel
-        closes however we die; on EOF it SIGKILLs the groups it holds."""
-        try:
-            self._guardian = subprocess.Popen([sys.executable, "-S", "-c", GUARDIAN_CODE],
-                                              stdin=subprocess.PIPE, bufsize=0, process_group=0)
-        except OSError as exc:  # an embedded Python may have no executable
-            logger.warning("no guardian (%s): children would outlive a crash", exc)
-
-    def _guard(self, sign: str, pid: int) -> None:
-        try:
-            if self._guardian is not None:
-                self._guardian.stdin.write(f"{sign}{pid}\n".encode())  # unbuffered
-        except OSError as exc:
-            logger.error("the guardian is gone (%s): children now outlive a crash", exc)
-            self._guardian.kill()
-            self._guardian.wait()
-            self._guardian = None
-
-    def _adopt_orphans(self) -> None:
-        # Subreaper mode: our unknown children are orphans that re-parented
-        # to us.  Reap the dead; note which watcher each live one belongs
-        # to, by its process group or session, when that is knowable.
-        known: dict[int, Watcher | None] = {p.pid: w for w, p in self._all_processes()}
-        if self._guardian is not None:
-            known[self._guardian.pid] = None
-        for pid in children_of() - known.keys():
-            dead = pid  # if ChildProcessError: reaped already
-            with contextlib.suppress(ChildProcessError):
-                dead = os.waitpid(pid, os.WNOHANG)[0]  # 0: still alive
-            if dead:
-                self._strays.pop(pid, None)
-                self._doomed.discard(pid)
-                logger.info("reaped orphan pid %d", pid)
-            elif pid not in self._strays and pid not in self._doomed:
-                owner = self._strays[pid] = _owner(pid, known)
-                logger.info("adopted orphan pid %d (of %s)", pid,
-                            owner.name if owner else "no known watcher")
+        """Start the guardian helper (see Reaper.start_guardian)."""
+        self.reaper.start_guardian()
 
     def bind_sockets(self, configs: list[SocketConfig] | None = None) -> None:
         """Bind every ``[socket:NAME]`` (or ``configs``) before any watcher
         starts; raise ConfigError naming the one that fails."""
-        for config in self.config.sockets if configs is None else configs:
+        if configs is None:
+            configs = self.config.sockets
+        for config in configs:
             try:
                 self.sockets[config.name] = bind_socket(config)
             except OSError as exc:
@@ -2466,87 +2903,81 @@ class Arbiter:
                                   f"socket:{config.name}") from None
 
     def _close_socket(self, name: str) -> None:
+        """Close the socket ``name`` (and remove its file, for a unix one)."""
         sock = self.sockets.pop(name)
         if sock.family == socket.AF_UNIX:
-            with contextlib.suppress(OSError):
+            with contextlib.suppress(OSError):  # gone already
                 os.unlink(sock.getsockname())  # ours: bound by bind_socket
         sock.close()
 
     def socket_infos(self) -> list[dict[str, Any]]:
         """What ``listsockets`` shows, sorted by fd."""
         backlogs = {s.name: s.backlog for s in self.config.sockets}
-        return sorted(({"fd": sock.fileno(), "name": name, "backlog": backlogs[name], **(
-            {"path": sock.getsockname()} if sock.family == socket.AF_UNIX else
-            dict(zip(("host", "port"), sock.getsockname())))}
-            for name, sock in self.sockets.items()), key=lambda info: info["fd"])
+        infos = []
+        for name, sock in self.sockets.items():
+            info = {"fd": sock.fileno(), "name": name, "backlog": backlogs[name]}
+            if sock.family == socket.AF_UNIX:
+                info["path"] = sock.getsockname()
+            else:
+                info["host"], info["port"] = sock.getsockname()[:2]
+            infos.append(info)
+        return sorted(infos, key=_by_fd)
 
     def _all_processes(self) -> list[tuple[Watcher, Process]]:
+        """Every child, with its watcher (removed watchers' included)."""
         return [(w, p) for w in [*self.watchers.values(), *self._retiring]
                 for p in w.processes.values()]
 
     def _spawn(self, config: WatcherConfig, wid: int, now: float) -> Process:
+        """Start one child of ``config`` (Watcher's ``spawn``): with the
+        sockets, capture if there is an output thread, and for ``ready``
+        its notify socket, or no stale ready file."""
         extra = None
         if config.ready == "notify":
-            # One datagram socket for every ``ready = notify`` child; the kernel
-            # stamps each message with its sender's pid (SO_PASSCRED): no forging.
-            if self._notify is None:
-                self._notify = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM
-                                             | socket.SOCK_NONBLOCK | socket.SOCK_CLOEXEC)
-                self._notify.setsockopt(socket.SOL_SOCKET, socket.SO_PASSCRED, 1)
-                self._notify.bind(f"\0minisup-{os.getpid()}-{id(self):x}")
-                self._selector.register(self._notify, selectors.EVENT_READ, "notify")
-            extra = {"NOTIFY_SOCKET": "@" + self._notify.getsockname()[1:].decode()}
-        elif (config.ready or "").startswith("file:"):  # a stale file would pass at once
-            with contextlib.suppress(FileNotFoundError):
+            extra = {"NOTIFY_SOCKET": self._notify_address()}
+        elif config.ready is not None and config.ready.startswith("file:"):
+            with contextlib.suppress(FileNotFoundError):  # a stale file would pass at once
                 os.unlink(substitute(config.ready[5:], {"wid": str(wid)}, {}))
         return spawn_process(config, wid, now, self.sockets, self.pump is not None, extra)
 
-    def wake(self) -> None:
-        """Wake the worker loop.  Any thread."""
-        self._waker.wake()
+    def _notify_address(self) -> str:
+        """The NOTIFY_SOCKET of ``ready = notify`` children: one datagram
+        socket for all, made at the first; the kernel stamps each message
+        with its sender's pid (SO_PASSCRED), so none can be forged."""
+        if self._notify is None:
+            self._notify = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM
+                                         | socket.SOCK_NONBLOCK | socket.SOCK_CLOEXEC)
+            self._notify.setsockopt(socket.SOL_SOCKET, socket.SO_PASSCRED, 1)
+            self._notify.bind(f"\0minisup-{os.getpid()}-{id(self):x}")
+            self._selector.register(self._notify, selectors.EVENT_READ, "notify")
+        return "@" + self._notify.getsockname()[1:].decode()
 
     def _watch(self, watcher: Watcher, process: Process) -> None:
-        self._guard("+", process.pid)
-        process.watched = True
+        """Start watching a new child, and reading its output."""
+        self.reaper.watch(watcher, process)
         if process.pipes and self.pump is not None:
             self.pump.attach(watcher.config, process.pid, process.pipes)
-        if process.pidfd is None:
-            self._unwatched += 1
-        else:
-            self._selector.register(process.pidfd, selectors.EVENT_READ, (watcher, process))
-
-    def _unwatch(self, process: Process) -> None:
-        if process.watched:
-            process.watched = False
-            if process.pidfd is None:
-                self._unwatched -= 1
-            else:
-                self._selector.unregister(process.pidfd)
-                process.close()
 
     def _reap(self, watcher: Watcher, process: Process, drained: bool = False) -> None:
+        """If the child is dead, have the output thread write what is left
+        in its pipes first (``drained`` once it has), then reap it and tell
+        its watcher."""
         if process.draining and not drained:
             return
-        with contextlib.suppress(ChildProcessError):  # reaped: Popen.poll will say so
-            # WNOWAIT, a peek: the zombie keeps its pid and group until Popen reaps it.
-            if os.waitid(os.P_PID, process.pid, os.WEXITED | os.WNOHANG | os.WNOWAIT) is None:
-                return
+        if not self.reaper.has_exited(process):
+            return
         if process.stopping:
             # Its group's leftovers die too; the zombie keeps the group id.
             process.send_signal(signal.SIGKILL, group=True)
         if process.pipes and self.pump is not None and not drained:
-            # Output still in its pipes is written before its death is told.
             process.draining = True
-            self._unwatch(process)
-            self.pump.drain(process.pid, lambda: self.submit(Job("_drained", lambda arbiter, _: (
-                arbiter._reap(watcher, process, True) or {}), {}, _ignore_reply)))
+            self.reaper.unwatch(process)
+            finish = functools.partial(self._reap, watcher, process, True)
+            self.pump.drain(process.pid, functools.partial(self.call_on_worker, finish))
             return
-        code = process.popen.poll()  # reaps it; -signum if it was killed
-        if code is None:
-            return  # reaped elsewhere meanwhile; the sweep will catch it
-        self._guard("-", process.pid)
-        self._unwatch(process)
-        watcher.reap(process, code, self.clock())
+        code = self.reaper.collect(process)
+        if code is not None:
+            watcher.reap(process, code, self.clock())
 
     def check_process_count(self, name: str, count: int) -> None:
         """Raise MessageError if ``count`` processes for the watcher ``name``
@@ -2578,17 +3009,25 @@ class Arbiter:
         """Register a new, stopped watcher; error if the name is taken."""
         if config.name in self.watchers:
             raise MinisupError(f"{config.name!r} already exist", COMMAND_ERROR)
-        watcher = self.watchers[config.name] = Watcher(  # on_event: looked up at each event
-            config, self._spawn, lambda *event: self.on_event(*event))
+        watcher = Watcher(config, self._spawn, self._emit)
+        self.watchers[config.name] = watcher
         logger.info("%s: added", watcher.name)
         watcher.emit("add")
         return watcher
+
+    def _emit(self, topic: str, payload: dict[str, Any]) -> None:
+        """Publish a watcher's event where ``on_event`` says, if set yet."""
+        if self.on_event is not None:
+            self.on_event(topic, payload)
 
     def remove_watcher(self, watcher: Watcher, stop: bool = True) -> None:
         """Unlist ``watcher``; its children are stopped (or, with
         ``stop=False``, left to exit) and still reaped."""
         del self.watchers[watcher.name]
-        watcher.stop(self.clock()) if stop else watcher.abandon()
+        if stop:
+            watcher.stop(self.clock())
+        else:
+            watcher.abandon()
         self._retiring.append(watcher)
         logger.info("%s: removed", watcher.name)
         watcher.emit("remove")
@@ -2596,147 +3035,119 @@ class Arbiter:
     def start_watchers(self, watchers: list[Watcher]) -> None:
         """Start ``watchers`` and those they depend on, higher priority first,
         each group ``warmup_delay`` after the one before (not a sleep)."""
-        now, wanted = self.clock(), list(watchers)
+        now = self.clock()
+        wanted = list(watchers)
         for watcher in wanted:  # and what they depend on (``wanted`` grows)
             wanted += [self.watchers[name] for name in watcher.config.depends_on
                        if name in self.watchers and self.watchers[name] not in wanted]
-        for stage in (stage for stages in self._stop_plans for stage in stages):
-            stage[:] = [w for w in stage if w not in wanted]  # a start overrides a stop
-        for index, watcher in enumerate(sorted(wanted, key=lambda w: -w.config.priority)):
+        for stages in self._stop_plans:
+            for stage in stages:
+                stage[:] = [w for w in stage if w not in wanted]  # a start overrides a stop
+        for index, watcher in enumerate(sorted(wanted, key=_priority_first)):
             watcher.start(not_before=now + index * self.config.warmup_delay)
 
     def apply_config(self, new: Config) -> list[Watcher]:
         """Move to a re-read configuration (``reloadconfig``): add new
         watchers, remove deleted ones, resize on a numprocesses-only change
-        and reload on any other (runtime additions are kept); return those touched."""
+        and reload on any other (runtime additions are kept); return those
+        touched."""
         old = {w.name: w for w in self.config.watchers}
         fresh = {w.name: w for w in new.watchers}
-        # Sockets first: close those gone or changed, bind those new or changed.
-        sockets = {s.name: s for s in self.config.sockets}
-        moved_sockets = {s.name for s in new.sockets if sockets.get(s.name, s) != s}
-        for name in [s.name for s in sockets.values() if s not in new.sockets]:
-            self._close_socket(name)
-        self.config.sockets = new.sockets
-        self.bind_sockets([s for s in new.sockets if sockets.get(s.name) != s])
+        moved_sockets = self._apply_sockets(new.sockets)
         touched = [self.watchers[n] for n in old.keys() - fresh.keys() if n in self.watchers]
         for watcher in touched:
             self.remove_watcher(watcher)
         for name, config in fresh.items():
             watcher = self.watchers.get(name)
             if watcher is None:
-                touched.append(self.add_watcher(config))
-                if config.autostart:
-                    self.start_watchers(touched[-1:])
-            elif old.get(name) != config or (moved_sockets if config.use_sockets
-                                             else moved_sockets & _socket_users(config)):
+                watcher = self.add_watcher(config)
                 touched.append(watcher)
-                # Only numprocesses changed: a resize, keeping what ``set`` changed.
-                resize = old.get(name) not in (None, config) and dataclasses.replace(
-                    old[name], numprocesses=config.numprocesses) == config
-                watcher.update(watcher.config if resize else config, self.clock(),
-                               not resize, config.numprocesses)
-        self.config.check_delay, self.config.warmup_delay = new.check_delay, new.warmup_delay
+                if config.autostart:
+                    self.start_watchers([watcher])
+            elif old.get(name) != config or _uses_any(config, moved_sockets):
+                touched.append(watcher)
+                self._apply_watcher(watcher, old.get(name), config)
+        self._apply_globals(new)
+        self.config.watchers = new.watchers
+        self.config.source = new.source
+        return touched
+
+    def _apply_sockets(self, sockets: list[SocketConfig]) -> set[str]:
+        """Close the sockets gone or changed and bind those new or changed;
+        return the names of those that changed."""
+        current = {s.name: s for s in self.config.sockets}
+        moved = {s.name for s in sockets if current.get(s.name, s) != s}
+        for name in [s.name for s in current.values() if s not in sockets]:
+            self._close_socket(name)
+        self.config.sockets = sockets
+        self.bind_sockets([s for s in sockets if current.get(s.name) != s])
+        return moved
+
+    def _apply_watcher(self, watcher: Watcher, old: WatcherConfig | None,
+                       config: WatcherConfig) -> None:
+        """Take a watcher's changed section: a resize if only numprocesses
+        changed (keeping what ``set`` changed), else a reload."""
+        resize = old is not None and old != config and dataclasses.replace(
+            old, numprocesses=config.numprocesses) == config
+        if resize:
+            watcher.update(watcher.config, self.clock(), False, config.numprocesses)
+        else:
+            watcher.update(config, self.clock(), True, config.numprocesses)
+
+    def _apply_globals(self, new: Config) -> None:
+        """Take a re-read ``[circus]``: check_delay and warmup_delay now,
+        the rest (logged) when the daemon restarts."""
+        self.config.check_delay = new.check_delay
+        self.config.warmup_delay = new.warmup_delay
         for key in sorted(GLOBAL_OPTIONS.keys() - {"check_delay", "warmup_delay", "endpoint"}):
             if getattr(new, key) != getattr(self.config, key):
                 logger.warning("reloadconfig: [circus] %s changed; it takes "
                                "effect when the daemon restarts", key)
-        self.config.watchers, self.config.source = new.watchers, new.source
-        return touched
 
     def begin_quit(self) -> None:
         """Stop every watcher (in ``stop_stages`` order), then end the loop."""
         if self._quit_stages is None:
             logger.info("quitting: stopping every watcher")
-            sd_notify(self.systemd, "STOPPING=1")
+            self.systemd.stopping()
             self.stop_watchers([*self.watchers.values(), *self._retiring])
             self._quit_stages = self._stop_plans[-1]  # emptied as it advances
 
     def stop_watchers(self, watchers: list[Watcher]) -> None:
         """Stop ``watchers`` in ``stop_stages`` order, over the next ticks."""
         stages = stop_stages(watchers)
-        for watcher in stages[0] if stages else []:
-            watcher.stop(self.clock())
+        if stages:
+            for watcher in stages[0]:
+                watcher.stop(self.clock())
         self._stop_plans.append(stages)
 
-    def kill_everything(self, wait: bool = False) -> dict[str, Any]:
-        """SIGKILL every child now: a second Ctrl-C, or a failed loop."""
+    def kill_everything(self, wait: bool = False) -> None:
+        """SIGKILL every child now (a second Ctrl-C, or a failed loop); with
+        ``wait``, reap them all before returning."""
         logger.warning("SIGKILL to every child")
         self.begin_quit()
         for watcher in [*self.watchers.values(), *self._retiring]:
-            watcher.abandon(kill=True)
-        for watcher, process in self._all_processes() if wait else []:
+            watcher.kill_now()
+        if not wait:
+            return
+        for watcher, process in self._all_processes():
             process.popen.wait()  # SIGKILLed: returns at once
-            self._guard("-", process.pid)
+            self.reaper.tell_guardian("-", process.pid)
             self._reap(watcher, process)
-        return {}
 
 
-def stop_stages(watchers: list[Watcher]) -> list[list[Watcher]]:
-    """Groups of ``watchers`` to stop one after the other: each watcher
-    after those that depend on it, and lower priority first."""
-    @functools.cache
-    def depth(w: Watcher) -> int:  # its longest chain of dependents (checked: no cycle)
-        return max((depth(d) + 1 for d in watchers if w.name in d.config.depends_on), default=0)
-    keys = sorted({(depth(w), w.config.priority) for w in watchers})
-    return [[w for w in watchers if (depth(w), w.config.priority) == key] for key in keys]
+def _credentials_pid(ancillary: list[tuple[int, int, bytes]]) -> int:
+    """The sender's pid in a datagram's SCM_CREDENTIALS (0 if none)."""
+    for _, message_type, data in ancillary:
+        if message_type == socket.SCM_CREDENTIALS:
+            return int.from_bytes(data[:4], sys.byteorder)
+    return 0
 
 
-#: The guardian helper (see Arbiter.start_guardian), run as python -S -c.
-GUARDIAN_CODE = """import os, signal, sys
-groups = set()
-for line in sys.stdin.buffer:
-    (groups.add if line[:1] == b"+" else groups.discard)(int(line[1:]))
-for group in groups:
-    try: os.killpg(group, signal.SIGKILL)
-    except OSError: pass"""
-
-
-def sd_notify(address: str | None, *lines: str) -> None:
-    """Send systemd's notify datagram to ``address`` (a path, or ``@name``
-    in the abstract namespace), if any; log, never raise, never block."""
-    if not address or not lines:
-        return
-    target = "\0" + address[1:] if address.startswith("@") else address
-    try:
-        with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM | socket.SOCK_NONBLOCK
-                           | socket.SOCK_CLOEXEC) as sock:
-            sock.sendto("\n".join(lines).encode(), target)
-    except OSError as exc:
-        logger.warning("cannot notify systemd at %s: %s", address, exc)
-
-
-def _owner(pid: int, known: dict[int, Any]) -> Any:
-    try:
-        fields = read_stat(pid)
-    except (OSError, ValueError):
-        return None
-    return known.get(int(fields[2])) or known.get(int(fields[3]))  # pgrp, session
-
-
-def _socket_users(config: WatcherConfig) -> set[str]:
-    """Names of the sockets a watcher's command refers to."""
-    return {n.lower() for text in [config.cmd, *config.args]
-            for n in SOCKET_REFERENCE.findall(text)}
-
-
-def _outcome(command: str, call: Callable[..., Any], *args: Any) -> Any:
-    """``call(*args)``, or the MinisupError that replies for its failure."""
-    try:
-        return call(*args)
-    except MinisupError as exc:
-        return exc
-    except OSError as exc:
-        return MinisupError(str(exc), OS_ERROR)
-    except Exception as exc:  # noqa: BLE001 - logged with its traceback
-        return server_error(command, exc)
-
-
-def server_error(command: str, exc: Exception) -> MinisupError:
-    """Log an unexpected failure and turn it into an errno 5 reply."""
-    logger.error("command %r failed", command, exc_info=exc)
-    error = MinisupError(f"command {command!r} failed: {exc!r}", COMMAND_ERROR)
-    error.tb = "".join(traceback.format_exception(exc))
-    return error
+def _uses_any(config: WatcherConfig, sockets: set[str]) -> bool:
+    """Whether a watcher's children inherit one of ``sockets``."""
+    if config.use_sockets:
+        return bool(sockets)
+    return bool(sockets & socket_users(config))
 
 
 # ============================================================ Commands ======
@@ -2764,6 +3175,7 @@ def _pid_property(value: int | str) -> int | None:
 def _bounded(maximum: float) -> Callable[[Any], Any]:
     """A property conversion: the number if from 0 to ``maximum``, else None."""
     def convert(value: Any) -> Any:
+        """``value`` if within the bounds, else None."""
         if 0 <= value <= maximum:
             return value
         return None
@@ -2808,8 +3220,11 @@ def _targets(arbiter: Arbiter, properties: dict[str, Any],
         return [arbiter.get_watcher(name)]
     if match not in ("glob", "regex"):
         raise MessageError(f"unknown match method {match!r}")
+    expression = name
+    if match == "glob":
+        expression = fnmatch.translate(name.lower())
     try:
-        pattern = re.compile(fnmatch.translate(name.lower()) if match == "glob" else name)
+        pattern = re.compile(expression)
     except re.error as exc:
         raise MessageError(f"'name' is not a valid regex: {exc}") from None
     found = [w for n, w in sorted(arbiter.watchers.items()) if pattern.match(n)]
@@ -2818,10 +3233,27 @@ def _targets(arbiter: Arbiter, properties: dict[str, Any],
     return found
 
 
+def _no_fields() -> dict[str, Any]:
+    """The reply of a waiting command that has nothing to add."""
+    return {}
+
+
 def _when_waiting(properties: dict[str, Any], done: Callable[[], bool],
-                  result: Callable[[], dict[str, Any]] = dict) -> dict[str, Any] | Pending:
+                  result: Callable[[], dict[str, Any]] = _no_fields) -> dict[str, Any] | Pending:
     """An empty reply now, or with ``waiting`` a Pending on ``done``."""
-    return Pending(done, result) if properties.get("waiting") else {}
+    if properties.get("waiting"):
+        return Pending(done, result)
+    return {}
+
+
+def _all_settled(watchers: list[Watcher]) -> bool:
+    """Whether no start, stop, restart or reload of ``watchers`` is going on."""
+    return all(w.settled for w in watchers)
+
+
+def _all_stopped(watchers: list[Watcher]) -> bool:
+    """Whether every one of ``watchers`` has stopped."""
+    return all(w.state == STOPPED for w in watchers)
 
 
 def _when_started(properties: dict[str, Any], watchers: list[Watcher],
@@ -2837,12 +3269,15 @@ def _when_started(properties: dict[str, Any], watchers: list[Watcher],
     failures = {w.name: w.spawn_failures for w in watchers}
 
     def failed_to_spawn() -> list[Watcher]:
+        """The watchers that failed a spawn since the command."""
         return [w for w in watchers if w.spawn_failures > failures[w.name]]
 
     def done() -> bool:
-        return all(w.settled for w in watchers) or bool(failed_to_spawn())
+        """Whether to reply: all settled, or a spawn failed."""
+        return _all_settled(watchers) or bool(failed_to_spawn())
 
     def result() -> dict[str, Any]:
+        """The pids moved; errno 6 if a watcher gave up or failed a spawn."""
         info = _process_info(watchers, before, with_stopped)  # errno 6 if one gave up
         failed = failed_to_spawn()
         if failed:
@@ -2864,68 +3299,89 @@ def _process_info(watchers: list[Watcher], before: dict[str, list[int]],
                            BAD_MSG_DATA_ERROR)
     old = {p for w in watchers for p in before[w.name]}
     now = {p for w in watchers for p in w.pids()}
-    stopped = {"stopped": sorted(old - now)} if with_stopped else {}
-    return {**stopped, "started": sorted(now - old), "kept": sorted(old & now)}
+    info = {"started": sorted(now - old), "kept": sorted(old & now)}
+    if with_stopped:
+        return {"stopped": sorted(old - now), **info}
+    return info
 
 
 def handle_list(arbiter: Arbiter, properties: dict[str, Any]) -> dict[str, Any]:
+    """``list``: every watcher's name, sorted; with ``name``, its pids."""
     if properties.get("name") is not None:
         return {"pids": arbiter.get_watcher(properties["name"]).pids()}
     return {"watchers": sorted(arbiter.watchers)}
 
 
 def handle_status(arbiter: Arbiter, properties: dict[str, Any]) -> dict[str, Any]:
-    now, name = arbiter.clock(), properties.get("name")
-    watchers = [arbiter.get_watcher(name)] if name is not None else [
-        w for _, w in sorted(arbiter.watchers.items())]
-    if name is not None:
-        reply = {"status": watchers[0].status(now)}
-        reply.update({"reason": watchers[0].last_error} if watchers[0].last_error else {})
-    else:
+    """``status``: every watcher's state (``statuses``), or with ``name``
+    that one's (and why it gave up); minisup's ``extended`` adds each
+    process (``watchers``), for ``ctl status``."""
+    now = arbiter.clock()
+    name = properties.get("name")
+    if name is None:
+        watchers = [w for _, w in sorted(arbiter.watchers.items())]
         reply = {"statuses": {w.name: w.status(now) for w in watchers}}
-    if properties.get("extended"):  # minisup's own: what ``ctl status`` shows
+    else:
+        watchers = [arbiter.get_watcher(name)]
+        reply = {"status": watchers[0].status(now)}
+        if watchers[0].last_error:
+            reply["reason"] = watchers[0].last_error
+    if properties.get("extended"):
         reply["watchers"] = {w.name: watcher_info(w, now) for w in watchers}
     return reply
 
 
+def _process_state(process: Process) -> str:
+    """A process's state in ``status extended``: stopping, ready or starting."""
+    if process.stopping:
+        return "stopping"
+    if process.ready:
+        return "ready"
+    return "starting"
+
+
 def watcher_info(watcher: Watcher, now: float) -> dict[str, Any]:
     """A watcher's state and each of its processes', for ``status extended``."""
+    processes = [{"pid": p.pid, "wid": p.wid, "uptime": round(now - p.started, 3),
+                  "state": _process_state(p)} for p in watcher.processes.values()]
     return {"status": watcher.status(now), "autostart": watcher.config.autostart,
             "numprocesses": watcher.numprocesses, "restarts": watcher.restarts,
-            "last_exit": watcher.last_exit, "reason": watcher.last_error, "processes": [{
-                "pid": p.pid, "wid": p.wid, "uptime": round(now - p.started, 3),
-                "state": "stopping" if p.stopping else "ready" if p.ready else "starting"}
-                for p in watcher.processes.values()]}
+            "last_exit": watcher.last_exit, "reason": watcher.last_error,
+            "processes": processes}
 
 
 def handle_health(arbiter: Arbiter, properties: dict[str, Any]) -> dict[str, Any]:
-    """minisup's own: ok while every autostart (or started) watcher is active
-    with every process ready; else an error naming the first that is not."""
+    """minisup's ``health``: ok while every autostart (or started) watcher
+    is active with every process ready and none in a crash loop; else an
+    errno 6 naming the first that is not."""
+    now = arbiter.clock()
     for name, watcher in sorted(arbiter.watchers.items()):
-        running = watcher.running()
-        unready = sum(not p.ready for p in running)
         if not watcher.config.autostart and watcher.state == STOPPED:
             continue  # never started, and not meant to be
-        looping = watcher.crash_looping(arbiter.clock())
+        running = watcher.running()
+        unready = sum(not p.ready for p in running)
+        looping = watcher.crash_looping(now)
         if looping and watcher.state in (STARTING, ACTIVE):
             raise MinisupError(f"{name} is restarting: {looping}", BAD_MSG_DATA_ERROR)
         if watcher.state in (STARTING, ACTIVE) and (unready or len(running) < watcher.target):
             raise MinisupError(f"{name}: {len(running) - unready} of {watcher.target} "
                                "processes ready", BAD_MSG_DATA_ERROR)
         if watcher.state != ACTIVE:
-            why = f" ({watcher.last_error})" if watcher.last_error else ""
-            raise MinisupError(f"{name} is {watcher.status(arbiter.clock())}{why}",
-                               BAD_MSG_DATA_ERROR)
+            why = ""
+            if watcher.last_error:
+                why = f" ({watcher.last_error})"
+            raise MinisupError(f"{name} is {watcher.status(now)}{why}", BAD_MSG_DATA_ERROR)
     return {"healthy": True}
 
 
 def handle_start(arbiter: Arbiter, properties: dict[str, Any], action: str = "start"
                  ) -> dict[str, Any] | Pending:
-    """Start (all: the autostart ones), restart or reload (``action``) the
-    named watchers; with ``waiting``, reply once they have settled, with the
-    pids moved (when starting, none stopped)."""
+    """``start`` (all: the autostart ones), ``restart`` or ``reload``
+    (``action``) the named watchers; with ``waiting``, reply once they
+    have settled, with the pids moved (when starting, none stopped)."""
     watchers = _targets(arbiter, properties, autostart_only=action == "start")
-    before, now = {w.name: w.pids() for w in watchers}, arbiter.clock()
+    before = {w.name: w.pids() for w in watchers}
+    now = arbiter.clock()
     if action == "start":
         arbiter.start_watchers(watchers)
     elif action == "reload" and properties.get("graceful") is not False:
@@ -2937,14 +3393,24 @@ def handle_start(arbiter: Arbiter, properties: dict[str, Any], action: str = "st
     return _when_started(properties, watchers, before, action != "start", as_info=True)
 
 
+def _no_info() -> dict[str, Any]:
+    """``stop``'s waiting reply, as Circus's: ``info`` null."""
+    return {"info": None}
+
+
 def handle_stop(arbiter: Arbiter, properties: dict[str, Any]) -> dict[str, Any] | Pending:
+    """``stop`` the named watchers (all by default), dependents first;
+    with ``waiting``, reply once all have stopped."""
     watchers = _targets(arbiter, properties)
     arbiter.stop_watchers(watchers)
-    return _when_waiting(properties, lambda: all(w.state == STOPPED for w in watchers),
-                         lambda: {"info": None})
+    return _when_waiting(properties, functools.partial(_all_stopped, watchers), _no_info)
 
 
-def _resize(arbiter: Arbiter, properties: dict[str, Any], sign: int) -> dict[str, Any] | Pending:
+def handle_resize(arbiter: Arbiter, properties: dict[str, Any], sign: int
+                  ) -> dict[str, Any] | Pending:
+    """``incr`` (``sign`` +1) or ``decr`` (-1) a watcher by ``nb`` (1);
+    reply with the new numprocesses (with ``waiting``, once settled).  A
+    singleton says so and stays at one; past ``max_processes``: errno 3."""
     watcher = arbiter.get_watcher(properties["name"])
     if watcher.config.singleton:
         return {"numprocesses": watcher.numprocesses, "singleton": True}
@@ -2952,17 +3418,29 @@ def _resize(arbiter: Arbiter, properties: dict[str, Any], sign: int) -> dict[str
     arbiter.check_process_count(watcher.name, count)
     watcher.set_numprocesses(count)
     reply = {"numprocesses": watcher.numprocesses}
-    return Pending(lambda: watcher.settled, lambda: reply) if properties.get("waiting") else reply
+    if properties.get("waiting"):
+        return Pending(functools.partial(_all_settled, [watcher]), functools.partial(dict, reply))
+    return reply
 
 
 def handle_numprocesses(arbiter: Arbiter, properties: dict[str, Any]) -> dict[str, Any]:
+    """``numprocesses``: how many are wanted in all; with ``name``, as
+    Circus, that watcher's live processes and the name as asked."""
     name = properties.get("name")
-    if name is not None:  # as Circus: live processes, and the name as asked
+    if name is not None:
         return {"numprocesses": len(arbiter.get_watcher(name).processes), "watcher_name": name}
     return {"numprocesses": sum(w.numprocesses for w in arbiter.watchers.values())}
 
 
+def handle_numwatchers(arbiter: Arbiter, properties: dict[str, Any]) -> dict[str, Any]:
+    """``numwatchers``: how many watchers there are."""
+    return {"numwatchers": len(arbiter.watchers)}
+
+
 def handle_add(arbiter: Arbiter, properties: dict[str, Any]) -> dict[str, Any] | Pending:
+    """``add`` a watcher from ``cmd``, ``args`` and ``options`` (checked as
+    the INI file is); with ``start`` start it too, and with ``waiting``
+    reply with its pids once it has settled (errno 6 at a spawn failure)."""
     if not properties["name"].strip():
         raise MessageError("'name' must not be empty")
     config = watcher_config_from_json(properties["name"], properties["cmd"],
@@ -2979,19 +3457,46 @@ def handle_add(arbiter: Arbiter, properties: dict[str, Any]) -> dict[str, Any] |
     return _when_started(properties, [watcher], {watcher.name: []}, False, as_info=False)
 
 
+def _childless(watcher: Watcher) -> bool:
+    """Whether every child of ``watcher`` has been reaped."""
+    return not watcher.processes
+
+
+def _always() -> bool:
+    """A Pending that is done at once."""
+    return True
+
+
 def handle_rm(arbiter: Arbiter, properties: dict[str, Any]) -> dict[str, Any] | Pending:
+    """``rm`` a watcher, stopping its processes (``nostop``: leaving them to
+    exit); with ``waiting``, reply once they are gone."""
     watcher = arbiter.get_watcher(properties["name"])
     stop = not properties.get("nostop")
     arbiter.remove_watcher(watcher, stop=stop)
-    return _when_waiting(properties, lambda: not stop or not watcher.processes)
+    if stop:
+        return _when_waiting(properties, functools.partial(_childless, watcher))
+    return _when_waiting(properties, _always)
+
+
+def _quit_finished(arbiter: Arbiter) -> bool:
+    """Whether the quit has stopped every child."""
+    return arbiter.quit_finished
 
 
 def handle_quit(arbiter: Arbiter, properties: dict[str, Any]) -> dict[str, Any] | Pending:
+    """``quit``: stop every watcher, then the daemon; with ``waiting``,
+    reply once every child is gone."""
     arbiter.begin_quit()
-    return _when_waiting(properties, lambda: arbiter.quit_finished)
+    return _when_waiting(properties, functools.partial(_quit_finished, arbiter))
+
+
+def handle_options(arbiter: Arbiter, properties: dict[str, Any]) -> dict[str, Any]:
+    """``options``: every option of a watcher (secrets redacted)."""
+    return {"options": arbiter.get_watcher(properties["name"]).options()}
 
 
 def handle_get(arbiter: Arbiter, properties: dict[str, Any]) -> dict[str, Any]:
+    """``get``: the options named in ``keys``; an unknown one is errno 3."""
     options = arbiter.get_watcher(properties["name"]).options()
     for key in properties["keys"]:
         if not isinstance(key, str) or key not in options:
@@ -3000,6 +3505,9 @@ def handle_get(arbiter: Arbiter, properties: dict[str, Any]) -> dict[str, Any]:
 
 
 def handle_set(arbiter: Arbiter, properties: dict[str, Any]) -> dict[str, Any] | Pending:
+    """``set`` a watcher's options, checked as the INI file's are; a change
+    that needs new processes reloads them gracefully; with ``waiting``,
+    reply once the watcher has settled."""
     watcher = arbiter.get_watcher(properties["name"])
     try:
         values = gather_prefixed({key: check_json_option(watcher.name, key, value) for key, value
@@ -3009,24 +3517,29 @@ def handle_set(arbiter: Arbiter, properties: dict[str, Any]) -> dict[str, Any] |
     count = values.pop("numprocesses", None)
     config = dataclasses.replace(watcher.config, **values)
     check_watcher_values(config)
-    if config.singleton and (count or 0) > 1:
+    if config.singleton and count is not None and count > 1:
         raise MessageError("'numprocesses' must be 1 for a singleton watcher")
     if count is not None:
         arbiter.check_process_count(watcher.name, count)
     reload = any(getattr(watcher.config, key) != value for key, value in values.items()
                  if key in RELOAD_OPTIONS)
     watcher.update(config, arbiter.clock(), reload, count)
-    return _when_waiting(properties, lambda: watcher.settled)
+    return _when_waiting(properties, functools.partial(_all_settled, [watcher]))
 
 
 def _signum(properties: dict[str, Any]) -> int | None:
+    """The ``signum`` property as a number (None if absent); errno 3 if
+    it names no signal."""
+    if "signum" not in properties:
+        return None
     try:
-        return None if "signum" not in properties else parse_signal(properties["signum"])
+        return parse_signal(properties["signum"])
     except ValueError:
         raise MessageError(f"'signum' is not a signal: {properties['signum']!r}") from None
 
 
 def _watcher_process(watcher: Watcher, pid: int) -> Process:
+    """The child ``pid`` of ``watcher``; errno 3 if it has none."""
     try:
         return watcher.processes[pid]
     except KeyError:
@@ -3034,16 +3547,23 @@ def _watcher_process(watcher: Watcher, pid: int) -> Process:
 
 
 def handle_signal(arbiter: Arbiter, properties: dict[str, Any]) -> dict[str, Any]:
-    """Signal a watcher's processes (or one ``pid``), as Circus's signal:
+    """``signal`` a watcher's processes (or one ``pid``), as Circus's:
     with ``children`` their children instead, with ``recursive`` them and
     every descendant, with ``childpid`` that one child of ``pid``."""
     watcher = arbiter.get_watcher(properties["name"])
-    signum, pid, childpid = _signum(properties), properties.get("pid"), properties.get("childpid")
+    signum = _signum(properties)
+    pid = properties.get("pid")
+    childpid = properties.get("childpid")
     if childpid is not None and pid is None:
         raise MessageError("'childpid' needs 'pid'")
-    targets = [_watcher_process(watcher, pid)] if pid is not None else watcher.running()
-    recursive, children = bool(properties.get("recursive")), bool(properties.get("children"))
-    tree = children_map() if recursive or children or childpid is not None else {}
+    targets = watcher.running()
+    if pid is not None:
+        targets = [_watcher_process(watcher, pid)]
+    recursive = bool(properties.get("recursive"))
+    children = bool(properties.get("children"))
+    tree: dict[int, list[int]] = {}
+    if recursive or children or childpid is not None:  # read /proc only then
+        tree = children_map()
     for process in targets:
         below = descendants(process.pid, tree, recursive)
         if childpid is not None:
@@ -3052,52 +3572,83 @@ def handle_signal(arbiter: Arbiter, properties: dict[str, Any]) -> dict[str, Any
             below = [childpid]
         elif not children:
             process.send_signal(signum)
-            below = below if recursive else []
+            if not recursive:
+                below = []
         kill_pids(below, signum)
     return {}
 
 
+def _none_left(watcher: Watcher, pids: list[int]) -> bool:
+    """Whether none of ``pids`` is a child of ``watcher`` any more."""
+    return watcher.processes.keys().isdisjoint(pids)
+
+
 def handle_kill(arbiter: Arbiter, properties: dict[str, Any]) -> dict[str, Any] | Pending:
-    watcher, pid = arbiter.get_watcher(properties["name"]), properties.get("pid")
-    pids = None if pid is None else [_watcher_process(watcher, pid).pid]  # or not found
-    victims = watcher.kill(arbiter.clock(), pids, _signum(properties),
-                           properties.get("graceful_timeout"))
-    return _when_waiting(properties, lambda: watcher.processes.keys().isdisjoint(victims))
+    """``kill``: stop a watcher's processes (or one ``pid``) gracefully with
+    another ``signum`` or ``graceful_timeout``; with ``waiting``, reply once
+    they have exited.  Those still wanted are replaced."""
+    watcher = arbiter.get_watcher(properties["name"])
+    pids = None
+    if properties.get("pid") is not None:
+        pids = [_watcher_process(watcher, properties["pid"]).pid]  # or not found
+    victims = watcher.stop_processes(arbiter.clock(), pids, _signum(properties),
+                                     properties.get("graceful_timeout"))
+    return _when_waiting(properties, functools.partial(_none_left, watcher, victims))
+
+
+def _stats_of(process: Process) -> dict[str, Any] | str:
+    """Circus's stats of one child and its children, with when it started
+    and its wid (or why there are none)."""
+    stats = process_stats(process.pid, children=True)
+    if isinstance(stats, dict):
+        stats.update(started=process.started_at, wid=process.wid)
+    return stats
 
 
 def handle_stats(arbiter: Arbiter, properties: dict[str, Any]) -> dict[str, Any]:
-    def info(process: Process) -> dict[str, Any] | str:
-        stats = process_stats(process.pid, children=True)
-        if isinstance(stats, dict):
-            stats.update(started=process.started_at, wid=process.wid)
-        return stats
-
+    """``stats``: cpu, memory and age of every watcher's processes, or of
+    ``name``'s, or of its ``process``, read from /proc."""
     name = properties.get("name")
     if name is None:
-        return {"infos": {n: {p.pid: info(p) for p in w.processes.values()}
+        return {"infos": {n: {p.pid: _stats_of(p) for p in w.processes.values()}
                           for n, w in sorted(arbiter.watchers.items())}}
     watcher = arbiter.get_watcher(name)
     if properties.get("process") is not None:
         process = _watcher_process(watcher, properties["process"])
-        return {"process": process.pid, "info": info(process)}
-    return {"name": name, "info": {p.pid: info(p) for p in watcher.processes.values()}}
+        return {"process": process.pid, "info": _stats_of(process)}
+    return {"name": name, "info": {p.pid: _stats_of(p) for p in watcher.processes.values()}}
+
+
+def handle_dstats(arbiter: Arbiter, properties: dict[str, Any]) -> dict[str, Any]:
+    """``dstats``: the same for the daemon itself."""
+    return {"info": process_stats(os.getpid())}
+
+
+def handle_listsockets(arbiter: Arbiter, properties: dict[str, Any]) -> dict[str, Any]:
+    """``listsockets``: the ``[socket:NAME]`` sockets bound, by fd."""
+    return {"sockets": arbiter.socket_infos()}
 
 
 def handle_globaloptions(arbiter: Arbiter, properties: dict[str, Any]) -> dict[str, Any]:
+    """``globaloptions``: the daemon's options (endpoints as bound, the
+    process limit in force), or the one named ``option``."""
     config = arbiter.config
     options = {"endpoint": config.endpoint, "pubsub_endpoint": config.pubsub_endpoint,
                "check_delay": config.check_delay, "stats_endpoint": None,
                "max_processes": arbiter.process_limit[0],
                "multicast_endpoint": config.multicast_endpoint, **arbiter.bound_endpoints}
     wanted = properties.get("option")
-    if wanted is not None and wanted not in options:
+    if wanted is None:
+        return {"options": options}
+    if wanted not in options:
         raise MessageError(f"{wanted!r} not an existing option")
-    return {"options": options if wanted is None else {wanted: options[wanted]}}
+    return {"options": {wanted: options[wanted]}}
 
 
 def handle_reloadconfig(arbiter: Arbiter, properties: dict[str, Any]) -> dict[str, Any] | Pending:
-    """Re-read the INI file the daemon started from and apply what changed;
-    reply with the file's warnings (unknown options), which are logged too."""
+    """``reloadconfig``: re-read the INI file the daemon started from and
+    apply what changed; reply with the file's warnings (unknown options),
+    which are logged too; with ``waiting``, once what changed has settled."""
     source = arbiter.config.source
     if not source or source.startswith("<"):
         raise MinisupError("no INI file to reload: the daemon was not started from one")
@@ -3109,21 +3660,42 @@ def handle_reloadconfig(arbiter: Arbiter, properties: dict[str, Any]) -> dict[st
     arbiter.warn_if_over_limit()
     logger.info("reloaded %s", source)
     reply = {"warnings": config.warnings}
+    return_now = functools.partial(dict, reply)
     if properties.get("waiting"):
-        return Pending(lambda: all(w.settled for w in touched), lambda: reply)
+        return Pending(functools.partial(_all_settled, touched), return_now)
     return reply
 
 
 def handle_tail(arbiter: Arbiter, properties: dict[str, Any]) -> dict[str, Any] | Pending:
-    """minisup's own: the last ``lines`` lines a watcher's processes wrote
-    to a captured stream (``stream``: stdout or stderr; default both)."""
+    """minisup's ``tail``: the last ``lines`` (10) lines a watcher's
+    processes wrote to a captured stream (``stream``: stdout or stderr;
+    default both).  The output thread holds them: it is asked, and its
+    answer comes back to the worker thread as a call."""
     name = arbiter.get_watcher(properties["name"]).name
     if arbiter.pump is None:
         return {"lines": []}
-    answer: list[list[str]] = []  # filled on the output thread, which then wakes us
-    arbiter.pump.tail(name, properties.get("lines", 10), properties.get("stream"),
-                      lambda lines: answer.append(lines) or arbiter.wake())
-    return Pending(lambda: bool(answer), lambda: {"lines": answer[0]})
+    found: list[list[str]] = []  # appended on the worker thread only
+
+    def deliver(lines: list[str]) -> None:
+        """On the output thread: hand the lines to the worker thread."""
+        arbiter.call_on_worker(functools.partial(found.append, lines))
+
+    def done() -> bool:
+        """Whether the lines have arrived."""
+        return bool(found)
+
+    def result() -> dict[str, Any]:
+        """The reply, once they have."""
+        return {"lines": found[0]}
+    arbiter.pump.tail(name, properties.get("lines", 10), properties.get("stream"), deliver)
+    return Pending(done, result)
+
+
+def handle_reopen(arbiter: Arbiter, properties: dict[str, Any]) -> dict[str, Any]:
+    """minisup's ``reopen``: reopen every log file, as SIGUSR1 does."""
+    if arbiter.pump is not None:
+        arbiter.pump.reopen()
+    return {}
 
 
 #: The wire commands: name -> (handler, required, optional properties).
@@ -3137,16 +3709,15 @@ COMMANDS: dict[str, Command] = {
                        ("name", "match", "waiting")),
     "reload": Command(functools.partial(handle_start, action="reload"), (),
                       ("name", "match", "graceful", "sequential", "waiting")),
-    "incr": Command(functools.partial(_resize, sign=+1), ("name",), ("nb", "waiting")),
-    "decr": Command(functools.partial(_resize, sign=-1), ("name",), ("nb", "waiting")),
+    "incr": Command(functools.partial(handle_resize, sign=+1), ("name",), ("nb", "waiting")),
+    "decr": Command(functools.partial(handle_resize, sign=-1), ("name",), ("nb", "waiting")),
     "numprocesses": Command(handle_numprocesses, (), ("name",)),
-    "numwatchers": Command(lambda arbiter, _: {"numwatchers": len(arbiter.watchers)}),
+    "numwatchers": Command(handle_numwatchers),
     "add": Command(handle_add, ("name", "cmd"), ("args", "options", "start", "waiting")),
     "rm": Command(handle_rm, ("name",), ("nostop", "waiting")),
     "quit": Command(handle_quit, (), ("waiting",)),
     "reloadconfig": Command(handle_reloadconfig, (), ("waiting",)),
-    "options": Command(lambda arbiter, properties: {
-        "options": arbiter.get_watcher(properties["name"]).options()}, ("name",)),
+    "options": Command(handle_options, ("name",)),
     "get": Command(handle_get, ("name", "keys")),
     "set": Command(handle_set, ("name", "options"), ("waiting",)),
     "signal": Command(handle_signal, ("name", "signum"),
@@ -3154,13 +3725,26 @@ COMMANDS: dict[str, Command] = {
     "kill": Command(handle_kill, ("name",),
                     ("pid", "signum", "graceful_timeout", "waiting")),
     "stats": Command(handle_stats, (), ("name", "process", "extended")),
-    "dstats": Command(lambda arbiter, _: {"info": process_stats(os.getpid())}),
-    "listsockets": Command(lambda arbiter, _: {"sockets": arbiter.socket_infos()}),
+    "dstats": Command(handle_dstats),
+    "listsockets": Command(handle_listsockets),
     "globaloptions": Command(handle_globaloptions, (), ("option",)),
     "tail": Command(handle_tail, ("name",), ("lines", "stream")),
-    # minisup's own: reopen every log file, as SIGUSR1 does.
-    "reopen": Command(lambda arbiter, _: (arbiter.pump and arbiter.pump.reopen()) or {}),
+    "reopen": Command(handle_reopen),
 }
+
+#: Commands in a View: without a name, and (the first two) with each name.
+VIEW_COMMANDS = ("list", "status", "numwatchers", "numprocesses")
+
+
+def build_view(arbiter: Arbiter, seq: int) -> View:
+    """The replies to reads as this tick ends (see View), for the
+    controller; on the worker thread, once a tick."""
+    replies = {(command, None): COMMANDS[command].handler(arbiter, {"name": None})
+               for command in VIEW_COMMANDS}
+    for name in arbiter.watchers:
+        for command in VIEW_COMMANDS[:2]:
+            replies[(command, name)] = COMMANDS[command].handler(arbiter, {"name": name})
+    return View(seq, replies)
 
 
 # ========================================================== Controller ======
@@ -3207,28 +3791,40 @@ def decode_request(body: bytes, limit: int = 1 << 20) -> dict[str, Any]:
 def check_request(message: dict[str, Any]) -> tuple[str, Command, dict[str, Any]]:
     """The command a request names (any case), and its properties checked;
     raise MinisupError.  Pids given as digit strings become ints."""
-    name, properties = message.get("command"), message.get("properties")
+    name = message.get("command")
+    if name is None:
+        raise MessageError("message invalid 'command' is missing")
     if not isinstance(name, str):
-        raise MessageError("message invalid 'command' is missing"
-                           if name is None else "'command' must be a string")
+        raise MessageError("'command' must be a string")
     if name.lower() not in COMMANDS:
         raise MinisupError(f"unknown command: {name[:100]!r}", UNKNOWN_COMMAND)
-    command, properties = COMMANDS[name.lower()], {} if properties in (None, []) else properties
+    command = COMMANDS[name.lower()]
+    properties = message.get("properties")
+    if properties in (None, []):  # circusctl sends [] for none
+        properties = {}
     if not isinstance(properties, dict):
         raise MessageError("'properties' must be an object")
     for key in command.required:
         if properties.get(key) is None:
             raise MessageError(f"message invalid {key!r} is missing")
     for key in command.required + command.optional:
-        value = properties.get(key)
-        if value is None:
-            continue
-        types, wanted, convert = PROPERTY_TYPES[key]
-        typed = isinstance(value, types) and (bool in types or not isinstance(value, bool))
-        properties[key] = value if not typed or convert is None else convert(value)
-        if not typed or properties[key] is None:
-            raise MessageError(f"{key!r} must be {wanted}, not {value!r}"[:200])
+        if properties.get(key) is not None:
+            properties[key] = _check_property(key, properties[key])
     return name.lower(), command, properties
+
+
+def _check_property(key: str, value: Any) -> Any:
+    """The property ``key``'s value to use (converted if its type says so);
+    MessageError if ``value`` is not of its type."""
+    types, wanted, convert = PROPERTY_TYPES[key]
+    # bool is an int to Python, never to the protocol (unless a bool is wanted).
+    typed = isinstance(value, types) and (bool in types or not isinstance(value, bool))
+    converted = value
+    if typed and convert is not None:
+        converted = convert(value)
+    if not typed or converted is None:
+        raise MessageError(f"{key!r} must be {wanted}, not {value!r}"[:200])
+    return converted
 
 
 def handshake_ivl(seconds: float) -> int:
@@ -3242,6 +3838,24 @@ def handshake_ivl(seconds: float) -> int:
     return math.ceil(checked * 1000)
 
 
+def load_curve_key(path: str, secret: bool = True) -> tuple[bytes, bytes]:
+    """The (public, secret) CURVE keys of a ``keygen`` file (a .key file
+    has only the public one); raise OSError or ValueError."""
+    import zmq.auth  # here: only CURVE users pay for its import
+    keys = zmq.auth.load_certificate(path)
+    if secret and keys[1] is None:
+        raise ValueError(f"{path} holds no secret key: give the .key_secret file")
+    return keys
+
+
+def _poll_key(sock: Any) -> Any:
+    """How zmq.Poller names a ready socket: a zmq socket itself, another
+    by its fd."""
+    if isinstance(sock, zmq.Socket):
+        return sock
+    return sock.fileno()
+
+
 class Controller:
     """Owns a zmq context with the ROUTER control and PUB event sockets, and
     the UDP discovery socket; ``run`` is the controller thread.  It checks each
@@ -3250,30 +3864,36 @@ class Controller:
     ``shutdown``.  Once ``bound`` is set, the endpoints hold what was bound."""
 
     def __init__(self, config: Config, submit: Callable[[Job], None]) -> None:
-        self.context, self.config = zmq.Context(), config
+        self.config = config
+        self.context = zmq.Context()
         self.context.linger = 0  # for each socket it makes: a close never waits
-        self.endpoint, self.pubsub_endpoint = config.endpoint, config.pubsub_endpoint
+        self.endpoint = config.endpoint  # then as bound (an ephemeral port, say)
+        self.pubsub_endpoint = config.pubsub_endpoint
         self.multicast_endpoint = config.multicast_endpoint
         self.bound = threading.Event()
         self.error: BaseException | None = None
-        self.view: View | None = None  # replaced by the worker each tick
-        self.subscribed: frozenset[bytes] = frozenset()  # likewise, by this thread
-        self._encoded_view, self._encoded = None, {}  # the view's replies as JSON, once
-        self._submit, self._seq = submit, 0  # how many jobs it was handed
+        # Two references shared on purpose, each written by one thread and
+        # read by others, each an immutable value swapped whole (an atomic
+        # store under the GIL), never a structure modified in place:
+        # ``view`` is written by the worker as each tick ends and read here;
+        # ``subscribed`` is written here and read by the worker and output
+        # threads (``wants``), so that no event is encoded for nobody.
+        self.view: View | None = None
+        self.subscribed: frozenset[bytes] = frozenset()
+        self._encoded_view: View | None = None  # the view whose replies are encoded
+        self._encoded: dict[tuple[str, str | None], str] = {}  # its replies as JSON, once
+        self._submit = submit
+        self._seq = 0  # how many jobs it was handed
         self._outbox: queue.SimpleQueue[tuple[str, list[bytes]] | None] = queue.SimpleQueue()
         self._waker = Waker()
         self._sockets: dict[str, Any] = {"waker": self._waker}  # what ``_serve`` polls
         self._paths: list[str] = []  # ipc socket files we bound
 
-    def post(self, envelope: list[bytes], message_id: Any, outcome: Outcome) -> None:
-        """Queue a Circus-shaped reply for the controller to send.  Any thread."""
-        if isinstance(outcome, MinisupError):
-            reply = {"status": "error", "reason": outcome.reason, "tb": outcome.tb,
-                     "time": time.time(), "errno": outcome.errno}
-        else:
-            reply = {"status": "ok", "time": time.time(), **outcome}
-        reply["id"] = message_id
-        self._outbox.put(("control", [*envelope, json.dumps(reply).encode()]))
+    def post(self, envelope: list[bytes], message_id: Any, reply: Reply) -> None:
+        """Queue a reply, Circus-shaped, for the controller to send to the
+        client of ``envelope``.  Any thread; never blocks."""
+        body = json.dumps(reply.to_json(message_id)).encode()
+        self._outbox.put(("control", [*envelope, body]))
         self._waker.wake()
 
     def publish(self, topic: str, payload: dict[str, Any]) -> None:
@@ -3306,6 +3926,9 @@ class Controller:
                     os.unlink(path)
 
     def _bind_all(self) -> None:
+        """Bind every socket the config asks for: the ZAP handler first
+        with CURVE, the control socket, then the PUB socket and the UDP
+        discovery socket if set; raise ConfigError."""
         if self.config.curve_secret_key:
             # libzmq asks the ZAP handler of the context (RFC 27) about each
             # CURVE client before it lets it in: bound first, answered by us.
@@ -3325,7 +3948,8 @@ class Controller:
         if not self.multicast_endpoint:
             return
         host, port = check_udp_endpoint(self.multicast_endpoint)
-        sock = self._sockets["discovery"] = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+        sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+        self._sockets["discovery"] = sock
         sock.setblocking(False)
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         try:
@@ -3338,10 +3962,14 @@ class Controller:
                               value=self.multicast_endpoint) from None
         self.multicast_endpoint = "udp://{}:{}".format(*sock.getsockname())
 
-    def _bind_zmq(self, role: str, kind: int, endpoint: str) -> str:
+    def _bind_zmq(self, role: str, socket_type: int, endpoint: str) -> str:
+        """Bind the zmq socket of ``role`` (control, pubsub) on ``endpoint``,
+        CURVE if keys are set, size- and handshake-bounded; return the
+        endpoint as bound.  Raise ConfigError."""
         curve = self.config.curve_secret_key
         path = prepare_ipc_endpoint(check_endpoint(endpoint, bool(curve)))
-        sock = self._sockets[role] = self.context.socket(kind)
+        sock = self.context.socket(socket_type)
+        self._sockets[role] = sock
         sock.setsockopt(zmq.MAXMSGSIZE, 64 * self.config.max_message_size)
         # An unfinished handshake holds an fd: bound its time, CURVE or not.
         sock.setsockopt(zmq.HANDSHAKE_IVL, handshake_ivl(self.config.handshake_timeout))
@@ -3361,22 +3989,28 @@ class Controller:
         return sock.getsockopt_string(zmq.LAST_ENDPOINT) or endpoint
 
     def _answer_zap(self, zap: zmq.Socket) -> None:
+        """Answer libzmq's question about a CURVE client (RFC 27): in if
+        its public key is among the authorized ones."""
         frames = zap.recv_multipart()  # version, id, domain, address, identity, mechanism, key
         allowed = len(frames) == 7 and frames[5] == b"CURVE" and frames[6] in self._authorized
-        zap.send_multipart([b"1.0", frames[1], b"200" if allowed else b"400",
-                            b"OK" if allowed else b"unknown key", b"", b""])
+        verdict = [b"400", b"unknown key"]
+        if allowed:
+            verdict = [b"200", b"OK"]
+        zap.send_multipart([b"1.0", frames[1], *verdict, b"", b""])
 
     def _serve(self) -> None:
+        """The controller thread's loop: block in the poller, read what is
+        ready, then send what the other threads posted, until shutdown."""
         readers = {"waker": Waker.drain, "zap": self._answer_zap, "control": self._receive,
                    "pubsub": self._note_subscriptions, "discovery": self._answer_discovery}
-        poller, answer = zmq.Poller(), {}
+        poller = zmq.Poller()
+        read: dict[Any, Callable[[], None]] = {}  # by what poll names: a zmq socket or an fd
         for role, sock in self._sockets.items():
             poller.register(sock, zmq.POLLIN)
-            key = sock if isinstance(sock, zmq.Socket) else sock.fileno()  # as poll names it
-            answer[key] = functools.partial(readers[role], sock)
+            read[_poll_key(sock)] = functools.partial(readers[role], sock)
         while True:
             for ready, _ in poller.poll():
-                answer[ready]()
+                read[ready]()
             while not self._outbox.empty():  # we alone take from it: get won't block
                 item = self._outbox.get()
                 if item is None:
@@ -3388,25 +4022,31 @@ class Controller:
         return any(topic.encode().startswith(prefix) for prefix in self.subscribed)
 
     def _note_subscriptions(self, sock: zmq.Socket) -> None:
-        # The XPUB tells of each topic's first subscriber and of its last.
+        """Track the topics someone subscribes to: the XPUB tells of each
+        topic's first subscriber (``\\x01`` TOPIC) and of its last (``\\x00``)."""
         topics = set(self.subscribed)
         while sock.getsockopt(zmq.EVENTS) & zmq.POLLIN:  # then a recv cannot fail
             message = sock.recv(zmq.NOBLOCK)
-            (topics.add if message[:1] == b"\x01" else topics.discard)(message[1:])
-        self.subscribed = frozenset(topics)
+            if message[:1] == b"\x01":
+                topics.add(message[1:])
+            else:
+                topics.discard(message[1:])
+        self.subscribed = frozenset(topics)  # swapped whole: see __init__
 
     def _answer_discovery(self, sock: socket.socket) -> None:
-        # Any datagram is a question; the answer goes back to its sender.
+        """Answer each discovery datagram (any is a question) with the
+        control endpoint, to its sender."""
         answer = json.dumps({"endpoint": self.endpoint}).encode()
-        with contextlib.suppress(OSError):
+        with contextlib.suppress(OSError):  # BlockingIOError: all read
             while True:
                 _, sender = sock.recvfrom(65536)
                 sock.sendto(answer, sender)
 
     def _receive(self, sock: zmq.Socket) -> None:
-        # EVENTS tells if a request is there, even when the poll's news was
-        # stale (not a recv until zmq.Again: an exception per wake-up costs);
-        # a ROUTER that says so holds it already, so the recv cannot fail.
+        """Read and handle up to RECEIVE_BATCH requests.  EVENTS tells if
+        one is there, even when the poll's news was stale (not a recv until
+        zmq.Again: an exception per wake-up costs); a ROUTER that says so
+        holds it already, so the recv cannot fail."""
         for _ in range(RECEIVE_BATCH):
             if not sock.getsockopt(zmq.EVENTS) & zmq.POLLIN:
                 return
@@ -3417,44 +4057,62 @@ class Controller:
                 self.post(frames[:1], None, server_error("(request)", exc))
 
     def _handle(self, frames: list[bytes]) -> None:
-        envelope, message_id, cast = frames[:-1], None, False
+        """Check one request (``frames``: envelope, then the JSON body) and
+        answer it from the View or hand it to the worker; a bad one gets its
+        error reply, a cast none."""
+        envelope = frames[:-1]
+        message_id = None
+        cast = False
         try:
             # A REQ client adds an empty frame; the same envelope answers it.
             if len(envelope) != 1 and envelope[1:] != [b""]:
                 envelope = envelope[:1]
                 raise MessageError("message invalid: send the request as one frame")
             message = decode_request(frames[-1], self.config.max_message_size)
-            message_id, cast = message.get("id"), message.get("msg_type") == "cast"
+            message_id = message.get("id")
+            cast = message.get("msg_type") == "cast"
             name, command, properties = check_request(message)
         except MinisupError as exc:
             if not cast:
-                self.post(envelope, message_id, exc)
+                self.post(envelope, message_id, Reply.refusal(exc))
             return
-        viewed = None if properties.get("extended") else self._from_view(name, properties)
+        viewed = None
+        if not properties.get("extended"):
+            viewed = self._from_view(name, properties)
         if viewed is not None:
             if not cast:  # post's shape, with the body encoded once a view
                 self._send("control", [*envelope, (
                     f'{{"status": "ok", "time": {time.time()!r}, {viewed}, '
                     f'"id": {json.dumps(message_id)}}}').encode()])
             return
-        reply = _ignore_reply if cast else functools.partial(self.post, envelope, message_id)
+        reply = ignore_reply
+        if not cast:
+            reply = functools.partial(self.post, envelope, message_id)
         self._seq += 1
         self._submit(Job(name, command.handler, properties, reply, self._seq))
 
     def _from_view(self, command: str, properties: dict[str, Any]) -> str | None:
-        # The reply's fields as JSON text, if the latest view has them.
+        """The reply's fields as JSON text, if the latest view has them and
+        the worker has run every job handed to it (else None: ask it)."""
         view = self.view  # one read: the worker may replace it meanwhile
         if view is None or view.seq != self._seq:
             return None  # a job of ours is not run yet: ask the worker
         if view is not self._encoded_view:
-            self._encoded_view, self._encoded = view, {}
-        name = properties.get("name")  # if not a string, unchecked: the command takes none
-        key = (command, name.lower() if isinstance(name, str) else None)
+            self._encoded_view = view
+            self._encoded = {}
+        name = properties.get("name")
+        if not isinstance(name, str):  # unchecked: the command takes none
+            name = None
+        key = (command, name)
+        if name is not None:
+            key = (command, name.lower())
         if key not in self._encoded and key in view.replies:
             self._encoded[key] = json.dumps(view.replies[key])[1:-1]
         return self._encoded.get(key)
 
     def _send(self, role: str, frames: list[bytes]) -> None:
+        """Send a reply or an event without blocking: one to a client that
+        stopped reading is dropped (and logged at debug)."""
         sock = self._sockets[role]  # send per frame: pyzmq's send_multipart costs more
         try:
             for frame in frames[:-1]:
@@ -3464,18 +4122,68 @@ class Controller:
             logger.debug("%s message dropped: %s", role, exc)
 
 
-def _ignore_reply(outcome: Outcome) -> None:
-    """A cast gets no reply, errors included."""
+# ========================================================== SysHandler ======
+# The main thread's signal handlers, as Circus's SysHandler: each only queues
+# work for another thread and wakes it, never does the work itself.
 
+class SysHandler:
+    """Installs the daemon's signal handlers (``install``, on the main
+    thread) and sends each signal to its ``handle_<name>``: TERM, INT and
+    QUIT quit gracefully (a second one SIGKILLs every child), HUP reloads
+    every watcher, CHLD looks for orphans, USR1 reopens the log files.  The
+    four actions are callables (the Daemon's ``request_quit``,
+    ``request_reload``, ``Arbiter.notice_child_exit``, ``Pump.reopen``),
+    each safe in a signal handler: this section needs nothing below it."""
 
-def load_curve_key(path: str, secret: bool = True) -> tuple[bytes, bytes]:
-    """The (public, secret) CURVE keys of a ``keygen`` file (a .key file
-    has only the public one); raise OSError or ValueError."""
-    import zmq.auth  # here: only CURVE users pay for its import
-    keys = zmq.auth.load_certificate(path)
-    if secret and keys[1] is None:
-        raise ValueError(f"{path} holds no secret key: give the .key_secret file")
-    return keys
+    SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGQUIT, signal.SIGHUP,
+               signal.SIGCHLD, signal.SIGUSR1)
+
+    def __init__(self, quit: Callable[[bool], None], reload: Callable[[], None],
+                 child_exited: Callable[[], None], reopen: Callable[[], None]) -> None:
+        self._quit = quit
+        self._reload = reload
+        self._child_exited = child_exited
+        self._reopen = reopen
+        self._quits = 0  # the first is graceful, any later one forced
+
+    def install(self) -> None:
+        """Install the handlers.  On the main thread only (Python's rule)."""
+        for signum in self.SIGNALS:
+            signal.signal(signum, self.dispatch)
+
+    def dispatch(self, signum: int, frame: Any) -> None:
+        """The handler of every signal: calls ``handle_<name>`` (``handle_term``)."""
+        name = signal.Signals(signum).name[len("SIG"):].lower()
+        getattr(self, f"handle_{name}")()
+
+    def _request_quit(self) -> None:
+        """Quit gracefully the first time, SIGKILL every child after."""
+        self._quits += 1
+        self._quit(self._quits > 1)
+
+    def handle_term(self) -> None:
+        """SIGTERM (systemd, kill, docker stop): quit."""
+        self._request_quit()
+
+    def handle_int(self) -> None:
+        """SIGINT (Ctrl-C): quit."""
+        self._request_quit()
+
+    def handle_quit(self) -> None:
+        """SIGQUIT: quit."""
+        self._request_quit()
+
+    def handle_hup(self) -> None:
+        """SIGHUP: reload every watcher gracefully."""
+        self._reload()
+
+    def handle_chld(self) -> None:
+        """SIGCHLD: a child died; in subreaper mode, orphans may wait."""
+        self._child_exited()
+
+    def handle_usr1(self) -> None:
+        """SIGUSR1: reopen every log file (after a logrotate)."""
+        self._reopen()
 
 
 # ============================================================== Daemon ======
@@ -3496,10 +4204,12 @@ class Daemon:
     def __init__(self, config: Config, clock: Callable[[], float] = time.monotonic,
                  subreaper: bool = False, systemd: str | None = None,
                  watchdog: float = 0.0) -> None:
-        self.config, self.endpoint = config, config.endpoint
+        self.config = config
+        self.endpoint = config.endpoint  # then as bound (an ephemeral port, say)
         self.pump = Pump()
         self.arbiter = Arbiter(config, clock, self.pump, subreaper, systemd, watchdog)
-        self._started = self._stopped = False
+        self._started = False
+        self._stopped = False
         self._client: Client | None = None
         self._worker_thread: threading.Thread | None = None  # started once the rest is up
 
@@ -3509,9 +4219,11 @@ class Daemon:
         return cls(parse_config(text, source))
 
     def __enter__(self) -> Self:
+        """Start the daemon (see ``start``)."""
         return self.start()
 
     def __exit__(self, *exc_info: object) -> None:
+        """Stop the daemon (see ``stop``)."""
         self.stop()
 
     def start(self, timeout: float = START_TIMEOUT) -> Daemon:
@@ -3521,68 +4233,94 @@ class Daemon:
         if self._started:
             raise MinisupError("a Daemon starts only once")
         self._started = True
-        for message in self.config.warnings:
-            logger.warning("%s", message)
-        self.arbiter.warn_if_over_limit()
-        if os.geteuid() == 0 and self.config.endpoint.startswith("tcp://") and not (
-                self.config.curve_secret_key):
-            logger.warning("every local user may send commands to %s, so may act as root: "
-                           "use an ipc:// endpoint or CURVE keys", self.config.endpoint)
+        self._warn_at_start()
         # The start is the worker's first job, queued before the control
         # socket exists: a command sent the moment it does runs after it.
-        outcomes: queue.SimpleQueue[Outcome] = queue.SimpleQueue()
-        self.arbiter.submit(Job("start", handle_start, {"waiting": True}, outcomes.put))
+        started: queue.SimpleQueue[Reply] = queue.SimpleQueue()
+        self.arbiter.submit(Job("start", handle_start, {"waiting": True}, started.put))
         self._output_thread = self._thread(self.pump.run, "output")
         self.controller = Controller(self.config, self.arbiter.submit)
         self._controller_thread = self._thread(self.controller.run, "controller")
         self.controller.bound.wait()
         try:
-            if self.controller.error is not None:
-                raise self.controller.error
-            self.arbiter.bind_sockets()
-            if self.arbiter.subreaper:
-                set_child_subreaper()
-            if self.config.guardian:
-                self.arbiter.start_guardian()
+            self._prepare_worker()
         except BaseException:
             self.stop()
             raise
+        self._worker_thread = self._thread(self._run_worker, "worker")
+        reply = Reply.refusal(MinisupError(f"the start did not finish in {timeout}s"))
+        with contextlib.suppress(queue.Empty):
+            reply = started.get(timeout=timeout)
+        if not reply.ok:  # a watcher slow or unable to start: not fatal
+            logger.error("not every watcher started: %s", reply.reason)
+        return self
+
+    def _warn_at_start(self) -> None:
+        """Log the config's warnings, a process limit too low for it, and a
+        root daemon that every local user may drive."""
+        for message in self.config.warnings:
+            logger.warning("%s", message)
+        self.arbiter.warn_if_over_limit()
+        tcp = self.config.endpoint.startswith("tcp://")
+        if os.geteuid() == 0 and tcp and not self.config.curve_secret_key:
+            logger.warning("every local user may send commands to %s, so may act as root: "
+                           "use an ipc:// endpoint or CURVE keys", self.config.endpoint)
+
+    def _prepare_worker(self) -> None:
+        """Once the controller has bound (or failed: its error is raised
+        here), bind the watchers' sockets, become a subreaper, start the
+        guardian and connect the worker to the controller.  The worker does
+        not run yet, so nothing here races with it."""
+        if self.controller.error is not None:
+            raise self.controller.error
+        self.arbiter.bind_sockets()
+        if self.arbiter.reaper.subreaper:
+            set_child_subreaper()
+        if self.config.guardian:
+            self.arbiter.start_guardian()
         # What the controller really bound (an ephemeral port, say) is what
-        # globaloptions reports; the worker does not run yet, so no race.
+        # globaloptions reports.
         self.endpoint = self.controller.endpoint
         self.arbiter.bound_endpoints = {key: getattr(self.controller, key) for key in (
             "endpoint", "pubsub_endpoint", "multicast_endpoint")}
-        self.arbiter.on_event = self.pump.publish = self.controller.publish
-        self.arbiter.on_view = functools.partial(setattr, self.controller, "view")
+        # Events go out by the controller's queue (from the worker and the
+        # output threads); each View is handed over as a reference swap.
+        self.arbiter.on_event = self.controller.publish
+        self.pump.publish = self.controller.publish
         self.pump.wanted = self.controller.wants
-        self._worker_thread = self._thread(self._run_worker, "worker")
-        outcome: Outcome = MinisupError(f"the start did not finish in {timeout}s")
-        with contextlib.suppress(queue.Empty):
-            outcome = outcomes.get(timeout=timeout)
-        if isinstance(outcome, MinisupError):  # a watcher slow or unable to start: not fatal
-            logger.error("not every watcher started: %s", outcome)
-        return self
+        self.arbiter.on_view = self._publish_view
+
+    def _publish_view(self, arbiter: Arbiter, seq: int) -> None:
+        """On the worker thread as a tick ends: hand the controller the
+        replies to reads (the shared ``Controller.view``)."""
+        self.controller.view = build_view(arbiter, seq)
 
     def _thread(self, target: Callable[[], None], role: str) -> threading.Thread:
+        """Start a daemon thread named ``minisup-ROLE`` running ``target``."""
         thread = threading.Thread(target=target, name=f"minisup-{role}", daemon=True)
         thread.start()
         return thread
 
     def _run_worker(self) -> None:
+        """The worker thread: the arbiter's loop; the controller ends with it."""
         try:
             self.arbiter.run()
-        finally:  # the controller ends with the worker
+        finally:
             self.controller.shutdown()
 
     def request_quit(self, force: bool = False) -> None:
         """Ask for a graceful quit (``force``: SIGKILL every child now).
         Never blocks; safe in a signal handler."""
-        handler = (lambda arbiter, _: arbiter.kill_everything()) if force else handle_quit
-        self.arbiter.submit(Job("quit", handler, {}, _ignore_reply))
+        if force:
+            self.arbiter.call_on_worker(self.arbiter.kill_everything)
+        else:
+            self.arbiter.call_on_worker(self.arbiter.begin_quit)
 
     def request_reload(self) -> None:
-        """Ask for a graceful reload of every watcher (SIGHUP)."""
-        self.arbiter.submit(Job("reload", COMMANDS["reload"].handler, {}, _ignore_reply))
+        """Ask for a graceful reload of every watcher (SIGHUP).  Never
+        blocks; safe in a signal handler."""
+        reload = functools.partial(handle_start, self.arbiter, {}, "reload")
+        self.arbiter.call_on_worker(reload)
 
     def wait(self, timeout: float | None = None) -> bool:
         """Block until the daemon has quit (say by a ``quit`` command);
@@ -4056,14 +4794,9 @@ def check_pidfile(path: str | None) -> None:
 
 
 def install_signal_handlers(daemon: Daemon) -> None:
-    """On the main thread: TERM/INT/QUIT quit gracefully (a second one
-    SIGKILLs every child), HUP reloads every watcher.  Handlers only queue."""
-    forced = iter([False])  # the first quit is graceful, any later one forced
-    for signum in (signal.SIGTERM, signal.SIGINT, signal.SIGQUIT):
-        signal.signal(signum, lambda signum, frame: daemon.request_quit(force=next(forced, True)))
-    signal.signal(signal.SIGHUP, lambda signum, frame: daemon.request_reload())
-    signal.signal(signal.SIGCHLD, lambda signum, frame: daemon.arbiter.notice_child_exit())
-    signal.signal(signal.SIGUSR1, lambda signum, frame: daemon.pump.reopen())
+    """On the main thread: the daemon's signal handlers (see SysHandler)."""
+    SysHandler(daemon.request_quit, daemon.request_reload, daemon.arbiter.notice_child_exit,
+               daemon.pump.reopen).install()
 
 
 def report_start_failure(exc: MinisupError, logoutput: str, started: int | None) -> None:

@@ -795,11 +795,10 @@ def block_worker(daemon):
     """Hold the worker thread in a job until the returned Event is set."""
     release, entered = threading.Event(), threading.Event()
 
-    def hold(arbiter, properties):
+    def hold():
         entered.set()
         release.wait(DEADLINE)
-        return {}
-    daemon.arbiter.submit(minisup.Job("_hold", hold, {}, minisup._ignore_reply))
+    daemon.arbiter.call_on_worker(hold)
     assert entered.wait(DEADLINE)
     return release
 
