@@ -4484,53 +4484,38 @@ CTL_COMMANDS: dict[str, tuple[str, tuple[str, ...]]] = {
     "reopen": ("reopen every log file (minisup's own)", ()),
     "quit": ("stop every process and the daemon", ("--waiting",)),
 }
+#: The ctl arguments that are not strings: name -> converter.
 ARG_TYPES: dict[str, Callable[[str], Any]] = {
     "nb": int, "pid": int, "process": int, "graceful_timeout": float, "lines": int,
     "interval": float}
 
 #: Exit codes, as circusctl's: scripts written for it keep working.
-EXIT_OK, EXIT_NO_ANSWER, EXIT_USAGE, EXIT_ERROR_REPLY = 0, 1, 2, 3
+EXIT_OK = 0
+EXIT_NO_ANSWER = 1  # ctl: no reply; run: the daemon could not start or gave up
+EXIT_USAGE = 2  # argparse's own, for a usage error
+EXIT_ERROR_REPLY = 3  # ctl: the daemon answered with an error
 
 
 def build_parser(argv: list[str] | None = None) -> argparse.ArgumentParser:
     """The command line: ``run``, ``keygen`` and ``ctl`` with their options.
     Only the sub-commands ``argv`` names are built, if it names any:
     argparse takes long to build each one, and ``ctl`` should answer fast."""
-    words = set(sys.argv[1:] if argv is None else argv)
+    if argv is None:
+        argv = sys.argv[1:]
+    words = set(argv)
     parser = argparse.ArgumentParser(prog="minisup", description="A small process "
                                      "supervisor that speaks Circus's control protocol.")
     parser.add_argument("--version", action="version", version=__version__)
     commands = parser.add_subparsers(dest="action", required=True)
     if "run" in words or "ctl" not in words:
         _add_run_parser(commands)
-        keygen = commands.add_parser("keygen", help="make a CURVE key pair", description="Write "
-                                     "FOLDER/NAME.key (public), FOLDER/NAME.key_secret (0600).")
-        keygen.add_argument("folder")
-        keygen.add_argument("name", nargs="?", default="minisup")
-    ctl = commands.add_parser("ctl", help="send a command to a running daemon", description=(
-        "Drive a running daemon, like circusctl. Exit: 0 ok, 1 no answer, 2 usage, 3 error."))
-    ctl.add_argument("--endpoint", help="the daemon's control endpoint")
-    ctl.add_argument("--timeout", type=float, default=CLIENT_TIMEOUT, metavar="S")
-    ctl.add_argument("--json", action="store_true", help="print the raw JSON reply")
-    ctl.add_argument("--curve-key", help="your keygen .key_secret file (CURVE)")
-    ctl.add_argument("--server-key", help="the daemon's keygen .key file (CURVE)")
-    ctl_commands = ctl.add_subparsers(dest="command", required=True)
-    for name in [n for n in CTL_COMMANDS if n in words] or CTL_COMMANDS:
-        text, arguments = CTL_COMMANDS[name]
-        sub = ctl_commands.add_parser(name, help=text, description=text)
-        sub.add_argument("--json", action="store_true", default=argparse.SUPPRESS,
-                         help="print the raw JSON reply")
-        for argument in arguments:
-            flag = argument.rstrip("?+=")  # or a positional's name
-            if argument.startswith("--") and not argument.endswith("="):
-                sub.add_argument(flag, action="store_true")
-            else:
-                nargs = argument[-1] if argument[-1] in "?+" else None
-                sub.add_argument(flag, nargs=nargs, type=ARG_TYPES.get(flag.lstrip("-"), str))
+        _add_keygen_parser(commands)
+    _add_ctl_parser(commands, words)
     return parser
 
 
 def _add_run_parser(commands: argparse._SubParsersAction) -> None:
+    """Add ``run`` and its options to build_parser's sub-commands."""
     run = commands.add_parser("run", help="run the daemon in the foreground", description=(
         "Supervise the programs of CONFIG (a Circus-style INI file) or of --cmd."))
     run.add_argument("config", nargs="?", help="the INI file")
@@ -4548,45 +4533,130 @@ def _add_run_parser(commands: argparse._SubParsersAction) -> None:
     run.add_argument("--daemon", action="store_true", help="detach; exit once it serves")
 
 
-def main(argv: list[str] | None = None) -> int:
-    """The command line; returns the exit code."""
-    try:
-        args = build_parser(argv).parse_args(argv)
-        return {"run": run_daemon, "ctl": run_ctl, "keygen": run_keygen}[args.action](args)
-    except SystemExit as exc:  # --help, --version or a usage error
-        if isinstance(exc.code, str):  # ours, as sys.exit would print it
-            print(exc.code, file=sys.stderr)
-        return exc.code if isinstance(exc.code, int) else EXIT_USAGE
+def _add_keygen_parser(commands: argparse._SubParsersAction) -> None:
+    """Add ``keygen`` and its arguments to build_parser's sub-commands."""
+    keygen = commands.add_parser("keygen", help="make a CURVE key pair", description="Write "
+                                 "FOLDER/NAME.key (public), FOLDER/NAME.key_secret (0600).")
+    keygen.add_argument("folder")
+    keygen.add_argument("name", nargs="?", default="minisup")
+
+
+def _add_ctl_parser(commands: argparse._SubParsersAction, words: set[str]) -> None:
+    """Add ``ctl`` with its options to build_parser's sub-commands, and
+    under it the CTL_COMMANDS that ``words`` names (every one if none)."""
+    ctl = commands.add_parser("ctl", help="send a command to a running daemon", description=(
+        "Drive a running daemon, like circusctl. Exit: 0 ok, 1 no answer, 2 usage, 3 error."))
+    ctl.add_argument("--endpoint", help="the daemon's control endpoint")
+    ctl.add_argument("--timeout", type=float, default=CLIENT_TIMEOUT, metavar="S")
+    ctl.add_argument("--json", action="store_true", help="print the raw JSON reply")
+    ctl.add_argument("--curve-key", help="your keygen .key_secret file (CURVE)")
+    ctl.add_argument("--server-key", help="the daemon's keygen .key file (CURVE)")
+    ctl_commands = ctl.add_subparsers(dest="command", required=True)
+    for name in _ctl_commands_named(words):
+        text, arguments = CTL_COMMANDS[name]
+        sub = ctl_commands.add_parser(name, help=text, description=text)
+        sub.add_argument("--json", action="store_true", default=argparse.SUPPRESS,
+                         help="print the raw JSON reply")
+        for argument in arguments:
+            _add_ctl_argument(sub, argument)
+
+
+def _ctl_commands_named(words: set[str]) -> list[str]:
+    """The ctl sub-commands for _add_ctl_parser to build: those among
+    ``words``, or all of them if it names none (``ctl --help`` lists all)."""
+    named = [name for name in CTL_COMMANDS if name in words]
+    if named:
+        return named
+    return list(CTL_COMMANDS)
+
+
+def _add_ctl_argument(sub: argparse.ArgumentParser, argument: str) -> None:
+    """Add one argument, in CTL_COMMANDS's notation, to the ctl sub-command
+    parser ``sub``: a boolean flag, an option with a value or a positional."""
+    flag = argument.rstrip("?+=")  # or a positional's name
+    if argument.startswith("--") and not argument.endswith("="):
+        sub.add_argument(flag, action="store_true")
+        return
+    nargs = None  # exactly one
+    if argument[-1] in "?+":
+        nargs = argument[-1]
+    sub.add_argument(flag, nargs=nargs, type=ARG_TYPES.get(flag.lstrip("-"), str))
+
+
+def _option_value(kind: Kind | None, text: str) -> Any:
+    """One value of ``ctl set``, for an option of ``kind``, read as the INI
+    would (``env`` as ``A=1,B=2``; an unknown option's text as it is), for
+    _parse_pairs.  Raise ValueError."""
+    if kind is ENV:
+        return dict(part.split("=", 1) for part in text.split(",") if part)
+    if kind:
+        return kind.from_text(text)
+    return text
 
 
 def _parse_pairs(pairs: list[str]) -> dict[str, Any]:
-    """``KEY VALUE ...`` of ``ctl set``, each value read as the INI would."""
+    """``KEY VALUE ...`` of ``ctl set``, each value read as the INI would;
+    raise SystemExit (main prints it) if one cannot be read."""
     if len(pairs) % 2:
         raise SystemExit(f"minisup: set needs KEY VALUE pairs, got {pairs}")
     options = {}
-    for key, text in zip(map(str.lower, pairs[::2]), pairs[1::2]):
-        kind = watcher_kind(key)
+    for key, text in zip(pairs[::2], pairs[1::2]):
+        key = key.lower()
         try:
-            options[key] = (dict(p.split("=", 1) for p in text.split(",") if p)
-                            if kind is ENV else kind.from_text(text) if kind else text)
+            options[key] = _option_value(watcher_kind(key), text)
         except ValueError as exc:
             raise SystemExit(f"minisup: {key} = {text!r}: {exc}") from None
     return options
 
 
-def run_ctl(args: argparse.Namespace) -> int:
-    """``minisup ctl``: send one command and print its reply."""
-    names = [argument.strip("-?+=") for argument in CTL_COMMANDS[args.command][1]]
-    properties = {k: getattr(args, k) for k in names if getattr(args, k) not in (None, False)}
+def _ctl_properties(args: argparse.Namespace) -> dict[str, Any]:
+    """The request's properties from ctl's parsed ``args``: each argument of
+    the command that was given (a flag only if set), ``set``'s pairs read
+    into ``options``.  Raise SystemExit for pairs that cannot be read."""
+    properties = {}
+    for argument in CTL_COMMANDS[args.command][1]:
+        key = argument.strip("-?+=")
+        value = getattr(args, key)
+        if value not in (None, False):
+            properties[key] = value
     if "pairs" in properties:
         properties["options"] = _parse_pairs(properties.pop("pairs"))
+    return properties
+
+
+def _open_client(args: argparse.Namespace) -> Client | None:
+    """A Client for ctl's ``args``, or None once it printed why there is
+    none (an unreadable CURVE key, an endpoint libzmq cannot parse)."""
     try:
-        client = Client(args.endpoint, args.timeout, args.curve_key, args.server_key)
+        return Client(args.endpoint, args.timeout, args.curve_key, args.server_key)
     except (OSError, ValueError) as exc:
         print(f"minisup: cannot read a CURVE key: {exc}", file=sys.stderr)
-        return EXIT_USAGE
     except ConfigError as exc:  # an endpoint libzmq cannot even parse
         print(f"minisup: {exc}", file=sys.stderr)
+    return None
+
+
+def _print_reply(reply: dict[str, Any], raw_json: bool) -> int:
+    """Print ctl's ``reply`` (as JSON if ``raw_json``; an error's reason on
+    stderr otherwise) and return ctl's exit code for it."""
+    failed = reply.get("status") == "error"
+    if raw_json:
+        print(json.dumps(reply, indent=2, sort_keys=True))
+    elif failed:
+        print(f"error: {reply.get('reason')}", file=sys.stderr)
+    else:
+        print(format_reply(reply))
+    if failed:
+        return EXIT_ERROR_REPLY
+    return EXIT_OK
+
+
+def run_ctl(args: argparse.Namespace) -> int:
+    """``minisup ctl``: send one command and print its reply (or follow a
+    tail, or redraw ``watch``); return the exit code.  Blocks."""
+    properties = _ctl_properties(args)
+    client = _open_client(args)
+    if client is None:
         return EXIT_USAGE
     with client:
         try:
@@ -4595,17 +4665,12 @@ def run_ctl(args: argparse.Namespace) -> int:
             if args.command == "watch":
                 return watch(client, properties)
             if args.command == "status" and not args.json:
-                properties["extended"] = True
+                properties["extended"] = True  # what status_table shows
             reply = client.call(args.command, **properties)
         except CallError as exc:
             print(f"minisup: {exc}", file=sys.stderr)
             return EXIT_NO_ANSWER
-    failed = reply.get("status") == "error"
-    if failed and not args.json:
-        print(f"error: {reply.get('reason')}", file=sys.stderr)
-    else:
-        print(json.dumps(reply, indent=2, sort_keys=True) if args.json else format_reply(reply))
-    return EXIT_ERROR_REPLY if failed else EXIT_OK
+    return _print_reply(reply, args.json)
 
 
 def run_keygen(args: argparse.Namespace) -> int:
@@ -4618,15 +4683,27 @@ def run_keygen(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+#: ANSI: cursor to the top left corner, then erase the screen.
+CLEAR_SCREEN = "\x1b[H\x1b[2J"
+
+
 def watch(client: Client, properties: dict[str, Any]) -> int:
     """``ctl watch``: the status table, redrawn every ``interval`` seconds
-    (cleared first on a terminal) until interrupted."""
-    interval, clear = properties.pop("interval", None) or 1.0, sys.stdout.isatty()
+    (cleared first on a terminal) until interrupted.  Raise CallError."""
+    interval = properties.pop("interval", None)
+    if not interval:
+        interval = 1.0
+    clear = ""
+    if sys.stdout.isatty():  # not into a file or a pipe
+        clear = CLEAR_SCREEN
     with contextlib.suppress(KeyboardInterrupt):  # how it ends
         while True:
             reply = client.call("status", extended=True, **properties)
-            text = format_reply(reply) if reply["status"] == "ok" else f"error: {reply['reason']}"
-            print("\x1b[H\x1b[2J" * clear + time.strftime("%H:%M:%S\n") + text + "\n", flush=True)
+            if reply["status"] == "ok":
+                text = format_reply(reply)
+            else:
+                text = f"error: {reply['reason']}"
+            print(clear + time.strftime("%H:%M:%S\n") + text + "\n", flush=True)
             threading.Event().wait(interval)
     return EXIT_OK
 
@@ -4637,62 +4714,150 @@ def status_table(watchers: dict[str, Any]) -> str:
     rows: list[tuple[Any, ...]] = [
         ("WATCHER", "STATE", "PID", "WID", "PROCESS", "UPTIME", "RESTARTS", "LAST EXIT")]
     for name, info in sorted(watchers.items()):
-        code = info["last_exit"]
-        last = "-" if code is None else _signal_name(-code) if code < 0 else code
-        for p in info["processes"] or [{}]:
-            rows.append((name, info["status"], p.get("pid", "-"), p.get("wid", "-"),
-                         p.get("state", "-"), _duration(p["uptime"]) if p else "-",
-                         info["restarts"], last))
+        last_exit = _exit_text(info["last_exit"])
+        processes = info["processes"]
+        if not processes:
+            processes = [{}]  # a row of dashes: the watcher's state still shows
+        for process in processes:
+            rows.append((name, info["status"], *_process_cells(process),
+                         info["restarts"], last_exit))
+    reasons = [f"{n}: {i['reason']}" for n, i in watchers.items() if i["reason"]]
+    return "\n".join(_aligned(rows) + reasons)
+
+
+def _exit_text(code: int | None) -> str:
+    """A watcher's last exit ``code`` as status_table shows it: ``-`` if
+    none yet, the signal's name if one killed it (a negative code)."""
+    if code is None:
+        return "-"
+    if code < 0:
+        return _signal_name(-code)
+    return str(code)
+
+
+def _process_cells(process: dict[str, Any]) -> tuple[Any, ...]:
+    """status_table's PID, WID, PROCESS and UPTIME cells for one process,
+    dashes for ``{}`` (the row of a watcher that runs none)."""
+    uptime = "-"
+    if process:
+        uptime = _duration(process["uptime"])
+    return process.get("pid", "-"), process.get("wid", "-"), process.get("state", "-"), uptime
+
+
+def _aligned(rows: list[tuple[Any, ...]]) -> list[str]:
+    """``rows`` of cells as lines, for status_table: each column as wide as
+    its widest cell, two spaces apart, no trailing spaces."""
     widths = [max(len(str(row[i])) for row in rows) for i in range(len(rows[0]))]
-    lines = ["  ".join(str(c).ljust(w) for c, w in zip(row, widths)).rstrip() for row in rows]
-    return "\n".join(lines + [f"{n}: {i['reason']}" for n, i in watchers.items() if i["reason"]])
+    return ["  ".join(str(c).ljust(w) for c, w in zip(row, widths)).rstrip() for row in rows]
 
 
 def _duration(seconds: float) -> str:
-    minutes, hours = int(seconds) // 60, int(seconds) // 3600
+    """An uptime as status_table shows it, in its two largest units:
+    ``2d03h``, ``5h07m``, ``3m09s``, or ``4.2s`` under a minute."""
+    minutes = int(seconds) // 60
+    hours = int(seconds) // 3600
     if hours >= 24:
         return f"{hours // 24}d{hours % 24:02d}h"
     if hours:
         return f"{hours}h{minutes % 60:02d}m"
-    return f"{minutes}m{int(seconds) % 60:02d}s" if minutes else f"{seconds:.1f}s"
+    if minutes:
+        return f"{minutes}m{int(seconds) % 60:02d}s"
+    return f"{seconds:.1f}s"
 
 
 def follow(client: Client, name: str, properties: dict[str, Any]) -> int:
     """``ctl tail --follow``: subscribe to the watcher's output events, print
     its last lines, drop what was published meanwhile (those lines are in
-    them), then print what it writes, as written, until interrupted."""
+    them), then print what it writes, as written, until interrupted.
+    Raise CallError."""
     try:
         with zmq.Context() as context, context.socket(zmq.SUB) as sub:
             sub.linger = 0
             sub.subscribe(f"watcher.{name.lower()}.output")
-            sub.connect(client.call("globaloptions")["options"].get("pubsub_endpoint") or "")
+            endpoint = client.call("globaloptions")["options"].get("pubsub_endpoint")
+            if not endpoint:
+                return _no_events()
+            sub.connect(endpoint)
             reply = client.call("tail", **properties)
             if reply.get("status") != "ok":
                 print(f"error: {reply.get('reason')}", file=sys.stderr)
                 return EXIT_ERROR_REPLY
             print("\n".join(reply["lines"]), flush=True)
-            while sub.poll(0):
+            while sub.poll(0):  # published before the tail: already printed
                 sub.recv_multipart()
             while True:
                 print(json.loads(sub.recv_multipart()[1])["data"], end="", flush=True)
     except KeyboardInterrupt:
         return EXIT_OK
-    except zmq.ZMQError:
-        print("minisup: the daemon publishes no events (set pubsub_endpoint)", file=sys.stderr)
-        return EXIT_ERROR_REPLY
+    except zmq.ZMQError:  # an endpoint we cannot connect to
+        return _no_events()
+
+
+def _no_events() -> int:
+    """Say, for follow, that there are no events to follow; return the exit code."""
+    print("minisup: the daemon publishes no events (set pubsub_endpoint)", file=sys.stderr)
+    return EXIT_ERROR_REPLY
+
+
+#: One line of ``stats``, as circusctl prints it.
+STATS_LINE = "{pid}  {cmdline} {username} {nice} {mem_info1} {mem_info2} {cpu} {mem} {ctime}"
 
 
 def _stats_text(info: dict[str, Any] | str, indent: str = "") -> str:
-    """A process's stats line (or why there is none), then its children's."""
+    """A process's stats line (or why there is none), then its children's,
+    each level indented further."""
     if not isinstance(info, dict):
         return indent + str(info)
-    line = "{pid}  {cmdline} {username} {nice} {mem_info1} {mem_info2} {cpu} {mem} {ctime}"
-    return "\n".join([indent + line.format(**info), *(
-        _stats_text(child, indent + "   ") for child in info.get("children", []))])
+    lines = [indent + STATS_LINE.format(**info)]
+    for child in info.get("children", []):
+        lines.append(_stats_text(child, indent + "   "))
+    return "\n".join(lines)
+
+
+def _watchers_stats_text(watchers: dict[str, dict[str, Any]]) -> str:
+    """``stats`` of some watchers, for format_reply: each one's name, then a
+    ``PID: stats`` line per process."""
+    blocks = []
+    for name, infos in watchers.items():
+        lines = [f"{name}:"]
+        for pid, info in infos.items():
+            lines.append(f"{pid}: {_stats_text(info)}")
+        blocks.append("\n".join(lines))
+    return "\n".join(blocks)
+
+
+def _value_text(value: Any) -> str:
+    """A list as ``a,b,c``, anything else as str(), for format_reply."""
+    if isinstance(value, list):
+        return ",".join(map(str, value))
+    return str(value)
+
+
+def _options_text(options: dict[str, Any]) -> str:
+    """``options``, for format_reply: a ``KEY: VALUE`` line each, None as
+    nothing and ``env`` as ``set`` takes it (``A=1,B=2``)."""
+    lines = []
+    for key, value in options.items():
+        if key == "env" and isinstance(value, dict):
+            value = ",".join(f"{k}={v}" for k, v in sorted(value.items()))
+        if value is None:
+            value = ""
+        lines.append(f"{key}: {value}")
+    return "\n".join(lines)
+
+
+def _socket_text(socket_info: dict[str, Any]) -> str:
+    """One socket of ``listsockets``, for format_reply: its fd, name and
+    path (a unix socket's) or host and port."""
+    address = socket_info.get("path")
+    if not address:
+        address = f"{socket_info['host']}:{socket_info['port']}"
+    return f"{socket_info['fd']}:socket '{socket_info['name']}' at {address}"
 
 
 def format_reply(reply: dict[str, Any]) -> str:
-    """A successful reply as circusctl prints it."""
+    """A successful reply as circusctl prints it, for ctl.  Which keys it
+    has tell the command; the first match wins, so the order matters."""
     if isinstance(reply.get("watchers"), dict):  # ``status`` extended
         return status_table(reply["watchers"])
     if reply.get("healthy"):
@@ -4703,24 +4868,19 @@ def format_reply(reply: dict[str, Any]) -> str:
         return "This watcher is a Singleton - not changing the number of processes"
     for key in ("watchers", "pids", "numprocesses", "numwatchers"):
         if key in reply:
-            value = reply[key]
-            return ",".join(map(str, value)) if isinstance(value, list) else str(value)
+            return _value_text(reply[key])
     if "lines" in reply:
         return "\n".join(reply["lines"])
     if reply.get("warnings"):  # reloadconfig's, printed as it logs them
         return "\n".join(f"warning: {message}" for message in reply["warnings"])
     if "options" in reply:
-        options = dict(reply["options"])
-        if isinstance(options.get("env"), dict):  # as ``set`` takes it: A=1,B=2
-            options["env"] = ",".join(f"{k}={v}" for k, v in sorted(options["env"].items()))
-        return "\n".join(f"{k}: {'' if v is None else v}" for k, v in options.items())
+        return _options_text(reply["options"])
     if "sockets" in reply:
-        return "\n".join(f"{s['fd']}:socket '{s['name']}' at " + (s.get("path") or
-                          f"{s['host']}:{s['port']}") for s in reply["sockets"])
-    if "infos" in reply or "name" in reply:  # ``stats``, of every watcher or of one
-        groups = reply["infos"] if "infos" in reply else {reply["name"]: reply["info"]}
-        return "\n".join(f"{name}:" + "".join(f"\n{pid}: {_stats_text(i)}" for pid, i in
-                                              infos.items()) for name, infos in groups.items())
+        return "\n".join(_socket_text(socket_info) for socket_info in reply["sockets"])
+    if "infos" in reply:  # ``stats`` of every watcher
+        return _watchers_stats_text(reply["infos"])
+    if "name" in reply:  # ``stats`` of one
+        return _watchers_stats_text({reply["name"]: reply["info"]})
     if "process" in reply:
         return f"{reply['process']}: {_stats_text(reply['info'])}"
     if isinstance(reply.get("info"), dict) and "pid" in reply["info"]:  # dstats
@@ -4728,14 +4888,26 @@ def format_reply(reply: dict[str, Any]) -> str:
     return str(reply.get("status", "ok"))
 
 
+def _command_config(args: argparse.Namespace) -> Config:
+    """The Config of ``run --cmd``, for config_from_args: one watcher with
+    the environment, named after the program unless --name says."""
+    name = args.name
+    if not name:
+        name = os.path.basename(shlex.split(args.cmd)[0])
+    watcher = WatcherConfig(name=name, cmd=args.cmd, numprocesses=args.numprocesses,
+                            copy_env=True)
+    return Config(watchers=[watcher])
+
+
 def config_from_args(args: argparse.Namespace) -> Config:
     """The Config for ``run``: the INI file, or one --cmd watcher, with the
     command line's overrides; raise ConfigError."""
     if bool(args.config) == bool(args.cmd):
         raise ConfigError("give either an INI file or --cmd, not both or neither")
-    config = load_config(args.config) if args.config else Config(watchers=[WatcherConfig(
-        name=args.name or os.path.basename(shlex.split(args.cmd)[0]), cmd=args.cmd,
-        numprocesses=args.numprocesses, copy_env=True)])
+    if args.config:
+        config = load_config(args.config)
+    else:
+        config = _command_config(args)
     for key in ("endpoint", "loglevel", "logoutput", "check_delay", "pidfile"):
         if getattr(args, key) is not None:
             setattr(config, key, getattr(args, key))
@@ -4748,7 +4920,10 @@ def setup_logging(level: str, output: str) -> None:
     if not isinstance(logging.getLevelName(level.upper()), int):
         raise ConfigError("use debug, info, warning or error", option="loglevel", value=level)
     stream = {"-": sys.stdout, "stdout": sys.stdout, "stderr": sys.stderr}.get(output)
-    handler = logging.StreamHandler(stream) if stream else logging.FileHandler(output)
+    if stream:
+        handler: logging.Handler = logging.StreamHandler(stream)
+    else:
+        handler = logging.FileHandler(output)
     handler.setFormatter(logging.Formatter(
         "%(asctime)s minisup[%(process)d] %(levelname)s %(message)s"))
     logger.addHandler(handler)
@@ -4782,10 +4957,12 @@ def daemonize() -> int:
 def check_pidfile(path: str | None) -> None:
     """Raise ConfigError if the pidfile ``path`` names a live process (a
     stale one, whose process is gone, will be replaced)."""
-    if path and not os.access(os.path.dirname(os.path.abspath(path)), os.W_OK):
+    if not path:
+        return
+    if not os.access(os.path.dirname(os.path.abspath(path)), os.W_OK):
         raise ConfigError("cannot write in its folder", option="pidfile", value=path)
     # Silent if there is no file, no pid in it, or no such process.
-    with contextlib.suppress(OSError, ValueError, IndexError), open(path or "") as stream:
+    with contextlib.suppress(OSError, ValueError, IndexError), open(path) as stream:
         pid = int(stream.read().split()[0])
         with contextlib.suppress(PermissionError):  # it exists: another user's
             os.kill(pid, 0)  # signal 0: only asks whether it exists
@@ -4812,6 +4989,39 @@ def report_start_failure(exc: MinisupError, logoutput: str, started: int | None)
             os.write(started, f"0minisup: {exc}\n".encode())
 
 
+def write_pidfile(path: str) -> None:
+    """Write this process's pid to ``path``, for run_daemon, whole or not at
+    all (a file of its own, renamed over ``path``): a reader never sees half
+    a pid.  Raise OSError."""
+    with open(f"{path}.{os.getpid()}", "w") as stream:
+        stream.write(f"{os.getpid()}\n")
+    os.replace(stream.name, path)
+
+
+def remove_pidfile(path: str | None) -> None:
+    """Remove the pidfile ``path``, for run_daemon as it ends, if it still
+    names this process; silent if it is gone or unreadable."""
+    if not path:
+        return
+    # Silent if there is no file or no pid in it: nothing of ours to remove.
+    with contextlib.suppress(OSError, ValueError), open(path) as stream:
+        if int(stream.read()) == os.getpid():  # ours, not a successor's
+            os.unlink(stream.name)
+
+
+def systemd_settings() -> tuple[str | None, float]:
+    """Take systemd's variables out of the environment (they are not the
+    children's), for run_daemon before the daemon starts: the address of
+    its notify socket (None without one), and the watchdog interval in
+    seconds (0.0 without one, or if WATCHDOG_PID names another process)."""
+    address = os.environ.pop("NOTIFY_SOCKET", None)
+    usec = os.environ.pop("WATCHDOG_USEC", "")
+    meant_for_us = os.environ.pop("WATCHDOG_PID", str(os.getpid())) == str(os.getpid())
+    if usec.isdigit() and meant_for_us:
+        return address, int(usec) / 1e6
+    return address, 0.0
+
+
 def run_daemon(args: argparse.Namespace) -> int:
     """``minisup run``: supervise (in the foreground unless ``--daemon``)
     until told to quit.  The pidfile is checked before detaching (a live
@@ -4825,16 +5035,13 @@ def run_daemon(args: argparse.Namespace) -> int:
         return EXIT_USAGE
     if args.daemon and config.logoutput in ("-", "stdout", "stderr"):
         print("minisup: --daemon: the log goes to /dev/null (see --log-output)", file=sys.stderr)
-    started = daemonize() if args.daemon else None  # before any thread starts
-    if config.pidfile:  # whole or not at all: a reader never sees half a pid
-        with open(f"{config.pidfile}.{os.getpid()}", "w") as stream:
-            stream.write(f"{os.getpid()}\n")
-        os.replace(stream.name, config.pidfile)
-    # systemd's variables (WATCHDOG_USEC if meant for us) are not the children's.
-    address, usec = os.environ.pop("NOTIFY_SOCKET", None), os.environ.pop("WATCHDOG_USEC", "")
-    meant = os.environ.pop("WATCHDOG_PID", str(os.getpid())) == str(os.getpid())
-    daemon = Daemon(config, subreaper=True, systemd=address,
-                    watchdog=int(usec) / 1e6 if usec.isdigit() and meant else 0.0)
+    started = None  # with --daemon: the pipe to tell the first process we serve
+    if args.daemon:
+        started = daemonize()  # before any thread starts
+    if config.pidfile:
+        write_pidfile(config.pidfile)
+    address, watchdog = systemd_settings()
+    daemon = Daemon(config, subreaper=True, systemd=address, watchdog=watchdog)
     install_signal_handlers(daemon)  # first: a Ctrl-C during start is clean
     try:
         daemon.start()
@@ -4846,13 +5053,27 @@ def run_daemon(args: argparse.Namespace) -> int:
         return EXIT_NO_ANSWER
     finally:
         daemon.stop()
-        with contextlib.suppress(OSError, ValueError), open(config.pidfile or "") as stream:
-            if int(stream.read()) == os.getpid():  # ours, not a successor's
-                os.unlink(stream.name)
+        remove_pidfile(config.pidfile)
     if daemon.arbiter.failed:
         return EXIT_NO_ANSWER
     logger.info("stopped")
     return EXIT_OK
+
+
+def main(argv: list[str] | None = None) -> int:
+    """The command line (``argv``, else sys.argv's): run the sub-command it
+    names and return the exit code; a usage error is EXIT_USAGE, not a
+    SystemExit.  ``run`` blocks until the daemon quits."""
+    actions = {"run": run_daemon, "ctl": run_ctl, "keygen": run_keygen}
+    try:
+        args = build_parser(argv).parse_args(argv)
+        return actions[args.action](args)
+    except SystemExit as exc:  # --help, --version or a usage error
+        if isinstance(exc.code, str):  # ours, as sys.exit would print it
+            print(exc.code, file=sys.stderr)
+        if isinstance(exc.code, int):
+            return exc.code
+        return EXIT_USAGE
 
 
 if __name__ == "__main__":
