@@ -976,6 +976,7 @@ def substitute(text: str, values: dict[str, str], env: dict[str, str]) -> str:
     ``sockets.NAME``) and ``$(circus.env.NAME)`` from ``env``; anything
     else in that form is left as written, as Circus does."""
     def replace(match: re.Match[str]) -> str:
+        """The text of one ``$(circus.KEY)`` match, for SUBSTITUTION.sub."""
         key = match.group(1)
         if key.lower().startswith("env."):
             return env.get(key[4:], os.environ.get(key[4:], ""))
@@ -986,7 +987,9 @@ def substitute(text: str, values: dict[str, str], env: dict[str, str]) -> str:
 def child_env(config: WatcherConfig, values: dict[str, str]) -> dict[str, str]:
     """The environment of one child: only the configured variables unless
     ``copy_env``, as in Circus."""
-    base = dict(os.environ) if config.copy_env else {}
+    base: dict[str, str] = {}
+    if config.copy_env:
+        base = dict(os.environ)
     env = {**base, **{name: substitute(v, values, base) for name, v in config.env.items()}}
     if config.copy_path:  # Circus: the daemon's sys.path as PYTHONPATH
         env["PYTHONPATH"] = os.pathsep.join(p for p in sys.path if p)
@@ -1009,8 +1012,12 @@ def user_options(config: WatcherConfig) -> dict[str, Any]:
     if config.uid is None:
         return {"group": config.gid}
     entry = pwd.getpwuid(config.uid)
-    group = entry.pw_gid if config.gid is None else config.gid
-    extra = os.getgrouplist(entry.pw_name, group) if os.geteuid() == 0 else None  # root only
+    group = config.gid
+    if group is None:  # the user's own group, as login would give
+        group = entry.pw_gid
+    extra = None  # setgroups needs root: anyone else keeps the daemon's groups
+    if os.geteuid() == 0:
+        extra = os.getgrouplist(entry.pw_name, group)
     return {"user": config.uid, "group": group, "extra_groups": extra}
 
 
@@ -1045,12 +1052,16 @@ def resolve_rlimits(config: WatcherConfig) -> list[tuple[int, int]]:
     limits = []
     for name, value in config.rlimits.items():
         which = getattr(resource, f"RLIMIT_{name.upper()}")
-        limit = resource.RLIM_INFINITY if value is None else value
+        limit = value
+        shown = value  # as the error shows the value
+        if value is None:  # an empty option: no limit
+            limit = resource.RLIM_INFINITY
+            shown = "unlimited"
         hard = resource.getrlimit(which)[1]
         if _above(limit, hard) and not has_capability(CAP_SYS_RESOURCE):
             raise ConfigError(f"above the daemon's hard limit ({hard}); raising a hard limit "
                               "needs CAP_SYS_RESOURCE, which the daemon lacks",
-                              option=f"rlimit_{name}", value="unlimited" if value is None else value)
+                              option=f"rlimit_{name}", value=shown)
         limits.append((which, limit))
     return limits
 
@@ -1093,14 +1104,16 @@ def find_program(name: str, env: dict[str, str], cwd: str | None) -> str:
     candidates = [name]
     if not os.path.dirname(name):
         candidates = [os.path.join(folder, name) for folder in os.get_exec_path(env)]
-    first = None
+    first_problem = None  # what execvpe would report: the first error but a missing file
     for path in candidates:
         problem = _exec_problem(os.path.join(cwd or "", path))
         if problem is None:
             return path
-        if first is None and problem not in (errno.ENOENT, errno.ENOTDIR):
-            first = problem
-    code = errno.ENOENT if first is None else first
+        if first_problem is None and problem not in (errno.ENOENT, errno.ENOTDIR):
+            first_problem = problem
+    code = first_problem
+    if code is None:
+        code = errno.ENOENT
     raise OSError(code, os.strerror(code), name)  # OSError picks the subclass by code
 
 
@@ -1207,21 +1220,31 @@ class Process:
 
     def __init__(self, popen: subprocess.Popen, wid: int, started: float,
                  expires: float | None = None, pipes: dict[str, int] | None = None) -> None:
-        self.popen, self.pid, self.wid, self.started = popen, popen.pid, wid, started
-        self.pipes = pipes or {}  # read ends, handed to the output thread
+        """Wrap ``popen``, just started by spawn_process on the worker
+        thread; open its pidfd where the kernel has them."""
+        self.popen = popen
+        self.pid = popen.pid
+        self.wid = wid  # its slot in the watcher: $(circus.wid)
+        self.started = started  # the arbiter's clock: for uptime and min_uptime
+        if pipes is None:
+            pipes = {}
+        self.pipes = pipes  # read ends, handed to the output thread
         self.expires = expires  # max_age: when to replace it
         self.started_at = time.time()  # wall clock, for stats and status
         self.watched = False  # its pidfd is in the worker's selector
         self.draining = False  # the output thread is emptying its pipes
         self.stop_deadline: float | None = None
-        self.killed, self.pidfd = False, None
-        self.ready, self.ready_by = True, 0.0  # see Watcher._check_ready
+        self.killed = False
+        self.pidfd: int | None = None
+        self.ready = True  # False until its ``ready`` check passes: Watcher._check_ready
+        self.ready_by = 0.0  # when that check gives up on it
         if HAS_PIDFD:  # a zombie has one too: a child already dead reads as exited
             with contextlib.suppress(OSError):  # old kernel: the worker polls instead
                 self.pidfd = os.pidfd_open(self.pid)
 
     @property
     def stopping(self) -> bool:
+        """Whether it was told to stop (it has a ``stop_deadline``)."""
         return self.stop_deadline is not None
 
     def send_signal(self, signum: int, group: bool = False) -> None:
@@ -1230,11 +1253,15 @@ class Process:
         if self.popen.returncode is None:
             # Refused if it exited (a zombie group) or setuid'd away from us.
             with contextlib.suppress(ProcessLookupError, PermissionError):
-                (os.killpg if group else os.kill)(self.pid, signum)
+                if group:  # it leads its group (process_group=0): the group id is its pid
+                    os.killpg(self.pid, signum)
+                else:
+                    os.kill(self.pid, signum)
 
     def kill(self, descendants: Iterable[int] = ()) -> None:
-        """SIGKILL the child's whole process group and ``descendants``
-        (which may have left the group), so no helper lingers."""
+        """Send SIGKILL (as Popen.kill does) to the child's whole process
+        group and to ``descendants`` (which may have left the group), so no
+        helper lingers; on the worker thread, never blocks nor raises."""
         self.killed = True
         self.send_signal(signal.SIGKILL, group=True)
         kill_pids(descendants, signal.SIGKILL)
@@ -1253,15 +1280,19 @@ def spawn_process(config: WatcherConfig, wid: int, now: float,
     Python runs between fork and exec (the exec helper runs after one), so
     Popen keeps its vfork path (a ``uid`` costs it); each child leads its
     group, out of reach of the terminal's Ctrl-C."""
-    sockets = sockets or {}  # $(circus.*) values: the wid, and the fd of each socket
-    values = {"wid": str(wid), **{f"sockets.{n}": str(s.fileno()) for n, s in sockets.items()}}
-    env = {**child_env(config, values), **(extra_env or {})}
+    if sockets is None:
+        sockets = {}
+    values = _circus_values(wid, sockets)
+    env = child_env(config, values)
+    if extra_env:
+        env.update(extra_env)
     limits = resolve_rlimits(config)  # before any child starts: one we cannot set is an error
     helper = uses_helper(config)
     inherited = _inherited_fds(config, sockets)
-    stdin = sockets[config.stdin_socket.lower()].fileno() if config.stdin_socket else None
-    outputs: dict[str, tuple[int | None, int | None]] = {}
-    popen = env_fd = None
+    stdin = _stdin_target(config, sockets)
+    outputs: dict[str, tuple[int | None, int | None]] = {}  # (our read end, the child's fd)
+    popen = None
+    env_fd = None  # the program's environment, for the exec helper
     try:
         for stream in ("stdout", "stderr"):
             outputs[stream] = _output_target(config, stream, capture)
@@ -1270,35 +1301,78 @@ def spawn_process(config: WatcherConfig, wid: int, now: float,
             inherited.append(env_fd)
         launch = _launch(config, child_argv(config, values, env), env, limits, env_fd)
         popen = subprocess.Popen(**launch, cwd=config.working_dir or None, process_group=0,
-            stdin=stdin or (subprocess.DEVNULL if config.close_child_stdin else None),
-            stdout=outputs["stdout"][1], stderr=outputs["stderr"][1], pass_fds=sorted(inherited),
-            umask=-1 if config.umask is None else config.umask)
+                                 stdin=stdin, stdout=outputs["stdout"][1],
+                                 stderr=outputs["stderr"][1], pass_fds=sorted(inherited),
+                                 umask=_child_umask(config))
         if not helper:  # else the helper has set them, before the program's exec
-            # Our ids, so prlimit needs no capability; but it comes just after
-            # exec: the program's first instructions run under our limits.
-            for which, limit in limits:
-                resource.prlimit(popen.pid, which, (limit, limit))
+            _set_limits(popen.pid, limits)
     except BaseException:
         close_fds(read_end for read_end, _ in outputs.values())
         if popen is not None:  # never leave a child running without its limits
-            abandon(popen)
+            kill_failed_spawn(popen)
         raise
     finally:  # the child has the write ends and the environment; we keep the read ends
         close_fds([env_fd, *(write for read, write in outputs.values() if read is not None)])
     pipes = {stream: read for stream, (read, _) in outputs.items() if read is not None}
-    # max_age plus a random share of the variance: those started together end apart.
-    expires = now + config.max_age + _RANDOM.uniform(0, config.max_age_variance)
-    return Process(popen, wid, now, expires if config.max_age else None, pipes)
+    return Process(popen, wid, now, _expiry(config, now), pipes)
+
+
+def _circus_values(wid: int, sockets: dict[str, socket.socket]) -> dict[str, str]:
+    """The ``$(circus.KEY)`` values of one child, for substitute: its
+    ``wid``, and ``sockets.NAME`` the fd of each socket."""
+    fds = {f"sockets.{name}": str(sock.fileno()) for name, sock in sockets.items()}
+    return {"wid": str(wid), **fds}
+
+
+def _set_limits(pid: int, limits: list[tuple[int, int]]) -> None:
+    """Set ``limits`` (resolve_rlimits') on child ``pid``, which has our
+    ids, so prlimit needs no capability; for spawn_process, just after
+    exec: the program's first instructions run under our limits.  Raise
+    OSError (the caller then kills the child)."""
+    for which, limit in limits:
+        resource.prlimit(pid, which, (limit, limit))
 
 
 def _inherited_fds(config: WatcherConfig, sockets: dict[str, socket.socket]) -> list[int]:
     """The only fds a child of ``config`` inherits (besides 0-2): the
     sockets its command names, or all of them with ``use_sockets``."""
-    named = set(sockets) if config.use_sockets else socket_users(config)
+    if config.use_sockets:
+        named = set(sockets)
+    else:
+        named = socket_users(config)
     return [sock.fileno() for name, sock in sockets.items() if name in named]
 
 
-def abandon(popen: subprocess.Popen) -> None:
+def _stdin_target(config: WatcherConfig, sockets: dict[str, socket.socket]) -> int | None:
+    """Popen's ``stdin`` for a child of ``config``, for spawn_process: the
+    fd of its ``stdin_socket``, else /dev/null with ``close_child_stdin``,
+    else the daemon's own (None)."""
+    if config.stdin_socket:
+        fd = sockets[config.stdin_socket.lower()].fileno()
+        if fd:  # NB: a socket on fd 0 counts as none, and falls through
+            return fd
+    if config.close_child_stdin:
+        return subprocess.DEVNULL
+    return None
+
+
+def _child_umask(config: WatcherConfig) -> int:
+    """Popen's ``umask`` for a child of ``config``: -1 keeps the daemon's."""
+    if config.umask is None:
+        return -1
+    return config.umask
+
+
+def _expiry(config: WatcherConfig, now: float) -> float | None:
+    """When a child of ``config`` started at ``now`` is to be replaced
+    (None: never): its ``max_age`` plus a random share of the variance,
+    so that children started together end apart."""
+    if not config.max_age:
+        return None
+    return now + config.max_age + _RANDOM.uniform(0, config.max_age_variance)
+
+
+def kill_failed_spawn(popen: subprocess.Popen) -> None:
     """SIGKILL a child whose spawn failed after it started, with its whole
     process group, then reap it.  For spawn_process; blocks only until the
     kernel has the leader dead."""
@@ -1325,7 +1399,10 @@ def _launch(config: WatcherConfig, argv: list[str], env: dict[str, str],
 
 def _output_target(config: WatcherConfig, stream: str,
                    capture: bool) -> tuple[int | None, int | None]:
-    # (our read end, the child's fd): a pipe, /dev/null, or ours (None).
+    """(our read end, the child's fd) for a child's ``stream`` ("stdout" or
+    "stderr"), for spawn_process: a pipe when ``capture`` and the watcher
+    has a sink for it, /dev/null with ``close_child_STREAM``, else the
+    daemon's own (None, None).  Raise OSError if no pipe can be made."""
     if getattr(config, f"close_child_{stream}"):
         return None, subprocess.DEVNULL
     if capture and getattr(config, f"{stream}_stream"):
@@ -1406,6 +1483,8 @@ def descendants(pid: int, children: dict[int, list[int]], recursive: bool = True
 
 @functools.cache  # both fixed until the next boot
 def _boot_time_and_memory() -> tuple[float, int]:
+    """The boot time (epoch seconds) and the total memory (bytes), for
+    process_stats; read once, raise OSError if /proc cannot be read."""
     with open("/proc/stat") as stream:
         boot = float(next(line for line in stream if line.startswith("btime")).split()[1])
     with open("/proc/meminfo") as stream:
@@ -1414,8 +1493,23 @@ def _boot_time_and_memory() -> tuple[float, int]:
 
 def human_bytes(count: int) -> str:
     """Bytes as Circus shows them: ``512B``, ``12.34M``."""
-    power = min(8, max(0, count.bit_length() - 1) // 10)
-    return f"{count / (1 << 10 * power):.2f}{' KMGTPEZY'[power]}" if power else f"{count}B"
+    power = min(8, max(0, count.bit_length() - 1) // 10)  # of 1024: K is 1, Y is 8
+    if not power:
+        return f"{count}B"
+    return f"{count / (1 << 10 * power):.2f}{' KMGTPEZY'[power]}"
+
+
+def _cpu_time_text(seconds: float) -> str:
+    """CPU time as Circus's ``ctime`` shows it, ``m:ss.hh``: cut, not rounded."""
+    hundredths = int(seconds * 100)
+    return f"{hundredths // 6000}:{hundredths // 100 % 60:02d}.{hundredths % 100:02d}"
+
+
+def _user_name(uid: int) -> str:
+    """The name of ``uid``, or its number if it has none; for process_stats."""
+    with contextlib.suppress(KeyError):  # a uid with no passwd entry
+        return pwd.getpwuid(uid).pw_name
+    return str(uid)
 
 
 def process_stats(pid: int, children: bool = False) -> dict[str, Any] | str:
@@ -1428,23 +1522,21 @@ def process_stats(pid: int, children: bool = False) -> dict[str, Any] | str:
         uid = os.stat(f"/proc/{pid}").st_uid
     except (OSError, ValueError):
         return "No such process (stopped?)"
-    cpu_seconds = (int(fields[11]) + int(fields[12])) / CLOCK_TICKS
-    hundredths = int(cpu_seconds * 100)  # ctime is m:ss.hh, cut, not rounded
+    cpu_seconds = (int(fields[11]) + int(fields[12])) / CLOCK_TICKS  # utime + stime
     boot_time, memory = _boot_time_and_memory()
-    created = boot_time + int(fields[19]) / CLOCK_TICKS
-    age = max(time.time() - created, 1e-9)
-    rss = int(fields[21]) * PAGE_SIZE
-    username = str(uid)
-    with contextlib.suppress(KeyError):  # a uid with no name: its number
-        username = pwd.getpwuid(uid).pw_name
+    created = boot_time + int(fields[19]) / CLOCK_TICKS  # starttime: ticks after boot
+    age = max(time.time() - created, 1e-9)  # never 0: cpu divides by it
+    rss = int(fields[21]) * PAGE_SIZE  # rss is in pages
+    virtual_size = int(fields[20])  # vsize is in bytes
+    child_stats: list[dict[str, Any] | str] = []
+    if children:
+        child_stats = [process_stats(child) for child in sorted(children_of(pid))]
     return {
         "pid": pid, "cpu": round(100 * cpu_seconds / age, 1), "nice": int(fields[16]),
         "mem": round(100 * rss / memory, 3), "mem_info1": human_bytes(rss),
-        "mem_info2": human_bytes(int(fields[20])),
-        "ctime": f"{hundredths // 6000}:{hundredths // 100 % 60:02d}.{hundredths % 100:02d}",
-        "username": username, "create_time": created, "age": age,
-        "cmdline": os.path.basename(cmdline) or "N/A",
-        "children": [process_stats(c) for c in sorted(children_of(pid))] if children else []}
+        "mem_info2": human_bytes(virtual_size), "ctime": _cpu_time_text(cpu_seconds),
+        "username": _user_name(uid), "create_time": created, "age": age,
+        "cmdline": os.path.basename(cmdline) or "N/A", "children": child_stats}
 
 
 # ============================================================== Output ======
@@ -1465,7 +1557,8 @@ ROTATE_SECONDS = {"s": 1, "m": 60, "h": 3600, "d": 86400}
 def split_long_lines(data: bytes, limit: int) -> bytes:
     """Cut every line of ``data`` longer than ``limit`` with SPLIT_MARK,
     a window of ``limit`` bytes at a time: a search or two per chunk."""
-    start, parts = 0, []
+    start = 0  # where the rest of data begins
+    parts = []
     while len(data) - start > limit:
         newline = data.rfind(b"\n", start, start + limit + 1)
         if newline < 0:
@@ -1474,7 +1567,9 @@ def split_long_lines(data: bytes, limit: int) -> bytes:
         else:
             parts.append(data[start:newline + 1])
             start = newline + 1
-    return b"".join([*parts, data[start:]]) if parts else data
+    if not parts:  # nothing to cut: no copy
+        return data
+    return b"".join([*parts, data[start:]])
 
 
 class Sink:
@@ -1482,26 +1577,42 @@ class Sink:
     FileStream, WatchedFileStream, StdoutStream).  Owned by the output thread."""
 
     def __init__(self, name: str, options: dict[str, Any]) -> None:
-        self.name, self.options, self.kind = name, options, options["class"]
+        """The sink of watcher ``name`` for stream ``options`` (its
+        ``stdout_stream`` or ``stderr_stream``); opens the target, or
+        leaves it closed for each write to retry.  On the output thread."""
+        self.name = name  # the watcher's
+        self.options = options
+        self.stream_class = options["class"]  # one of STREAM_CLASSES
         self.path = options.get("filename", "")
-        self._clock = time.gmtime if options.get("utc") else time.localtime
-        self.errors, self.fd, self.size, self.rotatable = 0, -1, 0, False
+        self._clock = time.localtime  # for rotation times and backup names
+        if options.get("utc"):
+            self._clock = time.gmtime
+        self.errors = 0  # chunks lost or cut short
+        self.fd = -1  # the target, -1 while closed
+        self.size = 0  # what the target holds, for max_bytes
+        self.rotatable = False  # a regular file of ours: see open
         self.uncut = 0  # partial lines that could not be cut off the target
         self.torn = False  # the target ends with one: the next write ends it
-        self.rollover_at = (self._next_rollover(time.time())
-                            if self.kind == "timedrotatingfilestream" else None)
+        self.rollover_at = None  # when a timed rotation is due
+        if self.stream_class == "timedrotatingfilestream":
+            self.rollover_at = self._next_rollover(time.time())
         self.reopen()
 
     def open(self) -> None:
         """Open the target; raise OSError."""
-        flags = os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC
-        fd = os.dup(1) if self.kind == "stdoutstream" else os.open(self.path, flags, 0o644)
+        if self.stream_class == "stdoutstream":
+            fd = os.dup(1)  # ours, closed on its own: the daemon's stdout stays open
+        else:
+            flags = os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC
+            fd = os.open(self.path, flags, 0o644)
         info = os.fstat(fd)
         self.fd, self.size = fd, info.st_size
         # Never rotate our stdout, a FIFO or /dev/stdout (supervisord's "Illegal seek").
-        self.rotatable = stat.S_ISREG(info.st_mode) and self.kind != "stdoutstream"
+        self.rotatable = stat.S_ISREG(info.st_mode) and self.stream_class != "stdoutstream"
 
     def close(self) -> None:
+        """Close the target, if open; on the output thread (or by the owner
+        of a Sink no thread writes to)."""
         fd, self.fd = self.fd, -1  # a closed number may be reused at once
         close_fds([fd])
 
@@ -1514,19 +1625,19 @@ class Sink:
 
     def write(self, pid: int, data: bytes) -> None:
         """Write whole lines (``data`` ends with a newline), each after its
-        prefix: ``NAME.PID | `` on stdout, the time with ``time_format``."""
-        head = f"{self.name}.{pid} | ".encode() if self.kind == "stdoutstream" else b""
-        if self.options.get("time_format"):
-            head += time.strftime(self.options["time_format"]).encode() + b" "
-        if head:
-            data = b"".join(head + line + b"\n" for line in data.split(b"\n")[:-1])
-        if self.kind == "watchedfilestream":
+        prefix: ``NAME.PID | `` on stdout, the time with ``time_format``.
+        On the output thread; may block on a slow disk; a failed write or
+        rotation is counted and logged (see _failed), not raised."""
+        data = self._with_prefixes(pid, data)
+        if self.stream_class == "watchedfilestream":
             self._follow_moves()
         while data:  # rotating between lines
             if self.rollover_at is not None and time.time() >= self.rollover_at:
                 self._rotate()
                 self.rollover_at = self._next_rollover(time.time())
-            limit = self.options.get("max_bytes", 0) if self.rotatable else 0
+            limit = 0  # bytes per file, 0: no size rotation
+            if self.rotatable:
+                limit = self.options.get("max_bytes", 0)
             if not limit or self.size + len(data) <= limit:
                 self._put(data)
                 return
@@ -1536,6 +1647,18 @@ class Sink:
             self._put(data[:cut])
             self._rotate()
             data = data[cut:]
+
+    def _with_prefixes(self, pid: int, data: bytes) -> bytes:
+        """``data`` (whole lines) with each line's prefix for write: ``NAME.PID | ``
+        on stdout, then the time with ``time_format``; unchanged without."""
+        head = b""
+        if self.stream_class == "stdoutstream":
+            head = f"{self.name}.{pid} | ".encode()
+        if self.options.get("time_format"):
+            head += time.strftime(self.options["time_format"]).encode() + b" "
+        if not head:
+            return data
+        return b"".join(head + line + b"\n" for line in data.split(b"\n")[:-1])
 
     def _put(self, data: bytes) -> None:
         """Append ``data`` (whole lines) to the target; on the output thread,
@@ -1598,42 +1721,65 @@ class Sink:
                          self.name, self.path, exc, self.errors)
 
     def _follow_moves(self) -> None:
+        """Reopen the target if its file was moved or deleted (a
+        watchedfilestream's logrotate), or was never opened; on the output
+        thread, before each write; never raises."""
         with contextlib.suppress(OSError):  # no file, or none open (it failed)
             if os.path.samestat(os.stat(self.path), os.fstat(self.fd)):
                 return
         self.reopen()  # moved, deleted, or never opened
 
     def _rotate(self) -> None:
+        """Set the file aside as NAME.TIME (timed) or NAME.1 (older ones
+        move up), or empty it without ``backup_count``, then reopen it; on
+        the output thread, between lines; never raises (a failure is logged)."""
         count = self.options.get("backup_count", 0)
-        try:  # set aside as NAME.TIME (timed) or NAME.1 (older ones move up), or emptied
-            if self.kind == "timedrotatingfilestream":
-                stamp = time.strftime("%Y-%m-%d_%H-%M-%S", self._clock(self.rollover_at - 1))
-                target = f"{self.path}.{stamp}"
-                while os.path.exists(target):  # a size rotation in the same second
-                    target += "_"
-                os.replace(self.path, target)
-                backups = sorted(glob.glob(glob.escape(self.path) + ".*"))
-                for old in backups[:-count] if count else []:
-                    os.remove(old)
+        try:
+            if self.stream_class == "timedrotatingfilestream":
+                self._set_aside_timed(count)
             elif count:
-                for index in range(count - 1, 0, -1):
-                    if os.path.exists(f"{self.path}.{index}"):
-                        os.replace(f"{self.path}.{index}", f"{self.path}.{index + 1}")
-                os.replace(self.path, f"{self.path}.1")
+                self._set_aside_numbered(count)
             else:
                 os.truncate(self.path, 0)
         except OSError as exc:  # moved away meanwhile (logrotate): start anew
             self._failed(exc)
         self.reopen()
 
+    def _set_aside_timed(self, count: int) -> None:
+        """Rename the file NAME.TIME (its period's last second) and keep only
+        the newest ``count`` backups (0: all); for _rotate, raise OSError."""
+        stamp = time.strftime("%Y-%m-%d_%H-%M-%S", self._clock(self.rollover_at - 1))
+        target = f"{self.path}.{stamp}"
+        while os.path.exists(target):  # a size rotation in the same second
+            target += "_"
+        os.replace(self.path, target)
+        backups = sorted(glob.glob(glob.escape(self.path) + ".*"))
+        if count:
+            for old in backups[:-count]:
+                os.remove(old)
+
+    def _set_aside_numbered(self, count: int) -> None:
+        """Rename the file NAME.1, each NAME.N to NAME.N+1, the last of
+        ``count`` backups being overwritten; for _rotate, raise OSError."""
+        for index in range(count - 1, 0, -1):
+            if os.path.exists(f"{self.path}.{index}"):
+                os.replace(f"{self.path}.{index}", f"{self.path}.{index + 1}")
+        os.replace(self.path, f"{self.path}.1")
+
     def _next_rollover(self, now: float) -> float:
+        """When the timed rotation after ``now`` is due, for the output
+        thread: with ``rotate_when`` s, m, h or d, ``rotate_interval`` of
+        those later; with midnight, at the next one; with w0 to w6, at the
+        start of the next such weekday (w0: Monday; never today)."""
         when = self.options.get("rotate_when", "h")
         interval = max(1, self.options.get("rotate_interval", 1))
         if when in ROTATE_SECONDS:
             return now + ROTATE_SECONDS[when] * interval
         local = self._clock(now)
         midnight = now - (local.tm_hour * 3600 + local.tm_min * 60 + local.tm_sec) + 86400
-        days = 0 if when == "midnight" else (int(when[1]) - local.tm_wday - 1) % 7
+        days = 0  # after the next midnight
+        if when != "midnight":  # w0 to w6: tm_wday counts from Monday too
+            days = (int(when[1]) - local.tm_wday - 1) % 7
         return midnight + days * 86400
 
 
@@ -1654,9 +1800,15 @@ def _queued(method: Callable[..., None]) -> Callable[..., None]:
     (or signal handler) queues it and wakes the thread."""
     @functools.wraps(method)
     def queue_call(pump: Pump, *args: Any) -> None:
+        """Queue the call for the output thread and wake it; never blocks."""
         pump._tasks.put((method, pump, *args))
         pump._waker.wake()
     return queue_call
+
+
+def _every_topic(topic: str) -> bool:
+    """Pump.wanted until the Daemon sets its own: every topic has a subscriber."""
+    return True
 
 
 class Pump:
@@ -1666,9 +1818,11 @@ class Pump:
     ``stop``, which are queued to run on the output thread."""
 
     def __init__(self) -> None:
-        self._waker, self._running = Waker(), True
+        """An idle pump: nothing attached, no thread yet (call ``run`` on one)."""
+        self._waker = Waker()  # wakes the output thread for a queued call
+        self._running = True  # until ``stop`` runs
         self.publish: Callable[[str, dict[str, Any]], None] | None = None  # set by the Daemon
-        self.wanted: Callable[[str], bool] = lambda topic: True  # anyone subscribed?
+        self.wanted: Callable[[str], bool] = _every_topic  # anyone subscribed?
         self._tasks: queue.SimpleQueue[tuple[Any, ...]] = queue.SimpleQueue()  # (method, *args)
         self._selector = selectors.DefaultSelector()
         self._selector.register(self._waker, selectors.EVENT_READ, None)
@@ -1677,11 +1831,14 @@ class Pump:
 
     @_queued
     def stop(self) -> None:
-        """Drain every pipe, close every file and end the thread."""
+        """Drain every pipe, close every file and end the output thread;
+        queued (any thread), so it returns at once: join the thread."""
         self._running = False
 
     def run(self) -> None:
-        """The output thread's loop."""
+        """The output thread's loop: read each pipe as data comes and run
+        the queued calls; blocks until ``stop`` has run, then closes every
+        pipe and file.  A failing read or call is logged, not raised."""
         try:
             while self._running:
                 for key, _ in self._selector.select():
@@ -1695,6 +1852,8 @@ class Pump:
             self.close()
 
     def _guarded(self, function: Callable[..., Any], *args: Any) -> None:
+        """Call ``function(*args)`` (a read or a queued call) for ``run``,
+        logging what it raises; a pipe whose read failed is dropped."""
         try:  # a bug must not stop every capture, nor a drain: log, drop the pipe
             function(*args)
         except Exception:
@@ -1718,7 +1877,8 @@ class Pump:
 
     @_queued
     def attach(self, config: WatcherConfig, pid: int, pipes: dict[str, int]) -> None:
-        """Start reading a new child's pipes."""
+        """Start reading a new child's ``pipes`` (stream name: read end)
+        into its watcher's sinks; queued by the worker thread."""
         for stream, fd in pipes.items():
             options = getattr(config, f"{stream}_stream")
             # New options make a new sink: old processes may still write to the old one.
@@ -1753,6 +1913,8 @@ class Pump:
                 self._deliver(pipe, lines)
 
     def _deliver(self, pipe: Pipe, lines: bytes) -> None:
+        """Hand whole ``lines`` from ``pipe`` to its sink, its watcher's tail
+        and any subscriber; on the output thread."""
         pipe.sink.write(pipe.pid, lines)
         tail = self._tails[pipe.config.name]  # split off only the lines it keeps:
         tail.extend((pipe.stream, line)
@@ -1763,17 +1925,23 @@ class Pump:
                                  "data": lines.decode("utf-8", "replace")})
 
     def _finish(self, pipe: Pipe) -> None:
+        """Stop reading ``pipe`` (at its end, or when a read failed) and close
+        it, delivering a last partial line; on the output thread.  Does
+        nothing for a pipe already finished."""
         if pipe.fd < 0:
             return
         self._selector.unregister(pipe.fd)
         os.close(pipe.fd)
-        pipe.fd, partial, pipe.partial = -1, pipe.partial, b""
+        pipe.fd = -1
+        partial = pipe.partial
+        pipe.partial = b""
         if partial:  # the child died mid-line: the line ends here
             self._deliver(pipe, partial + b"\n")
 
     @_queued
     def drain(self, pid: int, done: Callable[[], None]) -> None:
-        """Write what a dead child left in its pipes, then call ``done``."""
+        """Write what a dead child left in its pipes, then call ``done``
+        (even if that fails); queued by the worker thread."""
         try:
             for key in list(self._selector.get_map().values()):
                 if key.data is not None and key.data.pid == pid:
@@ -1782,15 +1950,21 @@ class Pump:
             done()  # the worker waits for this to report the death
 
     @_queued
-    def tail(self, name: str, count: int, stream: str | None,
+    def tail(self, name: str, count: int, only_stream: str | None,
              reply: Callable[[list[str]], None]) -> None:
-        """Call ``reply`` with a watcher's last ``count`` lines."""
-        lines = [line for kind, line in self._tails.get(name, ()) if stream in (None, kind)]
-        reply([line.decode("utf-8", "replace") for line in lines[-count:]] if count else [])
+        """Call ``reply`` with a watcher's last ``count`` lines, of
+        ``only_stream`` ("stdout" or "stderr") if not None."""
+        lines = [line for stream, line in self._tails.get(name, ())
+                 if only_stream in (None, stream)]
+        texts: list[str] = []
+        if count:  # lines[-0:] would be all of them
+            texts = [line.decode("utf-8", "replace") for line in lines[-count:]]
+        reply(texts)
 
     @_queued
     def reopen(self) -> None:
-        """Reopen every log file (after a logrotate)."""
+        """Reopen every log file (after a logrotate); queued from the SIGUSR1
+        handler or the ``reopen`` command."""
         for sink in self._sinks.values():
             sink.reopen()
         logger.info("log files reopened")
