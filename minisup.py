@@ -8,10 +8,11 @@ minisup ctl`` all drive it.
 Threads
 -------
 Each piece of mutable state has exactly one owning thread; threads meet only
-at a ``queue`` plus a wake-up pipe, never at a lock around shared state.
+at a ``queue`` plus a wake-up pipe (``Waker``), never at a lock around
+shared state.
 
-* The **main thread** runs the CLI and alone installs signal handlers.  A
-  handler only submits a job and wakes the worker (``Daemon.request_quit``).
+* The **main thread** runs the CLI and alone installs signal handlers
+  (``SysHandler``).  A handler only queues a call and wakes the worker.
 * The **controller thread** (``Controller``) alone touches zmq sockets.  It
   blocks in a ``zmq.Poller`` over the ROUTER control socket and its own
   wake-up pipe, decodes and validates each request, hands it to the worker
@@ -20,12 +21,19 @@ at a ``queue`` plus a wake-up pipe, never at a lock around shared state.
   ``View`` the worker publishes as each tick ends: no handoff for a read.
 * The **worker thread** (``Arbiter``) alone touches watchers and processes.
   It blocks in a selector over its wake-up pipe and one pidfd per child, so a
-  child's death is seen the moment it happens.  Each tick it drains every
-  queued job, reaps what died, then ``manage_watchers`` spawns, signals and
-  kills against deadlines on a monotonic (injectable) clock.  It never
-  sleeps: the selector's timeout is the time to the next deadline.
+  child's death is seen the moment it happens.  Each tick its ``JobRunner``
+  runs every queued job and call, its ``Reaper`` reaps what died, then
+  ``manage_watchers`` spawns, signals and kills against deadlines on a
+  monotonic (injectable) clock, and its ``SystemdNotifier`` reports.  It
+  never sleeps: the selector's timeout is the time to the next deadline.
 * The **output thread** (``Pump``) alone touches the children's stdout and
   stderr pipes and the log files, so a slow disk never stalls supervision.
+  It hands results back with ``Arbiter.call_on_worker``.
+
+Two references are shared on purpose, each an immutable value swapped
+whole by one thread and read by others: ``Controller.view`` (written by
+the worker) and ``Controller.subscribed`` (written by the controller, read
+to skip events no one wants).  Everything else crosses by a queue.
 
 Life of a process
 -----------------
@@ -48,6 +56,26 @@ A request is one JSON frame ``{"id", "command", "properties", "msg_type"}``
 on a ROUTER socket; the reply carries ``status``, ``time``, ``id`` and, on
 error, ``reason`` and Circus's ``errno``.  A command with ``waiting: true``
 is answered when its action completes, later, without blocking any loop.
+
+Sections
+--------
+Each uses only what stands above it (``Daemon.client`` makes a ``Client``,
+which stands below: the one late binding).
+
+* Errors: ``MinisupError`` and its kinds, the wire errnos, ``Reply``.
+* Helpers: signals, ``Waker``, endpoints and their checks.
+* Config: option types, ``WatcherConfig``, ``Config``, ``parse_config``.
+* Process: spawning (``spawn_process``, the exec helper), ``Process``, /proc.
+* Output: ``Sink`` (log files, rotation) and ``Pump`` (the output thread).
+* Watcher: one program's children, its states and restart policy.
+* Arbiter: ``JobRunner``, ``Reaper``, ``SystemdNotifier`` and ``Arbiter``
+  (the worker thread).
+* Commands: one ``handle_<command>`` per wire command, ``COMMANDS``, the View.
+* Controller: request checks and ``Controller`` (the controller thread).
+* SysHandler: the signal handlers.
+* Daemon: the threads put together, for the CLI and for Python callers.
+* Client: ``Client``, a DEALER on the control socket.
+* CLI: ``run``, ``ctl``, ``keygen`` and ``main``.
 """
 
 from __future__ import annotations
@@ -4658,10 +4686,19 @@ CTL_COMMANDS: dict[str, tuple[str, tuple[str, ...]]] = {
     "reopen": ("reopen every log file (minisup's own)", ()),
     "quit": ("stop every process and the daemon", ("--waiting",)),
 }
+def _positive_seconds(text: str) -> float:
+    """``--interval``'s value: a number of seconds above 0 (argparse says
+    so otherwise)."""
+    value = float(text)
+    if not 0 < value <= MAX_SECONDS:
+        raise argparse.ArgumentTypeError(f"{text}: not a number of seconds above 0")
+    return value
+
+
 #: The ctl arguments that are not strings: name -> converter.
 ARG_TYPES: dict[str, Callable[[str], Any]] = {
     "nb": int, "pid": int, "process": int, "graceful_timeout": float, "lines": int,
-    "interval": float}
+    "interval": _positive_seconds}
 
 #: Exit codes, as circusctl's: scripts written for it keep working.
 EXIT_OK = 0
@@ -4791,7 +4828,8 @@ def _ctl_properties(args: argparse.Namespace) -> dict[str, Any]:
     for argument in CTL_COMMANDS[args.command][1]:
         key = argument.strip("-?+=")
         value = getattr(args, key)
-        if value not in (None, False):
+        # Not "in (None, False)": 0 == False, and "incr web 0" means 0.
+        if value is not None and value is not False:
             properties[key] = value
     if "pairs" in properties:
         properties["options"] = _parse_pairs(properties.pop("pairs"))
@@ -5066,8 +5104,14 @@ def _command_config(args: argparse.Namespace) -> Config:
     """The Config of ``run --cmd``, for config_from_args: one watcher with
     the environment, named after the program unless --name says."""
     name = args.name
+    try:
+        words = shlex.split(args.cmd)
+    except ValueError as exc:  # "No closing quotation"
+        raise ConfigError(str(exc), option="--cmd", value=args.cmd) from None
+    if not words:
+        raise ConfigError("names no program", option="--cmd", value=args.cmd)
     if not name:
-        name = os.path.basename(shlex.split(args.cmd)[0])
+        name = os.path.basename(words[0])
     watcher = WatcherConfig(name=name, cmd=args.cmd, numprocesses=args.numprocesses,
                             copy_env=True)
     return Config(watchers=[watcher])
@@ -5138,6 +5182,8 @@ def check_pidfile(path: str | None) -> None:
     # Silent if there is no file, no pid in it, or no such process.
     with contextlib.suppress(OSError, ValueError, IndexError), open(path) as stream:
         pid = int(stream.read().split()[0])
+        if pid <= 0:  # kill(0 or -1) would ask about groups: not a pid at all
+            return
         with contextlib.suppress(PermissionError):  # it exists: another user's
             os.kill(pid, 0)  # signal 0: only asks whether it exists
         raise ConfigError(f"pid {pid} is alive: is minisup running already?",

@@ -4214,3 +4214,35 @@ def test_soak_fuzz_20000_messages(make_daemon, soak_daemon):
           f"threads {threads} -> {after[1]}")
     assert client.call("numwatchers")["numwatchers"] == 1
     assert after[2] - rss < 8 * 1024, f"RSS grew by {after[2] - rss} KiB"
+
+
+# ================================================ CLI bugs found in review ======
+
+def test_ctl_sends_a_zero_as_given(make_daemon, capsys):
+    daemon = make_daemon(sleepers(n=2))
+    # "incr web 0" used to send no nb at all: the daemon's default 1 applied.
+    assert ctl(capsys, daemon.endpoint, "incr", "web", "0") == (0, "2\n", "")
+    assert ctl(capsys, daemon.endpoint, "decr", "web", "0") == (0, "2\n", "")
+    assert daemon.client.call("numprocesses", name="web")["numprocesses"] == 2
+
+
+@pytest.mark.parametrize("cmd, reason", [
+    ("'", "--cmd = \"'\": No closing quotation"),
+    (" ", "--cmd = ' ': names no program"),
+])
+def test_run_cmd_that_names_no_program_is_a_usage_error(capsys, cmd, reason):
+    assert minisup.main(["run", "--cmd", cmd]) == minisup.EXIT_USAGE  # was a traceback
+    assert capsys.readouterr().err == f"minisup: {reason}\n"
+
+
+@pytest.mark.parametrize("content", ["0\n", "-1\n"])
+def test_a_pidfile_holding_no_real_pid_is_stale(tmp_path, content):
+    pidfile = tmp_path / "minisup.pid"
+    pidfile.write_text(content)  # kill(0) or kill(-1) asked about groups: "alive"
+    minisup.check_pidfile(str(pidfile))
+
+
+def test_ctl_watch_refuses_an_interval_that_is_not_positive(capsys):
+    for interval in ("0", "-1"):
+        assert minisup.main(["ctl", "watch", "--interval", interval]) == minisup.EXIT_USAGE
+        assert "not a number of seconds above 0" in capsys.readouterr().err
