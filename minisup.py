@@ -1781,10 +1781,15 @@ class Sink:
         while os.path.exists(target):  # a size rotation in the same second
             target += "_"
         os.replace(self.path, target)
-        backups = sorted(glob.glob(glob.escape(self.path) + ".*"))
         if count:
-            for old in backups[:-count]:
+            for old in self._timed_backups()[:-count]:
                 os.remove(old)
+
+    def _timed_backups(self) -> list[str]:
+        """The files this sink set aside by time, oldest first: NAME.TIME
+        only, never another file whose name merely starts with NAME."""
+        stamped = re.compile(re.escape(self.path) + r"\.\d{4}-\d\d-\d\d_\d\d-\d\d-\d\d_*")
+        return sorted(p for p in glob.glob(glob.escape(self.path) + ".*") if stamped.fullmatch(p))
 
     def _set_aside_numbered(self, count: int) -> None:
         """Rename the file NAME.1, each NAME.N to NAME.N+1, the last of

@@ -4246,3 +4246,21 @@ def test_ctl_watch_refuses_an_interval_that_is_not_positive(capsys):
     for interval in ("0", "-1"):
         assert minisup.main(["ctl", "watch", "--interval", interval]) == minisup.EXIT_USAGE
         assert "not a number of seconds above 0" in capsys.readouterr().err
+
+
+def test_timed_rotation_keeps_backup_count_and_no_other_file(tmp_path):
+    log = tmp_path / "out.log"
+    others = [tmp_path / "out.log.gz", tmp_path / "out.log.keep"]
+    for other in others:
+        other.write_text("not a backup of minisup's\n")
+    sink = minisup.Sink("w", {"class": "timedrotatingfilestream", "filename": str(log),
+                              "rotate_when": "s", "backup_count": 1})
+    try:
+        for text in (b"one\n", b"two\n", b"three\n"):
+            sink.rollover_at = time.time() - 1  # this period is over: the write rotates
+            sink.write(1, text)
+    finally:
+        sink.close()
+    backups = sorted(p.name for p in tmp_path.glob("out.log.2*"))
+    assert len(backups) == 1 and log.read_bytes() == b"three\n"
+    assert all(other.exists() for other in others)  # used to be deleted as old backups
