@@ -4598,13 +4598,17 @@ class Client:
                  curve_key: str | None = None, server_key: str | None = None) -> None:
         """``curve_key``: our keygen .key_secret file, ``server_key`` the
         daemon's .key file, for a daemon that has CURVE keys."""
-        self.endpoint, self.timeout = endpoint or default_endpoint(), timeout
-        keys = (load_curve_key(curve_key or ""), load_curve_key(server_key or "", False)) if (
-            curve_key or server_key) else None  # read first: a bad file leaks no context
+        if not endpoint:  # None or "": the default, as ctl's
+            endpoint = default_endpoint()
+        self.endpoint = endpoint
+        self.timeout = timeout
+        keys = None
+        if curve_key or server_key:  # read first: a bad file leaks no context
+            keys = (load_curve_key(curve_key or ""), load_curve_key(server_key or "", False))
         self._context = zmq.Context()
         self._socket = self._context.socket(zmq.DEALER)
         self._socket.linger = 0
-        if keys:
+        if keys is not None:
             self._socket.curve_publickey, self._socket.curve_secretkey = keys[0]
             self._socket.curve_serverkey = keys[1][0]
         try:
@@ -4617,9 +4621,11 @@ class Client:
         self._answered = False  # until a first reply, a missing socket fails at once
 
     def __enter__(self) -> Self:
+        """The client itself, closed at the block's end."""
         return self
 
     def __exit__(self, *exc_info: object) -> None:
+        """Close the client (see ``close``)."""
         self.close()
 
     def call(self, command: str, **properties: Any) -> dict[str, Any]:
@@ -4636,7 +4642,9 @@ class Client:
         self._counter += 1
         message_id = f"{os.getpid()}-{id(self):x}-{self._counter}"
         self._socket.send(json.dumps(dict(message, id=message_id)).encode())
-        deadline = time.monotonic() + (self.timeout if timeout is None else timeout)
+        if timeout is None:
+            timeout = self.timeout
+        deadline = time.monotonic() + timeout
         while (left := deadline - time.monotonic()) > 0 and self._socket.poll(left * 1000):
             reply = json.loads(self._socket.recv())
             if isinstance(reply, dict) and reply.get("id") == message_id:
