@@ -218,11 +218,14 @@ def server_error(command: str, exc: Exception) -> Reply:
 # ============================================================= Helpers ======
 
 def parse_signal(value: str | int) -> int:
-    """Return the signal number for 9, "9", "KILL" or "SIGKILL"."""
+    """Return the signal number for 9, "9", "KILL" or "SIGKILL"; raise
+    ValueError for an unknown name or number (or a bool).  Pure: any thread."""
     if isinstance(value, str) and not value.strip().isdigit():
         name = value.strip().upper()
+        if not name.startswith("SIG"):
+            name = "SIG" + name
         try:
-            return int(signal.Signals[name if name.startswith("SIG") else "SIG" + name])
+            return int(signal.Signals[name])
         except KeyError:
             raise ValueError("not a signal name") from None
     if isinstance(value, bool) or int(value) not in signal.valid_signals():
@@ -235,25 +238,36 @@ class Waker:
     ``wake`` from any thread or signal handler, ``drain`` by its owner."""
 
     def __init__(self) -> None:
+        """Open the pipe, both ends non-blocking and closed on exec."""
         self.read_fd, self.write_fd = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
 
     def fileno(self) -> int:
+        """The read end, for the owner's selector (-1 once closed)."""
         return self.read_fd
 
     def wake(self) -> None:
+        """Make the read end readable; any thread or a signal handler may
+        call it, even after ``close``.  Never blocks, never raises."""
         # OSError: a full pipe (a wake-up is pending) or a closed one: then
         # write_fd is -1, never a number that may have been reused.
         with contextlib.suppress(OSError):
             os.write(self.write_fd, b"\0")
 
     def drain(self) -> None:
+        """Read every pending wake-up, so that the next poll blocks again;
+        by the owner only.  Never blocks."""
+        # BlockingIOError: the pipe is empty, every wake-up is consumed.
         with contextlib.suppress(BlockingIOError):
             while os.read(self.read_fd, 4096):
                 pass
 
     def close(self) -> None:
-        fds, self.read_fd, self.write_fd = (self.read_fd, self.write_fd), -1, -1
-        close_fds(fds)  # -1 once closed: its number may be reused at once
+        """Close both ends, by the owner; a second call does nothing."""
+        fds = (self.read_fd, self.write_fd)
+        # -1 before closing: a closed fd's number may be reused at once.
+        self.read_fd = -1
+        self.write_fd = -1
+        close_fds(fds)
 
 
 def close_fds(fds: Iterable[int | None]) -> None:
@@ -317,12 +331,18 @@ def check_udp_endpoint(endpoint: str) -> tuple[str, int]:
     """Split a discovery endpoint ``udp://HOST:PORT``; raise ConfigError.
     HOST is a loopback address or a multicast group (which is joined)."""
     match = re.fullmatch(r"udp://([\d.]+):(\d+)", endpoint)
-    import ipaddress
-    address = match and ipaddress.ip_address(match.group(1))
-    if not match or not (address.is_loopback or address.is_multicast):
+    if not match or not _loopback_or_multicast(match.group(1)):
         raise ConfigError("use udp://127.0.0.1:PORT or udp://MULTICAST-GROUP:PORT",
                           option="multicast_endpoint", value=endpoint)
     return match.group(1), int(match.group(2))
+
+
+def _loopback_or_multicast(host: str) -> bool:
+    """Whether the dotted address ``host`` is a loopback or a multicast one;
+    raise ValueError if it is no address (999.0.0.1, say)."""
+    import ipaddress  # here: ctl starts faster
+    address = ipaddress.ip_address(host)
+    return address.is_loopback or address.is_multicast
 
 
 def prepare_ipc_endpoint(endpoint: str) -> str | None:
@@ -382,8 +402,10 @@ def set_child_subreaper() -> None:
 
 # ============================================================== Config ======
 
-class Kind(NamedTuple):
-    """How one option is read from INI text and checked from JSON."""
+class OptionType(NamedTuple):
+    """How one option is read from INI text (``from_text``) and checked
+    from JSON (``from_json``); each returns the value the config keeps and
+    raises ValueError or TypeError with the reason a value is refused."""
 
     from_text: Callable[[str], Any]
     from_json: Callable[[Any], Any]
@@ -411,32 +433,91 @@ MAX_RLIMIT = 2**63 - 1
 
 
 def _is_int(value: Any) -> bool:
+    """Whether ``value`` is an integer, and not JSON's true or false."""
     return isinstance(value, int) and not isinstance(value, bool)
 
 
-def _check(test: Callable[[Any], bool], problem: str) -> Callable[[Any], Any]:
-    """A JSON check: the value if ``test`` holds, else ValueError(``problem``)."""
-    def check(value: Any) -> Any:
-        if not test(value):
-            raise ValueError(problem)
-        return value
-    return check
+# The JSON checks: each returns the value (a list copied, a signal as its
+# number) or raises ValueError with the reason it is refused.
+
+def _json_int(value: Any) -> int:
+    """Check a JSON integer (true and false are none); raise ValueError."""
+    if not _is_int(value):
+        raise ValueError("isn't an integer")
+    return value
 
 
-def _from_text(convert: Callable[[str], Any], what: str, check: Callable[[Any], Any]) -> Kind:
-    """A Kind whose INI text is ``convert``-ed (a ValueError or KeyError:
-    it is not ``what``), then checked as JSON is."""
+def _json_number(value: Any) -> int | float:
+    """Check a JSON number, integer or float; raise ValueError."""
+    if not (_is_int(value) or isinstance(value, float)):
+        raise ValueError("isn't a number")
+    return value
+
+
+def _json_bool(value: Any) -> bool:
+    """Check a JSON boolean; raise ValueError."""
+    if not isinstance(value, bool):
+        raise ValueError("isn't a boolean")  # noqa: TRY004 - ValueError, as every check
+    return value
+
+
+def _json_str(value: Any) -> str:
+    """Check a JSON string; raise ValueError."""
+    if not isinstance(value, str):
+        raise ValueError("isn't a string")  # noqa: TRY004 - ValueError, as every check
+    return value
+
+
+def _json_signal(value: Any) -> int:
+    """Check a JSON signal, a number or a name, and return its number;
+    raise ValueError."""
+    if not (_is_int(value) or isinstance(value, str)):
+        raise ValueError("isn't a signal")
+    return parse_signal(value)
+
+
+def _json_args(value: Any) -> list[str]:
+    """Check JSON ``args``: a string, split as a shell would, or a list of
+    strings (copied); raise ValueError."""
+    if isinstance(value, str):
+        return shlex.split(value)
+    if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
+        raise ValueError("must be a string or a list of strings")
+    return list(value)
+
+
+def _json_env(value: Any) -> dict[str, str]:
+    """Check a JSON ``env``: an object whose values are strings; raise ValueError."""
+    if not isinstance(value, dict) or not all(isinstance(v, str) for v in value.values()):
+        raise ValueError("must be an object of strings")
+    return value
+
+
+def _json_codes(value: Any) -> list[int]:
+    """Check JSON exit codes: a list of integers 0-255; raise ValueError."""
+    if not isinstance(value, list) or not all(_is_int(v) and 0 <= v < 256 for v in value):
+        raise ValueError("must be a list of exit codes 0-255")
+    return value
+
+
+def _not_in_ini(text: str) -> Any:
+    """Refuse an option that an INI section may not set; raise ValueError."""
+    raise ValueError("set it in an [env] or [env:NAME] section")
+
+
+def _option_type(convert: Callable[[str], Any], what: str,
+                 check: Callable[[Any], Any]) -> OptionType:
+    """An OptionType whose INI text is stripped and ``convert``-ed (a
+    ValueError or KeyError from ``convert`` says the text is not ``what``),
+    then checked by ``check``, as the same option sent as JSON is."""
     def parse(text: str) -> Any:
+        """Convert and check INI ``text``; raise ValueError or TypeError."""
         try:
             value = convert(text.strip())
         except (ValueError, KeyError):
             raise ValueError(f"not {what}") from None
         return check(value)
-    return Kind(parse, check)
-
-
-_json_int = _check(_is_int, "isn't an integer")
-_json_number = _check(lambda value: _is_int(value) or isinstance(value, float), "isn't a number")
+    return OptionType(parse, check)
 
 
 def _plain(number: float) -> int | float:
@@ -451,6 +532,7 @@ def _in_range(minimum: float, maximum: float) -> Callable[[Any], Any]:
     number an option or a request takes has an upper bound, so that nothing
     the daemon is sent can make it work or allocate without end."""
     def check(value: Any) -> Any:
+        """Return the number ``value`` if it is in range; raise ValueError."""
         if not minimum <= value <= maximum:  # False for NaN too
             if maximum == MAX_INT:
                 raise ValueError(f"must be at least {_plain(minimum)}")
@@ -459,89 +541,131 @@ def _in_range(minimum: float, maximum: float) -> Callable[[Any], Any]:
     return check
 
 
-def _integer(minimum: int, maximum: int = MAX_INT) -> Kind:
-    """The Kind of an integer option from ``minimum`` to ``maximum``."""
+def _integer(minimum: int, maximum: int = MAX_INT) -> OptionType:
+    """The OptionType of an integer option from ``minimum`` to ``maximum``."""
     in_range = _in_range(minimum, maximum)
 
     def check(value: Any) -> int:
+        """Check a JSON integer in range; raise ValueError."""
         return in_range(_json_int(value))
-    return _from_text(int, "an integer", check)
+    return _option_type(int, "an integer", check)
 
 
-def _number(minimum: float, maximum: float, what: str) -> Kind:
-    """The Kind of a number (``what``: "a number of seconds", say) from
-    ``minimum`` to ``maximum``, read as a float."""
+def _number(minimum: float, maximum: float, what: str) -> OptionType:
+    """The OptionType of a number (``what``: "a number of seconds", say)
+    from ``minimum`` to ``maximum``, read as a float."""
     in_range = _in_range(minimum, maximum)
 
     def check(value: Any) -> float:
+        """Check a JSON number in range and return it as a float; raise ValueError."""
         return float(in_range(_json_number(value)))
-    return _from_text(float, what, check)
+    return _option_type(float, what, check)
 
 
-_json_bool = _check(lambda value: isinstance(value, bool), "isn't a boolean")
-_json_str = _check(lambda value: isinstance(value, str), "isn't a string")
-_json_signal = _check(lambda value: _is_int(value) or isinstance(value, str), "isn't a signal")
-_json_env = _check(lambda value: isinstance(value, dict) and all(
-    isinstance(v, str) for v in value.values()), "must be an object of strings")
-_json_codes = _check(lambda value: isinstance(value, list) and all(
-    _is_int(v) and 0 <= v < 256 for v in value), "must be a list of exit codes 0-255")
-_json_strs = _check(lambda value: isinstance(value, list) and all(
-    isinstance(v, str) for v in value), "must be a string or a list of strings")
-_not_in_ini = _check(lambda text: False, "set it in an [env] or [env:NAME] section")
-
-
-def _id_kind(lookup: Callable[[Any], Any], field: str, what: str) -> Kind:
-    """The Kind of a user (or group) given by name or number, checked to
-    exist, as Circus's to_uid / to_gid."""
+def _account_id(by_number: Callable[[int], Any], by_name: Callable[[str], Any],
+                field: str, what: str) -> OptionType:
+    """The OptionType of a user (or group, ``what``) given by name or number,
+    checked to exist, as Circus's to_uid / to_gid: ``by_number`` and
+    ``by_name`` look up its entry, whose ``field`` is the id kept."""
     def parse(value: Any) -> int:
+        """Return the id of the account ``value`` names (INI text or JSON);
+        raise TypeError or ValueError."""
         if isinstance(value, bool) or not isinstance(value, (int, str)):
             raise TypeError("isn't an integer or string")
-        key = int(value) if str(value).strip().isdigit() else str(value).strip()
+        name = str(value).strip()
         try:
-            entry = (lookup[0] if isinstance(key, int) else lookup[1])(key)
+            if name.isdigit():
+                entry = by_number(int(value))
+            else:
+                entry = by_name(name)
         except (KeyError, OverflowError):
             raise ValueError(f"no such {what}") from None
         return getattr(entry, field)
-    return Kind(parse, parse)
+    return OptionType(parse, parse)
 
 
-def _choice(*words: str) -> Kind:
+def _choice(*words: str) -> OptionType:
+    """The OptionType of one of ``words``, in any case (kept in lower case)."""
     def check(value: Any) -> str:
+        """Return ``value`` in lower case if it is one of the words; raise ValueError."""
         if not isinstance(value, str) or value.strip().lower() not in words:
             raise ValueError(f"use one of {', '.join(words)}")
         return value.strip().lower()
-    return Kind(check, check)
+    return OptionType(check, check)
 
 
-INT, COUNT, RETRIES, POSITIVE = _integer(-MAX_INT), _integer(0), _integer(-1), _integer(1)
+INT = _integer(-MAX_INT)
+COUNT = _integer(0)
+RETRIES = _integer(-1)  # -1: retry without end
+POSITIVE = _integer(1)
 SECONDS = _number(0, MAX_SECONDS, "a number of seconds")
-OCTAL = _from_text(functools.partial(int, base=8), "an octal number", _integer(0, 0o777).from_json)
+OCTAL = _option_type(functools.partial(int, base=8), "an octal number",
+                     _integer(0, 0o777).from_json)
 #: libzmq counts a handshake's time in whole milliseconds (a C int), and
 #: 0 ms means no limit at all: so at least 1 ms, at most a day.
 HANDSHAKE = _number(0.001, 86400.0, "a number of seconds")
 BOOLEANS = {**dict.fromkeys(["1", "true", "yes", "on", "y", "t"], True),  # as Circus
             **dict.fromkeys(["0", "false", "no", "off", "n", "f", ""], False)}
-BOOL = _from_text(lambda text: BOOLEANS[text.lower()], "a boolean (use true or false)",
-                  _json_bool)
-STR = Kind(str.strip, _json_str)
-SIGNAL = Kind(parse_signal, lambda value: parse_signal(_json_signal(value)))
-ARGS = LIST = Kind(shlex.split, lambda value: (
-    shlex.split(value) if isinstance(value, str) else list(_json_strs(value))))
-ENV = Kind(_not_in_ini, _json_env)
-USER = _id_kind((pwd.getpwuid, pwd.getpwnam), "pw_uid", "user")
-GROUP = _id_kind((grp.getgrgid, grp.getgrnam), "gr_gid", "group")
-RLIMIT = _from_text(lambda text: int(text) if text else None, "an integer",
-                    lambda value: None if value is None else _integer(0, MAX_RLIMIT).from_json(value))
-CODES = _from_text(lambda text: [int(c) for c in re.split(r"[\s,]+", text) if c],
-                   "a list of exit codes", _json_codes)
+
+
+def _text_bool(text: str) -> bool:
+    """The boolean an INI word stands for (BOOLEANS); raise KeyError."""
+    return BOOLEANS[text.lower()]
+
+
+BOOL = _option_type(_text_bool, "a boolean (use true or false)", _json_bool)
+STR = OptionType(str.strip, _json_str)
+SIGNAL = OptionType(parse_signal, _json_signal)
+ARGS = OptionType(shlex.split, _json_args)
+LIST = ARGS  # shell_args, redact_env, depends_on: words, read as args are
+ENV = OptionType(_not_in_ini, _json_env)
+USER = _account_id(pwd.getpwuid, pwd.getpwnam, "pw_uid", "user")
+GROUP = _account_id(grp.getgrgid, grp.getgrnam, "gr_gid", "group")
+
+
+def _text_rlimit(text: str) -> int | None:
+    """An INI ``rlimit_NAME``: an integer, or None (unlimited) if empty;
+    raise ValueError."""
+    if not text:
+        return None
+    return int(text)
+
+
+def _json_rlimit(value: Any) -> int | None:
+    """Check a JSON ``rlimit_NAME``: None (unlimited) or an integer from 0
+    to MAX_RLIMIT; raise ValueError."""
+    if value is None:
+        return None
+    return _integer(0, MAX_RLIMIT).from_json(value)
+
+
+def _text_codes(text: str) -> list[int]:
+    """INI exit codes, separated by commas or spaces; raise ValueError."""
+    return [int(code) for code in re.split(r"[\s,]+", text) if code]
+
+
+RLIMIT = _option_type(_text_rlimit, "an integer", _json_rlimit)
+CODES = _option_type(_text_codes, "a list of exit codes", _json_codes)
 
 STREAM_CLASSES = ("filestream", "timedrotatingfilestream", "watchedfilestream", "stdoutstream")
 ROTATE_WHEN = ("s", "m", "h", "d", "midnight", *(f"w{day}" for day in range(7)))
-#: ``stdout_stream.*`` / ``stderr_stream.*`` options: name -> kind.
-STREAM_OPTIONS: dict[str, Kind] = {
-    # "circus.stream.FileStream" and "FileStream" both name the FileStream.
-    "class": Kind(lambda t: _choice(*STREAM_CLASSES).from_text(t.rsplit(".", 1)[-1]),
-                  lambda v: _choice(*STREAM_CLASSES).from_json(_json_str(v).rsplit(".", 1)[-1])),
+_STREAM_CLASS = _choice(*STREAM_CLASSES)
+
+
+def _text_stream_class(text: str) -> str:
+    """An INI stream class: "circus.stream.FileStream" and "FileStream"
+    both name the FileStream; raise ValueError."""
+    return _STREAM_CLASS.from_text(text.rsplit(".", 1)[-1])
+
+
+def _json_stream_class(value: Any) -> str:
+    """Check a JSON stream class, dotted or not (as the INI's); raise ValueError."""
+    return _STREAM_CLASS.from_json(_json_str(value).rsplit(".", 1)[-1])
+
+
+#: ``stdout_stream.*`` / ``stderr_stream.*`` options: name -> OptionType.
+STREAM_OPTIONS: dict[str, OptionType] = {
+    "class": OptionType(_text_stream_class, _json_stream_class),
     "filename": STR, "max_bytes": _integer(0, MAX_RLIMIT), "backup_count": _integer(0, MAX_BACKUPS),
     "time_format": STR, "rotate_when": _choice(*ROTATE_WHEN),
     "rotate_interval": _integer(0, 100_000), "utc": BOOL,  # 100,000 days: the clock's range
@@ -549,6 +673,8 @@ STREAM_OPTIONS: dict[str, Kind] = {
 
 
 def _json_stream(value: Any) -> dict[str, Any]:
+    """Check a JSON ``stdout_stream`` or ``stderr_stream`` object, each of its
+    options by STREAM_OPTIONS; raise TypeError or ValueError."""
     if not isinstance(value, dict):
         raise TypeError("isn't a valid object")
     unknown = sorted(value.keys() - STREAM_OPTIONS.keys())
@@ -557,17 +683,20 @@ def _json_stream(value: Any) -> dict[str, Any]:
     return {key: STREAM_OPTIONS[key].from_json(v) for key, v in value.items()}
 
 
-STREAM = Kind(_not_in_ini, _json_stream)
+STREAM = OptionType(_not_in_ini, _json_stream)
 
 PREFIXED = {"rlimit_": "rlimits", "stdout_stream.": "stdout_stream",
             "stderr_stream.": "stderr_stream"}
 
 
-def watcher_kind(key: str) -> Kind | None:
-    """The kind of watcher option ``key``: ``rlimit_NAME`` for any limit
-    the ``resource`` module knows, ``stdout_stream.NAME`` for a stream's."""
+def watcher_kind(key: str) -> OptionType | None:
+    """The OptionType of watcher option ``key``, or None if there is no such
+    option: ``rlimit_NAME`` for any limit the ``resource`` module knows,
+    ``stdout_stream.NAME`` for a stream's."""
     if key.startswith("rlimit_"):
-        return RLIMIT if hasattr(resource, "RLIMIT_" + key[7:].upper()) else None
+        if hasattr(resource, "RLIMIT_" + key[7:].upper()):
+            return RLIMIT
+        return None
     if key.startswith(("stdout_stream.", "stderr_stream.")):
         return STREAM_OPTIONS.get(key.split(".", 1)[1])
     return WATCHER_OPTIONS.get(key)
@@ -593,20 +722,23 @@ def gather_prefixed(values: dict[str, Any], base: WatcherConfig | None = None) -
     return values
 
 
-def meta(kind: Kind | None, reload: bool = False) -> dict[str, Any]:
+def meta(option_type: OptionType | None, reload: bool = False) -> dict[str, Any]:
     """A config field's metadata: the INI file and ``add``/``set`` read it
-    by ``kind``; ``reload``: changing it needs new processes."""
-    return {"kind": kind, "reload": reload}
+    by ``option_type`` (None: not an option of its own); ``reload``:
+    changing it needs new processes."""
+    return {"option_type": option_type, "reload": reload}
 
 
-def option(kind: Kind | None, default: Any = dataclasses.MISSING, *,
+def option(option_type: OptionType | None, default: Any = dataclasses.MISSING, *,
            reload: bool = False, factory: Any = dataclasses.MISSING) -> Any:
     """A config field with an immutable default (``meta`` says the rest)."""
     return dataclasses.field(default=default, default_factory=factory,
-                             metadata=meta(kind, reload))
+                             metadata=meta(option_type, reload))
 
 
 def _json_ready(value: Any) -> str | None:
+    """Check a ``ready`` value, INI text or JSON: None for "" or "none",
+    else tcp:[HOST:]PORT, file:PATH or notify; raise ValueError."""
     text = _json_str(value).strip()
     if text in ("", "none"):
         return None
@@ -615,7 +747,12 @@ def _json_ready(value: Any) -> str | None:
     raise ValueError("use tcp:PORT, tcp:HOST:PORT, file:PATH or notify")
 
 
-READY = Kind(_json_ready, _json_ready)
+READY = OptionType(_json_ready, _json_ready)
+
+
+def _success_codes() -> list[int]:
+    """A new list of the default ``exit_codes``: only 0 counts as success."""
+    return [0]
 
 
 @dataclasses.dataclass
@@ -668,7 +805,7 @@ class WatcherConfig:
     # Restart policy (minisup's own): which exits are replaced, and how a
     # crash loop backs off or, past flapping_attempts, pauses and gives up.
     restart: str = option(_choice("always", "on-failure", "never"), "always")
-    exit_codes: list[int] = dataclasses.field(default_factory=lambda: [0], metadata=meta(CODES))
+    exit_codes: list[int] = dataclasses.field(default_factory=_success_codes, metadata=meta(CODES))
     min_uptime: float = option(SECONDS, 1.0)
     backoff_delay: float = option(SECONDS, 0.1)
     backoff_factor: float = option(_number(1, 100, "a number"), 2.0)
@@ -686,6 +823,8 @@ class WatcherConfig:
     depends_on: list[str] = dataclasses.field(default_factory=list, metadata=meta(LIST))
 
     def __post_init__(self) -> None:
+        """Complete ``__init__``: names in lower case, and what singleton
+        and respawn = false imply for numprocesses and restart."""
         self.name = self.name.lower()
         self.depends_on = [name.lower() for name in self.depends_on]
         if self.singleton:
@@ -699,8 +838,11 @@ class WatcherConfig:
         options = {k: v for k, v in dataclasses.asdict(self).items()
                    if k not in ("name", "rlimits")}
         options.update((f"rlimit_{k}", v) for k, v in self.rlimits.items())
-        hidden = {k for k in self.env if any(fnmatch.fnmatchcase(k, p) for p in self.redact_env)}
-        options["env"] = {k: "<redacted>" if k in hidden else v for k, v in self.env.items()}
+        env = dict(self.env)
+        for name in env:
+            if any(fnmatch.fnmatchcase(name, pattern) for pattern in self.redact_env):
+                env[name] = "<redacted>"
+        options["env"] = env
         return options
 
 
@@ -723,7 +865,7 @@ class SocketConfig:
 @dataclasses.dataclass
 class Config:
     """A whole daemon configuration; ``load_config`` makes one from a file.
-    The fields with a kind are the ``[circus]`` options."""
+    The fields with an OptionType are the ``[circus]`` options."""
 
     watchers: list[WatcherConfig] = dataclasses.field(default_factory=list)
     sockets: list[SocketConfig] = dataclasses.field(default_factory=list)
@@ -757,10 +899,16 @@ class Config:
     warnings: list[str] = dataclasses.field(default_factory=list)
 
 
-#: The option tables: name -> kind, from the dataclasses above.
-WATCHER_OPTIONS, SOCKET_OPTIONS, GLOBAL_OPTIONS = (
-    {f.name: f.metadata["kind"] for f in dataclasses.fields(cls) if f.metadata.get("kind")}
-    for cls in (WatcherConfig, SocketConfig, Config))
+def _option_table(cls: type) -> dict[str, OptionType]:
+    """Name -> OptionType of the option fields of dataclass ``cls``."""
+    return {field.name: field.metadata["option_type"] for field in dataclasses.fields(cls)
+            if field.metadata.get("option_type")}
+
+
+#: The option tables: name -> OptionType, from the dataclasses above.
+WATCHER_OPTIONS = _option_table(WatcherConfig)
+SOCKET_OPTIONS = _option_table(SocketConfig)
+GLOBAL_OPTIONS = _option_table(Config)
 #: Options whose change needs new processes (``set`` reloads gracefully).
 RELOAD_OPTIONS = {f.name for f in dataclasses.fields(WatcherConfig) if f.metadata.get("reload")}
 
@@ -782,27 +930,20 @@ def parse_config(text: str, source: str = "<string>",
     ``environ`` (default ``os.environ``) expands ``$VAR`` in env sections.
     An unknown option is a warning in ``Config.warnings``; a bad value is a
     ConfigError naming the file, section, option and value."""
-    import configparser  # here, as ipaddress and ctypes elsewhere: ctl starts faster
-    parser = configparser.ConfigParser(interpolation=None, inline_comment_prefixes=(";",),
-                                       default_section="\0")
-    parser.optionxform = str  # env names keep their case
-    try:
-        parser.read_string(text, source)
-    except configparser.Error as exc:
-        raise ConfigError(str(exc).replace("\n", " "), source) from None
+    parser = _ini_parser(text, source)
     config = Config(source=source)
-    environ = os.environ if environ is None else environ
+    if environ is None:
+        environ = os.environ
     if parser.has_section("circus"):
         _read_global(config, parser["circus"])
-    envs = [(s[3:].lstrip(":"), {n: expand_vars(v, environ) for n, v in parser[s].items()})
-            for s in parser.sections() if s == "env" or s.startswith("env:")]
+    envs = _read_envs(parser, environ)
     for section in parser.sections():
-        kind = section.partition(":")[0]
-        if kind == "watcher":
+        section_type = section.partition(":")[0]
+        if section_type == "watcher":
             config.watchers.append(_read_watcher(config, parser[section], envs))
-        elif kind == "socket":
+        elif section_type == "socket":
             config.sockets.append(_read_socket(config, parser[section]))
-        elif kind not in ("circus", "env"):
+        elif section_type not in ("circus", "env"):
             config.warnings.append(f"{source}: [{section}]: section not supported, ignored")
     if not config.watchers:
         raise ConfigError(_no_watcher_reason(parser.sections()), source)
@@ -812,6 +953,33 @@ def parse_config(text: str, source: str = "<string>",
     except ValueError as exc:
         raise ConfigError(str(exc), source) from None
     return config
+
+
+def _ini_parser(text: str, source: str) -> Any:
+    """A ConfigParser holding INI ``text`` as Circus reads it (no
+    interpolation, ``;`` comments, names keep their case); raise ConfigError."""
+    import configparser  # here, as ipaddress and ctypes elsewhere: ctl starts faster
+    parser = configparser.ConfigParser(interpolation=None, inline_comment_prefixes=(";",),
+                                       default_section="\0")
+    parser.optionxform = str  # env names keep their case
+    try:
+        parser.read_string(text, source)
+    except configparser.Error as exc:
+        raise ConfigError(str(exc).replace("\n", " "), source) from None
+    return parser
+
+
+def _read_envs(parser: Any, environ: dict[str, str]) -> list[tuple[str, dict[str, str]]]:
+    """The ``[env]`` and ``[env:PATTERNS]`` sections, in file order, as
+    (patterns, variables) pairs: patterns "" for ``[env]``, and each value
+    with its ``$VAR`` expanded from ``environ``."""
+    envs = []
+    for section in parser.sections():
+        if section == "env" or section.startswith("env:"):
+            variables = {name: expand_vars(value, environ)
+                         for name, value in parser[section].items()}
+            envs.append((section[3:].lstrip(":"), variables))
+    return envs
 
 
 def _no_watcher_reason(sections: list[str]) -> str:
@@ -836,24 +1004,29 @@ def check_dependencies(watchers: Iterable[WatcherConfig]) -> None:
         raise ValueError("depends_on makes a cycle: " + " -> ".join(exc.args[1])) from None
 
 
-def _read_options(config: Config, section: Any, kind_of: Callable[[str], Any]) -> dict[str, Any]:
-    """Parse a section's options by their ``kind_of``; warn about unknown ones."""
+def _read_options(config: Config, section: Any,
+                  type_of: Callable[[str], OptionType | None]) -> dict[str, Any]:
+    """Parse a section's options, each by the OptionType ``type_of`` its
+    name gives; warn about unknown ones in ``config``; raise ConfigError."""
     values: dict[str, Any] = {}
     for option, text in section.items():
         key = option.lower()
-        kind = kind_of(key)
-        if kind is None or kind is ENV:
+        option_type = type_of(key)
+        if option_type is None or option_type is ENV:
             config.warnings.append(f"{config.source}: [{section.name}]: unknown "
                                    f"or unsupported option {option!r}, ignored")
             continue
         try:
-            values[key] = kind.from_text(text)
+            values[key] = option_type.from_text(text)
         except (ValueError, TypeError) as exc:
             raise ConfigError(str(exc), config.source, section.name, option, text) from None
     return values
 
 
 def _read_global(config: Config, section: Any) -> None:
+    """Read the ``[circus]`` section into ``config``; raise ConfigError for a
+    bad value, half a CURVE setup, an endpoint_owner that gives the daemon
+    away, or an endpoint it may not bind."""
     for key, value in _read_options(config, section, GLOBAL_OPTIONS.get).items():
         setattr(config, key, value)
     if bool(config.curve_secret_key) != bool(config.curve_authorized_keys):
@@ -875,6 +1048,8 @@ def _read_global(config: Config, section: Any) -> None:
 
 
 def _read_socket(config: Config, section: Any) -> SocketConfig:
+    """Read a ``[socket:NAME]`` section (a path makes it af_unix); raise
+    ConfigError."""
     values = _read_options(config, section, SOCKET_OPTIONS.get)
     if values.get("path"):
         values.setdefault("family", "af_unix")
@@ -887,9 +1062,13 @@ SOCKET_REFERENCE = re.compile(r"\$\(circus\.sockets\.([\w-]+)\)", re.IGNORECASE)
 
 
 def _check_socket_names(config: Config) -> None:
+    """Raise ConfigError if a watcher's ``stdin_socket``, or a socket its
+    command refers to, names no ``[socket:NAME]``."""
     names = {s.name for s in config.sockets}
     for watcher in config.watchers:
-        stdin = {watcher.stdin_socket.lower()} if watcher.stdin_socket else set()
+        stdin = set()
+        if watcher.stdin_socket:
+            stdin.add(watcher.stdin_socket.lower())
         for key, wanted in (("stdin_socket", stdin), ("cmd", socket_users(watcher))):
             for name in wanted - names:
                 raise ConfigError(f"no [socket:{name}] section", config.source,
@@ -898,12 +1077,18 @@ def _check_socket_names(config: Config) -> None:
 
 def expand_vars(text: str, environ: dict[str, str]) -> str:
     """Replace ``$VAR`` and ``${VAR}`` from ``environ`` (unknown: empty)."""
-    return re.sub(r"\$(?:\{(\w+)\}|(\w+))",
-                  lambda m: environ.get(m.group(1) or m.group(2), ""), text)
+    def value_of(match: re.Match[str]) -> str:
+        """The value of the variable ``match`` names ("" if unknown)."""
+        name = match.group(1) or match.group(2)  # ${VAR} or $VAR
+        return environ.get(name, "")
+    return re.sub(r"\$(?:\{(\w+)\}|(\w+))", value_of, text)
 
 
 def _read_watcher(config: Config, section: Any,
                   envs: list[tuple[str, dict[str, str]]]) -> WatcherConfig:
+    """Read a ``[watcher:NAME]`` section, its env merged from each of
+    ``envs`` (in order) whose patterns match its name (``[env]``: every
+    watcher's); raise ConfigError."""
     name = section.name[len("watcher:"):].strip()
     if not name:
         raise ConfigError("a watcher needs a name", config.source, section.name)
@@ -929,7 +1114,10 @@ def watcher_config_from_json(name: Any, cmd: Any, args: Any, options: Any) -> Wa
     ``"3"`` is not an integer."""
     if options is not None and not isinstance(options, dict):
         raise MessageError("'options' must be an object")
-    given = dict(options or {}, cmd=cmd)
+    given = {}
+    if options is not None:
+        given.update(options)
+    given["cmd"] = cmd
     if args is not None:
         given["args"] = args
     values = {key: check_json_option(name, key, value) for key, value in given.items()}
@@ -946,15 +1134,15 @@ def watcher_config_from_json(name: Any, cmd: Any, args: Any, options: Any) -> Wa
 def check_json_option(name: str, key: str, value: Any) -> Any:
     """Check and convert one option of watcher ``name`` sent as JSON (by
     ``add`` or ``set``); raise ConfigError naming it."""
-    kind = watcher_kind(key)
+    option_type = watcher_kind(key)
     section = f"watcher:{name}"
-    if kind is None and key.partition(".")[0] == "hooks":  # refused, never ignored
+    if option_type is None and key.partition(".")[0] == "hooks":  # refused, never ignored
         raise ConfigError("not supported by minisup yet", section=section, option=key,
                           value=value)
-    if kind is None:
+    if option_type is None:
         raise ConfigError(f"unknown option {key!r}", section=section)
     try:
-        return kind.from_json(value)
+        return option_type.from_json(value)
     except (ValueError, TypeError) as exc:
         raise ConfigError(str(exc), section=section, option=key, value=value) from None
 
@@ -988,10 +1176,14 @@ def check_watcher_values(config: WatcherConfig, source: str | None = None) -> No
                               f"{stream}.filename", filename)
 
 
-def socket_users(config: WatcherConfig) -> set[str]:  # TEMP until the Config merge
-    """Names of the sockets a watcher's command refers to."""
+def socket_users(config: WatcherConfig) -> set[str]:
+    """The names (in lower case) of the sockets that watcher ``config``'s
+    cmd and args refer to as ``$(circus.sockets.NAME)``; pure."""
     return {n.lower() for text in [config.cmd, *config.args]
             for n in SOCKET_REFERENCE.findall(text)}
+
+
+Kind = OptionType  # TEMP: the CLI's _option_value annotation, until it says OptionType
 
 
 # ============================================================= Process ======
