@@ -164,14 +164,25 @@ class ConfigError(MessageError):
     def __init__(self, reason: str, source: str | None = None,
                  section: str | None = None, option: str | None = None,
                  value: Any = None) -> None:
-        self.source, self.section = source, section
-        self.option, self.value, self.detail = option, value, reason
-        where = ": ".join(p for p in (source, section and f"[{section}]") if p)
-        shown = repr(value)
-        if len(shown) > 100:  # a whole megabyte of cmd helps no one
-            shown = shown[:100] + "..."
-        what = f"{option} = {shown}: " if option else ""
-        super().__init__(f"{where}: {what}{reason}" if where else what + reason)
+        """Keep each part, and make the message from those given:
+        ``SOURCE: [SECTION]: OPTION = VALUE: REASON``."""
+        self.source = source
+        self.section = section
+        self.option = option
+        self.value = value
+        self.detail = reason  # alone: a caller may re-raise it with its own place
+        message = reason
+        if option:
+            shown = repr(value)
+            if len(shown) > 100:  # a whole megabyte of cmd helps no one
+                shown = shown[:100] + "..."
+            message = f"{option} = {shown}: {reason}"
+        places = []
+        if source:
+            places.append(source)
+        if section:
+            places.append(f"[{section}]")
+        super().__init__(": ".join([*places, message]))
 
 
 class CallError(MinisupError):
