@@ -700,7 +700,7 @@ PREFIXED = {"rlimit_": "rlimits", "stdout_stream.": "stdout_stream",
             "stderr_stream.": "stderr_stream"}
 
 
-def watcher_kind(key: str) -> OptionType | None:
+def watcher_option_type(key: str) -> OptionType | None:
     """The OptionType of watcher option ``key``, or None if there is no such
     option: ``rlimit_NAME`` for any limit the ``resource`` module knows,
     ``stdout_stream.NAME`` for a stream's."""
@@ -1104,7 +1104,7 @@ def _read_watcher(config: Config, section: Any,
     if not name:
         raise ConfigError("a watcher needs a name", config.source, section.name)
     try:
-        values = gather_prefixed(_read_options(config, section, watcher_kind))
+        values = gather_prefixed(_read_options(config, section, watcher_option_type))
     except ValueError as exc:
         raise ConfigError(str(exc), config.source, section.name) from None
     if not values.get("cmd"):
@@ -1145,7 +1145,7 @@ def watcher_config_from_json(name: Any, cmd: Any, args: Any, options: Any) -> Wa
 def check_json_option(name: str, key: str, value: Any) -> Any:
     """Check and convert one option of watcher ``name`` sent as JSON (by
     ``add`` or ``set``); raise ConfigError naming it."""
-    option_type = watcher_kind(key)
+    option_type = watcher_option_type(key)
     section = f"watcher:{name}"
     if option_type is None and key.partition(".")[0] == "hooks":  # refused, never ignored
         raise ConfigError("not supported by minisup yet", section=section, option=key,
@@ -1194,7 +1194,6 @@ def socket_users(config: WatcherConfig) -> set[str]:
             for n in SOCKET_REFERENCE.findall(text)}
 
 
-Kind = OptionType  # TEMP: the CLI's _option_value annotation, until it says OptionType
 
 
 # ============================================================= Process ======
@@ -5010,14 +5009,14 @@ def _add_ctl_argument(sub: argparse.ArgumentParser, argument: str) -> None:
     sub.add_argument(flag, nargs=nargs, type=ARG_TYPES.get(flag.lstrip("-"), str))
 
 
-def _option_value(kind: Kind | None, text: str) -> Any:
-    """One value of ``ctl set``, for an option of ``kind``, read as the INI
+def _option_value(option_type: OptionType | None, text: str) -> Any:
+    """One value of ``ctl set``, for an option of ``option_type``, read as the INI
     would (``env`` as ``A=1,B=2``; an unknown option's text as it is), for
     _parse_pairs.  Raise ValueError."""
-    if kind is ENV:
+    if option_type is ENV:
         return dict(part.split("=", 1) for part in text.split(",") if part)
-    if kind:
-        return kind.from_text(text)
+    if option_type:
+        return option_type.from_text(text)
     return text
 
 
@@ -5030,7 +5029,7 @@ def _parse_pairs(pairs: list[str]) -> dict[str, Any]:
     for key, text in zip(pairs[::2], pairs[1::2]):
         key = key.lower()
         try:
-            options[key] = _option_value(watcher_kind(key), text)
+            options[key] = _option_value(watcher_option_type(key), text)
         except ValueError as exc:
             raise SystemExit(f"minisup: {key} = {text!r}: {exc}") from None
     return options

@@ -3858,7 +3858,7 @@ def test_readme_option_tables_match_the_dataclasses():
         rows = {row[0].strip("`"): row for row in tables.get(title, [])}
         placeholders = {n for n in rows if "NAME" in n}
         for name in placeholders:  # rlimit_NAME: stands for every limit
-            assert minisup.watcher_kind(name.replace("NAME", "nofile")) is not None, name
+            assert minisup.watcher_option_type(name.replace("NAME", "nofile")) is not None, name
         assert rows.keys() - placeholders == options.keys(), title
         assert {row[3] for row in rows.values()} <= {"Circus", "minisup"}, title
         fields = {f.name: f for f in dataclasses.fields(cls)} if cls else {}
