@@ -349,10 +349,13 @@ def check_udp_endpoint(endpoint: str) -> tuple[str, int]:
 
 
 def _loopback_or_multicast(host: str) -> bool:
-    """Whether the dotted address ``host`` is a loopback or a multicast one;
-    raise ValueError if it is no address (999.0.0.1, say)."""
+    """Whether the dotted address ``host`` is a loopback or a multicast one
+    (not if it is no address at all)."""
     import ipaddress  # here: ctl starts faster
-    address = ipaddress.ip_address(host)
+    try:
+        address = ipaddress.ip_address(host)
+    except ValueError:  # 999.0.0.1, 1.2.3: no address at all
+        return False
     return address.is_loopback or address.is_multicast
 
 

@@ -507,6 +507,9 @@ close_child_stdin = false
     ("[watcher:w]\ncmd = x $(circus.sockets.nope)\n", "no [socket:nope] section"),
     ("[watcher:w]\ncmd = x\nuid = no-such-user-here\n", "uid = 'no-such-user-here': no such user"),
     ("[circus]\nmulticast_endpoint = udp://10.0.0.1:1\n", "multicast_endpoint"),
+    ("[circus]\nmulticast_endpoint = udp://999.1.1.1:5\n",  # was a raw ValueError
+     "multicast_endpoint = 'udp://999.1.1.1:5': use udp://127.0.0.1:PORT"),
+    ("[circus]\nmulticast_endpoint = udp://1.2.3:5\n", "use udp://127.0.0.1:PORT"),
     ("[circus]\npubsub_endpoint = tcp://0.0.0.0:1\n", "pubsub_endpoint"),
 ])
 def test_bad_sockets_and_endpoints_are_errors(text, message):
@@ -3403,9 +3406,12 @@ def test_ready_notify_counts_a_childs_ready_1_and_not_a_strangers(make_daemon, t
     client = daemon.client
     client.call("start", name="svc")
     [pid] = wait_for(lambda: client.call("list", name="svc")["pids"])
-    environ = dict(line.split("=", 1) for line in
-                   pathlib.Path(f"/proc/{pid}/environ").read_text().split("\0") if "=" in line)
-    address = environ["NOTIFY_SOCKET"]
+
+    def notify_socket():  # None until the child has exec'd: a fork has our environment
+        text = pathlib.Path(f"/proc/{pid}/environ").read_text()
+        environ = dict(line.split("=", 1) for line in text.split("\0") if "=" in line)
+        return environ.get("NOTIFY_SOCKET")
+    address = wait_for(notify_socket, what="the child's NOTIFY_SOCKET")
     assert address.startswith("@minisup-")
     # We are not one of its processes: the kernel says who sent it.
     with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as forger:
