@@ -1,10 +1,23 @@
 """Tests for minisup: real daemons, real children, real zmq messages.
 
-Grouped in module order: config (pure), watcher on a fake clock, protocol
-over real zmq, bad input, endpoints, signals (daemon in a subprocess), CLI
-through ``main([...])``, interop through Circus's own client.  Every daemon
-runs on an ``ipc://`` endpoint under ``tmp_path``; every fixture proves at
-teardown that no child, zombie, thread or fd was left behind.
+Grouped in module order, after the shared helpers and the fixtures that
+start daemons:
+
+* config: parsing, pure (Config);
+* process: spawning, process groups and orphans, uid and rlimits (Process);
+* output capture: pipes, log files, rotation (Output);
+* watcher on a fake clock, then readiness, depends_on and systemd (Watcher,
+  Arbiter);
+* protocol over real zmq and the full command set (Commands);
+* bad input and endpoints (Controller);
+* signals: a real daemon in a subprocess (SysHandler, Daemon);
+* CLI through ``main([...])`` and ``python -m minisup`` (Client, CLI);
+* interop through Circus's own client and circusctl;
+* README and examples; soak and faults.
+
+Every daemon runs on an ``ipc://`` endpoint under ``tmp_path``; every
+fixture proves at teardown that no child, zombie, thread or fd was left
+behind.
 """
 
 import contextlib
@@ -113,6 +126,14 @@ def assert_nothing_leaked(fds_before):
              what=f"fds back to baseline (extra: {open_fds() - fds_before})")
 
 
+def sleepers(name="web", n=3, extra=""):
+    return f"[watcher:{name}]\ncmd = {py_cmd(SLEEP)}\nnumprocesses = {n}\n{extra}\n"
+
+
+def write_ini(path, endpoint, body):
+    path.write_text(f"[circus]\nendpoint = {endpoint}\n" + textwrap.dedent(body))
+
+
 @pytest.fixture
 def make_daemon(tmp_path):
     """Start in-process daemons from INI text; stop them and check leaks."""
@@ -175,6 +196,245 @@ def settle(arbiter, until, what="arbiter state"):
         arbiter.tick()
         return until()
     return wait_for(turn, what=what)
+
+
+#: Sets RLIMIT_NOFILE to argv[1], then becomes ``python argv[2:]`` (same
+#: pid): only the daemon gets the low limit, never this test process.
+WITH_NOFILE = ("import os, resource, sys; limit = int(sys.argv[1]); "
+               "resource.setrlimit(resource.RLIMIT_NOFILE, (limit, limit)); "
+               "os.execv(sys.executable, [sys.executable, *sys.argv[2:]])")
+
+
+def spawn_cli(tmp_path, *args, nofile=None):
+    """``python -m minisup`` in a subprocess, its log in tmp_path/daemon.log;
+    ``nofile``: its RLIMIT_NOFILE."""
+    launcher = [PY] if nofile is None else [PY, "-c", WITH_NOFILE, str(nofile)]
+    with open(tmp_path / "daemon.log", "w") as log:
+        return subprocess.Popen([*launcher, "-m", "minisup", *args], stdout=log,
+                                stderr=subprocess.STDOUT,
+                                cwd=os.path.dirname(minisup.__file__))
+
+
+def _answers(client):
+    try:
+        return client.call("status")["status"] == "ok"
+    except minisup.CallError:
+        return False
+
+
+def process_table():
+    """``{pid: (parent pid, start time)}`` of every process, from /proc.
+    The start time (clock ticks after boot) tells a reused pid apart."""
+    table = {}
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            with open(f"/proc/{entry}/stat") as stat:
+                fields = stat.read().rsplit(")", 1)[1].split()
+        except OSError:
+            continue  # exited while we looked
+        table[int(entry)] = (int(fields[1]), int(fields[19]))
+    return table
+
+
+def descendants(pid):
+    """Every process whose parent chain leads to ``pid``, zombies included,
+    as ``{pid: start time}``: one snapshot of /proc (a later fork is not in it)."""
+    children = {}
+    for child, (parent, started) in process_table().items():
+        children.setdefault(parent, []).append((child, started))
+    found, parents = {}, [pid]
+    while parents:
+        for child, started in children.get(parents.pop(), []):
+            found[child] = started
+            parents.append(child)
+    return found
+
+
+def survivors(seen):
+    """The pids of ``seen`` (``{pid: start time}``) still there, zombies
+    included; a pid now used by another process does not count."""
+    started_now = {pid: started for pid, (_, started) in process_table().items()}
+    return sorted(pid for pid, started in seen.items() if started_now.get(pid) == started)
+
+
+def describe_process(pid):
+    """``pid`` and its command line, for a failure message."""
+    try:
+        with open(f"/proc/{pid}/cmdline", "rb") as stream:
+            command = stream.read().replace(b"\0", b" ").decode(errors="replace").strip()
+    except OSError:
+        return f"pid {pid} (gone)"
+    return f"pid {pid} ({command[:100] or 'a zombie'})"
+
+
+def describe_fd(fd):
+    """One of this process's fds and what it is open on, for a failure message."""
+    try:
+        return f"fd {fd} -> {os.readlink(f'/proc/self/fd/{fd}')}"
+    except OSError:
+        return f"fd {fd} (closed since)"
+
+
+def wait_for_nothing(find, timeout=DEADLINE):
+    """Call ``find`` until it finds nothing (returns something false: an
+    empty collection, False) or ``timeout`` passes; return what it found
+    last (false: all gone).  wait_for's converse, which does not fail."""
+    deadline = time.monotonic() + timeout
+    found = find()
+    while found and time.monotonic() < deadline:
+        time.sleep(0.005)
+        found = find()
+    return found
+
+
+@dataclasses.dataclass
+class CliRun:
+    """A daemon a CLI fixture started: its process, the fixture's client,
+    its ipc socket file, and its descendants seen so far (``{pid: start
+    time}``: the guardian and the first children, seen once it answers)."""
+    proc: subprocess.Popen
+    client: minisup.Client
+    socket_file: pathlib.Path
+    seen: dict = dataclasses.field(default_factory=dict)
+
+
+def stop_on_sigterm(proc):
+    """SIGTERM a CLI daemon that still runs and reap it; return what went
+    wrong: no exit within DEADLINE (it is then SIGKILLed, as a last resort:
+    a daemon must stop on SIGTERM) or an exit status other than 0."""
+    if proc.poll() is not None:
+        return []  # the test ended it: its exit status was the test's to check
+    proc.send_signal(signal.SIGTERM)
+    try:
+        code = proc.wait(DEADLINE)
+    except subprocess.TimeoutExpired:
+        proc.kill()  # the last resort: its guardian then kills its children
+        proc.wait()
+        return [f"still running {DEADLINE:g}s after SIGTERM, so SIGKILLed"]
+    if code != 0:
+        return [f"exited {code} on SIGTERM, not 0"]
+    return []
+
+
+def retire_cli_daemon(run):
+    """Stop one CLI daemon (``stop_on_sigterm``) and return what it left
+    behind, one line each: within DEADLINE every descendant it had must be
+    gone and its ipc socket file removed.  Descendants still there are
+    SIGKILLed, so that later tests start clean."""
+    proc = run.proc
+    if proc.poll() is None:  # before the stop: its orphans then go to init
+        run.seen.update(descendants(proc.pid))
+    problems = stop_on_sigterm(proc)
+    left = wait_for_nothing(lambda: survivors(run.seen))
+    problems += [f"{describe_process(pid)} outlived it" for pid in left]
+    for pid in left:
+        with contextlib.suppress(ProcessLookupError):  # it ended meanwhile
+            os.kill(pid, signal.SIGKILL)  # its start time was checked: not a reused pid
+    killed = proc.returncode == -signal.SIGKILL  # then nothing could remove its socket file
+    if not killed and wait_for_nothing(run.socket_file.exists):
+        problems.append(f"its socket file {run.socket_file} is still there")
+    return [f"CLI daemon pid {proc.pid}: {problem}" for problem in problems]
+
+
+def leftovers_in_this_process(fds_before):
+    """What this test process still holds that it did not before: children
+    (zombies too) and fds, one line each, waited for with a deadline (a zmq
+    context's fds close a moment after it is terminated).  Says nothing
+    while an in-process daemon runs: make_daemon, set up before and so torn
+    down after, checks this process then."""
+    if minisup_threads():
+        return []
+    problems = [f"this test process still has a child: {describe_process(pid)}"
+                for pid in sorted(wait_for_nothing(child_pids))]
+    extra = wait_for_nothing(lambda: open_fds() - fds_before)
+    problems += [f"this test process still has {describe_fd(fd)}" for fd in sorted(extra, key=int)]
+    return problems
+
+
+def retire_cli_daemons(runs, fds_before):
+    """The teardown of the CLI fixtures: retire each daemon, close each
+    client, check this process; fail naming whatever leaked."""
+    problems = []
+    for run in runs:
+        problems += retire_cli_daemon(run)
+        run.client.close()
+    problems += leftovers_in_this_process(fds_before)
+    if problems:
+        pytest.fail("leaked at teardown:\n" + "\n".join(problems), pytrace=False)
+
+
+@pytest.fixture
+def cli_daemon(tmp_path):
+    """A daemon run by the CLI in its own process, on its own endpoint; at
+    teardown stopped by SIGTERM and proven to leave nothing behind: no
+    descendant, socket file, child of this process or fd."""
+    runs = []
+    fds_before = open_fds()
+
+    def start(body, **global_options):
+        endpoint = f"ipc://{tmp_path}/cli.sock"
+        ini = tmp_path / "app.ini"
+        options = "".join(f"{k} = {v}\n" for k, v in global_options.items())
+        ini.write_text(f"[circus]\nendpoint = {endpoint}\n{options}" + textwrap.dedent(body))
+        proc = spawn_cli(tmp_path, "run", str(ini))
+        client = minisup.Client(endpoint, timeout=1.0)
+        runs.append(CliRun(proc, client, tmp_path / "cli.sock"))
+        wait_for(lambda: _answers(client), what="the CLI daemon to answer")
+        runs[-1].seen.update(descendants(proc.pid))
+        return proc, client
+
+    yield start
+    retire_cli_daemons(runs, fds_before)
+
+
+class subscriber:
+    """A SUB socket on a daemon's pubsub endpoint, subscribed to every
+    watcher event, and proven connected before it is handed out."""
+
+    def __init__(self, daemon):
+        self.daemon = daemon
+        self.context = zmq.Context()
+        self.sock = self.context.socket(zmq.SUB)
+        self.sock.linger = 0
+
+    def __enter__(self):
+        endpoint = self.daemon.client.call("globaloptions")["options"]["pubsub_endpoint"]
+        self.sock.setsockopt(zmq.SUBSCRIBE, b"watcher.")
+        self.sock.connect(endpoint)
+        name = self.daemon.client.call("list")["watchers"][0]
+
+        def heard_update():  # a harmless event until one arrives
+            self.daemon.client.call("set", name=name, options={"priority": 0})
+            return self.sock.poll(50)
+        wait_for(heard_update, what="the subscription to take effect")
+        while self.sock.poll(QUIET * 1000):
+            self.sock.recv_multipart()
+        return self.sock
+
+    def __exit__(self, *exc):
+        self.sock.close()
+        self.context.term()
+
+
+def drain_events(sock, enough):
+    """Events as (topic, payload) until ``enough(events)`` holds."""
+    events = []
+
+    def more():
+        while sock.poll(10):
+            topic, body = sock.recv_multipart()
+            events.append((topic.decode(), json.loads(body)))
+        return enough(events)
+    wait_for(more, what="events")
+    return events
+
+
+def ctl(capsys, endpoint, *args):
+    code = minisup.main(["ctl", "--endpoint", endpoint, *args])
+    out, err = capsys.readouterr()
+    return code, out, err
 
 
 # ============================================================== config ======
@@ -517,1633 +777,7 @@ def test_bad_sockets_and_endpoints_are_errors(text, message):
         minisup.parse_config(text, "app.ini")
 
 
-# ============================================== watcher on a fake clock ======
-
-def test_stop_escalates_to_sigkill_only_after_graceful_timeout(make_arbiter, tmp_path):
-    arbiter, clock = make_arbiter(f"""
-        [watcher:stubborn]
-        cmd = {ignore_term(tmp_path)}
-        graceful_timeout = 30
-        """)
-    arbiter.start_watchers(list(arbiter.watchers.values()))
-    watcher = arbiter.watchers["stubborn"]
-    settle(arbiter, lambda: watcher.state == "active")
-    (pid,) = watcher.pids()
-    wait_for(lambda: (tmp_path / str(pid)).exists(), what="child ignoring SIGTERM")
-    watcher.stop(clock())
-    clock.now += 29.9
-    arbiter.poll(0.2)  # 0.2 real seconds: a TERM it obeyed would show
-    assert arbiter.tick() == pytest.approx(0.1)
-    assert watcher.state == "stopping" and alive(pid)
-    clock.now += 0.1
-    settle(arbiter, lambda: watcher.state == "stopped", "SIGKILL and reap")
-    assert watcher.last_exit == -signal.SIGKILL and not alive(pid)
-
-
-def test_crash_loop_backs_off_exponentially_and_resets_after_min_uptime(make_arbiter):
-    arbiter, clock, watcher = start_one(make_arbiter, f"""
-        [watcher:crash]
-        cmd = {py_cmd('raise SystemExit(1)')}
-        backoff_delay = 0.2
-        backoff_factor = 3
-        backoff_max = 1
-        backoff_jitter = 0
-        """)
-    arbiter.tick()
-    delays = []
-    for n in range(1, 5):
-        settle(arbiter, lambda n=n: watcher.restarts == n, f"death {n}")
-        timeout = arbiter.tick()
-        if watcher.pids():  # replaced at once
-            delays.append(0.0)
-            continue
-        assert watcher.status(clock()) == "backoff"
-        delays.append(round(timeout, 3))
-        clock.now += timeout
-        arbiter.tick()
-        assert watcher.pids() and watcher.status(clock()) == "active"
-    assert delays == [0.0, 0.2, 0.6, 1.0]
-    # The fake clock ages the running child past min_uptime before it dies:
-    # the count starts again and the child is replaced at once.
-    clock.now += 5
-    settle(arbiter, lambda: watcher.restarts == 5, "death 5")
-    arbiter.tick()
-    assert watcher.pids() and watcher.status(clock()) == "active"
-
-
-def test_crash_loop_backs_off_in_a_live_daemon(make_daemon, tmp_path):
-    daemon = make_daemon(f"""
-        [watcher:crash]
-        cmd = {py_cmd('raise SystemExit(1)')}
-        autostart = false
-        backoff_delay = 0.3
-        backoff_jitter = 0
-        """, pubsub_endpoint=f"ipc://{tmp_path}/pub.sock")
-    with subscriber(daemon) as sub:
-        daemon.client.call("start", name="crash")
-        events = drain_events(sub, lambda e: sum(t.endswith(".spawn") for t, _ in e) >= 4)
-        wait_for(lambda: daemon.client.call("status", name="crash")["status"] == "backoff",
-                 what="the backoff status")
-        daemon.client.call("stop", name="crash", waiting=True)
-    spawns = [p["time"] for t, p in events if t.endswith(".spawn")][:4]
-    gaps = [b - a for a, b in itertools.pairwise(spawns)]
-    # Replaced at once after the first quick death, then after 0.3 s, then
-    # 0.6 s.  Real time: the lower bounds are exact, the upper ones loose.
-    assert gaps[0] < 0.3 <= gaps[1] < 1.3 and 0.6 <= gaps[2] < 1.6, gaps
-
-
-def test_backoff_jitter_stays_within_its_fraction(make_arbiter):
-    arbiter, _, watcher = start_one(make_arbiter, f"""
-        [watcher:crash]
-        cmd = {py_cmd('raise SystemExit(1)')}
-        backoff_delay = 1
-        backoff_jitter = 0.5
-        """)
-    arbiter.tick()
-    settle(arbiter, lambda: watcher.restarts == 2, "two quick deaths")
-    assert 0.5 <= arbiter.tick() <= 1.5
-
-
-def test_spawn_failures_stop_the_watcher_after_max_retry(make_arbiter, tmp_path):
-    arbiter, clock, watcher = start_one(make_arbiter, f"""
-        [watcher:ghost]
-        cmd = {tmp_path}/no-such-program
-        max_retry = 2
-        retry_in = 3
-        """)
-    for attempt in (1, 2, 3):
-        assert arbiter.tick() in (pytest.approx(3.0), arbiter.config.check_delay)
-        assert watcher.retries == attempt
-        clock.now += 3
-    assert watcher.state == "stopped"
-    assert "spawn failed 3 times" in watcher.last_error
-    assert "No such file" in watcher.last_error
-
-
-def test_warmup_delay_spaces_spawns_by_deadline(make_arbiter):
-    arbiter, clock, watcher = start_one(make_arbiter, f"""
-        [watcher:slow]
-        cmd = {py_cmd(SLEEP)}
-        numprocesses = 3
-        warmup_delay = 5
-        """)
-    counts = []
-    for _ in range(3):
-        assert arbiter.tick() == pytest.approx(5.0) or len(watcher.pids()) == 3
-        counts.append(len(watcher.pids()))
-        clock.now += 5
-    assert counts == [1, 2, 3] and watcher.state == "active"
-
-
-def test_wid_is_lowest_free_slot(make_arbiter):
-    arbiter, _, watcher = start_one(make_arbiter, f"[watcher:w]\ncmd = {py_cmd(SLEEP)}\nnumprocesses = 3\n")
-    arbiter.tick()
-    by_wid = {p.wid: p.pid for p in watcher.processes.values()}
-    assert sorted(by_wid) == [1, 2, 3]
-    os.kill(by_wid[2], signal.SIGKILL)
-    settle(arbiter, lambda: len(watcher.pids()) == 3 and by_wid[2] not in watcher.pids())
-    assert sorted(p.wid for p in watcher.processes.values()) == [1, 2, 3]
-
-
-def test_a_large_incr_spawns_in_batches_between_which_jobs_run(make_arbiter):
-    arbiter, _, watcher = start_one(make_arbiter, "[watcher:w]\ncmd = /bin/sleep 1000\n"
-                                                  "numprocesses = 0\n")
-    watcher.set_numprocesses(2 * minisup.SPAWN_BATCH + 7)
-    counts = []
-    for _ in range(3):
-        arbiter.tick()
-        counts.append(len(watcher.processes))
-    assert counts == [minisup.SPAWN_BATCH, 2 * minisup.SPAWN_BATCH, 2 * minisup.SPAWN_BATCH + 7]
-    assert sorted(p.wid for p in watcher.processes.values()) == list(range(1, counts[-1] + 1))
-
-
-def test_backoff_never_overflows_however_long_the_crash_loop():
-    config = minisup.WatcherConfig(name="w", cmd="x", backoff_factor=100, backoff_max=5)
-    assert minisup.backoff_delay(config, 2) == config.backoff_delay
-    assert minisup.backoff_delay(config, 3) == 5  # 0.1 * 100, capped
-    assert minisup.backoff_delay(config, 100_000) == 5  # 100 ** 99998: past a float
-
-
-def test_health_is_not_healthy_while_a_crash_loop_respawns(make_arbiter):
-    arbiter, clock, watcher = start_one(make_arbiter, "[watcher:w]\ncmd = /bin/sleep 1000\n"
-                                                      "min_uptime = 5\n")
-    arbiter.tick()
-    assert minisup.handle_health(arbiter, {}) == {"healthy": True}
-    (pid,) = watcher.pids()
-    os.kill(pid, signal.SIGKILL)  # at once: younger than min_uptime, a quick exit
-    settle(arbiter, lambda: len(watcher.pids()) == 1 and pid not in watcher.pids())
-    with pytest.raises(minisup.MinisupError) as info:  # used to say healthy here
-        minisup.handle_health(arbiter, {})
-    assert info.value.reason == ("w is restarting: 1 quick exits in a row, "
-                                 "the last killed by SIGKILL")
-    clock.now += 5  # the new child lived min_uptime: the loop is over
-    assert minisup.handle_health(arbiter, {}) == {"healthy": True}
-
-
-def test_restart_on_failure_replaces_only_failures(make_arbiter):
-    crash = "import os; raise SystemExit(int(os.environ['CODE']))"
-    arbiter, _ = make_arbiter("".join(f"""
-        [watcher:{name}]
-        cmd = {py_cmd(crash)}
-        numprocesses = 2
-        restart = on-failure
-        exit_codes = 0, 2
-        backoff_delay = 0
-        [env:{name}]
-        CODE = {code}
-        """ for name, code in (("done", 2), ("failing", 3))))
-    done, failing = arbiter.watchers["done"], arbiter.watchers["failing"]
-    arbiter.start_watchers([done, failing])
-    settle(arbiter, lambda: done.state == "stopped" and failing.restarts >= 4,
-           "the done watcher to finish and the failing one to be restarted")
-    assert done.restarts == 0 and done.last_exit == 2 and done.last_error is None
-
-
-def test_flapping_pauses_then_gives_up(make_arbiter):
-    arbiter, clock, watcher = start_one(make_arbiter, f"""
-        [watcher:flappy]
-        cmd = {py_cmd('raise SystemExit(1)')}
-        flapping_attempts = 3
-        flapping_window = 10
-        flapping_retry_in = 5
-        flapping_max_retry = 1
-        backoff_delay = 0
-        """)
-    settle(arbiter, lambda: watcher.state == "flapping", "the first flapping pause")
-    assert watcher.restarts == 3 and arbiter.tick() == pytest.approx(5.0)
-    clock.now += 5
-    settle(arbiter, lambda: watcher.state == "stopped", "giving up after the second")
-    assert watcher.restarts == 6
-    assert watcher.last_error == "flapping: 3 restarts within 10s, 2 times"
-
-
-def test_a_flapping_pause_left_mid_reload_has_only_its_own_deadline():
-    # A sequential reload cut short by flapping leaves pids to replace;
-    # the pause must still be the only deadline, or the worker spins.
-    watcher = minisup.Watcher(minisup.WatcherConfig("w", "x"))
-    watcher.state, watcher._replace = minisup.FLAPPING, [12345]
-    watcher._next_spawn = 100.0  # the end of the pause
-    assert watcher.next_deadline() == 100.0
-
-
-def test_a_manual_stop_is_never_undone_by_flapping(make_arbiter):
-    arbiter, clock, watcher = start_one(make_arbiter, f"""
-        [watcher:flappy]
-        cmd = {py_cmd('raise SystemExit(1)')}
-        flapping_attempts = 2
-        flapping_retry_in = 5
-        backoff_delay = 0
-        """)
-    settle(arbiter, lambda: watcher.state == "flapping", "flapping")
-    watcher.stop(clock())
-    clock.now += 60
-    settle(arbiter, lambda: watcher.state == "stopped", "stopped")
-    arbiter.tick()
-    assert watcher.state == "stopped" and not watcher.processes
-
-
-def test_max_age_replaces_a_process_after_its_age(make_arbiter):
-    arbiter, clock, watcher = start_one(make_arbiter, f"""
-        [watcher:old]
-        cmd = {py_cmd(SLEEP)}
-        numprocesses = 2
-        max_age = 10
-        max_age_variance = 0
-        graceful_timeout = 0
-        """)
-    arbiter.tick()
-    first = watcher.pids()
-    assert arbiter.tick() == pytest.approx(5.0)  # check_delay caps the wait
-    clock.now += 9.9
-    assert arbiter.tick() == pytest.approx(0.1) and watcher.pids() == first
-    clock.now += 0.1
-    arbiter.tick()
-    assert len(watcher.pids()) == 2 and not set(watcher.pids()) & set(first)
-    settle(arbiter, lambda: set(watcher.processes) == set(watcher.pids()), "old ones reaped")
-
-
-# ============================================== protocol over real zmq ======
-
-def sleepers(name="web", n=3, extra=""):
-    return f"[watcher:{name}]\ncmd = {py_cmd(SLEEP)}\nnumprocesses = {n}\n{extra}\n"
-
-
-def test_start_spawns_autostart_watchers_and_lists_them(make_daemon):
-    daemon = make_daemon(sleepers() + sleepers("idle", 1, "autostart = false"))
-    client = daemon.client
-    assert client.call("list")["watchers"] == ["idle", "web"]
-    assert client.call("status")["statuses"] == {"idle": "stopped", "web": "active"}
-    pids = client.call("list", name="web")["pids"]
-    assert len(pids) == 3 and all(alive(p) for p in pids)
-    assert client.call("status", name="web")["status"] == "active"
-    assert client.call("numprocesses")["numprocesses"] == 4
-    reply = client.call("numprocesses", name="WEB")  # live processes, as Circus
-    assert (reply["numprocesses"], reply["watcher_name"]) == (3, "WEB")
-    assert client.call("numwatchers")["numwatchers"] == 2
-
-
-def test_reply_shape_and_id_echo(make_daemon):
-    daemon = make_daemon(sleepers(n=1))
-    reply = daemon.client.send({"command": "numwatchers", "id": "ignored"})
-    assert reply["status"] == "ok" and reply["numwatchers"] == 1
-    assert isinstance(reply["time"], float)
-    with raw_socket(daemon) as sock:
-        sock.send(json.dumps({"command": "LIST", "id": {"any": ["json", 1]}}).encode())
-        reply = json.loads(sock.recv())
-    assert reply["id"] == {"any": ["json", 1]} and reply["watchers"] == ["web"]
-
-
-
-def block_worker(daemon):
-    """Hold the worker thread in a job until the returned Event is set."""
-    release, entered = threading.Event(), threading.Event()
-
-    def hold():
-        entered.set()
-        release.wait(DEADLINE)
-    daemon.arbiter.call_on_worker(hold)
-    assert entered.wait(DEADLINE)
-    return release
-
-
-def test_reads_are_answered_while_the_worker_is_busy(make_daemon):
-    daemon = make_daemon(sleepers(n=2))
-    pids = daemon.client.call("list", name="web")["pids"]
-    release = block_worker(daemon)
-    try:
-        # The controller answers these from the worker's last view.
-        assert daemon.client.call("list", name="WEB")["pids"] == pids
-        assert daemon.client.call("status")["statuses"] == {"web": "active"}
-        assert daemon.client.call("numwatchers")["numwatchers"] == 1
-        assert daemon.client.call("numprocesses")["numprocesses"] == 2
-        with raw_socket(daemon) as sock:  # a change waits for the worker
-            sock.send(json.dumps({"command": "incr", "id": 1,
-                                  "properties": {"name": "web"}}).encode())
-            assert not sock.poll(QUIET * 1000)
-            release.set()
-            assert json.loads(sock.recv())["numprocesses"] == 3
-    finally:
-        release.set()
-    assert daemon.client.call("numprocesses")["numprocesses"] == 3
-
-
-def test_a_property_a_command_does_not_take_is_ignored_even_by_the_view(make_daemon):
-    daemon = make_daemon(sleepers(n=1))
-    with raw_socket(daemon) as sock:  # "name" is not checked for numwatchers
-        reply = raw_reply(sock, request("numwatchers", name={"not": "a string"}))
-    assert reply["status"] == "ok" and reply["numwatchers"] == 1
-    assert "minisup-controller" in minisup_threads()
-
-
-def minisup_cpu_seconds():
-    """CPU time used so far by this process's minisup threads, from /proc."""
-    names = {t.native_id: t.name for t in threading.enumerate()}
-    total = 0
-    for tid, name in names.items():
-        if name.startswith("minisup-"):
-            with open(f"/proc/self/task/{tid}/stat") as stream:
-                fields = stream.read().rsplit(")", 1)[1].split()
-            total += int(fields[11]) + int(fields[12])
-    return total / os.sysconf("SC_CLK_TCK")
-
-
-def test_an_idle_daemon_does_not_spin(make_daemon, tmp_path):
-    daemon = make_daemon(sleepers(n=3) + "stdout_stream.class = FileStream\n"
-                         f"stdout_stream.filename = {tmp_path}/out.log\n",
-                         pubsub_endpoint=f"ipc://{tmp_path}/pub.sock")
-    daemon.client.call("status")
-    before = minisup_cpu_seconds()
-    threading.Event().wait(1.0)  # a window to measure, not a wait for something
-    assert minisup_cpu_seconds() - before < 0.1
-    assert daemon.client.call("numwatchers")["numwatchers"] == 1
-
-
-def test_a_read_never_overtakes_an_earlier_change(make_daemon):
-    daemon = make_daemon(sleepers(n=2))
-    release = block_worker(daemon)
-    with raw_socket(daemon) as sock:
-        sock.send(json.dumps({"command": "stop", "msg_type": "cast",
-                              "properties": {"name": "web"}}).encode())
-        sock.send(json.dumps({"command": "status", "id": 2,
-                              "properties": {"name": "web"}}).encode())
-        assert not sock.poll(QUIET * 1000)  # it waits for the stop to be run
-        release.set()
-        # Not the "active" of the view taken before the stop was run.
-        assert json.loads(sock.recv())["status"] in ("stopping", "stopped")
-    # Whoever got the reply to a change reads that change.
-    daemon.client.call("stop", name="web", waiting=True)
-    daemon.client.call("start", name="web")
-    assert daemon.client.call("status", name="web")["status"] in ("starting", "active")
-    assert daemon.client.call("incr", name="web", nb=2)["numprocesses"] == 4
-    assert daemon.client.call("numprocesses")["numprocesses"] == 4
-
-def test_kill_9_is_replaced_at_once(make_daemon):
-    daemon = make_daemon(sleepers(n=2))
-    client = daemon.client
-    old = client.call("list", name="web")["pids"]
-    os.kill(old[0], signal.SIGKILL)
-    new = wait_for(lambda: new_pids(client, "web", old[:1], 2), what="replacement")
-    assert old[1] in new and all(alive(p) for p in new)
-    assert not alive(old[0])  # reaped, not a zombie
-
-
-def test_start_and_stop_waiting_reply_with_info(make_daemon):
-    daemon = make_daemon(sleepers("idle", 2, "autostart = false"))
-    client = daemon.client
-    reply = client.call("start", name="idle", waiting=True)
-    started = reply["info"]["started"]
-    assert reply["status"] == "ok" and len(started) == 2 and reply["info"]["kept"] == []
-    assert client.call("start", name="idle", waiting=True)["info"] == {
-        "started": [], "kept": started}
-    reply = client.call("stop", name="idle", waiting=True)
-    assert reply["status"] == "ok" and reply["info"] is None
-    assert not any(alive(p) for p in started)
-    assert client.call("status", name="idle")["status"] == "stopped"
-
-
-def test_start_without_name_starts_only_autostart_watchers(make_daemon):
-    daemon = make_daemon(sleepers("a", 1) + sleepers("b", 1, "autostart = false"))
-    daemon.client.call("stop", waiting=True)
-    assert daemon.client.call("status")["statuses"] == {"a": "stopped", "b": "stopped"}
-    daemon.client.call("start", waiting=True)
-    assert daemon.client.call("status")["statuses"] == {"a": "active", "b": "stopped"}
-
-
-def test_graceful_stop_kills_after_timeout_and_daemon_keeps_answering(make_daemon, tmp_path):
-    daemon = make_daemon(f"""
-        [watcher:stubborn]
-        cmd = {ignore_term(tmp_path)}
-        graceful_timeout = 1
-        """)
-    client = daemon.client
-    (pid,) = client.call("list", name="stubborn")["pids"]
-    wait_for(lambda: (tmp_path / str(pid)).exists(), what="child ignoring SIGTERM")
-    assert client.call("stop", name="stubborn")["status"] == "ok"
-    # While the stop is in progress, commands are answered at once.
-    started = time.monotonic()
-    assert client.call("status", name="stubborn")["status"] == "stopping"
-    assert time.monotonic() - started < 0.5
-    wait_for(lambda: client.call("status", name="stubborn")["status"] == "stopped",
-             what="SIGKILL after graceful_timeout")
-    assert not alive(pid)
-
-
-def test_stop_waiting_does_not_block_other_clients(make_daemon, tmp_path):
-    daemon = make_daemon(f"""
-        [watcher:stubborn]
-        cmd = {ignore_term(tmp_path)}
-        graceful_timeout = 1
-        """)
-    (pid,) = daemon.client.call("list", name="stubborn")["pids"]
-    wait_for(lambda: (tmp_path / str(pid)).exists(), what="child ignoring SIGTERM")
-    with raw_socket(daemon) as waiting:
-        waiting.send(json.dumps({"id": 1, "command": "stop",
-                                 "properties": {"name": "stubborn", "waiting": True}}).encode())
-        assert daemon.client.call("numwatchers")["numwatchers"] == 1
-        assert not waiting.poll(100), "the waiting reply came before the stop finished"
-        assert waiting.poll(DEADLINE * 1000)
-        reply = json.loads(waiting.recv())
-    assert reply["status"] == "ok" and reply["id"] == 1 and not alive(pid)
-
-
-def test_restart_waiting_replaces_every_process(make_daemon):
-    daemon = make_daemon(sleepers(n=2))
-    old = daemon.client.call("list", name="web")["pids"]
-    info = daemon.client.call("restart", name="web", waiting=True)["info"]
-    assert sorted(info["stopped"]) == sorted(old) and info["kept"] == []
-    assert len(info["started"]) == 2 and not set(info["started"]) & set(old)
-    assert daemon.client.call("list", name="web")["pids"] == info["started"]
-    assert not any(alive(p) for p in old)
-
-
-def test_restart_without_name_restarts_all(make_daemon):
-    daemon = make_daemon(sleepers("a", 1) + sleepers("b", 1))
-    before = {n: daemon.client.call("list", name=n)["pids"] for n in "ab"}
-    info = daemon.client.call("restart", waiting=True)["info"]
-    assert sorted(info["stopped"]) == sorted(before["a"] + before["b"])
-    assert len(info["started"]) == 2
-
-
-def test_reload_spawns_new_processes_then_stops_old(make_daemon):
-    daemon = make_daemon(sleepers(n=2))
-    old = daemon.client.call("list", name="web")["pids"]
-    info = daemon.client.call("reload", name="web", waiting=True)["info"]
-    assert sorted(info["stopped"]) == sorted(old) and len(info["started"]) == 2
-    wait_for(lambda: not any(alive(p) for p in old), what="old processes gone")
-
-
-def test_incr_and_decr(make_daemon):
-    daemon = make_daemon(sleepers(n=1))
-    client = daemon.client
-    assert client.call("incr", name="web")["numprocesses"] == 2
-    assert client.call("incr", name="web", nb=2, waiting=True)["numprocesses"] == 4
-    pids = client.call("list", name="web")["pids"]
-    assert len(pids) == 4
-    assert client.call("decr", name="web", nb=3, waiting=True)["numprocesses"] == 1
-    wait_for(lambda: client.call("list", name="web")["pids"] == pids[-1:],
-             what="the newest process kept, oldest stopped first")
-    assert client.call("decr", name="web", nb=5, waiting=True)["numprocesses"] == 0
-    assert client.call("list", name="web")["pids"] == []
-    assert client.call("status", name="web")["status"] == "active"
-
-
-def test_singleton_refuses_to_grow(make_daemon):
-    daemon = make_daemon(sleepers(n=1, extra="singleton = true"))
-    reply = daemon.client.call("incr", name="web", nb=3)
-    assert reply["numprocesses"] == 1 and reply["singleton"] is True
-    assert len(daemon.client.call("list", name="web")["pids"]) == 1
-
-
-def test_respawn_false_lets_the_watcher_stop(make_daemon):
-    daemon = make_daemon(f"[watcher:once]\ncmd = {py_cmd('pass')}\nrespawn = false\n")
-    wait_for(lambda: daemon.client.call("status", name="once")["status"] == "stopped",
-             what="one-shot watcher to stop")
-    assert daemon.client.call("list", name="once")["pids"] == []
-
-
-def test_add_rm_and_duplicates(make_daemon):
-    daemon = make_daemon(sleepers(n=1))
-    client = daemon.client
-    reply = client.call("add", name="Extra", cmd=PY, args=["-c", SLEEP],
-                        options={"numprocesses": 2}, start=True, waiting=True)
-    assert reply["status"] == "ok" and len(reply["started"]) == 2
-    assert client.call("list")["watchers"] == ["extra", "web"]
-    duplicate = client.call("add", name="EXTRA", cmd="x")
-    assert duplicate["status"] == "error" and duplicate["errno"] == 5
-    assert duplicate["reason"] == "'extra' already exist"
-    assert client.call("rm", name="extra", waiting=True)["status"] == "ok"
-    assert not any(alive(p) for p in reply["started"])
-    assert client.call("list")["watchers"] == ["web"]
-    assert client.call("add", name="later", cmd=PY)["status"] == "ok"
-    assert client.call("status", name="later")["status"] == "stopped"
-
-
-def test_rm_nostop_leaves_children_running_until_quit(make_daemon):
-    daemon = make_daemon(sleepers(n=1))
-    (pid,) = daemon.client.call("list", name="web")["pids"]
-    assert daemon.client.call("rm", name="web", nostop=True, waiting=True)["status"] == "ok"
-    assert daemon.client.call("numwatchers")["numwatchers"] == 0
-    assert alive(pid)
-    daemon.client.call("quit", waiting=True)
-    assert daemon.wait(DEADLINE) and not alive(pid)
-
-
-def test_add_with_bad_options_is_errno_3(make_daemon):
-    daemon = make_daemon(sleepers(n=1))
-    reply = daemon.client.call("add", name="x", cmd="y", options={"numprocesses": "3"})
-    assert reply["status"] == "error" and reply["errno"] == 3
-    assert reply["reason"] == "[watcher:x]: numprocesses = '3': isn't an integer"
-    assert daemon.client.call("numwatchers")["numwatchers"] == 1
-
-
-def test_unknown_watcher_is_errno_3(make_daemon):
-    daemon = make_daemon(sleepers(n=1))
-    for command in ("status", "list", "stop", "start", "incr", "rm", "numprocesses"):
-        reply = daemon.client.call(command, name="nope")
-        assert (reply["status"], reply["errno"], reply["reason"]) == (
-            "error", 3, "program nope not found"), command
-
-
-def test_start_waiting_reports_a_watcher_that_cannot_spawn(make_daemon, tmp_path):
-    daemon = make_daemon(f"""
-        [watcher:ghost]
-        cmd = {tmp_path}/missing
-        autostart = false
-        max_retry = 0
-        """)
-    reply = daemon.client.call("start", name="ghost", waiting=True)
-    assert reply["status"] == "error" and reply["errno"] == 6
-    assert "ghost: spawn failed 1 times" in reply["reason"]
-    assert daemon.client.call("status", name="ghost")["status"] == "stopped"
-
-
-@pytest.mark.parametrize("cmd, options", [
-    ("$(circus.env.NOT_SET_ANYWHERE)", {}),  # an empty command line
-    (PY, {"stdin_socket": "nope"}),  # a socket that does not exist
-])
-def test_odd_spawn_failures_are_reported_not_fatal(make_daemon, cmd, options):
-    daemon = make_daemon(sleepers(n=1))
-    reply = daemon.client.call("add", name="odd", cmd=cmd, options=dict(options, max_retry=0),
-                               start=True, waiting=True)
-    assert reply["errno"] == 6 and "spawn failed 1 times" in reply["reason"]
-    assert daemon.client.call("status")["statuses"] == {"odd": "stopped", "web": "active"}
-
-
-def test_spawn_failing_forever_does_not_wedge_the_daemon(make_daemon, tmp_path):
-    daemon = make_daemon(f"""
-        [watcher:ghost]
-        cmd = {tmp_path}/missing
-        max_retry = -1
-        retry_in = 0.01
-        autostart = false
-        """)
-    daemon.client.call("start", name="ghost")
-    for _ in range(20):
-        assert daemon.client.call("status", name="ghost")["status"] == "starting"
-    assert daemon.client.call("stop", name="ghost", waiting=True)["status"] == "ok"
-
-
-def test_cast_gets_no_reply_but_is_applied(make_daemon):
-    daemon = make_daemon(sleepers(n=1))
-    with raw_socket(daemon) as sock:
-        sock.send(json.dumps({"command": "incr", "msg_type": "cast",
-                              "properties": {"name": "web"}}).encode())
-        sock.send(json.dumps({"command": "nope", "msg_type": "cast"}).encode())
-        assert not sock.poll(QUIET * 1000)
-    wait_for(lambda: daemon.client.call("numprocesses", name="web")["numprocesses"] == 2)
-
-
-def test_quit_waiting_replies_after_every_child_is_gone(make_daemon):
-    daemon = make_daemon(sleepers(n=3))
-    pids = daemon.client.call("list", name="web")["pids"]
-    assert daemon.client.call("quit", waiting=True)["status"] == "ok"
-    assert not any(alive(p) for p in pids)
-    assert daemon.wait(DEADLINE)
-
-
-def test_priority_orders_start_and_quit(make_daemon, tmp_path):
-    log = tmp_path / "order.log"
-    record = ("import signal, sys, time; "
-              f"f = open({str(log)!r}, 'a'); f.write('start ' + sys.argv[1] + chr(10)); f.flush(); "
-              "signal.signal(signal.SIGTERM, lambda *a: (f.write('stop ' + sys.argv[1] + chr(10)), "
-              "f.close(), sys.exit(0))); time.sleep(1000)")
-    # The global warmup_delay spaces the two starts, so their order shows.
-    body = "warmup_delay = 0.5\n" + "".join(
-        f"[watcher:{n}]\ncmd = {py_cmd(record)} {n}\npriority = {p}\n"
-        for n, p in (("low", 1), ("high", 9)))
-    daemon = make_daemon(body)
-    wait_for(lambda: log.exists() and log.read_text().count("start") == 2,
-             what="both children started")
-    daemon.client.call("quit", waiting=True)
-    assert log.read_text().split("\n") == [
-        "start high", "start low", "stop low", "stop high", ""]
-
-
-def test_commands_after_quit_began_are_refused(make_daemon, tmp_path):
-    daemon = make_daemon(f"[watcher:stubborn]\ncmd = {ignore_term(tmp_path)}\n"
-                         "graceful_timeout = 1\n")
-    (pid,) = daemon.client.call("list", name="stubborn")["pids"]
-    wait_for(lambda: (tmp_path / str(pid)).exists(), what="child ignoring SIGTERM")
-    daemon.client.call("quit")
-    reply = daemon.client.call("start", name="stubborn")
-    assert reply["errno"] == 5 and "shutting down" in reply["reason"]
-    assert daemon.client.call("status", name="stubborn")["status"] == "stopping"
-    assert daemon.wait(DEADLINE)
-
-
-def test_shell_working_dir_and_private_env(make_daemon, tmp_path):
-    daemon = make_daemon(f"""
-        [watcher:sh]
-        cmd = (env; pwd; echo done) > out.$(circus.wid); exec sleep 1000
-        shell = true
-        working_dir = {tmp_path}
-        numprocesses = 2
-        [env:sh]
-        ONLY = this
-        PATH = /usr/bin:/bin
-        """)
-    for wid in (1, 2):
-        out = tmp_path / f"out.{wid}"
-        wait_for(lambda out=out: out.exists() and "done" in out.read_text().split())
-        lines = set(out.read_text().splitlines())
-        assert "ONLY=this" in lines and str(tmp_path) in lines
-        assert not any(line.startswith("HOME=") for line in lines)
-    assert len(daemon.client.call("list", name="sh")["pids"]) == 2
-
-
-def test_a_watcher_slow_to_start_does_not_fail_the_start(tmp_path):
-    fds_before = open_fds()
-    text = (f"[circus]\nendpoint = ipc://{tmp_path}/slow.sock\n"
-            + sleepers("slow", 3, "warmup_delay = 60\ngraceful_timeout = 0"))
-    daemon = minisup.Daemon.from_ini(text)
-    try:
-        daemon.start(timeout=0.3)  # returns: the watcher is reported, not fatal
-        assert daemon.client.call("status", name="slow")["status"] == "starting"
-        assert len(daemon.client.call("list", name="slow")["pids"]) == 1
-    finally:
-        daemon.stop()
-    assert_nothing_leaked(fds_before)
-
-
-def test_two_daemons_in_one_process_do_not_interfere(make_daemon):
-    first = make_daemon(sleepers("a", 1))
-    second = make_daemon(sleepers("b", 2))
-    assert first.client.call("list")["watchers"] == ["a"]
-    assert second.client.call("list")["watchers"] == ["b"]
-    second.stop()
-    assert first.client.call("status")["statuses"] == {"a": "active"}
-
-
-def test_daemon_stop_is_idempotent_and_a_context_manager(tmp_path):
-    fds_before = open_fds()
-    text = f"[circus]\nendpoint = ipc://{tmp_path}/c.sock\n" + sleepers(n=2)
-    with minisup.Daemon.from_ini(text) as daemon:
-        pids = daemon.client.call("list", name="web")["pids"]
-        assert sorted(minisup_threads()) == ["minisup-controller", "minisup-output", "minisup-worker"]
-    daemon.stop()
-    assert not any(alive(p) for p in pids)
-    assert not (tmp_path / "c.sock").exists()
-    assert_nothing_leaked(fds_before)
-
-
-# ==================================================== full command set ======
-
-SIGNAL_SCRIPT = """
-import os, signal, sys, time
-folder = sys.argv[1]
-def record(signum, frame):
-    open(os.path.join(folder, f"{os.getpid()}.{signum}"), "w").close()
-if len(sys.argv) > 2:
-    os.fork()  # the parent and its child both record signals
-for signum in (signal.SIGUSR1, signal.SIGUSR2, signal.SIGHUP):
-    signal.signal(signum, record)
-open(os.path.join(folder, f"{os.getpid()}.ready"), "w").close()
-while True:
-    time.sleep(1)
-"""
-
-
-def recorder(tmp_path, fork=False):
-    """A watcher body whose children record the signals they get."""
-    script = tmp_path / "recorder.py"
-    script.write_text(SIGNAL_SCRIPT)
-    return f"cmd = {PY} {script} {tmp_path}{' fork' if fork else ''}\nstop_children = true\n"
-
-
-def ready_pids(tmp_path, count):
-    def ready():
-        pids = sorted(int(f.name.split(".")[0]) for f in tmp_path.glob("*.ready"))
-        return len(pids) == count and pids
-    return wait_for(ready, what=f"{count} ready children")
-
-
-def got(tmp_path, pid, signum):
-    return (tmp_path / f"{pid}.{int(signum)}").exists()
-
-
-def test_options_get_and_set(make_daemon):
-    daemon = make_daemon(sleepers(n=1, extra="graceful_timeout = 7"))
-    client = daemon.client
-    options = client.call("options", name="web")["options"]
-    assert options["numprocesses"] == 1 and options["graceful_timeout"] == 7.0
-    assert options["cmd"] == py_cmd(SLEEP) and options["args"] == []
-    assert {"send_hup", "stop_signal", "uid", "priority", "env"} <= set(options)
-    assert client.call("get", name="web", keys=["graceful_timeout", "shell"])[
-        "options"] == {"graceful_timeout": 7.0, "shell": False}
-    reply = client.call("get", name="web", keys=["nope"])
-    assert (reply["errno"], reply["reason"]) == (3, "'nope' option not found")
-    (old,) = client.call("list", name="web")["pids"]
-    assert client.call("set", name="web", options={"graceful_timeout": 2},
-                       waiting=True)["status"] == "ok"
-    assert client.call("list", name="web")["pids"] == [old]  # no reload needed
-    client.call("set", name="web", options={"numprocesses": 3}, waiting=True)
-    assert len(client.call("list", name="web")["pids"]) == 3
-    client.call("set", name="web", options={"args": ["extra"]}, waiting=True)
-    new = wait_for(lambda: new_pids(client, "web", [old], 3), what="reloaded pids")
-    assert client.call("options", name="web")["options"]["args"] == ["extra"]
-    assert all(alive(p) for p in new)
-
-
-@pytest.mark.parametrize("options, reason", [
-    ({"numprocesses": "3"}, "[watcher:web]: numprocesses = '3': isn't an integer"),
-    ({"nope": 1}, "[watcher:web]: unknown option 'nope'"),
-    ({"stop_signal": "SIGNOPE"}, "[watcher:web]: stop_signal = 'SIGNOPE': not a signal name"),
-    ({"env": {"A": 1}}, "[watcher:web]: env = {'A': 1}: must be an object of strings"),
-    ({"cmd": "sh -c 'open"}, "[watcher:web]: cmd = \"sh -c 'open\": No closing quotation"),
-    ({"graceful_timeout": 1e308},
-     "[watcher:web]: graceful_timeout = 1e+308: must be from 0 to 31536000"),
-])
-def test_set_validates_every_key(make_daemon, options, reason):
-    daemon = make_daemon(sleepers(n=1))
-    reply = daemon.client.call("set", name="web", options=options)
-    assert (reply["status"], reply["errno"], reply["reason"]) == ("error", 3, reason)
-
-
-def test_set_numprocesses_on_a_singleton_is_refused(make_daemon):
-    daemon = make_daemon(sleepers(n=1, extra="singleton = true"))
-    reply = daemon.client.call("set", name="web", options={"numprocesses": 2})
-    assert reply["errno"] == 3 and "singleton" in reply["reason"]
-
-
-@pytest.mark.parametrize("signum", [signal.SIGUSR1.value, "10", "USR1", "SIGUSR1"])
-def test_signal_accepts_every_spelling(make_daemon, tmp_path, signum):
-    daemon = make_daemon(f"[watcher:rec]\n{recorder(tmp_path)}numprocesses = 2\n")
-    pids = ready_pids(tmp_path, 2)
-    assert daemon.client.call("signal", name="rec", signum=signum)["status"] == "ok"
-    wait_for(lambda: all(got(tmp_path, p, signal.SIGUSR1) for p in pids))
-
-
-def test_signal_one_pid_its_children_or_the_whole_tree(make_daemon, tmp_path):
-    daemon = make_daemon(f"[watcher:rec]\n{recorder(tmp_path, fork=True)}")
-    (parent,) = daemon.client.call("list", name="rec")["pids"]
-    (child,) = set(ready_pids(tmp_path, 2)) - {parent}
-    call = daemon.client.call
-    assert call("signal", name="rec", pid=parent, signum="USR1")["status"] == "ok"
-    wait_for(lambda: got(tmp_path, parent, signal.SIGUSR1))
-    assert call("signal", name="rec", pid=str(parent), signum="USR2",
-                children=True)["status"] == "ok"
-    wait_for(lambda: got(tmp_path, child, signal.SIGUSR2))
-    assert not got(tmp_path, parent, signal.SIGUSR2)
-    assert call("signal", name="rec", signum="HUP", recursive=True)["status"] == "ok"
-    wait_for(lambda: got(tmp_path, parent, signal.SIGHUP) and got(tmp_path, child, signal.SIGHUP))
-    assert not got(tmp_path, child, signal.SIGUSR1)
-    daemon.client.call("stop", name="rec", waiting=True)
-    wait_for(lambda: not alive(child), what="the forked child to stop with its group")
-
-
-@pytest.mark.parametrize("properties, reason", [
-    ({"signum": "NOPE"}, "'signum' is not a signal"),
-    ({"signum": 9, "pid": 1}, "process 1 not found in 'web'"),
-    ({"signum": 9, "pid": "x1"}, "'pid' must be a pid"),
-    ({"signum": 9, "childpid": 5}, "'childpid' needs 'pid'"),
-])
-def test_signal_errors(make_daemon, properties, reason):
-    daemon = make_daemon(sleepers(n=1))
-    reply = daemon.client.call("signal", name="web", **properties)
-    assert reply["errno"] == 3 and reason in reply["reason"]
-    assert len(daemon.client.call("list", name="web")["pids"]) == 1
-
-
-def test_kill_overrides_signal_and_grace_and_the_process_is_replaced(make_daemon, tmp_path):
-    daemon = make_daemon(f"[watcher:stubborn]\ncmd = {ignore_term(tmp_path)}\n"
-                         "numprocesses = 2\ngraceful_timeout = 600\n")
-    first, second = daemon.client.call("list", name="stubborn")["pids"]
-    wait_for(lambda: (tmp_path / str(first)).exists())
-    reply = daemon.client.call("kill", name="stubborn", pid=first, graceful_timeout=0.2,
-                               waiting=True)
-    assert reply["status"] == "ok" and not alive(first)
-    pids = wait_for(lambda: new_pids(daemon.client, "stubborn", [first], 2))
-    assert second in pids
-    # USR1 kills a Python child at once; SIGTERM would wait out the 600 s
-    # grace, and the client's timeout would fail this call long before.
-    reply = daemon.client.call("kill", name="stubborn", signum="USR1", waiting=True)
-    assert reply["status"] == "ok" and not any(alive(p) for p in pids)
-
-
-def test_stats_and_dstats_read_proc(make_daemon):
-    daemon = make_daemon(sleepers(n=2))
-    pids = daemon.client.call("list", name="web")["pids"]
-    infos = daemon.client.call("stats")["infos"]
-    assert sorted(map(int, infos["web"])) == sorted(pids)
-    info = infos["web"][str(pids[0])]
-    keys = {"pid", "cpu", "mem", "mem_info1", "mem_info2", "ctime", "username", "nice",
-            "create_time", "age", "cmdline", "children", "started", "wid"}
-    assert keys <= set(info)
-    assert info["pid"] == pids[0] and info["cmdline"] == os.path.basename(PY)
-    assert info["username"] == pwd.getpwuid(os.getuid()).pw_name
-    assert 0 <= info["age"] < 60 and abs(info["create_time"] - time.time()) < 60
-    assert re.fullmatch(r"\d+(\.\d\d[KMG])?B?", info["mem_info1"])
-    assert re.fullmatch(r"\d+:\d\d\.\d\d", info["ctime"]) and info["wid"] in (1, 2)
-    reply = daemon.client.call("stats", name="web", process=pids[1])
-    assert reply["process"] == pids[1] and reply["info"]["pid"] == pids[1]
-    assert set(daemon.client.call("stats", name="web")["info"]) == set(map(str, pids))
-    reply = daemon.client.call("stats", name="web", process=1)
-    assert reply["errno"] == 3 and "process 1 not found in 'web'" in reply["reason"]
-    dinfo = daemon.client.call("dstats")["info"]
-    assert dinfo["pid"] == os.getpid() and keys - {"started", "wid"} <= set(dinfo)
-
-
-def test_sockets_are_bound_listed_and_inherited_alone(make_daemon, tmp_path):
-    server = (
-        "import os, socket, sys; fd = int(sys.argv[1]); fds = ' '.join(os.listdir('/proc/self/fd')); "
-        f"open(os.path.join({str(tmp_path)!r}, 'fds'), 'w').write(fds); "
-        "s = socket.socket(fileno=fd); "
-        "[(c.sendall(b'hello from ' + sys.argv[2].encode()), c.close()) for c, _ in iter(s.accept, None)]")
-    daemon = make_daemon(f"""
-        [socket:web]
-        host = 127.0.0.1
-        port = 0
-        [socket:local]
-        path = {tmp_path}/local.sock
-        [watcher:srv]
-        cmd = {py_cmd(server)} $(circus.sockets.web) $(circus.wid)
-        """)
-    sockets = daemon.client.call("listsockets")["sockets"]
-    assert [s["name"] for s in sockets] == ["web", "local"]
-    web, local = sockets
-    assert web["host"] == "127.0.0.1" and web["port"] > 0 and web["backlog"] == 2048
-    assert local["path"] == f"{tmp_path}/local.sock"
-    with socket.create_connection(("127.0.0.1", web["port"]), timeout=DEADLINE) as conn:
-        assert conn.recv(100) == b"hello from 1"
-    fds = set(wait_for(lambda: (tmp_path / "fds").exists() and
-                       (tmp_path / "fds").read_text().split()))
-    assert str(web["fd"]) in fds and str(local["fd"]) not in fds
-    assert len(fds) == 5  # stdin, stdout, stderr, the socket, listdir's own
-
-
-def test_globaloptions(make_daemon):
-    daemon = make_daemon(sleepers(n=1))
-    options = daemon.client.call("globaloptions")["options"]
-    assert options["endpoint"] == daemon.endpoint
-    assert set(options) == {"endpoint", "pubsub_endpoint", "check_delay",
-                            "multicast_endpoint", "stats_endpoint", "max_processes"}
-    soft = resource.getrlimit(resource.RLIMIT_NOFILE)[0]
-    with open("/proc/sys/kernel/pid_max") as stream:
-        pid_max = int(stream.read())
-    assert options["max_processes"] == min((soft - 64) // 3, pid_max)
-    assert daemon.client.call("globaloptions", option="check_delay")["options"] == {
-        "check_delay": 5.0}
-    reply = daemon.client.call("globaloptions", option="nope")
-    assert (reply["errno"], reply["reason"]) == (3, "'nope' not an existing option")
-
-
-@pytest.mark.parametrize("name, match, stopped", [
-    ("web*", None, ["web1", "web2"]),
-    ("web?", "glob", ["web1", "web2"]),
-    ("^w.b1$", "regex", ["web1"]),
-    ("worker", "simple", ["worker"]),
-])
-def test_match_selects_watchers(make_daemon, name, match, stopped):
-    daemon = make_daemon(sleepers("web1", 1) + sleepers("web2", 1) + sleepers("worker", 1))
-    extra = {"match": match} if match else {}
-    assert daemon.client.call("stop", name=name, waiting=True, **extra)["status"] == "ok"
-    statuses = daemon.client.call("status")["statuses"]
-    assert sorted(n for n, s in statuses.items() if s == "stopped") == stopped
-
-
-def test_match_errors(make_daemon):
-    daemon = make_daemon(sleepers(n=1))
-    assert daemon.client.call("stop", name="x*")["reason"] == "program x* not found"
-    assert "unknown match method" in daemon.client.call("stop", name="w", match="x")["reason"]
-    assert "not a valid regex" in daemon.client.call("stop", name="(", match="regex")["reason"]
-    assert daemon.client.call("stop", name="web*", match="simple")["errno"] == 3
-
-
-def test_reload_sequential_replaces_one_at_a_time(make_daemon, tmp_path):
-    daemon = make_daemon(sleepers(n=3), pubsub_endpoint=f"ipc://{tmp_path}/pub.sock")
-    old = daemon.client.call("list", name="web")["pids"]
-    with subscriber(daemon) as sub:
-        info = daemon.client.call("reload", name="web", sequential=True, waiting=True)["info"]
-        events = drain_events(sub, lambda e: len([t for t, _ in e if t.endswith(".reap")]) == 3)
-    assert info["stopped"] == sorted(old) and len(info["started"]) == 3
-    kinds = [t.rsplit(".", 1)[1] for t, _ in events if not t.endswith(".reload")]
-    # Each old process is stopped, replaced and reaped before the next.
-    assert kinds == ["kill", "spawn", "reap"] * 3
-
-
-def test_reload_with_send_hup_signals_instead(make_daemon, tmp_path):
-    daemon = make_daemon(f"[watcher:rec]\n{recorder(tmp_path)}numprocesses = 2\nsend_hup = true\n")
-    pids = ready_pids(tmp_path, 2)
-    info = daemon.client.call("reload", name="rec", waiting=True)["info"]
-    assert info == {"stopped": [], "started": [], "kept": sorted(pids)}
-    wait_for(lambda: all(got(tmp_path, p, signal.SIGHUP) for p in pids))
-
-
-def write_ini(path, endpoint, body):
-    path.write_text(f"[circus]\nendpoint = {endpoint}\n" + textwrap.dedent(body))
-
-
-def test_reloadconfig_applies_only_what_changed(tmp_path):
-    fds_before = open_fds()
-    ini = tmp_path / "app.ini"
-    endpoint = f"ipc://{tmp_path}/rc.sock"
-    write_ini(ini, endpoint, sleepers("same", 1) + sleepers("grow", 1)
-              + sleepers("change", 1) + sleepers("gone", 1))
-    with minisup.Daemon(minisup.load_config(ini)) as daemon:
-        client = daemon.client
-        before = {n: client.call("list", name=n)["pids"] for n in ("same", "grow", "change")}
-        gone = client.call("list", name="gone")["pids"]
-        client.call("add", name="runtime", cmd=PY, args=["-c", SLEEP], start=True, waiting=True)
-        write_ini(ini, endpoint, sleepers("same", 1) + sleepers("grow", 3)
-                  + sleepers("change", 1, "graceful_timeout = 3") + sleepers("fresh", 2))
-        assert client.call("reloadconfig", waiting=True)["warnings"] == []
-        assert client.call("list")["watchers"] == ["change", "fresh", "grow", "runtime", "same"]
-        assert client.call("list", name="same")["pids"] == before["same"]
-        grown = client.call("list", name="grow")["pids"]
-        assert len(grown) == 3 and before["grow"][0] in grown
-        assert not set(client.call("list", name="change")["pids"]) & set(before["change"])
-        assert len(client.call("list", name="fresh")["pids"]) == 2
-        wait_for(lambda: not any(alive(p) for p in gone), what="removed watcher stopped")
-        ini.write_text("[watcher:broken]\nnumprocesses = many\n")
-        reply = client.call("reloadconfig")
-        assert reply["errno"] == 3 and "numprocesses = 'many'" in reply["reason"]
-        assert client.call("numwatchers")["numwatchers"] == 5
-    assert_nothing_leaked(fds_before)
-
-
-def test_reloadconfig_replies_and_logs_the_warnings_of_the_file(tmp_path, capsys, caplog):
-    fds_before = open_fds()
-    ini = tmp_path / "app.ini"
-    endpoint = f"ipc://{tmp_path}/rc.sock"
-    write_ini(ini, endpoint, sleepers("web", 1))
-    with minisup.Daemon(minisup.load_config(ini)):
-        write_ini(ini, endpoint, sleepers("web", 1, "numprocess = 2"))  # a typo
-        warning = f"{ini}: [watcher:web]: unknown or unsupported option 'numprocess', ignored"
-        assert ctl(capsys, endpoint, "reloadconfig") == (0, f"warning: {warning}\n", "")
-        assert warning in [r.getMessage() for r in caplog.records]
-    assert_nothing_leaked(fds_before)
-
-
-def test_reloadconfig_without_a_file_is_an_error(make_daemon):
-    daemon = make_daemon(sleepers(n=1))
-    reply = daemon.client.call("reloadconfig")
-    assert reply["errno"] == 5 and "no INI file" in reply["reason"]
-
-
-class subscriber:
-    """A SUB socket on a daemon's pubsub endpoint, subscribed to every
-    watcher event, and proven connected before it is handed out."""
-
-    def __init__(self, daemon):
-        self.daemon = daemon
-        self.context = zmq.Context()
-        self.sock = self.context.socket(zmq.SUB)
-        self.sock.linger = 0
-
-    def __enter__(self):
-        endpoint = self.daemon.client.call("globaloptions")["options"]["pubsub_endpoint"]
-        self.sock.setsockopt(zmq.SUBSCRIBE, b"watcher.")
-        self.sock.connect(endpoint)
-        name = self.daemon.client.call("list")["watchers"][0]
-
-        def heard_update():  # a harmless event until one arrives
-            self.daemon.client.call("set", name=name, options={"priority": 0})
-            return self.sock.poll(50)
-        wait_for(heard_update, what="the subscription to take effect")
-        while self.sock.poll(QUIET * 1000):
-            self.sock.recv_multipart()
-        return self.sock
-
-    def __exit__(self, *exc):
-        self.sock.close()
-        self.context.term()
-
-
-def drain_events(sock, enough):
-    """Events as (topic, payload) until ``enough(events)`` holds."""
-    events = []
-
-    def more():
-        while sock.poll(10):
-            topic, body = sock.recv_multipart()
-            events.append((topic.decode(), json.loads(body)))
-        return enough(events)
-    wait_for(more, what="events")
-    return events
-
-
-def test_output_is_encoded_for_events_only_while_someone_subscribes(make_daemon, tmp_path):
-    daemon = make_daemon(sleepers(n=1), pubsub_endpoint=f"ipc://{tmp_path}/pub.sock")
-    topic = "watcher.web.output"
-    assert not daemon.controller.wants(topic)
-    context = zmq.Context()
-    sub = context.socket(zmq.SUB)
-    sub.linger = 0
-    sub.setsockopt(zmq.SUBSCRIBE, b"watcher.web.")
-    sub.connect(f"ipc://{tmp_path}/pub.sock")
-    wait_for(lambda: daemon.controller.wants(topic), what="the subscription to arrive")
-    assert not daemon.controller.wants("watcher.other.output")
-    sub.close()
-    context.term()
-    wait_for(lambda: not daemon.controller.wants(topic), what="the unsubscription")
-
-
-def test_events_of_a_kill_9_and_of_a_stop(make_daemon, tmp_path):
-    daemon = make_daemon(sleepers(n=1), pubsub_endpoint=f"ipc://{tmp_path}/pub.sock")
-    with subscriber(daemon) as sub:
-        (pid,) = daemon.client.call("list", name="web")["pids"]
-        os.kill(pid, signal.SIGKILL)
-        events = drain_events(sub, lambda e: any(t.endswith(".spawn") for t, _ in e))
-        assert [t for t, _ in events] == ["watcher.web.reap", "watcher.web.spawn"]
-        assert events[0][1]["process_pid"] == pid and events[0][1]["exit_code"] == -9
-        (new,) = daemon.client.call("list", name="web")["pids"]
-        assert events[1][1]["process_pid"] == new and isinstance(events[1][1]["time"], float)
-        daemon.client.call("stop", name="web", waiting=True)
-        events = drain_events(sub, lambda e: any(t.endswith(".stop") for t, _ in e))
-        assert [t for t, _ in events] == ["watcher.web.kill", "watcher.web.reap",
-                                          "watcher.web.stop"]
-        assert events[1][1] == {"process_pid": new, "exit_code": -15,
-                                "time": events[1][1]["time"]}
-        daemon.client.call("add", name="more", cmd=PY)
-        daemon.client.call("rm", name="more")
-        events = drain_events(sub, lambda e: len(e) == 2)
-        assert [t for t, _ in events] == ["watcher.more.add", "watcher.more.remove"]
-
-
-def test_discovery_answers_on_unicast_loopback(make_daemon):
-    daemon = make_daemon(sleepers(n=1), multicast_endpoint="udp://127.0.0.1:0")
-    udp = daemon.client.call("globaloptions")["options"]["multicast_endpoint"]
-    host, port = udp[len("udp://"):].rsplit(":", 1)
-    assert host == "127.0.0.1" and int(port) > 0
-    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as probe:
-        probe.settimeout(DEADLINE)
-        probe.sendto(b"who is there?", (host, int(port)))
-        answer, _ = probe.recvfrom(1000)
-    assert json.loads(answer) == {"endpoint": daemon.endpoint}
-
-
-@pytest.fixture
-def curve_keys(tmp_path, capsys):
-    """keygen'd pairs: the daemon's, an authorized client's, an outsider's."""
-    for folder, name in (("daemon", "daemon"), ("clients", "alice"), ("others", "mallory")):
-        assert minisup.main(["keygen", str(tmp_path / folder), name]) == 0
-    capsys.readouterr()
-    secret = tmp_path / "clients" / "alice.key_secret"
-    assert secret.stat().st_mode & 0o777 == 0o600
-    shutil.move(secret, tmp_path / "alice.key_secret")  # keep the folder public only
-    return tmp_path
-
-
-def test_beyond_loopback_needs_curve_and_lets_in_only_authorized_keys(make_daemon, curve_keys):
-    keys = curve_keys
-    with pytest.raises(minisup.ConfigError, match="curve_secret_key and curve_authorized_keys"):
-        minisup.parse_config("[circus]\nendpoint = tcp://0.0.0.0:5555\n")
-    with pytest.raises(minisup.ConfigError, match="set both"):
-        minisup.parse_config(f"[circus]\ncurve_secret_key = {keys}/daemon/daemon.key_secret\n")
-    # Bound on every interface, reached by the test on 127.0.0.1 only.
-    daemon = make_daemon(sleepers(n=1), endpoint="tcp://0.0.0.0:0",
-                         curve_secret_key=keys / "daemon" / "daemon.key_secret",
-                         curve_authorized_keys=keys / "clients")
-    endpoint = daemon.endpoint.replace("0.0.0.0", "127.0.0.1")
-    server = str(keys / "daemon" / "daemon.key")
-    with minisup.Client(endpoint, 5.0, str(keys / "alice.key_secret"), server) as alice:
-        assert alice.call("numwatchers")["numwatchers"] == 1
-    for outsider in [(str(keys / "others" / "mallory.key_secret"), server), (None, None)]:
-        with minisup.Client(endpoint, QUIET, *outsider) as client, pytest.raises(
-                minisup.CallError):
-            client.call("numwatchers")
-    # Through ctl, with the same keys.
-    code = minisup.main(["ctl", "--endpoint", endpoint, "--curve-key",
-                         str(keys / "alice.key_secret"), "--server-key", server, "list"])
-    assert code == 0
-    assert minisup.main(["ctl", "--endpoint", endpoint, "--curve-key", server, "list"]) == 2
-
-
-def test_max_message_size_is_configurable(make_daemon):
-    daemon = make_daemon(sleepers(n=1), max_message_size=1000)
-    assert daemon.client.call("list", pad="x" * 900)["status"] == "ok"
-    with raw_socket(daemon) as sock:
-        reply = raw_reply(sock, b" " * 1001)
-        assert reply["errno"] == 3 and "limit 1000" in reply["reason"]
-        sock.send(b" " * 64001)  # 64 times the limit: libzmq drops it unread
-        assert not sock.poll(QUIET * 1000)
-    assert daemon.client.call("numwatchers")["numwatchers"] == 1
-
-
-def test_redact_env_hides_secrets_from_options_and_get(make_daemon):
-    daemon = make_daemon(sleepers(n=1) + "redact_env = *TOKEN DB_PASSWORD\n"
-                         "[env:web]\nAPI_TOKEN = s3cret\nDB_PASSWORD = hunter2\nMODE = prod\n")
-    env = daemon.client.call("get", name="web", keys=["env"])["options"]["env"]
-    assert env == {"API_TOKEN": "<redacted>", "DB_PASSWORD": "<redacted>", "MODE": "prod"}
-    assert "s3cret" not in json.dumps(daemon.client.call("options", name="web"))
-    pid = daemon.client.call("list", name="web")["pids"][0]
-    with open(f"/proc/{pid}/environ", "rb") as stream:  # the child still has them
-        assert b"API_TOKEN=s3cret" in stream.read().split(b"\0")
-
-
-@pytest.mark.skipif(os.geteuid() != 0, reason="changing owners needs root")
-@pytest.mark.skipif(os.geteuid() != 0, reason="needs a root daemon")
-def test_endpoint_owner_other_than_the_daemons_user_is_refused(make_daemon, tmp_path, capsys):
-    # Whoever holds the socket controls the daemon (set cmd, add with uid,
-    # stdout_stream.filename, ready = file:, copy_env): for a root daemon, a
-    # socket given to nobody would make nobody root.  So it is refused from
-    # a file, from Python and from the command line, and root's own is fine.
-    text = "[circus]\nendpoint_owner = nobody\n" + sleepers(n=1)
-    with pytest.raises(minisup.ConfigError, match=re.escape(
-            "app.ini: [circus]: endpoint_owner = 65534: the control socket's owner controls "
-            "the daemon, so uid 65534 would have root's power")):
-        minisup.parse_config(text, "app.ini")
-    config = minisup.parse_config(sleepers(n=1))
-    config.endpoint, config.endpoint_owner = f"ipc://{tmp_path}/owner.sock", 65534
-    with pytest.raises(minisup.ConfigError, match="endpoint_owner = 65534"):
-        minisup.Daemon(config).start()
-    ini = tmp_path / "app.ini"
-    ini.write_text(text)
-    assert minisup.main(["run", str(ini)]) == minisup.EXIT_USAGE
-    assert "would have root's power" in capsys.readouterr().err
-    daemon = make_daemon(sleepers(n=1), endpoint_owner="root")
-    assert os.stat(daemon.endpoint[len("ipc://"):]).st_uid == 0
-
-
-# ============================================================ bad input ======
-
-class raw_socket:
-    """A bare DEALER (or other type) on a daemon's endpoint."""
-
-    def __init__(self, daemon, kind=zmq.DEALER):
-        self.context = zmq.Context()
-        self.sock = self.context.socket(kind)
-        self.sock.linger = 0
-        self.sock.connect(daemon.endpoint)
-
-    def __enter__(self):
-        return self.sock
-
-    def __exit__(self, *exc):
-        self.sock.close()
-        self.context.term()
-
-
-def raw_reply(sock, *frames):
-    sock.send_multipart(list(frames))
-    assert sock.poll(DEADLINE * 1000), "no reply"
-    return json.loads(sock.recv_multipart()[-1])
-
-
-def request(command, **properties):
-    return json.dumps({"id": "r1", "command": command, "properties": properties}).encode()
-
-
-@pytest.mark.parametrize("body, errno, reason", [
-    (b"", 1, "json invalid"),
-    (b"not json", 1, "json invalid"),
-    (b"\xff\xfe", 1, "json invalid"),
-    (b"[" * 100000 + b"]" * 100000, 1, "json invalid"),
-    (b"[1, 2]", 3, "not a JSON object"),
-    (b'"list"', 3, "not a JSON object"),
-    (b'{"properties": {}}', 3, "'command' is missing"),
-    (b'{"command": 5}', 3, "'command' must be a string"),
-    (b'{"command": "nope"}', 2, "unknown command: 'nope'"),
-    (b'{"command": "list", "properties": "web"}', 3, "'properties' must be an object"),
-    (request("incr"), 3, "message invalid 'name' is missing"),
-    (request("incr", name="web", nb="2"), 3, "'nb' must be an integer from 0 to 4194304"),
-    (request("incr", name="web", nb=-1), 3, "'nb' must be an integer from 0 to 4194304"),
-    (request("incr", name="web", nb=True), 3, "'nb' must be an integer from 0 to 4194304"),
-    (request("incr", name="web", nb=10**4000), 3, "'nb' must be an integer from 0 to 4194304"),
-    (request("incr", name="web", nb=100000000), 3, "'nb' must be an integer from 0 to 4194304"),
-    (request("signal", name="web", signum=9, pid="9" * 5000), 3, "'pid' must be a pid"),
-    (request("signal", name="web", signum=9, pid="\u00b2"), 3, "'pid' must be a pid"),
-    (request("tail", name="web", lines=10**9), 3, "'lines' must be an integer from 0 to 100000"),
-    (request("kill", name="web", graceful_timeout=1e308), 3,
-     "'graceful_timeout' must be a number of seconds from 0 to 31536000"),
-    (b'{"id": NaN, "command": "list"}', 1, "json invalid: NaN is not a JSON number"),
-    (b'{"command": "kill", "properties": {"name": "web", "graceful_timeout": Infinity}}', 1,
-     "json invalid: Infinity is not a JSON number"),
-    (b'{"command": "kill", "properties": {"name": "web", "graceful_timeout": 1e999}}', 1,
-     "json invalid: 1e999 is out of range"),
-    (request("status", name=["web"]), 3, "'name' must be a string"),
-    (request("stop", name="web", waiting="yes"), 3, "'waiting' must be a boolean"),
-    (request("add", name="x", cmd="y", options=[]), 3, "'options' must be an object"),
-    (request("add", name=" ", cmd="y"), 3, "'name' must not be empty"),
-    (request("add", name="x", cmd="y", args=[1]), 3, "args = [1]: must be a string or a list"),
-    (b'{"command": "list", "x": ' + b"1" * 5000 + b"}", 1, "json invalid"),
-    (b" " * ((1 << 20) + 1), 3, "message too large"),  # the default max_message_size
-])
-def test_malformed_requests_get_their_own_error(make_daemon, body, errno, reason):
-    daemon = make_daemon(sleepers(n=1))
-    with raw_socket(daemon) as sock:
-        reply = raw_reply(sock, body)
-    assert reply["status"] == "error" and reply["errno"] == errno
-    assert reason in reply["reason"]
-    assert isinstance(reply["time"], float) and "tb" in reply
-    assert daemon.client.call("numwatchers")["numwatchers"] == 1
-    assert sorted(minisup_threads()) == ["minisup-controller", "minisup-output", "minisup-worker"]
-
-
-def test_a_huge_incr_is_refused_at_once_naming_the_limit(make_daemon):
-    daemon = make_daemon(sleepers(n=1))
-    client = daemon.client
-    reply = client.call("incr", name="web", nb=100_000_000)  # used to hang, eating GiBs
-    assert (reply["errno"], reply["reason"]) == (
-        3, "'nb' must be an integer from 0 to 4194304, not 100000000")
-    limit = client.call("globaloptions")["options"]["max_processes"]
-    for reply in (client.call("incr", name="web", nb=minisup.MAX_PROCESSES),
-                  client.call("set", name="web", options={"numprocesses": limit + 1})):
-        assert reply["errno"] == 3 and f"over the daemon's limit of {limit} (" in reply["reason"]
-        assert "fd limit" in reply["reason"] or "pid_max" in reply["reason"]
-    assert client.call("numprocesses", name="web")["numprocesses"] == 1
-
-
-def test_max_processes_bounds_the_sum_of_every_watchers_numprocesses(make_daemon):
-    daemon = make_daemon(sleepers(n=2), max_processes=5)
-    client = daemon.client
-    why = "over the daemon's limit of 5 ([circus] max_processes)"
-    assert client.call("incr", name="web", nb=3, waiting=True)["numprocesses"] == 5
-    assert why in client.call("incr", name="web")["reason"]
-    reply = client.call("add", name="more", cmd="/bin/sleep", args=["1000"])
-    assert reply["reason"] == f"more: 1 processes would make 6 in all, {why}"
-    assert client.call("decr", name="web", nb=2, waiting=True)["numprocesses"] == 3
-    assert client.call("add", name="more", cmd="/bin/sleep", args=["1000"],
-                       options={"numprocesses": 2})["status"] == "ok"
-    assert why in client.call("set", name="more", options={"numprocesses": 3})["reason"]
-    assert client.call("globaloptions", option="max_processes")["options"] == {
-        "max_processes": 5}
-
-
-def test_a_year_long_check_delay_does_not_kill_the_worker(make_daemon):
-    # epoll refuses a timeout past ~24 days: the worker used to die (and
-    # SIGKILL every child) on its first quiet turn.
-    daemon = make_daemon(sleepers(n=1), check_delay=minisup.MAX_SECONDS)
-    (pid,) = daemon.client.call("list", name="web")["pids"]
-    assert not wait_until_quiet(lambda: "minisup-worker" not in minisup_threads())
-    reply = daemon.client.call("incr", name="web", waiting=True)  # needs the worker
-    assert reply["numprocesses"] == 2 and alive(pid)
-
-
-def test_error_reply_echoes_the_id_when_it_can(make_daemon):
-    daemon = make_daemon(sleepers(n=1))
-    with raw_socket(daemon) as sock:
-        reply = raw_reply(sock, b'{"id": 42, "command": "nope"}')
-    assert reply["id"] == 42 and reply["errno"] == 2
-
-
-def test_multi_frame_request_is_an_error_and_req_sockets_work(make_daemon):
-    daemon = make_daemon(sleepers(n=1))
-    with raw_socket(daemon) as sock:
-        reply = raw_reply(sock, request("list"), request("list"))
-        assert reply["errno"] == 3 and "one frame" in reply["reason"]
-    with raw_socket(daemon, zmq.REQ) as req:
-        assert raw_reply(req, request("list"))["watchers"] == ["web"]
-
-
-def test_many_bad_messages_in_a_burst_leave_the_daemon_serving(make_daemon):
-    daemon = make_daemon(sleepers(n=1))
-    bodies = [b"", b"{", b"[]", b'{"command": null}', request("incr", name=1),
-              request("nope"), request("start", name="nope"), b"\x00" * 100]
-    with raw_socket(daemon) as sock:
-        for body in bodies * 50:
-            sock.send(body)
-        replies = [json.loads(sock.recv()) for _ in range(len(bodies) * 50)
-                   if sock.poll(DEADLINE * 1000)]
-    assert len(replies) == len(bodies) * 50
-    assert all(r["status"] == "error" for r in replies)
-    assert daemon.client.call("numwatchers")["numwatchers"] == 1
-
-
-JSON = st.recursive(
-    st.none() | st.booleans() | st.integers() | st.floats(allow_nan=False) | st.text(),
-    lambda inner: st.lists(inner, max_size=4) | st.dictionaries(st.text(max_size=8), inner,
-                                                                max_size=4),
-    max_leaves=20)
-#: Commands the fuzzer may send: not add/set (they would run what they are
-#: given) nor quit (the daemon must outlive the run).
-FUZZED = sorted(set(minisup.COMMANDS) - {"add", "set", "quit"})
-MESSAGES = st.one_of(
-    st.binary(max_size=300),
-    JSON.map(lambda value: json.dumps(value).encode()),
-    st.builds(lambda command, properties, message_id: json.dumps(
-        {"command": command, "properties": properties, "id": message_id}).encode(),
-        st.sampled_from(FUZZED) | st.text(max_size=12),
-        st.dictionaries(st.sampled_from(sorted(minisup.PROPERTY_TYPES)), JSON, max_size=4) | JSON,
-        JSON))
-
-
-def strict_json(text):
-    """``json.loads`` that refuses NaN, Infinity and 1e999, as the daemon does."""
-    def refuse(name):
-        raise ValueError(f"{name} is not JSON")
-
-    def finite(number):
-        value = float(number)
-        if value in (float("inf"), float("-inf")):
-            refuse(number)
-        return value
-    return json.loads(text, parse_constant=refuse, parse_float=finite)
-
-
-def expected_id(body):
-    """The id a reply must echo, and whether a reply is due at all."""
-    try:
-        message = strict_json(body)
-    except ValueError:
-        return None, True
-    if not isinstance(message, dict):
-        return None, True
-    return message.get("id"), message.get("msg_type") != "cast"
-
-
-@settings(max_examples=200, deadline=None,
-          suppress_health_check=[HealthCheck.function_scoped_fixture])
-@given(body=MESSAGES)
-def test_fuzzed_requests_get_circus_shaped_replies(make_daemon, fuzz_state, body):
-    if "daemon" not in fuzz_state:
-        fuzz_state["daemon"] = make_daemon(sleepers(n=1, extra="graceful_timeout = 0"))
-    daemon = fuzz_state["daemon"]
-    message_id, replied = expected_id(body)
-    with raw_socket(daemon) as sock:
-        sock.send(body)
-        if replied:
-            assert sock.poll(DEADLINE * 1000), "no reply"
-            reply = strict_json(sock.recv())  # a reply is always strict JSON
-            assert reply["status"] in ("ok", "error") and isinstance(reply["time"], float)
-            assert reply["id"] == message_id or message_id is None
-            if reply["status"] == "error":
-                assert reply["errno"] in range(7) and isinstance(reply["reason"], str)
-    assert daemon.client.call("numwatchers")["numwatchers"] == 1
-    assert sorted(minisup_threads()) == ["minisup-controller", "minisup-output",
-                                         "minisup-worker"]
-
-
-@pytest.fixture
-def fuzz_state():
-    return {}
-
-
-# ============================================================ endpoints ======
-
-def test_default_endpoint_is_private(make_daemon, tmp_path, monkeypatch):
-    runtime = tmp_path / "run"
-    runtime.mkdir()
-    monkeypatch.setenv("XDG_RUNTIME_DIR", str(runtime))
-    endpoint = minisup.default_endpoint()
-    assert endpoint == f"ipc://{runtime}/minisup/control.sock"
-    daemon = make_daemon(sleepers(n=1), endpoint=endpoint)
-    folder, sock = runtime / "minisup", runtime / "minisup" / "control.sock"
-    assert oct(folder.stat().st_mode & 0o777) == oct(0o700)
-    assert oct(sock.stat().st_mode & 0o777) == oct(0o600)
-    with minisup.Client() as client:  # finds the same default
-        assert client.call("numwatchers")["numwatchers"] == 1
-    assert daemon.client.call("numwatchers")["numwatchers"] == 1
-
-
-@pytest.mark.skipif(os.geteuid() != 0 or not os.access("/usr/bin/python3", os.X_OK),
-                    reason="needs root to run a client as nobody")
-def test_another_user_cannot_reach_the_default_endpoint(make_daemon, monkeypatch, request):
-    # Outside pytest's private temp folder, so that only minisup's own
-    # folder (0700) and socket (0600) stand between nobody and the socket.
-    runtime = tempfile.mkdtemp(prefix="minisup-rt-")
-    os.chmod(runtime, 0o755)
-    monkeypatch.setenv("XDG_RUNTIME_DIR", runtime)
-    request.addfinalizer(lambda: shutil.rmtree(runtime))
-    daemon = make_daemon(sleepers(n=1), endpoint=minisup.default_endpoint())
-    path = daemon.endpoint[len("ipc://"):]
-    probe = ("import socket, sys; s = socket.socket(socket.AF_UNIX)\n"
-             "try:\n    s.connect(sys.argv[1])\nexcept PermissionError:\n    sys.exit(13)")
-    result = subprocess.run(["/usr/bin/python3", "-c", probe, path], user="nobody",
-                            check=False, capture_output=True, timeout=60)
-    assert result.returncode == 13, result
-    assert daemon.client.call("numwatchers")["numwatchers"] == 1
-
-
-def test_second_daemon_on_a_live_endpoint_is_refused(make_daemon, tmp_path):
-    first = make_daemon(sleepers(n=1))
-    with pytest.raises(minisup.ConfigError, match="already listening"):
-        make_daemon(sleepers("other", 1), endpoint=first.endpoint)
-    assert first.client.call("list")["watchers"] == ["web"]
-
-
-def test_an_ipc_folder_anyone_may_write_in_is_refused(make_daemon, tmp_path):
-    shared = tmp_path / "shared"
-    shared.mkdir()
-    shared.chmod(0o777)  # anyone could rename the socket away and put theirs
-    below = shared / "private"
-    below.mkdir(mode=0o700)
-    for folder in (shared, below):
-        with pytest.raises(minisup.ConfigError, match=re.escape(
-                f"anyone may write in {shared}, and so replace the socket")):
-            make_daemon(sleepers(n=1), endpoint=f"ipc://{folder}/ctl.sock")
-    shared.chmod(0o1777)  # the sticky bit, as /tmp: only an entry's owner may move it
-    daemon = make_daemon(sleepers(n=1), endpoint=f"ipc://{below}/ctl.sock")
-    assert daemon.client.call("numwatchers")["numwatchers"] == 1
-
-
-def test_loopback_tcp_endpoint_with_ephemeral_port(make_daemon):
-    daemon = make_daemon(sleepers(n=1), endpoint="tcp://127.0.0.1:*")
-    assert daemon.endpoint.startswith("tcp://127.0.0.1:")
-    assert not daemon.endpoint.endswith(":*")
-    assert daemon.client.call("numwatchers")["numwatchers"] == 1
-
-
-def test_client_timeout_names_the_endpoint(tmp_path):
-    endpoint = f"ipc://{tmp_path}/nobody.sock"
-    with minisup.Client(endpoint, timeout=0.2) as client, \
-            pytest.raises(minisup.CallError) as info:
-        client.call("status")
-    assert endpoint in str(info.value) and "is the daemon running" in str(info.value)
-
-
-# ============================================== signals (a real daemon) ======
-
-#: Sets RLIMIT_NOFILE to argv[1], then becomes ``python argv[2:]`` (same
-#: pid): only the daemon gets the low limit, never this test process.
-WITH_NOFILE = ("import os, resource, sys; limit = int(sys.argv[1]); "
-               "resource.setrlimit(resource.RLIMIT_NOFILE, (limit, limit)); "
-               "os.execv(sys.executable, [sys.executable, *sys.argv[2:]])")
-
-
-def spawn_cli(tmp_path, *args, nofile=None):
-    """``python -m minisup`` in a subprocess, its log in tmp_path/daemon.log;
-    ``nofile``: its RLIMIT_NOFILE."""
-    launcher = [PY] if nofile is None else [PY, "-c", WITH_NOFILE, str(nofile)]
-    with open(tmp_path / "daemon.log", "w") as log:
-        return subprocess.Popen([*launcher, "-m", "minisup", *args], stdout=log,
-                                stderr=subprocess.STDOUT,
-                                cwd=os.path.dirname(minisup.__file__))
-
-
-@pytest.fixture
-def cli_daemon(tmp_path):
-    """A daemon run by the CLI in its own process, on its own endpoint."""
-    procs = []
-
-    def start(body, **global_options):
-        endpoint = f"ipc://{tmp_path}/cli.sock"
-        ini = tmp_path / "app.ini"
-        options = "".join(f"{k} = {v}\n" for k, v in global_options.items())
-        ini.write_text(f"[circus]\nendpoint = {endpoint}\n{options}" + textwrap.dedent(body))
-        proc = spawn_cli(tmp_path, "run", str(ini))
-        procs.append(proc)
-        client = minisup.Client(endpoint, timeout=1.0)
-        wait_for(lambda: _answers(client), what="the CLI daemon to answer")
-        return proc, client
-
-    yield start
-    for proc in procs:
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait()
-
-
-def _answers(client):
-    try:
-        return client.call("status")["status"] == "ok"
-    except minisup.CallError:
-        return False
-
-
-def test_sigterm_stops_every_child_and_exits_0(cli_daemon, tmp_path):
-    proc, client = cli_daemon(sleepers(n=3))
-    pids = client.call("list", name="web")["pids"]
-    client.close()
-    proc.send_signal(signal.SIGTERM)
-    assert proc.wait(DEADLINE) == 0
-    assert not any(alive(p) for p in pids)
-    log = (tmp_path / "daemon.log").read_text()
-    assert "web: active -> stopping" in log and "web: stopping -> stopped" in log
-
-
-def test_sighup_reloads_every_watcher(cli_daemon):
-    proc, client = cli_daemon(sleepers(n=2))
-    old = client.call("list", name="web")["pids"]
-    proc.send_signal(signal.SIGHUP)
-    new = wait_for(lambda: new_pids(client, "web", old, 2), what="new pids after SIGHUP")
-    wait_for(lambda: not any(alive(p) for p in old), what="old pids gone")
-    client.call("quit")
-    client.close()
-    assert proc.wait(DEADLINE) == 0
-    assert not any(alive(p) for p in new)
-
-
-def test_second_sigint_kills_children_that_ignore_sigterm(cli_daemon, tmp_path):
-    proc, client = cli_daemon(f"""
-        [watcher:stubborn]
-        cmd = {ignore_term(tmp_path)}
-        graceful_timeout = 600
-        """)
-    (pid,) = client.call("list", name="stubborn")["pids"]
-    wait_for(lambda: (tmp_path / str(pid)).exists(), what="child ignoring SIGTERM")
-    proc.send_signal(signal.SIGINT)
-    wait_for(lambda: client.call("status", name="stubborn")["status"] == "stopping")
-    client.close()
-    proc.send_signal(signal.SIGINT)
-    assert proc.wait(DEADLINE) == 0
-    assert not alive(pid)
-
-
-def test_quit_command_ends_the_cli_daemon(cli_daemon):
-    proc, client = cli_daemon(sleepers(n=1))
-    assert client.call("quit", waiting=True)["status"] == "ok"
-    client.close()
-    assert proc.wait(DEADLINE) == 0
-
-
-#: The flood test's daemon gets FLOOD_NOFILE fds and twice as many idle
-#: raw connections, so they cannot all be held at once.
-FLOOD_NOFILE = 200
-FLOOD_CONNECTIONS = 2 * FLOOD_NOFILE
-#: Connections opened at once until the daemon is out of fds: half libzmq's
-#: listen backlog (ZMQ_BACKLOG, 100), so that a daemon slow to accept never
-#: sees its accept queue overflow: the kernel would drop those SYNs and
-#: resend them a second later, when the first ones are dropped already.
-FLOOD_CHUNK = 50
-#: Its handshake_timeout: short, so that the test is too.
-FLOOD_HANDSHAKE = 1.0
-#: How long past FLOOD_HANDSHAKE a new authorized client may wait for its
-#: answer.  It comes as an idle batch is dropped (measured: one or two
-#: FLOOD_HANDSHAKEs after the flood); the margin covers the client's own SYN
-#: dropped by the full accept queue, which the kernel resends after 1 s,
-#: then 3 s.  libzmq's default handshake limit (30 s) is far beyond it.
-FLOOD_MARGIN = 5.0
-
-
-def _logged_endpoint(tmp_path):
-    """The control endpoint a CLI daemon logged it listens on, or None yet."""
-    found = re.search(r"control socket listening on (\S+)",
-                      (tmp_path / "daemon.log").read_text())
-    return found.group(1) if found else None
-
-
-def _fd_count(pid):
-    """How many fds the process ``pid`` has open."""
-    return len(os.listdir(f"/proc/{pid}/fd"))
-
-
-def _stop_cli(proc):
-    """SIGTERM a CLI daemon and reap it: it must exit 0 within DEADLINE
-    (if not, SIGKILL it, so that nothing is left, and fail)."""
-    proc.send_signal(signal.SIGTERM)
-    try:
-        code = proc.wait(DEADLINE)
-    except subprocess.TimeoutExpired:
-        proc.kill()  # its guardian then kills its children
-        proc.wait()
-        raise
-    assert code == 0
-
-
-def _open_idle_connections(endpoint, count, into):
-    """Open ``count`` raw TCP connections to a tcp:// ``endpoint`` and
-    append them to ``into`` (the caller closes them); never send a byte:
-    each holds one of the daemon's fds until libzmq drops it."""
-    host, port = endpoint[len("tcp://"):].rsplit(":", 1)
-    for _ in range(count):
-        sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-        into.append(sock)
-        sock.setblocking(False)  # a SYN a full accept queue drops must not block us
-        sock.connect_ex((host, int(port)))
-
-
-def _accept_queue(port):
-    """How many connections wait for accept() on 127.0.0.1:``port`` (the
-    rx_queue /proc/net/tcp shows for a listening socket), or None."""
-    with open("/proc/net/tcp") as table:
-        rows = [line.split() for line in table.readlines()[1:]]
-    for row in rows:
-        if row[1] == f"0100007F:{port:04X}" and row[3] == "0A":  # 0A: LISTEN
-            return int(row[4].split(":")[1], 16)
-    return None
-
-
-def _flood(endpoint, pid, into):
-    """Open FLOOD_CONNECTIONS idle connections to the daemon ``pid``: a
-    chunk at a time, each accepted before the next, until it has
-    FLOOD_NOFILE fds open; then the rest at once.  Append them to ``into``."""
-    port = int(endpoint.rsplit(":", 1)[1])
-    while _fd_count(pid) < FLOOD_NOFILE:
-        assert len(into) < FLOOD_CONNECTIONS, "the daemon never ran out of fds"
-        _open_idle_connections(endpoint, FLOOD_CHUNK, into)
-        wait_for(lambda: _accept_queue(port) == 0 or _fd_count(pid) >= FLOOD_NOFILE,
-                 what="the daemon to accept a chunk or run out of fds")
-    _open_idle_connections(endpoint, FLOOD_CONNECTIONS - len(into), into)
-
-
-def test_idle_raw_connections_are_dropped_after_handshake_timeout(curve_keys, tmp_path):
-    keys, raw = curve_keys, []
-    alice = (str(keys / "alice.key_secret"), str(keys / "daemon" / "daemon.key"))
-    ini = tmp_path / "flood.ini"
-    ini.write_text(f"[circus]\nendpoint = tcp://127.0.0.1:*\n"
-                   f"handshake_timeout = {FLOOD_HANDSHAKE}\n"
-                   f"curve_secret_key = {keys / 'daemon' / 'daemon.key_secret'}\n"
-                   f"curve_authorized_keys = {keys / 'clients'}\n" + sleepers(n=1))
-    proc = spawn_cli(tmp_path, "run", str(ini), nofile=FLOOD_NOFILE)
-    try:
-        endpoint = wait_for(lambda: _logged_endpoint(tmp_path), what="the daemon's endpoint")
-        with minisup.Client(endpoint, DEADLINE, *alice) as client:
-            wait_for(lambda: client.call("status", name="web")["status"] == "active",
-                     what="the watcher's child")
-        children = child_pids(proc.pid)  # that child and the guardian
-        _flood(endpoint, proc.pid, raw)
-        # A new connection, the daemon out of fds: idle ones must make way.
-        with minisup.Client(endpoint, FLOOD_HANDSHAKE + FLOOD_MARGIN, *alice) as client:
-            assert client.call("numwatchers")["numwatchers"] == 1
-    finally:
-        for sock in raw:
-            sock.close()
-        _stop_cli(proc)
-    assert len(children) == 2 and not any(alive(pid) for pid in children)
-
-
-# ================================================ process control in depth ======
+# ============================================================= process ======
 
 INTROSPECT = """
 import json, os, resource, sys
@@ -2854,6 +1488,7 @@ def test_tail_returns_the_last_lines(make_daemon, tmp_path):
         f"stderr_stream.filename = {tmp_path}/err.log\n"))
     call = daemon.client.call
     assert call("tail", name="w", lines=3, stream="stdout")["lines"] == ["47", "48", "49"]
+    # Two pipes: which the output thread reads first is not for the test to know.
     assert call("tail", name="w", lines=2)["lines"] in (["49", "oops"], ["oops", "49"])
     assert call("tail", name="w", lines=100, stream="stdout")["lines"] == [
         str(n) for n in range(31, 50)]
@@ -3018,13 +1653,1849 @@ def test_stream_options_are_checked():
         minisup.watcher_config_from_json("w", "x", None, {"stdout_stream": {"colour": 1}})
 
 
-# ================================================================== CLI ======
+# ============================================= watcher on a fake clock ======
 
-def ctl(capsys, endpoint, *args):
-    code = minisup.main(["ctl", "--endpoint", endpoint, *args])
-    out, err = capsys.readouterr()
-    return code, out, err
+def test_stop_escalates_to_sigkill_only_after_graceful_timeout(make_arbiter, tmp_path):
+    arbiter, clock = make_arbiter(f"""
+        [watcher:stubborn]
+        cmd = {ignore_term(tmp_path)}
+        graceful_timeout = 30
+        """)
+    arbiter.start_watchers(list(arbiter.watchers.values()))
+    watcher = arbiter.watchers["stubborn"]
+    settle(arbiter, lambda: watcher.state == "active")
+    (pid,) = watcher.pids()
+    wait_for(lambda: (tmp_path / str(pid)).exists(), what="child ignoring SIGTERM")
+    watcher.stop(clock())
+    clock.now += 29.9
+    arbiter.poll(0.2)  # 0.2 real seconds: a TERM it obeyed would show
+    assert arbiter.tick() == pytest.approx(0.1)
+    assert watcher.state == "stopping" and alive(pid)
+    clock.now += 0.1
+    settle(arbiter, lambda: watcher.state == "stopped", "SIGKILL and reap")
+    assert watcher.last_exit == -signal.SIGKILL and not alive(pid)
 
+
+def test_crash_loop_backs_off_exponentially_and_resets_after_min_uptime(make_arbiter):
+    arbiter, clock, watcher = start_one(make_arbiter, f"""
+        [watcher:crash]
+        cmd = {py_cmd('raise SystemExit(1)')}
+        backoff_delay = 0.2
+        backoff_factor = 3
+        backoff_max = 1
+        backoff_jitter = 0
+        """)
+    arbiter.tick()
+    delays = []
+    for n in range(1, 5):
+        settle(arbiter, lambda n=n: watcher.restarts == n, f"death {n}")
+        timeout = arbiter.tick()
+        if watcher.pids():  # replaced at once
+            delays.append(0.0)
+            continue
+        assert watcher.status(clock()) == "backoff"
+        delays.append(round(timeout, 3))
+        clock.now += timeout
+        arbiter.tick()
+        assert watcher.pids() and watcher.status(clock()) == "active"
+    assert delays == [0.0, 0.2, 0.6, 1.0]
+    # The fake clock ages the running child past min_uptime before it dies:
+    # the count starts again and the child is replaced at once.
+    clock.now += 5
+    settle(arbiter, lambda: watcher.restarts == 5, "death 5")
+    arbiter.tick()
+    assert watcher.pids() and watcher.status(clock()) == "active"
+
+
+def test_crash_loop_backs_off_in_a_live_daemon(make_daemon, tmp_path):
+    daemon = make_daemon(f"""
+        [watcher:crash]
+        cmd = {py_cmd('raise SystemExit(1)')}
+        autostart = false
+        backoff_delay = 0.3
+        backoff_jitter = 0
+        """, pubsub_endpoint=f"ipc://{tmp_path}/pub.sock")
+    with subscriber(daemon) as sub:
+        daemon.client.call("start", name="crash")
+        events = drain_events(sub, lambda e: sum(t.endswith(".spawn") for t, _ in e) >= 4)
+        wait_for(lambda: daemon.client.call("status", name="crash")["status"] == "backoff",
+                 what="the backoff status")
+        daemon.client.call("stop", name="crash", waiting=True)
+    spawns = [p["time"] for t, p in events if t.endswith(".spawn")][:4]
+    gaps = [b - a for a, b in itertools.pairwise(spawns)]
+    # Replaced at once after the first quick death, then after 0.3 s, then
+    # 0.6 s.  Real time: the lower bounds are exact, the upper ones loose.
+    assert gaps[0] < 0.3 <= gaps[1] < 1.3 and 0.6 <= gaps[2] < 1.6, gaps
+
+
+def test_backoff_jitter_stays_within_its_fraction(make_arbiter):
+    arbiter, _, watcher = start_one(make_arbiter, f"""
+        [watcher:crash]
+        cmd = {py_cmd('raise SystemExit(1)')}
+        backoff_delay = 1
+        backoff_jitter = 0.5
+        """)
+    arbiter.tick()
+    settle(arbiter, lambda: watcher.restarts == 2, "two quick deaths")
+    assert 0.5 <= arbiter.tick() <= 1.5
+
+
+def test_spawn_failures_stop_the_watcher_after_max_retry(make_arbiter, tmp_path):
+    arbiter, clock, watcher = start_one(make_arbiter, f"""
+        [watcher:ghost]
+        cmd = {tmp_path}/no-such-program
+        max_retry = 2
+        retry_in = 3
+        """)
+    for attempt in (1, 2):
+        assert arbiter.tick() == pytest.approx(3.0)  # retry_in
+        assert watcher.retries == attempt and watcher.state == "starting"
+        clock.now += 3
+    assert arbiter.tick() == arbiter.config.check_delay  # given up: nothing is due
+    assert watcher.retries == 3
+    assert watcher.state == "stopped"
+    assert "spawn failed 3 times" in watcher.last_error
+    assert "No such file" in watcher.last_error
+
+
+def test_warmup_delay_spaces_spawns_by_deadline(make_arbiter):
+    arbiter, clock, watcher = start_one(make_arbiter, f"""
+        [circus]
+        check_delay = 60
+        [watcher:slow]
+        cmd = {py_cmd(SLEEP)}
+        numprocesses = 3
+        warmup_delay = 5
+        """)
+    counts, timeouts = [], []
+    for _ in range(3):
+        timeouts.append(arbiter.tick())
+        counts.append(len(watcher.pids()))
+        clock.now += 5
+    assert counts == [1, 2, 3] and watcher.state == "active"
+    # The next spawn's warmup_delay; once all three run, nothing is due but check_delay.
+    assert timeouts == [pytest.approx(5.0), pytest.approx(5.0), 60.0]
+
+
+def test_wid_is_lowest_free_slot(make_arbiter):
+    arbiter, _, watcher = start_one(make_arbiter, f"[watcher:w]\ncmd = {py_cmd(SLEEP)}\nnumprocesses = 3\n")
+    arbiter.tick()
+    by_wid = {p.wid: p.pid for p in watcher.processes.values()}
+    assert sorted(by_wid) == [1, 2, 3]
+    os.kill(by_wid[2], signal.SIGKILL)
+    settle(arbiter, lambda: len(watcher.pids()) == 3 and by_wid[2] not in watcher.pids())
+    assert sorted(p.wid for p in watcher.processes.values()) == [1, 2, 3]
+
+
+def test_a_large_incr_spawns_in_batches_between_which_jobs_run(make_arbiter):
+    arbiter, _, watcher = start_one(make_arbiter, "[watcher:w]\ncmd = /bin/sleep 1000\n"
+                                                  "numprocesses = 0\n")
+    watcher.set_numprocesses(2 * minisup.SPAWN_BATCH + 7)
+    counts = []
+    for _ in range(3):
+        arbiter.tick()
+        counts.append(len(watcher.processes))
+    assert counts == [minisup.SPAWN_BATCH, 2 * minisup.SPAWN_BATCH, 2 * minisup.SPAWN_BATCH + 7]
+    assert sorted(p.wid for p in watcher.processes.values()) == list(range(1, counts[-1] + 1))
+
+
+def test_backoff_never_overflows_however_long_the_crash_loop():
+    config = minisup.WatcherConfig(name="w", cmd="x", backoff_factor=100, backoff_max=5)
+    assert minisup.backoff_delay(config, 2) == config.backoff_delay
+    assert minisup.backoff_delay(config, 3) == 5  # 0.1 * 100, capped
+    assert minisup.backoff_delay(config, 100_000) == 5  # 100 ** 99998: past a float
+
+
+def test_health_is_not_healthy_while_a_crash_loop_respawns(make_arbiter):
+    arbiter, clock, watcher = start_one(make_arbiter, "[watcher:w]\ncmd = /bin/sleep 1000\n"
+                                                      "min_uptime = 5\n")
+    arbiter.tick()
+    assert minisup.handle_health(arbiter, {}) == {"healthy": True}
+    (pid,) = watcher.pids()
+    os.kill(pid, signal.SIGKILL)  # at once: younger than min_uptime, a quick exit
+    settle(arbiter, lambda: len(watcher.pids()) == 1 and pid not in watcher.pids())
+    with pytest.raises(minisup.MinisupError) as info:  # used to say healthy here
+        minisup.handle_health(arbiter, {})
+    assert info.value.reason == ("w is restarting: 1 quick exits in a row, "
+                                 "the last killed by SIGKILL")
+    clock.now += 5  # the new child lived min_uptime: the loop is over
+    assert minisup.handle_health(arbiter, {}) == {"healthy": True}
+
+
+def test_restart_on_failure_replaces_only_failures(make_arbiter):
+    crash = "import os; raise SystemExit(int(os.environ['CODE']))"
+    arbiter, _ = make_arbiter("".join(f"""
+        [watcher:{name}]
+        cmd = {py_cmd(crash)}
+        numprocesses = 2
+        restart = on-failure
+        exit_codes = 0, 2
+        backoff_delay = 0
+        [env:{name}]
+        CODE = {code}
+        """ for name, code in (("done", 2), ("failing", 3))))
+    done, failing = arbiter.watchers["done"], arbiter.watchers["failing"]
+    arbiter.start_watchers([done, failing])
+    settle(arbiter, lambda: done.state == "stopped" and failing.restarts >= 4,
+           "the done watcher to finish and the failing one to be restarted")
+    assert done.restarts == 0 and done.last_exit == 2 and done.last_error is None
+
+
+def test_flapping_pauses_then_gives_up(make_arbiter):
+    arbiter, clock, watcher = start_one(make_arbiter, f"""
+        [watcher:flappy]
+        cmd = {py_cmd('raise SystemExit(1)')}
+        flapping_attempts = 3
+        flapping_window = 10
+        flapping_retry_in = 5
+        flapping_max_retry = 1
+        backoff_delay = 0
+        """)
+    settle(arbiter, lambda: watcher.state == "flapping", "the first flapping pause")
+    assert watcher.restarts == 3 and arbiter.tick() == pytest.approx(5.0)
+    clock.now += 5
+    settle(arbiter, lambda: watcher.state == "stopped", "giving up after the second")
+    assert watcher.restarts == 6
+    assert watcher.last_error == "flapping: 3 restarts within 10s, 2 times"
+
+
+#: Sleeps, unless the file argv[1] exists: then exits 1 at once (a bad release).
+CRASH_IF_FILE = """
+import os, sys, time
+if os.path.exists(sys.argv[1]):
+    sys.exit(1)
+time.sleep(1000)
+"""
+
+
+def test_a_flapping_pause_left_mid_reload_has_only_its_own_deadline(make_arbiter, tmp_path):
+    # A sequential reload cut short by flapping leaves pids to replace; the
+    # end of the pause must still be the deadline: not an earlier one (the
+    # worker would spin), nor none (the pause would last until check_delay).
+    script, crash = tmp_path / "crash_if_file.py", tmp_path / "crash"
+    script.write_text(CRASH_IF_FILE)
+    arbiter, clock, watcher = start_one(make_arbiter, f"""
+        [watcher:w]
+        cmd = {PY} {script} {crash}
+        numprocesses = 2
+        warmup_delay = 1
+        flapping_attempts = 2
+        flapping_window = 60
+        flapping_retry_in = 3
+        backoff_delay = 0
+        """)
+    arbiter.tick()  # wid 1; warmup_delay: each spawn (and each step of the reload) 1 s apart
+    clock.now += 1
+    settle(arbiter, lambda: watcher.state == "active", "wid 2")
+    old = watcher.pids()
+    crash.touch()  # from now on, each new process crashes at once
+    watcher.reload(clock(), sequential=True)
+    clock.now += 1  # the reload stops the first old process; its replacement crashes
+    settle(arbiter, lambda: watcher.restarts == 1 and old[0] not in watcher.processes,
+           "the first old process replaced, the replacement dead")
+    clock.now += 1  # the next replacement crashes too: flapping, with old[1] not yet replaced
+    settle(arbiter, lambda: watcher.state == "flapping" and not watcher.processes,
+           "the flapping pause, every child reaped")
+    assert not watcher.settled  # the reload is not over: it still has a pid to replace
+    assert arbiter.tick() == pytest.approx(3.0)  # flapping_retry_in, not 0: no spin
+    clock.now += 1
+    assert arbiter.tick() == pytest.approx(2.0)  # what is left of the pause
+    assert watcher.state == "flapping"
+    crash.unlink()  # a good release: the reload can finish once the pause is over
+    clock.now += 2
+    settle(arbiter, lambda: len(watcher.pids()) == 1, "the first spawn after the pause")
+    clock.now += 1
+    settle(arbiter, lambda: len(watcher.pids()) == 2, "the second spawn")
+    clock.now += 1
+    settle(arbiter, lambda: watcher.settled, "the reload to finish")
+    assert watcher.state == "active" and not set(watcher.pids()) & set(old)
+
+
+def test_a_manual_stop_is_never_undone_by_flapping(make_arbiter):
+    arbiter, clock, watcher = start_one(make_arbiter, f"""
+        [watcher:flappy]
+        cmd = {py_cmd('raise SystemExit(1)')}
+        flapping_attempts = 2
+        flapping_retry_in = 5
+        backoff_delay = 0
+        """)
+    settle(arbiter, lambda: watcher.state == "flapping", "flapping")
+    watcher.stop(clock())
+    clock.now += 60
+    settle(arbiter, lambda: watcher.state == "stopped", "stopped")
+    arbiter.tick()
+    assert watcher.state == "stopped" and not watcher.processes
+
+
+def test_max_age_replaces_a_process_after_its_age(make_arbiter):
+    arbiter, clock, watcher = start_one(make_arbiter, f"""
+        [watcher:old]
+        cmd = {py_cmd(SLEEP)}
+        numprocesses = 2
+        max_age = 10
+        max_age_variance = 0
+        graceful_timeout = 0
+        """)
+    arbiter.tick()
+    first = watcher.pids()
+    assert arbiter.tick() == pytest.approx(5.0)  # check_delay caps the wait
+    clock.now += 9.9
+    assert arbiter.tick() == pytest.approx(0.1) and watcher.pids() == first
+    clock.now += 0.1
+    arbiter.tick()
+    assert len(watcher.pids()) == 2 and not set(watcher.pids()) & set(first)
+    settle(arbiter, lambda: set(watcher.processes) == set(watcher.pids()), "old ones reaped")
+
+
+# ====================================== readiness, depends_on, systemd ======
+
+def file_ready(tmp_path, name="web", n=1, extra=""):
+    """A watcher of sleepers, each ready once tmp_path/NAME.WID exists."""
+    return sleepers(name, n, f"autostart = false\nready = file:{tmp_path}/{name}.$(circus.wid)\n"
+                    + extra)
+
+
+def extended(client, name=None):
+    """``status`` extended: each watcher's info, by name."""
+    return client.call("status", extended=True, **({"name": name} if name else {}))["watchers"]
+
+
+def process_states(client, name):
+    return [p["state"] for p in extended(client, name)[name]["processes"]]
+
+
+def wait_until_quiet(predicate, quiet=QUIET):
+    """True if ``predicate`` holds at some point within ``quiet`` seconds."""
+    deadline = time.monotonic() + quiet
+    while time.monotonic() < deadline:
+        if predicate():
+            return True
+        time.sleep(0.01)
+    return False
+
+
+def test_ready_file_keeps_status_starting_until_the_file_exists(make_daemon, tmp_path):
+    daemon = make_daemon(file_ready(tmp_path, n=2))
+    client = daemon.client
+    client.call("start", name="web")
+    wait_for(lambda: process_states(client, "web") == ["starting", "starting"])
+    assert client.call("status", name="web")["status"] == "starting"
+    health = client.call("health")
+    assert (health["status"], health["errno"]) == ("error", 6)
+    assert health["reason"] == "web: 0 of 2 processes ready"
+    (tmp_path / "web.1").touch()
+    wait_for(lambda: process_states(client, "web") == ["ready", "starting"])
+    assert client.call("status", name="web")["status"] == "starting"
+    (tmp_path / "web.2").touch()
+    wait_for(lambda: client.call("status", name="web")["status"] == "active")
+    health = client.call("health")
+    assert health["status"] == "ok" and health["healthy"] is True
+
+
+def test_ready_file_left_by_a_previous_process_is_removed_at_spawn(make_daemon, tmp_path):
+    daemon = make_daemon(file_ready(tmp_path))
+    client = daemon.client
+    (tmp_path / "web.1").touch()  # as a process that did not remove it would leave it
+    client.call("start", name="web")
+    wait_for(lambda: process_states(client, "web") == ["starting"])
+    assert not wait_until_quiet(lambda: process_states(client, "web") != ["starting"])
+    assert not (tmp_path / "web.1").exists()
+    (tmp_path / "web.1").touch()
+    wait_for(lambda: client.call("status", name="web")["status"] == "active")
+
+
+def test_start_waiting_returns_once_ready_tcp(make_daemon, tmp_path):
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    # The child listens only once told to (by a file), so "ready" is ours to time.
+    code = (f"import os, socket, time\nwhile not os.path.exists({str(tmp_path / 'go')!r}):\n"
+            f"    time.sleep(0.01)\ns = socket.socket()\ns.bind(('127.0.0.1', {port}))\n"
+            "s.listen()\ntime.sleep(1000)\n")
+    (tmp_path / "listen.py").write_text(code)
+    daemon = make_daemon(f"[watcher:web]\ncmd = {PY} {tmp_path}/listen.py\nautostart = false\n"
+                         f"ready = tcp:127.0.0.1:{port}\n")
+    client = minisup.Client(daemon.endpoint, timeout=DEADLINE)
+    sock = client._socket
+    sock.send(json.dumps({"id": 1, "command": "start",
+                          "properties": {"name": "web", "waiting": True}}).encode())
+    assert not sock.poll(QUIET * 1000), "start --waiting answered before the child was ready"
+    assert process_states(daemon.client, "web") == ["starting"]
+    (tmp_path / "go").touch()
+    assert sock.poll(DEADLINE * 1000)
+    reply = json.loads(sock.recv())
+    assert reply["status"] == "ok" and len(reply["info"]["started"]) == 1
+    socket.create_connection(("127.0.0.1", port), timeout=1).close()  # it does listen
+    client.close()
+
+
+NOTIFY_CHILD = """import os, socket, sys, time
+while not os.path.exists(sys.argv[1]):
+    time.sleep(0.01)
+address = os.environ["NOTIFY_SOCKET"]
+with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as sock:
+    sock.sendto(b"STATUS=warm\\nREADY=1", "\\0" + address[1:] if address[0] == "@" else address)
+time.sleep(1000)
+"""
+
+
+def test_ready_notify_counts_a_childs_ready_1_and_not_a_strangers(make_daemon, tmp_path):
+    script = tmp_path / "notify.py"
+    script.write_text(NOTIFY_CHILD)
+    daemon = make_daemon(f"[watcher:svc]\ncmd = {PY} {script} {tmp_path}/go\n"
+                         "autostart = false\nready = notify\n")
+    client = daemon.client
+    client.call("start", name="svc")
+    [pid] = wait_for(lambda: client.call("list", name="svc")["pids"])
+
+    def notify_socket():  # None until the child has exec'd: a fork has our environment
+        text = pathlib.Path(f"/proc/{pid}/environ").read_text()
+        environ = dict(line.split("=", 1) for line in text.split("\0") if "=" in line)
+        return environ.get("NOTIFY_SOCKET")
+    address = wait_for(notify_socket, what="the child's NOTIFY_SOCKET")
+    assert address.startswith("@minisup-")
+    # We are not one of its processes: the kernel says who sent it.
+    with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as forger:
+        forger.sendto(b"READY=1", "\0" + address[1:])
+    assert not wait_until_quiet(lambda: process_states(client, "svc") != ["starting"])
+    (tmp_path / "go").touch()
+    wait_for(lambda: client.call("status", name="svc")["status"] == "active")
+    assert process_states(client, "svc") == ["ready"]
+
+
+def test_not_ready_in_time_is_replaced_as_a_crash(make_daemon, tmp_path):
+    # A backoff of a whole second (no jitter), so that the test sees it.
+    daemon = make_daemon(file_ready(tmp_path, extra="ready_timeout = 0.2\n"
+                                    "backoff_delay = 1\nbackoff_jitter = 0\n"))
+    client = daemon.client
+    client.call("start", name="web")
+    [first] = wait_for(lambda: client.call("list", name="web")["pids"])
+    wait_for(lambda: extended(client, "web")["web"]["restarts"] >= 1, what="a replacement")
+    wait_for(lambda: not alive(first), what="the unready child gone")
+    # Its replacement is not ready in time either: two quick deaths, a crash loop's backoff.
+    wait_for(lambda: client.call("status", name="web")["status"] == "backoff",
+             what="the backoff after the second unready child")
+
+    def ready_and_active():
+        # Each spawn removes a stale file: write it, as a child would, until one sees it.
+        (tmp_path / "web.1").touch()
+        return client.call("status", name="web")["status"] == "active"
+    wait_for(ready_and_active, what="a child that is ready in time")
+
+
+def test_reload_with_ready_rolls_one_new_ready_process_before_an_old_stops(make_daemon,
+                                                                          tmp_path):
+    daemon = make_daemon(file_ready(tmp_path, n=2))
+    client = daemon.client
+    client.call("start", name="web")
+    wait_for(lambda: process_states(client, "web") == ["starting", "starting"])
+    (tmp_path / "web.1").touch()
+    (tmp_path / "web.2").touch()
+    wait_for(lambda: client.call("status", name="web")["status"] == "active")
+    old = sorted(client.call("list", name="web")["pids"])
+    client.call("reload", name="web")
+    # A third process (wid 3) starts; both old ones serve until it is ready.
+    wait_for(lambda: process_states(client, "web") == ["ready", "ready", "starting"])
+    assert not wait_until_quiet(lambda: len(client.call("list", name="web")["pids"]) != 3)
+    (tmp_path / "web.3").touch()
+    # Then the first old one stops, and a fourth (wid 4) starts at once.
+    wait_for(lambda: not alive(old[0]), what="the first old process stopped")
+    wait_for(lambda: process_states(client, "web") == ["ready", "ready", "starting"])
+    assert alive(old[1]) and not wait_until_quiet(lambda: not alive(old[1]))
+    (tmp_path / "web.4").touch()
+    new = wait_for(lambda: new_pids(client, "web", old, 2), what="two new processes")
+    assert client.call("status", name="web")["status"] == "active"
+    wait_for(lambda: not any(alive(p) for p in old), what="the second old process stopped")
+    assert all(alive(p) for p in new)
+
+
+def test_depends_on_starts_after_ready_and_stops_before(make_daemon, tmp_path):
+    daemon = make_daemon(file_ready(tmp_path, "db") + f"[watcher:web]\nautostart = false\n"
+                         f"depends_on = db\ngraceful_timeout = 1\ncmd = {ignore_term(tmp_path)}\n")
+    client = daemon.client
+    client.call("start", name="web")  # starts db too: web needs it
+    wait_for(lambda: process_states(client, "db") == ["starting"])
+    assert not wait_until_quiet(lambda: client.call("list", name="web")["pids"])
+    (tmp_path / "db.1").touch()
+    wait_for(lambda: client.call("status", name="web")["status"] == "active")
+    [web] = client.call("list", name="web")["pids"]
+    wait_for(lambda: (tmp_path / str(web)).exists(), what="web ignoring SIGTERM")
+    client.call("stop")
+    # web ignores SIGTERM for its 1 s of grace: db waits for it to end.
+    statuses = client.call("status")["statuses"]
+    assert statuses == {"db": "active", "web": "stopping"}
+    assert not wait_until_quiet(lambda: client.call("status", name="db")["status"] != "active")
+    wait_for(lambda: client.call("status")["statuses"] == {"db": "stopped", "web": "stopped"})
+
+
+def test_depends_on_unknown_names_and_cycles_are_errors(make_daemon):
+    with pytest.raises(minisup.ConfigError, match="depends_on makes a cycle: (a|b|c) -> "):
+        minisup.parse_config("[watcher:a]\ncmd = x\ndepends_on = c\n[watcher:b]\ncmd = y\n"
+                             "depends_on = A\n[watcher:c]\ncmd = z\ndepends_on = b\n")
+    with pytest.raises(minisup.ConfigError, match=r"\[watcher:a\]: depends_on names 'nope'"):
+        minisup.parse_config("[watcher:a]\ncmd = x\ndepends_on = nope\n")
+    with pytest.raises(minisup.ConfigError, match="use tcp:PORT"):
+        minisup.parse_config("[watcher:a]\ncmd = x\nready = http://x\n")
+    daemon = make_daemon(sleepers(n=1))
+    reply = daemon.client.call("add", name="late", cmd=PY, options={"depends_on": "nope"})
+    assert reply["errno"] == 3 and "depends_on names 'nope'" in reply["reason"]
+    assert daemon.client.call("add", name="late", cmd=PY, options={"depends_on": ["web"]})[
+        "status"] == "ok"
+
+
+def test_quit_stops_dependents_first_whatever_their_priority(make_arbiter):
+    arbiter, _ = make_arbiter(
+        "[watcher:db]\ncmd = x\npriority = 5\n[watcher:web]\ncmd = y\ndepends_on = db\n"
+        "priority = 9\n[watcher:cache]\ncmd = z\n")
+    stages = minisup.stop_stages(list(arbiter.watchers.values()))
+    assert [[w.name for w in stage] for stage in stages] == [["cache"], ["web"], ["db"]]
+
+
+def notify_listener(tmp_path):
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+    sock.bind(str(tmp_path / "notify.sock"))
+    sock.settimeout(DEADLINE)
+    return sock
+
+
+def notified(sock, until):
+    """Datagrams' lines until one equals ``until``."""
+    lines = []
+    while until not in lines:
+        lines += sock.recv(4096).decode().split("\n")
+    return lines
+
+
+def test_systemd_ready_status_reloading_watchdog_stopping(tmp_path):
+    listener = notify_listener(tmp_path)
+    ini = tmp_path / "app.ini"
+    write_ini(ini, f"ipc://{tmp_path}/c.sock", f"[watcher:web]\ncmd = {py_cmd(SLEEP)}\n"
+              "copy_env = true\n")
+    env = dict(os.environ, NOTIFY_SOCKET=str(tmp_path / "notify.sock"), WATCHDOG_USEC="100000")
+    with open(tmp_path / "daemon.log", "w") as log:
+        proc = subprocess.Popen([PY, "-m", "minisup", "run", str(ini)], stdout=log, env=env,
+                                stderr=subprocess.STDOUT, cwd=os.path.dirname(minisup.__file__))
+    try:
+        lines = notified(listener, "READY=1")
+        assert "STATUS=1 active; 1 processes" in lines
+        assert notified(listener, "WATCHDOG=1").count("WATCHDOG=1") >= 1
+        assert notified(listener, "WATCHDOG=1")  # again, 50 ms later
+        client = minisup.Client(f"ipc://{tmp_path}/c.sock", timeout=DEADLINE)
+        [pid] = client.call("list", name="web")["pids"]
+        environ = pathlib.Path(f"/proc/{pid}/environ").read_text()
+        assert "NOTIFY_SOCKET" not in environ and "WATCHDOG_USEC" not in environ
+        assert client.call("reloadconfig", waiting=True)["status"] == "ok"
+        lines = notified(listener, "RELOADING=1")
+        assert any(line.startswith("MONOTONIC_USEC=") for line in lines)
+        notified(listener, "READY=1")
+        client.call("quit")
+        client.close()
+        notified(listener, "STOPPING=1")
+        assert proc.wait(DEADLINE) == 0
+    finally:
+        proc.kill()
+        proc.wait()
+        listener.close()
+
+
+# ============================================== protocol over real zmq ======
+
+class raw_socket:
+    """A bare DEALER (or other type) on a daemon's endpoint."""
+
+    def __init__(self, daemon, kind=zmq.DEALER):
+        self.context = zmq.Context()
+        self.sock = self.context.socket(kind)
+        self.sock.linger = 0
+        self.sock.connect(daemon.endpoint)
+
+    def __enter__(self):
+        return self.sock
+
+    def __exit__(self, *exc):
+        self.sock.close()
+        self.context.term()
+
+
+def raw_reply(sock, *frames):
+    sock.send_multipart(list(frames))
+    assert sock.poll(DEADLINE * 1000), "no reply"
+    return json.loads(sock.recv_multipart()[-1])
+
+
+def request(command, **properties):
+    return json.dumps({"id": "r1", "command": command, "properties": properties}).encode()
+
+
+def test_start_spawns_autostart_watchers_and_lists_them(make_daemon):
+    daemon = make_daemon(sleepers() + sleepers("idle", 1, "autostart = false"))
+    client = daemon.client
+    assert client.call("list")["watchers"] == ["idle", "web"]
+    assert client.call("status")["statuses"] == {"idle": "stopped", "web": "active"}
+    pids = client.call("list", name="web")["pids"]
+    assert len(pids) == 3 and all(alive(p) for p in pids)
+    assert client.call("status", name="web")["status"] == "active"
+    assert client.call("numprocesses")["numprocesses"] == 4
+    reply = client.call("numprocesses", name="WEB")  # live processes, as Circus
+    assert (reply["numprocesses"], reply["watcher_name"]) == (3, "WEB")
+    assert client.call("numwatchers")["numwatchers"] == 2
+
+
+def test_reply_shape_and_id_echo(make_daemon):
+    daemon = make_daemon(sleepers(n=1))
+    reply = daemon.client.send({"command": "numwatchers", "id": "ignored"})
+    assert reply["status"] == "ok" and reply["numwatchers"] == 1
+    assert isinstance(reply["time"], float)
+    with raw_socket(daemon) as sock:
+        sock.send(json.dumps({"command": "LIST", "id": {"any": ["json", 1]}}).encode())
+        reply = json.loads(sock.recv())
+    assert reply["id"] == {"any": ["json", 1]} and reply["watchers"] == ["web"]
+
+
+
+def block_worker(daemon):
+    """Hold the worker thread in a job until the returned Event is set."""
+    release, entered = threading.Event(), threading.Event()
+
+    def hold():
+        entered.set()
+        release.wait(DEADLINE)
+    daemon.arbiter.call_on_worker(hold)
+    assert entered.wait(DEADLINE)
+    return release
+
+
+def test_reads_are_answered_while_the_worker_is_busy(make_daemon):
+    daemon = make_daemon(sleepers(n=2))
+    pids = daemon.client.call("list", name="web")["pids"]
+    release = block_worker(daemon)
+    try:
+        # The controller answers these from the worker's last view.
+        assert daemon.client.call("list", name="WEB")["pids"] == pids
+        assert daemon.client.call("status")["statuses"] == {"web": "active"}
+        assert daemon.client.call("numwatchers")["numwatchers"] == 1
+        assert daemon.client.call("numprocesses")["numprocesses"] == 2
+        with raw_socket(daemon) as sock:  # a change waits for the worker
+            sock.send(json.dumps({"command": "incr", "id": 1,
+                                  "properties": {"name": "web"}}).encode())
+            assert not sock.poll(QUIET * 1000)
+            release.set()
+            assert json.loads(sock.recv())["numprocesses"] == 3
+    finally:
+        release.set()
+    assert daemon.client.call("numprocesses")["numprocesses"] == 3
+
+
+def test_a_property_a_command_does_not_take_is_ignored_even_by_the_view(make_daemon):
+    daemon = make_daemon(sleepers(n=1))
+    with raw_socket(daemon) as sock:  # "name" is not checked for numwatchers
+        reply = raw_reply(sock, request("numwatchers", name={"not": "a string"}))
+    assert reply["status"] == "ok" and reply["numwatchers"] == 1
+    assert "minisup-controller" in minisup_threads()
+
+
+def minisup_cpu_seconds():
+    """CPU time used so far by this process's minisup threads, from /proc."""
+    names = {t.native_id: t.name for t in threading.enumerate()}
+    total = 0
+    for tid, name in names.items():
+        if name.startswith("minisup-"):
+            with open(f"/proc/self/task/{tid}/stat") as stream:
+                fields = stream.read().rsplit(")", 1)[1].split()
+            total += int(fields[11]) + int(fields[12])
+    return total / os.sysconf("SC_CLK_TCK")
+
+
+def test_an_idle_daemon_does_not_spin(make_daemon, tmp_path):
+    daemon = make_daemon(sleepers(n=3) + "stdout_stream.class = FileStream\n"
+                         f"stdout_stream.filename = {tmp_path}/out.log\n",
+                         pubsub_endpoint=f"ipc://{tmp_path}/pub.sock")
+    daemon.client.call("status")
+    before = minisup_cpu_seconds()
+    threading.Event().wait(1.0)  # a window to measure, not a wait for something
+    assert minisup_cpu_seconds() - before < 0.1
+    assert daemon.client.call("numwatchers")["numwatchers"] == 1
+
+
+def test_a_read_never_overtakes_an_earlier_change(make_daemon):
+    daemon = make_daemon(sleepers(n=2))
+    release = block_worker(daemon)
+    with raw_socket(daemon) as sock:
+        sock.send(json.dumps({"command": "stop", "msg_type": "cast",
+                              "properties": {"name": "web"}}).encode())
+        sock.send(json.dumps({"command": "status", "id": 2,
+                              "properties": {"name": "web"}}).encode())
+        assert not sock.poll(QUIET * 1000)  # it waits for the stop to be run
+        release.set()
+        # Not the "active" of the view taken before the stop was run: the
+        # status runs right after the stop, in its turn, before any reap.
+        assert json.loads(sock.recv())["status"] == "stopping"
+    # Whoever got the reply to a change reads that change.
+    daemon.client.call("stop", name="web", waiting=True)
+    daemon.client.call("start", name="web")  # answered once the turn that spawns both ends
+    assert daemon.client.call("status", name="web")["status"] == "active"
+    assert daemon.client.call("incr", name="web", nb=2)["numprocesses"] == 4
+    assert daemon.client.call("numprocesses")["numprocesses"] == 4
+
+def test_kill_9_is_replaced_at_once(make_daemon):
+    daemon = make_daemon(sleepers(n=2))
+    client = daemon.client
+    old = client.call("list", name="web")["pids"]
+    os.kill(old[0], signal.SIGKILL)
+    new = wait_for(lambda: new_pids(client, "web", old[:1], 2), what="replacement")
+    assert old[1] in new and all(alive(p) for p in new)
+    assert not alive(old[0])  # reaped, not a zombie
+
+
+def test_start_and_stop_waiting_reply_with_info(make_daemon):
+    daemon = make_daemon(sleepers("idle", 2, "autostart = false"))
+    client = daemon.client
+    reply = client.call("start", name="idle", waiting=True)
+    started = reply["info"]["started"]
+    assert reply["status"] == "ok" and len(started) == 2 and reply["info"]["kept"] == []
+    assert client.call("start", name="idle", waiting=True)["info"] == {
+        "started": [], "kept": started}
+    reply = client.call("stop", name="idle", waiting=True)
+    assert reply["status"] == "ok" and reply["info"] is None
+    assert not any(alive(p) for p in started)
+    assert client.call("status", name="idle")["status"] == "stopped"
+
+
+def test_start_without_name_starts_only_autostart_watchers(make_daemon):
+    daemon = make_daemon(sleepers("a", 1) + sleepers("b", 1, "autostart = false"))
+    daemon.client.call("stop", waiting=True)
+    assert daemon.client.call("status")["statuses"] == {"a": "stopped", "b": "stopped"}
+    daemon.client.call("start", waiting=True)
+    assert daemon.client.call("status")["statuses"] == {"a": "active", "b": "stopped"}
+
+
+def test_graceful_stop_kills_after_timeout_and_daemon_keeps_answering(make_daemon, tmp_path):
+    daemon = make_daemon(f"""
+        [watcher:stubborn]
+        cmd = {ignore_term(tmp_path)}
+        graceful_timeout = 1
+        """)
+    client = daemon.client
+    (pid,) = client.call("list", name="stubborn")["pids"]
+    wait_for(lambda: (tmp_path / str(pid)).exists(), what="child ignoring SIGTERM")
+    assert client.call("stop", name="stubborn")["status"] == "ok"
+    # While the stop is in progress, commands are answered at once.
+    started = time.monotonic()
+    assert client.call("status", name="stubborn")["status"] == "stopping"
+    assert time.monotonic() - started < 0.5
+    wait_for(lambda: client.call("status", name="stubborn")["status"] == "stopped",
+             what="SIGKILL after graceful_timeout")
+    assert not alive(pid)
+
+
+def test_stop_waiting_does_not_block_other_clients(make_daemon, tmp_path):
+    daemon = make_daemon(f"""
+        [watcher:stubborn]
+        cmd = {ignore_term(tmp_path)}
+        graceful_timeout = 1
+        """)
+    (pid,) = daemon.client.call("list", name="stubborn")["pids"]
+    wait_for(lambda: (tmp_path / str(pid)).exists(), what="child ignoring SIGTERM")
+    with raw_socket(daemon) as waiting:
+        waiting.send(json.dumps({"id": 1, "command": "stop",
+                                 "properties": {"name": "stubborn", "waiting": True}}).encode())
+        assert daemon.client.call("numwatchers")["numwatchers"] == 1
+        assert not waiting.poll(100), "the waiting reply came before the stop finished"
+        assert waiting.poll(DEADLINE * 1000)
+        reply = json.loads(waiting.recv())
+    assert reply["status"] == "ok" and reply["id"] == 1 and not alive(pid)
+
+
+def test_restart_waiting_replaces_every_process(make_daemon):
+    daemon = make_daemon(sleepers(n=2))
+    old = daemon.client.call("list", name="web")["pids"]
+    info = daemon.client.call("restart", name="web", waiting=True)["info"]
+    assert sorted(info["stopped"]) == sorted(old) and info["kept"] == []
+    assert len(info["started"]) == 2 and not set(info["started"]) & set(old)
+    assert daemon.client.call("list", name="web")["pids"] == info["started"]
+    assert not any(alive(p) for p in old)
+
+
+def test_restart_without_name_restarts_all(make_daemon):
+    daemon = make_daemon(sleepers("a", 1) + sleepers("b", 1))
+    before = {n: daemon.client.call("list", name=n)["pids"] for n in "ab"}
+    info = daemon.client.call("restart", waiting=True)["info"]
+    assert sorted(info["stopped"]) == sorted(before["a"] + before["b"])
+    assert len(info["started"]) == 2
+
+
+def test_reload_spawns_new_processes_then_stops_old(make_daemon):
+    daemon = make_daemon(sleepers(n=2))
+    old = daemon.client.call("list", name="web")["pids"]
+    info = daemon.client.call("reload", name="web", waiting=True)["info"]
+    assert sorted(info["stopped"]) == sorted(old) and len(info["started"]) == 2
+    wait_for(lambda: not any(alive(p) for p in old), what="old processes gone")
+
+
+def test_incr_and_decr(make_daemon):
+    daemon = make_daemon(sleepers(n=1))
+    client = daemon.client
+    assert client.call("incr", name="web")["numprocesses"] == 2
+    assert client.call("incr", name="web", nb=2, waiting=True)["numprocesses"] == 4
+    pids = client.call("list", name="web")["pids"]
+    assert len(pids) == 4
+    assert client.call("decr", name="web", nb=3, waiting=True)["numprocesses"] == 1
+    wait_for(lambda: client.call("list", name="web")["pids"] == pids[-1:],
+             what="the newest process kept, oldest stopped first")
+    assert client.call("decr", name="web", nb=5, waiting=True)["numprocesses"] == 0
+    assert client.call("list", name="web")["pids"] == []
+    assert client.call("status", name="web")["status"] == "active"
+
+
+def test_singleton_refuses_to_grow(make_daemon):
+    daemon = make_daemon(sleepers(n=1, extra="singleton = true"))
+    reply = daemon.client.call("incr", name="web", nb=3)
+    assert reply["numprocesses"] == 1 and reply["singleton"] is True
+    assert len(daemon.client.call("list", name="web")["pids"]) == 1
+
+
+def test_respawn_false_lets_the_watcher_stop(make_daemon):
+    daemon = make_daemon(f"[watcher:once]\ncmd = {py_cmd('pass')}\nrespawn = false\n")
+    wait_for(lambda: daemon.client.call("status", name="once")["status"] == "stopped",
+             what="one-shot watcher to stop")
+    assert daemon.client.call("list", name="once")["pids"] == []
+
+
+def test_add_rm_and_duplicates(make_daemon):
+    daemon = make_daemon(sleepers(n=1))
+    client = daemon.client
+    reply = client.call("add", name="Extra", cmd=PY, args=["-c", SLEEP],
+                        options={"numprocesses": 2}, start=True, waiting=True)
+    assert reply["status"] == "ok" and len(reply["started"]) == 2
+    assert client.call("list")["watchers"] == ["extra", "web"]
+    duplicate = client.call("add", name="EXTRA", cmd="x")
+    assert duplicate["status"] == "error" and duplicate["errno"] == 5
+    assert duplicate["reason"] == "'extra' already exist"
+    assert client.call("rm", name="extra", waiting=True)["status"] == "ok"
+    assert not any(alive(p) for p in reply["started"])
+    assert client.call("list")["watchers"] == ["web"]
+    assert client.call("add", name="later", cmd=PY)["status"] == "ok"
+    assert client.call("status", name="later")["status"] == "stopped"
+
+
+def test_rm_nostop_leaves_children_running_until_quit(make_daemon):
+    daemon = make_daemon(sleepers(n=1))
+    (pid,) = daemon.client.call("list", name="web")["pids"]
+    assert daemon.client.call("rm", name="web", nostop=True, waiting=True)["status"] == "ok"
+    assert daemon.client.call("numwatchers")["numwatchers"] == 0
+    assert alive(pid)
+    daemon.client.call("quit", waiting=True)
+    assert daemon.wait(DEADLINE) and not alive(pid)
+
+
+def test_add_with_bad_options_is_errno_3(make_daemon):
+    daemon = make_daemon(sleepers(n=1))
+    reply = daemon.client.call("add", name="x", cmd="y", options={"numprocesses": "3"})
+    assert reply["status"] == "error" and reply["errno"] == 3
+    assert reply["reason"] == "[watcher:x]: numprocesses = '3': isn't an integer"
+    assert daemon.client.call("numwatchers")["numwatchers"] == 1
+
+
+def test_unknown_watcher_is_errno_3(make_daemon):
+    daemon = make_daemon(sleepers(n=1))
+    for command in ("status", "list", "stop", "start", "incr", "rm", "numprocesses"):
+        reply = daemon.client.call(command, name="nope")
+        assert (reply["status"], reply["errno"], reply["reason"]) == (
+            "error", 3, "program nope not found"), command
+
+
+def test_start_waiting_reports_a_watcher_that_cannot_spawn(make_daemon, tmp_path):
+    daemon = make_daemon(f"""
+        [watcher:ghost]
+        cmd = {tmp_path}/missing
+        autostart = false
+        max_retry = 0
+        """)
+    reply = daemon.client.call("start", name="ghost", waiting=True)
+    assert reply["status"] == "error" and reply["errno"] == 6
+    assert "ghost: spawn failed 1 times" in reply["reason"]
+    assert daemon.client.call("status", name="ghost")["status"] == "stopped"
+
+
+@pytest.mark.parametrize("cmd, options", [
+    ("$(circus.env.NOT_SET_ANYWHERE)", {}),  # an empty command line
+    (PY, {"stdin_socket": "nope"}),  # a socket that does not exist
+])
+def test_odd_spawn_failures_are_reported_not_fatal(make_daemon, cmd, options):
+    daemon = make_daemon(sleepers(n=1))
+    reply = daemon.client.call("add", name="odd", cmd=cmd, options=dict(options, max_retry=0),
+                               start=True, waiting=True)
+    assert reply["errno"] == 6 and "spawn failed 1 times" in reply["reason"]
+    assert daemon.client.call("status")["statuses"] == {"odd": "stopped", "web": "active"}
+
+
+def test_spawn_failing_forever_does_not_wedge_the_daemon(make_daemon, tmp_path):
+    daemon = make_daemon(f"""
+        [watcher:ghost]
+        cmd = {tmp_path}/missing
+        max_retry = -1
+        retry_in = 0.01
+        autostart = false
+        """)
+    daemon.client.call("start", name="ghost")
+    for _ in range(20):
+        assert daemon.client.call("status", name="ghost")["status"] == "starting"
+    assert daemon.client.call("stop", name="ghost", waiting=True)["status"] == "ok"
+
+
+def test_cast_gets_no_reply_but_is_applied(make_daemon):
+    daemon = make_daemon(sleepers(n=1))
+    with raw_socket(daemon) as sock:
+        sock.send(json.dumps({"command": "incr", "msg_type": "cast",
+                              "properties": {"name": "web"}}).encode())
+        sock.send(json.dumps({"command": "nope", "msg_type": "cast"}).encode())
+        assert not sock.poll(QUIET * 1000)
+    wait_for(lambda: daemon.client.call("numprocesses", name="web")["numprocesses"] == 2)
+
+
+def test_quit_waiting_replies_after_every_child_is_gone(make_daemon):
+    daemon = make_daemon(sleepers(n=3))
+    pids = daemon.client.call("list", name="web")["pids"]
+    assert daemon.client.call("quit", waiting=True)["status"] == "ok"
+    assert not any(alive(p) for p in pids)
+    assert daemon.wait(DEADLINE)
+
+
+def test_priority_orders_start_and_quit(make_daemon, tmp_path):
+    log = tmp_path / "order.log"
+    record = ("import signal, sys, time; "
+              f"f = open({str(log)!r}, 'a'); f.write('start ' + sys.argv[1] + chr(10)); f.flush(); "
+              "signal.signal(signal.SIGTERM, lambda *a: (f.write('stop ' + sys.argv[1] + chr(10)), "
+              "f.close(), sys.exit(0))); time.sleep(1000)")
+    # The global warmup_delay spaces the two starts, so their order shows.
+    body = "warmup_delay = 0.5\n" + "".join(
+        f"[watcher:{n}]\ncmd = {py_cmd(record)} {n}\npriority = {p}\n"
+        for n, p in (("low", 1), ("high", 9)))
+    daemon = make_daemon(body)
+    wait_for(lambda: log.exists() and log.read_text().count("start") == 2,
+             what="both children started")
+    daemon.client.call("quit", waiting=True)
+    assert log.read_text().split("\n") == [
+        "start high", "start low", "stop low", "stop high", ""]
+
+
+def test_commands_after_quit_began_are_refused(make_daemon, tmp_path):
+    daemon = make_daemon(f"[watcher:stubborn]\ncmd = {ignore_term(tmp_path)}\n"
+                         "graceful_timeout = 1\n")
+    (pid,) = daemon.client.call("list", name="stubborn")["pids"]
+    wait_for(lambda: (tmp_path / str(pid)).exists(), what="child ignoring SIGTERM")
+    daemon.client.call("quit")
+    reply = daemon.client.call("start", name="stubborn")
+    assert reply["errno"] == 5 and "shutting down" in reply["reason"]
+    assert daemon.client.call("status", name="stubborn")["status"] == "stopping"
+    assert daemon.wait(DEADLINE)
+
+
+def test_shell_working_dir_and_private_env(make_daemon, tmp_path):
+    daemon = make_daemon(f"""
+        [watcher:sh]
+        cmd = (env; pwd; echo done) > out.$(circus.wid); exec sleep 1000
+        shell = true
+        working_dir = {tmp_path}
+        numprocesses = 2
+        [env:sh]
+        ONLY = this
+        PATH = /usr/bin:/bin
+        """)
+    for wid in (1, 2):
+        out = tmp_path / f"out.{wid}"
+        wait_for(lambda out=out: out.exists() and "done" in out.read_text().split())
+        lines = set(out.read_text().splitlines())
+        assert "ONLY=this" in lines and str(tmp_path) in lines
+        assert not any(line.startswith("HOME=") for line in lines)
+    assert len(daemon.client.call("list", name="sh")["pids"]) == 2
+
+
+def test_a_watcher_slow_to_start_does_not_fail_the_start(tmp_path):
+    fds_before = open_fds()
+    text = (f"[circus]\nendpoint = ipc://{tmp_path}/slow.sock\n"
+            + sleepers("slow", 3, "warmup_delay = 60\ngraceful_timeout = 0"))
+    daemon = minisup.Daemon.from_ini(text)
+    try:
+        daemon.start(timeout=0.3)  # returns: the watcher is reported, not fatal
+        assert daemon.client.call("status", name="slow")["status"] == "starting"
+        assert len(daemon.client.call("list", name="slow")["pids"]) == 1
+    finally:
+        daemon.stop()
+    assert_nothing_leaked(fds_before)
+
+
+def test_two_daemons_in_one_process_do_not_interfere(make_daemon):
+    first = make_daemon(sleepers("a", 1))
+    second = make_daemon(sleepers("b", 2))
+    assert first.client.call("list")["watchers"] == ["a"]
+    assert second.client.call("list")["watchers"] == ["b"]
+    second.stop()
+    assert first.client.call("status")["statuses"] == {"a": "active"}
+
+
+def test_daemon_stop_is_idempotent_and_a_context_manager(tmp_path):
+    fds_before = open_fds()
+    text = f"[circus]\nendpoint = ipc://{tmp_path}/c.sock\n" + sleepers(n=2)
+    with minisup.Daemon.from_ini(text) as daemon:
+        pids = daemon.client.call("list", name="web")["pids"]
+        assert sorted(minisup_threads()) == ["minisup-controller", "minisup-output", "minisup-worker"]
+    daemon.stop()
+    assert not any(alive(p) for p in pids)
+    assert not (tmp_path / "c.sock").exists()
+    assert_nothing_leaked(fds_before)
+
+
+# ==================================================== full command set ======
+
+SIGNAL_SCRIPT = """
+import os, signal, sys, time
+folder = sys.argv[1]
+def record(signum, frame):
+    open(os.path.join(folder, f"{os.getpid()}.{signum}"), "w").close()
+if len(sys.argv) > 2:
+    os.fork()  # the parent and its child both record signals
+for signum in (signal.SIGUSR1, signal.SIGUSR2, signal.SIGHUP):
+    signal.signal(signum, record)
+open(os.path.join(folder, f"{os.getpid()}.ready"), "w").close()
+while True:
+    time.sleep(1)
+"""
+
+
+def recorder(tmp_path, fork=False):
+    """A watcher body whose children record the signals they get."""
+    script = tmp_path / "recorder.py"
+    script.write_text(SIGNAL_SCRIPT)
+    return f"cmd = {PY} {script} {tmp_path}{' fork' if fork else ''}\nstop_children = true\n"
+
+
+def ready_pids(tmp_path, count):
+    def ready():
+        pids = sorted(int(f.name.split(".")[0]) for f in tmp_path.glob("*.ready"))
+        return len(pids) == count and pids
+    return wait_for(ready, what=f"{count} ready children")
+
+
+def got(tmp_path, pid, signum):
+    return (tmp_path / f"{pid}.{int(signum)}").exists()
+
+
+def test_options_get_and_set(make_daemon):
+    daemon = make_daemon(sleepers(n=1, extra="graceful_timeout = 7"))
+    client = daemon.client
+    options = client.call("options", name="web")["options"]
+    assert options["numprocesses"] == 1 and options["graceful_timeout"] == 7.0
+    assert options["cmd"] == py_cmd(SLEEP) and options["args"] == []
+    assert {"send_hup", "stop_signal", "uid", "priority", "env"} <= set(options)
+    assert client.call("get", name="web", keys=["graceful_timeout", "shell"])[
+        "options"] == {"graceful_timeout": 7.0, "shell": False}
+    reply = client.call("get", name="web", keys=["nope"])
+    assert (reply["errno"], reply["reason"]) == (3, "'nope' option not found")
+    (old,) = client.call("list", name="web")["pids"]
+    assert client.call("set", name="web", options={"graceful_timeout": 2},
+                       waiting=True)["status"] == "ok"
+    assert client.call("list", name="web")["pids"] == [old]  # no reload needed
+    client.call("set", name="web", options={"numprocesses": 3}, waiting=True)
+    assert len(client.call("list", name="web")["pids"]) == 3
+    client.call("set", name="web", options={"args": ["extra"]}, waiting=True)
+    new = wait_for(lambda: new_pids(client, "web", [old], 3), what="reloaded pids")
+    assert client.call("options", name="web")["options"]["args"] == ["extra"]
+    assert all(alive(p) for p in new)
+
+
+@pytest.mark.parametrize("options, reason", [
+    ({"numprocesses": "3"}, "[watcher:web]: numprocesses = '3': isn't an integer"),
+    ({"nope": 1}, "[watcher:web]: unknown option 'nope'"),
+    ({"stop_signal": "SIGNOPE"}, "[watcher:web]: stop_signal = 'SIGNOPE': not a signal name"),
+    ({"env": {"A": 1}}, "[watcher:web]: env = {'A': 1}: must be an object of strings"),
+    ({"cmd": "sh -c 'open"}, "[watcher:web]: cmd = \"sh -c 'open\": No closing quotation"),
+    ({"graceful_timeout": 1e308},
+     "[watcher:web]: graceful_timeout = 1e+308: must be from 0 to 31536000"),
+])
+def test_set_validates_every_key(make_daemon, options, reason):
+    daemon = make_daemon(sleepers(n=1))
+    reply = daemon.client.call("set", name="web", options=options)
+    assert (reply["status"], reply["errno"], reply["reason"]) == ("error", 3, reason)
+
+
+def test_set_numprocesses_on_a_singleton_is_refused(make_daemon):
+    daemon = make_daemon(sleepers(n=1, extra="singleton = true"))
+    reply = daemon.client.call("set", name="web", options={"numprocesses": 2})
+    assert reply["errno"] == 3 and "singleton" in reply["reason"]
+
+
+@pytest.mark.parametrize("signum", [signal.SIGUSR1.value, "10", "USR1", "SIGUSR1"])
+def test_signal_accepts_every_spelling(make_daemon, tmp_path, signum):
+    daemon = make_daemon(f"[watcher:rec]\n{recorder(tmp_path)}numprocesses = 2\n")
+    pids = ready_pids(tmp_path, 2)
+    assert daemon.client.call("signal", name="rec", signum=signum)["status"] == "ok"
+    wait_for(lambda: all(got(tmp_path, p, signal.SIGUSR1) for p in pids))
+
+
+def test_signal_one_pid_its_children_or_the_whole_tree(make_daemon, tmp_path):
+    daemon = make_daemon(f"[watcher:rec]\n{recorder(tmp_path, fork=True)}")
+    (parent,) = daemon.client.call("list", name="rec")["pids"]
+    (child,) = set(ready_pids(tmp_path, 2)) - {parent}
+    call = daemon.client.call
+    assert call("signal", name="rec", pid=parent, signum="USR1")["status"] == "ok"
+    wait_for(lambda: got(tmp_path, parent, signal.SIGUSR1))
+    assert call("signal", name="rec", pid=str(parent), signum="USR2",
+                children=True)["status"] == "ok"
+    wait_for(lambda: got(tmp_path, child, signal.SIGUSR2))
+    assert not got(tmp_path, parent, signal.SIGUSR2)
+    assert call("signal", name="rec", signum="HUP", recursive=True)["status"] == "ok"
+    wait_for(lambda: got(tmp_path, parent, signal.SIGHUP) and got(tmp_path, child, signal.SIGHUP))
+    assert not got(tmp_path, child, signal.SIGUSR1)
+    daemon.client.call("stop", name="rec", waiting=True)
+    wait_for(lambda: not alive(child), what="the forked child to stop with its group")
+
+
+@pytest.mark.parametrize("properties, reason", [
+    ({"signum": "NOPE"}, "'signum' is not a signal"),
+    ({"signum": 9, "pid": 1}, "process 1 not found in 'web'"),
+    ({"signum": 9, "pid": "x1"}, "'pid' must be a pid"),
+    ({"signum": 9, "childpid": 5}, "'childpid' needs 'pid'"),
+])
+def test_signal_errors(make_daemon, properties, reason):
+    daemon = make_daemon(sleepers(n=1))
+    reply = daemon.client.call("signal", name="web", **properties)
+    assert reply["errno"] == 3 and reason in reply["reason"]
+    assert len(daemon.client.call("list", name="web")["pids"]) == 1
+
+
+def test_kill_overrides_signal_and_grace_and_the_process_is_replaced(make_daemon, tmp_path):
+    daemon = make_daemon(f"[watcher:stubborn]\ncmd = {ignore_term(tmp_path)}\n"
+                         "numprocesses = 2\ngraceful_timeout = 600\n")
+    first, second = daemon.client.call("list", name="stubborn")["pids"]
+    wait_for(lambda: (tmp_path / str(first)).exists())
+    reply = daemon.client.call("kill", name="stubborn", pid=first, graceful_timeout=0.2,
+                               waiting=True)
+    assert reply["status"] == "ok" and not alive(first)
+    pids = wait_for(lambda: new_pids(daemon.client, "stubborn", [first], 2))
+    assert second in pids
+    # USR1 kills a Python child at once; SIGTERM would wait out the 600 s
+    # grace, and the client's timeout would fail this call long before.
+    reply = daemon.client.call("kill", name="stubborn", signum="USR1", waiting=True)
+    assert reply["status"] == "ok" and not any(alive(p) for p in pids)
+
+
+def test_stats_and_dstats_read_proc(make_daemon):
+    daemon = make_daemon(sleepers(n=2))
+    pids = daemon.client.call("list", name="web")["pids"]
+    infos = daemon.client.call("stats")["infos"]
+    assert sorted(map(int, infos["web"])) == sorted(pids)
+    info = infos["web"][str(pids[0])]
+    keys = {"pid", "cpu", "mem", "mem_info1", "mem_info2", "ctime", "username", "nice",
+            "create_time", "age", "cmdline", "children", "started", "wid"}
+    assert keys <= set(info)
+    assert info["pid"] == pids[0] and info["cmdline"] == os.path.basename(PY)
+    assert info["username"] == pwd.getpwuid(os.getuid()).pw_name
+    assert 0 <= info["age"] < 60 and abs(info["create_time"] - time.time()) < 60
+    assert re.fullmatch(r"\d+(\.\d\d[KMG])?B?", info["mem_info1"])
+    assert re.fullmatch(r"\d+:\d\d\.\d\d", info["ctime"])
+    assert info["wid"] == 1  # list gives the pids oldest first: the first took wid 1
+    reply = daemon.client.call("stats", name="web", process=pids[1])
+    assert reply["process"] == pids[1] and reply["info"]["pid"] == pids[1]
+    assert set(daemon.client.call("stats", name="web")["info"]) == set(map(str, pids))
+    reply = daemon.client.call("stats", name="web", process=1)
+    assert reply["errno"] == 3 and "process 1 not found in 'web'" in reply["reason"]
+    dinfo = daemon.client.call("dstats")["info"]
+    assert dinfo["pid"] == os.getpid() and keys - {"started", "wid"} <= set(dinfo)
+
+
+def test_sockets_are_bound_listed_and_inherited_alone(make_daemon, tmp_path):
+    server = (
+        "import os, socket, sys; fd = int(sys.argv[1]); fds = ' '.join(os.listdir('/proc/self/fd')); "
+        f"open(os.path.join({str(tmp_path)!r}, 'fds'), 'w').write(fds); "
+        "s = socket.socket(fileno=fd); "
+        "[(c.sendall(b'hello from ' + sys.argv[2].encode()), c.close()) for c, _ in iter(s.accept, None)]")
+    daemon = make_daemon(f"""
+        [socket:web]
+        host = 127.0.0.1
+        port = 0
+        [socket:local]
+        path = {tmp_path}/local.sock
+        [watcher:srv]
+        cmd = {py_cmd(server)} $(circus.sockets.web) $(circus.wid)
+        """)
+    sockets = daemon.client.call("listsockets")["sockets"]
+    assert [s["name"] for s in sockets] == ["web", "local"]
+    web, local = sockets
+    assert web["host"] == "127.0.0.1" and web["port"] > 0 and web["backlog"] == 2048
+    assert local["path"] == f"{tmp_path}/local.sock"
+    with socket.create_connection(("127.0.0.1", web["port"]), timeout=DEADLINE) as conn:
+        assert conn.recv(100) == b"hello from 1"
+    fds = set(wait_for(lambda: (tmp_path / "fds").exists() and
+                       (tmp_path / "fds").read_text().split()))
+    assert str(web["fd"]) in fds and str(local["fd"]) not in fds
+    assert len(fds) == 5  # stdin, stdout, stderr, the socket, listdir's own
+
+
+def test_globaloptions(make_daemon):
+    daemon = make_daemon(sleepers(n=1))
+    options = daemon.client.call("globaloptions")["options"]
+    assert options["endpoint"] == daemon.endpoint
+    assert set(options) == {"endpoint", "pubsub_endpoint", "check_delay",
+                            "multicast_endpoint", "stats_endpoint", "max_processes"}
+    soft = resource.getrlimit(resource.RLIMIT_NOFILE)[0]
+    with open("/proc/sys/kernel/pid_max") as stream:
+        pid_max = int(stream.read())
+    assert options["max_processes"] == min((soft - 64) // 3, pid_max)
+    assert daemon.client.call("globaloptions", option="check_delay")["options"] == {
+        "check_delay": 5.0}
+    reply = daemon.client.call("globaloptions", option="nope")
+    assert (reply["errno"], reply["reason"]) == (3, "'nope' not an existing option")
+
+
+@pytest.mark.parametrize("name, match, stopped", [
+    ("web*", None, ["web1", "web2"]),
+    ("web?", "glob", ["web1", "web2"]),
+    ("^w.b1$", "regex", ["web1"]),
+    ("worker", "simple", ["worker"]),
+])
+def test_match_selects_watchers(make_daemon, name, match, stopped):
+    daemon = make_daemon(sleepers("web1", 1) + sleepers("web2", 1) + sleepers("worker", 1))
+    extra = {"match": match} if match else {}
+    assert daemon.client.call("stop", name=name, waiting=True, **extra)["status"] == "ok"
+    statuses = daemon.client.call("status")["statuses"]
+    assert sorted(n for n, s in statuses.items() if s == "stopped") == stopped
+
+
+def test_match_errors(make_daemon):
+    daemon = make_daemon(sleepers(n=1))
+    assert daemon.client.call("stop", name="x*")["reason"] == "program x* not found"
+    assert "unknown match method" in daemon.client.call("stop", name="w", match="x")["reason"]
+    assert "not a valid regex" in daemon.client.call("stop", name="(", match="regex")["reason"]
+    assert daemon.client.call("stop", name="web*", match="simple")["errno"] == 3
+
+
+def test_reload_sequential_replaces_one_at_a_time(make_daemon, tmp_path):
+    daemon = make_daemon(sleepers(n=3), pubsub_endpoint=f"ipc://{tmp_path}/pub.sock")
+    old = daemon.client.call("list", name="web")["pids"]
+    with subscriber(daemon) as sub:
+        info = daemon.client.call("reload", name="web", sequential=True, waiting=True)["info"]
+        events = drain_events(sub, lambda e: len([t for t, _ in e if t.endswith(".reap")]) == 3)
+    assert info["stopped"] == sorted(old) and len(info["started"]) == 3
+    kinds = [t.rsplit(".", 1)[1] for t, _ in events if not t.endswith(".reload")]
+    # Each old process is stopped, replaced and reaped before the next.
+    assert kinds == ["kill", "spawn", "reap"] * 3
+
+
+def test_reload_with_send_hup_signals_instead(make_daemon, tmp_path):
+    daemon = make_daemon(f"[watcher:rec]\n{recorder(tmp_path)}numprocesses = 2\nsend_hup = true\n")
+    pids = ready_pids(tmp_path, 2)
+    info = daemon.client.call("reload", name="rec", waiting=True)["info"]
+    assert info == {"stopped": [], "started": [], "kept": sorted(pids)}
+    wait_for(lambda: all(got(tmp_path, p, signal.SIGHUP) for p in pids))
+
+
+def test_reloadconfig_applies_only_what_changed(tmp_path):
+    fds_before = open_fds()
+    ini = tmp_path / "app.ini"
+    endpoint = f"ipc://{tmp_path}/rc.sock"
+    write_ini(ini, endpoint, sleepers("same", 1) + sleepers("grow", 1)
+              + sleepers("change", 1) + sleepers("gone", 1))
+    with minisup.Daemon(minisup.load_config(ini)) as daemon:
+        client = daemon.client
+        before = {n: client.call("list", name=n)["pids"] for n in ("same", "grow", "change")}
+        gone = client.call("list", name="gone")["pids"]
+        client.call("add", name="runtime", cmd=PY, args=["-c", SLEEP], start=True, waiting=True)
+        write_ini(ini, endpoint, sleepers("same", 1) + sleepers("grow", 3)
+                  + sleepers("change", 1, "graceful_timeout = 3") + sleepers("fresh", 2))
+        assert client.call("reloadconfig", waiting=True)["warnings"] == []
+        assert client.call("list")["watchers"] == ["change", "fresh", "grow", "runtime", "same"]
+        assert client.call("list", name="same")["pids"] == before["same"]
+        grown = client.call("list", name="grow")["pids"]
+        assert len(grown) == 3 and before["grow"][0] in grown
+        assert not set(client.call("list", name="change")["pids"]) & set(before["change"])
+        assert len(client.call("list", name="fresh")["pids"]) == 2
+        wait_for(lambda: not any(alive(p) for p in gone), what="removed watcher stopped")
+        ini.write_text("[watcher:broken]\nnumprocesses = many\n")
+        reply = client.call("reloadconfig")
+        assert reply["errno"] == 3 and "numprocesses = 'many'" in reply["reason"]
+        assert client.call("numwatchers")["numwatchers"] == 5
+    assert_nothing_leaked(fds_before)
+
+
+def test_reloadconfig_replies_and_logs_the_warnings_of_the_file(tmp_path, capsys, caplog):
+    fds_before = open_fds()
+    ini = tmp_path / "app.ini"
+    endpoint = f"ipc://{tmp_path}/rc.sock"
+    write_ini(ini, endpoint, sleepers("web", 1))
+    with minisup.Daemon(minisup.load_config(ini)):
+        write_ini(ini, endpoint, sleepers("web", 1, "numprocess = 2"))  # a typo
+        warning = f"{ini}: [watcher:web]: unknown or unsupported option 'numprocess', ignored"
+        assert ctl(capsys, endpoint, "reloadconfig") == (0, f"warning: {warning}\n", "")
+        assert warning in [r.getMessage() for r in caplog.records]
+    assert_nothing_leaked(fds_before)
+
+
+def test_reloadconfig_without_a_file_is_an_error(make_daemon):
+    daemon = make_daemon(sleepers(n=1))
+    reply = daemon.client.call("reloadconfig")
+    assert reply["errno"] == 5 and "no INI file" in reply["reason"]
+
+
+def test_output_is_encoded_for_events_only_while_someone_subscribes(make_daemon, tmp_path):
+    daemon = make_daemon(sleepers(n=1), pubsub_endpoint=f"ipc://{tmp_path}/pub.sock")
+    topic = "watcher.web.output"
+    assert not daemon.controller.wants(topic)
+    context = zmq.Context()
+    sub = context.socket(zmq.SUB)
+    sub.linger = 0
+    sub.setsockopt(zmq.SUBSCRIBE, b"watcher.web.")
+    sub.connect(f"ipc://{tmp_path}/pub.sock")
+    wait_for(lambda: daemon.controller.wants(topic), what="the subscription to arrive")
+    assert not daemon.controller.wants("watcher.other.output")
+    sub.close()
+    context.term()
+    wait_for(lambda: not daemon.controller.wants(topic), what="the unsubscription")
+
+
+def test_events_of_a_kill_9_and_of_a_stop(make_daemon, tmp_path):
+    daemon = make_daemon(sleepers(n=1), pubsub_endpoint=f"ipc://{tmp_path}/pub.sock")
+    with subscriber(daemon) as sub:
+        (pid,) = daemon.client.call("list", name="web")["pids"]
+        os.kill(pid, signal.SIGKILL)
+        events = drain_events(sub, lambda e: any(t.endswith(".spawn") for t, _ in e))
+        assert [t for t, _ in events] == ["watcher.web.reap", "watcher.web.spawn"]
+        assert events[0][1]["process_pid"] == pid and events[0][1]["exit_code"] == -9
+        (new,) = daemon.client.call("list", name="web")["pids"]
+        assert events[1][1]["process_pid"] == new and isinstance(events[1][1]["time"], float)
+        daemon.client.call("stop", name="web", waiting=True)
+        events = drain_events(sub, lambda e: any(t.endswith(".stop") for t, _ in e))
+        assert [t for t, _ in events] == ["watcher.web.kill", "watcher.web.reap",
+                                          "watcher.web.stop"]
+        assert events[1][1] == {"process_pid": new, "exit_code": -15,
+                                "time": events[1][1]["time"]}
+        daemon.client.call("add", name="more", cmd=PY)
+        daemon.client.call("rm", name="more")
+        events = drain_events(sub, lambda e: len(e) == 2)
+        assert [t for t, _ in events] == ["watcher.more.add", "watcher.more.remove"]
+
+
+def test_discovery_answers_on_unicast_loopback(make_daemon):
+    daemon = make_daemon(sleepers(n=1), multicast_endpoint="udp://127.0.0.1:0")
+    udp = daemon.client.call("globaloptions")["options"]["multicast_endpoint"]
+    host, port = udp[len("udp://"):].rsplit(":", 1)
+    assert host == "127.0.0.1" and int(port) > 0
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as probe:
+        probe.settimeout(DEADLINE)
+        probe.sendto(b"who is there?", (host, int(port)))
+        answer, _ = probe.recvfrom(1000)
+    assert json.loads(answer) == {"endpoint": daemon.endpoint}
+
+
+@pytest.fixture
+def curve_keys(tmp_path, capsys):
+    """keygen'd pairs: the daemon's, an authorized client's, an outsider's."""
+    for folder, name in (("daemon", "daemon"), ("clients", "alice"), ("others", "mallory")):
+        assert minisup.main(["keygen", str(tmp_path / folder), name]) == 0
+    capsys.readouterr()
+    secret = tmp_path / "clients" / "alice.key_secret"
+    assert secret.stat().st_mode & 0o777 == 0o600
+    shutil.move(secret, tmp_path / "alice.key_secret")  # keep the folder public only
+    return tmp_path
+
+
+def test_beyond_loopback_needs_curve_and_lets_in_only_authorized_keys(make_daemon, curve_keys):
+    keys = curve_keys
+    with pytest.raises(minisup.ConfigError, match="curve_secret_key and curve_authorized_keys"):
+        minisup.parse_config("[circus]\nendpoint = tcp://0.0.0.0:5555\n")
+    with pytest.raises(minisup.ConfigError, match="set both"):
+        minisup.parse_config(f"[circus]\ncurve_secret_key = {keys}/daemon/daemon.key_secret\n")
+    # Bound on every interface, reached by the test on 127.0.0.1 only.
+    daemon = make_daemon(sleepers(n=1), endpoint="tcp://0.0.0.0:0",
+                         curve_secret_key=keys / "daemon" / "daemon.key_secret",
+                         curve_authorized_keys=keys / "clients")
+    endpoint = daemon.endpoint.replace("0.0.0.0", "127.0.0.1")
+    server = str(keys / "daemon" / "daemon.key")
+    with minisup.Client(endpoint, 5.0, str(keys / "alice.key_secret"), server) as alice:
+        assert alice.call("numwatchers")["numwatchers"] == 1
+    for outsider in [(str(keys / "others" / "mallory.key_secret"), server), (None, None)]:
+        with minisup.Client(endpoint, QUIET, *outsider) as client, pytest.raises(
+                minisup.CallError):
+            client.call("numwatchers")
+    # Through ctl, with the same keys.
+    code = minisup.main(["ctl", "--endpoint", endpoint, "--curve-key",
+                         str(keys / "alice.key_secret"), "--server-key", server, "list"])
+    assert code == 0
+    assert minisup.main(["ctl", "--endpoint", endpoint, "--curve-key", server, "list"]) == 2
+
+
+def test_max_message_size_is_configurable(make_daemon):
+    daemon = make_daemon(sleepers(n=1), max_message_size=1000)
+    assert daemon.client.call("list", pad="x" * 900)["status"] == "ok"
+    with raw_socket(daemon) as sock:
+        reply = raw_reply(sock, b" " * 1001)
+        assert reply["errno"] == 3 and "limit 1000" in reply["reason"]
+        sock.send(b" " * 64001)  # 64 times the limit: libzmq drops it unread
+        assert not sock.poll(QUIET * 1000)
+    assert daemon.client.call("numwatchers")["numwatchers"] == 1
+
+
+def test_redact_env_hides_secrets_from_options_and_get(make_daemon):
+    daemon = make_daemon(sleepers(n=1) + "redact_env = *TOKEN DB_PASSWORD\n"
+                         "[env:web]\nAPI_TOKEN = s3cret\nDB_PASSWORD = hunter2\nMODE = prod\n")
+    env = daemon.client.call("get", name="web", keys=["env"])["options"]["env"]
+    assert env == {"API_TOKEN": "<redacted>", "DB_PASSWORD": "<redacted>", "MODE": "prod"}
+    assert "s3cret" not in json.dumps(daemon.client.call("options", name="web"))
+    pid = daemon.client.call("list", name="web")["pids"][0]
+    with open(f"/proc/{pid}/environ", "rb") as stream:  # the child still has them
+        assert b"API_TOKEN=s3cret" in stream.read().split(b"\0")
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="changing owners needs root")
+@pytest.mark.skipif(os.geteuid() != 0, reason="needs a root daemon")
+def test_endpoint_owner_other_than_the_daemons_user_is_refused(make_daemon, tmp_path, capsys):
+    # Whoever holds the socket controls the daemon (set cmd, add with uid,
+    # stdout_stream.filename, ready = file:, copy_env): for a root daemon, a
+    # socket given to nobody would make nobody root.  So it is refused from
+    # a file, from Python and from the command line, and root's own is fine.
+    text = "[circus]\nendpoint_owner = nobody\n" + sleepers(n=1)
+    with pytest.raises(minisup.ConfigError, match=re.escape(
+            "app.ini: [circus]: endpoint_owner = 65534: the control socket's owner controls "
+            "the daemon, so uid 65534 would have root's power")):
+        minisup.parse_config(text, "app.ini")
+    config = minisup.parse_config(sleepers(n=1))
+    config.endpoint, config.endpoint_owner = f"ipc://{tmp_path}/owner.sock", 65534
+    with pytest.raises(minisup.ConfigError, match="endpoint_owner = 65534"):
+        minisup.Daemon(config).start()
+    ini = tmp_path / "app.ini"
+    ini.write_text(text)
+    assert minisup.main(["run", str(ini)]) == minisup.EXIT_USAGE
+    assert "would have root's power" in capsys.readouterr().err
+    daemon = make_daemon(sleepers(n=1), endpoint_owner="root")
+    assert os.stat(daemon.endpoint[len("ipc://"):]).st_uid == 0
+
+
+# =========================================================== bad input ======
+
+@pytest.mark.parametrize("body, errno, reason", [
+    (b"", 1, "json invalid"),
+    (b"not json", 1, "json invalid"),
+    (b"\xff\xfe", 1, "json invalid"),
+    (b"[" * 100000 + b"]" * 100000, 1, "json invalid"),
+    (b"[1, 2]", 3, "not a JSON object"),
+    (b'"list"', 3, "not a JSON object"),
+    (b'{"properties": {}}', 3, "'command' is missing"),
+    (b'{"command": 5}', 3, "'command' must be a string"),
+    (b'{"command": "nope"}', 2, "unknown command: 'nope'"),
+    (b'{"command": "list", "properties": "web"}', 3, "'properties' must be an object"),
+    (request("incr"), 3, "message invalid 'name' is missing"),
+    (request("incr", name="web", nb="2"), 3, "'nb' must be an integer from 0 to 4194304"),
+    (request("incr", name="web", nb=-1), 3, "'nb' must be an integer from 0 to 4194304"),
+    (request("incr", name="web", nb=True), 3, "'nb' must be an integer from 0 to 4194304"),
+    (request("incr", name="web", nb=10**4000), 3, "'nb' must be an integer from 0 to 4194304"),
+    (request("incr", name="web", nb=100000000), 3, "'nb' must be an integer from 0 to 4194304"),
+    (request("signal", name="web", signum=9, pid="9" * 5000), 3, "'pid' must be a pid"),
+    (request("signal", name="web", signum=9, pid="\u00b2"), 3, "'pid' must be a pid"),
+    (request("tail", name="web", lines=10**9), 3, "'lines' must be an integer from 0 to 100000"),
+    (request("kill", name="web", graceful_timeout=1e308), 3,
+     "'graceful_timeout' must be a number of seconds from 0 to 31536000"),
+    (b'{"id": NaN, "command": "list"}', 1, "json invalid: NaN is not a JSON number"),
+    (b'{"command": "kill", "properties": {"name": "web", "graceful_timeout": Infinity}}', 1,
+     "json invalid: Infinity is not a JSON number"),
+    (b'{"command": "kill", "properties": {"name": "web", "graceful_timeout": 1e999}}', 1,
+     "json invalid: 1e999 is out of range"),
+    (request("status", name=["web"]), 3, "'name' must be a string"),
+    (request("stop", name="web", waiting="yes"), 3, "'waiting' must be a boolean"),
+    (request("add", name="x", cmd="y", options=[]), 3, "'options' must be an object"),
+    (request("add", name=" ", cmd="y"), 3, "'name' must not be empty"),
+    (request("add", name="x", cmd="y", args=[1]), 3, "args = [1]: must be a string or a list"),
+    (b'{"command": "list", "x": ' + b"1" * 5000 + b"}", 1, "json invalid"),
+    (b" " * ((1 << 20) + 1), 3, "message too large"),  # the default max_message_size
+])
+def test_malformed_requests_get_their_own_error(make_daemon, body, errno, reason):
+    daemon = make_daemon(sleepers(n=1))
+    with raw_socket(daemon) as sock:
+        reply = raw_reply(sock, body)
+    assert reply["status"] == "error" and reply["errno"] == errno
+    assert reason in reply["reason"]
+    assert isinstance(reply["time"], float) and "tb" in reply
+    assert daemon.client.call("numwatchers")["numwatchers"] == 1
+    assert sorted(minisup_threads()) == ["minisup-controller", "minisup-output", "minisup-worker"]
+
+
+def test_a_huge_incr_is_refused_at_once_naming_the_limit(make_daemon):
+    daemon = make_daemon(sleepers(n=1))
+    client = daemon.client
+    reply = client.call("incr", name="web", nb=100_000_000)  # used to hang, eating GiBs
+    assert (reply["errno"], reply["reason"]) == (
+        3, "'nb' must be an integer from 0 to 4194304, not 100000000")
+    limit = client.call("globaloptions")["options"]["max_processes"]
+    # This process's limits are the in-process daemon's: the lower one is named.
+    soft = resource.getrlimit(resource.RLIMIT_NOFILE)[0]
+    with open("/proc/sys/kernel/pid_max") as stream:
+        pid_max = int(stream.read())
+    by_fds = (soft - 64) // 3
+    cause = "the kernel's pid_max" if pid_max < by_fds else f"the daemon's fd limit of {soft}"
+    for reply in (client.call("incr", name="web", nb=minisup.MAX_PROCESSES),
+                  client.call("set", name="web", options={"numprocesses": limit + 1})):
+        assert reply["errno"] == 3
+        assert f"over the daemon's limit of {limit} ({cause}" in reply["reason"]
+    assert client.call("numprocesses", name="web")["numprocesses"] == 1
+
+
+def test_max_processes_bounds_the_sum_of_every_watchers_numprocesses(make_daemon):
+    daemon = make_daemon(sleepers(n=2), max_processes=5)
+    client = daemon.client
+    why = "over the daemon's limit of 5 ([circus] max_processes)"
+    assert client.call("incr", name="web", nb=3, waiting=True)["numprocesses"] == 5
+    assert why in client.call("incr", name="web")["reason"]
+    reply = client.call("add", name="more", cmd="/bin/sleep", args=["1000"])
+    assert reply["reason"] == f"more: 1 processes would make 6 in all, {why}"
+    assert client.call("decr", name="web", nb=2, waiting=True)["numprocesses"] == 3
+    assert client.call("add", name="more", cmd="/bin/sleep", args=["1000"],
+                       options={"numprocesses": 2})["status"] == "ok"
+    assert why in client.call("set", name="more", options={"numprocesses": 3})["reason"]
+    assert client.call("globaloptions", option="max_processes")["options"] == {
+        "max_processes": 5}
+
+
+def test_a_year_long_check_delay_does_not_kill_the_worker(make_daemon):
+    # epoll refuses a timeout past ~24 days: the worker used to die (and
+    # SIGKILL every child) on its first quiet turn.
+    daemon = make_daemon(sleepers(n=1), check_delay=minisup.MAX_SECONDS)
+    (pid,) = daemon.client.call("list", name="web")["pids"]
+    assert not wait_until_quiet(lambda: "minisup-worker" not in minisup_threads())
+    reply = daemon.client.call("incr", name="web", waiting=True)  # needs the worker
+    assert reply["numprocesses"] == 2 and alive(pid)
+
+
+def test_error_reply_echoes_the_id_when_it_can(make_daemon):
+    daemon = make_daemon(sleepers(n=1))
+    with raw_socket(daemon) as sock:
+        reply = raw_reply(sock, b'{"id": 42, "command": "nope"}')
+    assert reply["id"] == 42 and reply["errno"] == 2
+
+
+def test_multi_frame_request_is_an_error_and_req_sockets_work(make_daemon):
+    daemon = make_daemon(sleepers(n=1))
+    with raw_socket(daemon) as sock:
+        reply = raw_reply(sock, request("list"), request("list"))
+        assert reply["errno"] == 3 and "one frame" in reply["reason"]
+    with raw_socket(daemon, zmq.REQ) as req:
+        assert raw_reply(req, request("list"))["watchers"] == ["web"]
+
+
+def test_many_bad_messages_in_a_burst_leave_the_daemon_serving(make_daemon):
+    daemon = make_daemon(sleepers(n=1))
+    bodies = [b"", b"{", b"[]", b'{"command": null}', request("incr", name=1),
+              request("nope"), request("start", name="nope"), b"\x00" * 100]
+    with raw_socket(daemon) as sock:
+        for body in bodies * 50:
+            sock.send(body)
+        replies = [json.loads(sock.recv()) for _ in range(len(bodies) * 50)
+                   if sock.poll(DEADLINE * 1000)]
+    assert len(replies) == len(bodies) * 50
+    assert all(r["status"] == "error" for r in replies)
+    assert daemon.client.call("numwatchers")["numwatchers"] == 1
+
+
+JSON = st.recursive(
+    st.none() | st.booleans() | st.integers() | st.floats(allow_nan=False) | st.text(),
+    lambda inner: st.lists(inner, max_size=4) | st.dictionaries(st.text(max_size=8), inner,
+                                                                max_size=4),
+    max_leaves=20)
+#: Commands the fuzzer may send: not add/set (they would run what they are
+#: given) nor quit (the daemon must outlive the run).
+FUZZED = sorted(set(minisup.COMMANDS) - {"add", "set", "quit"})
+MESSAGES = st.one_of(
+    st.binary(max_size=300),
+    JSON.map(lambda value: json.dumps(value).encode()),
+    st.builds(lambda command, properties, message_id: json.dumps(
+        {"command": command, "properties": properties, "id": message_id}).encode(),
+        st.sampled_from(FUZZED) | st.text(max_size=12),
+        st.dictionaries(st.sampled_from(sorted(minisup.PROPERTY_TYPES)), JSON, max_size=4) | JSON,
+        JSON))
+
+
+def strict_json(text):
+    """``json.loads`` that refuses NaN, Infinity and 1e999, as the daemon does."""
+    def refuse(name):
+        raise ValueError(f"{name} is not JSON")
+
+    def finite(number):
+        value = float(number)
+        if value in (float("inf"), float("-inf")):
+            refuse(number)
+        return value
+    return json.loads(text, parse_constant=refuse, parse_float=finite)
+
+
+def expected_id(body, limit=1 << 20):
+    """The id a reply to ``body`` must echo, exactly: None when the body is
+    over ``limit`` (the default max_message_size), not strict JSON in UTF-8,
+    not an object, or has no id; and whether a reply is due at all (not to a cast)."""
+    if len(body) > limit:
+        return None, True
+    try:
+        message = strict_json(body.decode())  # UTF-8 only, as the daemon reads it
+    except (ValueError, RecursionError):  # a UnicodeDecodeError is a ValueError
+        return None, True
+    if not isinstance(message, dict):
+        return None, True
+    return message.get("id"), message.get("msg_type") != "cast"
+
+
+@pytest.fixture
+def fuzz_state():
+    return {}
+
+
+@settings(max_examples=200, deadline=None,
+          suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(body=MESSAGES)
+def test_fuzzed_requests_get_circus_shaped_replies(make_daemon, fuzz_state, body):
+    if "daemon" not in fuzz_state:
+        fuzz_state["daemon"] = make_daemon(sleepers(n=1, extra="graceful_timeout = 0"))
+    daemon = fuzz_state["daemon"]
+    message_id, replied = expected_id(body)
+    with raw_socket(daemon) as sock:
+        sock.send(body)
+        if replied:
+            assert sock.poll(DEADLINE * 1000), "no reply"
+            reply = strict_json(sock.recv())  # a reply is always strict JSON
+            # Whether a fuzzed command succeeds is the daemon's to say, not this test's.
+            assert reply["status"] in ("ok", "error") and isinstance(reply["time"], float)
+            assert reply["id"] == message_id
+            if reply["status"] == "error":
+                assert reply["errno"] in range(7) and isinstance(reply["reason"], str)
+    assert daemon.client.call("numwatchers")["numwatchers"] == 1
+    assert sorted(minisup_threads()) == ["minisup-controller", "minisup-output",
+                                         "minisup-worker"]
+
+
+# =========================================================== endpoints ======
+
+def test_default_endpoint_is_private(make_daemon, tmp_path, monkeypatch):
+    runtime = tmp_path / "run"
+    runtime.mkdir()
+    monkeypatch.setenv("XDG_RUNTIME_DIR", str(runtime))
+    endpoint = minisup.default_endpoint()
+    assert endpoint == f"ipc://{runtime}/minisup/control.sock"
+    daemon = make_daemon(sleepers(n=1), endpoint=endpoint)
+    folder, sock = runtime / "minisup", runtime / "minisup" / "control.sock"
+    assert oct(folder.stat().st_mode & 0o777) == oct(0o700)
+    assert oct(sock.stat().st_mode & 0o777) == oct(0o600)
+    with minisup.Client() as client:  # finds the same default
+        assert client.call("numwatchers")["numwatchers"] == 1
+    assert daemon.client.call("numwatchers")["numwatchers"] == 1
+
+
+@pytest.mark.skipif(os.geteuid() != 0 or not os.access("/usr/bin/python3", os.X_OK),
+                    reason="needs root to run a client as nobody")
+def test_another_user_cannot_reach_the_default_endpoint(make_daemon, monkeypatch, request):
+    # Outside pytest's private temp folder, so that only minisup's own
+    # folder (0700) and socket (0600) stand between nobody and the socket.
+    runtime = tempfile.mkdtemp(prefix="minisup-rt-")
+    os.chmod(runtime, 0o755)
+    monkeypatch.setenv("XDG_RUNTIME_DIR", runtime)
+    request.addfinalizer(lambda: shutil.rmtree(runtime))
+    daemon = make_daemon(sleepers(n=1), endpoint=minisup.default_endpoint())
+    path = daemon.endpoint[len("ipc://"):]
+    probe = ("import socket, sys; s = socket.socket(socket.AF_UNIX)\n"
+             "try:\n    s.connect(sys.argv[1])\nexcept PermissionError:\n    sys.exit(13)")
+    result = subprocess.run(["/usr/bin/python3", "-c", probe, path], user="nobody",
+                            check=False, capture_output=True, timeout=60)
+    assert result.returncode == 13, result
+    assert daemon.client.call("numwatchers")["numwatchers"] == 1
+
+
+def test_second_daemon_on_a_live_endpoint_is_refused(make_daemon, tmp_path):
+    first = make_daemon(sleepers(n=1))
+    with pytest.raises(minisup.ConfigError, match="already listening"):
+        make_daemon(sleepers("other", 1), endpoint=first.endpoint)
+    assert first.client.call("list")["watchers"] == ["web"]
+
+
+def test_an_ipc_folder_anyone_may_write_in_is_refused(make_daemon, tmp_path):
+    shared = tmp_path / "shared"
+    shared.mkdir()
+    shared.chmod(0o777)  # anyone could rename the socket away and put theirs
+    below = shared / "private"
+    below.mkdir(mode=0o700)
+    for folder in (shared, below):
+        with pytest.raises(minisup.ConfigError, match=re.escape(
+                f"anyone may write in {shared}, and so replace the socket")):
+            make_daemon(sleepers(n=1), endpoint=f"ipc://{folder}/ctl.sock")
+    shared.chmod(0o1777)  # the sticky bit, as /tmp: only an entry's owner may move it
+    daemon = make_daemon(sleepers(n=1), endpoint=f"ipc://{below}/ctl.sock")
+    assert daemon.client.call("numwatchers")["numwatchers"] == 1
+
+
+def test_loopback_tcp_endpoint_with_ephemeral_port(make_daemon):
+    daemon = make_daemon(sleepers(n=1), endpoint="tcp://127.0.0.1:*")
+    assert daemon.endpoint.startswith("tcp://127.0.0.1:")
+    assert not daemon.endpoint.endswith(":*")
+    assert daemon.client.call("numwatchers")["numwatchers"] == 1
+
+
+def test_client_timeout_names_the_endpoint(tmp_path):
+    endpoint = f"ipc://{tmp_path}/nobody.sock"
+    with minisup.Client(endpoint, timeout=0.2) as client, \
+            pytest.raises(minisup.CallError) as info:
+        client.call("status")
+    assert endpoint in str(info.value) and "is the daemon running" in str(info.value)
+
+
+# ============================================= signals (a real daemon) ======
+
+def test_sigterm_stops_every_child_and_exits_0(cli_daemon, tmp_path):
+    proc, client = cli_daemon(sleepers(n=3))
+    pids = client.call("list", name="web")["pids"]
+    client.close()
+    proc.send_signal(signal.SIGTERM)
+    assert proc.wait(DEADLINE) == 0
+    assert not any(alive(p) for p in pids)
+    log = (tmp_path / "daemon.log").read_text()
+    assert "web: active -> stopping" in log and "web: stopping -> stopped" in log
+
+
+def test_sighup_reloads_every_watcher(cli_daemon):
+    proc, client = cli_daemon(sleepers(n=2))
+    old = client.call("list", name="web")["pids"]
+    proc.send_signal(signal.SIGHUP)
+    new = wait_for(lambda: new_pids(client, "web", old, 2), what="new pids after SIGHUP")
+    wait_for(lambda: not any(alive(p) for p in old), what="old pids gone")
+    client.call("quit")
+    client.close()
+    assert proc.wait(DEADLINE) == 0
+    assert not any(alive(p) for p in new)
+
+
+def test_second_sigint_kills_children_that_ignore_sigterm(cli_daemon, tmp_path):
+    proc, client = cli_daemon(f"""
+        [watcher:stubborn]
+        cmd = {ignore_term(tmp_path)}
+        graceful_timeout = 600
+        """)
+    (pid,) = client.call("list", name="stubborn")["pids"]
+    wait_for(lambda: (tmp_path / str(pid)).exists(), what="child ignoring SIGTERM")
+    proc.send_signal(signal.SIGINT)
+    wait_for(lambda: client.call("status", name="stubborn")["status"] == "stopping")
+    client.close()
+    proc.send_signal(signal.SIGINT)
+    assert proc.wait(DEADLINE) == 0
+    assert not alive(pid)
+
+
+def test_quit_command_ends_the_cli_daemon(cli_daemon):
+    proc, client = cli_daemon(sleepers(n=1))
+    assert client.call("quit", waiting=True)["status"] == "ok"
+    client.close()
+    assert proc.wait(DEADLINE) == 0
+
+
+#: The flood test's daemon gets FLOOD_NOFILE fds and twice as many idle
+#: raw connections, so they cannot all be held at once.
+FLOOD_NOFILE = 200
+FLOOD_CONNECTIONS = 2 * FLOOD_NOFILE
+#: Connections opened at once until the daemon is out of fds: half libzmq's
+#: listen backlog (ZMQ_BACKLOG, 100), so that a daemon slow to accept never
+#: sees its accept queue overflow: the kernel would drop those SYNs and
+#: resend them a second later, when the first ones are dropped already.
+FLOOD_CHUNK = 50
+#: Its handshake_timeout: short, so that the test is too.
+FLOOD_HANDSHAKE = 1.0
+#: How long past FLOOD_HANDSHAKE a new authorized client may wait for its
+#: answer.  It comes as an idle batch is dropped (measured: one or two
+#: FLOOD_HANDSHAKEs after the flood); the margin covers the client's own SYN
+#: dropped by the full accept queue, which the kernel resends after 1 s,
+#: then 3 s.  libzmq's default handshake limit (30 s) is far beyond it.
+FLOOD_MARGIN = 5.0
+
+
+def _logged_endpoint(tmp_path):
+    """The control endpoint a CLI daemon logged it listens on, or None yet."""
+    found = re.search(r"control socket listening on (\S+)",
+                      (tmp_path / "daemon.log").read_text())
+    return found.group(1) if found else None
+
+
+def _fd_count(pid):
+    """How many fds the process ``pid`` has open."""
+    return len(os.listdir(f"/proc/{pid}/fd"))
+
+
+def _stop_cli(proc):
+    """SIGTERM a CLI daemon and reap it: it must exit 0 within DEADLINE
+    (if not, SIGKILL it, so that nothing is left, and fail)."""
+    proc.send_signal(signal.SIGTERM)
+    try:
+        code = proc.wait(DEADLINE)
+    except subprocess.TimeoutExpired:
+        proc.kill()  # its guardian then kills its children
+        proc.wait()
+        raise
+    assert code == 0
+
+
+def _open_idle_connections(endpoint, count, into):
+    """Open ``count`` raw TCP connections to a tcp:// ``endpoint`` and
+    append them to ``into`` (the caller closes them); never send a byte:
+    each holds one of the daemon's fds until libzmq drops it."""
+    host, port = endpoint[len("tcp://"):].rsplit(":", 1)
+    for _ in range(count):
+        sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        into.append(sock)
+        sock.setblocking(False)  # a SYN a full accept queue drops must not block us
+        sock.connect_ex((host, int(port)))
+
+
+def _accept_queue(port):
+    """How many connections wait for accept() on 127.0.0.1:``port`` (the
+    rx_queue /proc/net/tcp shows for a listening socket), or None."""
+    with open("/proc/net/tcp") as table:
+        rows = [line.split() for line in table.readlines()[1:]]
+    for row in rows:
+        if row[1] == f"0100007F:{port:04X}" and row[3] == "0A":  # 0A: LISTEN
+            return int(row[4].split(":")[1], 16)
+    return None
+
+
+def _flood(endpoint, pid, into):
+    """Open FLOOD_CONNECTIONS idle connections to the daemon ``pid``: a
+    chunk at a time, each accepted before the next, until it has
+    FLOOD_NOFILE fds open; then the rest at once.  Append them to ``into``."""
+    port = int(endpoint.rsplit(":", 1)[1])
+    while _fd_count(pid) < FLOOD_NOFILE:
+        assert len(into) < FLOOD_CONNECTIONS, "the daemon never ran out of fds"
+        _open_idle_connections(endpoint, FLOOD_CHUNK, into)
+        wait_for(lambda: _accept_queue(port) == 0 or _fd_count(pid) >= FLOOD_NOFILE,
+                 what="the daemon to accept a chunk or run out of fds")
+    _open_idle_connections(endpoint, FLOOD_CONNECTIONS - len(into), into)
+
+
+def test_idle_raw_connections_are_dropped_after_handshake_timeout(curve_keys, tmp_path):
+    keys, raw = curve_keys, []
+    alice = (str(keys / "alice.key_secret"), str(keys / "daemon" / "daemon.key"))
+    ini = tmp_path / "flood.ini"
+    ini.write_text(f"[circus]\nendpoint = tcp://127.0.0.1:*\n"
+                   f"handshake_timeout = {FLOOD_HANDSHAKE}\n"
+                   f"curve_secret_key = {keys / 'daemon' / 'daemon.key_secret'}\n"
+                   f"curve_authorized_keys = {keys / 'clients'}\n" + sleepers(n=1))
+    proc = spawn_cli(tmp_path, "run", str(ini), nofile=FLOOD_NOFILE)
+    try:
+        endpoint = wait_for(lambda: _logged_endpoint(tmp_path), what="the daemon's endpoint")
+        with minisup.Client(endpoint, DEADLINE, *alice) as client:
+            wait_for(lambda: client.call("status", name="web")["status"] == "active",
+                     what="the watcher's child")
+        children = child_pids(proc.pid)  # that child and the guardian
+        _flood(endpoint, proc.pid, raw)
+        # A new connection, the daemon out of fds: idle ones must make way.
+        with minisup.Client(endpoint, FLOOD_HANDSHAKE + FLOOD_MARGIN, *alice) as client:
+            assert client.call("numwatchers")["numwatchers"] == 1
+    finally:
+        for sock in raw:
+            sock.close()
+        _stop_cli(proc)
+    assert len(children) == 2 and not any(alive(pid) for pid in children)
+
+
+# ================================================================= CLI ======
 
 def test_ctl_commands_print_and_exit_like_circusctl(make_daemon, capsys):
     daemon = make_daemon(sleepers(n=1))
@@ -3157,7 +3628,69 @@ def test_readme_quick_start_runs_the_shipped_example(tmp_path):
             proc.wait()
 
 
-# ============================================================== interop ======
+def test_ctl_status_table_json_health_and_watch(make_daemon, tmp_path, capsys):
+    daemon = make_daemon(sleepers(n=2) + file_ready(tmp_path, "api"))
+    endpoint = daemon.endpoint
+    code, out, _ = ctl(capsys, endpoint, "status")
+    rows = [line.split() for line in out.splitlines()]
+    assert code == 0 and rows[0] == ["WATCHER", "STATE", "PID", "WID", "PROCESS", "UPTIME",
+                                     "RESTARTS", "LAST", "EXIT"]
+    assert rows[1] == ["api", "stopped", "-", "-", "-", "-", "0", "-"]
+    assert [r[:2] + r[3:5] + r[6:] for r in rows[2:]] == [
+        ["web", "active", "1", "ready", "0", "-"], ["web", "active", "2", "ready", "0", "-"]]
+    header, first = out.splitlines()[:2]
+    assert header.index("STATE") == first.index("stopped")  # aligned
+    assert header.index("LAST EXIT") == first.rindex("-")
+    code, out, _ = ctl(capsys, endpoint, "status", "web", "--json")
+    assert code == 0 and json.loads(out)["status"] == "active"
+    daemon.client.call("start", name="api")
+    assert ctl(capsys, endpoint, "health") == (3, "", "error: api: 0 of 1 processes ready\n")
+    (tmp_path / "api.1").touch()
+    wait_for(lambda: daemon.client.call("status", name="api")["status"] == "active")
+    assert ctl(capsys, endpoint, "health") == (0, "healthy\n", "")
+    daemon.client.call("kill", name="web", signum="KILL", waiting=True)
+    wait_for(lambda: extended(daemon.client, "web")["web"]["last_exit"] == -9)
+    code, out, _ = ctl(capsys, endpoint, "status", "web")
+    assert out.splitlines()[1].split()[-1] == "SIGKILL"
+    watcher = subprocess.Popen([PY, "-m", "minisup", "ctl", "--endpoint", endpoint, "watch",
+                                "--interval", "0.05"], stdout=subprocess.PIPE, text=True,
+                               cwd=os.path.dirname(minisup.__file__))
+    headers = 0
+    while headers < 2:
+        headers += watcher.stdout.readline().startswith("WATCHER")
+    watcher.send_signal(signal.SIGINT)
+    assert watcher.wait(DEADLINE) == 0
+
+
+def test_run_daemon_detaches_writes_and_removes_its_pidfile(tmp_path):
+    ini, pidfile = tmp_path / "app.ini", tmp_path / "minisup.pid"
+    endpoint = f"ipc://{tmp_path}/c.sock"
+    write_ini(ini, endpoint, sleepers(n=1))
+    run = [PY, "-m", "minisup", "run", "--daemon", "--pidfile", str(pidfile), str(ini)]
+    here = os.path.dirname(minisup.__file__)
+    first = subprocess.run(run, capture_output=True, text=True, timeout=DEADLINE, cwd=here,
+                           check=False)
+    pid = int(pidfile.read_text())
+    try:
+        assert first.returncode == 0 and alive(pid)
+        with minisup.Client(endpoint) as client:  # serving once the parent exits
+            assert client.call("status")["statuses"] == {"web": "active"}
+            again = subprocess.run(run, capture_output=True, text=True, timeout=DEADLINE,
+                                   cwd=here, check=False)
+            assert again.returncode == 2 and f"pid {pid} is alive" in again.stderr
+            client.call("quit")
+        wait_for(lambda: not alive(pid), what="the daemon gone")
+        assert not pidfile.exists()
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signal.SIGKILL)
+    bad = subprocess.run([PY, "-m", "minisup", "run", "--daemon", "--endpoint", "tcp://8.8.8.8:1",
+                          str(ini)], capture_output=True, text=True, timeout=DEADLINE, cwd=here,
+                         check=False)
+    assert bad.returncode == 2
+
+
+# ============================================================= interop ======
 
 @pytest.fixture
 def circus_call(make_daemon):
@@ -3270,6 +3803,11 @@ def test_circusctl_json_output_has_circus_keys(make_daemon):
     assert set(json.loads(result.stdout)) == {"status", "pids", "time", "id"}
 
 
+def listen_topics(lines):
+    # circusctl 0.19 prints bytes reprs: b'watcher.web.reap': b'{...}'
+    return [re.match(r"b?'?([\w.]+)", line).group(1) for line in lines]
+
+
 def test_circusctl_listen_shows_the_events_of_a_kill_9(make_daemon, tmp_path):
     pytest.importorskip("circus")
     pub = f"ipc://{tmp_path}/pub.sock"
@@ -3298,11 +3836,6 @@ def test_circusctl_listen_shows_the_events_of_a_kill_9(make_daemon, tmp_path):
     assert f'"process_pid": {pid}, "exit_code": -9' in reap
 
 
-def listen_topics(lines):
-    # circusctl 0.19 prints bytes reprs: b'watcher.web.reap': b'{...}'
-    return [re.match(r"b?'?([\w.]+)", line).group(1) for line in lines]
-
-
 def test_circus_client_waiting_variants_return_circus_keys(circus_call):
     call = circus_call
     assert set(call("start", name="web", waiting=True)["info"]) == {"started", "kept"}
@@ -3316,313 +3849,7 @@ def test_circus_client_waiting_variants_return_circus_keys(circus_call):
     assert set(reply) >= {"started", "kept"} and len(reply["started"]) == 1
 
 
-# ========================================= readiness, depends_on, systemd ======
-
-def file_ready(tmp_path, name="web", n=1, extra=""):
-    """A watcher of sleepers, each ready once tmp_path/NAME.WID exists."""
-    return sleepers(name, n, f"autostart = false\nready = file:{tmp_path}/{name}.$(circus.wid)\n"
-                    + extra)
-
-
-def extended(client, name=None):
-    """``status`` extended: each watcher's info, by name."""
-    return client.call("status", extended=True, **({"name": name} if name else {}))["watchers"]
-
-
-def process_states(client, name):
-    return [p["state"] for p in extended(client, name)[name]["processes"]]
-
-
-def test_ready_file_keeps_status_starting_until_the_file_exists(make_daemon, tmp_path):
-    daemon = make_daemon(file_ready(tmp_path, n=2))
-    client = daemon.client
-    client.call("start", name="web")
-    wait_for(lambda: process_states(client, "web") == ["starting", "starting"])
-    assert client.call("status", name="web")["status"] == "starting"
-    health = client.call("health")
-    assert (health["status"], health["errno"]) == ("error", 6)
-    assert health["reason"] == "web: 0 of 2 processes ready"
-    (tmp_path / "web.1").touch()
-    wait_for(lambda: process_states(client, "web") == ["ready", "starting"])
-    assert client.call("status", name="web")["status"] == "starting"
-    (tmp_path / "web.2").touch()
-    wait_for(lambda: client.call("status", name="web")["status"] == "active")
-    health = client.call("health")
-    assert health["status"] == "ok" and health["healthy"] is True
-
-
-def test_ready_file_left_by_a_previous_process_is_removed_at_spawn(make_daemon, tmp_path):
-    daemon = make_daemon(file_ready(tmp_path))
-    client = daemon.client
-    (tmp_path / "web.1").touch()  # as a process that did not remove it would leave it
-    client.call("start", name="web")
-    wait_for(lambda: process_states(client, "web") == ["starting"])
-    assert not wait_until_quiet(lambda: process_states(client, "web") != ["starting"])
-    assert not (tmp_path / "web.1").exists()
-    (tmp_path / "web.1").touch()
-    wait_for(lambda: client.call("status", name="web")["status"] == "active")
-
-
-def test_start_waiting_returns_once_ready_tcp(make_daemon, tmp_path):
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        port = probe.getsockname()[1]
-    # The child listens only once told to (by a file), so "ready" is ours to time.
-    code = (f"import os, socket, time\nwhile not os.path.exists({str(tmp_path / 'go')!r}):\n"
-            f"    time.sleep(0.01)\ns = socket.socket()\ns.bind(('127.0.0.1', {port}))\n"
-            "s.listen()\ntime.sleep(1000)\n")
-    (tmp_path / "listen.py").write_text(code)
-    daemon = make_daemon(f"[watcher:web]\ncmd = {PY} {tmp_path}/listen.py\nautostart = false\n"
-                         f"ready = tcp:127.0.0.1:{port}\n")
-    client = minisup.Client(daemon.endpoint, timeout=DEADLINE)
-    sock = client._socket
-    sock.send(json.dumps({"id": 1, "command": "start",
-                          "properties": {"name": "web", "waiting": True}}).encode())
-    assert not sock.poll(QUIET * 1000), "start --waiting answered before the child was ready"
-    assert process_states(daemon.client, "web") == ["starting"]
-    (tmp_path / "go").touch()
-    assert sock.poll(DEADLINE * 1000)
-    reply = json.loads(sock.recv())
-    assert reply["status"] == "ok" and len(reply["info"]["started"]) == 1
-    socket.create_connection(("127.0.0.1", port), timeout=1).close()  # it does listen
-    client.close()
-
-
-NOTIFY_CHILD = """import os, socket, sys, time
-while not os.path.exists(sys.argv[1]):
-    time.sleep(0.01)
-address = os.environ["NOTIFY_SOCKET"]
-with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as sock:
-    sock.sendto(b"STATUS=warm\\nREADY=1", "\\0" + address[1:] if address[0] == "@" else address)
-time.sleep(1000)
-"""
-
-
-def test_ready_notify_counts_a_childs_ready_1_and_not_a_strangers(make_daemon, tmp_path):
-    script = tmp_path / "notify.py"
-    script.write_text(NOTIFY_CHILD)
-    daemon = make_daemon(f"[watcher:svc]\ncmd = {PY} {script} {tmp_path}/go\n"
-                         "autostart = false\nready = notify\n")
-    client = daemon.client
-    client.call("start", name="svc")
-    [pid] = wait_for(lambda: client.call("list", name="svc")["pids"])
-
-    def notify_socket():  # None until the child has exec'd: a fork has our environment
-        text = pathlib.Path(f"/proc/{pid}/environ").read_text()
-        environ = dict(line.split("=", 1) for line in text.split("\0") if "=" in line)
-        return environ.get("NOTIFY_SOCKET")
-    address = wait_for(notify_socket, what="the child's NOTIFY_SOCKET")
-    assert address.startswith("@minisup-")
-    # We are not one of its processes: the kernel says who sent it.
-    with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as forger:
-        forger.sendto(b"READY=1", "\0" + address[1:])
-    assert not wait_until_quiet(lambda: process_states(client, "svc") != ["starting"])
-    (tmp_path / "go").touch()
-    wait_for(lambda: client.call("status", name="svc")["status"] == "active")
-    assert process_states(client, "svc") == ["ready"]
-
-
-def wait_until_quiet(predicate, quiet=QUIET):
-    """True if ``predicate`` holds at some point within ``quiet`` seconds."""
-    deadline = time.monotonic() + quiet
-    while time.monotonic() < deadline:
-        if predicate():
-            return True
-        time.sleep(0.01)
-    return False
-
-
-def test_not_ready_in_time_is_replaced_as_a_crash(make_daemon, tmp_path):
-    daemon = make_daemon(file_ready(tmp_path, extra="ready_timeout = 0.2\n"))
-    client = daemon.client
-    client.call("start", name="web")
-    [first] = wait_for(lambda: client.call("list", name="web")["pids"])
-    wait_for(lambda: extended(client, "web")["web"]["restarts"] >= 1, what="a replacement")
-    wait_for(lambda: not alive(first) or None, what="the unready child gone")
-    assert client.call("status", name="web")["status"] in ("starting", "backoff")
-    # Each spawn removes a stale file: write it, as a child would, until one sees it.
-    wait_for(lambda: (tmp_path / "web.1").touch() or
-             client.call("status", name="web")["status"] == "active")
-
-
-def test_reload_with_ready_rolls_one_new_ready_process_before_an_old_stops(make_daemon,
-                                                                          tmp_path):
-    daemon = make_daemon(file_ready(tmp_path, n=2))
-    client = daemon.client
-    client.call("start", name="web")
-    wait_for(lambda: process_states(client, "web") == ["starting", "starting"])
-    (tmp_path / "web.1").touch()
-    (tmp_path / "web.2").touch()
-    wait_for(lambda: client.call("status", name="web")["status"] == "active")
-    old = sorted(client.call("list", name="web")["pids"])
-    client.call("reload", name="web")
-    # A third process (wid 3) starts; both old ones serve until it is ready.
-    wait_for(lambda: process_states(client, "web") == ["ready", "ready", "starting"])
-    assert not wait_until_quiet(lambda: len(client.call("list", name="web")["pids"]) != 3)
-    (tmp_path / "web.3").touch()
-    # Then the first old one stops, and a fourth (wid 4) starts at once.
-    wait_for(lambda: not alive(old[0]), what="the first old process stopped")
-    wait_for(lambda: process_states(client, "web") == ["ready", "ready", "starting"])
-    assert alive(old[1]) and not wait_until_quiet(lambda: not alive(old[1]))
-    (tmp_path / "web.4").touch()
-    new = wait_for(lambda: new_pids(client, "web", old, 2), what="two new processes")
-    assert client.call("status", name="web")["status"] == "active"
-    wait_for(lambda: not any(alive(p) for p in old), what="the second old process stopped")
-    assert all(alive(p) for p in new)
-
-
-def test_depends_on_starts_after_ready_and_stops_before(make_daemon, tmp_path):
-    daemon = make_daemon(file_ready(tmp_path, "db") + f"[watcher:web]\nautostart = false\n"
-                         f"depends_on = db\ngraceful_timeout = 1\ncmd = {ignore_term(tmp_path)}\n")
-    client = daemon.client
-    client.call("start", name="web")  # starts db too: web needs it
-    wait_for(lambda: process_states(client, "db") == ["starting"])
-    assert not wait_until_quiet(lambda: client.call("list", name="web")["pids"])
-    (tmp_path / "db.1").touch()
-    wait_for(lambda: client.call("status", name="web")["status"] == "active")
-    [web] = client.call("list", name="web")["pids"]
-    wait_for(lambda: (tmp_path / str(web)).exists(), what="web ignoring SIGTERM")
-    client.call("stop")
-    # web ignores SIGTERM for its 1 s of grace: db waits for it to end.
-    statuses = client.call("status")["statuses"]
-    assert statuses == {"db": "active", "web": "stopping"}
-    assert not wait_until_quiet(lambda: client.call("status", name="db")["status"] != "active")
-    wait_for(lambda: client.call("status")["statuses"] == {"db": "stopped", "web": "stopped"})
-
-
-def test_depends_on_unknown_names_and_cycles_are_errors(make_daemon):
-    with pytest.raises(minisup.ConfigError, match="depends_on makes a cycle: (a|b|c) -> "):
-        minisup.parse_config("[watcher:a]\ncmd = x\ndepends_on = c\n[watcher:b]\ncmd = y\n"
-                             "depends_on = A\n[watcher:c]\ncmd = z\ndepends_on = b\n")
-    with pytest.raises(minisup.ConfigError, match=r"\[watcher:a\]: depends_on names 'nope'"):
-        minisup.parse_config("[watcher:a]\ncmd = x\ndepends_on = nope\n")
-    with pytest.raises(minisup.ConfigError, match="use tcp:PORT"):
-        minisup.parse_config("[watcher:a]\ncmd = x\nready = http://x\n")
-    daemon = make_daemon(sleepers(n=1))
-    reply = daemon.client.call("add", name="late", cmd=PY, options={"depends_on": "nope"})
-    assert reply["errno"] == 3 and "depends_on names 'nope'" in reply["reason"]
-    assert daemon.client.call("add", name="late", cmd=PY, options={"depends_on": ["web"]})[
-        "status"] == "ok"
-
-
-def test_quit_stops_dependents_first_whatever_their_priority(make_arbiter):
-    arbiter, _ = make_arbiter(
-        "[watcher:db]\ncmd = x\npriority = 5\n[watcher:web]\ncmd = y\ndepends_on = db\n"
-        "priority = 9\n[watcher:cache]\ncmd = z\n")
-    stages = minisup.stop_stages(list(arbiter.watchers.values()))
-    assert [[w.name for w in stage] for stage in stages] == [["cache"], ["web"], ["db"]]
-
-
-def notify_listener(tmp_path):
-    sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
-    sock.bind(str(tmp_path / "notify.sock"))
-    sock.settimeout(DEADLINE)
-    return sock
-
-
-def notified(sock, until):
-    """Datagrams' lines until one equals ``until``."""
-    lines = []
-    while until not in lines:
-        lines += sock.recv(4096).decode().split("\n")
-    return lines
-
-
-def test_systemd_ready_status_reloading_watchdog_stopping(tmp_path):
-    listener = notify_listener(tmp_path)
-    ini = tmp_path / "app.ini"
-    write_ini(ini, f"ipc://{tmp_path}/c.sock", f"[watcher:web]\ncmd = {py_cmd(SLEEP)}\n"
-              "copy_env = true\n")
-    env = dict(os.environ, NOTIFY_SOCKET=str(tmp_path / "notify.sock"), WATCHDOG_USEC="100000")
-    with open(tmp_path / "daemon.log", "w") as log:
-        proc = subprocess.Popen([PY, "-m", "minisup", "run", str(ini)], stdout=log, env=env,
-                                stderr=subprocess.STDOUT, cwd=os.path.dirname(minisup.__file__))
-    try:
-        lines = notified(listener, "READY=1")
-        assert "STATUS=1 active; 1 processes" in lines
-        assert notified(listener, "WATCHDOG=1").count("WATCHDOG=1") >= 1
-        assert notified(listener, "WATCHDOG=1")  # again, 50 ms later
-        client = minisup.Client(f"ipc://{tmp_path}/c.sock", timeout=DEADLINE)
-        [pid] = client.call("list", name="web")["pids"]
-        environ = pathlib.Path(f"/proc/{pid}/environ").read_text()
-        assert "NOTIFY_SOCKET" not in environ and "WATCHDOG_USEC" not in environ
-        assert client.call("reloadconfig", waiting=True)["status"] == "ok"
-        lines = notified(listener, "RELOADING=1")
-        assert any(line.startswith("MONOTONIC_USEC=") for line in lines)
-        notified(listener, "READY=1")
-        client.call("quit")
-        client.close()
-        notified(listener, "STOPPING=1")
-        assert proc.wait(DEADLINE) == 0
-    finally:
-        proc.kill()
-        proc.wait()
-        listener.close()
-
-
-def test_ctl_status_table_json_health_and_watch(make_daemon, tmp_path, capsys):
-    daemon = make_daemon(sleepers(n=2) + file_ready(tmp_path, "api"))
-    endpoint = daemon.endpoint
-    code, out, _ = ctl(capsys, endpoint, "status")
-    rows = [line.split() for line in out.splitlines()]
-    assert code == 0 and rows[0] == ["WATCHER", "STATE", "PID", "WID", "PROCESS", "UPTIME",
-                                     "RESTARTS", "LAST", "EXIT"]
-    assert rows[1] == ["api", "stopped", "-", "-", "-", "-", "0", "-"]
-    assert [r[:2] + r[3:5] + r[6:] for r in rows[2:]] == [
-        ["web", "active", "1", "ready", "0", "-"], ["web", "active", "2", "ready", "0", "-"]]
-    header, first = out.splitlines()[:2]
-    assert header.index("STATE") == first.index("stopped")  # aligned
-    assert header.index("LAST EXIT") == first.rindex("-")
-    code, out, _ = ctl(capsys, endpoint, "status", "web", "--json")
-    assert code == 0 and json.loads(out)["status"] == "active"
-    daemon.client.call("start", name="api")
-    assert ctl(capsys, endpoint, "health") == (3, "", "error: api: 0 of 1 processes ready\n")
-    (tmp_path / "api.1").touch()
-    wait_for(lambda: daemon.client.call("status", name="api")["status"] == "active")
-    assert ctl(capsys, endpoint, "health") == (0, "healthy\n", "")
-    daemon.client.call("kill", name="web", signum="KILL", waiting=True)
-    wait_for(lambda: extended(daemon.client, "web")["web"]["last_exit"] == -9)
-    code, out, _ = ctl(capsys, endpoint, "status", "web")
-    assert out.splitlines()[1].split()[-1] == "SIGKILL"
-    watcher = subprocess.Popen([PY, "-m", "minisup", "ctl", "--endpoint", endpoint, "watch",
-                                "--interval", "0.05"], stdout=subprocess.PIPE, text=True,
-                               cwd=os.path.dirname(minisup.__file__))
-    headers = 0
-    while headers < 2:
-        headers += watcher.stdout.readline().startswith("WATCHER")
-    watcher.send_signal(signal.SIGINT)
-    assert watcher.wait(DEADLINE) == 0
-
-
-def test_run_daemon_detaches_writes_and_removes_its_pidfile(tmp_path):
-    ini, pidfile = tmp_path / "app.ini", tmp_path / "minisup.pid"
-    endpoint = f"ipc://{tmp_path}/c.sock"
-    write_ini(ini, endpoint, sleepers(n=1))
-    run = [PY, "-m", "minisup", "run", "--daemon", "--pidfile", str(pidfile), str(ini)]
-    here = os.path.dirname(minisup.__file__)
-    first = subprocess.run(run, capture_output=True, text=True, timeout=DEADLINE, cwd=here,
-                           check=False)
-    pid = int(pidfile.read_text())
-    try:
-        assert first.returncode == 0 and alive(pid)
-        with minisup.Client(endpoint) as client:  # serving once the parent exits
-            assert client.call("status")["statuses"] == {"web": "active"}
-            again = subprocess.run(run, capture_output=True, text=True, timeout=DEADLINE,
-                                   cwd=here, check=False)
-            assert again.returncode == 2 and f"pid {pid} is alive" in again.stderr
-            client.call("quit")
-        wait_for(lambda: not alive(pid), what="the daemon gone")
-        assert not pidfile.exists()
-    finally:
-        with contextlib.suppress(ProcessLookupError):
-            os.kill(pid, signal.SIGKILL)
-    bad = subprocess.run([PY, "-m", "minisup", "run", "--daemon", "--endpoint", "tcp://8.8.8.8:1",
-                          str(ini)], capture_output=True, text=True, timeout=DEADLINE, cwd=here,
-                         check=False)
-    assert bad.returncode == 2
-
-
-# ============================================== README and examples ======
+# ================================================= README and examples ======
 
 #: The repository root: README.rst and examples/ sit beside minisup.py.
 _README_ROOT = pathlib.Path(minisup.__file__).resolve().parent
@@ -3771,6 +3998,9 @@ def test_readme_python_examples_run(tmp_path):
     env = {k: v for k, v in os.environ.items()
            if k not in ("NOTIFY_SOCKET", "WATCHDOG_USEC", "WATCHDOG_PID")}
     env["XDG_RUNTIME_DIR"] = str(runtime)
+    # Run in tmp_path, each interpreter must import the minisup under test,
+    # not whichever copy is installed (an editable install of another tree).
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(_README_ROOT), env.get("PYTHONPATH")]))
     endpoint = f"ipc://{runtime}/minisup/control.sock"
     with open(tmp_path / "daemon.out", "wb") as output:
         example = str(_README_ROOT / "examples" / "hello.ini")
@@ -3925,7 +4155,7 @@ def test_readme_renders_without_warnings():
     assert messages.getvalue() == ""
 
 
-# ======================================================= soak and faults ======
+# ===================================================== soak and faults ======
 # Long runs against real processes, opt-in:
 #     MINISUP_SOAK=1 python -m pytest -s -k soak test_minisup.py
 # (-s shows the figures each test prints).  Each fails on its own deadlines,
@@ -3938,8 +4168,10 @@ SOAK = pytest.mark.skipif(not os.environ.get("MINISUP_SOAK"),
 @pytest.fixture
 def soak_daemon(tmp_path):
     """Start the CLI daemon (``minisup run``, warning level) from INI text;
-    at teardown quit it and reap it, killing it if it will not go."""
-    procs = []
+    at teardown stop it by SIGTERM and prove it left nothing behind, as
+    cli_daemon does."""
+    runs = []
+    fds_before = open_fds()
 
     def start(body):
         endpoint = f"ipc://{tmp_path}/soak.sock"
@@ -3947,25 +4179,15 @@ def soak_daemon(tmp_path):
         write_ini(ini, endpoint, body)
         proc = spawn_cli(tmp_path, "run", str(ini), "--log-level", "warning")
         client = minisup.Client(endpoint, timeout=DEADLINE)
-        procs.append((proc, client))
+        runs.append(CliRun(proc, client, tmp_path / "soak.sock"))
         wait_for(lambda: proc.poll() is not None or _answers(client),
                  what="the CLI daemon to answer")
         assert proc.poll() is None, (tmp_path / "daemon.log").read_text()
+        runs[-1].seen.update(descendants(proc.pid))
         return proc, client
 
     yield start
-    for proc, client in procs:
-        try:
-            if proc.poll() is None:
-                client.call("quit")
-        except minisup.CallError:
-            pass
-        client.close()
-        try:
-            proc.wait(DEADLINE)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
+    retire_cli_daemons(runs, fds_before)
 
 
 def usage(pid):
@@ -4208,8 +4430,8 @@ def test_soak_fuzz_20000_messages(make_daemon, soak_daemon):
                 if replied:
                     assert sock.poll(DEADLINE * 1000), f"no reply to {body!r}"
                     reply = json.loads(sock.recv())
-                    assert reply["status"] in ("ok", "error")
-                    assert reply["id"] == message_id or message_id is None
+                    assert reply["status"] in ("ok", "error")  # as in the fuzz test
+                    assert reply["id"] == message_id, body
             return len(bodies) / (time.monotonic() - started)
         rates = [replay()]
         fds, threads, rss = usage(proc.pid)
