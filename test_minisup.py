@@ -1653,6 +1653,24 @@ def test_stream_options_are_checked():
         minisup.watcher_config_from_json("w", "x", None, {"stdout_stream": {"colour": 1}})
 
 
+def test_timed_rotation_keeps_backup_count_and_no_other_file(tmp_path):
+    log = tmp_path / "out.log"
+    others = [tmp_path / "out.log.gz", tmp_path / "out.log.keep"]
+    for other in others:
+        other.write_text("not a backup of minisup's\n")
+    sink = minisup.Sink("w", {"class": "timedrotatingfilestream", "filename": str(log),
+                              "rotate_when": "s", "backup_count": 1})
+    try:
+        for text in (b"one\n", b"two\n", b"three\n"):
+            sink.rollover_at = time.time() - 1  # this period is over: the write rotates
+            sink.write(1, text)
+    finally:
+        sink.close()
+    backups = sorted(p.name for p in tmp_path.glob("out.log.2*"))
+    assert len(backups) == 1 and log.read_bytes() == b"three\n"
+    assert all(other.exists() for other in others)  # used to be deleted as old backups
+
+
 # ============================================= watcher on a fake clock ======
 
 def test_stop_escalates_to_sigkill_only_after_graceful_timeout(make_arbiter, tmp_path):
@@ -3690,6 +3708,36 @@ def test_run_daemon_detaches_writes_and_removes_its_pidfile(tmp_path):
     assert bad.returncode == 2
 
 
+def test_ctl_sends_a_zero_as_given(make_daemon, capsys):
+    daemon = make_daemon(sleepers(n=2))
+    # "incr web 0" used to send no nb at all: the daemon's default 1 applied.
+    assert ctl(capsys, daemon.endpoint, "incr", "web", "0") == (0, "2\n", "")
+    assert ctl(capsys, daemon.endpoint, "decr", "web", "0") == (0, "2\n", "")
+    assert daemon.client.call("numprocesses", name="web")["numprocesses"] == 2
+
+
+@pytest.mark.parametrize("cmd, reason", [
+    ("'", "--cmd = \"'\": No closing quotation"),
+    (" ", "--cmd = ' ': names no program"),
+])
+def test_run_cmd_that_names_no_program_is_a_usage_error(capsys, cmd, reason):
+    assert minisup.main(["run", "--cmd", cmd]) == minisup.EXIT_USAGE  # was a traceback
+    assert capsys.readouterr().err == f"minisup: {reason}\n"
+
+
+@pytest.mark.parametrize("content", ["0\n", "-1\n"])
+def test_a_pidfile_holding_no_real_pid_is_stale(tmp_path, content):
+    pidfile = tmp_path / "minisup.pid"
+    pidfile.write_text(content)  # kill(0) or kill(-1) asked about groups: "alive"
+    minisup.check_pidfile(str(pidfile))
+
+
+def test_ctl_watch_refuses_an_interval_that_is_not_positive(capsys):
+    for interval in ("0", "-1"):
+        assert minisup.main(["ctl", "watch", "--interval", interval]) == minisup.EXIT_USAGE
+        assert "not a number of seconds above 0" in capsys.readouterr().err
+
+
 # ============================================================= interop ======
 
 @pytest.fixture
@@ -4442,53 +4490,3 @@ def test_soak_fuzz_20000_messages(make_daemon, soak_daemon):
           f"threads {threads} -> {after[1]}")
     assert client.call("numwatchers")["numwatchers"] == 1
     assert after[2] - rss < 8 * 1024, f"RSS grew by {after[2] - rss} KiB"
-
-
-# ================================================ CLI bugs found in review ======
-
-def test_ctl_sends_a_zero_as_given(make_daemon, capsys):
-    daemon = make_daemon(sleepers(n=2))
-    # "incr web 0" used to send no nb at all: the daemon's default 1 applied.
-    assert ctl(capsys, daemon.endpoint, "incr", "web", "0") == (0, "2\n", "")
-    assert ctl(capsys, daemon.endpoint, "decr", "web", "0") == (0, "2\n", "")
-    assert daemon.client.call("numprocesses", name="web")["numprocesses"] == 2
-
-
-@pytest.mark.parametrize("cmd, reason", [
-    ("'", "--cmd = \"'\": No closing quotation"),
-    (" ", "--cmd = ' ': names no program"),
-])
-def test_run_cmd_that_names_no_program_is_a_usage_error(capsys, cmd, reason):
-    assert minisup.main(["run", "--cmd", cmd]) == minisup.EXIT_USAGE  # was a traceback
-    assert capsys.readouterr().err == f"minisup: {reason}\n"
-
-
-@pytest.mark.parametrize("content", ["0\n", "-1\n"])
-def test_a_pidfile_holding_no_real_pid_is_stale(tmp_path, content):
-    pidfile = tmp_path / "minisup.pid"
-    pidfile.write_text(content)  # kill(0) or kill(-1) asked about groups: "alive"
-    minisup.check_pidfile(str(pidfile))
-
-
-def test_ctl_watch_refuses_an_interval_that_is_not_positive(capsys):
-    for interval in ("0", "-1"):
-        assert minisup.main(["ctl", "watch", "--interval", interval]) == minisup.EXIT_USAGE
-        assert "not a number of seconds above 0" in capsys.readouterr().err
-
-
-def test_timed_rotation_keeps_backup_count_and_no_other_file(tmp_path):
-    log = tmp_path / "out.log"
-    others = [tmp_path / "out.log.gz", tmp_path / "out.log.keep"]
-    for other in others:
-        other.write_text("not a backup of minisup's\n")
-    sink = minisup.Sink("w", {"class": "timedrotatingfilestream", "filename": str(log),
-                              "rotate_when": "s", "backup_count": 1})
-    try:
-        for text in (b"one\n", b"two\n", b"three\n"):
-            sink.rollover_at = time.time() - 1  # this period is over: the write rotates
-            sink.write(1, text)
-    finally:
-        sink.close()
-    backups = sorted(p.name for p in tmp_path.glob("out.log.2*"))
-    assert len(backups) == 1 and log.read_bytes() == b"three\n"
-    assert all(other.exists() for other in others)  # used to be deleted as old backups
