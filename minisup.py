@@ -3027,7 +3027,7 @@ class SystemdNotifier:
         self._ready_told = False
         self._status_told = ""
 
-    def report(self, now: float, watchers: list[Watcher], quitting: bool) -> None:
+    def report(self, now: float, watchers: Iterable[Watcher], quitting: bool) -> None:
         """Tell what changed since the last turn, and the watchdog's ping."""
         if not self.address:
             return
@@ -3046,7 +3046,7 @@ class SystemdNotifier:
         sd_notify(self.address, *lines)
 
     @staticmethod
-    def _status(watchers: list[Watcher]) -> str:
+    def _status(watchers: Iterable[Watcher]) -> str:
         """``STATUS=2 active, 1 stopped; 5 processes``."""
         states = collections.Counter(w.state for w in watchers)
         counts = ", ".join(f"{count} {state}" for state, count in sorted(states.items()))
@@ -3209,7 +3209,8 @@ class Arbiter:
         self.jobs.run_queued(self, self._quit_stages is not None)
         now = self.clock()
         self.manage_watchers(now)
-        self.systemd.report(now, list(self.watchers.values()), self._quit_stages is not None)
+        # The dict's view, not a list: most ticks, with no systemd, read none of it.
+        self.systemd.report(now, self.watchers.values(), self._quit_stages is not None)
         self.done = self.quit_finished
         if self.on_view is not None:  # before the replies: see View
             self.on_view(self, self.jobs.seq)

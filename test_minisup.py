@@ -84,10 +84,10 @@ def wait_for(predicate, timeout=DEADLINE, what="condition"):
     pytest.fail(f"timed out after {timeout}s waiting for {what}; last: {value!r}")
 
 
-def child_pids(parent=None):
-    """Pids whose parent is ``parent`` (default: this test process),
-    zombies included."""
-    me, found = parent or os.getpid(), set()
+def process_table():
+    """``{pid: (parent pid, start time)}`` of every process, from /proc.
+    The start time (clock ticks after boot) tells a reused pid apart."""
+    table = {}
     for entry in os.listdir("/proc"):
         if not entry.isdigit():
             continue
@@ -96,9 +96,15 @@ def child_pids(parent=None):
                 fields = stat.read().rsplit(")", 1)[1].split()
         except OSError:
             continue  # exited while we looked
-        if int(fields[1]) == me:
-            found.add(int(entry))
-    return found
+        table[int(entry)] = (int(fields[1]), int(fields[19]))
+    return table
+
+
+def child_pids(parent=None):
+    """Pids whose parent is ``parent`` (default: this test process),
+    zombies included."""
+    me = parent or os.getpid()
+    return {pid for pid, (ppid, _) in process_table().items() if ppid == me}
 
 
 def new_pids(client, name, gone, count):
@@ -220,22 +226,6 @@ def _answers(client):
         return client.call("status")["status"] == "ok"
     except minisup.CallError:
         return False
-
-
-def process_table():
-    """``{pid: (parent pid, start time)}`` of every process, from /proc.
-    The start time (clock ticks after boot) tells a reused pid apart."""
-    table = {}
-    for entry in os.listdir("/proc"):
-        if not entry.isdigit():
-            continue
-        try:
-            with open(f"/proc/{entry}/stat") as stat:
-                fields = stat.read().rsplit(")", 1)[1].split()
-        except OSError:
-            continue  # exited while we looked
-        table[int(entry)] = (int(fields[1]), int(fields[19]))
-    return table
 
 
 def descendants(pid):
@@ -2268,7 +2258,6 @@ def test_reply_shape_and_id_echo(make_daemon):
         sock.send(json.dumps({"command": "LIST", "id": {"any": ["json", 1]}}).encode())
         reply = json.loads(sock.recv())
     assert reply["id"] == {"any": ["json", 1]} and reply["watchers"] == ["web"]
-
 
 
 def block_worker(daemon):
