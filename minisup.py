@@ -102,6 +102,7 @@ import queue
 import random
 import re
 import resource
+import select
 import selectors
 import shlex
 import signal
@@ -112,6 +113,7 @@ import sys
 import threading
 import time
 import traceback
+import urllib.parse
 from collections.abc import Callable, Iterable, Iterator
 from typing import Any, NamedTuple, Self
 
@@ -659,6 +661,60 @@ def _text_codes(text: str) -> list[int]:
 
 
 RLIMIT = _option_type(_text_rlimit, "an integer", _json_rlimit)
+
+#: ``memory_max`` suffixes: powers of 1024, as systemd's MemoryMax= reads them.
+BYTE_SUFFIXES = {"": 1, "K": 1 << 10, "M": 1 << 20, "G": 1 << 30, "T": 1 << 40}
+
+
+def _text_bytes(text: str) -> int:
+    """An INI size (``memory_max``): bytes with an optional K, M, G or T
+    suffix; raise ValueError (KeyError for an unknown suffix)."""
+    number = text.upper().removesuffix("B")
+    suffix = number[-1:]
+    if suffix.isdigit():
+        suffix = ""
+    return int(number[:len(number) - len(suffix)]) * BYTE_SUFFIXES[suffix]
+
+
+def _no_limit_or(convert: Callable[[str], Any]) -> Callable[[str], Any]:
+    """An INI reader of a limit: "" or "max" (as in cgroup files) is None,
+    no limit; anything else is ``convert``-ed."""
+    def parse(text: str) -> Any:
+        """None for "" or "max", else ``convert(text)``; raise as it does."""
+        if text.lower() in ("", "max"):
+            return None
+        return convert(text)
+    return parse
+
+
+def _json_limit(check: Callable[[Any], Any]) -> Callable[[Any], Any]:
+    """A JSON checker of a limit: None (no limit), or what ``check`` takes."""
+    def parse(value: Any) -> Any:
+        """None, or ``check(value)``; raise ValueError."""
+        if value is None:
+            return None
+        return check(value)
+    return parse
+
+
+def _json_bytes(value: Any) -> int:
+    """Check a JSON size: bytes, at least a page, or INI text ("64M")."""
+    if isinstance(value, str):
+        try:
+            value = _text_bytes(value.strip())
+        except (ValueError, KeyError):
+            raise ValueError("not a size in bytes (with K, M, G or T)") from None
+    return _integer(4096, MAX_RLIMIT).from_json(value)
+
+
+MEMORY = _option_type(_no_limit_or(_text_bytes), "a size in bytes (with K, M, G or T)",
+                      _json_limit(_json_bytes))
+PIDS = _option_type(_no_limit_or(int), "an integer",
+                    _json_limit(_integer(1, MAX_PROCESSES).from_json))
+# A percent of one CPU, 1000 CPUs at most: cpu.max gets a quota per 100 ms
+# period, and 1% of it (1 ms) is the least that is not a typing error.
+PERCENT = _option_type(_no_limit_or(float), "a percent of one CPU",
+                       _json_limit(_number(1, 100_000, "a percent of one CPU").from_json))
 CODES = _option_type(_text_codes, "a list of exit codes", _json_codes)
 
 STREAM_CLASSES = ("filestream", "timedrotatingfilestream", "watchedfilestream", "stdoutstream")
@@ -835,6 +891,13 @@ class WatcherConfig:
     ready: str | None = option(READY, None)
     ready_timeout: float = option(SECONDS, 30.0)
     depends_on: list[str] = dataclasses.field(default_factory=list, metadata=meta(LIST))
+    # minisup's own (cgroup v2 mode, see Cgroups): whether what a process
+    # left in its cgroup dies with it, and the kernel's limits on each
+    # process with all its descendants.
+    kill_leftovers: bool = option(BOOL, True)
+    memory_max: int | None = option(MEMORY, None, reload=True)
+    cpu_quota: float | None = option(PERCENT, None, reload=True)
+    pids_max: int | None = option(PIDS, None, reload=True)
 
     def __post_init__(self) -> None:
         """Complete ``__init__``: names in lower case, and what singleton
@@ -904,6 +967,9 @@ class Config:
     # 5 s leaves it a wide margin.  0 is refused (libzmq: no limit at all).
     handshake_timeout: float = option(HANDSHAKE, 5.0)
     guardian: bool = option(BOOL, True)  # children die with the daemon
+    # minisup's own: a cgroup v2 subtree holds every process (auto: where the
+    # daemon can write one; required: or it does not start; off: never).
+    cgroup: str = option(_choice("auto", "required", "off"), "auto")
     check_delay: float = option(SECONDS, 5.0)
     warmup_delay: float = option(SECONDS, 0.0)
     loglevel: str = option(STR, "info")
@@ -1471,6 +1537,7 @@ class Process:
         self.pidfd: int | None = None
         self.ready = True  # False until its ``ready`` check passes: Watcher._check_ready
         self.ready_by = 0.0  # when that check gives up on it
+        self.cgroup: str | None = None  # its own cgroup's folder (cgroup mode)
         if HAS_PIDFD:  # a zombie has one too: a child already dead reads as exited
             with contextlib.suppress(OSError):  # old kernel: the worker polls instead
                 self.pidfd = os.pidfd_open(self.pid)
@@ -1507,12 +1574,16 @@ class Process:
 
 def spawn_process(config: WatcherConfig, wid: int, now: float,
                   sockets: dict[str, socket.socket] | None = None,
-                  capture: bool = False, extra_env: dict[str, str] | None = None) -> Process:
+                  capture: bool = False, extra_env: dict[str, str] | None = None,
+                  birthplace: contextlib.AbstractContextManager | None = None) -> Process:
     """Start one child of ``config`` for the worker thread; blocks only until
     Popen's exec; raise if it cannot start, leaving nothing running.  No
     Python runs between fork and exec (the exec helper runs after one), so
     Popen keeps its vfork path (a ``uid`` costs it); each child leads its
-    group, out of reach of the terminal's Ctrl-C."""
+    group, out of reach of the terminal's Ctrl-C.  ``birthplace`` is
+    entered around the fork: a child born in its cgroup (see Cgroups)."""
+    if birthplace is None:
+        birthplace = contextlib.nullcontext()
     if sockets is None:
         sockets = {}
     values = _circus_values(wid, sockets)
@@ -1533,10 +1604,11 @@ def spawn_process(config: WatcherConfig, wid: int, now: float,
             env_fd = environment_fd(env)
             inherited.append(env_fd)
         launch = _launch(config, child_argv(config, values, env), env, limits, env_fd)
-        popen = subprocess.Popen(**launch, cwd=config.working_dir or None, process_group=0,
-                                 stdin=stdin, stdout=outputs["stdout"][1],
-                                 stderr=outputs["stderr"][1], pass_fds=sorted(inherited),
-                                 umask=_child_umask(config))
+        with birthplace:
+            popen = subprocess.Popen(**launch, cwd=config.working_dir or None, process_group=0,
+                                     stdin=stdin, stdout=outputs["stdout"][1],
+                                     stderr=outputs["stderr"][1], pass_fds=sorted(inherited),
+                                     umask=_child_umask(config))
         if not helper:  # else the helper has set them, before the program's exec
             _set_limits(popen.pid, limits)
     except BaseException:
@@ -1770,6 +1842,453 @@ def process_stats(pid: int, children: bool = False) -> dict[str, Any] | str:
         "mem_info2": human_bytes(virtual_size), "ctime": _cpu_time_text(cpu_seconds),
         "username": _user_name(uid), "create_time": created, "age": age,
         "cmdline": os.path.basename(cmdline) or "N/A", "children": child_stats}
+
+
+# ============================================================= Cgroups ======
+# Containment with cgroup v2.  Where the daemon may write the cgroup it was
+# started in (as root, in a systemd unit with Delegate=yes, in a container
+# with its own cgroup namespace), each Daemon makes a subtree there:
+#
+#     C/minisup.PID.START.N/    the Daemon's (START: its process's start time)
+#         w.NAME/               one per watcher
+#             WID.SERIAL/       one per process: it and all it starts
+#
+# A child is born in its own cgroup: the worker moves this whole process
+# into it around the fork and back (``Placement``), so no window lets a
+# grandchild start outside.  Killing a cgroup reaches everything started
+# in it, whatever session or process group it moved to, and an empty
+# cgroup (``populated 0`` in cgroup.events) is how a stop knows nothing is
+# left.  Elsewhere, the fallback: process groups, the descendant walk, the
+# subreaper, and a tag in each child's environment (OWNER_VARIABLE) that
+# ties an orphan back to its watcher.
+
+#: The environment variable that tags each child in fallback mode:
+#: ``TOKEN:WATCHER``, TOKEN naming the Daemon (``daemon_token``).
+OWNER_VARIABLE = "MINISUP_OWNER"
+#: The cgroup v2 controller each limit option needs.
+LIMIT_CONTROLLERS = {"memory_max": "memory", "cpu_quota": "cpu", "pids_max": "pids"}
+#: How to give minisup a cgroup of its own with controllers, for errors.
+DELEGATION_HINT = ("give minisup a cgroup of its own with the controllers delegated: "
+                   "Delegate=yes in its systemd unit (or systemd-run --scope -p Delegate=yes "
+                   "python -m minisup run ...), or in a container a cgroup v2 host, "
+                   "--cgroupns=private and a writable /sys/fs/cgroup (README: Containment)")
+#: cpu.max's period, in microseconds: ``cpu_quota`` is a share of it.
+CPU_PERIOD_USEC = 100_000
+#: How long a starting or ending daemon waits for a killed cgroup to empty.
+EMPTY_TIMEOUT = 5.0
+_DAEMON_NUMBERS = itertools.count(1)  # N in each Daemon's token: next() is atomic
+
+
+def daemon_token() -> str:
+    """A name for a new Daemon no other can have, now or after a reboot:
+    PID.START.N (this process's pid and start time, and which Daemon of
+    it).  A subtree so named whose process is gone is stale."""
+    start = read_stat(os.getpid())[19]  # starttime: ticks after boot
+    return f"{os.getpid()}.{start}.{next(_DAEMON_NUMBERS)}"
+
+
+def cgroup2_mount() -> tuple[str, str] | None:
+    """Where cgroup v2 is mounted and the cgroup path shown at the mount
+    point (``/`` unless a subtree is bind-mounted), from mountinfo; None
+    if it is not mounted (a cgroup v1 only system, or no /proc)."""
+    with contextlib.suppress(OSError), open("/proc/self/mountinfo") as stream:
+        for line in stream:
+            fields, _, filesystem = line.partition(" - ")
+            if filesystem.split()[:1] == ["cgroup2"]:
+                parts = fields.split()
+                return parts[4], parts[3]  # the mount point, the root shown there
+    return None
+
+
+def cgroup_path(pid: int | str = "self") -> str | None:
+    """A process's cgroup v2 path (the ``0::`` line of /proc/PID/cgroup),
+    or None if it has none or is gone."""
+    with contextlib.suppress(OSError), open(f"/proc/{pid}/cgroup") as stream:
+        for line in stream:
+            if line.startswith("0::"):
+                return line[3:].rstrip("\n")
+    return None
+
+
+def read_keyed(folder: str, name: str) -> dict[str, int]:
+    """A flat-keyed cgroup file (cgroup.events, cpu.stat, memory.events) as
+    key -> number; empty if the file is missing (a controller off)."""
+    values = {}
+    with contextlib.suppress(OSError), open(os.path.join(folder, name)) as stream:
+        for line in stream:
+            key, _, number = line.partition(" ")
+            with contextlib.suppress(ValueError):
+                values[key] = int(number)
+    return values
+
+
+def write_cgroup(folder: str, name: str, text: str) -> None:
+    """Write ``text`` to the cgroup file ``name`` of ``folder``; raise OSError."""
+    with open(os.path.join(folder, name), "w") as stream:
+        stream.write(text)
+
+
+def cgroup_pids(folder: str) -> list[int]:
+    """The pids in ``folder`` and the cgroups below it; empty once gone."""
+    pids = []
+    for below, _, _ in os.walk(folder):
+        with contextlib.suppress(OSError), open(os.path.join(below, "cgroup.procs")) as stream:
+            pids.extend(int(line) for line in stream)
+    return pids
+
+
+def is_populated(folder: str) -> bool:
+    """Whether a process is left in ``folder`` or below (False once gone)."""
+    return read_keyed(folder, "cgroup.events").get("populated") == 1
+
+
+def kill_cgroup(folder: str) -> None:
+    """SIGKILL every process in ``folder`` and below: by ``cgroup.kill``
+    (Linux 5.14), else frozen, killed and thawed until none is left (no
+    fork while frozen).  Never this process: raise OSError (EBUSY) if it is
+    in there, or if the kernel refuses.  On the thread that owns ``folder``."""
+    if os.getpid() in cgroup_pids(folder):
+        raise OSError(errno.EBUSY, "the daemon itself is in this cgroup", folder)
+    try:
+        write_cgroup(folder, "cgroup.kill", "1")
+    except FileNotFoundError:  # an older kernel, or the cgroup is gone
+        if os.path.isdir(folder):
+            _freeze_and_kill(folder)
+
+
+def _freeze_and_kill(folder: str) -> None:
+    """kill_cgroup without cgroup.kill: SIGKILL ends a frozen process, and
+    one forked while the freeze took hold is listed at the next round."""
+    killed: set[int] = set()
+    write_cgroup(folder, "cgroup.freeze", "1")
+    try:
+        while True:
+            fresh = set(cgroup_pids(folder)) - killed
+            if not fresh:
+                return
+            kill_pids(fresh, signal.SIGKILL)
+            killed |= fresh
+    finally:
+        write_cgroup(folder, "cgroup.freeze", "0")
+
+
+def wait_until_empty(folder: str, timeout: float) -> bool:
+    """Block until no process is left in ``folder`` (the kernel flags each
+    change of cgroup.events with POLLPRI), ``timeout`` at most; True if
+    it is empty.  For a daemon's start and end only, never the loops."""
+    deadline = time.monotonic() + timeout
+    try:
+        fd = os.open(os.path.join(folder, "cgroup.events"), os.O_RDONLY | os.O_CLOEXEC)
+    except FileNotFoundError:
+        return True
+    try:
+        poller = select.poll()
+        poller.register(fd, select.POLLPRI)
+        while b"populated 1" in os.pread(fd, 256, 0):
+            left = deadline - time.monotonic()
+            if left <= 0:
+                return False
+            poller.poll(left * 1000)
+        return True
+    finally:
+        os.close(fd)
+
+
+def remove_cgroup_tree(folder: str) -> None:
+    """Remove ``folder`` and the cgroups below it, deepest first; raise
+    OSError (EBUSY) if a process is still in one."""
+    for below, _, _ in os.walk(folder, topdown=False):
+        with contextlib.suppress(FileNotFoundError):
+            os.rmdir(below)
+
+
+def empty_and_remove(folder: str, timeout: float = EMPTY_TIMEOUT) -> int:
+    """SIGKILL whatever is in ``folder``, wait for it to be gone and
+    remove the cgroups; return how many processes were killed.  Blocks up
+    to ``timeout``; raise OSError if they are not gone by then."""
+    killed = len(cgroup_pids(folder))
+    if killed:
+        kill_cgroup(folder)
+        wait_until_empty(folder, timeout)
+    remove_cgroup_tree(folder)
+    return killed
+
+
+def _alive_since(pid: int, start: int) -> bool:
+    """Whether process ``pid`` lives and started at ``start`` (boot ticks)."""
+    try:
+        return int(read_stat(pid)[19]) == start
+    except (OSError, ValueError, IndexError):
+        return False
+
+
+def remove_stale_subtrees(folder: str) -> None:
+    """Empty and remove the subtrees that daemons now dead (SIGKILLed, say)
+    left in ``folder``: named ``minisup.PID.START.N`` where no process PID
+    started at START lives.  A live daemon's is never touched.  Blocks
+    while they empty; logs each, and what it cannot remove."""
+    for entry in os.scandir(folder):
+        match = re.fullmatch(r"minisup\.(\d+)\.(\d+)\.\d+", entry.name)
+        if not match or not entry.is_dir() or _alive_since(*map(int, match.groups())):
+            continue
+        try:
+            killed = empty_and_remove(entry.path)
+        except OSError as exc:
+            logger.error("cannot remove the stale cgroup %s: %s", entry.path, exc)
+            continue
+        logger.warning("removed the cgroup %s that a dead daemon left (%d processes killed)",
+                       entry.path, killed)
+
+
+class Placement:
+    """Moves this whole process (all its threads: cgroup v2 places
+    processes) into a child's cgroup for its fork, and back.  One per
+    process, ``PLACEMENT``, shared on purpose by the worker threads of every
+    Daemon in it: its lock (the module's one) keeps two spawns' moves apart.
+    A process another thread of a host program forks meanwhile (well under
+    a millisecond) would start in that cgroup too."""
+
+    def __init__(self) -> None:
+        self.lock = threading.Lock()
+
+    @contextlib.contextmanager
+    def born_in(self, folder: str, home: str) -> Iterator[None]:
+        """Hold the lock and sit in ``folder`` for the with-block (the
+        fork), then go back ``home``.  Blocks while another Daemon of this
+        process spawns; raise OSError if the kernel refuses a move."""
+        with self.lock:
+            write_cgroup(folder, "cgroup.procs", "0")  # 0: the writing process
+            try:
+                yield
+            finally:
+                write_cgroup(home, "cgroup.procs", "0")
+
+
+PLACEMENT = Placement()
+
+
+class CgroupTree:
+    """One Daemon's cgroup subtree (see above): the watchers' and
+    processes' cgroups, their limits, and those waiting to be empty before
+    they are removed.  Made by ``open_cgroup_tree`` on the main thread
+    before the worker runs, then owned by the worker thread."""
+
+    def __init__(self, found: str, root: str) -> None:
+        self.found = found  # the folder of the cgroup this process was in (C)
+        self.home = found  # where it sits between spawns (C, or ROOT/daemon)
+        self.root = root  # ours: C/minisup.TOKEN
+        self.controllers: set[str] = set()  # given to every cgroup below root
+        self._enabled_in_found: list[str] = []  # those we enabled in C: taken back
+        self._serial = itertools.count(1)  # SERIAL in each process's cgroup name
+        self._epoll = select.epoll()  # cgroup.events of those awaited: POLLPRI on change
+        self._awaited: dict[int, str] = {}  # their fds -> folders
+
+    def fileno(self) -> int:
+        """For the worker's selector: readable when an awaited cgroup changed."""
+        return self._epoll.fileno()
+
+    def watcher_folder(self, name: str) -> str:
+        """The cgroup folder of the watcher ``name`` (which may hold any
+        character: quoted, %XX)."""
+        return os.path.join(self.root, "w." + urllib.parse.quote(name, safe=""))
+
+    def new_process_folder(self, name: str, wid: int) -> str:
+        """Make the cgroup of a child of watcher ``name`` about to be
+        spawned in slot ``wid`` (and the watcher's, at its first); raise
+        OSError."""
+        watcher = self.watcher_folder(name)
+        if not os.path.isdir(watcher):
+            os.mkdir(watcher)
+            self._give_controllers(watcher)
+        folder = os.path.join(watcher, f"{wid}.{next(self._serial)}")
+        os.mkdir(folder)
+        return folder
+
+    def born_in(self, folder: str) -> contextlib.AbstractContextManager:
+        """spawn_process's ``birthplace`` for a child of cgroup ``folder``."""
+        return PLACEMENT.born_in(folder, self.home)
+
+    def set_limits(self, folder: str, config: WatcherConfig) -> None:
+        """Write ``config``'s limits into a child's cgroup, once this process
+        has left it (pids.max would count the daemon's threads, and an OOM
+        kill there could pick the daemon); raise OSError."""
+        if config.memory_max is not None:
+            write_cgroup(folder, "memory.max", str(config.memory_max))
+            write_cgroup(folder, "memory.oom.group", "1")  # an OOM kill takes the whole tree
+        if config.pids_max is not None:
+            write_cgroup(folder, "pids.max", str(config.pids_max))
+        if config.cpu_quota is not None:
+            quota = max(1000, round(config.cpu_quota * CPU_PERIOD_USEC / 100))
+            write_cgroup(folder, "cpu.max", f"{quota} {CPU_PERIOD_USEC}")
+
+    def remove_when_empty(self, folder: str) -> bool:
+        """Remove a dead child's cgroup, or await it if a process is still
+        in it (see ``emptied``); True if it is gone now.  Never blocks."""
+        with contextlib.suppress(OSError):
+            os.rmdir(folder)  # EBUSY while populated
+            return True
+        try:
+            fd = os.open(os.path.join(folder, "cgroup.events"), os.O_RDONLY | os.O_CLOEXEC)
+        except FileNotFoundError:
+            return True
+        self._epoll.register(fd, select.EPOLLPRI)  # first wake-up at once: a check
+        self._awaited[fd] = folder
+        return False
+
+    def emptied(self) -> list[str]:
+        """Remove the awaited cgroups that are empty now; return them.  The
+        worker calls it when ``fileno`` is readable; never blocks."""
+        gone = []
+        for fd, _ in self._epoll.poll(0):
+            if b"populated 0" not in os.pread(fd, 256, 0):  # the read re-arms POLLPRI
+                continue
+            folder = self._awaited.pop(fd)
+            self._epoll.unregister(fd)
+            os.close(fd)
+            with contextlib.suppress(OSError):  # a process of ours made cgroups in it
+                remove_cgroup_tree(folder)
+            gone.append(folder)
+        return gone
+
+    def kill_everything(self) -> None:
+        """SIGKILL every process in every watcher's cgroup; never blocks."""
+        with contextlib.suppress(OSError):
+            for entry in os.scandir(self.root):
+                if entry.is_dir() and entry.name.startswith("w."):
+                    kill_cgroup(entry.path)
+
+    def enable(self, wanted: set[str]) -> None:
+        """Give the controllers ``wanted`` (for limits) to every cgroup
+        below ``root``; the first time, this process moves to a cgroup of
+        its own, ROOT/daemon (no process may sit in a cgroup that gives
+        controllers to others).  Raise MinisupError saying why not and how."""
+        missing = wanted - self.controllers
+        if not missing:
+            return
+        with open(os.path.join(self.found, "cgroup.controllers")) as stream:
+            available = set(stream.read().split())
+        if missing - available:
+            raise MinisupError(
+                f"the {' and '.join(sorted(missing - available))} controller is not delegated "
+                f"to {self.found} (it has: {' '.join(sorted(available)) or 'none'}); "
+                f"{DELEGATION_HINT}")
+        self._leave_found()
+        with open(os.path.join(self.found, "cgroup.subtree_control")) as stream:
+            given = set(stream.read().split())
+        try:
+            _give(self.found, missing - given)
+        except OSError as exc:
+            raise MinisupError(f"{self.found} cannot give controllers to its cgroups ("
+                               f"{exc.strerror}: it holds other processes?); "
+                               f"{DELEGATION_HINT}") from None
+        self._enabled_in_found += sorted(missing - given)
+        self.controllers |= missing
+        self._give_controllers(self.root)
+        for entry in os.scandir(self.root):
+            if entry.is_dir() and entry.name.startswith("w."):
+                self._give_controllers(entry.path)
+
+    def _give_controllers(self, folder: str) -> None:
+        """Give ``controllers`` to the cgroups below ``folder``; raise OSError."""
+        _give(folder, self.controllers)
+
+    def _leave_found(self) -> None:
+        """Move this process from C to ROOT/daemon, once, for ``enable``."""
+        if self.home != self.found:
+            return
+        folder = os.path.join(self.root, "daemon")
+        os.makedirs(folder, exist_ok=True)
+        with PLACEMENT.lock:
+            write_cgroup(folder, "cgroup.procs", "0")
+        self.home = folder
+
+    def close(self) -> None:
+        """Kill what is left in the subtree (nothing, after a quit), remove
+        it, take back the controllers given in C and bring this process
+        back to C, where it was found.  Blocks up to EMPTY_TIMEOUT per
+        watcher; logs what it cannot do.  After the worker has ended."""
+        for fd in self._awaited:
+            os.close(fd)
+        self._awaited = {}
+        self._epoll.close()
+        try:
+            for entry in os.scandir(self.root):
+                if entry.is_dir() and entry.name.startswith("w."):
+                    empty_and_remove(entry.path)
+            if self.home != self.found:
+                _give(self.root, self.controllers, "-")
+                _give(self.found, set(self._enabled_in_found), "-")
+                with PLACEMENT.lock:
+                    write_cgroup(self.found, "cgroup.procs", "0")
+                self.home = self.found
+            remove_cgroup_tree(self.root)
+        except OSError as exc:
+            logger.error("cannot remove the cgroup %s: %s", self.root, exc)
+
+
+def _give(folder: str, controllers: set[str], sign: str = "+") -> None:
+    """Enable (``+``) or disable (``-``) ``controllers`` for the cgroups
+    below ``folder``; raise OSError."""
+    if controllers:
+        write_cgroup(folder, "cgroup.subtree_control",
+                     " ".join(sign + name for name in sorted(controllers)))
+
+
+def open_cgroup_tree(mode: str, token: str) -> tuple[CgroupTree | None, str]:
+    """A new Daemon's cgroup subtree, ``minisup.TOKEN`` under the cgroup
+    this process is in, once the stale ones of dead daemons are removed;
+    or None and why not (``mode`` off, no cgroup v2, no permission).  On
+    the main thread before the worker runs; blocks while stale ones empty."""
+    if mode == "off":
+        return None, "cgroup = off"
+    mount = cgroup2_mount()
+    own = cgroup_path()
+    if mount is None or own is None:
+        return None, "no cgroup v2 file system is mounted (a cgroup v1 system?)"
+    mount_point, shown_root = mount
+    relative = os.path.relpath(own, shown_root)
+    if relative.startswith(".."):
+        return None, f"this process's cgroup {own} is outside the cgroup2 mount"
+    found = os.path.normpath(os.path.join(mount_point, relative))
+    if not os.access(os.path.join(found, "cgroup.procs"), os.W_OK):
+        return None, f"{found} is not writable by this user; {DELEGATION_HINT}"
+    root = os.path.join(found, f"minisup.{token}")
+    try:
+        remove_stale_subtrees(found)
+        os.mkdir(root)
+    except OSError as exc:
+        return None, f"cannot make {root}: {exc.strerror}; {DELEGATION_HINT}"
+    return CgroupTree(found, root), ""
+
+
+def tree_usage(pids: Iterable[int]) -> dict[str, Any]:
+    """The CPU seconds (the live ones'), resident memory (bytes) and count
+    of the processes ``pids`` still alive, from /proc: ``stats``'s
+    ``tree`` in fallback mode."""
+    cpu_ticks = 0
+    resident = 0
+    alive = 0
+    for pid in pids:
+        with contextlib.suppress(OSError, ValueError, IndexError):  # gone meanwhile
+            fields = read_stat(pid)
+            cpu_ticks += int(fields[11]) + int(fields[12])
+            resident += int(fields[21]) * PAGE_SIZE
+            alive += 1
+    return {"cpu": round(cpu_ticks / CLOCK_TICKS, 3), "memory": resident, "processes": alive}
+
+
+def cgroup_usage(folder: str) -> dict[str, Any]:
+    """``stats``'s ``tree`` of a cgroup: the CPU seconds of every process
+    that ever ran in it (grandchildren gone since included), its memory
+    (memory.current where that controller is on, else the resident memory
+    of the processes in it) and how many processes it holds now."""
+    pids = cgroup_pids(folder)
+    usage = tree_usage(pids)
+    usage["cpu"] = round(read_keyed(folder, "cpu.stat").get("usage_usec", 0) / 1e6, 3)
+    with contextlib.suppress(OSError, ValueError), open(
+            os.path.join(folder, "memory.current")) as stream:
+        usage["memory"] = int(stream.read())
+    return usage
 
 
 # ============================================================== Output ======
@@ -2282,6 +2801,10 @@ class Watcher:
         self.restarts = 0  # children replaced after dying on their own
         self.last_error: str | None = None  # why it gave up
         self.last_exit: int | None = None
+        self.last_exit_reason: str | None = None  # as the log says it, OOM kills too
+        # Cgroups of its dead children still holding processes (cgroup mode,
+        # kept by the arbiter): it is not stopped until they are empty.
+        self.lingering = 0
         self.spawn_failures = 0  # ever: a waiting start answers at the next one
         self.spawn_error: str | None = None  # the last, with its attempt number
         self._spawn = spawn
@@ -2343,8 +2866,7 @@ class Watcher:
         young = [p for p in self.running() if now - p.started < self.config.min_uptime]
         if not self._crashes or not young or self.last_exit is None:
             return None
-        return (f"{self._crashes} quick exits in a row, the last "
-                f"{describe_exit(self.last_exit)}")
+        return f"{self._crashes} quick exits in a row, the last {self.last_exit_reason}"
 
     def options(self) -> dict[str, Any]:
         """Every option, with the current number of processes."""
@@ -2378,10 +2900,10 @@ class Watcher:
         """Begin a graceful stop of every child."""
         self._restart_pending = False
         self._replace = []
-        if self.state != STOPPED or self.processes:
+        if self.state != STOPPED or self.processes or self.lingering:
             self._set_state(STOPPING)
             self.stop_processes(now)
-            if not self.processes:
+            if not self.processes and not self.lingering:
                 self._set_state(STOPPED)
 
     def restart(self, now: float) -> None:
@@ -2470,7 +2992,7 @@ class Watcher:
         """SIGKILL every child at once, without a grace period (the
         daemon's forced quit); the watcher is stopping until all are reaped."""
         self._restart_pending = False
-        if not self.processes:
+        if not self.processes and not self.lingering:
             self._set_state(STOPPED)
             return
         self._set_state(STOPPING)
@@ -2479,12 +3001,16 @@ class Watcher:
                 process.stop_deadline = 0.0
             process.kill()
 
-    def reap(self, process: Process, code: int, now: float) -> None:
-        """Forget a child that exited; apply the restart policy to it."""
+    def reap(self, process: Process, code: int, now: float, reason: str | None = None) -> None:
+        """Forget a child that exited (``reason``: why, if more than its
+        exit code tells, as an OOM kill); apply the restart policy to it."""
         self.processes.pop(process.pid, None)
+        how = reason
+        if how is None:
+            how = describe_exit(code)
         self.last_exit = code
-        self.emit("reap", process_pid=process.pid, exit_code=code)
-        how = describe_exit(code)
+        self.last_exit_reason = how
+        self.emit("reap", process_pid=process.pid, exit_code=code, reason=how)
         if process.stopping:
             logger.info("%s: pid %d stopped (%s)", self.name, process.pid, how)
             return
@@ -2535,14 +3061,14 @@ class Watcher:
         self._next_spawn = max(self._next_spawn, now + config.flapping_retry_in)
         self._set_state(FLAPPING)
 
-    def manage(self, now: float, tree: Callable[[], dict[int, list[int]]] | None = None,
+    def manage(self, now: float, kill_tree: Callable[[Process], None] | None = None,
                held: bool = False) -> list[Process]:
         """Move toward the wanted state; return the children it spawned.
-        ``tree`` (a cached ``children_map``) lets SIGKILL reach descendants;
-        ``held``: spawn nothing yet (a dependency is not up)."""
-        self._kill_overdue(now, tree)
+        ``kill_tree`` SIGKILLs a child with all it started (default: with
+        its group); ``held``: spawn nothing yet (a dependency is not up)."""
+        self._kill_overdue(now, kill_tree)
         self._check_ready(now)
-        if self.state == STOPPING and not self.processes:
+        if self.state == STOPPING and not self.processes and not self.lingering:
             self._set_state(STOPPED)
             if self._restart_pending:
                 self._restart_pending = False
@@ -2563,17 +3089,17 @@ class Watcher:
             self._set_state(STOPPED)  # every process is done
         return spawned
 
-    def _kill_overdue(self, now: float, tree: Callable[[], dict[int, list[int]]] | None) -> None:
-        """SIGKILL every child that outlived its grace period, with its group
-        and (given ``tree``) its descendants, which may have left the group."""
+    def _kill_overdue(self, now: float, kill_tree: Callable[[Process], None] | None) -> None:
+        """SIGKILL every child that outlived its grace period, with all it
+        started (``kill_tree``; else its group)."""
         for process in self.processes.values():
             if process.stopping and not process.killed and now >= process.stop_deadline:
-                logger.warning("%s: pid %d outlived its grace period, SIGKILL to it, "
-                               "its group and its descendants", self.name, process.pid)
-                below: list[int] = []
-                if tree is not None:
-                    below = descendants(process.pid, tree())
-                process.kill(below)
+                logger.warning("%s: pid %d outlived its grace period, SIGKILL to it and all "
+                               "it started", self.name, process.pid)
+                if kill_tree is None:
+                    process.kill()
+                else:
+                    kill_tree(process)
 
     def next_deadline(self) -> float | None:
         """When ``manage`` next has something to do on its own, if ever."""
@@ -2820,13 +3346,58 @@ class JobRunner:
 
 
 #: The guardian helper (see Reaper.start_guardian), run as python -S -c.
-GUARDIAN_CODE = """import os, signal, sys
-groups = set()
+#: Its lines: +PID / -PID a group to kill or not, cPATH a cgroup subtree to
+#: empty and remove, tTAG the environment tag of orphans to kill.
+GUARDIAN_CODE = """import os, signal, sys, time
+groups, trees, tags = set(), [], []
 for line in sys.stdin.buffer:
-    (groups.add if line[:1] == b"+" else groups.discard)(int(line[1:]))
+    kind, value = line[:1], line[1:].rstrip(b"\\n")
+    if kind == b"+": groups.add(int(value))
+    elif kind == b"-": groups.discard(int(value))
+    elif kind == b"c": trees.append(value.decode())
+    elif kind == b"t": tags.append(b"\\0MINISUP_OWNER=" + value)
+def kill(pid):
+    try: os.kill(pid, signal.SIGKILL)
+    except OSError: pass
 for group in groups:
     try: os.killpg(group, signal.SIGKILL)
-    except OSError: pass"""
+    except OSError: pass
+for pid in os.listdir("/proc") if tags else ():
+    try: environ = b"\\0" + open(f"/proc/{pid}/environ", "rb").read()
+    except (OSError, ValueError): continue
+    if any(tag in environ for tag in tags): kill(int(pid))
+for tree in trees:
+    folders = [d for d, _, _ in os.walk(tree, topdown=False)]
+    for folder in folders:
+        try: open(folder + "/cgroup.kill", "w").write("1")
+        except OSError:
+            try: [kill(int(p)) for p in open(folder + "/cgroup.procs")]
+            except OSError: pass
+    deadline = time.monotonic() + 5
+    while time.monotonic() < deadline:
+        try: folders = [f for f in folders if os.rmdir(f) or False]
+        except FileNotFoundError: folders = folders[1:]
+        except OSError: time.sleep(0.01)
+        if not folders: break"""
+
+
+def tagged_owner(pid: int, tag: str) -> str | None:
+    """The watcher named by the OWNER_VARIABLE of ``pid``'s environment, if
+    it starts with ``tag`` (this daemon's), else None: how a fallback-mode
+    orphan that left its group and session is traced back."""
+    prefix = f"\0{OWNER_VARIABLE}={tag}".encode()
+    try:
+        with open(f"/proc/{pid}/environ", "rb") as stream:
+            environ = b"\0" + stream.read()
+    except OSError:  # gone, or not ours to read
+        return None
+    start = environ.find(prefix)
+    if start < 0:
+        return None
+    end = environ.find(b"\0", start + 1)
+    if end < 0:
+        end = len(environ)
+    return environ[start + len(prefix):end].decode(errors="replace")
 
 
 def group_owner(pid: int, known: dict[int, Any]) -> Any:
@@ -2858,25 +3429,34 @@ class Reaper:
         self._strays: dict[int, Watcher | None] = {}  # live adopted orphans, by owner
         self._killed_orphans: set[int] = set()  # SIGKILLed, not yet reaped
         self._guardian: subprocess.Popen | None = None
+        self.owner_tag: str | None = None  # fallback mode: the Arbiter's owner_tag
 
-    def start_guardian(self) -> None:
-        """Start the helper that kills every child's process group should
-        this process die without stopping them, even by SIGKILL: it reads
-        ``+PID``/``-PID`` lines from a pipe only we write, which the kernel
-        closes however we die; on EOF it SIGKILLs the groups it holds."""
+    def start_guardian(self, cgroup: str | None = None, tag: str | None = None) -> None:
+        """Start the helper that kills every child should this process die
+        without stopping them, even by SIGKILL: it reads lines from a pipe
+        only we write, which the kernel closes however we die.  On EOF it
+        SIGKILLs the process groups it holds, every process whose
+        environment has ``tag``, and everything in the ``cgroup`` subtree,
+        which it then removes."""
         try:
             self._guardian = subprocess.Popen([sys.executable, "-S", "-c", GUARDIAN_CODE],
                                               stdin=subprocess.PIPE, bufsize=0, process_group=0)
         except OSError as exc:  # an embedded Python may have no executable
             logger.warning("no guardian (%s): children would outlive a crash", exc)
+            return
+        if cgroup is not None:
+            self.tell_guardian("c", cgroup)
+        if tag is not None:
+            self.tell_guardian("t", tag)
 
-    def tell_guardian(self, sign: str, pid: int) -> None:
-        """Tell the guardian to hold (``+``) or forget (``-``) ``pid``'s
-        group; if it is gone, say so once and go on without it."""
+    def tell_guardian(self, sign: str, value: int | str) -> None:
+        """Tell the guardian to hold (``+``) or forget (``-``) a pid's
+        group, or (``c``, ``t``) a cgroup or tag (see start_guardian); if
+        it is gone, say so once and go on without it."""
         if self._guardian is None:
             return
         try:
-            self._guardian.stdin.write(f"{sign}{pid}\n".encode())  # unbuffered
+            self._guardian.stdin.write(f"{sign}{value}\n".encode())  # unbuffered
         except OSError as exc:
             logger.error("the guardian is gone (%s): children now outlive a crash", exc)
             self._guardian.kill()
@@ -2938,13 +3518,15 @@ class Reaper:
         return self.subreaper and (exited or self.orphans_died or quiet
                                    or bool(self._killed_orphans))
 
-    def adopt_orphans(self, known: dict[int, Watcher | None]) -> None:
+    def adopt_orphans(self, known: dict[int, Watcher | None],
+                      watchers: dict[str, Watcher] | None = None) -> None:
         """Reap the dead among our unknown children (orphans re-parented to
         us, subreaper mode) and note which watcher each live one belongs
         to (``known``: every child's pid -> its watcher), by its process
-        group or session, when that is knowable.  Before reaping the
-        children: a dead leader's pid still names its orphans' group and
-        session as long as it is a zombie."""
+        group or session, else by the tag in its environment (``watchers``
+        by name), when that is knowable.  Before reaping the children: a
+        dead leader's pid still names its orphans' group and session as
+        long as it is a zombie."""
         self.orphans_died = False
         known = dict(known)
         if self._guardian is not None:
@@ -2958,11 +3540,14 @@ class Reaper:
                 self._killed_orphans.discard(pid)
                 logger.info("reaped orphan pid %d", pid)
             elif pid not in self._strays and pid not in self._killed_orphans:
-                self._adopt(pid, known)
+                self._adopt(pid, known, watchers or {})
 
-    def _adopt(self, pid: int, known: dict[int, Watcher | None]) -> None:
+    def _adopt(self, pid: int, known: dict[int, Watcher | None],
+               watchers: dict[str, Watcher]) -> None:
         """Note a live orphan and the watcher it belongs to, if any."""
         owner = group_owner(pid, known)
+        if owner is None and self.owner_tag is not None:
+            owner = watchers.get(tagged_owner(pid, self.owner_tag))
         self._strays[pid] = owner
         name = "no known watcher"
         if owner is not None:
@@ -3154,6 +3739,12 @@ class Arbiter:
         self._stop_plans: list[list[list[Watcher]]] = []  # staged stops: ``stop``s, the quit
         self._quit_stages: list[list[Watcher]] | None = None  # the quit's plan, once begun
         self._notify: socket.socket | None = None  # for ``ready = notify`` children
+        # Containment (see Cgroups), set by open_containment: the cgroup
+        # subtree, or in fallback mode the tag of each child's environment.
+        self.cgroups: CgroupTree | None = None
+        self.containment = {"mode": "process groups", "reason": "no Daemon opened a cgroup"}
+        self.owner_tag: str | None = None
+        self._lingering: dict[str, Watcher] = {}  # dead children's cgroups not yet empty
         for watcher_config in config.watchers:
             self.add_watcher(watcher_config)
 
@@ -3195,8 +3786,12 @@ class Arbiter:
             self._waker.drain()
         if "notify" in events:
             self._read_notifications()
+        if "cgroups" in events:
+            self._forget_emptied()
         if self.reaper.should_adopt(bool(exited), not events):
-            self.reaper.adopt_orphans({p.pid: w for w, p in self._all_processes()})
+            every = [*self.watchers.values(), *self._retiring]
+            self.reaper.adopt_orphans({p.pid: w for w, p in self._all_processes()},
+                                      {w.name: w for w in every})
         if not events or self.reaper.unwatched:  # every child: no pidfd, or a quiet turn
             exited = self._all_processes()
         for watcher, process in exited:
@@ -3260,14 +3855,48 @@ class Arbiter:
         each staged stop stop its next stage once all before have stopped,
         and orphans die with their watcher, or at quit."""
         tree = functools.cache(children_map)  # read /proc once, if at all
+        kill_tree = functools.partial(self._kill_tree, tree=tree)
+        self._kill_lingering()
         for watcher in [*self.watchers.values(), *self._retiring]:
-            for process in watcher.manage(now, tree, self._held(watcher)):
+            for process in watcher.manage(now, kill_tree, self._held(watcher)):
                 self._watch(watcher, process)
         self._retiring = [w for w in self._retiring if w.processes or w.state != STOPPED]
         for stages in self._stop_plans:
             self._advance(stages, now)
         self._stop_plans = [stages for stages in self._stop_plans if stages]
         self.reaper.kill_orphans(self._quit_stages == [])
+
+    def _kill_tree(self, process: Process, tree: Callable[[], dict[int, list[int]]]) -> None:
+        """SIGKILL a child and all it started (Watcher's ``kill_tree``): its
+        cgroup, or in fallback mode its group and its descendants (``tree``,
+        a cached children_map), which may have left the group."""
+        if process.cgroup is None:
+            process.kill(descendants(process.pid, tree()))
+            return
+        process.kill()
+        self._kill_cgroup(process.cgroup)
+
+    def _kill_cgroup(self, folder: str) -> None:
+        """SIGKILL what is in a child's cgroup; log if the kernel refuses."""
+        try:
+            kill_cgroup(folder)
+        except OSError as exc:
+            logger.error("cannot kill the processes of %s: %s", folder, exc)
+
+    def _kill_lingering(self) -> None:
+        """Kill what dead children left in their cgroups (with
+        ``kill_leftovers = false``) once their watcher stops."""
+        for folder, watcher in self._lingering.items():
+            if watcher.state == STOPPING and not watcher.processes:
+                self._kill_cgroup(folder)
+
+    def _forget_emptied(self) -> None:
+        """Remove the cgroups of dead children that are empty now; a
+        stopping watcher may be stopped once none of its is left."""
+        for folder in self.cgroups.emptied():
+            watcher = self._lingering.pop(folder, None)
+            if watcher is not None:
+                watcher.lingering -= 1
 
     def _held(self, watcher: Watcher) -> bool:
         """Whether a starting watcher must wait: one it depends on is not up."""
@@ -3297,11 +3926,59 @@ class Arbiter:
             self._notify.close()
         self._selector.close()
         self._waker.close()
+        if self.cgroups is not None:  # before the guardian, which would empty them too
+            self.cgroups.close()
         self.reaper.close()
 
     def start_guardian(self) -> None:
-        """Start the guardian helper (see Reaper.start_guardian)."""
-        self.reaper.start_guardian()
+        """Start the guardian helper (see Reaper.start_guardian), after
+        ``open_containment``: it empties the cgroups, or looks for tags."""
+        root = None
+        if self.cgroups is not None:
+            root = self.cgroups.root
+        self.reaper.start_guardian(root, self.owner_tag)
+
+    def open_containment(self) -> None:
+        """Make this daemon's cgroup subtree (see Cgroups), or note why the
+        fallback is in force, and check that every watcher's limits can be
+        had.  Before the worker runs; raise ConfigError if ``cgroup =
+        required`` or a limit cannot be had."""
+        token = daemon_token()
+        self.cgroups, why = open_cgroup_tree(self.config.cgroup, token)
+        if self.cgroups is None:
+            if self.config.cgroup == "required":
+                raise ConfigError(f"cgroup = required, but {why}", self.config.source, "circus")
+            logger.info("containment: process groups and the descendant walk (%s)", why)
+            self.containment = {"mode": "process groups", "reason": why}
+            self.owner_tag = f"{token}:"
+            self.reaper.owner_tag = self.owner_tag
+        else:
+            logger.info("containment: cgroup %s", self.cgroups.root)
+            self._selector.register(self.cgroups, selectors.EVENT_READ, "cgroups")
+            self.containment = {"mode": "cgroup", "cgroup": self.cgroups.root}
+        for watcher in self.watchers.values():
+            try:
+                self.check_limits(watcher.config)
+            except MessageError as exc:
+                raise ConfigError(exc.reason, self.config.source,
+                                  f"watcher:{watcher.name}") from None
+
+    def check_limits(self, config: WatcherConfig) -> None:
+        """Raise MessageError if a limit of ``config`` (memory_max,
+        cpu_quota, pids_max) cannot be enforced: a limit is never accepted
+        and then ignored.  Gives our cgroups the controllers needed."""
+        wanted = {option: controller for option, controller in LIMIT_CONTROLLERS.items()
+                  if getattr(config, option) is not None}
+        if not wanted:
+            return
+        options = " and ".join(sorted(wanted))
+        if self.cgroups is None:
+            raise MessageError(f"{options} needs cgroup v2, which this daemon cannot use "
+                               f"({self.containment['reason']}); {DELEGATION_HINT}")
+        try:
+            self.cgroups.enable(set(wanted.values()))
+        except (MinisupError, OSError) as exc:
+            raise MessageError(f"{options} cannot be enforced: {exc}") from None
 
     def bind_sockets(self, configs: list[SocketConfig] | None = None) -> None:
         """Bind every ``[socket:NAME]`` (or ``configs``) before any watcher
@@ -3345,13 +4022,44 @@ class Arbiter:
         """Start one child of ``config`` (Watcher's ``spawn``): with the
         sockets, capture if there is an output thread, and for ``ready``
         its notify socket, or no stale ready file."""
-        extra = None
+        extra = {}
         if config.ready == "notify":
-            extra = {"NOTIFY_SOCKET": self._notify_address()}
+            extra["NOTIFY_SOCKET"] = self._notify_address()
         elif config.ready is not None and config.ready.startswith("file:"):
             with contextlib.suppress(FileNotFoundError):  # a stale file would pass at once
                 os.unlink(substitute(config.ready[5:], {"wid": str(wid)}, {}))
-        return spawn_process(config, wid, now, self.sockets, self.pump is not None, extra)
+        if self.owner_tag is not None:  # fallback mode: how an orphan is traced back
+            extra[OWNER_VARIABLE] = self.owner_tag + config.name
+        if self.cgroups is None:
+            return spawn_process(config, wid, now, self.sockets, self.pump is not None, extra)
+        return self._spawn_contained(config, wid, now, extra)
+
+    def _spawn_contained(self, config: WatcherConfig, wid: int, now: float,
+                         extra: dict[str, str]) -> Process:
+        """_spawn in cgroup mode: the child is born in a cgroup of its own,
+        which gets the watcher's limits; raise as spawn_process does,
+        leaving nothing running."""
+        folder = self.cgroups.new_process_folder(config.name, wid)
+        process = None
+        try:
+            process = spawn_process(config, wid, now, self.sockets, self.pump is not None,
+                                    extra, self.cgroups.born_in(folder))
+            self.cgroups.set_limits(folder, config)
+        except BaseException:
+            if process is not None:  # never a child without its limits
+                kill_failed_spawn(process.popen)
+                self._close_pipes(process)
+            self._kill_cgroup(folder)
+            self.cgroups.remove_when_empty(folder)
+            raise
+        process.cgroup = folder
+        return process
+
+    @staticmethod
+    def _close_pipes(process: Process) -> None:
+        """Release a child that never was watched: its pidfd and pipes."""
+        process.close()
+        close_fds(process.pipes.values())
 
     def _notify_address(self) -> str:
         """The NOTIFY_SOCKET of ``ready = notify`` children: one datagram
@@ -3379,9 +4087,8 @@ class Arbiter:
             return
         if not self.reaper.has_exited(process):
             return
-        if process.stopping:
-            # Its group's leftovers die too; the zombie keeps the group id.
-            process.send_signal(signal.SIGKILL, group=True)
+        if not drained:
+            self._kill_leftovers(watcher, process)
         if process.pipes and self.pump is not None and not drained:
             process.draining = True
             self.reaper.unwatch(process)
@@ -3390,8 +4097,36 @@ class Arbiter:
             return
         code = self.reaper.collect(process)
         if code is not None:
-            watcher.reap(process, code, self.clock())
+            watcher.reap(process, code, self.clock(), self._release_cgroup(watcher, process))
 
+    def _kill_leftovers(self, watcher: Watcher, process: Process) -> None:
+        """A child died: SIGKILL what it left, its group (the zombie keeps
+        the group id) and its cgroup, unless it died on its own and its
+        watcher keeps leftovers (``kill_leftovers = false``).  Before its
+        pipes are drained: a leftover could hold them open."""
+        if not process.stopping and not watcher.config.kill_leftovers:
+            return
+        process.send_signal(signal.SIGKILL, group=True)
+        if process.cgroup is not None and is_populated(process.cgroup):
+            self._kill_cgroup(process.cgroup)
+
+    def _release_cgroup(self, watcher: Watcher, process: Process) -> str | None:
+        """Remove a reaped child's cgroup, or await it while a process is
+        left in it (the watcher is not stopped until it is empty); return
+        why it died if its exit code does not tell: an OOM kill."""
+        folder = process.cgroup
+        if folder is None:
+            return None
+        reason = None
+        if read_keyed(folder, "memory.events").get("oom_kill"):
+            limit = watcher.config.memory_max
+            reason = f"OOM kill (memory_max {human_bytes(limit)})"
+            if limit is None:
+                reason = "OOM kill (the machine's memory)"
+        if not self.cgroups.remove_when_empty(folder):
+            self._lingering[folder] = watcher
+            watcher.lingering += 1
+        return reason
     def check_process_count(self, name: str, count: int) -> None:
         """Raise MessageError if ``count`` processes for the watcher ``name``
         (new or not) would take the sum of every watcher's numprocesses past
@@ -3540,6 +4275,8 @@ class Arbiter:
         self.begin_quit()
         for watcher in [*self.watchers.values(), *self._retiring]:
             watcher.kill_now()
+        if self.cgroups is not None:
+            self.cgroups.kill_everything()
         if not wait:
             return
         for watcher, process in self._all_processes():
@@ -3741,6 +4478,7 @@ def handle_status(arbiter: Arbiter, properties: dict[str, Any]) -> dict[str, Any
             reply["reason"] = watchers[0].last_error
     if properties.get("extended"):
         reply["watchers"] = {w.name: watcher_info(w, now) for w in watchers}
+        reply["containment"] = arbiter.containment  # Circus's plain reply has none
     return reply
 
 
@@ -3759,7 +4497,8 @@ def watcher_info(watcher: Watcher, now: float) -> dict[str, Any]:
                   "state": _process_state(p)} for p in watcher.processes.values()]
     return {"status": watcher.status(now), "autostart": watcher.config.autostart,
             "numprocesses": watcher.numprocesses, "restarts": watcher.restarts,
-            "last_exit": watcher.last_exit, "reason": watcher.last_error,
+            "last_exit": watcher.last_exit, "last_exit_reason": watcher.last_exit_reason,
+            "reason": watcher.last_error,
             "processes": processes}
 
 
@@ -3784,7 +4523,7 @@ def handle_health(arbiter: Arbiter, properties: dict[str, Any]) -> dict[str, Any
             if watcher.last_error:
                 why = f" ({watcher.last_error})"
             raise MinisupError(f"{name} is {watcher.status(now)}{why}", BAD_MSG_DATA_ERROR)
-    return {"healthy": True}
+    return {"healthy": True, "containment": arbiter.containment}
 
 
 def handle_start(arbiter: Arbiter, properties: dict[str, Any], action: str = "start"
@@ -3859,6 +4598,7 @@ def handle_add(arbiter: Arbiter, properties: dict[str, Any]) -> dict[str, Any] |
     config = watcher_config_from_json(properties["name"], properties["cmd"],
                                       properties.get("args"), properties.get("options"))
     arbiter.check_process_count(config.name, config.numprocesses)
+    arbiter.check_limits(config)
     try:
         check_dependencies([*(w.config for w in arbiter.watchers.values()), config])
     except ValueError as exc:
@@ -3934,6 +4674,7 @@ def handle_set(arbiter: Arbiter, properties: dict[str, Any]) -> dict[str, Any] |
         raise MessageError("'numprocesses' must be 1 for a singleton watcher")
     if count is not None:
         arbiter.check_process_count(watcher.name, count)
+    arbiter.check_limits(config)
     reload = any(getattr(watcher.config, key) != value for key, value in values.items()
                  if key in RELOAD_OPTIONS)
     watcher.update(config, arbiter.clock(), reload, count)
@@ -4009,27 +4750,49 @@ def handle_kill(arbiter: Arbiter, properties: dict[str, Any]) -> dict[str, Any] 
     return _when_waiting(properties, functools.partial(_none_left, watcher, victims))
 
 
-def _stats_of(process: Process) -> dict[str, Any] | str:
-    """Circus's stats of one child and its children, with when it started
-    and its wid (or why there are none)."""
+def _stats_of(process: Process, tree: Callable[[], dict[int, list[int]]]
+              ) -> dict[str, Any] | str:
+    """Circus's stats of one child and its children, with when it started,
+    its wid and its whole tree's usage (see _tree_of), or why there are none."""
     stats = process_stats(process.pid, children=True)
     if isinstance(stats, dict):
-        stats.update(started=process.started_at, wid=process.wid)
+        stats.update(started=process.started_at, wid=process.wid, tree=_tree_of(process, tree))
     return stats
+
+
+def _tree_of(process: Process, tree: Callable[[], dict[int, list[int]]]) -> dict[str, Any]:
+    """The usage of a child and all it started: its cgroup's, or in
+    fallback mode its live descendants' (``tree``: a cached children_map)."""
+    if process.cgroup is not None:
+        return cgroup_usage(process.cgroup)
+    return tree_usage([process.pid, *descendants(process.pid, tree())])
+
+
+def _watcher_tree(arbiter: Arbiter, watcher: Watcher,
+                  tree: Callable[[], dict[int, list[int]]]) -> dict[str, Any]:
+    """The usage of all a watcher's processes started (``stats`` NAME):
+    its cgroup's, or the sum of its children's trees in fallback mode."""
+    if arbiter.cgroups is not None:
+        return cgroup_usage(arbiter.cgroups.watcher_folder(watcher.name))
+    pids = [pid for p in watcher.processes.values()
+            for pid in [p.pid, *descendants(p.pid, tree())]]
+    return tree_usage(pids)
 
 
 def handle_stats(arbiter: Arbiter, properties: dict[str, Any]) -> dict[str, Any]:
     """``stats``: cpu, memory and age of every watcher's processes, or of
     ``name``'s, or of its ``process``, read from /proc."""
     name = properties.get("name")
+    tree = functools.cache(children_map)  # fallback mode: read /proc once, if at all
     if name is None:
-        return {"infos": {n: {p.pid: _stats_of(p) for p in w.processes.values()}
+        return {"infos": {n: {p.pid: _stats_of(p, tree) for p in w.processes.values()}
                           for n, w in sorted(arbiter.watchers.items())}}
     watcher = arbiter.get_watcher(name)
     if properties.get("process") is not None:
         process = _watcher_process(watcher, properties["process"])
-        return {"process": process.pid, "info": _stats_of(process)}
-    return {"name": name, "info": {p.pid: _stats_of(p) for p in watcher.processes.values()}}
+        return {"process": process.pid, "info": _stats_of(process, tree)}
+    return {"name": name, "info": {p.pid: _stats_of(p, tree) for p in watcher.processes.values()},
+            "tree": _watcher_tree(arbiter, watcher, tree)}
 
 
 def handle_dstats(arbiter: Arbiter, properties: dict[str, Any]) -> dict[str, Any]:
@@ -4068,6 +4831,11 @@ def handle_reloadconfig(arbiter: Arbiter, properties: dict[str, Any]) -> dict[st
     config = load_config(source)
     for message in config.warnings:  # as at start: a typo is told, not swallowed
         logger.warning("%s", message)
+    for watcher_config in config.watchers:  # nothing changes if one limit cannot be had
+        try:
+            arbiter.check_limits(watcher_config)
+        except MessageError as exc:
+            raise ConfigError(exc.reason, source, f"watcher:{watcher_config.name}") from None
     arbiter.note_reloading()
     touched = arbiter.apply_config(config)
     arbiter.warn_if_over_limit()
@@ -4687,6 +5455,7 @@ class Daemon:
         if self.controller.error is not None:
             raise self.controller.error
         self.arbiter.bind_sockets()
+        self.arbiter.open_containment()
         if self.arbiter.reaper.subreaper:
             set_child_subreaper()
         if self.config.guardian:
@@ -5146,6 +5915,8 @@ def status_table(watchers: dict[str, Any]) -> str:
         ("WATCHER", "STATE", "PID", "WID", "PROCESS", "UPTIME", "RESTARTS", "LAST EXIT")]
     for name, info in sorted(watchers.items()):
         last_exit = _exit_text(info["last_exit"])
+        if str(info.get("last_exit_reason")).startswith("OOM"):
+            last_exit = "OOM kill"
         processes = info["processes"]
         if not processes:
             processes = [{}]  # a row of dashes: the watcher's state still shows
@@ -5286,13 +6057,24 @@ def _socket_text(socket_info: dict[str, Any]) -> str:
     return f"{socket_info['fd']}:socket '{socket_info['name']}' at {address}"
 
 
+def _containment_text(reply: dict[str, Any]) -> list[str]:
+    """The ``containment:`` line of ctl status and health (none from a
+    daemon that does not say): the cgroup, or why the fallback."""
+    containment = reply.get("containment")
+    if not isinstance(containment, dict):
+        return []
+    if containment.get("mode") == "cgroup":
+        return [f"containment: cgroup {containment.get('cgroup')}"]
+    return [f"containment: process groups ({containment.get('reason')})"]
+
+
 def format_reply(reply: dict[str, Any]) -> str:
     """A successful reply as circusctl prints it, for ctl.  Which keys it
     has tell the command; the first match wins, so the order matters."""
     if isinstance(reply.get("watchers"), dict):  # ``status`` extended
-        return status_table(reply["watchers"])
+        return "\n".join([status_table(reply["watchers"]), *_containment_text(reply)])
     if reply.get("healthy"):
-        return "healthy"
+        return "\n".join(["healthy", *_containment_text(reply)])
     if "statuses" in reply:
         return "\n".join(f"{n}: {s}" for n, s in sorted(reply["statuses"].items()))
     if "singleton" in reply:

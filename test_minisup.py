@@ -1818,7 +1818,7 @@ def test_health_is_not_healthy_while_a_crash_loop_respawns(make_arbiter):
     arbiter, clock, watcher = start_one(make_arbiter, "[watcher:w]\ncmd = /bin/sleep 1000\n"
                                                       "min_uptime = 5\n")
     arbiter.tick()
-    assert minisup.handle_health(arbiter, {}) == {"healthy": True}
+    assert minisup.handle_health(arbiter, {})["healthy"] is True
     (pid,) = watcher.pids()
     os.kill(pid, signal.SIGKILL)  # at once: younger than min_uptime, a quick exit
     settle(arbiter, lambda: len(watcher.pids()) == 1 and pid not in watcher.pids())
@@ -2975,7 +2975,7 @@ def test_events_of_a_kill_9_and_of_a_stop(make_daemon, tmp_path):
         assert [t for t, _ in events] == ["watcher.web.kill", "watcher.web.reap",
                                           "watcher.web.stop"]
         assert events[1][1] == {"process_pid": new, "exit_code": -15,
-                                "time": events[1][1]["time"]}
+                                "reason": "killed by SIGTERM", "time": events[1][1]["time"]}
         daemon.client.call("add", name="more", cmd=PY)
         daemon.client.call("rm", name="more")
         events = drain_events(sub, lambda e: len(e) == 2)
@@ -3640,6 +3640,7 @@ def test_ctl_status_table_json_health_and_watch(make_daemon, tmp_path, capsys):
     endpoint = daemon.endpoint
     code, out, _ = ctl(capsys, endpoint, "status")
     rows = [line.split() for line in out.splitlines()]
+    assert rows.pop() == ["containment:", "cgroup", daemon.arbiter.cgroups.root]
     assert code == 0 and rows[0] == ["WATCHER", "STATE", "PID", "WID", "PROCESS", "UPTIME",
                                      "RESTARTS", "LAST", "EXIT"]
     assert rows[1] == ["api", "stopped", "-", "-", "-", "-", "0", "-"]
@@ -3654,7 +3655,8 @@ def test_ctl_status_table_json_health_and_watch(make_daemon, tmp_path, capsys):
     assert ctl(capsys, endpoint, "health") == (3, "", "error: api: 0 of 1 processes ready\n")
     (tmp_path / "api.1").touch()
     wait_for(lambda: daemon.client.call("status", name="api")["status"] == "active")
-    assert ctl(capsys, endpoint, "health") == (0, "healthy\n", "")
+    assert ctl(capsys, endpoint, "health") == (
+        0, f"healthy\ncontainment: cgroup {daemon.arbiter.cgroups.root}\n", "")
     daemon.client.call("kill", name="web", signum="KILL", waiting=True)
     wait_for(lambda: extended(daemon.client, "web")["web"]["last_exit"] == -9)
     code, out, _ = ctl(capsys, endpoint, "status", "web")
