@@ -83,6 +83,10 @@ ratios minisup/circusd and minisup/supervisord of the medians; the
 
     bash bench/setup.sh            # the anchors, in venvs of their own
     python bench/run.py [--quick] [--processes N] [--reps R] [--rst]
+                        [--only GROUP ...]
+
+``--only`` runs some groups of scenarios: ``base`` (1-5, 7, 12), ``deaf``
+(6), ``crash`` (8), ``idle`` (9), ``capture`` (10-11).
 
 An anchor that is not installed is skipped (its column shows "-").  Every
 endpoint is an ipc:// path or unix socket in a temp folder (circusd's
@@ -130,6 +134,8 @@ IDLE_COUNT = 100
 CLIENTS = 8
 LIMIT = 60.0  # seconds: a wait longer than this is a failure, not a sample
 NAMES = ("minisup", "circusd", "supervisord")
+# The groups of scenarios, each with daemons of its own (--only names them).
+GROUPS = ("base", "deaf", "crash", "idle", "capture")
 
 # No " ;" and no "%" in a command: both INI dialects would take them.
 DEAF_CMD = f"{SH} -c \"trap '' TERM; exec {SLEEP} {DEAF_ARG.decode()}\""
@@ -1037,7 +1043,8 @@ def run_status(suite):
            lambda: timed_command([PYTHON, "-c", "import zmq"]))
 
 
-def run_all(suite):
+def run_base(suite):
+    """Scenarios 1-5, 7 and 12: one set of daemons, and the echo server."""
     echo = Echo(suite.top)
     try:
         with daemons_for(suite, "base", base_programs):
@@ -1048,14 +1055,27 @@ def run_all(suite):
             run_status(suite)
     finally:
         echo.close()
-    with daemons_for(suite, "deaf", deaf_programs):
-        run_stop_deaf(suite)
-    with daemons_for(suite, "crash", crash_programs):
-        run_crash_loop(suite, suite.top)
-    with daemons_for(suite, "idle", idle_programs):
-        run_idle(suite)
-    with daemons_for(suite, "capture", capture_programs):
-        run_capture(suite, suite.settings.data, suite.top)
+
+
+def run_all(suite):
+    """Each group of scenarios in turn, or only those ``--only`` names."""
+    chosen = suite.settings.only
+    if "base" in chosen:
+        run_base(suite)
+    if "deaf" in chosen:
+        with daemons_for(suite, "deaf", deaf_programs):
+            run_stop_deaf(suite)
+    if "crash" in chosen:
+        with daemons_for(suite, "crash", crash_programs):
+            run_crash_loop(suite, suite.top)
+    if "idle" in chosen:
+        with daemons_for(suite, "idle", idle_programs):
+            run_idle(suite)
+    if "capture" in chosen:
+        suite.settings.data = os.path.join(suite.top, "input")
+        make_input(suite.settings.data, suite.settings.mib)
+        with daemons_for(suite, "capture", capture_programs):
+            run_capture(suite, suite.settings.data, suite.top)
 
 
 @contextlib.contextmanager
@@ -1167,7 +1187,8 @@ def settings_for(args):
         count=args.processes or (100 if quick else 500), reps=args.reps or (3 if quick else 5),
         calls=300 if quick else 1000, requests=500 if quick else 2000,
         kills=3 if quick else 5, crash_reps=2 if quick else 3, window=5.0,
-        idle=10.0 if quick else 30.0, mib=50 if quick else 200, status_runs=5)
+        idle=10.0 if quick else 30.0, mib=50 if quick else 200, status_runs=5,
+        only=tuple(args.only or GROUPS))
 
 
 def start_daemons(top, suite, make_programs):
@@ -1204,6 +1225,8 @@ def main():
     parser.add_argument("--processes", type=int, help="N (default 500, --quick 100)")
     parser.add_argument("--reps", type=int, help="repetitions (default 5, --quick 3)")
     parser.add_argument("--rst", action="store_true", help="print the table as RST")
+    parser.add_argument("--only", nargs="+", choices=GROUPS, metavar="GROUP",
+                        help="run only these groups of scenarios: " + ", ".join(GROUPS))
     parser.add_argument("--worker", nargs="+", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.worker:
@@ -1219,8 +1242,6 @@ def main():
     suite = Suite(top, settings)
     suite.missing = missing_anchors()
     try:
-        settings.data = os.path.join(top, "input")
-        make_input(settings.data, settings.mib)
         run_all(suite)
     finally:
         shutil.rmtree(top, ignore_errors=True)
