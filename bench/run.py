@@ -135,11 +135,54 @@ CLIENTS = 8
 LIMIT = 60.0  # seconds: a wait longer than this is a failure, not a sample
 NAMES = ("minisup", "circusd", "supervisord")
 # The groups of scenarios, each with daemons of its own (--only names them).
-GROUPS = ("base", "deaf", "crash", "idle", "capture")
+GROUPS = ("base", "deaf", "crash", "idle", "capture", "orphans")
+ORPHANS = 50  # 13-14: the setsid'd descendants the watcher's process leaves
+ORPHAN_LIMIT = 10.0  # seconds after the stop: what is still alive then survived
+ORPHAN_SLEEP = "5000"  # seconds: a survivor the bench failed to kill ends on its own
+# 13-14, minisup's fallback (issue 18); a minisup without the option warns.
+FALLBACK = "cgroup = off\n"
 
 # No " ;" and no "%" in a command: both INI dialects would take them.
 DEAF_CMD = f"{SH} -c \"trap '' TERM; exec {SLEEP} {DEAF_ARG.decode()}\""
 CRASH_CODE = "import time,sys; open({!r},'a').write(repr(time.time())+chr(10)); sys.exit(1)"
+# The child of 13-14: leaves COUNT daemons as a classic daemon does (fork,
+# setsid, fork, the middle process exits, stdio on /dev/null), each an
+# exec'd sleep whose argv[0] is MARKER; then sleeps, and on SIGTERM exits
+# without touching them.
+ORPHAN_CODE = """import os, signal, sys, time
+SLEEP, MARKER, COUNT, SECONDS = sys.argv[1:5]
+
+
+def daemonize():
+    os.setsid()  # a session and process group of its own
+    if os.fork():
+        return  # the middle process exits: its child is re-parented
+    null = os.open(os.devnull, os.O_RDWR)
+    for fd in (0, 1, 2):
+        os.dup2(null, fd)
+    os.execv(SLEEP, [MARKER, SECONDS])
+
+
+def leave_one():
+    middle = os.fork()
+    if middle == 0:
+        try:
+            daemonize()
+        finally:
+            os._exit(0)  # never back into the loop
+    os.waitpid(middle, 0)
+
+
+def exit_now(signum, frame):
+    os._exit(0)  # the descendants are left be
+
+
+signal.signal(signal.SIGTERM, exit_now)
+for _ in range(int(COUNT)):
+    leave_one()
+while True:
+    time.sleep(3600)
+"""
 ECHO_CODE = """import sys, zmq
 context = zmq.Context()
 server = context.socket(zmq.ROUTER)
@@ -254,6 +297,92 @@ def kill_pids(pids):
     return killed
 
 
+def marked(pid, marker):
+    """Whether ``pid`` is alive (not a zombie: its cmdline is empty) with
+    argv[0] ``marker`` (bytes)."""
+    try:
+        with open(f"/proc/{pid}/cmdline", "rb") as stream:
+            return stream.read().split(b"\0", 1)[0] == marker
+    except OSError:
+        return False
+
+
+def find_marked(marker):
+    """Every live process with argv[0] ``marker``: one walk of /proc."""
+    return {int(name) for name in os.listdir("/proc")
+            if name.isdigit() and marked(name, marker)}
+
+
+def wait_marked(marker, count):
+    """Wait until ``count`` live processes carry ``marker``; their pids."""
+    started = time.monotonic()
+    while True:
+        pids = find_marked(marker)
+        if len(pids) >= count:
+            return pids
+        if time.monotonic() - started > LIMIT:
+            raise RuntimeError(f"only {len(pids)} of {count} descendants exec'd "
+                               f"within {LIMIT:g}s")
+        time.sleep(0.01)
+
+
+def kill_marked(marker):
+    """SIGKILL every live process that carries ``marker``, and wait (5 s at
+    most) until none does; returns how many there were."""
+    pids = find_marked(marker)
+    for pid in pids:
+        with contextlib.suppress(OSError):  # gone since the walk
+            # It carried the marker a moment ago: a reused pid is no worry.
+            os.kill(pid, signal.SIGKILL)
+    deadline = time.monotonic() + 5
+    while find_marked(marker):
+        if time.monotonic() > deadline:
+            raise RuntimeError(f"processes with argv[0] {marker!r} outlive SIGKILL")
+        time.sleep(0.01)
+    return len(pids)
+
+
+# ---------------------------------------------------------------- cgroups ---
+
+def cgroup_home():
+    """The cgroup2 directory this script runs in (its daemons start there),
+    or None without a cgroup2 mount."""
+    with open("/proc/self/mountinfo") as stream:
+        mounts = [line.split() for line in stream]
+    roots = [f[4] for f in mounts if "-" in f and f[f.index("-") + 1] == "cgroup2"]
+    with open("/proc/self/cgroup") as stream:
+        paths = [line[3:].strip() for line in stream if line.startswith("0::")]
+    if not roots or not paths:
+        return None
+    return os.path.normpath(os.path.join(roots[0], paths[0].lstrip("/")))
+
+
+def minisup_cgroups(home):
+    """The names of the minisup.* cgroups right under ``home``."""
+    if home is None:
+        return []
+    return sorted(n for n in os.listdir(home) if n.startswith("minisup."))
+
+
+def remove_cgroup(path):
+    """Kill every process in cgroup ``path`` and below, then remove it,
+    the leaves first."""
+    kill = os.path.join(path, "cgroup.kill")
+    # No cgroup.kill before Linux 5.14: then rmdir waits, then fails.
+    with contextlib.suppress(OSError), open(kill, "w") as stream:
+        stream.write("1")
+    deadline = time.monotonic() + 5
+    for folder, _, _ in os.walk(path, topdown=False):
+        while True:
+            try:
+                os.rmdir(folder)
+                break
+            except OSError:  # EBUSY until its last process has exited
+                if time.monotonic() > deadline:
+                    raise
+                time.sleep(0.01)
+
+
 # --------------------------------------------------------------- programs ---
 
 class Program:
@@ -312,6 +441,22 @@ def crash_programs(folder, settings):
 def idle_programs(folder, settings):
     return [Program("idle", f"{SLEEP} {IDLE_ARG.decode()}", IDLE_COUNT, respawn=False,
                     grace=10)]
+
+
+def orphan_marker(folder):
+    """argv[0] of the descendants left by the orphans program in ``folder``."""
+    return f"orphan:{folder}".encode()
+
+
+def orphan_programs(folder, settings):
+    """13-14: one process that leaves ORPHANS setsid'd descendants; its
+    code is written to ``folder``, whose path marks them."""
+    path = os.path.join(folder, "orphans.py")
+    with open(path, "w") as f:
+        f.write(ORPHAN_CODE)
+    cmd = (f"{PYTHON} -S {path} {SLEEP} {orphan_marker(folder).decode()} {ORPHANS} "
+           f"{ORPHAN_SLEEP}")
+    return [Program("orphans", cmd, respawn=False, grace=1)]
 
 
 def capture_programs(folder, settings):
@@ -853,6 +998,46 @@ def timed_command(argv, codes=(0,)):
     return elapsed
 
 
+class Survivors:
+    """A sample of 13-14 that is no time: ``count`` processes outlived
+    ORPHAN_LIMIT."""
+
+    def __init__(self, count):
+        self.count = count
+
+
+def outlived(pids, marker, started):
+    """Wait until none of ``pids`` (nor any other process) carries
+    ``marker``: ms since ``started``, or Survivors once ORPHAN_LIMIT s
+    have passed."""
+    alive = set(pids)
+    elapsed = time.perf_counter() - started
+    while alive:
+        if elapsed > ORPHAN_LIMIT:
+            return Survivors(len(alive))
+        time.sleep(0.002)  # 2 cores: leave one to the daemon
+        alive = {p for p in alive if marked(p, marker)}
+        elapsed = time.perf_counter() - started
+        if not alive:
+            alive = find_marked(marker)  # and none new with the marker
+    return elapsed * 1000
+
+
+def stop_orphans(daemon):
+    """13-14 on ``daemon``: start the orphans watcher, wait until its
+    ORPHANS descendants have exec'd, stop it; ms until none is alive, or
+    Survivors.  Whatever survived is killed after."""
+    marker = orphan_marker(daemon.folder)
+    try:
+        daemon.start("orphans", wait=True)
+        pids = wait_marked(marker, ORPHANS)
+        started = time.perf_counter()
+        daemon.stop("orphans")
+        return outlived(pids, marker, started)
+    finally:
+        kill_marked(marker)
+
+
 # ---------------------------------------------------------------- running ---
 
 class Suite:
@@ -863,6 +1048,7 @@ class Suite:
         self.rows = {}  # label -> {column name: [samples]}
         self.kinds = {}  # label -> (unit, better)
         self.errors = {}  # (label, column name) -> message
+        self.skips = {}  # (label, column name) -> why the cell was not measured
         self.notes = []
 
     def row(self, label, unit, better="lower"):
@@ -1043,6 +1229,128 @@ def run_status(suite):
            lambda: timed_command([PYTHON, "-c", "import zmq"]))
 
 
+def run_orphans(suite):
+    """13-14: four daemons (minisup twice: its default, then cgroup = off);
+    every survivor killed, and the minisup.* cgroups checked, after."""
+    reps = suite.settings.orphan_reps
+    auto = suite.row(f"13. stop, {ORPHANS} setsid'd left", "ms")
+    off = suite.row("14. 13, minisup cgroup = off", "ms")
+    print(f"{auto} (and 14): {reps} runs each, {ORPHAN_LIMIT:g} s deadline", file=sys.stderr)
+    home = cgroup_home()
+    before = minisup_cgroups(home)
+    daemons = []
+    try:
+        with daemons_for(suite, "orphans", orphan_programs) as top:
+            fallback = start_fallback(suite, top, off)
+            daemons = list(suite.daemons)
+            note_containment(suite, fallback)
+            for _ in range(reps):
+                for daemon in suite.alive():
+                    orphan_run(suite, daemon, off if daemon is fallback else auto)
+    finally:
+        share_anchor_runs(suite, auto, off)
+        clean_orphans(suite, daemons, home, before)
+
+
+def start_fallback(suite, top, label):
+    """A second minisup, with ``cgroup = off``, next after the first in the
+    alternation; None (the cell skipped or failed) if it cannot run."""
+    refused = fallback_refused()
+    if refused:
+        suite.skips[(label, "minisup")] = f"this minisup refuses {FALLBACK.strip()!r}: {refused}"
+        return None
+    path = os.path.join(top, "minisup-off")
+    os.mkdir(path)
+    try:
+        fallback = Circusish("minisup", [PYTHON, "-m", "minisup", "run"], path,
+                             orphan_programs(path, suite.settings),
+                             [PYTHON, "-m", "minisup", "ctl"], extra=FALLBACK)
+    except RuntimeError as exc:
+        suite.fail(label, "minisup", exc)
+        return None
+    suite.daemons.insert(1, fallback)
+    return fallback
+
+
+def fallback_refused():
+    """Why this minisup would not run with FALLBACK (an error, or the warning
+    that it ignores the option), or None."""
+    text = f"[circus]\n{FALLBACK}[watcher:probe]\ncmd = {SLEEP} 1\n"
+    try:
+        config = minisup.parse_config(text)
+    except minisup.ConfigError as exc:
+        return str(exc)
+    unknown = [w for w in config.warnings if "cgroup" in w]
+    if unknown:
+        return unknown[0]
+    return None
+
+
+def note_containment(suite, fallback):
+    """Note the containment each minisup reports in its ``health`` reply."""
+    texts = []
+    for daemon in suite.daemons:
+        if daemon.name != "minisup":
+            continue
+        mode = "default"
+        if daemon is fallback:
+            mode = FALLBACK.strip()
+        try:
+            reply = daemon.client.call("health")
+        except minisup.CallError as exc:
+            texts.append(f"minisup {mode}: no health reply ({exc})")
+            continue
+        texts.append(f"minisup {mode}: {containment_text(reply.get('containment'))}")
+    suite.notes.append("13-14. containment: " + "; ".join(texts))
+
+
+def containment_text(containment):
+    """What a ``containment`` reply says, or that it is not there."""
+    if not containment:
+        return "not reported (a minisup before issue 18)"
+    detail = containment.get("cgroup")
+    if detail is None:
+        detail = containment.get("reason")
+    return f"{containment.get('mode')} ({detail})"
+
+
+def orphan_run(suite, daemon, label):
+    """One run of 13 or 14 (``label``) on ``daemon``; after a failure, the
+    watcher is stopped."""
+    if not attempt(suite, (label,), daemon.name, lambda: stop_orphans(daemon)):
+        with contextlib.suppress(Exception):  # the cell has failed already
+            daemon.stop("orphans")
+
+
+def share_anchor_runs(suite, auto, off):
+    """Row 14 shows circusd's and supervisord's runs of 13: one run each
+    (their stop does not depend on minisup's mode)."""
+    for name in NAMES[1:]:
+        if name in suite.rows[auto]:
+            suite.rows[off][name] = list(suite.rows[auto][name])
+        if (auto, name) in suite.errors:
+            suite.errors[(off, name)] = suite.errors[(auto, name)]
+    suite.notes.append("14. circusd and supervisord: the runs of 13")
+
+
+def clean_orphans(suite, daemons, home, before):
+    """After 13-14: kill any marked process left (noted), note the minisup.*
+    cgroups before and after, and kill and remove those that ``daemons``
+    left (noted)."""
+    for daemon in daemons:
+        left = kill_marked(orphan_marker(daemon.folder))
+        if left:
+            suite.notes.append(f"13-14. {left} descendants of {daemon.name} left (killed)")
+    after = minisup_cgroups(home)
+    suite.notes.append(f"13-14. minisup.* cgroups in {home}: before {before}, after {after}")
+    pids = {str(d.pid) for d in daemons if d.name == "minisup"}
+    ours = [n for n in after if n not in before and n.split(".")[1] in pids]
+    for name in ours:
+        remove_cgroup(os.path.join(home, name))
+    if ours:
+        suite.notes.append(f"13-14. minisup left cgroups {ours} (killed, removed)")
+
+
 def run_base(suite):
     """Scenarios 1-5, 7 and 12: one set of daemons, and the echo server."""
     echo = Echo(suite.top)
@@ -1076,19 +1384,21 @@ def run_all(suite):
         make_input(suite.settings.data, suite.settings.mib)
         with daemons_for(suite, "capture", capture_programs):
             run_capture(suite, suite.settings.data, suite.top)
+    if "orphans" in chosen:
+        run_orphans(suite)
 
 
 @contextlib.contextmanager
 def daemons_for(suite, tag, make_programs):
     """Fresh daemons for a group of scenarios, each with a config of only
-    ``make_programs(folder, settings)``; stopped (and their children
-    checked) after."""
+    ``make_programs(folder, settings)``, in folders under the one yielded;
+    stopped (and their children checked) after."""
     top = os.path.join(suite.top, tag)
     os.mkdir(top)
     suite.daemons = []
     try:
         start_daemons(top, suite, make_programs)
-        yield
+        yield top
     finally:
         for daemon in suite.daemons:
             left = daemon.close()
@@ -1121,8 +1431,12 @@ def table(suite):
         medians, line = {}, [label, *suite.kinds[label]]
         for name in (*NAMES, "floor"):
             samples = [s for s in cells.get(name, []) if s is not None]
+            survived = [s.count for s in samples if isinstance(s, Survivors)]
+            if survived:
+                line.append(survivors_text(survived, len(samples)))
+                continue
             if not samples:
-                line.append("failed" if (label, name) in suite.errors else "-")
+                line.append(empty_cell(suite, label, name))
                 continue
             medians[name] = statistics.median(samples)
             text = f"{number(medians[name])} ({number(min(samples))}-{number(max(samples))})"
@@ -1132,6 +1446,24 @@ def table(suite):
             line.append(ratio(medians["minisup"] / medians[other]) if good else "-")
         lines.append(line)
     return head, lines
+
+
+def survivors_text(counts, runs):
+    """A cell of 13-14 where some run left processes alive: the most that
+    survived, and in how many runs if not all."""
+    text = f"{max(counts)} of {ORPHANS} survive"
+    if len(counts) < runs:
+        text += f" ({len(counts)} of {runs} runs)"
+    return text
+
+
+def empty_cell(suite, label, name):
+    """A cell without samples: failed, skipped, or not installed ("-")."""
+    if (label, name) in suite.errors:
+        return "failed"
+    if (label, name) in suite.skips:
+        return "skipped"
+    return "-"
 
 
 def plain(head, lines):
@@ -1166,7 +1498,8 @@ def report(suite, args, began):
     print(f"minisup {minisup.__version__} vs circusd 0.19.0 vs supervisord 4.3.0; "
           f"N={s.count}, {s.reps} repetitions ({s.calls} calls for 1, "
           f"{CLIENTS}x{s.requests} requests for 2, {s.kills} kills for 7, {s.crash_reps} "
-          f"runs for 8, {s.status_runs} runs for 12); median (min-max)")
+          f"runs for 8, {s.status_runs} runs for 12, {s.orphan_reps} runs for 13-14); "
+          "median (min-max)")
     head, lines = table(suite)
     print(rst(head, lines) if args.rst else plain(head, lines))
     for note in suite.notes:
@@ -1174,7 +1507,7 @@ def report(suite, args, began):
     skipped = [f"{n} (not installed under {ANCHORS}; bash bench/setup.sh)"
                for n in suite.missing]
     skipped += [f"{label} for {name}: {message}"
-                for (label, name), message in suite.errors.items()]
+                for (label, name), message in [*suite.skips.items(), *suite.errors.items()]]
     print("skipped or failed: " + ("; ".join(skipped) if skipped else "none"))
     print(f"total {time.monotonic() - began:.0f} s")
 
@@ -1188,7 +1521,7 @@ def settings_for(args):
         calls=300 if quick else 1000, requests=500 if quick else 2000,
         kills=3 if quick else 5, crash_reps=2 if quick else 3, window=5.0,
         idle=10.0 if quick else 30.0, mib=50 if quick else 200, status_runs=5,
-        only=tuple(args.only or GROUPS))
+        orphan_reps=2 if quick else 3, only=tuple(args.only or GROUPS))
 
 
 def start_daemons(top, suite, make_programs):
