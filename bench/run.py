@@ -5,7 +5,8 @@ Each scenario runs against the three daemons in turn, alternating
 same child programs (by absolute path) and equivalent configs.  Each group
 of scenarios gets three fresh daemons, each in a temp folder of its own,
 whose config holds only that group's programs: 1-5, 7 and 12 share one
-(N sleeps, stopped, and one running); 6, 8, 9 and 10-11 have one each.
+(N sleeps, stopped, and one running); 6, 8, 9, 10-11 and 13-14 have one
+each (13-14 has a second minisup).
 That matters: supervisord's main loop visits every configured process on
 every turn, so with all the programs in one config (some 1100 processes at
 N=500) its round trip went from about 0.6 to 5 ms and its capture from
@@ -76,6 +77,27 @@ in the same run: what the machine does with no supervisor in the way (the
     ``python -m minisup ctl --endpoint E status``, circus's ``circusctl
     --endpoint E status`` (its own venv) and ``supervisorctl -c CONF
     status``; 5 runs.  Floor: ``python -c "import zmq"``.
+13. stop, 50 setsid'd left (ms): a one-process watcher/program
+    (graceful_timeout 1; supervisord: stopwaitsecs 1) whose child
+    (``python -S orphans.py``, written to the daemon's folder) leaves 50
+    descendants as a classic daemon does: fork, setsid, fork, the middle
+    process exits (so each is re-parented to the daemon if it is a
+    subreaper, as minisup's CLI is, else to init), stdio on /dev/null,
+    exec ``sleep`` with argv[0] a marker naming the daemon's folder; then
+    it sleeps, and exits on SIGTERM without touching them.  Once all 50
+    have exec'd (the start is waited for), ``stop`` (no waiting); ms from
+    the request until no live process carries the marker (a zombie counts
+    as gone), or "S of 50 survive" at 10 s.  Every survivor is then
+    killed.  3 runs (--quick 2); no floor.  minisup runs in its default
+    containment (issue 18: a cgroup where it can write one).
+14. 13 with minisup's ``[circus] cgroup = off`` (issue 18's fallback:
+    process groups, subreaper, a tag in each child's environment), a
+    fourth daemon next after minisup in the alternation; the circusd and
+    supervisord cells are 13's runs.  Skipped (and said) with a minisup
+    that refuses or ignores the option.  The notes give the containment
+    each minisup reports in ``health``, and the minisup.* cgroups in this
+    script's cgroup before and after (one left by these daemons is killed
+    and removed, and said).
 
 Rows show the median (min-max) over repetitions, the floor likewise, and the
 ratios minisup/circusd and minisup/supervisord of the medians; the
@@ -86,7 +108,7 @@ ratios minisup/circusd and minisup/supervisord of the medians; the
                         [--only GROUP ...]
 
 ``--only`` runs some groups of scenarios: ``base`` (1-5, 7, 12), ``deaf``
-(6), ``crash`` (8), ``idle`` (9), ``capture`` (10-11).
+(6), ``crash`` (8), ``idle`` (9), ``capture`` (10-11), ``orphans`` (13-14).
 
 An anchor that is not installed is skipped (its column shows "-").  Every
 endpoint is an ipc:// path or unix socket in a temp folder (circusd's
