@@ -1827,7 +1827,7 @@ def test_health_is_not_healthy_while_a_crash_loop_respawns(make_arbiter):
     assert info.value.reason == ("w is restarting: 1 quick exits in a row, "
                                  "the last killed by SIGKILL")
     clock.now += 5  # the new child lived min_uptime: the loop is over
-    assert minisup.handle_health(arbiter, {}) == {"healthy": True}
+    assert minisup.handle_health(arbiter, {})["healthy"] is True
 
 
 def test_restart_on_failure_replaces_only_failures(make_arbiter):
