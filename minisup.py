@@ -33,17 +33,23 @@ shared state.
 Two references are shared on purpose, each an immutable value swapped
 whole by one thread and read by others: ``Controller.view`` (written by
 the worker) and ``Controller.subscribed`` (written by the controller, read
-to skip events no one wants).  Everything else crosses by a queue.
+to skip events no one wants).  Everything else crosses by a queue.  One
+lock exists, ``PLACEMENT.lock``: a process sits in one cgroup, so the
+worker threads of several Daemons in one process take turns moving it
+into a new child's cgroup for the fork (see Cgroups).
 
 Life of a process
 -----------------
 A watcher in state ``starting`` or ``active`` keeps ``numprocesses`` children
 running.  Each child leads its own process group, so a Ctrl-C at the terminal
-reaches only the daemon.  Stopping a child sends ``stop_signal`` and sets a
-deadline ``graceful_timeout`` ahead; a child still alive then gets SIGKILL
-(to its whole group).  The worker alone waits for children, one pid at a
-time, so an in-process daemon never reaps its host's other children and a
-pid is never signalled after it was reaped (and could have been reused).
+reaches only the daemon, and (in cgroup mode) is born in a cgroup of its
+own.  Stopping a child sends ``stop_signal`` and sets a deadline
+``graceful_timeout`` ahead; a child still alive then gets SIGKILL, with all
+it started (its cgroup, else its group and descendants), and a stop is
+over once its cgroup is empty.  The worker alone waits for children, one
+pid at a time, so an in-process daemon never reaps its host's other
+children and a pid is never signalled after it was reaped (and could have
+been reused).
 A child that dies while wanted is replaced at once; one that keeps dying
 young is replaced after a growing delay, so a crash loop never spins.  A
 child with a ``ready`` check counts as starting until it passes (a watcher
@@ -66,6 +72,8 @@ which stands below: the one late binding).
 * Helpers: signals, ``Waker``, endpoints and their checks.
 * Config: option types, ``WatcherConfig``, ``Config``, ``parse_config``.
 * Process: spawning (``spawn_process``, the exec helper), ``Process``, /proc.
+* Cgroups: containment, a cgroup v2 subtree (``CgroupTree``), each child
+  born in its own cgroup (``Placement``), and the fallback's tag.
 * Output: ``Sink`` (log files, rotation) and ``Pump`` (the output thread).
 * Watcher: one program's children, its states and restart policy.
 * Arbiter: ``JobRunner``, ``Reaper``, ``SystemdNotifier`` and ``Arbiter``
