@@ -2148,8 +2148,9 @@ class CgroupTree:
         worker calls it when ``fileno`` is readable; never blocks."""
         gone = []
         for fd, _ in self._epoll.poll(0):
-            if b"populated 0" not in os.pread(fd, 256, 0):  # the read re-arms POLLPRI
-                continue
+            with contextlib.suppress(OSError):  # unreadable: removed, so empty
+                if b"populated 1" in os.pread(fd, 256, 0):  # the read re-arms POLLPRI
+                    continue
             folder = self._awaited.pop(fd)
             self._epoll.unregister(fd)
             os.close(fd)
@@ -3868,6 +3869,9 @@ class Arbiter:
         for watcher in [*self.watchers.values(), *self._retiring]:
             for process in watcher.manage(now, kill_tree, self._held(watcher)):
                 self._watch(watcher, process)
+        for watcher in self._retiring:
+            if not watcher.processes and watcher.state == STOPPED:
+                self._remove_watcher_cgroup(watcher)
         self._retiring = [w for w in self._retiring if w.processes or w.state != STOPPED]
         for stages in self._stop_plans:
             self._advance(stages, now)
@@ -3883,6 +3887,12 @@ class Arbiter:
             return
         process.kill()
         self._kill_cgroup(process.cgroup)
+
+    def _remove_watcher_cgroup(self, watcher: Watcher) -> None:
+        """Remove the cgroup of a watcher ``rm`` took away, once stopped."""
+        if self.cgroups is not None:
+            with contextlib.suppress(OSError):  # never made, or re-added meanwhile
+                os.rmdir(self.cgroups.watcher_folder(watcher.name))
 
     def _kill_cgroup(self, folder: str) -> None:
         """SIGKILL what is in a child's cgroup; log if the kernel refuses."""
@@ -6019,9 +6029,17 @@ def _stats_text(info: dict[str, Any] | str, indent: str = "") -> str:
     if not isinstance(info, dict):
         return indent + str(info)
     lines = [indent + STATS_LINE.format(**info)]
+    if isinstance(info.get("tree"), dict):
+        lines.append(indent + "   " + _tree_text(info["tree"]))
     for child in info.get("children", []):
         lines.append(_stats_text(child, indent + "   "))
     return "\n".join(lines)
+
+
+def _tree_text(tree: dict[str, Any]) -> str:
+    """``stats``'s ``tree`` (a process with all it started) as ctl shows it."""
+    return (f"tree: {tree['processes']} processes, {_cpu_time_text(tree['cpu'])} CPU, "
+            f"{human_bytes(tree['memory'])}")
 
 
 def _watchers_stats_text(watchers: dict[str, dict[str, Any]]) -> str:
@@ -6101,7 +6119,10 @@ def format_reply(reply: dict[str, Any]) -> str:
     if "infos" in reply:  # ``stats`` of every watcher
         return _watchers_stats_text(reply["infos"])
     if "name" in reply:  # ``stats`` of one
-        return _watchers_stats_text({reply["name"]: reply["info"]})
+        text = _watchers_stats_text({reply["name"]: reply["info"]})
+        if isinstance(reply.get("tree"), dict):
+            text += "\nwhole watcher: " + _tree_text(reply["tree"])
+        return text
     if "process" in reply:
         return f"{reply['process']}: {_stats_text(reply['info'])}"
     if isinstance(reply.get("info"), dict) and "pid" in reply["info"]:  # dstats
