@@ -1901,9 +1901,11 @@ def cgroup2_mount() -> tuple[str, str] | None:
     if it is not mounted (a cgroup v1 only system, or no /proc)."""
     with contextlib.suppress(OSError), open("/proc/self/mountinfo") as stream:
         for line in stream:
-            fields, _, filesystem = line.partition(" - ")
+            if " - " not in line:  # every line has it: fields, then the file system
+                continue
+            mount, filesystem = line.split(" - ", 1)
             if filesystem.split()[:1] == ["cgroup2"]:
-                parts = fields.split()
+                parts = mount.split()
                 return parts[4], parts[3]  # the mount point, the root shown there
     return None
 
@@ -1924,8 +1926,8 @@ def read_keyed(folder: str, name: str) -> dict[str, int]:
     values = {}
     with contextlib.suppress(OSError), open(os.path.join(folder, name)) as stream:
         for line in stream:
-            key, _, number = line.partition(" ")
-            with contextlib.suppress(ValueError):
+            with contextlib.suppress(ValueError):  # not KEY NUMBER: no such line known
+                key, number = line.split(" ", 1)
                 values[key] = int(number)
     return values
 
@@ -2057,6 +2059,7 @@ class Placement:
     a millisecond) would start in that cgroup too."""
 
     def __init__(self) -> None:
+        """A Placement whose lock is free: made once, at import."""
         self.lock = threading.Lock()
 
     @contextlib.contextmanager
@@ -2082,6 +2085,8 @@ class CgroupTree:
     before the worker runs, then owned by the worker thread."""
 
     def __init__(self, found: str, root: str) -> None:
+        """Hold the subtree ``root``, just made under ``found``, where this
+        process is (see open_cgroup_tree)."""
         self.found = found  # the folder of the cgroup this process was in (C)
         self.home = found  # where it sits between spawns (C, or ROOT/daemon)
         self.root = root  # ours: C/minisup.TOKEN
