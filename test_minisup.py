@@ -117,6 +117,50 @@ def alive(pid):
     return os.path.exists(f"/proc/{pid}")
 
 
+def cgroup2_mount():
+    """Where cgroup2 is mounted, from /proc/self/mountinfo: (mount point, the
+    cgroup path seen there), or None where there is no cgroup2."""
+    with open("/proc/self/mountinfo") as stream:
+        for line in stream:
+            fields, _, source = line.partition(" - ")
+            if source.split()[0] == "cgroup2":
+                words = fields.split()
+                return words[4], words[3]
+    return None
+
+
+def cgroup_of(pid="self"):
+    """The cgroup v2 path of ``pid`` (the ``0::`` line of /proc/PID/cgroup,
+    as ``/a/b``); None once the process is gone."""
+    try:
+        with open(f"/proc/{pid}/cgroup") as stream:
+            lines = stream.read().splitlines()
+    except OSError:
+        return None
+    return next((line[3:] for line in lines if line.startswith("0::")), None)
+
+
+def cgroup_dir(path):
+    """The folder of cgroup ``path`` (a path as /proc/PID/cgroup gives it)."""
+    mount, root = cgroup2_mount()
+    return pathlib.Path(mount, os.path.relpath(path, root))
+
+
+def own_cgroup_dir():
+    """The folder of this process's cgroup; None without cgroup2."""
+    if cgroup2_mount() is None:
+        return None
+    return cgroup_dir(cgroup_of())
+
+
+def minisup_cgroups(folder, pid):
+    """The cgroups the daemon of ``pid`` made in ``folder`` (its
+    ``minisup.PID.START.N``) that are still there, by name."""
+    if folder is None:
+        return []
+    return sorted(path.name for path in folder.glob(f"minisup.{pid}.*"))
+
+
 def minisup_threads():
     return [t.name for t in threading.enumerate() if t.name.startswith("minisup-")]
 
@@ -145,6 +189,10 @@ def make_daemon(tmp_path):
     """Start in-process daemons from INI text; stop them and check leaks."""
     daemons = []
     fds_before = open_fds()
+    # This process's cgroup, where its daemons make theirs (minisup.PID.*):
+    # any there before the test are not its to answer for.
+    home = own_cgroup_dir()
+    cgroups_before = minisup_cgroups(home, os.getpid())
 
     def start(body, endpoint=None, **global_options):
         endpoint = endpoint or f"ipc://{tmp_path}/d{len(daemons)}.sock"
@@ -157,6 +205,8 @@ def make_daemon(tmp_path):
     yield start
     for daemon in daemons:
         daemon.stop()
+    left = sorted(set(minisup_cgroups(home, os.getpid())) - set(cgroups_before))
+    assert not left, f"a stopped Daemon left its cgroups in {home}: {left}"
     assert_nothing_leaked(fds_before)
 
 
@@ -211,12 +261,13 @@ WITH_NOFILE = ("import os, resource, sys; limit = int(sys.argv[1]); "
                "os.execv(sys.executable, [sys.executable, *sys.argv[2:]])")
 
 
-def spawn_cli(tmp_path, *args, nofile=None):
-    """``python -m minisup`` in a subprocess, its log in tmp_path/daemon.log;
-    ``nofile``: its RLIMIT_NOFILE."""
+def spawn_cli(tmp_path, *args, nofile=None, prefix=(), log="daemon.log"):
+    """``python -m minisup`` in a subprocess, its log in tmp_path/LOG;
+    ``nofile``: its RLIMIT_NOFILE; ``prefix``: a command line that sets up
+    and then execs the rest (the daemon keeps the Popen's pid)."""
     launcher = [PY] if nofile is None else [PY, "-c", WITH_NOFILE, str(nofile)]
-    with open(tmp_path / "daemon.log", "w") as log:
-        return subprocess.Popen([*launcher, "-m", "minisup", *args], stdout=log,
+    with open(tmp_path / log, "w") as stream:
+        return subprocess.Popen([*prefix, *launcher, "-m", "minisup", *args], stdout=stream,
                                 stderr=subprocess.STDOUT,
                                 cwd=os.path.dirname(minisup.__file__))
 
@@ -282,12 +333,14 @@ def wait_for_nothing(find, timeout=DEADLINE):
 @dataclasses.dataclass
 class CliRun:
     """A daemon a CLI fixture started: its process, the fixture's client,
-    its ipc socket file, and its descendants seen so far (``{pid: start
-    time}``: the guardian and the first children, seen once it answers)."""
+    its ipc socket file, its descendants seen so far (``{pid: start time}``:
+    the guardian and the first children, seen once it answers) and the
+    folder of the cgroup it was started in."""
     proc: subprocess.Popen
     client: minisup.Client
     socket_file: pathlib.Path
     seen: dict = dataclasses.field(default_factory=dict)
+    cgroup_dir: pathlib.Path | None = None  # the folder of its cgroup, where it makes its own
 
 
 def stop_on_sigterm(proc):
@@ -311,7 +364,8 @@ def stop_on_sigterm(proc):
 def retire_cli_daemon(run):
     """Stop one CLI daemon (``stop_on_sigterm``) and return what it left
     behind, one line each: within DEADLINE every descendant it had must be
-    gone and its ipc socket file removed.  Descendants still there are
+    gone, its ipc socket file removed and the cgroups it made (or its
+    guardian, after a SIGKILL) removed.  Descendants still there are
     SIGKILLed, so that later tests start clean."""
     proc = run.proc
     if proc.poll() is None:  # before the stop: its orphans then go to init
@@ -325,6 +379,8 @@ def retire_cli_daemon(run):
     killed = proc.returncode == -signal.SIGKILL  # then nothing could remove its socket file
     if not killed and wait_for_nothing(run.socket_file.exists):
         problems.append(f"its socket file {run.socket_file} is still there")
+    cgroups = wait_for_nothing(lambda: minisup_cgroups(run.cgroup_dir, proc.pid))
+    problems += [f"its cgroup {run.cgroup_dir}/{name} is still there" for name in cgroups]
     return [f"CLI daemon pid {proc.pid}: {problem}" for problem in problems]
 
 
@@ -359,7 +415,7 @@ def retire_cli_daemons(runs, fds_before):
 def cli_daemon(tmp_path):
     """A daemon run by the CLI in its own process, on its own endpoint; at
     teardown stopped by SIGTERM and proven to leave nothing behind: no
-    descendant, socket file, child of this process or fd."""
+    descendant, socket file, cgroup, child of this process or fd."""
     runs = []
     fds_before = open_fds()
 
@@ -370,7 +426,7 @@ def cli_daemon(tmp_path):
         ini.write_text(f"[circus]\nendpoint = {endpoint}\n{options}" + textwrap.dedent(body))
         proc = spawn_cli(tmp_path, "run", str(ini))
         client = minisup.Client(endpoint, timeout=1.0)
-        runs.append(CliRun(proc, client, tmp_path / "cli.sock"))
+        runs.append(CliRun(proc, client, tmp_path / "cli.sock", cgroup_dir=own_cgroup_dir()))
         wait_for(lambda: _answers(client), what="the CLI daemon to answer")
         runs[-1].seen.update(descendants(proc.pid))
         return proc, client
@@ -4218,7 +4274,7 @@ def soak_daemon(tmp_path):
         write_ini(ini, endpoint, body)
         proc = spawn_cli(tmp_path, "run", str(ini), "--log-level", "warning")
         client = minisup.Client(endpoint, timeout=DEADLINE)
-        runs.append(CliRun(proc, client, tmp_path / "soak.sock"))
+        runs.append(CliRun(proc, client, tmp_path / "soak.sock", cgroup_dir=own_cgroup_dir()))
         wait_for(lambda: proc.poll() is not None or _answers(client),
                  what="the CLI daemon to answer")
         assert proc.poll() is None, (tmp_path / "daemon.log").read_text()
