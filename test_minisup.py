@@ -1252,6 +1252,666 @@ def test_pid_1_in_a_container_reaps_orphans_and_stops_on_sigterm(tmp_path):
     assert pids
 
 
+# ========================================================= containment ======
+# Every process a watcher starts dies with it, wherever it went: one cgroup
+# v2 per process under one per watcher (R/w.NAME/WID.SERIAL), or without a
+# writable cgroup, process groups, the subreaper and an environment tag.
+# Each test runs its daemon inside a scratch cgroup of its own, so that what
+# the daemon makes, kills and removes is in plain sight and proven gone.
+
+_scratch_serial = itertools.count(1)
+
+
+def move_to_cgroup(folder):
+    """Move this whole process (every thread) into the cgroup at ``folder``."""
+    (pathlib.Path(folder) / "cgroup.procs").write_text("0\n")
+
+
+def cgroup_folders(folder):
+    """The cgroups at and below ``folder``, deepest first."""
+    return [pathlib.Path(parent) for parent, _, _ in os.walk(folder, topdown=False)]
+
+
+def cgroup_members(folder):
+    """The pids in the cgroup at ``folder`` and every cgroup below it."""
+    pids = set()
+    for cgroup in cgroup_folders(folder):
+        with contextlib.suppress(FileNotFoundError):  # removed while we looked
+            pids.update(int(pid) for pid in (cgroup / "cgroup.procs").read_text().split())
+    return pids
+
+
+def populated(folder):
+    """Whether a live process is in the cgroup at ``folder`` or below it."""
+    return "populated 1" in (folder / "cgroup.events").read_text().splitlines()
+
+
+def remove_cgroups(folder):
+    """rmdir the cgroup at ``folder`` and those below it, deepest first; an
+    emptied cgroup may stay busy a moment, hence the deadline."""
+    for cgroup in cgroup_folders(folder):
+        deadline = time.monotonic() + DEADLINE
+        while cgroup.exists():
+            try:
+                cgroup.rmdir()
+            except OSError as exc:  # EBUSY: its last member not yet released
+                if exc.errno != errno.EBUSY or time.monotonic() > deadline:
+                    raise
+                time.sleep(0.005)
+
+
+@pytest.fixture
+def scratch_cgroup():
+    """A fresh cgroup under this process's own (found from /proc/self/cgroup
+    and /proc/self/mountinfo); skip where none can be made.  At teardown:
+    fail if this process was left outside its cgroup, or if anything was
+    left in the scratch cgroup (a process, or a cgroup minisup should have
+    removed); then kill what is there, wait until it is empty and remove it,
+    so that nothing is left under the cgroup2 mount in any case."""
+    if cgroup2_mount() is None:
+        pytest.skip("no cgroup2 mount in /proc/self/mountinfo")
+    home = cgroup_of()
+    folder = cgroup_dir(home) / f"test-minisup.{os.getpid()}.{next(_scratch_serial)}"
+    try:
+        folder.mkdir()
+    except OSError as exc:
+        pytest.skip(f"cannot make a scratch cgroup here: {exc}")
+    yield folder
+    problems = []
+    if cgroup_of() != home:  # before the kill below, which would reach us
+        problems.append(f"this test process was left in {cgroup_of()}")
+        move_to_cgroup(cgroup_dir(home))
+    problems += [f"{describe_process(pid)} was left in it" for pid in cgroup_members(folder)]
+    problems += [f"cgroup {cgroup.relative_to(folder)} was left in it"
+                 for cgroup in cgroup_folders(folder) if cgroup != folder]
+    (folder / "cgroup.kill").write_text("1\n")
+    if wait_for_nothing(lambda: populated(folder)):
+        problems.append("still populated after cgroup.kill")
+    remove_cgroups(folder)
+    if problems:
+        pytest.fail(f"scratch cgroup {folder}:\n" + "\n".join(problems), pytrace=False)
+
+
+def as_cgroup_path(text):
+    """A cgroup as /proc/PID/cgroup names it, given that or its folder."""
+    mount, root = cgroup2_mount()
+    if text.startswith(mount + "/"):
+        return os.path.normpath(os.path.join(root, os.path.relpath(text, mount)))
+    return text
+
+
+@pytest.fixture
+def contained_daemon(scratch_cgroup, tmp_path):
+    """Start in-process daemons from INI text (as make_daemon) inside the
+    scratch cgroup: this test process moves into it first, as a program
+    that embeds a Daemon would be in its cgroup.  At teardown: the daemons
+    stopped, this process must be back in the scratch cgroup (a Daemon
+    leaves its host where it found it); it then moves home, and nothing may
+    have leaked."""
+    daemons = []
+    fds_before = open_fds()
+    home = cgroup_of()
+    moved = []
+
+    def start(body, **global_options):
+        endpoint = f"ipc://{tmp_path}/c{len(daemons)}.sock"
+        options = "".join(f"{k} = {v}\n" for k, v in global_options.items())
+        text = f"[circus]\nendpoint = {endpoint}\n{options}" + textwrap.dedent(body)
+        move_to_cgroup(scratch_cgroup)
+        moved.append(True)
+        daemon = minisup.Daemon.from_ini(text)
+        daemons.append(daemon)
+        return daemon.start()
+
+    yield start
+    for daemon in daemons:
+        daemon.stop()
+    host_cgroup = cgroup_of()
+    move_to_cgroup(cgroup_dir(home))
+    expected = home
+    if moved:
+        expected = as_cgroup_path(str(scratch_cgroup))
+    assert host_cgroup == expected, "the stopped Daemon left its host in another cgroup"
+    assert_nothing_leaked(fds_before)
+
+
+#: ``sh -c`` moving itself into the cgroup at $1, then exec'ing the rest.
+ENTER_CGROUP = 'echo 0 > "$1/cgroup.procs" && shift && exec "$@"'
+#: ``sh -c`` making the cgroup2 mount at $1 read-only (in a mount namespace
+#: of its own: as Docker mounts it by default), then exec'ing the rest.
+READ_ONLY_CGROUP2 = 'mount -o remount,bind,ro "$1" && shift && exec "$@"'
+
+
+@pytest.fixture
+def contained_cli(scratch_cgroup, tmp_path):
+    """Start CLI daemons (``minisup run``, as cli_daemon) inside the scratch
+    cgroup, each on its own endpoint (tmp_path/cliN.sock, log daemonN.log).
+    ``answers=False``: return at once (a daemon expected to refuse to
+    start); ``read_only``: cgroup2 read-only for it.  Teardown as cli_daemon:
+    SIGTERM, and proof that nothing of it is left."""
+    runs = []
+    fds_before = open_fds()
+
+    def start(body, answers=True, read_only=False, **global_options):
+        number = len(runs)
+        endpoint = f"ipc://{tmp_path}/cli{number}.sock"
+        ini = tmp_path / f"app{number}.ini"
+        options = "".join(f"{k} = {v}\n" for k, v in global_options.items())
+        ini.write_text(f"[circus]\nendpoint = {endpoint}\n{options}" + textwrap.dedent(body))
+        prefix = ["sh", "-c", ENTER_CGROUP, "sh", str(scratch_cgroup)]
+        if read_only:
+            prefix += ["unshare", "--mount", "--propagation", "private",
+                       "sh", "-c", READ_ONLY_CGROUP2, "sh", cgroup2_mount()[0]]
+        proc = spawn_cli(tmp_path, "run", str(ini), prefix=prefix, log=f"daemon{number}.log")
+        client = minisup.Client(endpoint, timeout=DEADLINE)
+        runs.append(CliRun(proc, client, tmp_path / f"cli{number}.sock",
+                           cgroup_dir=scratch_cgroup))
+        if answers:
+            wait_for(lambda: proc.poll() is not None or _answers(client),
+                     what="the CLI daemon to answer")
+            assert proc.poll() is None, (tmp_path / f"daemon{number}.log").read_text()
+            runs[-1].seen.update(descendants(proc.pid))
+        return proc, client
+
+    yield start
+    retire_cli_daemons(runs, fds_before)
+
+
+def marked(mark):
+    """The live processes with ``mark`` as a word of their command line
+    (a zombie has none: it is dead)."""
+    found = set()
+    for entry in filter(str.isdigit, os.listdir("/proc")):
+        if mark.encode() in proc_bytes(entry, "cmdline").split(b"\0"):
+            found.add(int(entry))
+    return found
+
+
+def dead(pid):
+    """Whether ``pid`` has exited (gone, or a zombie not yet reaped)."""
+    return state_of(pid) in (None, "Z")
+
+
+def session_of(pid):
+    return int(proc_bytes(pid, "stat").rsplit(b")", 1)[1].split()[3])
+
+
+def family_folder(tmp_path, name="fam"):
+    """A folder for a family of processes: their pid files, and their mark
+    (each has the folder as a word of its command line)."""
+    folder = tmp_path / name
+    folder.mkdir()
+    return folder
+
+
+def pids_in(folder, prefix, count):
+    """Once ``count`` files FOLDER/PREFIX.PID exist: their pids, sorted."""
+    def found():
+        pids = sorted(int(path.name.split(".")[1]) for path in folder.glob(f"{prefix}.*"))
+        return len(pids) == count and pids
+    return wait_for(found, what=f"{count} {prefix}.PID files in {folder}")
+
+
+#: The watcher's child double-forks a daemon into a session of its own, as
+#: an init script does: its child calls setsid, forks the daemon and exits
+#: at once, so the daemon is an orphan in another session and process group,
+#: which no signal to the child's group reaches.  The daemon creates
+#: FOLDER/daemon.PID.  Every process of the family has FOLDER (argv[1]) on
+#: its command line, so ``marked(FOLDER)`` finds what is left of it.
+DAEMONIZE = """
+import os, sys, time
+folder = sys.argv[1]
+if os.fork() == 0:
+    os.setsid()
+    if os.fork() == 0:
+        open(os.path.join(folder, f"daemon.{os.getpid()}"), "w").close()
+        time.sleep(1000)
+    os._exit(0)
+os.wait()
+time.sleep(1000)
+"""
+
+
+def script_cmd(folder, code):
+    """The INI ``cmd`` running ``code`` (saved as FOLDER.py) with ``folder``
+    as its argument and mark."""
+    script = folder.with_suffix(".py")
+    script.write_text(code)
+    return f"cmd = {PY} {script} {folder}\n"
+
+
+def daemonize(folder):
+    """The INI ``cmd`` of a DAEMONIZE child marked with ``folder``."""
+    return script_cmd(folder, DAEMONIZE)
+
+
+#: The ``cgroup`` option's modes tested, and the mode each puts in force here.
+MODES = {"auto": "cgroup", "off": "process groups"}
+
+
+@pytest.mark.parametrize("mode", ["auto", "off"])
+def test_a_double_forked_setsid_daemon_dies_with_its_watchers_stop(contained_cli, tmp_path,
+                                                                   mode):
+    """The case process groups miss: a daemon in its own session, re-parented
+    (to the CLI, a subreaper).  Its cgroup (mode auto) or its environment
+    tag (mode off) ties it to its watcher, whose stop kills it, and only it:
+    the other watcher's daemon is left alone."""
+    fam, other = family_folder(tmp_path), family_folder(tmp_path, "other")
+    proc, client = contained_cli(f"[watcher:fam]\n{daemonize(fam)}"
+                                 f"[watcher:other]\n{daemonize(other)}", cgroup=mode)
+    assert client.call("health")["containment"]["mode"] == MODES[mode]
+    (orphan,) = pids_in(fam, "daemon", 1)
+    (main,) = client.call("list", name="fam")["pids"]
+    assert session_of(orphan) == orphan != session_of(main)
+    if mode == "off":  # what the tag is read for: an orphan the subreaper adopted
+        wait_for(lambda: orphan in cli_children(proc.pid), what="the daemon to adopt it")
+    kept = marked(str(other))
+    assert client.call("stop", name="fam", waiting=True)["status"] == "ok"
+    if mode == "auto":  # the stop is done when the cgroup is empty
+        assert not marked(str(fam)), "the stop answered before its daemon was dead"
+    wait_for(lambda: not marked(str(fam)), what="the double-forked daemon to die")
+    assert marked(str(other)) == kept and len(kept) == 2
+
+
+#: Ignores SIGTERM and double-forks a setsid'd sleeper every 10 ms (150 at
+#: most), each an orphan in its own session the moment it exists; all carry
+#: argv[1].
+FORK_LOOP = """
+import os, signal, sys, time
+signal.signal(signal.SIGTERM, signal.SIG_IGN)
+for _ in range(150):
+    if os.fork() == 0:
+        os.setsid()
+        if os.fork() == 0:
+            time.sleep(1000)
+        os._exit(0)
+    os.wait()
+    time.sleep(0.01)
+time.sleep(1000)
+"""
+
+
+def test_a_child_forking_in_a_loop_through_the_stop_leaves_nothing(contained_daemon,
+                                                                    tmp_path):
+    """A child that ignores SIGTERM and keeps forking orphans while it is
+    being stopped: every one of them is in its cgroup, which the stop kills
+    at graceful_timeout (cgroup.kill catches forks in flight), and the stop
+    answers once nothing is left."""
+    folder = family_folder(tmp_path)
+    daemon = contained_daemon(f"[watcher:loop]\n{script_cmd(folder, FORK_LOOP)}"
+                              "graceful_timeout = 0.3\n")
+    wait_for(lambda: len(marked(str(folder))) >= 10, what="the loop to fork ten orphans")
+    assert daemon.client.call("stop", name="loop", waiting=True)["status"] == "ok"
+    assert marked(str(folder)) == set()
+
+
+#: The child forks a helper that moves to a process group of its own
+#: (setpgid, same session) and ignores SIGTERM; it writes FOLDER/helper.PID.
+#: The child itself dies at SIGTERM, leaving the helper an orphan that no
+#: signal to the child's group reaches.
+LEAVE_GROUP = """
+import os, signal, sys, time
+folder = sys.argv[1]
+if os.fork() == 0:
+    os.setpgid(0, 0)
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    open(os.path.join(folder, f"helper.{os.getpid()}"), "w").close()
+    time.sleep(1000)
+time.sleep(1000)
+"""
+
+
+def test_a_process_that_left_its_group_dies_with_its_watchers_stop(contained_daemon, tmp_path):
+    """setpgid takes a helper out of the group the stop signals, and the
+    child's exit takes it out of the descendants a /proc walk finds; it is
+    still in the process's cgroup, so the stop kills it."""
+    folder = family_folder(tmp_path)
+    daemon = contained_daemon(f"[watcher:grp]\n{script_cmd(folder, LEAVE_GROUP)}")
+    (helper,) = pids_in(folder, "helper", 1)
+    (main,) = daemon.client.call("list", name="grp")["pids"]
+    assert os.getpgid(helper) == helper != os.getpgid(main)
+    assert daemon.client.call("stop", name="grp", waiting=True)["status"] == "ok"
+    assert dead(helper) and not marked(str(folder))
+
+
+def test_two_watchers_stops_leave_each_other_untouched(contained_daemon, tmp_path):
+    """Stopping one watcher kills its processes and their daemons, and not
+    one process of another watcher (its own cgroup)."""
+    a, b = family_folder(tmp_path, "a"), family_folder(tmp_path, "b")
+    daemon = contained_daemon(f"[watcher:a]\n{daemonize(a)}numprocesses = 2\n"
+                              f"[watcher:b]\n{daemonize(b)}numprocesses = 2\n")
+    pids_in(a, "daemon", 2)
+    pids_in(b, "daemon", 2)
+    family_b = marked(str(b))
+    assert len(family_b) == 4  # two children, two daemons
+    assert daemon.client.call("stop", name="a", waiting=True)["status"] == "ok"
+    assert marked(str(a)) == set()
+    assert marked(str(b)) == family_b
+    assert daemon.client.call("status", name="b")["status"] == "active"
+    assert daemon.client.call("stop", name="b", waiting=True)["status"] == "ok"
+    assert marked(str(b)) == set()
+
+
+#: A crash that leaves something behind.  The first run (FOLDER/first.PID)
+#: double-forks a daemon (FOLDER/daemon.PID), waits until it exists (a pipe)
+#: and exits 1.  A later run, the replacement, writes FOLDER/replacement.PID
+#: holding the leftover daemon's state as the replacement starts: "gone" or
+#: its /proc state letter ("Z": killed, not yet reaped); then it sleeps.
+CRASH_LEAVING_A_DAEMON = """
+import glob, os, sys, time
+folder = sys.argv[1]
+daemons = glob.glob(os.path.join(folder, "daemon.*"))
+if not daemons:
+    open(os.path.join(folder, f"first.{os.getpid()}"), "w").close()
+    ready, tell = os.pipe()
+    if os.fork() == 0:
+        os.setsid()
+        if os.fork() == 0:
+            open(os.path.join(folder, f"daemon.{os.getpid()}"), "w").close()
+            os.write(tell, b"!")
+            time.sleep(1000)
+        os._exit(0)
+    os.close(tell)
+    os.read(ready, 1)
+    sys.exit(1)
+leftover = daemons[0].rsplit(".", 1)[1]
+try:
+    state = open(f"/proc/{leftover}/stat").read().rsplit(")", 1)[1].split()[0]
+except OSError:
+    state = "gone"
+path = os.path.join(folder, f"replacement.{os.getpid()}")
+open(path + ".tmp", "w").write(state)
+os.rename(path + ".tmp", path)
+time.sleep(1000)
+"""
+
+
+def crash_and_replace(contained_daemon, tmp_path, extra=""):
+    """A watcher whose first process crashes leaving a daemon behind: the
+    daemon, the client, (first pid, leftover pid, replacement pid) and the
+    leftover's state as the replacement started."""
+    folder = family_folder(tmp_path)
+    daemon = contained_daemon(f"[watcher:crashy]\n"
+                              f"{script_cmd(folder, CRASH_LEAVING_A_DAEMON)}{extra}")
+    (first,) = pids_in(folder, "first", 1)
+    (leftover,) = pids_in(folder, "daemon", 1)
+    (replacement,) = pids_in(folder, "replacement", 1)
+    state = (folder / f"replacement.{replacement}").read_text()
+    assert daemon.client.call("list", name="crashy")["pids"] == [replacement]
+    assert replacement not in (first, leftover)  # a new process, not the first one
+    return daemon, folder, leftover, state
+
+
+def test_what_a_crashed_process_left_dies_before_its_replacement_starts(contained_daemon,
+                                                                       tmp_path):
+    """kill_leftovers (the default): a process that dies on its own has its
+    cgroup killed before the replacement is spawned, so the replacement
+    never meets its predecessor's daemon (a second instance, a held port)."""
+    daemon, folder, leftover, state = crash_and_replace(contained_daemon, tmp_path)
+    assert state in ("gone", "Z"), f"the leftover was {state!r} as the replacement started"
+    assert dead(leftover)
+    assert daemon.client.call("stop", name="crashy", waiting=True)["status"] == "ok"
+    assert marked(str(folder)) == set()
+
+
+def test_kill_leftovers_false_keeps_them_until_the_watchers_stop(contained_daemon, tmp_path):
+    """kill_leftovers = false, for programs that hand work to a detached
+    child on purpose: it outlives the crash, and still dies with the
+    watcher's stop."""
+    daemon, folder, leftover, state = crash_and_replace(
+        contained_daemon, tmp_path, "kill_leftovers = false\n")
+    assert state not in ("gone", "Z") and not dead(leftover)
+    assert daemon.client.call("stop", name="crashy", waiting=True)["status"] == "ok"
+    assert dead(leftover) and marked(str(folder)) == set()
+
+
+@pytest.mark.parametrize("mode", ["auto", "off"])
+def test_a_sigkilled_cli_daemon_leaves_no_process_a_double_forked_one_included(
+        contained_cli, tmp_path, mode):
+    """The guardian outlives a SIGKILLed daemon and kills what it left:
+    every watcher cgroup (mode auto; then removes them), or (mode off) every
+    process carrying the daemon's environment tag, a daemon in its own
+    session included, which no process group or parent link leads to."""
+    folder = family_folder(tmp_path)
+    proc, client = contained_cli(f"[watcher:fam]\n{daemonize(folder)}numprocesses = 2\n",
+                                 cgroup=mode)
+    assert client.call("health")["containment"]["mode"] == MODES[mode]
+    pids_in(folder, "daemon", 2)
+    assert len(marked(str(folder))) == 4
+    proc.kill()
+    proc.wait()
+    wait_for(lambda: not marked(str(folder)), what="the guardian to kill every process")
+
+
+def guardian_of(pid):
+    """The guardian helper of the CLI daemon ``pid``: its child that runs
+    ``python -S -c``."""
+    def found():
+        helpers = [child for child in cli_children(pid)
+                   if proc_bytes(child, "cmdline").split(b"\0")[1:3] == [b"-S", b"-c"]]
+        return len(helpers) == 1 and helpers[0]
+    return wait_for(found, what=f"the guardian of {pid}")
+
+
+def test_a_daemon_restarted_after_a_sigkill_removes_the_stale_cgroups(contained_cli,
+                                                                      scratch_cgroup, tmp_path):
+    """A daemon SIGKILLed with its guardian leaves its cgroups, processes
+    in them: the next daemon started in the same cgroup knows them by name
+    (minisup.PID.START.N of no live process), kills what is in them and
+    removes them."""
+    folder = family_folder(tmp_path)
+    proc, _ = contained_cli(f"[watcher:fam]\n{daemonize(folder)}")
+    (orphan,) = pids_in(folder, "daemon", 1)
+    os.kill(guardian_of(proc.pid), signal.SIGKILL)  # so that nothing cleans up after it
+    proc.kill()
+    proc.wait()
+    (stale,) = scratch_cgroup.glob(f"minisup.{proc.pid}.*")
+    assert not dead(orphan) and cgroup_of(orphan).startswith(
+        as_cgroup_path(str(stale)) + "/"), "the orphan should be left in the stale cgroup"
+    contained_cli(sleepers(n=1))
+    wait_for(lambda: not stale.exists(), what=f"the stale cgroup {stale} to be removed")
+    assert dead(orphan) and not marked(str(folder))
+
+
+#: The child double-forks a process that burns 0.3 s of CPU, writes
+#: FOLDER/burner.PID and exits: an orphan in another session, gone before
+#: the stats are read, so no /proc walk can count it.
+BURN_IN_A_GRANDCHILD = """
+import os, sys, time
+folder = sys.argv[1]
+if os.fork() == 0:
+    os.setsid()
+    if os.fork() == 0:
+        while time.process_time() < 0.3:
+            pass
+        open(os.path.join(folder, f"burner.{os.getpid()}"), "w").close()
+        os._exit(0)
+    os._exit(0)
+os.wait()
+time.sleep(1000)
+"""
+
+
+def test_stats_count_the_cpu_of_a_grandchild_that_has_exited(contained_daemon, tmp_path):
+    """``stats`` reads each process's whole tree from its cgroup (cpu.stat
+    counts exited members too): the 0.3 s a departed grandchild burned is in
+    the process's and the watcher's ``tree.cpu``, and not in the child's own
+    /proc figures."""
+    folder = family_folder(tmp_path)
+    daemon = contained_daemon(f"[watcher:burn]\n{script_cmd(folder, BURN_IN_A_GRANDCHILD)}")
+    (burner,) = pids_in(folder, "burner", 1)
+    wait_for(lambda: dead(burner), what="the burner to exit")
+    (pid,) = daemon.client.call("list", name="burn")["pids"]
+    reply = daemon.client.call("stats", name="burn")
+    tree = reply["info"][str(pid)]["tree"]
+    assert tree["cpu"] >= 0.2 and reply["tree"]["cpu"] >= tree["cpu"]
+    assert tree["processes"] == 1 and tree["memory"] > 0
+    times = proc_bytes(pid, "stat").rsplit(b")", 1)[1].split()[11:15]  # utime .. cstime
+    assert sum(map(int, times)) / os.sysconf("SC_CLK_TCK") < 0.2
+
+
+def born_inside(client, root, name, count):
+    """The cgroups of the ``count`` processes of watcher ``name``, each of
+    which has forked a child at once: check that each shares a cgroup
+    ROOT/w.NAME/WID.SERIAL with its child, one cgroup per process."""
+    processes = extended(client, name)[name]["processes"]
+    pids = [process["pid"] for process in processes]
+    assert len(pids) == count
+    wait_for(lambda: all(child_pids(pid) for pid in pids), what="every child to fork")
+    leaves = set()
+    for process in processes:
+        leaf = cgroup_of(process["pid"])
+        assert re.fullmatch(rf"{re.escape(root)}/w\.{name}/{process['wid']}\.\d+", leaf)
+        assert {cgroup_of(child) for child in child_pids(process["pid"])} == {leaf}
+        leaves.add(leaf)
+    assert len(leaves) == count
+    return leaves
+
+
+def test_every_process_is_born_in_its_own_cgroup_under_its_watchers(contained_daemon):
+    """A child is in its cgroup R/w.NAME/WID.SERIAL before it can fork: a
+    shell that forks at once has its child there too, over 40 spawns; the
+    host process is back in its own cgroup between spawns, and each emptied
+    cgroup is removed."""
+    daemon = contained_daemon("[watcher:pair]\ncmd = sleep 100 & exec sleep 100\n"
+                              "shell = true\nnumprocesses = 20\n")
+    root = as_cgroup_path(daemon.client.call("health")["containment"]["cgroup"])
+    first = born_inside(daemon.client, root, "pair", 20)
+    assert cgroup_of() == os.path.dirname(root)
+    assert daemon.client.call("restart", name="pair", waiting=True)["status"] == "ok"
+    second = born_inside(daemon.client, root, "pair", 20)
+    assert cgroup_of() == os.path.dirname(root) and not first & second
+    kept = wait_for_nothing(lambda: [leaf for leaf in first if cgroup_dir(leaf).exists()])
+    assert not kept, f"emptied cgroups not removed: {kept}"
+
+
+#: (option, value, the controller it needs)
+LIMITS = [("memory_max", "64M", "memory"), ("cpu_quota", "50", "cpu"),
+          ("pids_max", "10", "pids")]
+
+
+def controllers(cgroup):
+    """The controllers the cgroup at folder ``cgroup`` may use."""
+    return (cgroup / "cgroup.controllers").read_text().split()
+
+
+@pytest.mark.parametrize("mode", ["auto", "off"])
+@pytest.mark.parametrize("option, value, controller", LIMITS)
+def test_a_limit_without_its_controller_is_refused_saying_how_to_get_it(
+        contained_daemon, scratch_cgroup, mode, option, value, controller):
+    """Never accept a limit and ignore it: without the controller (or with
+    cgroup = off) the daemon refuses to start, naming the option and how to
+    get it delegated, and starts nothing."""
+    if mode == "auto" and controller in controllers(scratch_cgroup):
+        pytest.skip(f"the {controller} controller is delegated here: the limit is kept")
+    with pytest.raises(minisup.ConfigError) as refusal:
+        contained_daemon(sleepers("capped", 1, extra=f"{option} = {value}"), cgroup=mode)
+    message = str(refusal.value)
+    assert "[watcher:capped]" in message and option in message
+    if mode == "auto":
+        assert "Delegate=yes" in message
+    else:
+        assert "cgroup" in message
+
+
+def test_run_refuses_a_limit_without_its_controller_exit_2(contained_cli, scratch_cgroup,
+                                                           tmp_path):
+    """``minisup run`` with such a limit exits 2, the reason in its log."""
+    if "memory" in controllers(scratch_cgroup):
+        pytest.skip("the memory controller is delegated here: memory_max is kept")
+    proc, _ = contained_cli(sleepers("capped", 1, extra="memory_max = 64M"), answers=False)
+    assert proc.wait(DEADLINE) == 2
+    log = (tmp_path / "daemon0.log").read_text()
+    assert "memory_max" in log and "Delegate=yes" in log
+
+
+def test_add_and_set_of_a_limit_without_its_controller_are_errno_3(contained_daemon,
+                                                                   scratch_cgroup):
+    """``add`` and ``set`` refuse a limit that cannot be had, as the INI
+    file does, and change nothing."""
+    if {"memory", "pids"} & set(controllers(scratch_cgroup)):
+        pytest.skip("a memory or pids controller is delegated here: the limits are kept")
+    daemon = contained_daemon(sleepers(n=1))
+    reply = daemon.client.call("add", name="capped", cmd=PY, args=["-c", SLEEP],
+                               options={"memory_max": 64 << 20}, start=True)
+    assert reply["status"] == "error" and reply["errno"] == 3, reply
+    assert "memory_max" in reply["reason"] and "Delegate=yes" in reply["reason"]
+    assert daemon.client.call("list")["watchers"] == ["web"]
+    pids = daemon.client.call("list", name="web")["pids"]
+    reply = daemon.client.call("set", name="web", options={"pids_max": 10}, waiting=True)
+    assert reply["status"] == "error" and reply["errno"] == 3, reply
+    assert "pids_max" in reply["reason"] and "Delegate=yes" in reply["reason"]
+    assert daemon.client.call("get", name="web", keys=["pids_max"])["options"] != {
+        "pids_max": 10}
+    assert daemon.client.call("list", name="web")["pids"] == pids
+
+
+def test_a_memory_max_oom_kill_is_reported_with_its_reason(contained_daemon, scratch_cgroup,
+                                                           tmp_path, caplog):
+    """A process the kernel OOM-kills at its memory_max: the reason, with
+    the limit, is in the log, in ``status`` extended and in the reap
+    event."""
+    if "memory" not in controllers(scratch_cgroup):
+        pytest.skip(f"no memory controller here ({scratch_cgroup}/cgroup.controllers: "
+                    f"{controllers(scratch_cgroup)}): memory_max is refused, not enforced")
+    hog = "chunks = []\nwhile True:\n    chunks.append(bytearray(1 << 20))"
+    daemon = contained_daemon(f"[watcher:hog]\ncmd = {py_cmd(hog)}\nmemory_max = 32M\n"
+                              "respawn = false\nautostart = false\n",
+                              pubsub_endpoint=f"ipc://{tmp_path}/pub.sock")
+    reason = "OOM kill (memory_max 32M)"
+    with subscriber(daemon) as sub:
+        daemon.client.call("start", name="hog")
+        events = drain_events(sub, lambda e: any(t == "watcher.hog.reap" for t, _ in e))
+    (payload,) = [body for topic, body in events if topic == "watcher.hog.reap"]
+    assert payload["reason"] == reason and payload["exit_code"] == -signal.SIGKILL
+    wait_for(lambda: extended(daemon.client, "hog")["hog"].get("last_exit_reason") == reason,
+             what="status to give the reason")
+    assert reason in caplog.text
+
+
+@pytest.mark.parametrize("mode", ["auto", "off"])
+def test_health_and_status_say_which_containment_is_in_force(contained_daemon,
+                                                             scratch_cgroup, capsys, mode):
+    """Which guarantees hold is never a guess: ``health`` and ``status``
+    (and ``ctl``'s) name the mode, with the daemon's cgroup (minisup.PID.
+    START.N in the cgroup it started in) or why there is none."""
+    daemon = contained_daemon(sleepers(n=1), cgroup=mode)
+    containment = daemon.client.call("health")["containment"]
+    assert daemon.client.call("status")["containment"] == containment
+    if mode == "auto":
+        assert containment["mode"] == "cgroup"
+        root = as_cgroup_path(containment["cgroup"])
+        name = rf"minisup\.{os.getpid()}\.\d+\.\d+"
+        assert re.fullmatch(rf"{re.escape(as_cgroup_path(str(scratch_cgroup)))}/{name}", root)
+        assert cgroup_dir(root).is_dir()
+    else:
+        assert containment["mode"] == "process groups" and containment["reason"]
+    for command in ("health", "status"):
+        code, out, _ = ctl(capsys, daemon.endpoint, command)
+        lines = [line for line in out.splitlines() if line.startswith("containment: ")]
+        assert code == 0 and len(lines) == 1 and containment["mode"] in lines[0], out
+
+
+def test_cgroup_required_without_a_writable_cgroup_refuses_to_start(contained_cli, tmp_path):
+    """cgroup = required where cgroup2 is read-only (a container's
+    default): ``run`` exits 2 and says why, rather than run uncontained."""
+    proc, _ = contained_cli(sleepers(n=1), answers=False, read_only=True, cgroup="required")
+    assert proc.wait(DEADLINE) == 2
+    log = (tmp_path / "daemon0.log").read_text()
+    assert "cgroup" in log and re.search("read-only", log, re.IGNORECASE), log
+
+
+def test_cgroup_auto_without_a_writable_cgroup_falls_back_and_says_why(contained_cli,
+                                                                       tmp_path):
+    """cgroup = auto (the default) where cgroup2 is read-only: the daemon
+    runs in process-group mode and says why, in its log and in ``health``."""
+    _, client = contained_cli(sleepers(n=1), read_only=True)
+    containment = client.call("health")["containment"]
+    assert containment["mode"] == "process groups"
+    assert re.search("read-only", containment["reason"], re.IGNORECASE), containment
+    assert re.search("read-only", (tmp_path / "daemon0.log").read_text(), re.IGNORECASE)
+
+
 # ====================================================== output capture ======
 
 WRITER = """
