@@ -5,6 +5,8 @@ start daemons:
 
 * config: parsing, pure (Config);
 * process: spawning, process groups and orphans, uid and rlimits (Process);
+* containment: a cgroup per watcher and per process, limits, the fallback
+  without a writable cgroup, each test in a scratch cgroup of its own;
 * output capture: pipes, log files, rotation (Output);
 * watcher on a fake clock, then readiness, depends_on and systemd (Watcher,
   Arbiter);
