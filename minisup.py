@@ -684,6 +684,20 @@ def _text_bytes(text: str) -> int:
     return int(number[:len(number) - len(suffix)]) * BYTE_SUFFIXES[suffix]
 
 
+def size_text(count: int) -> str:
+    """A size as ``memory_max`` reads it, in the largest unit that divides
+    it: 64M for 67108864, 1536K for 1.5 MiB."""
+    for suffix, unit in sorted(BYTE_SUFFIXES.items(), key=_second, reverse=True):
+        if count % unit == 0:
+            return f"{count // unit}{suffix}"
+    return str(count)  # unreachable: the unit of "" is 1
+
+
+def _second(item: tuple[Any, Any]) -> Any:
+    """Sort key: the second of a pair."""
+    return item[1]
+
+
 def _no_limit_or(convert: Callable[[str], Any]) -> Callable[[str], Any]:
     """An INI reader of a limit: "" or "max" (as in cgroup files) is None,
     no limit; anything else is ``convert``-ed."""
@@ -2264,6 +2278,8 @@ def open_cgroup_tree(mode: str, token: str) -> tuple[CgroupTree | None, str]:
     if relative.startswith(".."):
         return None, f"this process's cgroup {own} is outside the cgroup2 mount"
     found = os.path.normpath(os.path.join(mount_point, relative))
+    if os.statvfs(mount_point).f_flag & os.ST_RDONLY:  # a container's default
+        return None, f"cgroup2 is mounted read-only at {mount_point}; {DELEGATION_HINT}"
     if not os.access(os.path.join(found, "cgroup.procs"), os.W_OK):
         return None, f"{found} is not writable by this user; {DELEGATION_HINT}"
     root = os.path.join(found, f"minisup.{token}")
@@ -4143,9 +4159,9 @@ class Arbiter:
         reason = None
         if read_keyed(folder, "memory.events").get("oom_kill"):
             limit = watcher.config.memory_max
-            reason = f"OOM kill (memory_max {human_bytes(limit)})"
-            if limit is None:
-                reason = "OOM kill (the machine's memory)"
+            reason = "OOM kill (the machine's memory)"
+            if limit is not None:
+                reason = f"OOM kill (memory_max {size_text(limit)})"
         if not self.cgroups.remove_when_empty(folder):
             self._lingering[folder] = watcher
             watcher.lingering += 1
@@ -5413,6 +5429,7 @@ class Daemon:
         self.pump = Pump()
         self.arbiter = Arbiter(config, clock, self.pump, subreaper, systemd, watchdog)
         self._started = False
+        self._contained = False  # open_containment has run
         self._stopped = False
         self._client: Client | None = None
         self._worker_thread: threading.Thread | None = None  # started once the rest is up
@@ -5436,6 +5453,7 @@ class Daemon:
         ConfigError if a bind fails."""
         if self._started:
             raise MinisupError("a Daemon starts only once")
+        self.open_containment()
         self._started = True
         self._warn_at_start()
         # The start is the worker's first job, queued before the control
@@ -5459,6 +5477,20 @@ class Daemon:
             logger.error("not every watcher started: %s", reply.reason)
         return self
 
+    def open_containment(self) -> None:
+        """Make the daemon's cgroup subtree, or choose the fallback, and
+        check every watcher's limits (see Arbiter.open_containment); once,
+        by ``start``, or before it by a caller that tells these config
+        errors apart.  Raise ConfigError, having released what it made."""
+        if self._contained:
+            return
+        self._contained = True
+        try:
+            self.arbiter.open_containment()
+        except BaseException:
+            self.stop()
+            raise
+
     def _warn_at_start(self) -> None:
         """Log the config's warnings, a process limit too low for it, and a
         root daemon that every local user may drive."""
@@ -5478,7 +5510,6 @@ class Daemon:
         if self.controller.error is not None:
             raise self.controller.error
         self.arbiter.bind_sockets()
-        self.arbiter.open_containment()
         if self.arbiter.reaper.subreaper:
             set_child_subreaper()
         if self.config.guardian:
@@ -6298,6 +6329,12 @@ def run_daemon(args: argparse.Namespace) -> int:
     address, watchdog = systemd_settings()
     daemon = Daemon(config, subreaper=True, systemd=address, watchdog=watchdog)
     install_signal_handlers(daemon)  # first: a Ctrl-C during start is clean
+    try:  # a limit or cgroup = required that cannot be had: refused as the config is
+        daemon.open_containment()
+    except ConfigError as exc:
+        report_start_failure(exc, config.logoutput, started)
+        remove_pidfile(config.pidfile)
+        return EXIT_USAGE
     try:
         daemon.start()
         if started is not None:
