@@ -2279,7 +2279,8 @@ def open_cgroup_tree(mode: str, token: str) -> tuple[CgroupTree | None, str]:
         return None, f"this process's cgroup {own} is outside the cgroup2 mount"
     found = os.path.normpath(os.path.join(mount_point, relative))
     if os.statvfs(mount_point).f_flag & os.ST_RDONLY:  # a container's default
-        return None, f"cgroup2 is mounted read-only at {mount_point}; {DELEGATION_HINT}"
+        return None, (f"cannot write {found}: cgroup2 is mounted read-only at {mount_point}; "
+                      f"{DELEGATION_HINT}")
     if not os.access(os.path.join(found, "cgroup.procs"), os.W_OK):
         return None, f"{found} is not writable by this user; {DELEGATION_HINT}"
     root = os.path.join(found, f"minisup.{token}")
