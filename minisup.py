@@ -3379,7 +3379,7 @@ class JobRunner:
 #: The guardian helper (see Reaper.start_guardian), run as python -S -c.
 #: Its lines: +PID / -PID a group to kill or not, cPATH a cgroup subtree to
 #: empty and remove, tTAG the environment tag of orphans to kill.
-GUARDIAN_CODE = """import os, signal, sys, time
+GUARDIAN_CODE = """import os, select, signal, sys, time
 groups, trees, tags = set(), [], []
 for line in sys.stdin.buffer:
     kind, value = line[:1], line[1:].rstrip(b"\\n")
@@ -3397,19 +3397,27 @@ for pid in os.listdir("/proc") if tags else ():
     try: environ = b"\\0" + open(f"/proc/{pid}/environ", "rb").read()
     except (OSError, ValueError): continue
     if any(tag in environ for tag in tags): kill(int(pid))
+def wait_empty(folder, deadline):
+    try: fd = os.open(folder + "/cgroup.events", os.O_RDONLY)
+    except OSError: return
+    poller = select.poll()
+    poller.register(fd, select.POLLPRI)
+    while b"populated 1" in os.pread(fd, 256, 0) and time.monotonic() < deadline:
+        poller.poll(max(0.0, deadline - time.monotonic()) * 1000)
+    os.close(fd)
 for tree in trees:
-    folders = [d for d, _, _ in os.walk(tree, topdown=False)]
-    for folder in folders:
+    watchers = [e.path for e in os.scandir(tree) if e.name.startswith("w.")]
+    for folder in watchers:
         try: open(folder + "/cgroup.kill", "w").write("1")
-        except OSError:
-            try: [kill(int(p)) for p in open(folder + "/cgroup.procs")]
-            except OSError: pass
+        except OSError:  # no cgroup.kill (before Linux 5.14): each pid, below too
+            for below, _, _ in os.walk(folder):
+                try: [kill(int(p)) for p in open(below + "/cgroup.procs")]
+                except OSError: pass
     deadline = time.monotonic() + 5
-    while time.monotonic() < deadline:
-        try: folders = [f for f in folders if os.rmdir(f) or False]
-        except FileNotFoundError: folders = folders[1:]
-        except OSError: time.sleep(0.01)
-        if not folders: break"""
+    for folder in watchers: wait_empty(folder, deadline)
+    for folder in [d for d, _, _ in os.walk(tree, topdown=False)]:
+        try: os.rmdir(folder)
+        except OSError: pass"""
 
 
 def tagged_owner(pid: int, tag: str) -> str | None:
