@@ -992,7 +992,11 @@ class Config:
     # minisup's own: a cgroup v2 subtree holds every process (auto: where the
     # daemon can write one; required: or it does not start; off: never).
     cgroup: str = option(_choice("auto", "required", "off"), "auto")
-    check_delay: float = option(SECONDS, 5.0)
+    # At or below 0, as in Circus: no periodic check (deaths need none here).
+    check_delay: float = option(_number(-MAX_SECONDS, MAX_SECONDS, "a number of seconds"), 5.0)
+    # Circus's daemon umask, which its children inherit: here, the umask of
+    # each watcher of the file that sets none.
+    umask: int | None = option(OCTAL, None)
     warmup_delay: float = option(SECONDS, 0.0)
     loglevel: str = option(STR, "info")
     logoutput: str = option(STR, "-")
@@ -1015,8 +1019,171 @@ GLOBAL_OPTIONS = _option_table(Config)
 RELOAD_OPTIONS = {f.name for f in dataclasses.fields(WatcherConfig) if f.metadata.get("reload")}
 
 
+#: ``$(circus.KEY)`` or ``((circus.KEY))``: Circus's two spellings, any case.
+SUBSTITUTION = re.compile(r"\$\(circus\.([\w.-]+)\)|\(\(circus\.([\w.-]+)\)\)", re.IGNORECASE)
+
+
+def _variable(name: str, envs: tuple[dict[str, str], ...]) -> str | None:
+    """The value of variable ``name`` in the first of ``envs`` that has it,
+    its case ignored as Circus ignores it (an exact match first); None if
+    none has it."""
+    lowered = name.lower()
+    for env in envs:
+        if name in env:
+            return env[name]
+        for key, value in env.items():
+            if key.lower() == lowered:
+                return value
+    return None
+
+
+def substitute(text: str, values: dict[str, str], *envs: dict[str, str]) -> str:
+    """Expand ``$(circus.KEY)`` in ``text``: KEY from ``values`` (``wid``,
+    ``sockets.NAME``, in lower case), ``env.NAME`` from the first of
+    ``envs`` that has NAME.  Anything else in that form is left as written,
+    as Circus leaves it.  Pure."""
+    def replace(match: re.Match[str]) -> str:
+        """The text of one match, for SUBSTITUTION.sub."""
+        key = match.group(1) or match.group(2)
+        if key.lower() in values:
+            return values[key.lower()]
+        found = None
+        if key.lower().startswith("env."):
+            found = _variable(key[4:], envs)
+        if found is None:
+            return match.group(0)
+        return found
+    return SUBSTITUTION.sub(replace, text)
+
+
+INI_SECTION = re.compile(r"\[(?P<name>.+)\]")  # what follows the "]" is ignored
+INI_OPTION = re.compile(r"(?P<name>.*?)\s*[=:]\s*(?P<value>.*)$")
+
+
+@dataclasses.dataclass
+class IniSection:
+    """One section as Circus's reader leaves it: option names as written
+    (case kept), each with the lines of its value and the file it came from."""
+
+    name: str
+    lines: dict[str, list[str]] = dataclasses.field(default_factory=dict)
+    sources: dict[str, str] = dataclasses.field(default_factory=dict)
+
+    def items(self) -> list[tuple[str, str]]:
+        """(name, value) pairs in the order read; a value's lines are joined by newlines."""
+        return [(name, "\n".join(lines)) for name, lines in self.lines.items()]
+
+    def get(self, name: str, default: str = "") -> str:
+        """The value of option ``name``, or ``default`` if it is not set."""
+        if name not in self.lines:
+            return default
+        return "\n".join(self.lines[name])
+
+
+def _is_comment(line: str) -> bool:
+    """True for a line Circus's reader skips: blank, starting with ``#`` or
+    ``;``, or a ``rem`` line (the word at the very start, in any case)."""
+    if not line.strip() or line[0] in "#;":
+        return True
+    return line[0] in "rR" and line.split(None, 1)[0].lower() == "rem"
+
+
+def _ini_value(text: str) -> str:
+    """An option's value as Circus cuts it: only the first ``;`` may start a
+    comment, and only after whitespace; ``""`` is the empty value."""
+    cut = text.find(";")
+    if cut > 0 and text[cut - 1].isspace():
+        text = text[:cut]
+    text = text.strip()
+    if text == '""':
+        return ""
+    return text
+
+
+def read_ini(text: str, source: str, sections: dict[str, IniSection],
+             warnings: list[str]) -> None:
+    """Add the sections of INI ``text`` to ``sections`` by Circus's rules,
+    not configparser's: comments as ``_is_comment`` says; a line that starts
+    with whitespace continues the last option; a section read before is
+    added to; a repeated option keeps its first value (with a warning), and
+    the repeat's continuation lines go to that first value, as in Circus.
+    Pure; raise ConfigError naming the first line that is none of these."""
+    current: IniSection | None = None
+    option = None
+    for number, line in enumerate(text.splitlines(), 1):
+        if _is_comment(line):
+            continue
+        if line[0].isspace() and current is not None and option is not None:
+            if line.strip():
+                current.lines[option].append(line.strip())
+            continue
+        header = INI_SECTION.match(line)
+        if header:
+            current = _ini_section(header["name"], source, number, sections)
+            option = None
+            continue
+        found = INI_OPTION.match(line)
+        if current is None or not found:
+            what = "an option before any [section]" if found else "not a [section] or option = value"
+            raise ConfigError(f"line {number}: {what}: {line.strip()[:100]!r}", source)
+        option = found["name"]
+        if option in current.lines:
+            warnings.append(f"{source}: line {number}: [{current.name}]: {option!r} is set "
+                            "again; the first value stands, as in Circus")
+            continue
+        current.lines[option] = [_ini_value(found["value"])]
+        current.sources[option] = source
+
+
+def _ini_section(name: str, source: str, number: int,
+                 sections: dict[str, IniSection]) -> IniSection:
+    """The section ``[name]`` starts or continues (Circus merges sections of
+    one name, in one file or across includes).  Raise ConfigError for
+    ``[DEFAULT]``, whose options configparser would copy into every section."""
+    if name == "DEFAULT":
+        raise ConfigError(f"line {number}: a [DEFAULT] section is not supported: "
+                          "set its options in each section", source)
+    if name not in sections:
+        sections[name] = IniSection(name)
+    return sections[name]
+
+
+def read_ini_file(path: str, sections: dict[str, IniSection], warnings: list[str]) -> None:
+    """Read the INI file at ``path`` into ``sections`` (see ``read_ini``);
+    raise ConfigError if it cannot be read."""
+    try:
+        with open(path, encoding="utf-8") as stream:
+            text = stream.read()
+    except (OSError, UnicodeDecodeError) as exc:
+        raise ConfigError(f"cannot read the file: {exc}", path) from None
+    read_ini(text, path, sections, warnings)
+
+
+def included_files(circus: IniSection, folder: str, env: dict[str, str],
+                   warnings: list[str]) -> list[str]:
+    """The files ``[circus] include`` (glob patterns) and ``include_dir``
+    (folders, each read as ``FOLDER/*.ini``) name, relative to ``folder``
+    (the including file's) unless absolute, in that order, each pattern's
+    sorted (Circus leaves them in the order the folder lists them).  A
+    pattern that matches nothing is a warning, as in Circus."""
+    patterns = substitute(circus.get("include"), {}, env).split()
+    for folder_name in substitute(circus.get("include_dir"), {}, env).split():
+        patterns.append(os.path.join(folder_name, "*.ini"))
+    found: list[str] = []
+    for pattern in patterns:
+        matches = sorted(glob.glob(os.path.join(folder, pattern)))
+        if not matches:
+            warnings.append(f"{circus.sources.get('include', '')}: [circus]: include "
+                            f"{pattern!r} names no file (relative to {folder or '.'})")
+        for path in matches:
+            if path not in found:
+                found.append(path)
+    return found
+
+
 def load_config(path: str | os.PathLike) -> Config:
-    """Read and check an INI file; raise ConfigError.  Starts nothing."""
+    """Read and check an INI file and the files it includes; raise
+    ConfigError.  Starts nothing."""
     source = os.fspath(path)
     try:
         with open(source, encoding="utf-8") as stream:
@@ -1028,27 +1195,29 @@ def load_config(path: str | os.PathLike) -> Config:
 
 def parse_config(text: str, source: str = "<string>",
                  environ: dict[str, str] | None = None) -> Config:
-    """Check Circus-style INI ``text`` and return a Config; pure.
-    ``environ`` (default ``os.environ``) expands ``$VAR`` in env sections.
-    An unknown option is a warning in ``Config.warnings``; a bad value is a
-    ConfigError naming the file, section, option and value."""
-    parser = _ini_parser(text, source)
-    config = Config(source=source)
+    """Check Circus-style INI ``text`` and return a Config; starts nothing.
+    The files ``[circus] include`` and ``include_dir`` name are read too,
+    relative to ``source``'s folder.  ``environ`` (default ``os.environ``)
+    expands ``$VAR`` in env sections and ``$(circus.env.NAME)`` in every
+    section.  An unknown option is a warning in ``Config.warnings``; a bad
+    value is a ConfigError naming the file, section, option and value."""
     if environ is None:
         environ = os.environ
-    if parser.has_section("circus"):
-        _read_global(config, parser["circus"])
-    envs = _read_envs(parser, environ)
-    for section in parser.sections():
-        section_type = section.partition(":")[0]
-        if section_type == "watcher":
-            config.watchers.append(_read_watcher(config, parser[section], envs))
-        elif section_type == "socket":
-            config.sockets.append(_read_socket(config, parser[section]))
-        elif section_type not in ("circus", "env"):
-            config.warnings.append(f"{source}: [{section}]: section not supported, ignored")
+    config = Config(source=source)
+    sections = _read_ini_files(text, source, environ, config.warnings)
+    envs = _read_envs(sections, environ)
+    daemon_env = {**environ, **_global_variables(envs)}  # as Circus: [env] over the daemon's
+    if "circus" in sections:
+        _read_global(config, sections["circus"], daemon_env)
+    plugins = [_read_plugin(config, s, daemon_env) for s in _sections_of(config, sections, "plugin")]
+    defaults = _plugin_defaults(config, plugins)
+    for section in _sections_of(config, sections, "socket"):
+        config.sockets.append(_read_socket(config, section, daemon_env))
+    for section in _sections_of(config, sections, "watcher"):
+        config.watchers.append(_read_watcher(config, section, envs, daemon_env, defaults))
+    _warn_unknown_sections(config, sections)
     if not config.watchers:
-        raise ConfigError(_no_watcher_reason(parser.sections()), source)
+        raise ConfigError(_no_watcher_reason(list(sections)), source)
     _check_socket_names(config)
     try:
         check_dependencies(config.watchers)
@@ -1057,31 +1226,307 @@ def parse_config(text: str, source: str = "<string>",
     return config
 
 
-def _ini_parser(text: str, source: str) -> Any:
-    """A ConfigParser holding INI ``text`` as Circus reads it (no
-    interpolation, ``;`` comments, names keep their case); raise ConfigError."""
-    import configparser  # here, as ipaddress and ctypes elsewhere: ctl starts faster
-    parser = configparser.ConfigParser(interpolation=None, inline_comment_prefixes=(";",),
-                                       default_section="\0")
-    parser.optionxform = str  # env names keep their case
-    try:
-        parser.read_string(text, source)
-    except configparser.Error as exc:
-        raise ConfigError(str(exc).replace("\n", " "), source) from None
-    return parser
+def _read_ini_files(text: str, source: str, environ: dict[str, str],
+                    warnings: list[str]) -> dict[str, IniSection]:
+    """The sections of INI ``text`` merged with those of the files its
+    ``[circus]`` includes (Circus reads the includes of the first file
+    only, and so does minisup); raise ConfigError."""
+    sections: dict[str, IniSection] = {}
+    read_ini(text, source, sections, warnings)
+    if "circus" in sections:
+        folder = os.path.dirname(source)
+        for path in included_files(sections["circus"], folder, environ, warnings):
+            if os.path.abspath(path) != os.path.abspath(source):
+                read_ini_file(path, sections, warnings)
+    return sections
 
 
-def _read_envs(parser: Any, environ: dict[str, str]) -> list[tuple[str, dict[str, str]]]:
+KNOWN_SECTIONS = ("circus", "env", "watcher", "socket", "plugin")
+
+
+def _sections_of(config: Config, sections: dict[str, IniSection], kind: str) -> list[IniSection]:
+    """The sections named ``[KIND:...]``, in the order read.  One with no
+    option is skipped with a warning, as Circus skips it (silently)."""
+    found = []
+    for section in sections.values():
+        if section.name.partition(":")[0] != kind:
+            continue
+        if section.lines:
+            found.append(section)
+        else:
+            config.warnings.append(f"{config.source}: [{section.name}]: no option, "
+                                   "ignored (as Circus ignores an empty section)")
+    return found
+
+
+def _warn_unknown_sections(config: Config, sections: dict[str, IniSection]) -> None:
+    """Warn in ``config`` of each section that is none of KNOWN_SECTIONS
+    (Circus ignores them; its names are case-sensitive, as here)."""
+    for name in sections:
+        if name.partition(":")[0] not in KNOWN_SECTIONS:
+            config.warnings.append(f"{config.source}: [{name}]: section not supported, ignored")
+
+
+def _read_envs(sections: dict[str, IniSection],
+               environ: dict[str, str]) -> list[tuple[str, dict[str, str]]]:
     """The ``[env]`` and ``[env:PATTERNS]`` sections, in file order, as
     (patterns, variables) pairs: patterns "" for ``[env]``, and each value
-    with its ``$VAR`` expanded from ``environ``."""
+    with its ``$(circus.env.NAME)``, ``$VAR`` and ``${VAR}`` expanded from
+    ``environ``."""
     envs = []
-    for section in parser.sections():
-        if section == "env" or section.startswith("env:"):
-            variables = {name: expand_vars(value, environ)
-                         for name, value in parser[section].items()}
-            envs.append((section[3:].lstrip(":"), variables))
+    for name, section in sections.items():
+        if name == "env" or name.startswith("env:"):
+            variables = {key: expand_vars(substitute(value, {}, environ), environ)
+                         for key, value in section.items()}
+            envs.append((name[3:].lstrip(":"), variables))
     return envs
+
+
+def _global_variables(envs: list[tuple[str, dict[str, str]]]) -> dict[str, str]:
+    """The variables of the ``[env]`` section (patterns ""), which Circus
+    also lets every section's ``$(circus.env.NAME)`` see."""
+    variables: dict[str, str] = {}
+    for patterns, values in envs:
+        if not patterns:
+            variables.update(values)
+    return variables
+
+
+#: Circus options that tune only Circus's own side processes (its stats,
+#: web and statsd helpers, its logging setup): accepted with a warning that
+#: names what minisup offers instead.
+_NO_STATS_PROCESS = "minisup runs no stats process: the stats command answers from the daemon"
+_NO_WEB_CONSOLE = "minisup has no web console: use ctl status, ctl watch and ctl tail"
+CIRCUS_SIDE_OPTIONS = {
+    "stats_endpoint": _NO_STATS_PROCESS, "statsd": _NO_STATS_PROCESS,
+    "fqdn_prefix": "it prefixes statsd names, and minisup sends none",
+    "httpd": _NO_WEB_CONSOLE, "httpd_host": _NO_WEB_CONSOLE, "httpd_port": _NO_WEB_CONSOLE,
+    "debug": "use loglevel = debug", "debug_gc": "use loglevel = debug",
+    "loggerconfig": "use loglevel and logoutput",
+    "stdout_stream.refresh_time": "minisup writes output as it arrives",
+    "stderr_stream.refresh_time": "minisup writes output as it arrives",
+}
+#: Circus watcher options that change how a watcher runs and that minisup
+#: does not offer: a config that sets them is refused, never half-honoured.
+_USE_VENV_PYTHON = ("run the virtualenv's own interpreter (cmd = /srv/venv/bin/python "
+                    "app.py): it needs no PATH or PYTHONPATH set for it")
+REFUSED_OPTIONS = {
+    "virtualenv": _USE_VENV_PYTHON, "virtualenv_py_ver": _USE_VENV_PYTHON,
+    "on_demand": "minisup starts a watcher with the daemon or, with autostart = false, "
+                 "on a start command; it does not wait for a first connection",
+}
+#: Circus's ``flapping.NAME`` watcher options (read by its Flapping plugin).
+FLAPPING_ALIASES = {f"flapping.{name}": f"flapping_{name}"
+                    for name in ("attempts", "window", "retry_in", "max_retry")}
+#: The replacements named when a ``[plugin:NAME]`` is refused, by its class.
+_EVENTS = "subscribe to the events minisup publishes on pubsub_endpoint instead"
+PLUGIN_REPLACEMENTS = {
+    "circus.plugins.statsd.StatsdEmitter": "use the stats command (ctl stats)",
+    "circus.plugins.statsd.FullStats": "use the stats command (ctl stats)",
+    "circus.plugins.resource_watcher.ResourceWatcher":
+        "use the cgroup limits memory_max, cpu_quota and pids_max",
+    "circus.plugins.http_observer.HttpObserver": "use ready = tcp:PORT and the health command",
+    "circus.plugins.redis_observer.RedisObserver": "use ready = tcp:PORT and the health command",
+    "circus.plugins.command_reloader.CommandReloader":
+        "use reloadconfig (ctl reloadconfig), which restarts what changed",
+}
+FLAPPING_PLUGIN = "circus.plugins.flapping.Flapping"
+#: The Flapping plugin's options: the watcher option each sets, and
+#: Circus's default for it.
+FLAPPING_PLUGIN_OPTIONS = {"attempts": ("flapping_attempts", "2"),
+                           "window": ("flapping_window", "1"),
+                           "retry_in": ("flapping_retry_in", "7"),
+                           "max_retry": ("flapping_max_retry", "5")}
+#: Options of the ``[watcher:NAME]`` section that only Circus's INI file
+#: has (not ``add`` or ``set``): read, then folded into minisup's own.
+INI_ONLY_OPTIONS = {"check_flapping": BOOL, "on_demand": BOOL}
+#: Watcher options expanded at each spawn (with the child's env and wid),
+#: so not when the file is read.
+SPAWN_SUBSTITUTED = {"cmd", "args", "shell_args"}
+
+
+def _read_options(config: Config, section: IniSection,
+                  type_of: Callable[[str], OptionType | None],
+                  envs: tuple[dict[str, str], ...]) -> dict[str, Any]:
+    """Parse a section's options, each by the OptionType ``type_of`` its
+    name gives, after expanding ``$(circus.env.NAME)`` from ``envs``; warn
+    about unknown ones in ``config``; raise ConfigError."""
+    values: dict[str, Any] = {}
+    for option, text in section.items():
+        option_type = type_of(option)
+        if option_type is None or option_type is ENV:
+            _warn_unknown_option(config, section, option, type_of)
+            continue
+        if option not in SPAWN_SUBSTITUTED:
+            text = substitute(text, {}, *envs)
+        try:
+            values[option] = option_type.from_text(text)
+        except (ValueError, TypeError) as exc:
+            raise ConfigError(str(exc), section.sources[option], section.name,
+                              option, text) from None
+    return values
+
+
+def _warn_unknown_option(config: Config, section: IniSection, option: str,
+                         type_of: Callable[[str], OptionType | None]) -> None:
+    """Warn in ``config`` of ``option``, which ``type_of`` does not know:
+    what minisup offers for a Circus-only one; the name it may mean for one
+    in another case (option names are case-sensitive, as in Circus)."""
+    where = f"{section.sources[option]}: [{section.name}]"
+    if option in CIRCUS_SIDE_OPTIONS:
+        reason = f"Circus's own, ignored: {CIRCUS_SIDE_OPTIONS[option]}"
+    elif option.lower() != option and type_of(option.lower()) is not None:
+        reason = (f"ignored: option names are case-sensitive, as in Circus "
+                  f"(did you mean {option.lower()!r}?)")
+    else:
+        reason = "ignored"
+    config.warnings.append(f"{where}: unknown or unsupported option {option!r}, {reason}")
+
+
+def _global_option_type(key: str) -> OptionType | None:
+    """The OptionType of ``[circus]`` option ``key`` (``include`` and
+    ``include_dir`` too: read before the rest, by ``included_files``)."""
+    if key in ("include", "include_dir"):
+        return STR
+    return GLOBAL_OPTIONS.get(key)
+
+
+def _read_global(config: Config, section: IniSection, env: dict[str, str]) -> None:
+    """Read the ``[circus]`` section into ``config``, ``$(circus.env.NAME)``
+    expanded from ``env``; raise ConfigError for a bad value, half a CURVE
+    setup, an endpoint_owner that gives the daemon away, or an endpoint it
+    may not bind."""
+    values = _read_options(config, section, _global_option_type, (env,))
+    values.pop("include", None)
+    values.pop("include_dir", None)
+    for key, value in values.items():
+        setattr(config, key, value)
+    if bool(config.curve_secret_key) != bool(config.curve_authorized_keys):
+        raise ConfigError("set both curve_secret_key and curve_authorized_keys, or neither",
+                          config.source, "circus")
+    try:
+        check_endpoint_owner(config.endpoint_owner)
+    except ConfigError as exc:
+        raise ConfigError(exc.detail, config.source, "circus", exc.option, exc.value) from None
+    for key in ("endpoint", "pubsub_endpoint", "multicast_endpoint"):
+        value = getattr(config, key)
+        try:
+            if key == "multicast_endpoint" and value:  # empty: off, as in Circus
+                check_udp_endpoint(value)
+            elif value:
+                check_endpoint(value, bool(config.curve_secret_key))
+        except ConfigError as exc:
+            raise ConfigError(exc.detail, config.source, "circus", key, value) from None
+
+
+def _read_socket(config: Config, section: IniSection, env: dict[str, str]) -> SocketConfig:
+    """Read a ``[socket:NAME]`` section (a path makes it af_unix),
+    ``$(circus.env.NAME)`` expanded from ``env``; raise ConfigError."""
+    values = _read_options(config, section, SOCKET_OPTIONS.get, (env,))
+    if values.get("path"):
+        values.setdefault("family", "af_unix")
+    if values.get("family") == "af_unix" and not values.get("path"):
+        raise ConfigError("a unix socket needs a path", config.source, section.name, "path", "")
+    return SocketConfig(name=section.name.partition(":")[2].strip().lower(), **values)
+
+
+def _read_plugin(config: Config, section: IniSection,
+                 env: dict[str, str]) -> tuple[str, dict[str, str]]:
+    """Read a ``[plugin:NAME]`` section: its options (``$(circus.env.NAME)``
+    expanded from ``env``), for a plugin minisup maps onto its own options.
+    Raise ConfigError naming what minisup offers for any other: minisup runs
+    no plugin, and one silently dropped would change what the config does."""
+    options = {key: substitute(value, {}, env) for key, value in section.items()}
+    use = options.get("use", "")
+    if use == FLAPPING_PLUGIN:
+        return section.name, options
+    offer = PLUGIN_REPLACEMENTS.get(use, f"minisup runs no plugin: {_EVENTS}")
+    raise ConfigError(f"the plugin {use or '(no use = CLASS)'} is not supported: {offer}",
+                      section.sources.get("use", config.source), section.name, "use", use)
+
+
+def _plugin_defaults(config: Config,
+                     plugins: list[tuple[str, dict[str, str]]]) -> dict[str, Any]:
+    """The watcher options the mapped plugins set for every watcher (each
+    watcher's own win): Circus's Flapping plugin, unless ``active = false``,
+    sets the flapping options.  Raise ConfigError for a bad value."""
+    defaults: dict[str, Any] = {}
+    for section, plugin in plugins:
+        types = {"active": (BOOL, plugin.get("active", "true"))}
+        for key, (option, default) in FLAPPING_PLUGIN_OPTIONS.items():
+            types[key] = (WATCHER_OPTIONS[option], plugin.get(key, default))
+        try:
+            values = {key: kind.from_text(text) for key, (kind, text) in types.items()}
+        except (ValueError, TypeError) as exc:
+            raise ConfigError(str(exc), config.source, section) from None
+        if values.pop("active"):
+            defaults.update((FLAPPING_PLUGIN_OPTIONS[key][0], v) for key, v in values.items())
+    return defaults
+
+
+def _ini_watcher_option_type(key: str) -> OptionType | None:
+    """The OptionType of ``[watcher:NAME]`` option ``key`` as the INI file
+    has it: every watcher option, Circus's ``flapping.NAME`` spelling, and
+    the INI-only switches."""
+    if key in INI_ONLY_OPTIONS:
+        return INI_ONLY_OPTIONS[key]
+    return watcher_option_type(FLAPPING_ALIASES.get(key, key))
+
+
+def _watcher_env(name: str, envs: list[tuple[str, dict[str, str]]]) -> dict[str, str]:
+    """Watcher ``name``'s env: merged from each of ``envs`` (in order) whose
+    patterns match its name (``[env]``: every watcher's)."""
+    env: dict[str, str] = {}
+    for patterns, variables in envs:
+        if not patterns or any(fnmatch.fnmatch(name.lower(), p.strip().lower())
+                               for p in patterns.split(",")):
+            env.update(variables)
+    return env
+
+
+def _fold_circus_options(values: dict[str, Any], section: IniSection,
+                         defaults: dict[str, Any], umask: int | None) -> dict[str, Any]:
+    """Fold a watcher's Circus-only options into minisup's: ``flapping.NAME``
+    is ``flapping_NAME``, ``check_flapping = false`` turns flapping off, the
+    plugins' ``defaults`` and the daemon's ``umask`` apply where the watcher
+    sets none.  Raise ConfigError for ``on_demand = true`` and any option of
+    REFUSED_OPTIONS."""
+    for option, text in section.items():
+        refused = option in REFUSED_OPTIONS and option != "on_demand"
+        if refused or (option == "on_demand" and values.get("on_demand")):
+            raise ConfigError(f"not supported by minisup: {REFUSED_OPTIONS[option]}",
+                              section.sources[option], section.name, option, text)
+    values.pop("on_demand", None)
+    folded = {**defaults}
+    if umask is not None:
+        folded["umask"] = umask
+    for key, value in values.items():
+        folded[FLAPPING_ALIASES.get(key, key)] = value
+    if not folded.pop("check_flapping", True):
+        folded["flapping_attempts"] = 0
+    return folded
+
+
+def _read_watcher(config: Config, section: IniSection, envs: list[tuple[str, dict[str, str]]],
+                  daemon_env: dict[str, str], defaults: dict[str, Any]) -> WatcherConfig:
+    """Read a ``[watcher:NAME]`` section (``$(circus.env.NAME)`` expanded
+    from its env, then ``daemon_env``), on top of the plugins' ``defaults``;
+    raise ConfigError."""
+    name = section.name[len("watcher:"):].strip()
+    if not name:
+        raise ConfigError("a watcher needs a name", config.source, section.name)
+    env = _watcher_env(name, envs)
+    values = _read_options(config, section, _ini_watcher_option_type, (env, daemon_env))
+    values = _fold_circus_options(values, section, defaults, config.umask)
+    try:
+        values = gather_prefixed(values)
+    except ValueError as exc:
+        raise ConfigError(str(exc), config.source, section.name) from None
+    if not values.get("cmd"):
+        raise ConfigError("cmd is required", config.source, section.name, "cmd", "")
+    watcher = WatcherConfig(name=name, env=env, **values)
+    check_watcher_values(watcher, config.source)
+    return watcher
 
 
 def _no_watcher_reason(sections: list[str]) -> str:
@@ -1104,60 +1549,6 @@ def check_dependencies(watchers: Iterable[WatcherConfig]) -> None:
         graphlib.TopologicalSorter(graph).prepare()
     except graphlib.CycleError as exc:
         raise ValueError("depends_on makes a cycle: " + " -> ".join(exc.args[1])) from None
-
-
-def _read_options(config: Config, section: Any,
-                  type_of: Callable[[str], OptionType | None]) -> dict[str, Any]:
-    """Parse a section's options, each by the OptionType ``type_of`` its
-    name gives; warn about unknown ones in ``config``; raise ConfigError."""
-    values: dict[str, Any] = {}
-    for option, text in section.items():
-        key = option.lower()
-        option_type = type_of(key)
-        if option_type is None or option_type is ENV:
-            config.warnings.append(f"{config.source}: [{section.name}]: unknown "
-                                   f"or unsupported option {option!r}, ignored")
-            continue
-        try:
-            values[key] = option_type.from_text(text)
-        except (ValueError, TypeError) as exc:
-            raise ConfigError(str(exc), config.source, section.name, option, text) from None
-    return values
-
-
-def _read_global(config: Config, section: Any) -> None:
-    """Read the ``[circus]`` section into ``config``; raise ConfigError for a
-    bad value, half a CURVE setup, an endpoint_owner that gives the daemon
-    away, or an endpoint it may not bind."""
-    for key, value in _read_options(config, section, GLOBAL_OPTIONS.get).items():
-        setattr(config, key, value)
-    if bool(config.curve_secret_key) != bool(config.curve_authorized_keys):
-        raise ConfigError("set both curve_secret_key and curve_authorized_keys, or neither",
-                          config.source, "circus")
-    try:
-        check_endpoint_owner(config.endpoint_owner)
-    except ConfigError as exc:
-        raise ConfigError(exc.detail, config.source, "circus", exc.option, exc.value) from None
-    for key in ("endpoint", "pubsub_endpoint", "multicast_endpoint"):
-        value = getattr(config, key)
-        try:
-            if key == "multicast_endpoint" and value:  # empty: off, as in Circus
-                check_udp_endpoint(value)
-            elif value:
-                check_endpoint(value, bool(config.curve_secret_key))
-        except ConfigError as exc:
-            raise ConfigError(exc.detail, config.source, "circus", key, value) from None
-
-
-def _read_socket(config: Config, section: Any) -> SocketConfig:
-    """Read a ``[socket:NAME]`` section (a path makes it af_unix); raise
-    ConfigError."""
-    values = _read_options(config, section, SOCKET_OPTIONS.get)
-    if values.get("path"):
-        values.setdefault("family", "af_unix")
-    if values.get("family") == "af_unix" and not values.get("path"):
-        raise ConfigError("a unix socket needs a path", config.source, section.name, "path", "")
-    return SocketConfig(name=section.name.partition(":")[2].strip().lower(), **values)
 
 
 SOCKET_REFERENCE = re.compile(r"\$\(circus\.sockets\.([\w-]+)\)", re.IGNORECASE)
@@ -1184,30 +1575,6 @@ def expand_vars(text: str, environ: dict[str, str]) -> str:
         name = match.group(1) or match.group(2)  # ${VAR} or $VAR
         return environ.get(name, "")
     return re.sub(r"\$(?:\{(\w+)\}|(\w+))", value_of, text)
-
-
-def _read_watcher(config: Config, section: Any,
-                  envs: list[tuple[str, dict[str, str]]]) -> WatcherConfig:
-    """Read a ``[watcher:NAME]`` section, its env merged from each of
-    ``envs`` (in order) whose patterns match its name (``[env]``: every
-    watcher's); raise ConfigError."""
-    name = section.name[len("watcher:"):].strip()
-    if not name:
-        raise ConfigError("a watcher needs a name", config.source, section.name)
-    try:
-        values = gather_prefixed(_read_options(config, section, watcher_option_type))
-    except ValueError as exc:
-        raise ConfigError(str(exc), config.source, section.name) from None
-    if not values.get("cmd"):
-        raise ConfigError("cmd is required", config.source, section.name, "cmd", "")
-    env: dict[str, str] = {}
-    for patterns, variables in envs:
-        if not patterns or any(fnmatch.fnmatch(name.lower(), p.strip().lower())
-                               for p in patterns.split(",")):
-            env.update(variables)
-    watcher = WatcherConfig(name=name, env=env, **values)
-    check_watcher_values(watcher, config.source)
-    return watcher
 
 
 def watcher_config_from_json(name: Any, cmd: Any, args: Any, options: Any) -> WatcherConfig:
@@ -1289,29 +1656,15 @@ def socket_users(config: WatcherConfig) -> set[str]:
 
 # ============================================================= Process ======
 
-SUBSTITUTION = re.compile(r"\$\(circus\.([\w.-]+)\)", re.IGNORECASE)
-
-
-def substitute(text: str, values: dict[str, str], env: dict[str, str]) -> str:
-    """Expand ``$(circus.KEY)`` in ``text`` from ``values`` (``wid``,
-    ``sockets.NAME``) and ``$(circus.env.NAME)`` from ``env``; anything
-    else in that form is left as written, as Circus does."""
-    def replace(match: re.Match[str]) -> str:
-        """The text of one ``$(circus.KEY)`` match, for SUBSTITUTION.sub."""
-        key = match.group(1)
-        if key.lower().startswith("env."):
-            return env.get(key[4:], os.environ.get(key[4:], ""))
-        return values.get(key.lower(), match.group(0))
-    return SUBSTITUTION.sub(replace, text)
-
-
 def child_env(config: WatcherConfig, values: dict[str, str]) -> dict[str, str]:
     """The environment of one child: only the configured variables unless
     ``copy_env``, as in Circus."""
     base: dict[str, str] = {}
     if config.copy_env:
         base = dict(os.environ)
-    env = {**base, **{name: substitute(v, values, base) for name, v in config.env.items()}}
+    env = dict(base)
+    for name, value in config.env.items():
+        env[name] = substitute(value, values, base, os.environ)
     if config.copy_path:  # Circus: the daemon's sys.path as PYTHONPATH
         env["PYTHONPATH"] = os.pathsep.join(p for p in sys.path if p)
     return env
@@ -1320,11 +1673,11 @@ def child_env(config: WatcherConfig, values: dict[str, str]) -> dict[str, str]:
 def child_argv(config: WatcherConfig, values: dict[str, str], env: dict[str, str]) -> list[str]:
     """The command line of one child.  Under a shell, the first item is
     the script and ``shell_args`` become its ``$0 $1 ...``."""
-    cmd = substitute(config.cmd, values, env)
-    args = [substitute(a, values, env) for a in config.args]
+    cmd = substitute(config.cmd, values, env, os.environ)
+    args = [substitute(a, values, env, os.environ) for a in config.args]
     if config.shell:
         script = " ".join([cmd, *map(shlex.quote, args)])
-        return [script, *(substitute(a, values, env) for a in config.shell_args)]
+        return [script, *(substitute(a, values, env, os.environ) for a in config.shell_args)]
     return shlex.split(cmd) + args
 
 
@@ -3856,11 +4209,14 @@ class Arbiter:
     def _timeout(self, now: float) -> float:
         """How long the next poll may block: until the nearest deadline of
         a watcher or the systemd watchdog, ``check_delay`` at most (and
-        FALLBACK_POLL while some child has no pidfd)."""
+        FALLBACK_POLL while some child has no pidfd).  A ``check_delay`` at
+        or below 0 means no periodic check, as in Circus."""
         deadlines = [w.next_deadline() for w in [*self.watchers.values(), *self._retiring]]
         deadlines.append(self.systemd.next_deadline())
         waits = [max(0.0, d - now) for d in deadlines if d is not None]
-        timeout = min([self.config.check_delay, LONGEST_WAIT, *waits])
+        if self.config.check_delay > 0:
+            waits.append(self.config.check_delay)
+        timeout = min([LONGEST_WAIT, *waits])
         if self.reaper.polling:
             return min(timeout, FALLBACK_POLL)
         return timeout
@@ -4291,10 +4647,12 @@ class Arbiter:
             watcher.update(config, self.clock(), True, config.numprocesses)
 
     def _apply_globals(self, new: Config) -> None:
-        """Take a re-read ``[circus]``: check_delay and warmup_delay now,
-        the rest (logged) when the daemon restarts."""
+        """Take a re-read ``[circus]``: check_delay and warmup_delay now
+        (umask through each watcher's config), the rest (logged) when the
+        daemon restarts."""
         self.config.check_delay = new.check_delay
         self.config.warmup_delay = new.warmup_delay
+        self.config.umask = new.umask
         for key in sorted(GLOBAL_OPTIONS.keys() - {"check_delay", "warmup_delay", "endpoint"}):
             if getattr(new, key) != getattr(self.config, key):
                 logger.warning("reloadconfig: [circus] %s changed; it takes "
@@ -4624,12 +4982,12 @@ def handle_resize(arbiter: Arbiter, properties: dict[str, Any], sign: int
 
 
 def handle_numprocesses(arbiter: Arbiter, properties: dict[str, Any]) -> dict[str, Any]:
-    """``numprocesses``: how many are wanted in all; with ``name``, as
-    Circus, that watcher's live processes and the name as asked."""
+    """``numprocesses``: as Circus, how many processes run (0 after a
+    ``stop``); with ``name``, that watcher's, and the name as asked."""
     name = properties.get("name")
     if name is not None:
         return {"numprocesses": len(arbiter.get_watcher(name).processes), "watcher_name": name}
-    return {"numprocesses": sum(w.numprocesses for w in arbiter.watchers.values())}
+    return {"numprocesses": sum(len(w.processes) for w in arbiter.watchers.values())}
 
 
 def handle_numwatchers(arbiter: Arbiter, properties: dict[str, Any]) -> dict[str, Any]:

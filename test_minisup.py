@@ -556,11 +556,11 @@ cmd = b
 def test_unknown_options_and_sections_are_warnings_naming_them():
     config = minisup.parse_config(
         "[circus]\nfrobnicate = 1\n[watcher:a]\ncmd = x\ncolour = red\n"
-        "[plugin:p]\nuse = y\n", source="app.ini")
+        "[program:p]\ncommand = y\n", source="app.ini")
     text = "\n".join(config.warnings)
     assert "app.ini: [circus]: unknown or unsupported option 'frobnicate'" in text
     assert "app.ini: [watcher:a]: unknown or unsupported option 'colour'" in text
-    assert "[plugin:p]" in text
+    assert "app.ini: [program:p]: section not supported, ignored" in text
 
 
 @pytest.mark.parametrize("option, value, reason", [
@@ -596,13 +596,14 @@ def test_watcher_without_cmd_is_an_error():
         minisup.parse_config("[watcher:w]\nnumprocesses = 1\n", "app.ini")
 
 
-@pytest.mark.parametrize("text", [
-    "cmd = x\n",                                  # no section header
-    "[watcher:w]\ncmd = x\n[watcher:w]\ncmd = y\n",  # duplicate section
-    "[watcher:w]\ncmd = x\ncmd = y\n",            # duplicate option
+@pytest.mark.parametrize("text, reason", [
+    ("cmd = x\n", "line 1: an option before any [section]"),
+    ("[watcher:w]\ncmd = x\nnot an option\n", "line 3: not a [section] or option = value"),
+    ("[DEFAULT]\nnumprocesses = 2\n[watcher:w]\ncmd = x\n",
+     "line 1: a [DEFAULT] section is not supported"),
 ])
-def test_ini_syntax_errors_name_the_file(text):
-    with pytest.raises(minisup.ConfigError, match="^app.ini: "):
+def test_ini_syntax_errors_name_the_file_and_line(text, reason):
+    with pytest.raises(minisup.ConfigError, match=f"^app.ini: {re.escape(reason)}"):
         minisup.parse_config(text, "app.ini")
 
 
@@ -823,6 +824,239 @@ close_child_stdin = false
 def test_bad_sockets_and_endpoints_are_errors(text, message):
     with pytest.raises(minisup.ConfigError, match=re.escape(message)):
         minisup.parse_config(text, "app.ini")
+
+
+# -- Circus parity: each file read by circus.config.get_config and by load_config --
+
+def load_both(tmp_path, files, monkeypatch=None, **environ):
+    """Write ``files`` (relative path -> INI text) under tmp_path and read
+    ``circus.ini`` with Circus's reader and minisup's: (circus, minisup)."""
+    from circus.config import get_config
+    for name, text in files.items():
+        path = tmp_path / name
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(textwrap.dedent(text))
+    for name, value in environ.items():
+        monkeypatch.setenv(name, value)
+    main = str(tmp_path / "circus.ini")
+    return get_config(main), minisup.load_config(main)
+
+
+def circus_watchers(config):
+    """Circus's watchers as {name: (argv, numprocesses, env)}, wid 1."""
+    from circus.util import replace_gnu_args
+    facts = {}
+    for watcher in config["watchers"]:
+        env = {k: v for k, v in watcher["env"].items() if k != "__name__"}  # Circus's stray key
+        words = [replace_gnu_args(watcher[key], env=env, wid=1) for key in ("cmd", "args")]
+        argv = shlex.split(words[0]) + shlex.split(words[1])
+        facts[watcher["name"].lower()] = (argv, int(watcher["numprocesses"]), env)
+    return facts
+
+
+def minisup_watchers(config):
+    """minisup's watchers as {name: (argv, numprocesses, env)}, wid 1."""
+    facts = {}
+    for watcher in config.watchers:
+        env = minisup.child_env(watcher, {"wid": "1"})
+        argv = minisup.child_argv(watcher, {"wid": "1"}, env)
+        facts[watcher.name] = (argv, watcher.numprocesses, dict(watcher.env))
+    return facts
+
+
+def test_include_globs_and_include_dir_load_as_in_circus(tmp_path, monkeypatch):
+    circus, ours = load_both(tmp_path, {
+        "circus.ini": """
+            [circus]
+            include = conf.d/*.ini extra.ini nothing/*.ini
+            include_dir = more
+            [watcher:web]
+            cmd = sleep 10
+            numprocesses = 2
+            [env]
+            COMMON = yes
+            """,
+        "conf.d/a.ini": "[watcher:api]\ncmd = sleep 20\n[watcher:web]\nnumprocesses = 7\n"
+                        "priority = 3\n",
+        "conf.d/b.ini": "[watcher:worker]\ncmd = sleep 30\nnumprocesses = 4\n",
+        "conf.d/ignored.txt": "[watcher:no]\ncmd = x\n",
+        "extra.ini": "[env:api]\nONLY_API = 1\n",
+        "more/c.ini": "[watcher:cron]\ncmd = sleep 40\n",
+    })
+    assert minisup_watchers(ours) == circus_watchers(circus)
+    assert sorted(minisup_watchers(ours)) == ["api", "cron", "web", "worker"]
+    web = ours.watchers[0]
+    assert (web.numprocesses, web.priority) == (2, 3)  # sections merge; the first value stands
+    assert any("include 'nothing/*.ini' names no file" in w for w in ours.warnings)
+
+
+def test_an_include_folder_is_relative_to_the_including_file(tmp_path, monkeypatch):
+    (tmp_path / "elsewhere").mkdir()
+    monkeypatch.chdir(tmp_path / "elsewhere")
+    circus, ours = load_both(tmp_path, {
+        "circus.ini": "[circus]\ninclude_dir = conf.d\n[watcher:a]\ncmd = sleep 1\n",
+        "conf.d/b.ini": "[watcher:b]\ncmd = sleep 2\n"})
+    assert sorted(minisup_watchers(ours)) == ["a", "b"]
+    assert minisup_watchers(ours) == circus_watchers(circus)
+
+
+def test_an_unreadable_include_is_an_error_naming_it(tmp_path):
+    (tmp_path / "conf.d").mkdir()
+    (tmp_path / "conf.d" / "bad.ini").write_bytes(b"[watcher:x]\ncmd = \xff\n")
+    main = tmp_path / "circus.ini"
+    main.write_text("[circus]\ninclude = conf.d/*.ini\n[watcher:a]\ncmd = sleep 1\n")
+    with pytest.raises(minisup.ConfigError, match=r"conf.d/bad.ini: cannot read the file"):
+        minisup.load_config(main)
+
+
+def test_the_ini_reader_cuts_comments_and_joins_lines_as_circus_does(tmp_path, monkeypatch):
+    circus, ours = load_both(tmp_path, {"circus.ini": """
+        [watcher:loop]
+        cmd = sh
+        args = -c "for i in 1 2 3; do echo $i ; done"
+        numprocesses = 2 ; a comment after a space
+        NumProcesses = 7
+        rem a rem line, any case
+        REM another
+        # a comment
+        ; another
+        [watcher:joined]
+        cmd = echo
+        args = first
+          second ;third
+        numprocesses = 3
+        numprocesses = 9
+        [watcher:joined]
+        numprocesses = 5
+        [env]
+        EMPTY = ""
+        KEPT = x;y ;z
+        SPACED = a ; cut
+        """})
+    assert minisup_watchers(ours) == circus_watchers(circus)
+    argv, count, env = minisup_watchers(ours)["loop"]
+    assert argv == ["sh", "-c", "for i in 1 2 3; do echo $i ; done"] and count == 2
+    assert minisup_watchers(ours)["joined"][:2] == (["echo", "first", "second", ";third"], 3)
+    assert env == {"EMPTY": "", "KEPT": "x;y ;z", "SPACED": "a"}
+    text = "\n".join(ours.warnings)
+    assert "'NumProcesses', ignored: option names are case-sensitive" in text
+    assert "line 16: [watcher:joined]: 'numprocesses' is set again; the first value stands" in text
+
+
+def test_circus_env_expands_in_every_section(tmp_path, monkeypatch):
+    circus, ours = load_both(tmp_path, {"circus.ini": """
+        [circus]
+        endpoint = tcp://127.0.0.1:$(circus.env.PORT)
+        pubsub_endpoint = ipc://$(circus.env.RUN)/pub.sock
+        [socket:web]
+        port = ((circus.env.port))
+        [watcher:web]
+        cmd = sleep $(circus.env.SECONDS) $(circus.env.LOCAL) $(circus.env.NOPE)
+        working_dir = $(circus.env.RUN)
+        [env]
+        SECONDS = 99
+        [env:web]
+        LOCAL = mine
+        """}, monkeypatch, PORT="5577", RUN=str(tmp_path))
+    assert ours.endpoint == circus["endpoint"] == "tcp://127.0.0.1:5577"
+    assert ours.pubsub_endpoint == circus["pubsub_endpoint"] == f"ipc://{tmp_path}/pub.sock"
+    assert ours.sockets[0].port == int(circus["sockets"][0]["port"]) == 5577
+    assert ours.watchers[0].working_dir == circus["watchers"][0]["working_dir"] == str(tmp_path)
+    assert minisup_watchers(ours) == circus_watchers(circus)
+    assert minisup_watchers(ours)["web"][0] == ["sleep", "99", "mine", "$(circus.env.NOPE)"]
+
+
+@pytest.mark.parametrize("delay", ["0", "-1"])
+def test_check_delay_at_or_below_zero_is_accepted_as_no_periodic_check(
+        tmp_path, monkeypatch, make_arbiter, delay):
+    circus, ours = load_both(tmp_path, {
+        "circus.ini": f"[circus]\ncheck_delay = {delay}\n[watcher:a]\ncmd = sleep 1\n"})
+    assert ours.check_delay == circus["check_delay"] == float(delay)
+    arbiter = make_arbiter(f"[circus]\ncheck_delay = {delay}\n"
+                           "[watcher:a]\ncmd = sleep 1\nautostart = false\n")[0]
+    assert arbiter.tick() == minisup.LONGEST_WAIT  # nothing is due: no spin, no sweep
+
+
+def test_circus_flapping_plugin_and_options_map_onto_minisup_flapping(tmp_path, monkeypatch):
+    circus, ours = load_both(tmp_path, {"circus.ini": """
+        [plugin:flapping]
+        use = circus.plugins.flapping.Flapping
+        window = 10
+        retry_in = 3
+        [watcher:a]
+        cmd = sleep 1
+        [watcher:b]
+        cmd = sleep 1
+        flapping.attempts = 9
+        flapping.max_retry = -1
+        [watcher:c]
+        cmd = sleep 1
+        check_flapping = false
+        """})
+    got = [(w.flapping_attempts, w.flapping_window, w.flapping_retry_in, w.flapping_max_retry)
+           for w in ours.watchers]
+    assert got == [(2, 10, 3, 5), (9, 10, 3, -1), (0, 10, 3, 5)]
+    assert minisup_watchers(ours) == circus_watchers(circus)
+    off = minisup.parse_config("[plugin:f]\nuse = circus.plugins.flapping.Flapping\n"
+                               "active = false\n[watcher:a]\ncmd = x\n")
+    assert off.watchers[0].flapping_attempts == 0 and not off.warnings
+
+
+@pytest.mark.parametrize("plugin, offer", [
+    ("circus.plugins.statsd.FullStats", "the stats command"),
+    ("circus.plugins.resource_watcher.ResourceWatcher", "memory_max, cpu_quota and pids_max"),
+    ("circus.plugins.command_reloader.CommandReloader", "reloadconfig"),
+    ("circus.plugins.http_observer.HttpObserver", "ready = tcp:PORT"),
+    ("mycompany.plugins.Custom", "minisup runs no plugin"),
+])
+def test_other_plugins_are_refused_naming_what_minisup_offers(plugin, offer):
+    with pytest.raises(minisup.ConfigError) as caught:
+        minisup.parse_config(f"[plugin:p]\nuse = {plugin}\n[watcher:a]\ncmd = x\n", "app.ini")
+    assert f"app.ini: [plugin:p]: use = '{plugin}': the plugin {plugin} is not supported" in str(
+        caught.value)
+    assert offer in str(caught.value)
+
+
+@pytest.mark.parametrize("option, reason", [
+    ("virtualenv = /srv/venv", "run the virtualenv's own interpreter"),
+    ("on_demand = true", "it does not wait for a first connection"),
+    ("on_demand = maybe", "not a boolean"),
+])
+def test_options_that_change_how_a_watcher_runs_are_refused_not_ignored(option, reason):
+    with pytest.raises(minisup.ConfigError, match=re.escape(reason)):
+        minisup.parse_config(f"[watcher:a]\ncmd = x\n{option}\n", "app.ini")
+    assert not minisup.parse_config("[watcher:a]\ncmd = x\non_demand = false\n").warnings
+
+
+def test_circus_side_options_are_warnings_naming_the_replacement():
+    config = minisup.parse_config("""
+[circus]
+statsd = true
+httpd = true
+debug = true
+[watcher:a]
+cmd = x
+stdout_stream.class = StdoutStream
+stdout_stream.refresh_time = 1
+""", "app.ini")
+    text = "\n".join(config.warnings)
+    assert "'statsd', Circus's own, ignored: minisup runs no stats process" in text
+    assert "'httpd', Circus's own, ignored: minisup has no web console: use ctl status" in text
+    assert "'debug', Circus's own, ignored: use loglevel = debug" in text
+    assert "'stdout_stream.refresh_time', Circus's own, ignored: minisup writes output" in text
+
+
+def test_the_daemon_umask_of_circus_is_each_watchers_default():
+    config = minisup.parse_config("[circus]\numask = 027\n[watcher:a]\ncmd = x\n"
+                                  "[watcher:b]\ncmd = x\numask = 002\n")
+    assert [w.umask for w in config.watchers] == [0o027, 0o002]
+
+
+def test_an_empty_watcher_section_is_skipped_as_in_circus(tmp_path, monkeypatch):
+    circus, ours = load_both(tmp_path, {
+        "circus.ini": "[watcher:empty]\n[watcher:a]\ncmd = sleep 1\n"})
+    assert minisup_watchers(ours) == circus_watchers(circus)
+    assert "[watcher:empty]: no option, ignored" in "\n".join(ours.warnings)
 
 
 # ============================================================= process ======
@@ -2964,7 +3198,7 @@ def test_start_spawns_autostart_watchers_and_lists_them(make_daemon):
     pids = client.call("list", name="web")["pids"]
     assert len(pids) == 3 and all(alive(p) for p in pids)
     assert client.call("status", name="web")["status"] == "active"
-    assert client.call("numprocesses")["numprocesses"] == 4
+    assert client.call("numprocesses")["numprocesses"] == 3  # running ones, as Circus
     reply = client.call("numprocesses", name="WEB")  # live processes, as Circus
     assert (reply["numprocesses"], reply["watcher_name"]) == (3, "WEB")
     assert client.call("numwatchers")["numwatchers"] == 2
