@@ -912,6 +912,9 @@ class WatcherConfig:
     # this one starts after (once ready) and stops before.
     ready: str | None = option(READY, None)
     ready_timeout: float = option(SECONDS, 30.0)
+    # minisup's own, as systemd's WatchdogSec: once ready, a process must
+    # send WATCHDOG=1 to its NOTIFY_SOCKET this often (0: no watchdog).
+    watchdog_sec: float = option(SECONDS, 0.0, reload=True)
     depends_on: list[str] = dataclasses.field(default_factory=list, metadata=meta(LIST))
     # minisup's own (cgroup v2 mode, see Cgroups): whether what a process
     # left in its cgroup dies with it, and the kernel's limits on each
@@ -1001,6 +1004,10 @@ class Config:
     loglevel: str = option(STR, "info")
     logoutput: str = option(STR, "-")
     pidfile: str | None = option(STR, None)
+    # Circus's WatchDog plugin, where a config has one: the loopback UDP
+    # address its heartbeats come to, and the pattern that finds the pid.
+    heartbeat_address: tuple[str, int] | None = None
+    heartbeat_pattern: str | None = None
     source: str | None = None
     warnings: list[str] = dataclasses.field(default_factory=list)
 
@@ -1211,10 +1218,13 @@ def parse_config(text: str, source: str = "<string>",
         _read_global(config, sections["circus"], daemon_env)
     plugins = [_read_plugin(config, s, daemon_env) for s in _sections_of(config, sections, "plugin")]
     defaults = _plugin_defaults(config, plugins)
+    watchdogs = _watchdog_plugin(config, plugins)
     for section in _sections_of(config, sections, "socket"):
         config.sockets.append(_read_socket(config, section, daemon_env))
     for section in _sections_of(config, sections, "watcher"):
-        config.watchers.append(_read_watcher(config, section, envs, daemon_env, defaults))
+        name = section.name.partition(":")[2]
+        given = {**defaults, **_watchdog_defaults(watchdogs, name)}
+        config.watchers.append(_read_watcher(config, section, envs, daemon_env, given))
     _warn_unknown_sections(config, sections)
     if not config.watchers:
         raise ConfigError(_no_watcher_reason(list(sections)), source)
@@ -1331,6 +1341,11 @@ PLUGIN_REPLACEMENTS = {
         "use reloadconfig (ctl reloadconfig), which restarts what changed",
 }
 FLAPPING_PLUGIN = "circus.plugins.flapping.Flapping"
+WATCHDOG_PLUGIN = "circus.plugins.watchdog.WatchDog"
+#: The WatchDog plugin's options minisup honours, with Circus's defaults.
+WATCHDOG_PLUGIN_OPTIONS = {"loop_rate": "60", "max_count": "3", "watchers_regex": ".*",
+                           "msg_regex": "^(?P<pid>.*);(?P<timestamp>.*)$",
+                           "ip": "127.0.0.1", "port": "1664", "use": "", "priority": "0"}
 #: The Flapping plugin's options: the watcher option each sets, and
 #: Circus's default for it.
 FLAPPING_PLUGIN_OPTIONS = {"attempts": ("flapping_attempts", "2"),
@@ -1438,7 +1453,7 @@ def _read_plugin(config: Config, section: IniSection,
     no plugin, and one silently dropped would change what the config does."""
     options = {key: substitute(value, {}, env) for key, value in section.items()}
     use = options.get("use", "")
-    if use == FLAPPING_PLUGIN:
+    if use in (FLAPPING_PLUGIN, WATCHDOG_PLUGIN):
         return section.name, options
     offer = PLUGIN_REPLACEMENTS.get(use, f"minisup runs no plugin: {_EVENTS}")
     raise ConfigError(f"the plugin {use or '(no use = CLASS)'} is not supported: {offer}",
@@ -1452,6 +1467,8 @@ def _plugin_defaults(config: Config,
     sets the flapping options.  Raise ConfigError for a bad value."""
     defaults: dict[str, Any] = {}
     for section, plugin in plugins:
+        if plugin["use"] != FLAPPING_PLUGIN:
+            continue
         types = {"active": (BOOL, plugin.get("active", "true"))}
         for key, (option, default) in FLAPPING_PLUGIN_OPTIONS.items():
             types[key] = (WATCHER_OPTIONS[option], plugin.get(key, default))
@@ -1462,6 +1479,70 @@ def _plugin_defaults(config: Config,
         if values.pop("active"):
             defaults.update((FLAPPING_PLUGIN_OPTIONS[key][0], v) for key, v in values.items())
     return defaults
+
+
+def _watchdog_plugin(config: Config,
+                     plugins: list[tuple[str, dict[str, str]]]) -> tuple[str, float] | None:
+    """Take Circus's WatchDog plugin, if there is one: set the UDP address
+    (loopback only) and pattern of its heartbeats in ``config``; return its
+    watchers' pattern and interval (loop_rate times max_count).  Raise
+    ConfigError for an option minisup cannot honour or a bad value."""
+    found = [(name, options) for name, options in plugins if options["use"] == WATCHDOG_PLUGIN]
+    if not found:
+        return None
+    section, given = found[-1]
+    for key, value in given.items():
+        if key not in WATCHDOG_PLUGIN_OPTIONS:
+            raise ConfigError("not supported by minisup: its watchdog sends SIGABRT, then "
+                              "SIGKILL after the watcher's graceful_timeout", config.source,
+                              section, key, value)
+    options = {**WATCHDOG_PLUGIN_OPTIONS, **given}
+    numbers = {}
+    for key, option_type in (("loop_rate", SECONDS), ("max_count", POSITIVE),
+                             ("port", _integer(1, 65535))):
+        try:
+            numbers[key] = option_type.from_text(options[key])
+        except (ValueError, TypeError) as exc:
+            raise ConfigError(str(exc), config.source, section, key, options[key]) from None
+    problems = _watchdog_pattern_problems(options)
+    for key, problem in problems.items():
+        raise ConfigError(problem, config.source, section, key, options[key])
+    interval = numbers["loop_rate"] * numbers["max_count"]
+    port = numbers["port"]
+    config.heartbeat_address = (options["ip"], port)
+    config.heartbeat_pattern = options["msg_regex"]
+    return options["watchers_regex"], interval
+
+
+def _watchdog_pattern_problems(options: dict[str, str]) -> dict[str, str]:
+    """What is wrong with the WatchDog plugin's patterns and address, by
+    option: a regex that does not compile, a msg_regex with no ``pid``
+    group, an ip that is not loopback (heartbeats come from this host)."""
+    import ipaddress  # here, as elsewhere: ctl starts faster
+    problems = {}
+    for key in ("msg_regex", "watchers_regex"):
+        try:
+            pattern = re.compile(options[key])
+        except re.error as exc:
+            problems[key] = f"not a regular expression: {exc}"
+            continue
+        if key == "msg_regex" and "pid" not in pattern.groupindex:
+            problems[key] = "needs a (?P<pid>...) group"
+    try:
+        if not ipaddress.ip_address(options["ip"]).is_loopback:
+            problems["ip"] = "heartbeats come from this host: use a loopback address"
+    except ValueError as exc:
+        problems["ip"] = str(exc)
+    return problems
+
+
+def _watchdog_defaults(watchdogs: tuple[str, float] | None, name: str) -> dict[str, Any]:
+    """The ``watchdog_sec`` the WatchDog plugin gives watcher ``name``, if
+    its ``watchers_regex`` matches the name (from the start, as Circus's
+    ``re.match``)."""
+    if watchdogs is None or not re.match(watchdogs[0], name):
+        return {}
+    return {"watchdog_sec": watchdogs[1]}
 
 
 def _ini_watcher_option_type(key: str) -> OptionType | None:
@@ -1912,6 +1993,9 @@ class Process:
         self.pidfd: int | None = None
         self.ready = True  # False until its ``ready`` check passes: Watcher._check_ready
         self.ready_by = 0.0  # when that check gives up on it
+        self.watchdog_sec = 0.0  # its watchdog interval (WATCHDOG_USEC= may change it)
+        self.watchdog_at: float | None = None  # when its watchdog runs out, once armed
+        self.stop_reason: str | None = None  # why minisup stopped it, if a failure
         self.cgroup: str | None = None  # its own cgroup's folder (cgroup mode)
         if HAS_PIDFD:  # a zombie has one too: a child already dead reads as exited
             with contextlib.suppress(OSError):  # old kernel: the worker polls instead
@@ -3392,6 +3476,8 @@ class Watcher:
         how = reason
         if how is None:
             how = describe_exit(code)
+        if process.stop_reason is not None:
+            how = f"{process.stop_reason} ({how})"
         self.last_exit = code
         self.last_exit_reason = how
         self.emit("reap", process_pid=process.pid, exit_code=code, reason=how)
@@ -3452,6 +3538,8 @@ class Watcher:
         its group); ``held``: spawn nothing yet (a dependency is not up)."""
         self._kill_overdue(now, kill_tree)
         self._check_ready(now)
+        if self.config.watchdog_sec:
+            self._check_watchdogs(now)
         if self.state == STOPPING and not self.processes and not self.lingering:
             self._set_state(STOPPED)
             if self._restart_pending:
@@ -3495,6 +3583,7 @@ class Watcher:
         if self._waits_to_spawn(running, unready):
             deadlines.append(self._next_spawn)
         deadlines += [p.ready_by for p in unready]
+        deadlines += [p.watchdog_at for p in running if p.watchdog_at is not None]
         if unready and self.config.ready != "notify":
             deadlines.append(self._probe_at)
         if not deadlines:
@@ -3544,6 +3633,9 @@ class Watcher:
             self.retries = 0
             process.ready = not config.ready
             process.ready_by = now + config.ready_timeout
+            process.watchdog_sec = config.watchdog_sec
+            if process.ready and config.watchdog_sec:  # start-up done: armed, as systemd
+                process.watchdog_at = now + config.watchdog_sec
             self.processes[process.pid] = process
             spawned.append(process)
             logger.info("%s: spawned pid %d (wid %d)", self.name, process.pid, wid)
@@ -3592,10 +3684,48 @@ class Watcher:
             elif now >= process.ready_by:
                 logger.warning("%s: pid %d not ready within %gs, replacing it", self.name,
                                process.pid, self.config.ready_timeout)
+                process.stop_reason = f"not ready within {self.config.ready_timeout:g}s"
                 self.stop_processes(now, [process.pid])
                 self._note_crash(now, 0.0)
         if unready and probe:
             self._probe_at = now + READY_POLL
+
+    def _check_watchdogs(self, now: float) -> None:
+        """Arm the watchdog of each child once it is ready (as systemd, when
+        start-up is done), and abort each whose watchdog ran out: SIGABRT
+        (systemd's choice: a core dump shows where it hung), SIGKILL after
+        ``graceful_timeout``, replaced as a crash unless ``restart = never``."""
+        for process in self.running():
+            if process.watchdog_at is None and process.ready and process.watchdog_sec:
+                process.watchdog_at = now + process.watchdog_sec
+            elif process.watchdog_at is not None and now >= process.watchdog_at:
+                logger.warning("%s: pid %d sent no WATCHDOG=1 within %gs, aborting it",
+                               self.name, process.pid, process.watchdog_sec)
+                process.stop_reason = "watchdog timeout"
+                process.watchdog_at = None
+                self.stop_processes(now, [process.pid], signal.SIGABRT)
+                self._count_failure(now, process)
+
+    def _count_failure(self, now: float, process: Process) -> None:
+        """A child stopped as failed (its watchdog ran out): under the
+        restart policy, its slot is refilled as after a crash, or left empty."""
+        if self.config.restart == "never":
+            self._finished += 1
+            return
+        self._note_crash(now, now - process.started)
+
+    def feed_watchdog(self, process: Process, now: float, message: bytes) -> None:
+        """Take one watchdog line a child sent (see sd_notify(3)):
+        ``WATCHDOG=1`` restarts its watchdog, ``WATCHDOG=trigger`` makes it
+        run out now, ``WATCHDOG_USEC=N`` sets a new interval.  Worker thread."""
+        if message.startswith(b"WATCHDOG_USEC="):
+            with contextlib.suppress(ValueError):  # a malformed line is ignored, as systemd does
+                process.watchdog_sec = min(int(message[14:]) / 1e6, MAX_SECONDS)
+        if not process.watchdog_sec or process.stopping:
+            return
+        process.watchdog_at = now + process.watchdog_sec
+        if message == b"WATCHDOG=trigger":
+            process.watchdog_at = now
 
 
 # ============================================================= Arbiter ======
@@ -4131,6 +4261,7 @@ class Arbiter:
         self._stop_plans: list[list[list[Watcher]]] = []  # staged stops: ``stop``s, the quit
         self._quit_stages: list[list[Watcher]] | None = None  # the quit's plan, once begun
         self._notify: socket.socket | None = None  # for ``ready = notify`` children
+        self._heartbeat: socket.socket | None = None  # Circus's WatchDog plugin's UDP
         # Containment (see Cgroups), set by open_containment: the cgroup
         # subtree, or in fallback mode the tag of each child's environment.
         self.cgroups: CgroupTree | None = None
@@ -4178,6 +4309,8 @@ class Arbiter:
             self._waker.drain()
         if "notify" in events:
             self._read_notifications()
+        if "heartbeat" in events:
+            self._read_heartbeats()
         if "cgroups" in events:
             self._forget_emptied()
         if self.reaper.should_adopt(bool(exited), not events):
@@ -4226,7 +4359,8 @@ class Arbiter:
         self.systemd.reloading()
 
     def _read_notifications(self) -> None:
-        """Read the ``ready = notify`` datagrams: READY=1 counts from a child
+        """Read the datagrams of ``ready = notify`` and ``watchdog_sec``
+        children (see _take_notification): they count from a child
         or a process in its group (a shell's systemd-notify, say), known by
         the pid the kernel stamped on it."""
         known = {p.pid: (w, p) for w, p in self._all_processes()}
@@ -4237,8 +4371,17 @@ class Arbiter:
                 owner = known.get(sender)
                 if owner is None:
                     owner = group_owner(sender, known)
-                if owner is not None and b"READY=1" in data.splitlines():
-                    owner[0].mark_ready(owner[1])
+                if owner is not None:
+                    self._take_notification(owner[0], owner[1], data.splitlines())
+
+    def _take_notification(self, watcher: Watcher, process: Process, lines: list[bytes]) -> None:
+        """Act on the lines of one datagram ``process`` sent: READY=1 marks
+        it ready, the WATCHDOG lines go to its watcher; others are ignored."""
+        if b"READY=1" in lines:
+            watcher.mark_ready(process)
+        for line in lines:
+            if line.startswith(b"WATCHDOG"):
+                watcher.feed_watchdog(process, self.clock(), line)
 
     @property
     def quit_finished(self) -> bool:
@@ -4328,6 +4471,8 @@ class Arbiter:
             self._close_socket(name)
         if self._notify is not None:
             self._notify.close()
+        if self._heartbeat is not None:
+            self._heartbeat.close()
         self._selector.close()
         self._waker.close()
         if self.cgroups is not None:  # before the guardian, which would empty them too
@@ -4389,12 +4534,47 @@ class Arbiter:
         starts; raise ConfigError naming the one that fails."""
         if configs is None:
             configs = self.config.sockets
+            self._bind_heartbeat()
         for config in configs:
             try:
                 self.sockets[config.name] = bind_socket(config)
             except OSError as exc:
                 raise ConfigError(f"cannot bind: {exc}", self.config.source,
                                   f"socket:{config.name}") from None
+
+    def _bind_heartbeat(self) -> None:
+        """Bind the UDP socket of Circus's WatchDog plugin, if the config
+        has one (its children send their heartbeats there); raise
+        ConfigError if it cannot be bound."""
+        address = self.config.heartbeat_address
+        if address is None:
+            return
+        self._heartbeat = socket.socket(socket.AF_INET, socket.SOCK_DGRAM
+                                        | socket.SOCK_NONBLOCK | socket.SOCK_CLOEXEC)
+        try:
+            self._heartbeat.bind(address)
+        except OSError as exc:
+            self._heartbeat.close()
+            self._heartbeat = None
+            raise ConfigError(f"cannot bind the WatchDog plugin's udp://{address[0]}:"
+                              f"{address[1]}: {exc}", self.config.source) from None
+        self._selector.register(self._heartbeat, selectors.EVENT_READ, "heartbeat")
+
+    def _read_heartbeats(self) -> None:
+        """Read the WatchDog plugin's heartbeats: the pid its pattern finds
+        in one restarts that child's watchdog.  UDP carries no sender's pid,
+        so any local process may send one for any child, as in Circus."""
+        pattern = re.compile(self.config.heartbeat_pattern or "")
+        known = {p.pid: (w, p) for w, p in self._all_processes()}
+        with contextlib.suppress(BlockingIOError):  # read them all
+            while True:
+                text = self._heartbeat.recv(4096).decode("utf-8", "replace").strip()
+                found = pattern.match(text)
+                if found is None or not found["pid"].strip().isdigit():
+                    continue  # not a heartbeat: ignored, as Circus ignores it
+                owner = known.get(int(found["pid"]))
+                if owner is not None:
+                    owner[0].feed_watchdog(owner[1], self.clock(), b"WATCHDOG=1")
 
     def _close_socket(self, name: str) -> None:
         """Close the socket ``name`` (and remove its file, for a unix one)."""
@@ -4427,8 +4607,10 @@ class Arbiter:
         sockets, capture if there is an output thread, and for ``ready``
         its notify socket, or no stale ready file."""
         extra = {}
-        if config.ready == "notify":
+        if config.ready == "notify" or config.watchdog_sec:
             extra["NOTIFY_SOCKET"] = self._notify_address()
+        if config.watchdog_sec:  # as systemd sets it; no WATCHDOG_PID: the pid is not known yet
+            extra["WATCHDOG_USEC"] = str(round(config.watchdog_sec * 1e6))
         elif config.ready is not None and config.ready.startswith("file:"):
             with contextlib.suppress(FileNotFoundError):  # a stale file would pass at once
                 os.unlink(substitute(config.ready[5:], {"wid": str(wid)}, {}))

@@ -22,6 +22,7 @@ fixture proves at teardown that no child, zombie, thread or fd was left
 behind.
 """
 
+import ast
 import contextlib
 import dataclasses
 import errno
@@ -3159,6 +3160,151 @@ def test_systemd_ready_status_reloading_watchdog_stopping(tmp_path):
         proc.kill()
         proc.wait()
         listener.close()
+
+
+# -- watchdog_sec: a child that stops sending WATCHDOG=1 is aborted and replaced --
+
+WATCHDOG_CHILD = r"""
+import os, signal, socket, sys, time
+folder, beats, how = sys.argv[1], int(sys.argv[2]), sys.argv[3]
+
+def note(name, value):
+    with open(os.path.join(folder, f"{name}.{os.getpid()}.tmp"), "w") as stream:
+        stream.write(repr(value))
+    os.rename(os.path.join(folder, f"{name}.{os.getpid()}.tmp"),
+              os.path.join(folder, f"{name}.{os.getpid()}"))
+
+def aborted(signum, frame):  # note when, then die of it as an unhandled SIGABRT would
+    note("aborted", time.monotonic())
+    signal.signal(signal.SIGABRT, signal.SIG_DFL)
+    os.kill(os.getpid(), signal.SIGABRT)
+
+signal.signal(signal.SIGABRT, aborted)
+note("env", {k: v for k, v in os.environ.items() if k in ("NOTIFY_SOCKET", "WATCHDOG_USEC")})
+sock = socket.socket(socket.AF_UNIX if how == "notify" else socket.AF_INET, socket.SOCK_DGRAM)
+last = time.monotonic()
+for beat in range(beats):
+    if how == "notify":
+        address = os.environ["NOTIFY_SOCKET"]
+        sock.sendto(b"WATCHDOG=1", "\0" + address[1:])
+    else:  # Circus's WatchDog plugin: "pid;timestamp" over UDP
+        sock.sendto(f"{os.getpid()};{time.time()}".encode(), ("127.0.0.1", int(how)))
+    last = time.monotonic()
+    time.sleep(0.1)
+note("hung", last)
+time.sleep(1000)
+"""
+
+
+def watchdog_child(tmp_path, beats, how="notify"):
+    script = tmp_path / "watchdog.py"
+    script.write_text(WATCHDOG_CHILD)
+    return f"{PY} {script} {tmp_path} {beats} {how}"
+
+
+def noted(tmp_path, name, pid):
+    return ast.literal_eval(wait_for(
+        lambda: (tmp_path / f"{name}.{pid}").exists() and (tmp_path / f"{name}.{pid}").read_text(),
+        what=f"{name}.{pid}"))
+
+
+def test_a_hung_child_is_aborted_within_its_watchdog_interval_and_replaced(
+        make_daemon, tmp_path):
+    daemon = make_daemon(f"[watcher:svc]\ncmd = {watchdog_child(tmp_path, 4)}\n"
+                         "watchdog_sec = 0.5\ngraceful_timeout = 5\n")
+    client = daemon.client
+    [pid] = wait_for(lambda: client.call("list", name="svc")["pids"])
+    env = noted(tmp_path, "env", pid)
+    assert env["WATCHDOG_USEC"] == "500000" and env["NOTIFY_SOCKET"].startswith("@minisup-")
+    last_beat = noted(tmp_path, "hung", pid)
+    aborted = noted(tmp_path, "aborted", pid)
+    # Not before the interval ran out since the last WATCHDOG=1, and within 100 ms of it.
+    assert 0.5 - 0.02 <= aborted - last_beat <= 0.5 + 0.1, aborted - last_beat
+    info = wait_for(lambda: (lambda i: i["last_exit_reason"] and i)(extended(client, "svc")["svc"]))
+    assert info["last_exit_reason"] == "watchdog timeout (killed by SIGABRT)"
+    assert info["restarts"] >= 1
+    wait_for(lambda: [p for p in client.call("list", name="svc")["pids"] if p != pid],
+             what="a replacement")
+
+
+def test_a_watchdog_timeout_under_restart_never_leaves_the_slot_empty(make_daemon, tmp_path):
+    daemon = make_daemon(f"[watcher:svc]\ncmd = {watchdog_child(tmp_path, 0)}\n"
+                         "watchdog_sec = 0.2\nrestart = never\n")
+    client = daemon.client
+    [pid] = wait_for(lambda: client.call("list", name="svc")["pids"])
+    noted(tmp_path, "aborted", pid)
+    wait_for(lambda: client.call("status", name="svc")["status"] == "stopped")
+    assert client.call("list", name="svc")["pids"] == []
+    assert extended(client, "svc")["svc"]["last_exit_reason"].startswith("watchdog timeout")
+
+
+def test_the_watchdog_arms_once_ready_and_takes_systemds_messages(make_arbiter):
+    arbiter, clock, watcher = start_one(
+        make_arbiter, f"[watcher:svc]\ncmd = {py_cmd(SLEEP)}\nready = notify\nwatchdog_sec = 2\n")
+    arbiter.tick()
+    [process] = watcher.processes.values()
+    clock.now += 10  # start-up is not over: no watchdog yet (as systemd's WatchdogSec)
+    arbiter.tick()
+    assert not process.stopping
+    watcher.mark_ready(process)
+    arbiter.tick()
+    assert process.watchdog_at == clock.now + 2
+    clock.now += 1.9
+    watcher.feed_watchdog(process, clock.now, b"WATCHDOG=1")
+    clock.now += 1.9
+    arbiter.tick()
+    assert not process.stopping
+    watcher.feed_watchdog(process, clock.now, b"WATCHDOG_USEC=5000000")
+    assert (process.watchdog_sec, process.watchdog_at) == (5.0, clock.now + 5)
+    watcher.feed_watchdog(process, clock.now, b"WATCHDOG_USEC=junk")  # ignored, as systemd
+    assert process.watchdog_sec == 5.0
+    watcher.feed_watchdog(process, clock.now, b"WATCHDOG=trigger")
+    arbiter.tick()
+    assert process.stopping and process.stop_reason == "watchdog timeout"
+
+
+def free_udp_port():
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+def test_circus_watchdog_plugin_heartbeats_feed_the_watchdog(make_daemon, tmp_path):
+    port = free_udp_port()
+    daemon = make_daemon(f"""
+[plugin:watchdog]
+use = circus.plugins.watchdog.WatchDog
+loop_rate = 0.25
+max_count = 2
+port = {port}
+watchers_regex = ^svc$
+[watcher:svc]
+cmd = {watchdog_child(tmp_path, 8, str(port))}
+[watcher:other]
+cmd = {py_cmd(SLEEP)}
+""")
+    client = daemon.client
+    assert client.call("get", name="other", keys=["watchdog_sec"])["options"] == {
+        "watchdog_sec": 0.0}
+    assert client.call("get", name="svc", keys=["watchdog_sec"])["options"] == {
+        "watchdog_sec": 0.5}
+    [pid] = wait_for(lambda: client.call("list", name="svc")["pids"])
+    last_beat = noted(tmp_path, "hung", pid)
+    aborted = noted(tmp_path, "aborted", pid)
+    assert 0.5 - 0.02 <= aborted - last_beat <= 0.5 + 0.1, aborted - last_beat
+    wait_for(lambda: extended(client, "svc")["svc"]["last_exit_reason"])
+
+
+@pytest.mark.parametrize("options, reason", [
+    ("ip = 10.1.2.3", "use a loopback address"),
+    ("msg_regex = ^(.*)$", "msg_regex = '^(.*)$': needs a (?P<pid>...) group"),
+    ("watchers_stop_signal = KILL", "its watchdog sends SIGABRT"),
+    ("max_count = 0", "max_count = '0': must be at least 1"),
+])
+def test_watchdog_plugin_options_minisup_cannot_honour_are_refused(options, reason):
+    with pytest.raises(minisup.ConfigError, match=re.escape(reason)):
+        minisup.parse_config(f"[plugin:w]\nuse = circus.plugins.watchdog.WatchDog\n{options}\n"
+                             "[watcher:a]\ncmd = x\n", "app.ini")
 
 
 # ============================================== protocol over real zmq ======
