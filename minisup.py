@@ -777,8 +777,53 @@ def _json_stream(value: Any) -> dict[str, Any]:
 
 STREAM = OptionType(_not_in_ini, _json_stream)
 
+#: Circus's hooks: each ``hooks.NAME`` option names a callable (see Hooks).
+HOOK_NAMES = ("before_start", "after_start", "before_spawn", "after_spawn", "before_stop",
+              "after_stop", "before_signal", "after_signal", "before_reap", "after_reap",
+              "extended_stats")
+
+
+def _hook_spec(name: str, ignore_failure: bool) -> list[Any]:
+    """A hook's value as WatcherConfig keeps it, [NAME, IGNORE_FAILURE];
+    raise ValueError for a name that is not ``module.callable`` (or
+    ``module:callable``)."""
+    name = name.strip()
+    if not re.fullmatch(r"[\w.]+[.:][\w.]+", name):
+        raise ValueError("name a callable as package.module.function (or module:function)")
+    return [name, ignore_failure]
+
+
+def _text_hook(text: str) -> list[Any]:
+    """``hooks.NAME = module.function[, true|false]`` as Circus reads it:
+    true says a failure of the hook is ignored."""
+    name, comma, flag = text.partition(",")
+    ignore = False
+    if comma:
+        ignore = BOOL.from_text(flag)
+    return _hook_spec(name, ignore)
+
+
+def _json_hook(value: Any) -> list[Any]:
+    """A hook sent as JSON: the INI's text, or [NAME, IGNORE_FAILURE]."""
+    if isinstance(value, str):
+        return _text_hook(value)
+    if isinstance(value, list) and len(value) == 2 and isinstance(value[0], str):
+        return _hook_spec(value[0], _json_bool(value[1]))
+    raise TypeError('isn\'t "module.function[, true]" or [name, ignore_failure]')
+
+
+def _json_hooks(value: Any) -> dict[str, list[Any]]:
+    """A JSON ``hooks`` object: hook name -> its callable (see _json_hook)."""
+    if not isinstance(value, dict):
+        raise TypeError("isn't a valid object")
+    return {str(name): _json_hook(spec) for name, spec in value.items()}
+
+
+HOOK = OptionType(_text_hook, _json_hook)
+HOOKS = OptionType(_not_in_ini, _json_hooks)
+
 PREFIXED = {"rlimit_": "rlimits", "stdout_stream.": "stdout_stream",
-            "stderr_stream.": "stderr_stream"}
+            "stderr_stream.": "stderr_stream", "hooks.": "hooks"}
 
 
 def watcher_option_type(key: str) -> OptionType | None:
@@ -791,6 +836,8 @@ def watcher_option_type(key: str) -> OptionType | None:
         return None
     if key.startswith(("stdout_stream.", "stderr_stream.")):
         return STREAM_OPTIONS.get(key.split(".", 1)[1])
+    if key.startswith("hooks."):
+        return HOOK
     return WATCHER_OPTIONS.get(key)
 
 
@@ -916,6 +963,11 @@ class WatcherConfig:
     # send WATCHDOG=1 to its NOTIFY_SOCKET this often (0: no watchdog).
     watchdog_sec: float = option(SECONDS, 0.0, reload=True)
     depends_on: list[str] = dataclasses.field(default_factory=list, metadata=meta(LIST))
+    # Circus's hooks (see Hooks): name -> [callable's name, ignore_failure],
+    # from ``hooks.NAME`` options; each runs off the worker, for at most
+    # hook_timeout seconds (minisup's own), past which it has failed.
+    hooks: dict[str, list[Any]] = dataclasses.field(default_factory=dict, metadata=meta(HOOKS))
+    hook_timeout: float = option(_number(0.001, MAX_SECONDS, "a number of seconds"), 30.0)
     # minisup's own (cgroup v2 mode, see Cgroups): whether what a process
     # left in its cgroup dies with it, and the kernel's limits on each
     # process with all its descendants.
@@ -1607,7 +1659,24 @@ def _read_watcher(config: Config, section: IniSection, envs: list[tuple[str, dic
         raise ConfigError("cmd is required", config.source, section.name, "cmd", "")
     watcher = WatcherConfig(name=name, env=env, **values)
     check_watcher_values(watcher, config.source)
+    _check_hook_modules(watcher, section, os.path.dirname(os.path.abspath(config.source or ".")))
     return watcher
+
+
+def _check_hook_modules(watcher: WatcherConfig, section: IniSection, folder: str) -> None:
+    """Raise ConfigError for a hook whose module is neither on ``sys.path``
+    nor in ``folder`` (the config file's), as Circus refuses to load it.
+    Runs no module's code: only the top-level name is looked for."""
+    import importlib.machinery  # here: only a config with hooks looks
+    import importlib.util
+    for hook, (name, _) in watcher.hooks.items():
+        top = re.split(r"[.:]", name, maxsplit=1)[0]
+        if top in sys.modules or importlib.util.find_spec(top) is not None:
+            continue
+        if importlib.machinery.PathFinder.find_spec(top, [folder]) is None:
+            option = f"hooks.{hook}"
+            raise ConfigError(f"no module {top!r} on sys.path or in {folder}",
+                              section.sources.get(option), section.name, option, name)
 
 
 def _no_watcher_reason(sections: list[str]) -> str:
@@ -1686,9 +1755,6 @@ def check_json_option(name: str, key: str, value: Any) -> Any:
     ``add`` or ``set``); raise ConfigError naming it."""
     option_type = watcher_option_type(key)
     section = f"watcher:{name}"
-    if option_type is None and key.partition(".")[0] == "hooks":  # refused, never ignored
-        raise ConfigError("not supported by minisup yet", section=section, option=key,
-                          value=value)
     if option_type is None:
         raise ConfigError(f"unknown option {key!r}", section=section)
     try:
@@ -1709,6 +1775,10 @@ def check_watcher_values(config: WatcherConfig, source: str | None = None) -> No
         for value in values:
             if "\0" in value:
                 raise ConfigError("must not hold a NUL byte", source, section, option, value)
+    for hook in config.hooks:
+        if hook not in HOOK_NAMES:
+            raise ConfigError(f"no such hook: use one of {', '.join(HOOK_NAMES)}",
+                              source, section, f"hooks.{hook}", config.hooks[hook][0])
     for variable in config.env:
         if not variable or "=" in variable:
             raise ConfigError("a variable's name is not empty and holds no '='",
@@ -3259,7 +3329,11 @@ class Watcher:
 
     def __init__(self, config: WatcherConfig,
                  spawn: Callable[[WatcherConfig, int, float], Process] = spawn_process,
-                 emit: Callable[[str, dict[str, Any]], None] | None = None) -> None:
+                 emit: Callable[[str, dict[str, Any]], None] | None = None,
+                 hook: Callable[..., None] | None = None) -> None:
+        """A stopped watcher of ``config``: ``spawn`` starts a child, ``emit``
+        publishes an event, ``hook(watcher, name, kwargs, then)`` runs a hook
+        off the worker (the Arbiter's HookRunner.call; None: no hooks)."""
         self.config = config
         self.name = config.name
         self.numprocesses = config.numprocesses  # wanted now (incr, decr, set)
@@ -3277,6 +3351,11 @@ class Watcher:
         self.spawn_error: str | None = None  # the last, with its attempt number
         self._spawn = spawn
         self._emit = emit
+        self._hook = hook
+        self._waiting_on: str | None = None  # the hook a start, spawn or stop waits for
+        self._wait_number = 0  # which wait an outcome answers: a stale one is dropped
+        self._spawns_allowed = 0  # spawns a before_spawn hook let through, not yet made
+        self._after_start_due = False  # after_start is called before it is next active
         self._next_spawn = 0.0  # no spawn before: warmup, retry, backoff, flapping pause
         self._probe_at = 0.0  # the next tcp: or file: readiness probe
         self._restart_pending = False  # start again once the stop is done
@@ -3291,12 +3370,53 @@ class Watcher:
         if self._emit is not None:
             self._emit(f"watcher.{self.name}.{topic}", {**payload, "time": time.time()})
 
+    def _has_hook(self, name: str) -> bool:
+        """Whether the watcher has hook ``name`` (and hooks can run)."""
+        return self._hook is not None and name in self.config.hooks
+
+    def _call_hook(self, name: str, **kwargs: Any) -> None:
+        """Run hook ``name`` off the worker, if the watcher has it; its
+        result is not waited for."""
+        if self._has_hook(name):
+            self._hook(self, name, kwargs, None)
+
+    def _wait_for_hook(self, name: str, then: Callable[[bool, float], None],
+                       **kwargs: Any) -> None:
+        """Run hook ``name`` and hold the start, the spawns or the stop
+        (``_waiting_on``) until ``then(passed, now)`` takes its outcome."""
+        self._wait_number += 1
+        self._waiting_on = name
+        self._hook(self, name, kwargs, functools.partial(self._hook_done, self._wait_number, then))
+
+    def _hook_done(self, number: int, then: Callable[[bool, float], None],
+                   passed: bool, now: float) -> None:
+        """A waited-for hook's outcome: drop it if a stop (or start) has
+        ended that wait since, else end the wait and pass it on."""
+        if number != self._wait_number:
+            return
+        self._waiting_on = None
+        then(passed, now)
+
+    def _cancel_wait(self) -> None:
+        """End any wait for a hook: its outcome, when it comes, is dropped."""
+        self._wait_number += 1
+        self._waiting_on = None
+
+    def _refuse_start(self, hook: str, now: float, detail: str = "") -> None:
+        """A hook stopped the start (a false result or a failure): say so
+        (``detail``: which process) and stop, as Circus aborts the start."""
+        self.last_error = f"the {hook} hook stopped the start{detail}"
+        logger.warning("%s: %s", self.name, self.last_error)
+        self.stop(now)
+
     def _set_state(self, state: str) -> None:
         """Move to ``state``, logging it; leaving or entering ``stopped``
         publishes Circus's ``start`` or ``stop`` event."""
         if state == self.state:
             return
         logger.info("%s: %s -> %s", self.name, self.state, state)
+        if state == STOPPED and self.state == STOPPING:
+            self._call_hook("after_stop")
         if state == STOPPED:
             self.emit("stop")
         elif self.state == STOPPED:
@@ -3355,6 +3475,7 @@ class Watcher:
         if self.state == STOPPING:
             self._restart_pending = True
         elif self.state in (STOPPED, FLAPPING):
+            stopped = self.state == STOPPED
             self.retries = 0
             self.last_error = None
             self._crashes = 0
@@ -3362,17 +3483,41 @@ class Watcher:
             self._deaths = []
             self._flaps = 0
             self._next_spawn = not_before
+            self._after_start_due = True
             self._set_state(STARTING)
+            if stopped and self._has_hook("before_start"):
+                self._wait_for_hook("before_start", self._before_start_done)
+
+    def _before_start_done(self, passed: bool, now: float) -> None:
+        """The before_start hook's outcome: spawn, or back to stopped."""
+        if not passed and self.state == STARTING:
+            self.last_error = "the before_start hook stopped the start"
+            logger.warning("%s: %s", self.name, self.last_error)
+            self._set_state(STOPPED)
 
     def stop(self, now: float) -> None:
-        """Begin a graceful stop of every child."""
+        """Begin a graceful stop of every child, once the before_stop hook
+        (if any) has run."""
         self._restart_pending = False
         self._replace = []
+        if self._waiting_on == "before_stop":
+            return
+        self._cancel_wait()
         if self.state != STOPPED or self.processes or self.lingering:
             self._set_state(STOPPING)
-            self.stop_processes(now)
-            if not self.processes and not self.lingering:
-                self._set_state(STOPPED)
+            if self._has_hook("before_stop"):
+                self._wait_for_hook("before_stop", self._signal_stop)
+                return
+            self._signal_stop(True, now)
+
+    def _signal_stop(self, passed: bool, now: float) -> None:
+        """Signal every child to stop (``passed``, before_stop's outcome, is
+        ignored, as in Circus); stopped at once if none is left."""
+        if self.state != STOPPING:
+            return
+        self.stop_processes(now)
+        if not self.processes and not self.lingering:
+            self._set_state(STOPPED)
 
     def restart(self, now: float) -> None:
         """Stop every child, then start again once all have exited."""
@@ -3414,11 +3559,30 @@ class Watcher:
             logger.debug("%s: stopping pid %d with %s (%gs grace)", self.name,
                          process.pid, _signal_name(signum), timeout)
             process.stop_deadline = now + timeout  # when SIGKILL is due
-            process.send_signal(signum, group=self.config.stop_children)
+            self.signal_process(process, signum, self.config.stop_children)
             self.emit("kill", process_pid=process.pid)
             if timeout == 0:
                 process.kill()
         return [p.pid for p in victims]
+
+    def signal_process(self, process: Process, signum: int, group: bool = False) -> None:
+        """Send ``signum`` to one child (to its group with ``group``), for a
+        stop or the ``signal`` command; with a before_signal hook, once it
+        has passed it (SIGKILL is sent anyway), as in Circus."""
+        if not self._has_hook("before_signal"):
+            self._signal_passed(process, signum, group, True, 0.0)
+            return
+        then = functools.partial(self._signal_passed, process, signum, group)
+        self._hook(self, "before_signal", {"pid": process.pid, "signum": signum}, then)
+
+    def _signal_passed(self, process: Process, signum: int, group: bool, passed: bool,
+                       now: float) -> None:
+        """Send ``signum`` if before_signal passed it, to a child not yet
+        reaped (its pid cannot have been reused), then run after_signal."""
+        alive = self.processes.get(process.pid) is process and not process.killed
+        if alive and (passed or signum == signal.SIGKILL):
+            process.send_signal(signum, group=group)
+        self._call_hook("after_signal", pid=process.pid, signum=signum)
 
     def _stoppable(self, pids: list[int] | None) -> list[Process]:
         """The running children among ``pids`` (None: all of them), looked
@@ -3460,6 +3624,7 @@ class Watcher:
         """SIGKILL every child at once, without a grace period (the
         daemon's forced quit); the watcher is stopping until all are reaped."""
         self._restart_pending = False
+        self._cancel_wait()
         if not self.processes and not self.lingering:
             self._set_state(STOPPED)
             return
@@ -3481,6 +3646,9 @@ class Watcher:
         self.last_exit = code
         self.last_exit_reason = how
         self.emit("reap", process_pid=process.pid, exit_code=code, reason=how)
+        self._call_hook("before_reap", process_pid=process.pid, time=time.time())
+        self._call_hook("after_reap", process_pid=process.pid, time=time.time(), exit_code=code,
+                        process_status=None)
         if process.stopping:
             logger.info("%s: pid %d stopped (%s)", self.name, process.pid, how)
             return
@@ -3540,7 +3708,8 @@ class Watcher:
         self._check_ready(now)
         if self.config.watchdog_sec:
             self._check_watchdogs(now)
-        if self.state == STOPPING and not self.processes and not self.lingering:
+        if (self.state == STOPPING and not self.processes and not self.lingering
+                and self._waiting_on is None):
             self._set_state(STOPPED)
             if self._restart_pending:
                 self._restart_pending = False
@@ -3556,22 +3725,41 @@ class Watcher:
         running = self.running()
         if self.state == STARTING and len(running) >= self.target and all(
                 p.ready for p in running):
-            self._set_state(ACTIVE)
+            self._become_active()
         elif self.state == ACTIVE and self._finished and not self.processes and not self.target:
             self._set_state(STOPPED)  # every process is done
         return spawned
 
+    def _become_active(self) -> None:
+        """Every child runs and is ready: active, once the after_start hook
+        (called once per start, as in Circus) has passed."""
+        if self._after_start_due and self._has_hook("after_start"):
+            if self._waiting_on is None:
+                self._wait_for_hook("after_start", self._after_start_done)
+            return
+        self._after_start_due = False
+        self._set_state(ACTIVE)
+
+    def _after_start_done(self, passed: bool, now: float) -> None:
+        """The after_start hook's outcome: active at the next turn, or stop."""
+        self._after_start_due = False
+        if not passed and self.state == STARTING:
+            self._refuse_start("after_start", now)
+
     def _kill_overdue(self, now: float, kill_tree: Callable[[Process], None] | None) -> None:
         """SIGKILL every child that outlived its grace period, with all it
-        started (``kill_tree``; else its group)."""
+        started (``kill_tree``; else its group).  The signal hooks hear of
+        it, as in Circus, but cannot hold it back."""
         for process in self.processes.values():
             if process.stopping and not process.killed and now >= process.stop_deadline:
                 logger.warning("%s: pid %d outlived its grace period, SIGKILL to it and all "
                                "it started", self.name, process.pid)
+                self._call_hook("before_signal", pid=process.pid, signum=signal.SIGKILL)
                 if kill_tree is None:
                     process.kill()
                 else:
                     kill_tree(process)
+                self._call_hook("after_signal", pid=process.pid, signum=signal.SIGKILL)
 
     def next_deadline(self) -> float | None:
         """When ``manage`` next has something to do on its own, if ever."""
@@ -3580,7 +3768,7 @@ class Watcher:
                      if p.stopping and not p.killed]
         deadlines += [p.expires for p in running if p.expires is not None]
         unready = [p for p in running if not p.ready]
-        if self._waits_to_spawn(running, unready):
+        if self._waiting_on is None and self._waits_to_spawn(running, unready):
             deadlines.append(self._next_spawn)
         deadlines += [p.ready_by for p in unready]
         deadlines += [p.watchdog_at for p in running if p.watchdog_at is not None]
@@ -3623,7 +3811,9 @@ class Watcher:
         spawned: list[Process] = []
         missing = min(self.target - len(self.running()), SPAWN_BATCH)
         free = self._free_wids()
-        while len(spawned) < missing and now >= self._next_spawn:
+        while len(spawned) < missing and now >= self._next_spawn and self._waiting_on is None:
+            if not self._may_spawn():
+                break
             wid = next(free)
             try:
                 process = self._spawn(config, wid, now)
@@ -3640,9 +3830,37 @@ class Watcher:
             spawned.append(process)
             logger.info("%s: spawned pid %d (wid %d)", self.name, process.pid, wid)
             self.emit("spawn", process_pid=process.pid)
+            if self._has_hook("after_spawn"):
+                self._wait_for_hook("after_spawn", functools.partial(
+                    self._after_spawn_done, process.pid), pid=process.pid)
             if config.warmup_delay:
                 self._next_spawn = now + config.warmup_delay
         return spawned
+
+    def _may_spawn(self) -> bool:
+        """Whether a spawn may go ahead now: always, or with a before_spawn
+        hook, once it has passed one (it is called, and the spawns wait)."""
+        if not self._has_hook("before_spawn"):
+            return True
+        if self._spawns_allowed:
+            self._spawns_allowed -= 1
+            return True
+        self._wait_for_hook("before_spawn", self._before_spawn_done)
+        return False
+
+    def _before_spawn_done(self, passed: bool, now: float) -> None:
+        """The before_spawn hook's outcome: one spawn more, or stop."""
+        if self.state not in (STARTING, ACTIVE):
+            return
+        if passed:
+            self._spawns_allowed += 1
+        else:
+            self._refuse_start("before_spawn", now)
+
+    def _after_spawn_done(self, pid: int, passed: bool, now: float) -> None:
+        """The after_spawn hook's outcome: spawn on, or stop (with it)."""
+        if not passed and self.state in (STARTING, ACTIVE):
+            self._refuse_start("after_spawn", now, f" (pid {pid})")
 
     def _spawn_failed(self, now: float, exc: Exception) -> None:
         """Note a spawn that raised ``exc``: try again ``retry_in`` later,
@@ -3726,6 +3944,260 @@ class Watcher:
         process.watchdog_at = now + process.watchdog_sec
         if message == b"WATCHDOG=trigger":
             process.watchdog_at = now
+
+
+# =============================================================== Hooks ======
+# Circus's hooks: a watcher option ``hooks.NAME = module.function`` names a
+# callable that runs at a step of the watcher's life, with Circus's keyword
+# arguments (``watcher``, ``arbiter``, ``hook_name`` and the step's own).  A
+# false result or a failure of before_start, after_start, before_spawn or
+# after_spawn stops the start; a false result of before_signal keeps a
+# signal (SIGKILL aside) from being sent; the other results are ignored.
+# A failure (an exception, or no result within ``hook_timeout``) counts as
+# a true result where it is ignored: for before_stop, after_stop,
+# before_signal, after_signal and extended_stats, and for any hook written
+# with ``, true``.  Each call runs in a thread of its own, one call at a
+# time per watcher, in the order asked, so a slow hook holds only its own
+# watcher; the hook gets read-only snapshots (HookWatcher, HookArbiter)
+# taken on the worker, never the worker's own objects.
+
+#: How long a Daemon's stop waits for the threads of hooks past their timeout.
+HOOK_JOIN_TIMEOUT = 1.0
+#: The hooks whose failure is ignored unless the config says otherwise (Circus's list).
+HOOK_FAILURES_IGNORED = ("before_stop", "after_stop", "before_signal", "after_signal",
+                         "extended_stats")
+
+
+def _import_module_from(name: str, folder: str | None) -> None:
+    """Make the top-level module of ``name`` importable: it is on
+    ``sys.path``, or it is loaded from ``folder`` (the config file's, as
+    Circus looks there too) without adding the folder to ``sys.path``.
+    Raise ImportError if neither has it."""
+    import importlib.machinery  # here: only a daemon with hooks imports them
+    import importlib.util
+    top = name.partition(".")[0]
+    if top in sys.modules or importlib.util.find_spec(top) is not None:
+        return
+    spec = None
+    if folder is not None:
+        spec = importlib.machinery.PathFinder.find_spec(top, [folder])
+    if spec is None or spec.loader is None:
+        raise ImportError(f"no module {top!r} on sys.path or in {folder or 'the config folder'}")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[top] = module
+    try:
+        spec.loader.exec_module(module)
+    except BaseException:
+        del sys.modules[top]  # a half-run module must not be found next time
+        raise
+
+
+def load_hook(name: str, folder: str | None) -> Callable[..., Any]:
+    """The callable ``name`` names, ``package.module.function`` or
+    ``package.module:function``, imported as Circus's hooks are: from
+    ``sys.path`` or else ``folder``.  Runs the module's code the first
+    time, so only a hook thread calls it.  Raise ImportError,
+    AttributeError or TypeError."""
+    import importlib  # here: only a daemon with hooks imports them
+    separator = "."
+    if ":" in name:
+        separator = ":"
+    module_name, attribute = name.rsplit(separator, 1)
+    _import_module_from(module_name, folder)
+    function = getattr(importlib.import_module(module_name), attribute)
+    if not callable(function):
+        raise TypeError(f"{name} is not callable")
+    return function
+
+
+@dataclasses.dataclass(frozen=True)
+class HookProcess:
+    """A child as a hook sees it: Circus's ``watcher.processes`` values."""
+
+    pid: int
+    wid: int
+    started: float  # wall clock (time.time())
+
+
+@dataclasses.dataclass(frozen=True)
+class HookArbiter:
+    """The daemon as a hook sees it (``arbiter``): to change anything, a
+    hook sends a command to ``endpoint`` (``minisup.Client``)."""
+
+    endpoint: str
+    pubsub_endpoint: str | None
+    watchers: tuple[str, ...]
+
+
+@dataclasses.dataclass(frozen=True)
+class HookWatcher:
+    """A watcher as a hook sees it (``watcher``), taken on the worker when
+    the hook is called: what hooks in the wild read of Circus's Watcher."""
+
+    name: str
+    status: str
+    numprocesses: int
+    processes: dict[int, HookProcess]
+    env: dict[str, str]
+    cmd: str
+    args: list[str]
+    working_dir: str | None
+    stdout_stream: dict[str, Any]
+    stderr_stream: dict[str, Any]
+    options: dict[str, Any]
+    arbiter: HookArbiter
+
+
+def hook_watcher(watcher: Watcher, arbiter: HookArbiter) -> HookWatcher:
+    """A snapshot of ``watcher`` for a hook; on the worker thread."""
+    config = watcher.config
+    processes = {p.pid: HookProcess(p.pid, p.wid, p.started_at)
+                 for p in watcher.processes.values()}
+    return HookWatcher(watcher.name, watcher.state, watcher.numprocesses, processes,
+                       dict(config.env), config.cmd, list(config.args), config.working_dir,
+                       dict(config.stdout_stream), dict(config.stderr_stream),
+                       watcher.options(), arbiter)
+
+
+class HookCall:
+    """One call of one watcher's hook: made on the worker, run by a hook
+    thread, which touches nothing else and hands back its outcome with
+    ``call_on_worker``."""
+
+    def __init__(self, watcher: str, name: str, kwargs: dict[str, Any],
+                 then: Callable[[bool, float], None] | None, spec: list[Any],
+                 timeout: float) -> None:
+        self.watcher = watcher
+        self.name = name  # the hook: before_start ...
+        self.function = spec[0]  # the callable's dotted name
+        self.ignored = spec[1] or name in HOOK_FAILURES_IGNORED  # a failure passes
+        self.kwargs = kwargs
+        self.then = then  # on the worker, with (passed, now), once it is over
+        self.error: str | None = None  # what failed, once over (None: it returned)
+        self.timeout = timeout
+        self.deadline = math.inf  # set when its thread starts
+        self.over = False  # answered, or timed out (a late answer is dropped)
+
+
+def run_hook_call(call: HookCall, folder: str | None,
+                  deliver: Callable[[HookCall, bool, str | None], None]) -> None:
+    """The body of a hook thread: import and call ``call``'s hook, then
+    ``deliver(call, result, error)`` (error: None, or what failed).  Never
+    raises: whatever the hook does is its outcome."""
+    try:
+        function = load_hook(call.function, folder)
+        result = function(**call.kwargs)
+    except BaseException as exc:  # SystemExit too: the hook failed, not the daemon
+        logger.warning("%s: hook %s (%s) failed", call.watcher, call.name, call.function,
+                       exc_info=True)
+        deliver(call, False, f"{type(exc).__name__}: {exc}")
+        return
+    deliver(call, bool(result), None)
+
+
+class HookRunner:
+    """Runs the watchers' hooks off the worker thread: one call at a time
+    per watcher, in the order asked, each in a thread of its own so that a
+    hook that hangs past its timeout holds nothing.  Owned by the worker."""
+
+    def __init__(self, call_on_worker: Callable[[Callable[[], Any]], None],
+                 emit: Callable[[str, dict[str, Any]], None], clock: Callable[[], float],
+                 arbiter: Callable[[], HookArbiter], folder: str | None) -> None:
+        self._call_on_worker = call_on_worker
+        self._emit = emit
+        self._clock = clock
+        self._arbiter = arbiter  # a HookArbiter of the daemon now
+        self.folder = folder  # the config file's: hook modules may live there
+        self._chains: dict[str, collections.deque[HookCall]] = {}  # the running call first
+        self._threads: list[threading.Thread] = []
+
+    def call(self, watcher: Watcher, name: str, kwargs: dict[str, Any],
+             then: Callable[[bool, float], None] | None = None) -> HookCall | None:
+        """Have ``watcher``'s hook ``name`` called with ``kwargs`` after its
+        earlier calls, then ``then(passed, now)`` on the worker; at once
+        with passed True if it has no such hook (None is returned then).
+        Worker thread."""
+        spec = watcher.config.hooks.get(name)
+        if spec is None:
+            if then is not None:
+                then(True, self._clock())
+            return None
+        arbiter = self._arbiter()
+        arguments = {"watcher": hook_watcher(watcher, arbiter), "arbiter": arbiter,
+                     "hook_name": name, **kwargs}
+        chain = self._chains.setdefault(watcher.name, collections.deque())
+        call = HookCall(watcher.name, name, arguments, then, spec, watcher.config.hook_timeout)
+        chain.append(call)
+        if len(chain) == 1:
+            self._start(call)
+        return call
+
+    def _start(self, call: HookCall) -> None:
+        """Run ``call`` in a new thread, its deadline from now."""
+        call.deadline = self._clock() + call.timeout
+        thread = threading.Thread(target=run_hook_call, args=(call, self.folder, self._deliver),
+                                  name=f"minisup-hook-{call.watcher}-{call.name}", daemon=True)
+        self._threads = [t for t in self._threads if t.is_alive()]
+        self._threads.append(thread)
+        thread.start()
+
+    def _deliver(self, call: HookCall, passed: bool, error: str | None) -> None:
+        """A hook thread's outcome, sent to the worker.  Any thread."""
+        self._call_on_worker(functools.partial(self._conclude, call, passed, error))
+
+    def _conclude(self, call: HookCall, passed: bool, error: str | None) -> None:
+        """End ``call`` (worker): publish hook_success or hook_failure, start
+        the watcher's next call, then tell the caller.  A failure passes
+        where it is ignored; an answer after a timeout is dropped."""
+        if call.over:
+            logger.info("%s: hook %s answered after its timeout: ignored", call.watcher,
+                        call.name)
+            return
+        call.over = True
+        call.error = error
+        payload = {"name": call.name, "time": time.time()}
+        if error is None:
+            self._emit(f"watcher.{call.watcher}.hook_success", payload)
+        else:
+            passed = call.ignored
+            self._emit(f"watcher.{call.watcher}.hook_failure", {**payload, "error": error})
+        chain = self._chains[call.watcher]
+        chain.popleft()
+        if chain:
+            self._start(chain[0])
+        else:
+            del self._chains[call.watcher]
+        if call.then is not None:
+            call.then(passed, self._clock())
+
+    def expire(self, now: float) -> None:
+        """Fail each running call past its deadline (its thread is left to
+        finish on its own: Python cannot stop a thread).  Worker thread."""
+        for chain in list(self._chains.values()):
+            call = chain[0]
+            if now >= call.deadline:
+                logger.warning("%s: hook %s ran past its %gs hook_timeout", call.watcher,
+                               call.name, call.timeout)
+                self._conclude(call, False, f"no result within {call.timeout:g}s")
+
+    def next_deadline(self) -> float | None:
+        """When ``expire`` next has something to do, if ever."""
+        deadlines = [chain[0].deadline for chain in self._chains.values()]
+        if not deadlines:
+            return None
+        return min(deadlines)
+
+    @property
+    def busy(self) -> bool:
+        """Whether a call is running or queued: a quit waits for them."""
+        return bool(self._chains)
+
+    def join(self, timeout: float) -> None:
+        """Wait up to ``timeout`` seconds in all for the hook threads still
+        running (a hook past its timeout may still be): the Daemon's stop."""
+        deadline = time.monotonic() + timeout
+        for thread in self._threads:
+            thread.join(max(0.0, deadline - time.monotonic()))
 
 
 # ============================================================= Arbiter ======
@@ -4262,6 +4734,10 @@ class Arbiter:
         self._quit_stages: list[list[Watcher]] | None = None  # the quit's plan, once begun
         self._notify: socket.socket | None = None  # for ``ready = notify`` children
         self._heartbeat: socket.socket | None = None  # Circus's WatchDog plugin's UDP
+        folder = None
+        if config.source is not None:
+            folder = os.path.dirname(os.path.abspath(config.source))
+        self.hooks = HookRunner(self.call_on_worker, self._emit, clock, self.hook_arbiter, folder)
         # Containment (see Cgroups), set by open_containment: the cgroup
         # subtree, or in fallback mode the tag of each child's environment.
         self.cgroups: CgroupTree | None = None
@@ -4328,6 +4804,7 @@ class Arbiter:
         deadline."""
         self.jobs.run_queued(self, self._quit_stages is not None)
         now = self.clock()
+        self.hooks.expire(now)
         self.manage_watchers(now)
         # The dict's view, not a list: most ticks, with no systemd, read none of it.
         self.systemd.report(now, self.watchers.values(), self._quit_stages is not None)
@@ -4346,6 +4823,7 @@ class Arbiter:
         or below 0 means no periodic check, as in Circus."""
         deadlines = [w.next_deadline() for w in [*self.watchers.values(), *self._retiring]]
         deadlines.append(self.systemd.next_deadline())
+        deadlines.append(self.hooks.next_deadline())
         waits = [max(0.0, d - now) for d in deadlines if d is not None]
         if self.config.check_delay > 0:
             waits.append(self.config.check_delay)
@@ -4385,8 +4863,9 @@ class Arbiter:
 
     @property
     def quit_finished(self) -> bool:
-        """True once a quit has stopped every child, orphans included."""
-        return self._quit_stages == [] and not self.reaper.orphans_left
+        """True once a quit has stopped every child, orphans included, and
+        every hook called has run (each within its hook_timeout)."""
+        return self._quit_stages == [] and not self.reaper.orphans_left and not self.hooks.busy
 
     def manage_watchers(self, now: float) -> None:
         """Let each watcher spawn, signal and kill toward its wanted state,
@@ -4743,11 +5222,17 @@ class Arbiter:
         """Register a new, stopped watcher; error if the name is taken."""
         if config.name in self.watchers:
             raise MinisupError(f"{config.name!r} already exist", COMMAND_ERROR)
-        watcher = Watcher(config, self._spawn, self._emit)
+        watcher = Watcher(config, self._spawn, self._emit, self.hooks.call)
         self.watchers[config.name] = watcher
         logger.info("%s: added", watcher.name)
         watcher.emit("add")
         return watcher
+
+    def hook_arbiter(self) -> HookArbiter:
+        """The daemon as a hook sees it, now (see Hooks)."""
+        endpoint = self.bound_endpoints.get("endpoint") or self.config.endpoint
+        pubsub = self.bound_endpoints.get("pubsub_endpoint") or self.config.pubsub_endpoint
+        return HookArbiter(endpoint, pubsub, tuple(self.watchers))
 
     def _emit(self, topic: str, payload: dict[str, Any]) -> None:
         """Publish a watcher's event where ``on_event`` says, if set yet."""
@@ -5313,7 +5798,7 @@ def handle_signal(arbiter: Arbiter, properties: dict[str, Any]) -> dict[str, Any
                 raise MessageError(f"{childpid} is not a child of {pid}")
             below = [childpid]
         elif not children:
-            process.send_signal(signum)
+            watcher.signal_process(process, signum)
             if not recursive:
                 below = []
         kill_pids(below, signum)
@@ -5367,20 +5852,78 @@ def _watcher_tree(arbiter: Arbiter, watcher: Watcher,
     return tree_usage(pids)
 
 
-def handle_stats(arbiter: Arbiter, properties: dict[str, Any]) -> dict[str, Any]:
-    """``stats``: cpu, memory and age of every watcher's processes, or of
-    ``name``'s, or of its ``process``, read from /proc."""
+class ExtendedStats:
+    """The extended_stats hooks of one ``stats --extended`` (see Hooks):
+    each gets a copy of its process's stats, merged back once the hook has
+    returned (a copy: a hook past its timeout may still write to its own)."""
+
+    def __init__(self) -> None:
+        self.left = 0
+        self._asked: list[tuple[dict[str, Any], dict[str, Any], HookCall | None]] = []
+
+    def ask(self, arbiter: Arbiter, watcher: Watcher, pid: int, stats: Any) -> None:
+        """Call ``watcher``'s extended_stats hook on ``stats``, if it has one
+        and there are stats (not a reason why there are none)."""
+        if not isinstance(stats, dict) or "extended_stats" not in watcher.config.hooks:
+            return
+        copy = dict(stats)
+        self.left += 1
+        call = arbiter.hooks.call(watcher, "extended_stats", {"pid": pid, "stats": copy},
+                                  self._one_done)
+        self._asked.append((stats, copy, call))
+
+    def _one_done(self, passed: bool, now: float) -> None:
+        """One hook is over (its result is not used, as in Circus)."""
+        self.left -= 1
+
+    def done(self) -> bool:
+        """Whether every hook asked is over."""
+        return self.left <= 0
+
+    def merged(self, reply: dict[str, Any]) -> dict[str, Any]:
+        """``reply``, with what each hook that returned added to its stats."""
+        for stats, copy, call in self._asked:
+            if call is not None and call.error is None:
+                stats.update(copy)
+        return reply
+
+
+def _stats_targets(arbiter: Arbiter, properties: dict[str, Any]
+                   ) -> list[tuple[Watcher, list[Process]]]:
+    """The processes ``stats`` reports on, with their watchers: every
+    watcher's, ``name``'s, or its one ``process``."""
     name = properties.get("name")
-    tree = functools.cache(children_map)  # fallback mode: read /proc once, if at all
     if name is None:
-        return {"infos": {n: {p.pid: _stats_of(p, tree) for p in w.processes.values()}
-                          for n, w in sorted(arbiter.watchers.items())}}
+        return [(w, list(w.processes.values())) for _, w in sorted(arbiter.watchers.items())]
     watcher = arbiter.get_watcher(name)
     if properties.get("process") is not None:
-        process = _watcher_process(watcher, properties["process"])
-        return {"process": process.pid, "info": _stats_of(process, tree)}
-    return {"name": name, "info": {p.pid: _stats_of(p, tree) for p in watcher.processes.values()},
-            "tree": _watcher_tree(arbiter, watcher, tree)}
+        return [(watcher, [_watcher_process(watcher, properties["process"])])]
+    return [(watcher, list(watcher.processes.values()))]
+
+
+def handle_stats(arbiter: Arbiter, properties: dict[str, Any]) -> dict[str, Any] | Pending:
+    """``stats``: cpu, memory and age of every watcher's processes, or of
+    ``name``'s, or of its ``process``, read from /proc; with ``extended``,
+    once each extended_stats hook has added its own."""
+    tree = functools.cache(children_map)  # fallback mode: read /proc once, if at all
+    targets = _stats_targets(arbiter, properties)
+    infos = {w.name: {p.pid: _stats_of(p, tree) for p in processes} for w, processes in targets}
+    name = properties.get("name")
+    reply: dict[str, Any] = {"infos": infos}
+    if name is not None and properties.get("process") is not None:
+        pid = targets[0][1][0].pid
+        reply = {"process": pid, "info": infos[targets[0][0].name][pid]}
+    elif name is not None:
+        reply = {"name": name, "info": infos[targets[0][0].name],
+                 "tree": _watcher_tree(arbiter, targets[0][0], tree)}
+    extended = ExtendedStats()
+    if properties.get("extended"):
+        for watcher, processes in targets:
+            for process in processes:
+                extended.ask(arbiter, watcher, process.pid, infos[watcher.name][process.pid])
+    if extended.done():
+        return reply
+    return Pending(extended.done, functools.partial(extended.merged, reply))
 
 
 def handle_dstats(arbiter: Arbiter, properties: dict[str, Any]) -> dict[str, Any]:
@@ -6142,6 +6685,9 @@ class Daemon:
         self.arbiter.close()
         self.pump.stop()  # after the worker: every pipe is drained by now
         self._output_thread.join()
+        # A hook past its timeout may still run (no thread can be stopped):
+        # a moment for it, then it is left behind, a daemon thread.
+        self.arbiter.hooks.join(HOOK_JOIN_TIMEOUT)
 
 
 # ============================================================== Client ======
