@@ -2926,6 +2926,14 @@ def extended(client, name=None):
     return client.call("status", extended=True, **({"name": name} if name else {}))["watchers"]
 
 
+def info_once(client, name, predicate):
+    """Watcher ``name``'s extended status, once ``predicate`` holds for it."""
+    def check():
+        info = extended(client, name)[name]
+        return info if predicate(info) else None
+    return wait_for(check, what=f"{name}'s status")
+
+
 def process_states(client, name):
     return [p["state"] for p in extended(client, name)[name]["processes"]]
 
@@ -3222,7 +3230,7 @@ def test_a_hung_child_is_aborted_within_its_watchdog_interval_and_replaced(
     aborted = noted(tmp_path, "aborted", pid)
     # Not before the interval ran out since the last WATCHDOG=1, and within 100 ms of it.
     assert 0.5 - 0.02 <= aborted - last_beat <= 0.5 + 0.1, aborted - last_beat
-    info = wait_for(lambda: (lambda i: i["last_exit_reason"] and i)(extended(client, "svc")["svc"]))
+    info = info_once(client, "svc", lambda i: i["last_exit_reason"])
     assert info["last_exit_reason"] == "watchdog timeout (killed by SIGABRT)"
     assert info["restarts"] >= 1
     wait_for(lambda: [p for p in client.call("list", name="svc")["pids"] if p != pid],
@@ -3385,7 +3393,7 @@ def test_a_false_before_start_vetoes_the_start(make_daemon, tmp_path, hooks):
     daemon = hooked(make_daemon, tmp_path, f"hooks.before_start = {hooks}.refuse",
                     pubsub_endpoint=f"ipc://{tmp_path}/pub.sock")
     client = daemon.client
-    info = wait_for(lambda: (lambda i: i["reason"] and i)(extended(client, "a")["a"]))
+    info = info_once(client, "a", lambda i: i["reason"])
     assert info["reason"] == "the before_start hook stopped the start"
     assert info["status"] == "stopped" and client.call("list", name="a")["pids"] == []
     assert hook_calls(tmp_path) == ["before_start"]
@@ -3414,8 +3422,7 @@ def test_a_before_start_that_raises_stops_the_start_unless_ignored(
 def test_a_false_spawn_or_after_start_hook_stops_the_watcher(make_daemon, tmp_path, hooks, hook):
     daemon = hooked(make_daemon, tmp_path, f"hooks.{hook} = {hooks}.refuse")
     client = daemon.client
-    info = wait_for(lambda: (lambda i: i["reason"] and i["status"] == "stopped" and i)(
-        extended(client, "a")["a"]))
+    info = info_once(client, "a", lambda i: i["reason"] and i["status"] == "stopped")
     assert info["reason"].startswith(f"the {hook} hook stopped the start")
     wait_for(lambda: client.call("list", name="a")["pids"] == [])
     assert client.call("status", name="b")["status"] == "active"
@@ -3448,7 +3455,7 @@ def test_a_hook_past_hook_timeout_has_failed(make_daemon, tmp_path, hooks):
     client = daemon.client
     reply = client.call("start", name="a", waiting=True)
     assert reply["status"] == "error" and "before_start hook" in reply["reason"], reply
-    info = wait_for(lambda: (lambda i: i["reason"] and i)(extended(client, "a")["a"]))
+    info = info_once(client, "a", lambda i: i["reason"])
     assert info["status"] == "stopped"
     sys.modules[hooks].release.set()  # its thread ends; the late True is dropped
     wait_until_quiet(lambda: False)
