@@ -5161,6 +5161,33 @@ def test_circusctl_json_output_has_circus_keys(make_daemon):
     assert set(json.loads(result.stdout)) == {"status", "pids", "time", "id"}
 
 
+def test_circusctl_drives_a_daemon_whose_config_uses_includes_and_hooks(tmp_path, hooks):
+    pytest.importorskip("circus")
+    (tmp_path / "conf.d").mkdir()
+    (tmp_path / "conf.d" / "gate.ini").write_text(
+        f"[watcher:gate]\ncmd = {py_cmd(SLEEP)}\nautostart = false\n"
+        f"hooks.before_start = {hooks}.refuse\n")
+    ini = tmp_path / "app.ini"
+    write_ini(ini, f"ipc://{tmp_path}/ctl.sock", f"""
+        include = conf.d/*.ini
+        [watcher:web]
+        cmd = {py_cmd(SLEEP)}
+        hooks.before_start = {hooks}.allow
+        hooks.after_stop = {hooks}.allow
+        """)
+    daemon = minisup.Daemon(minisup.load_config(ini))
+    with daemon:
+        result = circusctl(daemon.endpoint, "status")
+        assert (result.returncode, result.stdout) == (0, "gate: stopped\nweb: active\n")
+        assert circusctl(daemon.endpoint, "stop", "web", "--waiting").stdout == "ok\n"
+        wait_for(lambda: hook_calls(tmp_path) == ["before_start", "after_stop"])
+        refused = circusctl(daemon.endpoint, "start", "gate", "--waiting")
+        assert refused.returncode == 3
+        assert "the before_start hook stopped the start" in refused.stderr
+        assert circusctl(daemon.endpoint, "status", "gate").stdout == "stopped\n"
+        assert hook_calls(tmp_path) == ["before_start", "after_stop", "before_start"]
+
+
 def listen_topics(lines):
     # circusctl 0.19 prints bytes reprs: b'watcher.web.reap': b'{...}'
     return [re.match(r"b?'?([\w.]+)", line).group(1) for line in lines]
