@@ -796,11 +796,11 @@ def _hook_spec(name: str, ignore_failure: bool) -> list[Any]:
 def _text_hook(text: str) -> list[Any]:
     """``hooks.NAME = module.function[, true|false]`` as Circus reads it:
     true says a failure of the hook is ignored."""
-    name, comma, flag = text.partition(",")
+    parts = text.split(",", 1)
     ignore = False
-    if comma:
-        ignore = BOOL.from_text(flag)
-    return _hook_spec(name, ignore)
+    if len(parts) == 2:
+        ignore = BOOL.from_text(parts[1])
+    return _hook_spec(parts[0], ignore)
 
 
 def _json_hook(value: Any) -> list[Any]:
@@ -1182,9 +1182,12 @@ def read_ini(text: str, source: str, sections: dict[str, IniSection],
             option = None
             continue
         found = INI_OPTION.match(line)
-        if current is None or not found:
-            what = "an option before any [section]" if found else "not a [section] or option = value"
-            raise ConfigError(f"line {number}: {what}: {line.strip()[:100]!r}", source)
+        if not found:
+            raise ConfigError(f"line {number}: not a [section] or option = value: "
+                              f"{line.strip()[:100]!r}", source)
+        if current is None:
+            raise ConfigError(f"line {number}: an option before any [section]: "
+                              f"{line.strip()[:100]!r}", source)
         option = found["name"]
         if option in current.lines:
             warnings.append(f"{source}: line {number}: [{current.name}]: {option!r} is set "
@@ -4067,6 +4070,8 @@ class HookCall:
     def __init__(self, watcher: str, name: str, kwargs: dict[str, Any],
                  then: Callable[[bool, float], None] | None, spec: list[Any],
                  timeout: float) -> None:
+        """A call of ``watcher``'s hook ``name`` (``spec``: [callable's name,
+        ignore_failure]) with ``kwargs``, failed after ``timeout`` seconds."""
         self.watcher = watcher
         self.name = name  # the hook: before_start ...
         self.function = spec[0]  # the callable's dotted name
@@ -4103,6 +4108,9 @@ class HookRunner:
     def __init__(self, call_on_worker: Callable[[Callable[[], Any]], None],
                  emit: Callable[[str, dict[str, Any]], None], clock: Callable[[], float],
                  arbiter: Callable[[], HookArbiter], folder: str | None) -> None:
+        """A runner handing outcomes back by ``call_on_worker``, publishing
+        by ``emit``, timing by ``clock``; ``arbiter`` makes a HookArbiter
+        and ``folder`` is where hook modules may live besides sys.path."""
         self._call_on_worker = call_on_worker
         self._emit = emit
         self._clock = clock
@@ -5858,6 +5866,7 @@ class ExtendedStats:
     returned (a copy: a hook past its timeout may still write to its own)."""
 
     def __init__(self) -> None:
+        """No hook asked yet."""
         self.left = 0
         self._asked: list[tuple[dict[str, Any], dict[str, Any], HookCall | None]] = []
 
