@@ -1221,22 +1221,23 @@ def read_ini_file(path: str, sections: dict[str, IniSection], warnings: list[str
     read_ini(text, path, sections, warnings)
 
 
-def included_files(circus: IniSection, folder: str, env: dict[str, str],
+def included_files(circus: IniSection, source: str, env: dict[str, str],
                    warnings: list[str]) -> list[str]:
     """The files ``[circus] include`` (glob patterns) and ``include_dir``
-    (folders, each read as ``FOLDER/*.ini``) name, relative to ``folder``
-    (the including file's) unless absolute, in that order, each pattern's
+    (folders, each read as ``FOLDER/*.ini``) name, relative to the folder
+    of ``source`` (the including file) unless absolute, in that order, each pattern's
     sorted (Circus leaves them in the order the folder lists them).  A
     pattern that matches nothing is a warning, as in Circus."""
     patterns = substitute(circus.get("include"), {}, env).split()
     for folder_name in substitute(circus.get("include_dir"), {}, env).split():
         patterns.append(os.path.join(folder_name, "*.ini"))
+    folder = os.path.dirname(source)
     found: list[str] = []
     for pattern in patterns:
         matches = sorted(glob.glob(os.path.join(folder, pattern)))
         if not matches:
-            warnings.append(f"{circus.sources.get('include', '')}: [circus]: include "
-                            f"{pattern!r} names no file (relative to {folder or '.'})")
+            warnings.append(f"{source}: [circus]: include {pattern!r} names no file "
+                            f"(relative to {folder or '.'})")
         for path in matches:
             if path not in found:
                 found.append(path)
@@ -1299,8 +1300,7 @@ def _read_ini_files(text: str, source: str, environ: dict[str, str],
     sections: dict[str, IniSection] = {}
     read_ini(text, source, sections, warnings)
     if "circus" in sections:
-        folder = os.path.dirname(source)
-        for path in included_files(sections["circus"], folder, environ, warnings):
+        for path in included_files(sections["circus"], source, environ, warnings):
             if os.path.abspath(path) != os.path.abspath(source):
                 read_ini_file(path, sections, warnings)
     return sections
@@ -4369,7 +4369,8 @@ def wait_empty(folder, deadline):
         poller.poll(max(0.0, deadline - time.monotonic()) * 1000)
     os.close(fd)
 for tree in trees:
-    watchers = [e.path for e in os.scandir(tree) if e.name.startswith("w.")]
+    try: watchers = [e.path for e in os.scandir(tree) if e.name.startswith("w.")]
+    except OSError: continue  # removed by the daemon as it stopped: nothing left
     for folder in watchers:
         try: open(folder + "/cgroup.kill", "w").write("1")
         except OSError:  # no cgroup.kill (before Linux 5.14): each pid, below too

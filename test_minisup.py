@@ -1933,6 +1933,20 @@ def guardian_of(pid):
     return wait_for(found, what=f"the guardian of {pid}")
 
 
+def test_after_a_clean_stop_the_guardian_finds_nothing_and_says_nothing(contained_cli,
+                                                                        tmp_path):
+    """The daemon removed its cgroups as it stopped: the guardian, woken by
+    the pipe's EOF, finds none and exits quietly (it once printed a
+    traceback into the daemon's log after every clean stop)."""
+    proc, _ = contained_cli(sleepers(n=2))
+    guardian = guardian_of(proc.pid)
+    proc.send_signal(signal.SIGTERM)
+    assert proc.wait(timeout=DEADLINE) == 0
+    wait_for(lambda: dead(guardian), what="the guardian to exit")
+    log = (tmp_path / "daemon0.log").read_text()
+    assert "Traceback" not in log, log
+
+
 def test_a_daemon_restarted_after_a_sigkill_removes_the_stale_cgroups(contained_cli,
                                                                       scratch_cgroup, tmp_path):
     """A daemon SIGKILLed with its guardian leaves its cgroups, processes
