@@ -358,6 +358,17 @@ def check_udp_endpoint(endpoint: str) -> tuple[str, int]:
     return match.group(1), int(match.group(2))
 
 
+def check_metrics_endpoint(text: str) -> tuple[str, int]:
+    """Split ``metrics_endpoint`` (``HOST:PORT``, ``[IPv6]:PORT``); raise
+    ConfigError naming it."""
+    host, _, port = text.rpartition(":")
+    host = host.removeprefix("[").removesuffix("]")
+    if not host or not port.isdigit() or int(port) > 65535:
+        raise ConfigError("use HOST:PORT, as 127.0.0.1:9101", option="metrics_endpoint",
+                          value=text)
+    return host, int(port)
+
+
 def _loopback_or_multicast(host: str) -> bool:
     """Whether the dotted address ``host`` is a loopback or a multicast one
     (not if it is no address at all)."""
@@ -1043,6 +1054,9 @@ class Config:
     # in milliseconds on loopback, in well under a second over a slow link:
     # 5 s leaves it a wide margin.  0 is refused (libzmq: no limit at all).
     handshake_timeout: float = option(HANDSHAKE, 5.0)
+    # minisup's own: HOST:PORT where GET /metrics answers in Prometheus's
+    # text format (unset: no listener).
+    metrics_endpoint: str | None = option(STR, None)
     guardian: bool = option(BOOL, True)  # children die with the daemon
     # minisup's own: a cgroup v2 subtree holds every process (auto: where the
     # daemon can write one; required: or it does not start; off: never).
@@ -1478,10 +1492,12 @@ def _read_global(config: Config, section: IniSection, env: dict[str, str]) -> No
         check_endpoint_owner(config.endpoint_owner)
     except ConfigError as exc:
         raise ConfigError(exc.detail, config.source, "circus", exc.option, exc.value) from None
-    for key in ("endpoint", "pubsub_endpoint", "multicast_endpoint"):
+    for key in ("endpoint", "pubsub_endpoint", "multicast_endpoint", "metrics_endpoint"):
         value = getattr(config, key)
         try:
-            if key == "multicast_endpoint" and value:  # empty: off, as in Circus
+            if key == "metrics_endpoint" and value:
+                check_metrics_endpoint(value)
+            elif key == "multicast_endpoint" and value:  # empty: off, as in Circus
                 check_udp_endpoint(value)
             elif value:
                 check_endpoint(value, bool(config.curve_secret_key))
@@ -2069,6 +2085,7 @@ class Process:
         self.watchdog_sec = 0.0  # its watchdog interval (WATCHDOG_USEC= may change it)
         self.watchdog_at: float | None = None  # when its watchdog runs out, once armed
         self.stop_reason: str | None = None  # why minisup stopped it, if a failure
+        self.death_seen: float | None = None  # time.monotonic() when its exit was seen
         self.cgroup: str | None = None  # its own cgroup's folder (cgroup mode)
         if HAS_PIDFD:  # a zombie has one too: a child already dead reads as exited
             with contextlib.suppress(OSError):  # old kernel: the worker polls instead
@@ -2824,11 +2841,15 @@ def cgroup_usage(folder: str) -> dict[str, Any]:
     (memory.current where that controller is on, else the resident memory
     of the processes in it) and how many processes it holds now."""
     pids = cgroup_pids(folder)
-    usage = tree_usage(pids)
-    usage["cpu"] = round(read_keyed(folder, "cpu.stat").get("usage_usec", 0) / 1e6, 3)
+    memory = None
     with contextlib.suppress(OSError, ValueError), open(
             os.path.join(folder, "memory.current")) as stream:
-        usage["memory"] = int(stream.read())
+        memory = int(stream.read())
+    if memory is None:  # no memory controller: each process's, from /proc
+        usage = tree_usage(pids)
+    else:  # the kernel's count: no /proc walk
+        usage = {"memory": memory, "processes": len(pids)}
+    usage["cpu"] = round(read_keyed(folder, "cpu.stat").get("usage_usec", 0) / 1e6, 3)
     return usage
 
 
@@ -2881,6 +2902,7 @@ class Sink:
         if options.get("utc"):
             self._clock = time.gmtime
         self.errors = 0  # chunks lost or cut short
+        self.lost_bytes = 0  # what those failures lost
         self.fd = -1  # the target, -1 while closed
         self.size = 0  # what the target holds, for max_bytes
         self.rotatable = False  # a regular file of ours: see open
@@ -2967,6 +2989,7 @@ class Sink:
                 written += os.write(self.fd, view[written:])
             self.torn = False
         except OSError as exc:  # a full disk loses this chunk, not the daemon
+            self.lost_bytes += len(data) - written
             self._failed(exc)
             written = self._discard_partial_line(data, written)
         self.size += written  # what the file holds, for max_bytes
@@ -3126,6 +3149,7 @@ class Pump:
         self._selector.register(self._waker, selectors.EVENT_READ, None)
         self._sinks: dict[tuple[str, str], Sink] = {}  # by file (or stream) and options
         self._tails: dict[str, collections.deque[tuple[str, bytes]]] = {}
+        self._read_bytes: collections.Counter[tuple[str, str]] = collections.Counter()
 
     @_queued
     def stop(self) -> None:
@@ -3203,6 +3227,7 @@ class Pump:
             if not data:
                 self._finish(pipe)
                 return
+            self._read_bytes[(pipe.config.name, pipe.stream)] += len(data)
             # Long lines are cut first, so what is kept back is never too long.
             data = split_long_lines(pipe.partial + data, pipe.config.max_line)
             end = data.rfind(b"\n") + 1
@@ -3260,6 +3285,14 @@ class Pump:
         reply(texts)
 
     @_queued
+    def totals(self, reply: Callable[[dict[str, Any]], None]) -> None:
+        """Call ``reply`` with the bytes read from each watcher's streams
+        (``output``: [watcher, stream, bytes] rows) and those a log file
+        failed to take (``lost``), for the metrics; queued by the worker."""
+        rows = [[name, stream, count] for (name, stream), count in self._read_bytes.items()]
+        reply({"output": rows, "lost": sum(sink.lost_bytes for sink in self._sinks.values())})
+
+    @_queued
     def reopen(self) -> None:
         """Reopen every log file (after a logrotate); queued from the SIGUSR1
         handler or the ``reopen`` command."""
@@ -3313,6 +3346,21 @@ def describe_exit(code: int) -> str:
     return f"exited {code}"
 
 
+def exit_label(code: int, reason: str | None, stop_reason: str | None) -> str:
+    """The ``reason`` label of one exit in the metrics: ``oom``,
+    ``ready_timeout`` or ``watchdog_timeout`` when that is why, else the
+    signal's name (``SIGKILL``) or the exit code (``1``)."""
+    if reason is not None and reason.startswith("OOM"):
+        return "oom"
+    if stop_reason is not None and stop_reason.startswith("not ready"):
+        return "ready_timeout"
+    if stop_reason == "watchdog timeout":
+        return "watchdog_timeout"
+    if code < 0:
+        return _signal_name(-code)
+    return str(code)
+
+
 def backoff_delay(config: WatcherConfig, crashes: int) -> float:
     """How long a watcher waits before the next spawn after ``crashes``
     quick deaths in a row (2 or more), jitter aside: growing by
@@ -3351,6 +3399,11 @@ class Watcher:
         # kept by the arbiter): it is not stopped until they are empty.
         self.lingering = 0
         self.spawn_failures = 0  # ever: a waiting start answers at the next one
+        self.exits: collections.Counter[str] = collections.Counter()  # by exit_label
+        # Respawn times, for the metrics: when each death to be replaced was
+        # seen (time.monotonic), and the latencies the arbiter has yet to take.
+        self._respawn_due: collections.deque[float] = collections.deque()
+        self.respawn_latencies: list[float] = []
         self.spawn_error: str | None = None  # the last, with its attempt number
         self._spawn = spawn
         self._emit = emit
@@ -3506,6 +3559,7 @@ class Watcher:
         if self._waiting_on == "before_stop":
             return
         self._cancel_wait()
+        self._respawn_due.clear()
         if self.state != STOPPED or self.processes or self.lingering:
             self._set_state(STOPPING)
             if self._has_hook("before_stop"):
@@ -3648,6 +3702,7 @@ class Watcher:
             how = f"{process.stop_reason} ({how})"
         self.last_exit = code
         self.last_exit_reason = how
+        self.exits[exit_label(code, reason, process.stop_reason)] += 1
         self.emit("reap", process_pid=process.pid, exit_code=code, reason=how)
         self._call_hook("before_reap", process_pid=process.pid, time=time.time())
         self._call_hook("after_reap", process_pid=process.pid, time=time.time(), exit_code=code,
@@ -3663,6 +3718,8 @@ class Watcher:
         if policy == "never" or policy == "on-failure" and code in self.config.exit_codes:
             self._finished += 1  # done: its slot is not refilled
             return
+        if process.death_seen is not None:
+            self._respawn_due.append(process.death_seen)
         self._note_crash(now, now - process.started)
 
     def _note_crash(self, now: float, uptime: float) -> None:
@@ -3832,6 +3889,8 @@ class Watcher:
             self.processes[process.pid] = process
             spawned.append(process)
             logger.info("%s: spawned pid %d (wid %d)", self.name, process.pid, wid)
+            if self._respawn_due:  # a replacement: how long since its predecessor died
+                self.respawn_latencies.append(time.monotonic() - self._respawn_due.popleft())
             self.emit("spawn", process_pid=process.pid)
             if self._has_hook("after_spawn"):
                 self._wait_for_hook("after_spawn", functools.partial(
@@ -4216,6 +4275,38 @@ class HookRunner:
 # by the worker thread; other threads only call ``submit`` and
 # ``call_on_worker``, which queue and wake it.
 
+#: The respawn histogram's bounds, in seconds: a replacement after a death
+#: seen by pidfd takes milliseconds, one after a crash loop's backoff seconds.
+RESPAWN_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0,
+                   10.0, 30.0)
+
+
+class Histogram:
+    """Observations counted as a Prometheus histogram counts them: how many
+    at or below each bound, their sum and their number.  Owned by one
+    thread (the worker's: the respawn times)."""
+
+    def __init__(self, bounds: tuple[float, ...]) -> None:
+        """An empty histogram over ``bounds`` (in increasing order)."""
+        self.bounds = bounds
+        self.counts = [0] * len(bounds)  # cumulative: at or below each bound
+        self.sum = 0.0
+        self.count = 0
+
+    def observe(self, value: float) -> None:
+        """Count ``value``."""
+        for index, bound in enumerate(self.bounds):
+            if value <= bound:
+                self.counts[index] += 1
+        self.sum += value
+        self.count += 1
+
+    def figures(self) -> dict[str, Any]:
+        """The histogram as JSON-ready values."""
+        return {"bounds": list(self.bounds), "counts": list(self.counts), "sum": self.sum,
+                "count": self.count}
+
+
 class Pending(NamedTuple):
     """A deferred reply: answered once ``done()`` holds, with ``result()``."""
 
@@ -4267,6 +4358,7 @@ def ignore_reply(reply: Reply) -> None:
 
 #: Commands still served while the daemon shuts down.
 SHUTDOWN_COMMANDS = {"list", "status", "numprocesses", "numwatchers", "quit", "options", "get",
+                     "metrics",
                      "globaloptions", "stats", "dstats", "listsockets"}
 
 
@@ -4743,6 +4835,8 @@ class Arbiter:
         self._quit_stages: list[list[Watcher]] | None = None  # the quit's plan, once begun
         self._notify: socket.socket | None = None  # for ``ready = notify`` children
         self._heartbeat: socket.socket | None = None  # Circus's WatchDog plugin's UDP
+        self._woke_at = time.monotonic()  # when the loop last woke: a death seen then
+        self.respawn_histogram = Histogram(RESPAWN_BUCKETS)  # death seen to new child, s
         folder = None
         if config.source is not None:
             folder = os.path.dirname(os.path.abspath(config.source))
@@ -4789,6 +4883,7 @@ class Arbiter:
         """Block until a child exits, a job arrives or ``timeout`` passes;
         reap the dead."""
         events = [key.data for key, _ in self._selector.select(timeout)]
+        self._woke_at = time.monotonic()  # when each death seen now was seen (metrics)
         exited = [data for data in events if isinstance(data, tuple)]
         if None in events:
             self._waker.drain()
@@ -4886,6 +4981,9 @@ class Arbiter:
         for watcher in [*self.watchers.values(), *self._retiring]:
             for process in watcher.manage(now, kill_tree, self._held(watcher)):
                 self._watch(watcher, process)
+            for latency in watcher.respawn_latencies:
+                self.respawn_histogram.observe(latency)
+            watcher.respawn_latencies.clear()
         for watcher in self._retiring:
             if not watcher.processes and watcher.state == STOPPED:
                 self._remove_watcher_cgroup(watcher)
@@ -5161,6 +5259,8 @@ class Arbiter:
             return
         if not self.reaper.has_exited(process):
             return
+        if process.death_seen is None:
+            process.death_seen = self._woke_at
         if not drained:
             self._kill_leftovers(watcher, process)
         if process.pipes and self.pump is not None and not drained:
@@ -5936,6 +6036,41 @@ def handle_stats(arbiter: Arbiter, properties: dict[str, Any]) -> dict[str, Any]
     return Pending(extended.done, functools.partial(extended.merged, reply))
 
 
+def collect_metrics(arbiter: Arbiter, properties: dict[str, Any]) -> dict[str, Any] | Pending:
+    """The figures of the metrics endpoint (see MetricsServer): each
+    watcher's counts, state, exits and usage (its cgroup's where there is
+    one), the respawn histogram, and the output thread's byte counts, asked
+    of it.  Not a wire command: the controller hands it over for a scrape."""
+    now = arbiter.clock()
+    tree = functools.cache(children_map)  # fallback mode: read /proc once, if at all
+    watchers = []
+    for name, watcher in sorted(arbiter.watchers.items()):
+        usage = _watcher_tree(arbiter, watcher, tree)
+        watchers.append({"name": name, "processes": len(watcher.running()),
+                         "wanted": watcher.numprocesses, "state": watcher.status(now),
+                         "restarts": watcher.restarts, "exits": dict(watcher.exits),
+                         "cpu": usage["cpu"], "memory": usage["memory"]})
+    figures = {"watchers": watchers, "respawn": arbiter.respawn_histogram.figures(),
+               "output": [], "lost": 0}
+    if arbiter.pump is None:
+        return figures
+    found: list[dict[str, Any]] = []  # appended on the worker thread only
+
+    def deliver(totals: dict[str, Any]) -> None:
+        """On the output thread: hand its totals to the worker thread."""
+        arbiter.call_on_worker(functools.partial(found.append, totals))
+
+    def done() -> bool:
+        """Whether the totals have arrived."""
+        return bool(found)
+
+    def result() -> dict[str, Any]:
+        """The figures, once they have."""
+        return {**figures, **found[0]}
+    arbiter.pump.totals(deliver)
+    return Pending(done, result)
+
+
 def handle_dstats(arbiter: Arbiter, properties: dict[str, Any]) -> dict[str, Any]:
     """``dstats``: the same for the daemon itself."""
     return {"info": process_stats(os.getpid())}
@@ -6170,6 +6305,320 @@ def load_curve_key(path: str, secret: bool = True) -> tuple[bytes, bytes]:
     return keys
 
 
+#: The metrics endpoint's bounds: the most bytes of a request's head, the
+#: most connections at once (Prometheus holds one), and how long one may
+#: stay open before it is closed (a scrape takes milliseconds).
+METRICS_REQUEST_LIMIT = 8192
+METRICS_CONNECTIONS = 8
+METRICS_IDLE_TIMEOUT = 10.0
+#: The states ``minisup_watcher_state`` has a series for.
+METRIC_STATES = ("stopped", "starting", "active", "backoff", "flapping", "stopping")
+HTTP_REASONS = {200: "OK", 400: "Bad Request", 404: "Not Found", 405: "Method Not Allowed",
+                431: "Request Header Fields Too Large", 503: "Service Unavailable"}
+
+
+def _label_value(text: str) -> str:
+    """``text`` quoted as a label value of the text exposition format."""
+    escaped = text.replace("\\", "\\\\").replace("\n", "\\n").replace('"', '\\"')
+    return f'"{escaped}"'
+
+
+def _sample(name: str, labels: dict[str, str], value: float) -> str:
+    """One sample line: ``name{label="value",...} value``."""
+    pairs = ",".join(f"{key}={_label_value(str(text))}" for key, text in labels.items())
+    if pairs:
+        return f"{name}{{{pairs}}} {value!r}"
+    return f"{name} {value!r}"
+
+
+def _family(name: str, kind: str, text: str, samples: Iterable[str]) -> list[str]:
+    """A metric family: its HELP and TYPE lines, then ``samples``."""
+    return [f"# HELP {name} {text}", f"# TYPE {name} {kind}", *samples]
+
+
+def _watcher_families(watchers: list[dict[str, Any]]) -> list[str]:
+    """The per-watcher families of the metrics text.  Labels carry only
+    names, states and reasons: never a command, argument or env value."""
+    lines = []
+    for key, name, text in (("processes", "minisup_watcher_processes", "Processes running."),
+                            ("wanted", "minisup_watcher_wanted_processes",
+                             "Processes wanted (numprocesses).")):
+        lines += _family(name, "gauge", text, (_sample(name, {"watcher": w["name"]}, w[key])
+                                               for w in watchers))
+    lines += _family("minisup_watcher_state", "gauge", "1 for the watcher's state, else 0.", (
+        _sample("minisup_watcher_state", {"watcher": w["name"], "state": state},
+                int(w["state"] == state)) for w in watchers for state in METRIC_STATES))
+    lines += _family("minisup_watcher_restarts_total", "counter",
+                     "Processes replaced after dying on their own.", (
+                         _sample("minisup_watcher_restarts_total", {"watcher": w["name"]},
+                                 w["restarts"]) for w in watchers))
+    lines += _family("minisup_process_exits_total", "counter",
+                     "Process exits, by reason: exit code, signal, oom, ready_timeout or "
+                     "watchdog_timeout.", (
+                         _sample("minisup_process_exits_total",
+                                 {"watcher": w["name"], "reason": reason}, count)
+                         for w in watchers for reason, count in sorted(w["exits"].items())))
+    lines += _family("minisup_watcher_cpu_seconds_total", "counter",
+                     "CPU time of all the watcher's processes started (its cgroup's).", (
+                         _sample("minisup_watcher_cpu_seconds_total", {"watcher": w["name"]},
+                                 float(w["cpu"])) for w in watchers))
+    lines += _family("minisup_watcher_memory_bytes", "gauge",
+                     "Memory of all the watcher's processes started.", (
+                         _sample("minisup_watcher_memory_bytes", {"watcher": w["name"]},
+                                 w["memory"]) for w in watchers))
+    return lines
+
+
+def _histogram_family(name: str, text: str, figures: dict[str, Any]) -> list[str]:
+    """A histogram family from Histogram.figures()."""
+    samples = [_sample(f"{name}_bucket", {"le": repr(float(bound))}, count)
+               for bound, count in zip(figures["bounds"], figures["counts"], strict=True)]
+    samples.append(_sample(f"{name}_bucket", {"le": "+Inf"}, figures["count"]))
+    samples += [_sample(f"{name}_sum", {}, figures["sum"]),
+                _sample(f"{name}_count", {}, figures["count"])]
+    return _family(name, "histogram", text, samples)
+
+
+def metrics_text(figures: dict[str, Any], requests: dict[tuple[str, str], int]) -> str:
+    """The Prometheus text exposition (version 0.0.4) of the worker's
+    ``figures`` (see collect_metrics) and the controller's ``requests``
+    counts, by (command, status)."""
+    lines = _family("minisup_build_info", "gauge", "minisup's version.",
+                    [_sample("minisup_build_info", {"version": __version__}, 1)])
+    lines += _watcher_families(figures["watchers"])
+    lines += _family("minisup_watcher_output_bytes_total", "counter",
+                     "Bytes the watcher's processes wrote to a captured stream.", (
+                         _sample("minisup_watcher_output_bytes_total",
+                                 {"watcher": name, "stream": stream}, count)
+                         for name, stream, count in sorted(figures["output"])))
+    lines += _family("minisup_output_lost_bytes_total", "counter",
+                     "Captured bytes a log file failed to take (a full disk).",
+                     [_sample("minisup_output_lost_bytes_total", {}, figures["lost"])])
+    lines += _family("minisup_control_requests_total", "counter",
+                     "Control requests answered, by command and status.", (
+                         _sample("minisup_control_requests_total",
+                                 {"command": command, "status": status}, count)
+                         for (command, status), count in sorted(requests.items())))
+    lines += _histogram_family("minisup_respawn_seconds",
+                               "From a death seen to its replacement running.",
+                               figures["respawn"])
+    return "\n".join(lines) + "\n"
+
+
+def http_response(status: int, body: bytes, content_type: str = "text/plain; charset=utf-8",
+                  head_only: bool = False, extra: str = "") -> bytes:
+    """A whole HTTP/1.1 response that closes the connection."""
+    head = (f"HTTP/1.1 {status} {HTTP_REASONS[status]}\r\nContent-Type: {content_type}\r\n"
+            f"Content-Length: {len(body)}\r\n{extra}Connection: close\r\n\r\n").encode()
+    if head_only:
+        return head
+    return head + body
+
+
+def http_problem(head: bytes) -> tuple[int, str] | None:
+    """What is wrong with a request's ``head`` for the metrics endpoint, as
+    (status, reason), or None for a GET or HEAD of /metrics."""
+    lines = head.split(b"\r\n")
+    parts = lines[0].split(b" ")
+    if len(parts) != 3 or not re.fullmatch(rb"HTTP/1\.[01]", parts[2]):
+        return 400, "not an HTTP/1.x request line"
+    if parts[0] not in (b"GET", b"HEAD"):
+        return 405, "only GET and HEAD"
+    if parts[1].split(b"?", 1)[0] != b"/metrics":
+        return 404, "the metrics are at /metrics"
+    return None
+
+
+class MetricsConnection:
+    """One HTTP connection to the metrics endpoint: what it sent, what is
+    left to send it, and when it is closed whatever its state."""
+
+    def __init__(self, sock: socket.socket, number: int, deadline: float) -> None:
+        """A connection just accepted (``number``: its name while a scrape
+        waits on the worker, as its fd may be reused once closed)."""
+        self.sock = sock
+        self.number = number
+        self.deadline = deadline
+        self.received = b""
+        self.outgoing = b""
+        self.head_only = False  # a HEAD request
+        self.waiting = False  # its figures are asked of the worker
+        self.answered = False  # all sent: what it still sends is read and dropped
+
+
+class MetricsServer:
+    """The ``metrics_endpoint`` listener: ``GET /metrics`` in plain HTTP/1.x,
+    one request per connection, bounded in size, count and time.  Owned by
+    the controller thread, whose zmq.Poller polls its sockets (``poller``);
+    a scrape asks the worker for figures by ``ask(number)`` and is answered
+    by ``answer`` when they come back."""
+
+    def __init__(self, address: tuple[str, int], poller: Any,
+                 ask: Callable[[int], None]) -> None:
+        """Bind the listener on ``address``; raise ConfigError."""
+        self._poller = poller
+        self._ask = ask
+        self._numbers = itertools.count(1)
+        self._connections: dict[int, MetricsConnection] = {}  # by fd
+        family = socket.AF_INET6 if ":" in address[0] else socket.AF_INET
+        self.listener = socket.socket(family, socket.SOCK_STREAM | socket.SOCK_NONBLOCK
+                                      | socket.SOCK_CLOEXEC)
+        self.listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            self.listener.bind(address)
+            self.listener.listen(METRICS_CONNECTIONS)
+        except OSError as exc:
+            self.listener.close()
+            raise ConfigError(f"cannot bind: {exc}", option="metrics_endpoint",
+                              value=f"{address[0]}:{address[1]}") from None
+        host, port = self.listener.getsockname()[:2]
+        self.endpoint = f"{host}:{port}"
+        if family == socket.AF_INET6:
+            self.endpoint = f"[{host}]:{port}"
+
+    def accept(self) -> None:
+        """Take each waiting connection, up to METRICS_CONNECTIONS open at
+        once; then the listener is not polled until one closes, and the
+        others wait in its backlog."""
+        while len(self._connections) < METRICS_CONNECTIONS:
+            try:
+                sock, _ = self.listener.accept()
+            except BlockingIOError:
+                return
+            sock.setblocking(False)
+            connection = MetricsConnection(sock, next(self._numbers),
+                                           time.monotonic() + METRICS_IDLE_TIMEOUT)
+            self._connections[sock.fileno()] = connection
+            self._poller.register(sock.fileno(), zmq.POLLIN)
+        self._poller.unregister(self.listener)
+
+    def owns(self, fd: Any) -> bool:
+        """Whether ``fd`` (as the poller names it) is one of its connections."""
+        return fd in self._connections
+
+    def ready(self, fd: int, events: int) -> None:
+        """Read from, or write to, the connection on ``fd``."""
+        connection = self._connections[fd]
+        if events & zmq.POLLOUT:
+            self._write(connection)
+        if events & zmq.POLLIN and fd in self._connections:
+            self._read(connection)
+
+    def _read(self, connection: MetricsConnection) -> None:
+        """Read what the client sent; once its head is whole, answer an
+        error at once or ask the worker for the figures."""
+        try:
+            data = connection.sock.recv(METRICS_REQUEST_LIMIT)
+        except BlockingIOError:
+            return
+        except OSError:
+            data = b""
+        if not data:  # the client has read the answer, or went away
+            self._close(connection)
+            return
+        if connection.waiting or connection.outgoing or connection.answered:
+            return  # more than one request, or the rest of a refused one: dropped
+        connection.received += data
+        end = connection.received.find(b"\r\n\r\n")
+        if end < 0 and len(connection.received) >= METRICS_REQUEST_LIMIT:
+            self._respond(connection, http_response(431, b"request head too large\n"))
+        elif end >= 0:
+            self._take(connection, connection.received[:end])
+
+    def _take(self, connection: MetricsConnection, head: bytes) -> None:
+        """Answer a whole request ``head``: an error, or a scrape."""
+        problem = http_problem(head)
+        if problem is not None:
+            status, reason = problem
+            extra = ""
+            if status == 405:
+                extra = "Allow: GET, HEAD\r\n"
+            self._respond(connection, http_response(status, f"{reason}\n".encode(), extra=extra))
+            return
+        connection.head_only = head.startswith(b"HEAD ")
+        connection.waiting = True
+        self._ask(connection.number)
+
+    def answer(self, number: int, reply: Reply, requests: dict[tuple[str, str], int]) -> None:
+        """Send scrape ``number`` its metrics (503 if the worker refused),
+        if its connection is still open."""
+        found = [c for c in self._connections.values() if c.number == number]
+        if not found:
+            return  # closed meanwhile (timed out, or the client left)
+        if not reply.ok:
+            self._respond(found[0], http_response(503, f"{reply.reason}\n".encode()))
+            return
+        body = metrics_text(reply.fields, requests).encode()
+        self._respond(found[0], http_response(200, body, "text/plain; version=0.0.4; "
+                                              "charset=utf-8", found[0].head_only))
+
+    def _respond(self, connection: MetricsConnection, response: bytes) -> None:
+        """Start sending ``response``; the connection ends once it is sent."""
+        connection.waiting = False
+        connection.outgoing = response
+        self._write(connection)
+
+    def _write(self, connection: MetricsConnection) -> None:
+        """Send what the socket takes now; close once all is sent, else wait
+        until it is writable."""
+        try:
+            sent = connection.sock.send(connection.outgoing)
+        except BlockingIOError:
+            sent = 0
+        except OSError:  # the client went away
+            self._close(connection)
+            return
+        connection.outgoing = connection.outgoing[sent:]
+        if connection.outgoing:
+            self._poller.modify(connection.sock.fileno(), zmq.POLLIN | zmq.POLLOUT)
+            return
+        # All sent: end our side, and read (and drop) until the client ends
+        # its own (or the deadline comes).  Closing with its bytes unread
+        # would reset the connection, and the client could lose the answer.
+        connection.answered = True
+        self._poller.modify(connection.sock.fileno(), zmq.POLLIN)
+        with contextlib.suppress(OSError):  # it may have gone already
+            connection.sock.shutdown(socket.SHUT_WR)
+
+    def expire(self, now: float) -> None:
+        """Close every connection open past its deadline (time.monotonic)."""
+        for connection in [c for c in self._connections.values() if now >= c.deadline]:
+            self._close(connection)
+
+    def next_timeout(self, now: float) -> float | None:
+        """Seconds until the next deadline, None if no connection is open."""
+        if not self._connections:
+            return None
+        return max(0.0, min(c.deadline for c in self._connections.values()) - now)
+
+    def _close(self, connection: MetricsConnection) -> None:
+        """Forget and close one connection."""
+        fd = connection.sock.fileno()
+        self._poller.unregister(fd)
+        del self._connections[fd]
+        connection.sock.close()
+        if len(self._connections) == METRICS_CONNECTIONS - 1:  # room again: accept
+            self._poller.register(self.listener, zmq.POLLIN)
+
+    def close(self) -> None:
+        """Close every connection and the listener."""
+        for connection in list(self._connections.values()):
+            self._close(connection)
+        self.listener.close()
+
+
+def _command_label(message: Any) -> str:
+    """The ``command`` label of a refused request in the metrics: its
+    command if minisup has one of that name, else "unknown" (a label made
+    of whatever a client sends would grow without bound)."""
+    command = None
+    if isinstance(message, dict):
+        command = message.get("command")
+    if isinstance(command, str) and command in COMMANDS:
+        return command
+    return "unknown"
+
+
 def _poll_key(sock: Any) -> Any:
     """How zmq.Poller names a ready socket: a zmq socket itself, another
     by its fd."""
@@ -6192,6 +6641,7 @@ class Controller:
         self.endpoint = config.endpoint  # then as bound (an ephemeral port, say)
         self.pubsub_endpoint = config.pubsub_endpoint
         self.multicast_endpoint = config.multicast_endpoint
+        self.metrics_endpoint = config.metrics_endpoint
         self.bound = threading.Event()
         self.error: BaseException | None = None
         # Two references shared on purpose, each written by one thread and
@@ -6206,23 +6656,45 @@ class Controller:
         self._encoded: dict[tuple[str, str | None], str] = {}  # its replies as JSON, once
         self._submit = submit
         self._seq = 0  # how many jobs it was handed
-        self._outbox: queue.SimpleQueue[tuple[str, list[bytes]] | None] = queue.SimpleQueue()
+        # What the other threads post: ("control", frames, (command, status)),
+        # ("pubsub", frames, None), ("metrics", scrape number, Reply), None to end.
+        self._outbox: queue.SimpleQueue[tuple[str, Any, Any] | None] = queue.SimpleQueue()
         self._waker = Waker()
         self._sockets: dict[str, Any] = {"waker": self._waker}  # what ``_serve`` polls
         self._paths: list[str] = []  # ipc socket files we bound
+        self._poller = zmq.Poller()
+        self._metrics: MetricsServer | None = None  # metrics_endpoint's, if set
+        self.requests: collections.Counter[tuple[str, str]] = collections.Counter()
 
-    def post(self, envelope: list[bytes], message_id: Any, reply: Reply) -> None:
+    def post(self, envelope: list[bytes], message_id: Any, reply: Reply,
+             command: str = "unknown") -> None:
         """Queue a reply, Circus-shaped, for the controller to send to the
-        client of ``envelope``.  Any thread; never blocks."""
+        client of ``envelope`` (and count, by ``command``).  Any thread;
+        never blocks."""
         body = json.dumps(reply.to_json(message_id)).encode()
-        self._outbox.put(("control", [*envelope, body]))
+        status = "ok"
+        if not reply.ok:
+            status = "error"
+        self._outbox.put(("control", [*envelope, body], (command, status)))
         self._waker.wake()
 
     def publish(self, topic: str, payload: dict[str, Any]) -> None:
         """Queue an event for the PUB socket, if anyone subscribed.  Any thread."""
         if self.wants(topic):
-            self._outbox.put(("pubsub", [topic.encode(), json.dumps(payload).encode()]))
+            self._outbox.put(("pubsub", [topic.encode(), json.dumps(payload).encode()], None))
             self._waker.wake()
+
+    def _ask_figures(self, number: int) -> None:
+        """Hand the worker a job for scrape ``number``'s figures (see
+        collect_metrics); its reply comes back by the outbox."""
+        self._seq += 1
+        self._submit(Job("metrics", collect_metrics, {},
+                         functools.partial(self._figures_ready, number), self._seq))
+
+    def _figures_ready(self, number: int, reply: Reply) -> None:
+        """Queue the worker's figures for scrape ``number``.  Worker thread."""
+        self._outbox.put(("metrics", number, reply))
+        self._waker.wake()
 
     def shutdown(self) -> None:
         """Ask the loop to send what is queued, close the sockets and end."""
@@ -6242,6 +6714,8 @@ class Controller:
         finally:
             for sock in self._sockets.values():
                 sock.close()  # the context's linger is 0: nothing waits
+            if self._metrics is not None:
+                self._metrics.close()
             self.context.term()
             for path in self._paths:  # libzmq leaves them: a stale one confuses ctl
                 with contextlib.suppress(OSError):
@@ -6267,6 +6741,11 @@ class Controller:
         if self.pubsub_endpoint:
             self.pubsub_endpoint = self._bind_zmq("pubsub", zmq.XPUB, self.pubsub_endpoint)
             logger.info("publishing events on %s", self.pubsub_endpoint)
+        if self.metrics_endpoint:
+            address = check_metrics_endpoint(self.metrics_endpoint)
+            self._metrics = MetricsServer(address, self._poller, self._ask_figures)
+            self.metrics_endpoint = self._metrics.endpoint
+            logger.info("serving metrics on http://%s/metrics", self.metrics_endpoint)
         if not self.multicast_endpoint:
             return
         host, port = check_udp_endpoint(self.multicast_endpoint)
@@ -6325,19 +6804,49 @@ class Controller:
         ready, then send what the other threads posted, until shutdown."""
         readers = {"waker": Waker.drain, "zap": self._answer_zap, "control": self._receive,
                    "pubsub": self._note_subscriptions, "discovery": self._answer_discovery}
-        poller = zmq.Poller()
+        poller = self._poller
         read: dict[Any, Callable[[], None]] = {}  # by what poll names: a zmq socket or an fd
         for role, sock in self._sockets.items():
             poller.register(sock, zmq.POLLIN)
             read[_poll_key(sock)] = functools.partial(readers[role], sock)
+        metrics = self._metrics
+        if metrics is not None:
+            poller.register(metrics.listener, zmq.POLLIN)
+            read[metrics.listener.fileno()] = metrics.accept
         while True:
-            for ready, _ in poller.poll():
-                read[ready]()
+            for ready, events in poller.poll(self._poll_timeout()):
+                if ready in read:
+                    read[ready]()
+                elif metrics is not None and metrics.owns(ready):
+                    metrics.ready(ready, events)
+            if metrics is not None:
+                metrics.expire(time.monotonic())
             while not self._outbox.empty():  # we alone take from it: get won't block
                 item = self._outbox.get()
                 if item is None:
                     return
-                self._send(*item)
+                self._dispatch(*item)
+
+    def _poll_timeout(self) -> int | None:
+        """How long the poll may block, in ms: until the metrics endpoint's
+        next idle connection is due to close; None (no limit) if none is open."""
+        if self._metrics is None:
+            return None
+        seconds = self._metrics.next_timeout(time.monotonic())
+        if seconds is None:
+            return None
+        return math.ceil(seconds * 1000)
+
+    def _dispatch(self, role: str, payload: Any, label: Any) -> None:
+        """Send one posted item: a reply (counted by its ``label``, the
+        command and status), an event, or a scrape's figures."""
+        if role == "metrics":
+            if self._metrics is not None:
+                self._metrics.answer(payload, label, self.requests)
+            return
+        if role == "control":
+            self.requests[label] += 1
+        self._send(role, payload)
 
     def wants(self, topic: str) -> bool:
         """Whether a subscriber would get ``topic``.  Any thread."""
@@ -6396,20 +6905,21 @@ class Controller:
             name, command, properties = check_request(message)
         except MinisupError as exc:
             if not cast:
-                self.post(envelope, message_id, Reply.refusal(exc))
+                self.post(envelope, message_id, Reply.refusal(exc), _command_label(message))
             return
         viewed = None
         if not properties.get("extended"):
             viewed = self._from_view(name, properties)
         if viewed is not None:
             if not cast:  # post's shape, with the body encoded once a view
+                self.requests[(name, "ok")] += 1
                 self._send("control", [*envelope, (
                     f'{{"status": "ok", "time": {time.time()!r}, {viewed}, '
                     f'"id": {json.dumps(message_id)}}}').encode()])
             return
         reply = ignore_reply
         if not cast:
-            reply = functools.partial(self.post, envelope, message_id)
+            reply = functools.partial(self.post, envelope, message_id, command=name)
         self._seq += 1
         self._submit(Job(name, command.handler, properties, reply, self._seq))
 
@@ -6620,7 +7130,7 @@ class Daemon:
         # globaloptions reports.
         self.endpoint = self.controller.endpoint
         self.arbiter.bound_endpoints = {key: getattr(self.controller, key) for key in (
-            "endpoint", "pubsub_endpoint", "multicast_endpoint")}
+            "endpoint", "pubsub_endpoint", "multicast_endpoint", "metrics_endpoint")}
         # Events go out by the controller's queue (from the worker and the
         # output threads); each View is handed over as a reference swap.
         self.arbiter.on_event = self.controller.publish

@@ -20,7 +20,8 @@ setup(
     python_requires=">=3.11",
     install_requires=["pyzmq"],
     extras_require={
-        "test": ["pytest", "hypothesis", "circus==0.19.0", "ruff", "docutils"],
+        "test": ["pytest", "hypothesis", "circus==0.19.0", "ruff", "docutils", "prometheus_client",
+                 "pyte"],
     },
     entry_points={"console_scripts": ["minisup = minisup:main"]},
     classifiers=[

@@ -44,6 +44,7 @@ import tempfile
 import textwrap
 import threading
 import time
+import urllib.request
 
 import pytest
 import zmq
@@ -4679,6 +4680,185 @@ def test_client_timeout_names_the_endpoint(tmp_path):
             pytest.raises(minisup.CallError) as info:
         client.call("status")
     assert endpoint in str(info.value) and "is the daemon running" in str(info.value)
+
+
+# ============================================================= metrics ======
+
+def scrape(daemon):
+    """GET /metrics with a real HTTP client: the parsed families by name."""
+    from prometheus_client.parser import text_string_to_metric_families
+    endpoint = daemon.client.call("globaloptions")["options"]["metrics_endpoint"]
+    with urllib.request.urlopen(f"http://{endpoint}/metrics", timeout=DEADLINE) as response:
+        assert response.headers["Content-Type"].startswith("text/plain; version=0.0.4")
+        text = response.read().decode()
+    families = {f.name: f for f in text_string_to_metric_families(text)}
+    return families, text
+
+
+def value(families, family, sample=None, **labels):
+    """The value of ``family``'s sample (``sample``: its name, default the
+    family's) with exactly ``labels``, or None."""
+    for found in families[family].samples:
+        if found.name == (sample or family) and found.labels == labels:
+            return found.value
+    return None
+
+
+def metrics_daemon(make_daemon, body, **options):
+    return make_daemon(body, metrics_endpoint="127.0.0.1:0", **options)
+
+
+def test_metrics_parse_with_prometheus_client_and_carry_no_secrets(make_daemon, tmp_path):
+    daemon = metrics_daemon(make_daemon, f"""
+        [watcher:web]
+        cmd = {py_cmd(SLEEP)} --token=hunter2
+        numprocesses = 2
+        [watcher:idle]
+        cmd = {py_cmd(SLEEP)}
+        autostart = false
+        [env:web]
+        API_KEY = s3cret-value
+        """)
+    families, text = scrape(daemon)
+    for family in families.values():
+        assert family.documentation and family.type in ("gauge", "counter", "histogram")
+    assert "# HELP minisup_build_info " in text and "# TYPE minisup_respawn_seconds histogram" in text
+    assert value(families, "minisup_watcher_processes", watcher="web") == 2
+    assert value(families, "minisup_watcher_wanted_processes", watcher="idle") == 1
+    assert value(families, "minisup_watcher_state", watcher="web", state="active") == 1
+    assert value(families, "minisup_watcher_state", watcher="idle", state="stopped") == 1
+    assert value(families, "minisup_watcher_state", watcher="web", state="stopped") == 0
+    assert value(families, "minisup_build_info", version=minisup.__version__) == 1
+    assert value(families, "minisup_watcher_memory_bytes", watcher="web") > 0
+    for secret in ("hunter2", "s3cret-value", "API_KEY", "time.sleep"):
+        assert secret not in text
+
+
+def test_a_kill_9_adds_one_restart_one_sigkill_exit_and_one_respawn(make_daemon):
+    daemon = metrics_daemon(make_daemon, sleepers(n=2))
+    before, _ = scrape(daemon)
+    assert value(before, "minisup_watcher_restarts", "minisup_watcher_restarts_total",
+                 watcher="web") == 0
+    pid = daemon.client.call("list", name="web")["pids"][0]
+    os.kill(pid, signal.SIGKILL)
+    wait_for(lambda: len([p for p in daemon.client.call("list", name="web")["pids"]
+                          if p != pid]) == 2, what="the replacement")
+    after, _ = scrape(daemon)
+    assert value(after, "minisup_watcher_restarts", "minisup_watcher_restarts_total",
+                 watcher="web") == 1
+    assert value(after, "minisup_process_exits", "minisup_process_exits_total",
+                 watcher="web", reason="SIGKILL") == 1
+    assert value(after, "minisup_respawn_seconds", "minisup_respawn_seconds_count") == 1
+    assert value(after, "minisup_respawn_seconds", "minisup_respawn_seconds_bucket",
+                 le="+Inf") == 1
+    assert value(after, "minisup_respawn_seconds", "minisup_respawn_seconds_bucket",
+                 le="1.0") == 1  # a replacement comes in ms, not after a poll
+
+
+def test_output_bytes_and_control_requests_are_counted(make_daemon, tmp_path):
+    code = "import os; os.write(1, b'x' * 12345); os.write(2, b'e' * 77)"
+    daemon = metrics_daemon(make_daemon, f"""
+        [watcher:out]
+        cmd = {py_cmd(code)}
+        restart = never
+        stdout_stream.class = FileStream
+        stdout_stream.filename = {tmp_path}/out.log
+        stderr_stream.class = FileStream
+        stderr_stream.filename = {tmp_path}/err.log
+        """)
+    wait_for(lambda: daemon.client.call("status", name="out")["status"] == "stopped")
+    daemon.client.call("nope")
+    daemon.client.call("incr", name="nope")
+    families, _ = scrape(daemon)
+    output = "minisup_watcher_output_bytes"
+    assert value(families, output, f"{output}_total", watcher="out", stream="stdout") == 12345
+    assert value(families, output, f"{output}_total", watcher="out", stream="stderr") == 77
+    requests = "minisup_control_requests"
+    assert value(families, requests, f"{requests}_total", command="unknown",
+                 status="error") == 1
+    assert value(families, requests, f"{requests}_total", command="incr", status="error") == 1
+    assert value(families, requests, f"{requests}_total", command="status", status="ok") >= 1
+    assert value(families, "minisup_output_lost_bytes", "minisup_output_lost_bytes_total") == 0
+
+
+def http_exchange(endpoint, request, read=True):
+    host, port = endpoint.rsplit(":", 1)
+    with socket.create_connection((host, int(port)), timeout=DEADLINE) as sock:
+        sock.sendall(request)
+        chunks = []
+        while read:
+            chunk = sock.recv(65536)
+            if not chunk:
+                break
+            chunks.append(chunk)
+        return b"".join(chunks)
+
+
+@pytest.mark.parametrize("request_bytes, status", [
+    (b"GET /metrics HTTP/1.1\r\nHost: x\r\n\r\n", b"200"),
+    (b"HEAD /metrics HTTP/1.0\r\n\r\n", b"200"),
+    (b"POST /metrics HTTP/1.1\r\nContent-Length: 0\r\n\r\n", b"405"),
+    (b"GET /other HTTP/1.1\r\n\r\n", b"404"),
+    (b"GET /metrics SPDY/3\r\n\r\n", b"400"),
+    (b"\x16\x03\x01\x02\x00\x01\x00\x01\xfc\x03\x03\r\n\r\n", b"400"),  # a TLS hello
+    (b"GET /metrics HTTP/1.1\r\nX: " + b"a" * 9000, b"431"),
+], ids=["get", "head", "post", "other-path", "not-http", "tls-hello", "oversized"])
+def test_bad_http_gets_a_clear_4xx_and_the_daemon_is_unharmed(make_daemon, request_bytes,
+                                                                 status):
+    daemon = metrics_daemon(make_daemon, sleepers(n=1))
+    endpoint = daemon.client.call("globaloptions")["options"]["metrics_endpoint"]
+    answer = http_exchange(endpoint, request_bytes)
+    assert answer.startswith(b"HTTP/1.1 " + status + b" "), answer[:200]
+    head, _, body = answer.partition(b"\r\n\r\n")
+    if request_bytes.startswith(b"HEAD"):
+        assert body == b"" and b"Content-Length: 0" not in head
+    if status == b"405":
+        assert b"Allow: GET, HEAD" in head
+    assert daemon.client.call("status", name="web")["status"] == "active"
+    families, _ = scrape(daemon)
+    assert value(families, "minisup_watcher_processes", watcher="web") == 1
+
+
+def test_idle_and_excess_metrics_connections_never_stall_the_control_channel(
+        make_daemon, monkeypatch):
+    monkeypatch.setattr(minisup, "METRICS_IDLE_TIMEOUT", 0.5)
+    daemon = metrics_daemon(make_daemon, sleepers(n=1))
+    endpoint = daemon.client.call("globaloptions")["options"]["metrics_endpoint"]
+    host, port = endpoint.rsplit(":", 1)
+    idle = [socket.create_connection((host, int(port)), timeout=DEADLINE)
+            for _ in range(minisup.METRICS_CONNECTIONS)]
+    try:
+        idle[0].sendall(b"GET /metr")  # half a request, never finished
+        began = time.perf_counter()
+        assert daemon.client.call("status", name="web")["status"] == "active"
+        assert time.perf_counter() - began < 0.1
+        # One too many waits in the backlog, and is served once the idle
+        # ones are closed, each past its deadline.
+        began = time.monotonic()
+        answer = http_exchange(endpoint, b"GET /metrics HTTP/1.1\r\n\r\n")
+        assert answer.startswith(b"HTTP/1.1 200 ") and time.monotonic() - began >= 0.4
+        for sock in idle:
+            assert sock.recv(100) == b""  # closed by the daemon
+    finally:
+        for sock in idle:
+            sock.close()
+
+
+def test_no_metrics_endpoint_means_no_listener(make_daemon):
+    daemon = make_daemon(sleepers(n=1))
+    assert daemon.client.call("globaloptions")["options"]["metrics_endpoint"] is None
+    listening = pathlib.Path("/proc/net/tcp").read_text().splitlines()[1:]
+    inode_of_ours = {os.readlink(f"/proc/self/fd/{fd}") for fd in os.listdir("/proc/self/fd")
+                     if os.path.exists(f"/proc/self/fd/{fd}")}
+    ours = [line for line in listening if line.split()[3] == "0A"
+            and f"socket:[{line.split()[9]}]" in inode_of_ours]
+    assert ours == []
+
+
+@pytest.mark.parametrize("text", ["9101", "localhost", ":9101", "127.0.0.1:99999"])
+def test_a_bad_metrics_endpoint_is_a_config_error(text):
+    with pytest.raises(minisup.ConfigError, match=r"metrics_endpoint = .*use HOST:PORT"):
+        minisup.parse_config(f"[circus]\nmetrics_endpoint = {text}\n[watcher:a]\ncmd = x\n")
 
 
 # ============================================= signals (a real daemon) ======
