@@ -33,10 +33,12 @@ shared state.
 Two references are shared on purpose, each an immutable value swapped
 whole by one thread and read by others: ``Controller.view`` (written by
 the worker) and ``Controller.subscribed`` (written by the controller, read
-to skip events no one wants).  Everything else crosses by a queue.  One
-lock exists, ``PLACEMENT.lock``: a process sits in one cgroup, so the
+to skip events no one wants).  Everything else crosses by a queue.  Two
+locks exist.  ``PLACEMENT.lock``: a process sits in one cgroup, so the
 worker threads of several Daemons in one process take turns moving it
-into a new child's cgroup for the fork (see Cgroups).
+into a new child's cgroup for the fork (see Cgroups).  ``HOOK_IMPORT_LOCK``:
+the threads that run Circus's hooks (see Hooks; each hands its outcome
+back by a queue) take turns loading a hook module from the config folder.
 
 Life of a process
 -----------------
@@ -70,20 +72,24 @@ which stands below: the one late binding).
 
 * Errors: ``MinisupError`` and its kinds, the wire errnos, ``Reply``.
 * Helpers: signals, ``Waker``, endpoints and their checks.
-* Config: option types, ``WatcherConfig``, ``Config``, ``parse_config``.
+* Config: option types, ``WatcherConfig``, ``Config``, the INI reader
+  (Circus's rules, includes, plugins mapped or refused), ``parse_config``.
 * Process: spawning (``spawn_process``, the exec helper), ``Process``, /proc.
 * Cgroups: containment, a cgroup v2 subtree (``CgroupTree``), each child
   born in its own cgroup (``Placement``), and the fallback's tag.
 * Output: ``Sink`` (log files, rotation) and ``Pump`` (the output thread).
-* Watcher: one program's children, its states and restart policy.
+* Watcher: one program's children, its states, restart policy and watchdog.
+* Hooks: Circus's hooks, each call in a thread of its own (``HookRunner``).
 * Arbiter: ``JobRunner``, ``Reaper``, ``SystemdNotifier`` and ``Arbiter``
   (the worker thread).
-* Commands: one ``handle_<command>`` per wire command, ``COMMANDS``, the View.
-* Controller: request checks and ``Controller`` (the controller thread).
+* Commands: one ``handle_<command>`` per wire command, ``COMMANDS``, the
+  View, and the figures of the metrics.
+* Controller: request checks, the metrics endpoint (``MetricsServer``) and
+  ``Controller`` (the controller thread).
 * SysHandler: the signal handlers.
 * Daemon: the threads put together, for the CLI and for Python callers.
 * Client: ``Client``, a DEALER on the control socket.
-* CLI: ``run``, ``ctl``, ``keygen`` and ``main``.
+* CLI: ``run``, ``ctl`` (and ``ctl top``), ``keygen``, ``completion`` and ``main``.
 """
 
 from __future__ import annotations
@@ -1139,6 +1145,7 @@ class IniSection:
     (case kept), each with the lines of its value and the file it came from."""
 
     name: str
+    source: str  # the file that began it
     lines: dict[str, list[str]] = dataclasses.field(default_factory=dict)
     sources: dict[str, str] = dataclasses.field(default_factory=dict)
 
@@ -1165,7 +1172,8 @@ def _ini_value(text: str) -> str:
     """An option's value as Circus cuts it: only the first ``;`` may start a
     comment, and only after whitespace; ``""`` is the empty value."""
     cut = text.find(";")
-    if cut > 0 and text[cut - 1].isspace():
+    # At 0, Circus looks at text[-1] (a trailing blank cuts all): the same here.
+    if cut >= 0 and text[cut - 1].isspace():
         text = text[:cut]
     text = text.strip()
     if text == '""':
@@ -1183,7 +1191,8 @@ def read_ini(text: str, source: str, sections: dict[str, IniSection],
     Pure; raise ConfigError naming the first line that is none of these."""
     current: IniSection | None = None
     option = None
-    for number, line in enumerate(text.splitlines(), 1):
+    lines = text.replace("\r\n", "\n").replace("\r", "\n").split("\n")  # as readline
+    for number, line in enumerate(lines, 1):
         if _is_comment(line):
             continue
         if line[0].isspace() and current is not None and option is not None:
@@ -1220,7 +1229,7 @@ def _ini_section(name: str, source: str, number: int,
         raise ConfigError(f"line {number}: a [DEFAULT] section is not supported: "
                           "set its options in each section", source)
     if name not in sections:
-        sections[name] = IniSection(name)
+        sections[name] = IniSection(name, source)
     return sections[name]
 
 
@@ -1666,18 +1675,18 @@ def _read_watcher(config: Config, section: IniSection, envs: list[tuple[str, dic
     raise ConfigError."""
     name = section.name[len("watcher:"):].strip()
     if not name:
-        raise ConfigError("a watcher needs a name", config.source, section.name)
+        raise ConfigError("a watcher needs a name", section.source, section.name)
     env = _watcher_env(name, envs)
     values = _read_options(config, section, _ini_watcher_option_type, (env, daemon_env))
     values = _fold_circus_options(values, section, defaults, config.umask)
     try:
         values = gather_prefixed(values)
     except ValueError as exc:
-        raise ConfigError(str(exc), config.source, section.name) from None
+        raise ConfigError(str(exc), section.source, section.name) from None
     if not values.get("cmd"):
-        raise ConfigError("cmd is required", config.source, section.name, "cmd", "")
+        raise ConfigError("cmd is required", section.source, section.name, "cmd", "")
     watcher = WatcherConfig(name=name, env=env, **values)
-    check_watcher_values(watcher, config.source)
+    check_watcher_values(watcher, section.source)
     _check_hook_modules(watcher, section, os.path.dirname(os.path.abspath(config.source or ".")))
     return watcher
 
@@ -2086,6 +2095,7 @@ class Process:
         self.watchdog_at: float | None = None  # when its watchdog runs out, once armed
         self.stop_reason: str | None = None  # why minisup stopped it, if a failure
         self.death_seen: float | None = None  # time.monotonic() when its exit was seen
+        self.cpu_sample: tuple[float, float] | None = None  # (CPU s, monotonic) at the last stats
         self.cgroup: str | None = None  # its own cgroup's folder (cgroup mode)
         if HAS_PIDFD:  # a zombie has one too: a child already dead reads as exited
             with contextlib.suppress(OSError):  # old kernel: the worker polls instead
@@ -2368,11 +2378,13 @@ def _user_name(uid: int) -> str:
 
 def process_stats(pid: int, children: bool = False) -> dict[str, Any] | str:
     """Circus's ``stats`` info for one pid, read from /proc (``cpu`` is the
-    average over its life); with ``children``, its children's too."""
+    average over its life; ``command`` the whole command line, ``cmdline``
+    its program's name as Circus has it); with ``children``, its children's too."""
     try:
         fields = read_stat(pid)
         with open(f"/proc/{pid}/cmdline", "rb") as stream:
-            cmdline = stream.read().split(b"\0")[0].decode(errors="replace")
+            words = stream.read().rstrip(b"\0").split(b"\0")
+        cmdline = words[0].decode(errors="replace")
         uid = os.stat(f"/proc/{pid}").st_uid
     except (OSError, ValueError):
         return "No such process (stopped?)"
@@ -2390,7 +2402,9 @@ def process_stats(pid: int, children: bool = False) -> dict[str, Any] | str:
         "mem": round(100 * rss / memory, 3), "mem_info1": human_bytes(rss),
         "mem_info2": human_bytes(virtual_size), "ctime": _cpu_time_text(cpu_seconds),
         "username": _user_name(uid), "create_time": created, "age": age,
-        "cmdline": os.path.basename(cmdline) or "N/A", "children": child_stats}
+        "cpu_seconds": cpu_seconds, "cmdline": os.path.basename(cmdline) or "N/A",
+        "command": shlex.join(w.decode(errors="replace") for w in words),
+        "children": child_stats}
 
 
 # ============================================================= Cgroups ======
@@ -3110,6 +3124,7 @@ class Pipe:
 
     config: WatcherConfig
     pid: int
+    wid: int
     stream: str
     fd: int
     sink: Sink
@@ -3148,7 +3163,9 @@ class Pump:
         self._selector = selectors.DefaultSelector()
         self._selector.register(self._waker, selectors.EVENT_READ, None)
         self._sinks: dict[tuple[str, str], Sink] = {}  # by file (or stream) and options
-        self._tails: dict[str, collections.deque[tuple[str, bytes]]] = {}
+        # A watcher's last lines, each with (stream, pid, wid, time): for ``tail``.
+        self._tails: dict[str, collections.deque[tuple[str, int, int, float, bytes]]] = {}
+        self._lines: collections.Counter[int] = collections.Counter()  # lines, by pid
         self._read_bytes: collections.Counter[tuple[str, str]] = collections.Counter()
 
     @_queued
@@ -3198,7 +3215,7 @@ class Pump:
             self._waker.close()
 
     @_queued
-    def attach(self, config: WatcherConfig, pid: int, pipes: dict[str, int]) -> None:
+    def attach(self, config: WatcherConfig, pid: int, wid: int, pipes: dict[str, int]) -> None:
         """Start reading a new child's ``pipes`` (stream name: read end)
         into its watcher's sinks; queued by the worker thread."""
         for stream, fd in pipes.items():
@@ -3211,7 +3228,7 @@ class Pump:
             tail = self._tails.get(config.name)
             if tail is None or tail.maxlen != config.tail_lines:
                 self._tails[config.name] = collections.deque(tail or (), config.tail_lines)
-            pipe = Pipe(config, pid, stream, fd, self._sinks[key])
+            pipe = Pipe(config, pid, wid, stream, fd, self._sinks[key])
             self._selector.register(fd, selectors.EVENT_READ, pipe)
 
     def _read(self, pipe: Pipe, chunks: int = 1) -> None:
@@ -3239,13 +3256,15 @@ class Pump:
         """Hand whole ``lines`` from ``pipe`` to its sink, its watcher's tail
         and any subscriber; on the output thread."""
         pipe.sink.write(pipe.pid, lines)
+        self._lines[pipe.pid] += lines.count(b"\n")
+        now = time.time()
         tail = self._tails[pipe.config.name]  # split off only the lines it keeps:
-        tail.extend((pipe.stream, line)
+        tail.extend((pipe.stream, pipe.pid, pipe.wid, now, line)
                     for line in lines.rsplit(b"\n", tail.maxlen + 1)[-tail.maxlen - 1:-1])
         topic = f"watcher.{pipe.config.name}.output"
         if self.publish is not None and self.wanted(topic):  # JSON only for a subscriber
-            self.publish(topic, {"pid": pipe.pid, "stream": pipe.stream,
-                                 "data": lines.decode("utf-8", "replace")})
+            self.publish(topic, {"pid": pipe.pid, "wid": pipe.wid, "stream": pipe.stream,
+                                 "data": lines.decode("utf-8", "replace"), "time": now})
 
     def _finish(self, pipe: Pipe) -> None:
         """Stop reading ``pipe`` (at its end, or when a read failed) and close
@@ -3276,13 +3295,16 @@ class Pump:
     def tail(self, name: str, count: int, only_stream: str | None,
              reply: Callable[[list[str]], None]) -> None:
         """Call ``reply`` with a watcher's last ``count`` lines, of
-        ``only_stream`` ("stdout" or "stderr") if not None."""
-        lines = [line for stream, line in self._tails.get(name, ())
-                 if only_stream in (None, stream)]
-        texts: list[str] = []
-        if count:  # lines[-0:] would be all of them
-            texts = [line.decode("utf-8", "replace") for line in lines[-count:]]
-        reply(texts)
+        ``only_stream`` ("stdout" or "stderr") if not None, each as
+        {stream, pid, wid, time, line}."""
+        kept = [entry for entry in self._tails.get(name, ())
+                if only_stream in (None, entry[0])]
+        entries: list[dict[str, Any]] = []
+        if count:  # kept[-0:] would be all of them
+            entries = [{"stream": stream, "pid": pid, "wid": wid, "time": when,
+                        "line": line.decode("utf-8", "replace")}
+                       for stream, pid, wid, when, line in kept[-count:]]
+        reply(entries)
 
     @_queued
     def totals(self, reply: Callable[[dict[str, Any]], None]) -> None:
@@ -3290,7 +3312,8 @@ class Pump:
         (``output``: [watcher, stream, bytes] rows) and those a log file
         failed to take (``lost``), for the metrics; queued by the worker."""
         rows = [[name, stream, count] for (name, stream), count in self._read_bytes.items()]
-        reply({"output": rows, "lost": sum(sink.lost_bytes for sink in self._sinks.values())})
+        reply({"output": rows, "lost": sum(sink.lost_bytes for sink in self._sinks.values()),
+               "lines": dict(self._lines)})
 
     @_queued
     def reopen(self) -> None:
@@ -3503,6 +3526,16 @@ class Watcher:
             return "backoff"
         return self.state
 
+    def next_retry(self, now: float) -> float | None:
+        """When (wall clock, ``time.time()``) a missing child is next
+        spawned if that waits on a backoff, a failed spawn's retry_in or a
+        flapping pause; None if nothing waits."""
+        if self.state not in (STARTING, ACTIVE, FLAPPING) or now >= self._next_spawn:
+            return None
+        if self.state != FLAPPING and len(self.running()) >= self.target:
+            return None
+        return round(time.time() + self._next_spawn - now, 3)
+
     def crash_looping(self, now: float) -> str | None:
         """Why the watcher is in a crash loop, or None: its last deaths came
         before ``min_uptime``, and a child still younger than that may die
@@ -3616,29 +3649,36 @@ class Watcher:
             logger.debug("%s: stopping pid %d with %s (%gs grace)", self.name,
                          process.pid, _signal_name(signum), timeout)
             process.stop_deadline = now + timeout  # when SIGKILL is due
-            self.signal_process(process, signum, self.config.stop_children)
+            self.signal_process(process, signum, self.config.stop_children, timeout)
             self.emit("kill", process_pid=process.pid)
             if timeout == 0:
                 process.kill()
         return [p.pid for p in victims]
 
-    def signal_process(self, process: Process, signum: int, group: bool = False) -> None:
+    def signal_process(self, process: Process, signum: int, group: bool = False,
+                       grace: float | None = None) -> None:
         """Send ``signum`` to one child (to its group with ``group``), for a
-        stop or the ``signal`` command; with a before_signal hook, once it
-        has passed it (SIGKILL is sent anyway), as in Circus."""
+        stop (``grace``: its graceful_timeout) or the ``signal`` command;
+        with a before_signal hook, once it has passed it (SIGKILL is sent
+        anyway), as in Circus, and a stop's grace period begins only then."""
         if not self._has_hook("before_signal"):
-            self._signal_passed(process, signum, group, True, 0.0)
+            self._signal_passed(process, signum, group, None, True, 0.0)
             return
-        then = functools.partial(self._signal_passed, process, signum, group)
+        if grace is not None:
+            process.stop_deadline = math.inf  # no SIGKILL before the signal went
+        then = functools.partial(self._signal_passed, process, signum, group, grace)
         self._hook(self, "before_signal", {"pid": process.pid, "signum": signum}, then)
 
-    def _signal_passed(self, process: Process, signum: int, group: bool, passed: bool,
-                       now: float) -> None:
+    def _signal_passed(self, process: Process, signum: int, group: bool, grace: float | None,
+                       passed: bool, now: float) -> None:
         """Send ``signum`` if before_signal passed it, to a child not yet
-        reaped (its pid cannot have been reused), then run after_signal."""
+        reaped (its pid cannot have been reused), and start a stop's grace
+        period; then run after_signal."""
         alive = self.processes.get(process.pid) is process and not process.killed
         if alive and (passed or signum == signal.SIGKILL):
             process.send_signal(signum, group=group)
+        if grace is not None and process.stop_deadline == math.inf:
+            process.stop_deadline = now + grace  # a held signal still ends in SIGKILL
         self._call_hook("after_signal", pid=process.pid, signum=signum)
 
     def _stoppable(self, pids: list[int] | None) -> list[Process]:
@@ -3784,7 +3824,7 @@ class Watcher:
             spawned = self._fill(now)
         running = self.running()
         if self.state == STARTING and len(running) >= self.target and all(
-                p.ready for p in running):
+                p.ready for p in running) and self._waiting_on is None:
             self._become_active()
         elif self.state == ACTIVE and self._finished and not self.processes and not self.target:
             self._set_state(STOPPED)  # every process is done
@@ -3831,7 +3871,8 @@ class Watcher:
         if self._waiting_on is None and self._waits_to_spawn(running, unready):
             deadlines.append(self._next_spawn)
         deadlines += [p.ready_by for p in unready]
-        deadlines += [p.watchdog_at for p in running if p.watchdog_at is not None]
+        if self.config.watchdog_sec:  # as _check_watchdogs: only then
+            deadlines += [p.watchdog_at for p in running if p.watchdog_at is not None]
         if unready and self.config.ready != "notify":
             deadlines.append(self._probe_at)
         if not deadlines:
@@ -3976,6 +4017,8 @@ class Watcher:
         (systemd's choice: a core dump shows where it hung), SIGKILL after
         ``graceful_timeout``, replaced as a crash unless ``restart = never``."""
         for process in self.running():
+            if process.stopping or self.state not in (STARTING, ACTIVE):
+                continue  # a flap (or stop) meanwhile stopped it: counted once, if at all
             if process.watchdog_at is None and process.ready and process.watchdog_sec:
                 process.watchdog_at = now + process.watchdog_sec
             elif process.watchdog_at is not None and now >= process.watchdog_at:
@@ -3997,11 +4040,15 @@ class Watcher:
     def feed_watchdog(self, process: Process, now: float, message: bytes) -> None:
         """Take one watchdog line a child sent (see sd_notify(3)):
         ``WATCHDOG=1`` restarts its watchdog, ``WATCHDOG=trigger`` makes it
-        run out now, ``WATCHDOG_USEC=N`` sets a new interval.  Worker thread."""
+        run out now, ``WATCHDOG_USEC=N`` sets a new interval (0: none).  Only
+        for a watcher with a ``watchdog_sec``.  Worker thread."""
+        if not self.config.watchdog_sec or process.stopping:
+            return  # no watchdog: its messages change nothing
         if message.startswith(b"WATCHDOG_USEC="):
             with contextlib.suppress(ValueError):  # a malformed line is ignored, as systemd does
-                process.watchdog_sec = min(int(message[14:]) / 1e6, MAX_SECONDS)
-        if not process.watchdog_sec or process.stopping:
+                process.watchdog_sec = max(0.0, min(int(message[14:]) / 1e6, MAX_SECONDS))
+        if not process.watchdog_sec:  # WATCHDOG_USEC=0: off for this process, as systemd
+            process.watchdog_at = None
             return
         process.watchdog_at = now + process.watchdog_sec
         if message == b"WATCHDOG=trigger":
@@ -4023,6 +4070,11 @@ class Watcher:
 # watcher; the hook gets read-only snapshots (HookWatcher, HookArbiter)
 # taken on the worker, never the worker's own objects.
 
+#: Held while a hook thread loads a module from the config folder (two hook
+#: threads must not run one module's code twice, nor see it half run); the
+#: modules on sys.path have importlib's own locks.  One of the module's two
+#: locks (see the docstring's Threads).
+HOOK_IMPORT_LOCK = threading.Lock()
 #: How long a Daemon's stop waits for the threads of hooks past their timeout.
 HOOK_JOIN_TIMEOUT = 1.0
 #: The hooks whose failure is ignored unless the config says otherwise (Circus's list).
@@ -4038,20 +4090,22 @@ def _import_module_from(name: str, folder: str | None) -> None:
     import importlib.machinery  # here: only a daemon with hooks imports them
     import importlib.util
     top = name.partition(".")[0]
-    if top in sys.modules or importlib.util.find_spec(top) is not None:
-        return
-    spec = None
-    if folder is not None:
-        spec = importlib.machinery.PathFinder.find_spec(top, [folder])
-    if spec is None or spec.loader is None:
-        raise ImportError(f"no module {top!r} on sys.path or in {folder or 'the config folder'}")
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[top] = module
-    try:
-        spec.loader.exec_module(module)
-    except BaseException:
-        del sys.modules[top]  # a half-run module must not be found next time
-        raise
+    with HOOK_IMPORT_LOCK:
+        if top in sys.modules or importlib.util.find_spec(top) is not None:
+            return
+        spec = None
+        if folder is not None:
+            spec = importlib.machinery.PathFinder.find_spec(top, [folder])
+        if spec is None or spec.loader is None:
+            raise ImportError(f"no module {top!r} on sys.path or in "
+                              f"{folder or 'the config folder'}")
+        module = importlib.util.module_from_spec(spec)
+        sys.modules[top] = module
+        try:
+            spec.loader.exec_module(module)
+        except BaseException:
+            del sys.modules[top]  # a half-run module must not be found next time
+            raise
 
 
 def load_hook(name: str, folder: str | None) -> Callable[..., Any]:
@@ -4258,6 +4312,18 @@ class HookRunner:
     def busy(self) -> bool:
         """Whether a call is running or queued: a quit waits for them."""
         return bool(self._chains)
+
+    def abandon(self) -> None:
+        """Drop every queued call and stop waiting for the running ones
+        (their answers, if they come, are dropped): a forced quit, or a
+        quit's wait for hooks that ran out.  Worker thread."""
+        for chain in self._chains.values():
+            for call in chain:
+                call.over = True
+        if self._chains:
+            logger.warning("hooks still queued or running, abandoned: %s",
+                           ", ".join(f"{c[0].watcher}.{c[0].name}" for c in self._chains.values()))
+        self._chains.clear()
 
     def join(self, timeout: float) -> None:
         """Wait up to ``timeout`` seconds in all for the hook threads still
@@ -4837,6 +4903,7 @@ class Arbiter:
         self._heartbeat: socket.socket | None = None  # Circus's WatchDog plugin's UDP
         self._woke_at = time.monotonic()  # when the loop last woke: a death seen then
         self.respawn_histogram = Histogram(RESPAWN_BUCKETS)  # death seen to new child, s
+        self._hooks_deadline: float | None = None  # a quit waits for hooks until then
         folder = None
         if config.source is not None:
             folder = os.path.dirname(os.path.abspath(config.source))
@@ -4912,6 +4979,7 @@ class Arbiter:
         self.manage_watchers(now)
         # The dict's view, not a list: most ticks, with no systemd, read none of it.
         self.systemd.report(now, self.watchers.values(), self._quit_stages is not None)
+        self._bound_hook_wait(now)
         self.done = self.quit_finished
         if self.on_view is not None:  # before the replies: see View
             self.on_view(self, self.jobs.seq)
@@ -4919,6 +4987,18 @@ class Arbiter:
         # controller would only wait for the GIL.
         self.jobs.send_replies(self.done)
         return self._timeout(now)
+
+    def _bound_hook_wait(self, now: float) -> None:
+        """Once a quit has stopped every child, wait for the hooks still
+        queued or running at most the longest hook_timeout, then abandon them."""
+        if self._quit_stages != [] or not self.hooks.busy:
+            return
+        if self._hooks_deadline is None:
+            longest = max((w.config.hook_timeout for w in [*self.watchers.values(),
+                                                           *self._retiring]), default=0.0)
+            self._hooks_deadline = now + longest
+        elif now >= self._hooks_deadline:
+            self.hooks.abandon()
 
     def _timeout(self, now: float) -> float:
         """How long the next poll may block: until the nearest deadline of
@@ -4928,6 +5008,7 @@ class Arbiter:
         deadlines = [w.next_deadline() for w in [*self.watchers.values(), *self._retiring]]
         deadlines.append(self.systemd.next_deadline())
         deadlines.append(self.hooks.next_deadline())
+        deadlines.append(self._hooks_deadline)
         waits = [max(0.0, d - now) for d in deadlines if d is not None]
         if self.config.check_delay > 0:
             waits.append(self.config.check_delay)
@@ -5155,10 +5236,7 @@ class Arbiter:
         with contextlib.suppress(BlockingIOError):  # read them all
             while True:
                 text = self._heartbeat.recv(4096).decode("utf-8", "replace").strip()
-                found = pattern.match(text)
-                if found is None or not found["pid"].strip().isdigit():
-                    continue  # not a heartbeat: ignored, as Circus ignores it
-                owner = known.get(int(found["pid"]))
+                owner = known.get(_heartbeat_pid(pattern, text))
                 if owner is not None:
                     owner[0].feed_watchdog(owner[1], self.clock(), b"WATCHDOG=1")
 
@@ -5197,7 +5275,7 @@ class Arbiter:
             extra["NOTIFY_SOCKET"] = self._notify_address()
         if config.watchdog_sec:  # as systemd sets it; no WATCHDOG_PID: the pid is not known yet
             extra["WATCHDOG_USEC"] = str(round(config.watchdog_sec * 1e6))
-        elif config.ready is not None and config.ready.startswith("file:"):
+        if config.ready is not None and config.ready.startswith("file:"):
             with contextlib.suppress(FileNotFoundError):  # a stale file would pass at once
                 os.unlink(substitute(config.ready[5:], {"wid": str(wid)}, {}))
         if self.owner_tag is not None:  # fallback mode: how an orphan is traced back
@@ -5249,7 +5327,7 @@ class Arbiter:
         """Start watching a new child, and reading its output."""
         self.reaper.watch(watcher, process)
         if process.pipes and self.pump is not None:
-            self.pump.attach(watcher.config, process.pid, process.pipes)
+            self.pump.attach(watcher.config, process.pid, process.wid, process.pipes)
 
     def _reap(self, watcher: Watcher, process: Process, drained: bool = False) -> None:
         """If the child is dead, have the output thread write what is left
@@ -5381,6 +5459,7 @@ class Arbiter:
         touched."""
         old = {w.name: w for w in self.config.watchers}
         fresh = {w.name: w for w in new.watchers}
+        self._apply_heartbeat(new)
         moved_sockets = self._apply_sockets(new.sockets)
         touched = [self.watchers[n] for n in old.keys() - fresh.keys() if n in self.watchers]
         for watcher in touched:
@@ -5399,6 +5478,21 @@ class Arbiter:
         self.config.watchers = new.watchers
         self.config.source = new.source
         return touched
+
+    def _apply_heartbeat(self, new: Config) -> None:
+        """Take a re-read WatchDog plugin: rebind its UDP socket if its
+        address changed (raise ConfigError if the new one cannot be bound,
+        before anything else changed), and use its new pattern."""
+        address = new.heartbeat_address
+        self.config.heartbeat_pattern = new.heartbeat_pattern
+        if address == self.config.heartbeat_address:
+            return
+        if self._heartbeat is not None:
+            self._selector.unregister(self._heartbeat)
+            self._heartbeat.close()
+            self._heartbeat = None
+        self.config.heartbeat_address = address
+        self._bind_heartbeat()
 
     def _apply_sockets(self, sockets: list[SocketConfig]) -> set[str]:
         """Close the sockets gone or changed and bind those new or changed;
@@ -5455,6 +5549,7 @@ class Arbiter:
         ``wait``, reap them all before returning."""
         logger.warning("SIGKILL to every child")
         self.begin_quit()
+        self.hooks.abandon()  # a forced quit waits for no hook
         for watcher in [*self.watchers.values(), *self._retiring]:
             watcher.kill_now()
         if self.cgroups is not None:
@@ -5465,6 +5560,19 @@ class Arbiter:
             process.popen.wait()  # SIGKILLed: returns at once
             self.reaper.tell_guardian("-", process.pid)
             self._reap(watcher, process)
+
+
+def _heartbeat_pid(pattern: re.Pattern[str], text: str) -> int | None:
+    """The pid in a WatchDog heartbeat ``text`` (its ``pid`` group: ASCII
+    digits), or None for anything else, which is ignored as Circus ignores
+    it.  Anyone may send one: nothing in it may raise."""
+    found = pattern.match(text)
+    if found is None or "pid" not in pattern.groupindex:
+        return None
+    pid = found["pid"]
+    if pid is None or not re.fullmatch(r"\s*[0-9]{1,10}\s*", pid):
+        return None
+    return int(pid)
 
 
 def _credentials_pid(ancillary: list[tuple[int, int, bytes]]) -> int:
@@ -5530,7 +5638,7 @@ PROPERTY_TYPES: dict[str, tuple[tuple[type, ...], str, Callable[[Any], Any] | No
     "nb": ((int,), f"an integer from 0 to {MAX_PROCESSES}", _bounded(MAX_PROCESSES)),
     "lines": ((int,), f"an integer from 0 to {MAX_TAIL}", _bounded(MAX_TAIL)),
     **dict.fromkeys(("waiting", "start", "nostop", "graceful", "sequential", "children",
-                     "recursive", "extended"), ((bool,), "a boolean", None)),
+                     "recursive", "extended", "output"), ((bool,), "a boolean", None)),
     "args": ((str, list), "a string or a list", None), "options": ((dict,), "an object", None),
     "keys": ((list,), "a list of option names", None),
     "signum": ((int, str), "a signal number or name", None),
@@ -5680,7 +5788,7 @@ def watcher_info(watcher: Watcher, now: float) -> dict[str, Any]:
     return {"status": watcher.status(now), "autostart": watcher.config.autostart,
             "numprocesses": watcher.numprocesses, "restarts": watcher.restarts,
             "last_exit": watcher.last_exit, "last_exit_reason": watcher.last_exit_reason,
-            "reason": watcher.last_error,
+            "reason": watcher.last_error, "next_retry": watcher.next_retry(now),
             "processes": processes}
 
 
@@ -5939,7 +6047,21 @@ def _stats_of(process: Process, tree: Callable[[], dict[int, list[int]]]
     stats = process_stats(process.pid, children=True)
     if isinstance(stats, dict):
         stats.update(started=process.started_at, wid=process.wid, tree=_tree_of(process, tree))
+        _cpu_since_last(process, stats)
     return stats
+
+
+def _cpu_since_last(process: Process, stats: dict[str, Any]) -> None:
+    """Make ``stats``'s ``cpu`` the percent of one CPU the process used since
+    its last ``stats`` (as Circus's psutil cpu_percent does), over its life
+    the first time; ``cpu_interval`` says over how many seconds (None: its life)."""
+    now = time.monotonic()
+    previous = process.cpu_sample
+    process.cpu_sample = (stats["cpu_seconds"], now)
+    stats["cpu_interval"] = None
+    if previous is not None and now - previous[1] >= 0.01:  # shorter: too few ticks to tell
+        stats["cpu_interval"] = round(now - previous[1], 3)
+        stats["cpu"] = round(100 * (stats["cpu_seconds"] - previous[0]) / (now - previous[1]), 1)
 
 
 def _tree_of(process: Process, tree: Callable[[], dict[int, list[int]]]) -> dict[str, Any]:
@@ -5990,12 +6112,55 @@ class ExtendedStats:
         """Whether every hook asked is over."""
         return self.left <= 0
 
-    def merged(self, reply: dict[str, Any]) -> dict[str, Any]:
-        """``reply``, with what each hook that returned added to its stats."""
+    def merge(self) -> None:
+        """Add to each process's stats what its hook added, if it returned."""
         for stats, copy, call in self._asked:
             if call is not None and call.error is None:
                 stats.update(copy)
-        return reply
+
+
+class OutputLines:
+    """The lines each process wrote to its captured streams, for ``stats``
+    with ``output`` (minisup's own): asked of the output thread, whose
+    answer comes back to the worker thread as a call."""
+
+    def __init__(self, arbiter: Arbiter, infos: dict[str, dict[int, Any]]) -> None:
+        """Ask the output thread for the counts of the processes in ``infos``."""
+        self._arbiter = arbiter
+        self._infos = infos
+        self._found: list[dict[str, Any]] = []  # appended on the worker thread only
+        if arbiter.pump is None:
+            self._found.append({"lines": {}})
+        else:
+            arbiter.pump.totals(self._deliver)
+
+    def _deliver(self, totals: dict[str, Any]) -> None:
+        """On the output thread: hand its totals to the worker thread."""
+        self._arbiter.call_on_worker(functools.partial(self._found.append, totals))
+
+    def done(self) -> bool:
+        """Whether the counts have arrived."""
+        return bool(self._found)
+
+    def merge(self) -> None:
+        """Add ``lines`` to each process's stats."""
+        counts = self._found[0]["lines"]
+        for by_pid in self._infos.values():
+            for pid, stats in by_pid.items():
+                if isinstance(stats, dict):
+                    stats["lines"] = counts.get(pid, 0)
+
+
+def _all_done(waits: list[Any]) -> bool:
+    """Whether every one of ``waits`` (ExtendedStats, OutputLines) is done."""
+    return all(wait.done() for wait in waits)
+
+
+def _merged(waits: list[Any], reply: dict[str, Any]) -> dict[str, Any]:
+    """``reply`` once each of ``waits`` has added its part to the stats in it."""
+    for wait in waits:
+        wait.merge()
+    return reply
 
 
 def _stats_targets(arbiter: Arbiter, properties: dict[str, Any]
@@ -6014,7 +6179,8 @@ def _stats_targets(arbiter: Arbiter, properties: dict[str, Any]
 def handle_stats(arbiter: Arbiter, properties: dict[str, Any]) -> dict[str, Any] | Pending:
     """``stats``: cpu, memory and age of every watcher's processes, or of
     ``name``'s, or of its ``process``, read from /proc; with ``extended``,
-    once each extended_stats hook has added its own."""
+    once each extended_stats hook has added its own; with ``output``, the
+    lines each wrote to its captured streams."""
     tree = functools.cache(children_map)  # fallback mode: read /proc once, if at all
     targets = _stats_targets(arbiter, properties)
     infos = {w.name: {p.pid: _stats_of(p, tree) for p in processes} for w, processes in targets}
@@ -6031,9 +6197,12 @@ def handle_stats(arbiter: Arbiter, properties: dict[str, Any]) -> dict[str, Any]
         for watcher, processes in targets:
             for process in processes:
                 extended.ask(arbiter, watcher, process.pid, infos[watcher.name][process.pid])
-    if extended.done():
-        return reply
-    return Pending(extended.done, functools.partial(extended.merged, reply))
+    waits: list[Any] = [extended]
+    if properties.get("output"):
+        waits.append(OutputLines(arbiter, infos))
+    if _all_done(waits):
+        return _merged(waits, reply)
+    return Pending(functools.partial(_all_done, waits), functools.partial(_merged, waits, reply))
 
 
 def collect_metrics(arbiter: Arbiter, properties: dict[str, Any]) -> dict[str, Any] | Pending:
@@ -6128,22 +6297,26 @@ def handle_tail(arbiter: Arbiter, properties: dict[str, Any]) -> dict[str, Any] 
     processes wrote to a captured stream (``stream``: stdout or stderr;
     default both).  The output thread holds them: it is asked, and its
     answer comes back to the worker thread as a call."""
-    name = arbiter.get_watcher(properties["name"]).name
+    watcher = arbiter.get_watcher(properties["name"])
+    name = watcher.name
+    if not watcher.config.stdout_stream and not watcher.config.stderr_stream:
+        raise MessageError(f"{name} captures no output: set stdout_stream.class (and "
+                           "stderr_stream.class) to keep its lines", BAD_MSG_DATA_ERROR)
     if arbiter.pump is None:
-        return {"lines": []}
-    found: list[list[str]] = []  # appended on the worker thread only
+        return {"lines": [], "entries": []}
+    found: list[list[dict[str, Any]]] = []  # appended on the worker thread only
 
-    def deliver(lines: list[str]) -> None:
+    def deliver(entries: list[dict[str, Any]]) -> None:
         """On the output thread: hand the lines to the worker thread."""
-        arbiter.call_on_worker(functools.partial(found.append, lines))
+        arbiter.call_on_worker(functools.partial(found.append, entries))
 
     def done() -> bool:
         """Whether the lines have arrived."""
         return bool(found)
 
     def result() -> dict[str, Any]:
-        """The reply, once they have."""
-        return {"lines": found[0]}
+        """The reply, once they have: the lines, and each with its origin."""
+        return {"lines": [entry["line"] for entry in found[0]], "entries": found[0]}
     arbiter.pump.tail(name, properties.get("lines", 10), properties.get("stream"), deliver)
     return Pending(done, result)
 
@@ -6181,7 +6354,7 @@ COMMANDS: dict[str, Command] = {
                       ("pid", "childpid", "children", "recursive")),
     "kill": Command(handle_kill, ("name",),
                     ("pid", "signum", "graceful_timeout", "waiting")),
-    "stats": Command(handle_stats, (), ("name", "process", "extended")),
+    "stats": Command(handle_stats, (), ("name", "process", "extended", "output")),
     "dstats": Command(handle_dstats),
     "listsockets": Command(handle_listsockets),
     "globaloptions": Command(handle_globaloptions, (), ("option",)),
@@ -6893,6 +7066,7 @@ class Controller:
         error reply, a cast none."""
         envelope = frames[:-1]
         message_id = None
+        message = None
         cast = False
         try:
             # A REQ client adds an empty frame; the same envelope answers it.
@@ -7314,8 +7488,10 @@ class Client:
 #: one with a value.  Arguments named in ARG_TYPES are converted.
 CTL_COMMANDS: dict[str, tuple[str, tuple[str, ...]]] = {
     "list": ("list the watchers, or the pids of one", ("name?",)),
-    "status": ("a table of every watcher's processes, or of one's", ("name?",)),
+    "status": ("a table of every watcher's processes, or of one's",
+               ("name?", "--extended")),
     "watch": ("redraw the status table every --interval seconds", ("name?", "--interval=")),
+    "top": ("a live view of every watcher and process (q quits)", ("name?", "--interval=")),
     "health": ("exit 0 if every autostart watcher is up and ready, else 3 and why", ()),
     "start": ("start the autostart watchers, or NAME", ("name?", "--match=", "--waiting")),
     "stop": ("stop every watcher, or NAME", ("name?", "--match=", "--waiting")),
@@ -7334,7 +7510,8 @@ CTL_COMMANDS: dict[str, tuple[str, tuple[str, ...]]] = {
     "signal": ("send a signal", ("name", "pid?", "signum", "--children", "--recursive")),
     "kill": ("stop processes gracefully with another signal or grace period",
              ("name", "pid?", "--signum=", "--graceful_timeout=", "--waiting")),
-    "stats": ("cpu, memory and age of processes", ("name?", "process?")),
+    "stats": ("cpu (over --interval), memory and age of processes",
+              ("name?", "process?", "--interval=")),
     "dstats": ("cpu, memory and age of the daemon", ()),
     "listsockets": ("list the sockets the daemon bound", ()),
     "globaloptions": ("show the daemon's options", ("option?",)),
@@ -7353,6 +7530,8 @@ def _positive_seconds(text: str) -> float:
 
 
 #: The ctl arguments that are not strings: name -> converter.
+#: The short spellings of some ctl flags, as tail and watch have them.
+SHORT_FLAGS = {"--lines": "-n", "--follow": "-f", "--interval": "-n"}
 ARG_TYPES: dict[str, Callable[[str], Any]] = {
     "nb": int, "pid": int, "process": int, "graceful_timeout": float, "lines": int,
     "interval": _positive_seconds}
@@ -7378,6 +7557,10 @@ def build_parser(argv: list[str] | None = None) -> argparse.ArgumentParser:
     if "run" in words or "ctl" not in words:
         _add_run_parser(commands)
         _add_keygen_parser(commands)
+        completion = commands.add_parser("completion", help="print a shell's completion "
+                                         "script", description="Print the completion script "
+                                         "for SHELL: eval \"$(minisup completion bash)\".")
+        completion.add_argument("shell", choices=["bash"])
     _add_ctl_parser(commands, words)
     return parser
 
@@ -7414,7 +7597,11 @@ def _add_ctl_parser(commands: argparse._SubParsersAction, words: set[str]) -> No
     under it the CTL_COMMANDS that ``words`` names (every one if none)."""
     ctl = commands.add_parser("ctl", help="send a command to a running daemon", description=(
         "Drive a running daemon, like circusctl. Exit: 0 ok, 1 no answer, 2 usage, 3 error."))
-    ctl.add_argument("--endpoint", help="the daemon's control endpoint")
+    ctl.add_argument("--endpoint", action="append", help="the daemon's control endpoint; "
+                     "again for more daemons (status, health, stats, top)")
+    ctl.add_argument("--endpoints-file", metavar="FILE", help="daemons, one per line: "
+                     "ENDPOINT [CURVE_KEY SERVER_KEY]")
+    ctl.add_argument("-c", "--config", metavar="INI", help="the daemon's INI file: its endpoint")
     ctl.add_argument("--timeout", type=float, default=CLIENT_TIMEOUT, metavar="S")
     ctl.add_argument("--json", action="store_true", help="print the raw JSON reply")
     ctl.add_argument("--curve-key", help="your keygen .key_secret file (CURVE)")
@@ -7442,13 +7629,16 @@ def _add_ctl_argument(sub: argparse.ArgumentParser, argument: str) -> None:
     """Add one argument, in CTL_COMMANDS's notation, to the ctl sub-command
     parser ``sub``: a boolean flag, an option with a value or a positional."""
     flag = argument.rstrip("?+=")  # or a positional's name
+    flags = [flag]
+    if flag in SHORT_FLAGS:
+        flags.insert(0, SHORT_FLAGS[flag])
     if argument.startswith("--") and not argument.endswith("="):
-        sub.add_argument(flag, action="store_true")
+        sub.add_argument(*flags, action="store_true")
         return
     nargs = None  # exactly one
     if argument[-1] in "?+":
         nargs = argument[-1]
-    sub.add_argument(flag, nargs=nargs, type=ARG_TYPES.get(flag.lstrip("-"), str))
+    sub.add_argument(*flags, nargs=nargs, type=ARG_TYPES.get(flag.lstrip("-"), str))
 
 
 def _option_value(option_type: OptionType | None, text: str) -> Any:
@@ -7493,11 +7683,82 @@ def _ctl_properties(args: argparse.Namespace) -> dict[str, Any]:
     return properties
 
 
-def _open_client(args: argparse.Namespace) -> Client | None:
-    """A Client for ctl's ``args``, or None once it printed why there is
-    none (an unreadable CURVE key, an endpoint libzmq cannot parse)."""
+class Target(NamedTuple):
+    """A daemon ctl talks to: its endpoint (None: the private default) and
+    the CURVE key files to reach it with."""
+
+    endpoint: str | None
+    curve_key: str | None
+    server_key: str | None
+
+
+#: The ctl commands that take several daemons (``--endpoint`` again, or a file).
+MULTI_COMMANDS = ("status", "health", "stats", "top")
+#: Where ctl finds an endpoint when no option names one, in this order.
+ENDPOINT_VARIABLES = ("MINISUP_ENDPOINT", "CIRCUSCTL_ENDPOINT")
+
+
+def ctl_targets(args: argparse.Namespace) -> list[Target]:
+    """The daemons ctl's ``args`` name: each ``--endpoint``, else each line
+    of ``--endpoints-file``, else the endpoint of ``-c``'s INI file, else
+    $MINISUP_ENDPOINT or $CIRCUSCTL_ENDPOINT, else the private default.
+    Raise SystemExit (main prints it) for a file that cannot be read."""
+    if args.endpoint:
+        return [Target(e, args.curve_key, args.server_key) for e in args.endpoint]
+    if args.endpoints_file:
+        return _targets_from_file(args)
+    if args.config:
+        return [_target_from_config(args)]
+    for variable in ENDPOINT_VARIABLES:
+        if os.environ.get(variable):
+            return [Target(os.environ[variable], args.curve_key, args.server_key)]
+    return [Target(None, args.curve_key, args.server_key)]
+
+
+def _targets_from_file(args: argparse.Namespace) -> list[Target]:
+    """The daemons of ``--endpoints-file``: a line each, ``ENDPOINT`` or
+    ``ENDPOINT CURVE_KEY SERVER_KEY``; ``#`` comments and blank lines
+    skipped.  Raise SystemExit naming a bad line."""
     try:
-        return Client(args.endpoint, args.timeout, args.curve_key, args.server_key)
+        with open(args.endpoints_file, encoding="utf-8") as stream:
+            text = stream.read()
+    except (OSError, UnicodeDecodeError) as exc:
+        raise SystemExit(f"minisup: cannot read {args.endpoints_file}: {exc}") from None
+    targets = []
+    for number, line in enumerate(text.splitlines(), 1):
+        words = line.split("#", 1)[0].split()
+        if len(words) == 1:
+            targets.append(Target(words[0], args.curve_key, args.server_key))
+        elif len(words) == 3:
+            targets.append(Target(*words))
+        elif words:
+            raise SystemExit(f"minisup: {args.endpoints_file}, line {number}: use ENDPOINT "
+                             "or ENDPOINT CURVE_KEY SERVER_KEY")
+    if not targets:
+        raise SystemExit(f"minisup: {args.endpoints_file} names no endpoint")
+    return targets
+
+
+def _target_from_config(args: argparse.Namespace) -> Target:
+    """The daemon of ``-c``'s INI file: its endpoint, and with CURVE the
+    public key beside its curve_secret_key (keygen's NAME.key) unless
+    ``--server-key`` names one.  Raise SystemExit if it cannot be read."""
+    try:
+        config = load_config(args.config)
+    except ConfigError as exc:
+        raise SystemExit(f"minisup: {exc}") from None
+    server_key = args.server_key
+    secret = config.curve_secret_key
+    if server_key is None and secret and secret.endswith(".key_secret"):
+        server_key = secret.removesuffix("_secret")
+    return Target(config.endpoint, args.curve_key, server_key)
+
+
+def _open_client(target: Target, timeout: float) -> Client | None:
+    """A Client for ``target``, or None once it printed why there is none
+    (an unreadable CURVE key, an endpoint libzmq cannot parse)."""
+    try:
+        return Client(target.endpoint, timeout, target.curve_key, target.server_key)
     except (OSError, ValueError) as exc:
         print(f"minisup: cannot read a CURVE key: {exc}", file=sys.stderr)
     except ConfigError as exc:  # an endpoint libzmq cannot even parse
@@ -7521,25 +7782,172 @@ def _print_reply(reply: dict[str, Any], raw_json: bool) -> int:
 
 
 def run_ctl(args: argparse.Namespace) -> int:
-    """``minisup ctl``: send one command and print its reply (or follow a
-    tail, or redraw ``watch``); return the exit code.  Blocks."""
+    """``minisup ctl``: send one command to one daemon (or to several, for
+    MULTI_COMMANDS) and print the reply; or follow a tail, redraw ``watch``,
+    run ``top``.  Return the exit code.  Blocks."""
+    targets = ctl_targets(args)
     properties = _ctl_properties(args)
-    client = _open_client(args)
+    if args.command == "top":
+        return run_top(targets, args, properties)
+    if len(targets) > 1:
+        if args.command not in MULTI_COMMANDS:
+            raise SystemExit(f"minisup: {args.command} takes one endpoint; several are for "
+                             f"{', '.join(MULTI_COMMANDS)}")
+        return run_ctl_many(targets, args, properties)
+    client = _open_client(targets[0], args.timeout)
     if client is None:
         return EXIT_USAGE
     with client:
         try:
-            if properties.pop("follow", False):
-                return follow(client, args.name, properties)
-            if args.command == "watch":
-                return watch(client, properties)
-            if args.command == "status" and not args.json:
-                properties["extended"] = True  # what status_table shows
-            reply = client.call(args.command, **properties)
+            reply = _ctl_call(client, args, properties)
         except CallError as exc:
             print(f"minisup: {exc}", file=sys.stderr)
             return EXIT_NO_ANSWER
+    if isinstance(reply, int):  # follow or watch: done, with this exit code
+        return reply
     return _print_reply(reply, args.json)
+
+
+def _ctl_call(client: Client, args: argparse.Namespace,
+              properties: dict[str, Any]) -> dict[str, Any] | int:
+    """Send ``args.command`` to one daemon and return its reply, or run a
+    tail's follow or ``watch`` to its end and return the exit code.  Raise
+    CallError."""
+    if properties.pop("follow", False):
+        return follow(client, args.name, properties, args.json)
+    if args.command == "watch":
+        return watch(client, properties)
+    if args.command == "status" and not args.json:
+        properties["extended"] = True  # what status_table shows
+    if args.command == "stats":
+        return sampled_stats(client, properties)
+    return client.call(args.command, **properties)
+
+
+def sampled_stats(client: Client, properties: dict[str, Any]) -> dict[str, Any]:
+    """``stats`` with CPU over the last ``interval`` seconds (0.5): asked
+    twice, as the daemon gives each process's CPU since its last stats (the
+    first over its life).  Raise CallError."""
+    interval = properties.pop("interval", None)
+    if interval is None:
+        interval = 0.5
+    first = client.call("stats", **properties)
+    if first.get("status") != "ok":
+        return first
+    threading.Event().wait(interval)
+    return client.call("stats", **properties)
+
+
+def run_ctl_many(targets: list[Target], args: argparse.Namespace,
+                 properties: dict[str, Any]) -> int:
+    """``status``, ``health`` or ``stats`` of several daemons: asked of each
+    in turn, printed together with a column (or heading) naming the daemon;
+    one that does not answer says so in its place.  Exit 0 if all answered
+    ok, 1 if one did not answer, else 3."""
+    replies: dict[str, dict[str, Any]] = {}
+    code = EXIT_OK
+    for target in targets:
+        label = target.endpoint or default_endpoint()
+        client = _open_client(target, args.timeout)
+        if client is None:
+            replies[label] = {"status": "error", "reason": "cannot connect", "answered": False}
+            code = EXIT_NO_ANSWER
+            continue
+        with client:
+            try:
+                reply = _ctl_call(client, args, dict(properties))
+            except CallError as exc:
+                reply = {"status": "error", "reason": str(exc), "answered": False}
+                code = EXIT_NO_ANSWER
+        if reply.get("status") != "ok" and code == EXIT_OK:
+            code = EXIT_ERROR_REPLY
+        replies[label] = reply
+    if args.json:
+        print(json.dumps(replies, indent=2, sort_keys=True))
+    else:
+        print(many_text(args.command, replies))
+    return code
+
+
+def many_text(command: str, replies: dict[str, dict[str, Any]]) -> str:
+    """The replies of several daemons, by endpoint, as ctl prints them: one
+    status table with a DAEMON column, or each daemon's text under its name."""
+    if command == "status":
+        return status_table_many(replies)
+    blocks = []
+    for label, reply in replies.items():
+        text = f"error: {reply.get('reason')}"
+        if reply.get("status") == "ok":
+            text = format_reply(reply)
+        blocks.append(f"== {label}\n{text}")
+    return "\n\n".join(blocks)
+
+
+#: The bash completion script (``minisup completion bash``); {commands} and
+#: {flags} are filled in from CTL_COMMANDS.  Watcher names come from the
+#: daemon the line names (``--endpoint``, ``-c``), asked with ``ctl list``.
+BASH_COMPLETION = r"""# minisup's bash completion: eval "$(minisup completion bash)" in ~/.bashrc
+_minisup() {
+    local cur=${COMP_WORDS[COMP_CWORD]} prev=${COMP_WORDS[COMP_CWORD-1]}
+    local commands="{commands}" options="--endpoint --endpoints-file --config --timeout --json --curve-key --server-key"
+    if [ "$COMP_CWORD" -eq 1 ]; then
+        COMPREPLY=($(compgen -W "run ctl keygen completion --help --version" -- "$cur")); return
+    fi
+    case ${COMP_WORDS[1]} in
+        run) COMPREPLY=($(compgen -f -- "$cur")); return;;
+        completion) COMPREPLY=($(compgen -W "bash" -- "$cur")); return;;
+        ctl) ;;
+        *) return;;
+    esac
+    local i command="" target=()
+    for ((i = 2; i < COMP_CWORD; i++)); do
+        case ${COMP_WORDS[i]} in
+            --endpoint|-c|--config|--endpoints-file|--curve-key|--server-key)
+                target+=("${COMP_WORDS[i]}" "${COMP_WORDS[i+1]}"); ((i++));;
+            --timeout) ((i++));;
+            -*) ;;
+            *) command=${COMP_WORDS[i]}; break;;
+        esac
+    done
+    case $prev in
+        --config|-c|--endpoints-file|--curve-key|--server-key) COMPREPLY=($(compgen -f -- "$cur")); return;;
+        --endpoint|--timeout|--interval|-n|--lines|--signum|--graceful_timeout) return;;
+    esac
+    if [ -z "$command" ]; then
+        COMPREPLY=($(compgen -W "$commands $options" -- "$cur")); return
+    fi
+    local flags
+    case $command in
+{flags}
+    esac
+    local watchers
+    watchers=$("${COMP_WORDS[0]}" ctl --timeout 1 "${target[@]}" list 2>/dev/null | tr ',' ' ')
+    COMPREPLY=($(compgen -W "$flags $watchers" -- "$cur"))
+}
+complete -F _minisup minisup
+"""
+
+
+def bash_completion() -> str:
+    """The bash completion script: ctl's commands and each one's flags
+    from CTL_COMMANDS, filled into BASH_COMPLETION."""
+    cases = []
+    for name, (_, arguments) in CTL_COMMANDS.items():
+        flags = ["--json"]
+        for argument in arguments:
+            if argument.startswith("--"):
+                flags.append(argument.rstrip("="))
+                if argument.rstrip("=") in SHORT_FLAGS:
+                    flags.append(SHORT_FLAGS[argument.rstrip("=")])
+        cases.append(f'        {name}) flags="{" ".join(flags)}";;')
+    return BASH_COMPLETION.replace("{commands}", " ".join(CTL_COMMANDS)).replace(
+        "{flags}", "\n".join(cases))
+
+
+def run_completion(args: argparse.Namespace) -> int:
+    """``minisup completion bash``: print the completion script."""
+    print(bash_completion(), end="")
+    return EXIT_OK
 
 
 def run_keygen(args: argparse.Namespace) -> int:
@@ -7577,22 +7985,60 @@ def watch(client: Client, properties: dict[str, Any]) -> int:
     return EXIT_OK
 
 
+STATUS_HEADER = ("WATCHER", "STATE", "PID", "WID", "PROCESS", "UPTIME", "RESTARTS",
+                 "LAST EXIT")
+
+
 def status_table(watchers: dict[str, Any]) -> str:
     """``ctl status``: an aligned row per process (a watcher without any
     has one), then the reason of each watcher that gave up."""
-    rows: list[tuple[Any, ...]] = [
-        ("WATCHER", "STATE", "PID", "WID", "PROCESS", "UPTIME", "RESTARTS", "LAST EXIT")]
+    rows = [STATUS_HEADER, *_status_rows(watchers)]
+    reasons = [f"{n}: {i['reason']}" for n, i in watchers.items() if i["reason"]]
+    return "\n".join(_aligned(rows) + reasons)
+
+
+def _status_rows(watchers: dict[str, Any]) -> list[tuple[Any, ...]]:
+    """status_table's rows (STATUS_HEADER's columns), watchers by name."""
+    rows: list[tuple[Any, ...]] = []
     for name, info in sorted(watchers.items()):
-        last_exit = _exit_text(info["last_exit"])
-        if str(info.get("last_exit_reason")).startswith("OOM"):
-            last_exit = "OOM kill"
         processes = info["processes"]
         if not processes:
             processes = [{}]  # a row of dashes: the watcher's state still shows
         for process in processes:
             rows.append((name, info["status"], *_process_cells(process),
-                         info["restarts"], last_exit))
-    reasons = [f"{n}: {i['reason']}" for n, i in watchers.items() if i["reason"]]
+                         info["restarts"], last_exit_text(info)))
+    return rows
+
+
+def last_exit_text(info: dict[str, Any]) -> str:
+    """A watcher's last exit as the tables show it: the signal's name or
+    code, or why minisup ended it (OOM kill, watchdog, readiness)."""
+    reason = str(info.get("last_exit_reason"))
+    if reason.startswith("OOM"):
+        return "OOM kill"
+    if reason.startswith("watchdog"):
+        return "watchdog"
+    if reason.startswith("not ready"):
+        return "not ready"
+    return _exit_text(info["last_exit"])
+
+
+def status_table_many(replies: dict[str, dict[str, Any]]) -> str:
+    """``ctl status`` of several daemons: one table with a DAEMON column; a
+    daemon that did not answer (or refused) has one row that says so."""
+    rows: list[tuple[Any, ...]] = [("DAEMON", *STATUS_HEADER)]
+    reasons = []
+    for label, reply in replies.items():
+        if reply.get("status") != "ok":
+            what = "no answer"
+            if reply.get("answered", True):
+                what = "error"
+            rows.append((label, what, *["-"] * (len(STATUS_HEADER) - 1)))
+            reasons.append(f"{label}: {reply.get('reason')}")
+            continue
+        rows += [(label, *row) for row in _status_rows(reply["watchers"])]
+        reasons += [f"{label}: {n}: {i['reason']}" for n, i in reply["watchers"].items()
+                    if i["reason"]]
     return "\n".join(_aligned(rows) + reasons)
 
 
@@ -7636,11 +8082,40 @@ def _duration(seconds: float) -> str:
     return f"{seconds:.1f}s"
 
 
-def follow(client: Client, name: str, properties: dict[str, Any]) -> int:
-    """``ctl tail --follow``: subscribe to the watcher's output events, print
-    its last lines, drop what was published meanwhile (those lines are in
-    them), then print what it writes, as written, until interrupted.
-    Raise CallError."""
+def tail_line(entry: dict[str, Any]) -> str:
+    """One line of ``ctl tail``: when it was read (local time, ms), the
+    pid and wid of the process that wrote it, its stream, then the line."""
+    when = entry.get("time") or 0.0
+    clock = time.strftime("%H:%M:%S", time.localtime(when)) + f".{int(when * 1000) % 1000:03d}"
+    return f"{clock} {entry.get('pid')} {entry.get('wid')} {entry.get('stream')}: {entry['line']}"
+
+
+def _print_tail(entries: list[dict[str, Any]], raw_json: bool) -> None:
+    """Print ``entries`` of ``tail``: a tail_line each, or a JSON object
+    each with ``raw_json``."""
+    for entry in entries:
+        if raw_json:
+            print(json.dumps(entry, sort_keys=True), flush=True)
+        else:
+            print(tail_line(entry), flush=True)
+
+
+def _event_entries(payload: dict[str, Any]) -> list[dict[str, Any]]:
+    """An ``output`` event's data as tail entries, a line each (its end of
+    line dropped, as in ``tail``'s reply)."""
+    lines = payload.get("data", "").split("\n")
+    if lines[-1] == "":
+        lines.pop()  # the data ends a line: no empty one after it
+    return [{"stream": payload.get("stream"), "pid": payload.get("pid"),
+             "wid": payload.get("wid"), "time": payload.get("time"), "line": line}
+            for line in lines]
+
+
+def follow(client: Client, name: str, properties: dict[str, Any], raw_json: bool = False) -> int:
+    """``ctl tail --follow`` (``-f``): subscribe to the watcher's output
+    events, print its last lines, drop what was published meanwhile (those
+    lines are in them), then print each line as it is written, until
+    interrupted.  Raise CallError."""
     try:
         with zmq.Context() as context, context.socket(zmq.SUB) as sub:
             sub.linger = 0
@@ -7653,15 +8128,362 @@ def follow(client: Client, name: str, properties: dict[str, Any]) -> int:
             if reply.get("status") != "ok":
                 print(f"error: {reply.get('reason')}", file=sys.stderr)
                 return EXIT_ERROR_REPLY
-            print("\n".join(reply["lines"]), flush=True)
+            _print_tail(reply.get("entries", []), raw_json)
             while sub.poll(0):  # published before the tail: already printed
                 sub.recv_multipart()
             while True:
-                print(json.loads(sub.recv_multipart()[1])["data"], end="", flush=True)
+                _print_tail(_event_entries(json.loads(sub.recv_multipart()[1])), raw_json)
     except KeyboardInterrupt:
         return EXIT_OK
     except zmq.ZMQError:  # an endpoint we cannot connect to
         return _no_events()
+
+
+#: How often ``ctl top`` refreshes its figures by default, in seconds.
+TOP_INTERVAL = 1.0
+#: The events that make ``ctl top`` read the states again at once.
+TOP_EVENTS = ("spawn", "reap", "kill", "start", "stop", "ready", "reload", "updated",
+              "add", "remove")
+TOP_KEYS = "up/down select  s stop/start  r restart  + more  - fewer  t output  q quit"
+TOP_WATCHER_HEADER = ("WATCHER", "STATE", "RUNNING", "RESTARTS", "LAST EXIT", "WHY")
+TOP_PROCESS_HEADER = ("PID", "WID", "UPTIME", "CPU%", "MEMORY", "LINES/S")
+
+
+class TopDaemon:
+    """One daemon as ``ctl top`` sees it: its client, its latest status and
+    stats, the line counts it had at the last refresh, and its event
+    socket.  Owned by the main thread."""
+
+    def __init__(self, label: str, client: Client) -> None:
+        """A daemon not read yet."""
+        self.label = label
+        self.client = client
+        self.watchers: dict[str, Any] = {}  # status --extended's
+        self.stats: dict[str, dict[str, Any]] = {}  # stats --output's, by watcher
+        self.rates: dict[int, float] = {}  # lines per second, by pid
+        self.error: str | None = None  # why the last read failed
+        self.events: Any = None  # a SUB socket, once its pubsub endpoint is known
+        self._counts: tuple[float, dict[int, int]] = (0.0, {})  # (monotonic, lines by pid)
+        self._subscribed: set[str] = set()
+
+    def read_status(self) -> None:
+        """Read every watcher's state; on failure keep the last and say why."""
+        try:
+            reply = self.client.call("status", extended=True)
+        except CallError as exc:
+            self.error = f"no answer ({exc})"
+            return
+        if reply.get("status") != "ok":
+            self.error = str(reply.get("reason"))
+            return
+        self.error = None
+        self.watchers = reply["watchers"]
+
+    def read_stats(self) -> None:
+        """Read every process's CPU (since the last read), memory and line
+        count, and make each process's lines per second from the counts."""
+        try:
+            reply = self.client.call("stats", output=True)
+        except CallError as exc:
+            self.error = f"no answer ({exc})"
+            return
+        if reply.get("status") != "ok":
+            return
+        self.stats = reply["infos"]
+        now = time.monotonic()
+        counts = {int(pid): info.get("lines", 0) for infos in self.stats.values()
+                  for pid, info in infos.items() if isinstance(info, dict)}
+        then, before = self._counts
+        self.rates = {pid: (count - before[pid]) / (now - then)
+                      for pid, count in counts.items() if pid in before and now > then}
+        self._counts = (now, counts)
+
+    def subscribe(self, context: Any, poller: Any) -> None:
+        """Follow the state events of each watcher (not their output, which
+        the daemon then need not encode), once the pubsub endpoint is known."""
+        if self.events is None:
+            try:
+                options = self.client.call("globaloptions")["options"]
+            except (CallError, KeyError):
+                return
+            if not options.get("pubsub_endpoint"):
+                self._subscribed = set(self.watchers)  # none to follow: ask no more
+                return
+            self.events = context.socket(zmq.SUB)
+            self.events.linger = 0
+            self.events.connect(options["pubsub_endpoint"])
+            poller.register(self.events, zmq.POLLIN)
+        for name in set(self.watchers) - self._subscribed:
+            for topic in TOP_EVENTS:
+                self.events.subscribe(f"watcher.{name}.{topic}")
+            self._subscribed.add(name)
+
+    def drain_events(self) -> bool:
+        """Read every event that came; whether there was one."""
+        heard = False
+        while self.events is not None and self.events.poll(0):
+            self.events.recv_multipart()
+            heard = True
+        return heard
+
+
+def _top_process_cells(daemon: TopDaemon, name: str, process: dict[str, Any]) -> tuple[Any, ...]:
+    """TOP_PROCESS_HEADER's cells for one process of watcher ``name``."""
+    stats = daemon.stats.get(name, {}).get(str(process["pid"]))
+    if not isinstance(stats, dict):
+        stats = {}
+    memory = "-"
+    if isinstance(stats.get("tree"), dict):  # the whole tree's, cgroup's where there is one
+        memory = human_bytes(stats["tree"]["memory"])
+    rate = daemon.rates.get(process["pid"])
+    rate_text = "-"
+    if rate is not None:
+        rate_text = f"{rate:.1f}"
+    return (process["pid"], process["wid"], _duration(process["uptime"]),
+            stats.get("cpu", "-"), memory, rate_text)
+
+
+def top_lines(daemons: list[TopDaemon], selected: int, width: int) -> tuple[list[str], int]:
+    """``ctl top``'s table as text lines cut to ``width``: a row per watcher
+    (with a DAEMON column for several daemons), the selected one marked,
+    its processes indented below it; and the index of the selected row."""
+    several = len(daemons) > 1
+    header = TOP_WATCHER_HEADER
+    if several:
+        header = ("DAEMON", *header)
+    watcher_rows: list[tuple[Any, ...]] = [header]
+    for daemon in daemons:
+        if daemon.error is not None and not daemon.watchers:
+            watcher_rows.append((daemon.label,) * several + ("-", daemon.error, "", "", "", ""))
+        for name, info in sorted(daemon.watchers.items()):
+            running = sum(1 for p in info["processes"] if p.get("state") != "stopping")
+            cells = (name, info["status"], f"{running}/{info['numprocesses']}",
+                     info["restarts"], last_exit_text(info), info.get("last_exit_reason") or "")
+            watcher_rows.append((daemon.label,) * several + cells)
+    aligned = _aligned(watcher_rows)
+    lines = ["  " + aligned[0]]
+    if selected >= 0:  # -1: none (the plain table)
+        selected = max(0, min(selected, len(aligned) - 2))
+    index = 0
+    for daemon in daemons:
+        for name, info in sorted(daemon.watchers.items()):
+            marker = "  "
+            if index == selected:
+                marker = "> "
+            lines.append(marker + aligned[index + 1])
+            index += 1
+            processes = [TOP_PROCESS_HEADER] + [_top_process_cells(daemon, name, p)
+                                                for p in info["processes"]]
+            if info["processes"]:
+                lines += ["      " + row for row in _aligned(processes)]
+    return [line[:width] for line in lines], selected
+
+
+def top_selection(daemons: list[TopDaemon], selected: int) -> tuple[TopDaemon, str] | None:
+    """The daemon and watcher name of row ``selected`` (None if none)."""
+    index = 0
+    for daemon in daemons:
+        for name in sorted(daemon.watchers):
+            if index == selected:
+                return daemon, name
+            index += 1
+    return None
+
+
+def top_command(daemons: list[TopDaemon], selected: int, key: str) -> str:
+    """Run key ``key``'s command on the selected watcher (s: stop or start,
+    r: restart, +: incr, -: decr); return what the status line says: done,
+    or the error.  Never raises: an error never ends the view."""
+    found = top_selection(daemons, selected)
+    if found is None:
+        return "no watcher selected"
+    daemon, name = found
+    command = {"s": "stop", "r": "restart", "+": "incr", "-": "decr"}[key]
+    if command == "stop" and daemon.watchers[name]["status"] == "stopped":
+        command = "start"
+    try:
+        reply = daemon.client.call(command, name=name)
+    except CallError as exc:
+        return f"{command} {name}: no answer ({exc})"
+    if reply.get("status") != "ok":
+        return f"{command} {name}: error: {reply.get('reason')}"
+    return f"{command} {name}: ok"
+
+
+def top_output(daemon: TopDaemon, name: str, count: int, width: int) -> list[str]:
+    """The last ``count`` lines watcher ``name`` wrote (``t``), as tail
+    prints them, or why there are none."""
+    try:
+        reply = daemon.client.call("tail", name=name, lines=count)
+    except CallError as exc:
+        return [f"no answer ({exc})"]
+    if reply.get("status") != "ok":
+        return [f"{name}: {reply.get('reason')}"]
+    return [tail_line(entry)[:width] for entry in reply.get("entries", [])]
+
+
+def run_top(targets: list[Target], args: argparse.Namespace, properties: dict[str, Any]) -> int:
+    """``ctl top``: a live view of one or several daemons, full-screen on a
+    terminal (see TopScreen), else one plain table per interval.  Runs until
+    ``q`` or Ctrl-C; exit 1 if a daemon never answered."""
+    interval = properties.get("interval") or TOP_INTERVAL
+    daemons = []
+    with contextlib.ExitStack() as stack:
+        for target in targets:
+            client = _open_client(target, args.timeout)
+            if client is None:
+                return EXIT_USAGE
+            stack.enter_context(client)
+            daemons.append(TopDaemon(target.endpoint or default_endpoint(), client))
+        with contextlib.suppress(KeyboardInterrupt):
+            if sys.stdout.isatty() and sys.stdin.isatty():
+                TopScreen(daemons, interval).run()
+            else:
+                _top_plain(daemons, interval)
+        for daemon in daemons:
+            if daemon.events is not None:
+                daemon.events.close()
+    if any(daemon.error is not None and not daemon.watchers for daemon in daemons):
+        return EXIT_NO_ANSWER
+    return EXIT_OK
+
+
+def _top_plain(daemons: list[TopDaemon], interval: float) -> None:
+    """``ctl top`` without a terminal: one plain table per interval, until
+    interrupted (or its reader goes away)."""
+    while True:
+        for daemon in daemons:
+            daemon.read_status()
+            daemon.read_stats()
+        lines, _ = top_lines(daemons, -1, 10_000)
+        try:
+            print(time.strftime("%H:%M:%S") + "\n" + "\n".join(lines) + "\n", flush=True)
+        except BrokenPipeError:  # piped into head, say
+            return
+        threading.Event().wait(interval)
+
+
+class TopScreen:
+    """``ctl top`` on a terminal, with curses: states redrawn the moment an
+    event says they changed, figures every ``interval``, keys acted on at
+    once, the layout redrawn on a resize.  Main thread only (it installs a
+    SIGWINCH handler, restored as it ends)."""
+
+    def __init__(self, daemons: list[TopDaemon], interval: float) -> None:
+        """A view of ``daemons``, not drawn yet."""
+        self.daemons = daemons
+        self.interval = interval
+        self.selected = 0
+        self.message = ""  # the status line: what the last key did
+        self.output_of: tuple[TopDaemon, str] | None = None  # ``t``: whose output is shown
+        self._resized = Waker()
+        self._context = zmq.Context()
+        self._poller = zmq.Poller()
+
+    def run(self) -> None:
+        """Draw until ``q`` (or Ctrl-C, which the caller takes)."""
+        import curses  # here: only top needs it
+        previous = signal.signal(signal.SIGWINCH, self._on_resize)
+        try:
+            curses.wrapper(self._loop)
+        finally:
+            signal.signal(signal.SIGWINCH, previous)
+            self._resized.close()
+            for daemon in self.daemons:
+                if daemon.events is not None:
+                    daemon.events.close()
+                    daemon.events = None
+            self._context.term()
+
+    def _on_resize(self, signum: int, frame: Any) -> None:
+        """SIGWINCH: only wake the loop, which redraws."""
+        self._resized.wake()
+
+    def _loop(self, screen: Any) -> None:
+        """The view's loop: wait on the keyboard, the events and the clock."""
+        import curses
+        curses.curs_set(0)
+        screen.nodelay(True)
+        screen.keypad(True)
+        self._poller.register(sys.stdin.fileno(), zmq.POLLIN)
+        self._poller.register(self._resized.fileno(), zmq.POLLIN)
+        due = 0.0
+        while True:
+            if time.monotonic() >= due:
+                self._refresh(stats=True)
+                due = time.monotonic() + self.interval
+            self._draw(screen)
+            ready = dict(self._poller.poll(max(0.0, due - time.monotonic()) * 1000))
+            if self._resized.fileno() in ready:
+                self._resized.drain()
+                size = os.get_terminal_size(sys.stdout.fileno())
+                curses.resizeterm(size.lines, size.columns)
+            if any(daemon.drain_events() for daemon in self.daemons):
+                self._refresh(stats=False)
+            if not self._keys(screen):
+                return
+
+    def _refresh(self, stats: bool) -> None:
+        """Read the states (and with ``stats`` the figures) of each daemon."""
+        for daemon in self.daemons:
+            daemon.read_status()
+            if stats:
+                daemon.read_stats()
+            daemon.subscribe(self._context, self._poller)
+
+    def _keys(self, screen: Any) -> bool:
+        """Act on every key pressed; False once ``q`` says to end."""
+        import curses
+        while True:
+            key = screen.getch()
+            if key == -1:
+                return True
+            if key == curses.KEY_RESIZE:
+                continue
+            char = ""
+            if 0 <= key < 256:
+                char = chr(key)
+            if char == "q" and self.output_of is None:
+                return False
+            if self.output_of is not None:
+                if char in ("q", "t") or key == 27:  # Esc
+                    self.output_of = None
+                continue
+            self._key(key, char, curses)
+
+    def _key(self, key: int, char: str, curses: Any) -> None:
+        """Act on one key of the table view."""
+        if key in (curses.KEY_UP, ord("k")):
+            self.selected = max(0, self.selected - 1)
+        elif key in (curses.KEY_DOWN, ord("j")):
+            self.selected += 1
+        elif char in ("s", "r", "+", "-"):
+            self.message = top_command(self.daemons, self.selected, char)
+            self._refresh(stats=False)
+        elif char == "t":
+            self.output_of = top_selection(self.daemons, self.selected)
+
+    def _draw(self, screen: Any) -> None:
+        """Draw the whole view into curses's buffer; curses sends only what
+        changed (no flicker)."""
+        height, width = screen.getmaxyx()
+        labels = ", ".join(daemon.label for daemon in self.daemons)
+        head = f"minisup top  {time.strftime('%H:%M:%S')}  {labels}  every {self.interval:g}s"
+        if self.output_of is None:
+            lines, self.selected = top_lines(self.daemons, self.selected, width - 1)
+        else:
+            daemon, name = self.output_of
+            lines = [f"output of {name} (t or q: back)",
+                     *top_output(daemon, name, max(1, height - 4), width - 1)]
+        errors = [f"{d.label}: {d.error}" for d in self.daemons if d.error]
+        footer = [self.message or "; ".join(errors), TOP_KEYS]
+        screen.erase()
+        for row, text in enumerate([head, *lines][:max(0, height - 2)]):
+            screen.addnstr(row, 0, text, max(0, width - 1))
+        for offset, text in enumerate(footer):
+            if height - 2 + offset > 0:
+                screen.addnstr(height - 2 + offset, 0, text, max(0, width - 1))
+        screen.refresh()
 
 
 def _no_events() -> int:
@@ -7670,20 +8492,42 @@ def _no_events() -> int:
     return EXIT_ERROR_REPLY
 
 
-#: One line of ``stats``, as circusctl prints it.
-STATS_LINE = "{pid}  {cmdline} {username} {nice} {mem_info1} {mem_info2} {cpu} {mem} {ctime}"
+STATS_HEADER = ("WATCHER", "PID", "WID", "USER", "CPU%", "MEM%", "RSS", "CPU TIME", "TREE",
+                "COMMAND")
 
 
-def _stats_text(info: dict[str, Any] | str, indent: str = "") -> str:
-    """A process's stats line (or why there is none), then its children's,
-    each level indented further."""
+def _stats_rows(name: str, info: dict[str, Any] | str, pid: Any = "",
+                depth: int = 0) -> list[tuple[Any, ...]]:
+    """stats_table's rows for one process (``pid``, or why it has no
+    stats) and, indented below, its children's."""
     if not isinstance(info, dict):
-        return indent + str(info)
-    lines = [indent + STATS_LINE.format(**info)]
+        return [(name, pid, "-", "-", "-", "-", "-", "-", "-", str(info))]
+    tree = "-"
     if isinstance(info.get("tree"), dict):
-        lines.append(indent + "   " + _tree_text(info["tree"]))
+        tree = f"{info['tree']['processes']}p {human_bytes(info['tree']['memory'])}"
+    command = info.get("command") or info.get("cmdline")
+    rows: list[tuple[Any, ...]] = [(
+        name, "  " * depth + str(info["pid"]), info.get("wid", "-"), info["username"],
+        info["cpu"], info["mem"], info["mem_info1"], info["ctime"], tree, command)]
     for child in info.get("children", []):
-        lines.append(_stats_text(child, indent + "   "))
+        rows += _stats_rows("", child, "", depth + 1)
+    return rows
+
+
+def stats_table(watchers: dict[str, dict[Any, Any]]) -> str:
+    """``ctl stats``: a header row, then a row per process (its children
+    indented below it) with its whole command line; CPU% is over the last
+    interval when the reply says one."""
+    rows: list[tuple[Any, ...]] = [STATS_HEADER]
+    intervals = set()
+    for name, infos in watchers.items():
+        for pid, info in infos.items():
+            rows += _stats_rows(name, info, pid)
+            if isinstance(info, dict) and info.get("cpu_interval"):
+                intervals.add(info["cpu_interval"])
+    lines = _aligned(rows)
+    if intervals:
+        lines.append(f"CPU% over the last {max(intervals):.2f}s")
     return "\n".join(lines)
 
 
@@ -7693,16 +8537,11 @@ def _tree_text(tree: dict[str, Any]) -> str:
             f"{human_bytes(tree['memory'])}")
 
 
-def _watchers_stats_text(watchers: dict[str, dict[str, Any]]) -> str:
-    """``stats`` of some watchers, for format_reply: each one's name, then a
-    ``PID: stats`` line per process."""
-    blocks = []
-    for name, infos in watchers.items():
-        lines = [f"{name}:"]
-        for pid, info in infos.items():
-            lines.append(f"{pid}: {_stats_text(info)}")
-        blocks.append("\n".join(lines))
-    return "\n".join(blocks)
+def _stats_text(info: dict[str, Any] | str) -> str:
+    """The daemon's own stats (``dstats``): a line, then its tree's."""
+    if not isinstance(info, dict):
+        return str(info)
+    return "\n".join(_aligned([STATS_HEADER[1:], *[row[1:] for row in _stats_rows("", info)]]))
 
 
 def _value_text(value: Any) -> str:
@@ -7759,6 +8598,8 @@ def format_reply(reply: dict[str, Any]) -> str:
     for key in ("watchers", "pids", "numprocesses", "numwatchers"):
         if key in reply:
             return _value_text(reply[key])
+    if "entries" in reply:  # tail
+        return "\n".join(tail_line(entry) for entry in reply["entries"])
     if "lines" in reply:
         return "\n".join(reply["lines"])
     if reply.get("warnings"):  # reloadconfig's, printed as it logs them
@@ -7768,16 +8609,16 @@ def format_reply(reply: dict[str, Any]) -> str:
     if "sockets" in reply:
         return "\n".join(_socket_text(socket_info) for socket_info in reply["sockets"])
     if "infos" in reply:  # ``stats`` of every watcher
-        return _watchers_stats_text(reply["infos"])
+        return stats_table(reply["infos"])
     if "name" in reply:  # ``stats`` of one
-        text = _watchers_stats_text({reply["name"]: reply["info"]})
+        text = stats_table({reply["name"]: reply["info"]})
         if isinstance(reply.get("tree"), dict):
             text += "\nwhole watcher: " + _tree_text(reply["tree"])
         return text
     if "process" in reply:
-        return f"{reply['process']}: {_stats_text(reply['info'])}"
+        return stats_table({"": {reply["process"]: reply["info"]}})
     if isinstance(reply.get("info"), dict) and "pid" in reply["info"]:  # dstats
-        return "Main Process:\n" + _stats_text(reply["info"], "    ")
+        return "Main Process:\n" + _stats_text(reply["info"])
     return str(reply.get("status", "ok"))
 
 
@@ -7971,7 +8812,8 @@ def main(argv: list[str] | None = None) -> int:
     """The command line (``argv``, else sys.argv's): run the sub-command it
     names and return the exit code; a usage error is EXIT_USAGE, not a
     SystemExit.  ``run`` blocks until the daemon quits."""
-    actions = {"run": run_daemon, "ctl": run_ctl, "keygen": run_keygen}
+    actions = {"run": run_daemon, "ctl": run_ctl, "keygen": run_keygen,
+               "completion": run_completion}
     try:
         args = build_parser(argv).parse_args(argv)
         return actions[args.action](args)

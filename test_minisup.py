@@ -2493,7 +2493,9 @@ def test_ctl_tail_prints_and_follows(cli_daemon, tmp_path):
     result = subprocess.run([PY, "-m", "minisup", "ctl", "--endpoint", endpoint, "tail", "w",
                              "--lines", "2"], capture_output=True, text=True, timeout=60,
                             check=False, cwd=os.path.dirname(minisup.__file__))
-    assert result.returncode == 0 and re.fullmatch(r"line \d+\nline \d+\n", result.stdout)
+    tail_format = r"\d\d:\d\d:\d\d\.\d{3} \d+ 1 stdout: line (\d+)"
+    assert result.returncode == 0 and re.fullmatch(f"{tail_format}\n{tail_format}\n",
+                                                   result.stdout), result.stdout
     follower = subprocess.Popen([PY, "-m", "minisup", "ctl", "--endpoint", endpoint, "tail",
                                  "w", "--follow"], stdout=subprocess.PIPE, text=True,
                                 cwd=os.path.dirname(minisup.__file__))
@@ -2503,7 +2505,7 @@ def test_ctl_tail_prints_and_follows(cli_daemon, tmp_path):
         follower.send_signal(signal.SIGINT)
         follower.wait(DEADLINE)
         follower.stdout.close()
-    numbers = [int(line.split()[1]) for line in seen]
+    numbers = [int(re.fullmatch(tail_format + "\n", line).group(1)) for line in seen]
     tail, follow = numbers[:10], numbers[10:]  # the last 10 lines, then live ones
     assert tail == list(range(tail[0], tail[0] + 10))
     assert follow == list(range(follow[0], follow[0] + 15)) and follow[0] > tail[-1]
@@ -4177,7 +4179,7 @@ def test_globaloptions(make_daemon):
     daemon = make_daemon(sleepers(n=1))
     options = daemon.client.call("globaloptions")["options"]
     assert options["endpoint"] == daemon.endpoint
-    assert set(options) == {"endpoint", "pubsub_endpoint", "check_delay",
+    assert set(options) == {"endpoint", "pubsub_endpoint", "check_delay", "metrics_endpoint",
                             "multicast_endpoint", "stats_endpoint", "max_processes"}
     soft = resource.getrlimit(resource.RLIMIT_NOFILE)[0]
     with open("/proc/sys/kernel/pid_max") as stream:
@@ -4859,6 +4861,159 @@ def test_no_metrics_endpoint_means_no_listener(make_daemon):
 def test_a_bad_metrics_endpoint_is_a_config_error(text):
     with pytest.raises(minisup.ConfigError, match=r"metrics_endpoint = .*use HOST:PORT"):
         minisup.parse_config(f"[circus]\nmetrics_endpoint = {text}\n[watcher:a]\ncmd = x\n")
+
+
+# ============================================================== ctl top ======
+
+class PtyScreen:
+    """A program in a real pseudo-terminal, its screen as a terminal
+    emulator (pyte) renders what it wrote."""
+
+    def __init__(self, argv, rows=30, cols=110):
+        pyte = pytest.importorskip("pyte")
+        self.screen = pyte.Screen(cols, rows)
+        self.stream = pyte.ByteStream(self.screen)
+        self.master, slave = os.openpty()
+        self._set_size(slave, rows, cols)
+        self.proc = subprocess.Popen(argv, stdin=slave, stdout=slave, stderr=slave,
+                                     env=dict(os.environ, TERM="xterm", LANG="C.UTF-8"),
+                                     cwd=os.path.dirname(minisup.__file__),
+                                     start_new_session=True)
+        os.close(slave)
+        os.set_blocking(self.master, False)
+
+    @staticmethod
+    def _set_size(fd, rows, cols):
+        import fcntl
+        import struct
+        import termios
+        fcntl.ioctl(fd, termios.TIOCSWINSZ, struct.pack("HHHH", rows, cols, 0, 0))
+
+    def text(self):
+        """The screen now, after feeding it all the program wrote."""
+        with contextlib.suppress(BlockingIOError, OSError):
+            while True:
+                data = os.read(self.master, 65536)
+                if not data:
+                    break
+                self.stream.feed(data)
+        return "\n".join(self.screen.display)
+
+    def wait_for(self, predicate, what, timeout=DEADLINE):
+        """The screen's text once ``predicate`` holds for it."""
+        wait_for(lambda: predicate(self.text()), timeout=timeout, what=what)
+        return "\n".join(self.screen.display)
+
+    def press(self, keys):
+        os.write(self.master, keys)
+
+    def resize(self, rows, cols):
+        self._set_size(self.master, rows, cols)
+        self.screen.resize(rows, cols)
+        self.proc.send_signal(signal.SIGWINCH)  # no controlling tty: as the kernel would
+
+    def close(self):
+        if self.proc.poll() is None:
+            self.proc.kill()
+        self.proc.wait(DEADLINE)
+        os.close(self.master)
+
+
+@pytest.fixture
+def top_screen():
+    screens = []
+
+    def start(endpoint, *args, rows=30, cols=110):
+        screen = PtyScreen([PY, "-m", "minisup", "ctl", "--endpoint", endpoint, "top", *args],
+                           rows, cols)
+        screens.append(screen)
+        return screen
+    yield start
+    for screen in screens:
+        screen.close()
+
+
+def test_ctl_top_shows_watchers_and_pids_and_a_kill_9_within_a_second(
+        make_daemon, tmp_path, top_screen):
+    daemon = make_daemon(sleepers(n=2) + sleepers("idle", 1, "autostart = false"),
+                         pubsub_endpoint=f"ipc://{tmp_path}/pub.sock")
+    pids = daemon.client.call("list", name="web")["pids"]
+    screen = top_screen(daemon.endpoint, "--interval", "30")  # only events can redraw it
+    text = screen.wait_for(lambda t: all(str(p) in t for p in pids), "the pids on screen")
+    assert re.search(r"idle\s+stopped\s+0/1", text) and re.search(r"web\s+active\s+2/2", text)
+    assert "minisup top" in text and "q quit" in text
+    os.kill(pids[0], signal.SIGKILL)
+    began = time.monotonic()
+    text = screen.wait_for(lambda t: str(pids[0]) not in t and "SIGKILL" in t,
+                           "the kill on screen", timeout=DEADLINE)
+    assert time.monotonic() - began < 1.0
+    assert re.search(r"web\s+active\s+2/2\s+1\s+SIGKILL", text)
+
+
+def test_ctl_top_keys_stop_a_watcher_and_errors_stay_on_the_status_line(
+        make_daemon, tmp_path, top_screen):
+    daemon = make_daemon(sleepers(n=1) + sleepers("idle", 1, "autostart = false"),
+                         pubsub_endpoint=f"ipc://{tmp_path}/pub.sock")
+    screen = top_screen(daemon.endpoint)
+    screen.wait_for(lambda t: "> idle" in t, "idle selected first")
+    screen.press(b"\x1bOB")  # the down arrow, as xterm sends it to a curses program
+    screen.wait_for(lambda t: "> web" in t, "web selected")
+    screen.press(b"s")
+    screen.wait_for(lambda t: re.search(r"> web\s+stopped", t) and "stop web: ok" in t,
+                    "web stopped")
+    assert daemon.client.call("status", name="web")["status"] == "stopped"
+    screen.press(b"-")  # decr of a stopped watcher: fine; then one that fails:
+    screen.wait_for(lambda t: "decr web: ok" in t, "decr answered")
+    daemon.client.call("rm", name="idle", waiting=True)
+    screen.press(b"\x1bOA")  # up: idle's row, until the next refresh drops it
+    screen.press(b"r")
+    screen.wait_for(lambda t: "error" in t or "restart web: ok" in t, "a reply shown")
+    assert screen.proc.poll() is None  # an error never ends the view
+    screen.press(b"q")
+    assert screen.proc.wait(DEADLINE) == 0
+
+
+def test_ctl_top_redraws_on_resize_and_shows_output_on_t(make_daemon, tmp_path, top_screen):
+    code = "import time; [(print('tick', flush=True), time.sleep(0.05)) for _ in iter(int, 1)]"
+    daemon = make_daemon(f"""
+        [watcher:talker]
+        cmd = {py_cmd(code)}
+        stdout_stream.class = FileStream
+        stdout_stream.filename = {tmp_path}/out.log
+        """, pubsub_endpoint=f"ipc://{tmp_path}/pub.sock")
+    screen = top_screen(daemon.endpoint, "-n", "0.3")
+    screen.wait_for(lambda t: re.search(r"talker\s+active", t) and re.search(r"\d+\.\d\s*$", t,
+                                                                            re.MULTILINE),
+                    "a lines/s figure")
+    screen.resize(12, 50)
+    text = screen.wait_for(lambda t: "talker" in t and "minisup top" in t.splitlines()[0],
+                           "the redraw at 50 columns")
+    assert all(len(line.rstrip()) <= 50 for line in text.splitlines())
+    assert "up/down select" in text.splitlines()[-1]
+    screen.press(b"t")
+    screen.wait_for(lambda t: "output of talker" in t and "stdout: tick" in t, "its output")
+    screen.press(b"t")
+    screen.wait_for(lambda t: "> talker" in t, "back to the table")
+
+
+def test_ctl_top_without_a_terminal_prints_a_table_per_interval(make_daemon):
+    daemon = make_daemon(sleepers(n=1))
+    proc = subprocess.Popen([PY, "-m", "minisup", "ctl", "--endpoint", daemon.endpoint, "top",
+                             "-n", "0.2"], stdout=subprocess.PIPE, text=True,
+                            cwd=os.path.dirname(minisup.__file__))
+    try:
+        tables = 0
+        lines = []
+        while tables < 2:
+            line = proc.stdout.readline()
+            lines.append(line)
+            tables += line.startswith("  WATCHER")
+    finally:
+        proc.send_signal(signal.SIGINT)
+        proc.wait(DEADLINE)
+        proc.stdout.close()
+    assert any(re.match(r"  web\s+active\s+1/1", line) for line in lines)
+    assert not any("\x1b" in line for line in lines)  # no escape: plain text
 
 
 # ============================================= signals (a real daemon) ======
