@@ -6205,20 +6205,52 @@ def handle_stats(arbiter: Arbiter, properties: dict[str, Any]) -> dict[str, Any]
     return Pending(functools.partial(_all_done, waits), functools.partial(_merged, waits, reply))
 
 
+def _resident_bytes(pid: int) -> int:
+    """A process's resident memory, from /proc/PID/statm (0 if it is gone):
+    the cheapest read /proc has, for the metrics."""
+    try:
+        fd = os.open(f"/proc/{pid}/statm", os.O_RDONLY)
+    except OSError:
+        return 0
+    try:
+        return int(os.read(fd, 256).split()[1]) * PAGE_SIZE
+    except (OSError, ValueError, IndexError):
+        return 0
+    finally:
+        os.close(fd)
+
+
+def _metrics_usage(arbiter: Arbiter, watcher: Watcher) -> tuple[float, int]:
+    """A watcher's CPU seconds and memory bytes for the metrics, as cheaply
+    as they can be had: its cgroup's cpu.stat and memory.current (one read
+    each); with no memory controller, its processes' resident memory (one
+    /proc read each, their descendants left out); in fallback mode, its
+    processes' own CPU and memory from /proc (one read each)."""
+    if arbiter.cgroups is None:
+        usage = tree_usage(watcher.processes)
+        return usage["cpu"], usage["memory"]
+    folder = arbiter.cgroups.watcher_folder(watcher.name)
+    cpu = round(read_keyed(folder, "cpu.stat").get("usage_usec", 0) / 1e6, 3)
+    try:
+        with open(os.path.join(folder, "memory.current")) as stream:
+            return cpu, int(stream.read())
+    except (OSError, ValueError):  # no memory controller there
+        return cpu, sum(_resident_bytes(pid) for pid in watcher.processes)
+
+
 def collect_metrics(arbiter: Arbiter, properties: dict[str, Any]) -> dict[str, Any] | Pending:
     """The figures of the metrics endpoint (see MetricsServer): each
     watcher's counts, state, exits and usage (its cgroup's where there is
     one), the respawn histogram, and the output thread's byte counts, asked
     of it.  Not a wire command: the controller hands it over for a scrape."""
     now = arbiter.clock()
-    tree = functools.cache(children_map)  # fallback mode: read /proc once, if at all
     watchers = []
     for name, watcher in sorted(arbiter.watchers.items()):
-        usage = _watcher_tree(arbiter, watcher, tree)
+        cpu, memory = _metrics_usage(arbiter, watcher)
         watchers.append({"name": name, "processes": len(watcher.running()),
                          "wanted": watcher.numprocesses, "state": watcher.status(now),
                          "restarts": watcher.restarts, "exits": dict(watcher.exits),
-                         "cpu": usage["cpu"], "memory": usage["memory"]})
+                         "cpu": cpu, "memory": memory})
     figures = {"watchers": watchers, "respawn": arbiter.respawn_histogram.figures(),
                "output": [], "lost": 0}
     if arbiter.pump is None:
@@ -6859,10 +6891,10 @@ class Controller:
 
     def _ask_figures(self, number: int) -> None:
         """Hand the worker a job for scrape ``number``'s figures (see
-        collect_metrics); its reply comes back by the outbox."""
-        self._seq += 1
+        collect_metrics); its reply comes back by the outbox.  Numbered 0:
+        it changes nothing, so the View stays good for reads meanwhile."""
         self._submit(Job("metrics", collect_metrics, {},
-                         functools.partial(self._figures_ready, number), self._seq))
+                         functools.partial(self._figures_ready, number), 0))
 
     def _figures_ready(self, number: int, reply: Reply) -> None:
         """Queue the worker's figures for scrape ``number``.  Worker thread."""

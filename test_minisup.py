@@ -5397,6 +5397,106 @@ def test_ctl_watch_refuses_an_interval_that_is_not_positive(capsys):
         assert "not a number of seconds above 0" in capsys.readouterr().err
 
 
+def test_ctl_finds_its_daemon_by_environment_or_config(make_daemon, tmp_path, capsys,
+                                                        monkeypatch):
+    daemon = make_daemon(sleepers(n=1))
+    for variable in ("MINISUP_ENDPOINT", "CIRCUSCTL_ENDPOINT"):
+        monkeypatch.setenv(variable, daemon.endpoint)
+        assert minisup.main(["ctl", "status", "web"]) == 0, variable
+        assert re.search(r"web\s+active", capsys.readouterr().out)
+        monkeypatch.delenv(variable)
+    ini = tmp_path / "app.ini"
+    write_ini(ini, daemon.endpoint, sleepers(n=1))
+    assert minisup.main(["ctl", "-c", str(ini), "numwatchers"]) == 0
+    assert capsys.readouterr().out == "1\n"
+    assert minisup.main(["ctl", "-c", str(tmp_path / "nope.ini"), "list"]) == minisup.EXIT_USAGE
+    assert "cannot read the file" in capsys.readouterr().err
+
+
+def test_ctl_status_and_health_of_several_daemons_name_each_one(make_daemon, tmp_path, capsys):
+    first = make_daemon(sleepers(n=1))
+    second = make_daemon(sleepers("api", 2))
+    gone = f"ipc://{tmp_path}/nobody.sock"
+    args = ["ctl", "--timeout", "1", "--endpoint", first.endpoint, "--endpoint", second.endpoint]
+    assert minisup.main([*args, "status"]) == 0
+    out = capsys.readouterr().out
+    assert out.splitlines()[0].split()[:3] == ["DAEMON", "WATCHER", "STATE"]
+    assert re.search(rf"{re.escape(first.endpoint)}\s+web\s+active", out)
+    assert len(re.findall(rf"{re.escape(second.endpoint)}\s+api\s+active", out)) == 2
+    assert minisup.main([*args, "--endpoint", gone, "status"]) == minisup.EXIT_NO_ANSWER
+    out = capsys.readouterr().out
+    assert re.search(rf"{re.escape(gone)}\s+no answer", out) and "web" in out and "api" in out
+    listing = tmp_path / "daemons"
+    listing.write_text(f"# the fleet\n{first.endpoint}\n\n{second.endpoint}  # api\n")
+    assert minisup.main(["ctl", "--endpoints-file", str(listing), "--json", "health"]) == 0
+    replies = json.loads(capsys.readouterr().out)
+    assert {e: r["status"] for e, r in replies.items()} == {first.endpoint: "ok",
+                                                            second.endpoint: "ok"}
+    assert minisup.main([*args, "stop"]) == minisup.EXIT_USAGE
+    assert "stop takes one endpoint" in capsys.readouterr().err
+    listing.write_text("ipc:///x a\n")
+    assert minisup.main(["ctl", "--endpoints-file", str(listing), "status"]) == minisup.EXIT_USAGE
+    assert "line 1: use ENDPOINT or ENDPOINT CURVE_KEY SERVER_KEY" in capsys.readouterr().err
+
+
+def test_ctl_stats_has_a_header_the_whole_command_and_cpu_over_an_interval(
+        make_daemon, capsys):
+    burn = "import itertools; [0 for _ in itertools.count()]"  # a busy loop
+    daemon = make_daemon(f"[watcher:hot]\ncmd = {PY} -c {shlex.quote(burn)} --flag\n"
+                         "[watcher:cold]\ncmd = sleep 1000\n")
+    code, out, _ = ctl(capsys, daemon.endpoint, "stats", "-n", "0.3")
+    assert code == 0
+    lines = out.splitlines()
+    assert lines[0].split() == ["WATCHER", "PID", "WID", "USER", "CPU%", "MEM%", "RSS", "CPU",
+                                "TIME", "TREE", "COMMAND"]
+    hot = next(line for line in lines if line.startswith("hot "))
+    assert "--flag" in hot and "itertools.count()" in hot  # the whole command line
+    assert float(hot.split()[4]) > 50  # a busy loop, over the last 0.3 s
+    cold = next(line for line in lines if line.startswith("cold "))
+    assert float(cold.split()[4]) < 5
+    assert re.match(r"CPU% over the last 0\.\d\ds", lines[-1])
+
+
+def test_ctl_status_extended_json_says_when_the_next_retry_comes(make_daemon, capsys):
+    daemon = make_daemon(f"[watcher:crash]\ncmd = {PY} -c 'raise SystemExit(3)'\n"
+                         "backoff_delay = 5\nbackoff_jitter = 0\n")
+    info = info_once(daemon.client, "crash", lambda i: i["status"] == "backoff")
+    assert info["next_retry"] > time.time()
+    code, out, _ = ctl(capsys, daemon.endpoint, "--json", "status", "--extended")
+    watcher = json.loads(out)["watchers"]["crash"]
+    assert code == 0 and watcher["last_exit"] == 3 and watcher["last_exit_reason"] == "exited 3"
+    assert watcher["next_retry"] > time.time() and watcher["restarts"] >= 1
+
+
+def test_ctl_tail_of_a_watcher_that_captures_nothing_says_so(make_daemon, capsys):
+    daemon = make_daemon(sleepers(n=1))
+    code, out, err = ctl(capsys, daemon.endpoint, "tail", "web")
+    assert (code, out) == (minisup.EXIT_ERROR_REPLY, "")
+    assert "web captures no output: set stdout_stream.class" in err
+
+
+def test_bash_completion_completes_commands_flags_and_watcher_names(make_daemon, tmp_path):
+    daemon = make_daemon(sleepers(n=1) + sleepers("worker", 1))
+    wrapper = tmp_path / "minisup"
+    wrapper.write_text(f"#!/bin/sh\nexec {PY} -m minisup \"$@\"\n")
+    wrapper.chmod(0o755)
+    script = subprocess.run([PY, "-m", "minisup", "completion", "bash"], capture_output=True,
+                            text=True, check=True, cwd=os.path.dirname(minisup.__file__)).stdout
+
+    def complete(*words):
+        line = " ".join(shlex.quote(w) for w in [str(wrapper), *words])
+        program = (f'{script}\nCOMP_WORDS=({line}); COMP_CWORD={len(words)}; _minisup; '
+                   'echo "${COMPREPLY[@]}"')
+        run = subprocess.run(["bash", "-c", program], capture_output=True, text=True,
+                             check=True, cwd=os.path.dirname(minisup.__file__))
+        return sorted(run.stdout.split())
+    assert complete("ct") == ["ctl"]
+    assert complete("ctl", "sta") == ["start", "stats", "status"]
+    assert complete("ctl", "tail", "w", "-") == ["--follow", "--json", "--lines", "--stream",
+                                                 "-f", "-n"]
+    assert complete("ctl", "--endpoint", daemon.endpoint, "stop", "w") == ["web", "worker"]
+
+
 # ============================================================= interop ======
 
 @pytest.fixture
