@@ -4230,7 +4230,7 @@ class HookRunner:
         self._arbiter = arbiter  # a HookArbiter of the daemon now
         self.folder = folder  # the config file's: hook modules may live there
         self._chains: dict[str, collections.deque[HookCall]] = {}  # the running call first
-        self._threads: list[threading.Thread] = []
+        self._threads: list[tuple[threading.Thread, HookCall]] = []
 
     def call(self, watcher: Watcher, name: str, kwargs: dict[str, Any],
              then: Callable[[bool, float], None] | None = None) -> HookCall | None:
@@ -4258,8 +4258,8 @@ class HookRunner:
         call.deadline = self._clock() + call.timeout
         thread = threading.Thread(target=run_hook_call, args=(call, self.folder, self._deliver),
                                   name=f"minisup-hook-{call.watcher}-{call.name}", daemon=True)
-        self._threads = [t for t in self._threads if t.is_alive()]
-        self._threads.append(thread)
+        self._threads = [(t, c) for t, c in self._threads if t.is_alive()]
+        self._threads.append((thread, call))
         thread.start()
 
     def _deliver(self, call: HookCall, passed: bool, error: str | None) -> None:
@@ -4320,17 +4320,20 @@ class HookRunner:
         for chain in self._chains.values():
             for call in chain:
                 call.over = True
+                call.error = "abandoned"
         if self._chains:
             logger.warning("hooks still queued or running, abandoned: %s",
                            ", ".join(f"{c[0].watcher}.{c[0].name}" for c in self._chains.values()))
         self._chains.clear()
 
     def join(self, timeout: float) -> None:
-        """Wait up to ``timeout`` seconds in all for the hook threads still
-        running (a hook past its timeout may still be): the Daemon's stop."""
+        """Wait up to ``timeout`` seconds in all for the hook threads that
+        answered and are ending (the Daemon's stop); those of hooks past
+        their timeout, or abandoned, are left: they may never end."""
         deadline = time.monotonic() + timeout
-        for thread in self._threads:
-            thread.join(max(0.0, deadline - time.monotonic()))
+        for thread, call in self._threads:
+            if call.error is None:
+                thread.join(max(0.0, deadline - time.monotonic()))
 
 
 # ============================================================= Arbiter ======
@@ -4995,7 +4998,8 @@ class Arbiter:
             return
         if self._hooks_deadline is None:
             longest = max((w.config.hook_timeout for w in [*self.watchers.values(),
-                                                           *self._retiring]), default=0.0)
+                                                           *self._retiring] if w.config.hooks),
+                          default=0.0)
             self._hooks_deadline = now + longest
         elif now >= self._hooks_deadline:
             self.hooks.abandon()
@@ -6185,13 +6189,16 @@ def handle_stats(arbiter: Arbiter, properties: dict[str, Any]) -> dict[str, Any]
     targets = _stats_targets(arbiter, properties)
     infos = {w.name: {p.pid: _stats_of(p, tree) for p in processes} for w, processes in targets}
     name = properties.get("name")
-    reply: dict[str, Any] = {"infos": infos}
+    exits = {w.name: {"restarts": w.restarts, "last_exit": w.last_exit,
+                      "last_exit_reason": w.last_exit_reason} for w, _ in targets}
+    reply: dict[str, Any] = {"infos": infos, "exits": exits}
     if name is not None and properties.get("process") is not None:
         pid = targets[0][1][0].pid
         reply = {"process": pid, "info": infos[targets[0][0].name][pid]}
     elif name is not None:
         reply = {"name": name, "info": infos[targets[0][0].name],
-                 "tree": _watcher_tree(arbiter, targets[0][0], tree)}
+                 "tree": _watcher_tree(arbiter, targets[0][0], tree),
+                 **exits[targets[0][0].name]}
     extended = ExtendedStats()
     if properties.get("extended"):
         for watcher, processes in targets:
@@ -8546,10 +8553,23 @@ def _stats_rows(name: str, info: dict[str, Any] | str, pid: Any = "",
     return rows
 
 
-def stats_table(watchers: dict[str, dict[Any, Any]]) -> str:
+def _exits_lines(exits: dict[str, dict[str, Any]]) -> list[str]:
+    """Under ``ctl stats``'s table: each watcher that restarted or exited,
+    how often and why it last died."""
+    lines = []
+    for name, facts in sorted(exits.items()):
+        if facts.get("last_exit") is None and not facts.get("restarts"):
+            continue
+        lines.append(f"{name}: {facts.get('restarts', 0)} restarts, last exit "
+                     f"{last_exit_text(facts)} ({facts.get('last_exit_reason')})")
+    return lines
+
+
+def stats_table(watchers: dict[str, dict[Any, Any]],
+                exits: dict[str, dict[str, Any]] | None = None) -> str:
     """``ctl stats``: a header row, then a row per process (its children
     indented below it) with its whole command line; CPU% is over the last
-    interval when the reply says one."""
+    interval when the reply says one; then why each watcher last died."""
     rows: list[tuple[Any, ...]] = [STATS_HEADER]
     intervals = set()
     for name, infos in watchers.items():
@@ -8560,7 +8580,7 @@ def stats_table(watchers: dict[str, dict[Any, Any]]) -> str:
     lines = _aligned(rows)
     if intervals:
         lines.append(f"CPU% over the last {max(intervals):.2f}s")
-    return "\n".join(lines)
+    return "\n".join(lines + _exits_lines(exits or {}))
 
 
 def _tree_text(tree: dict[str, Any]) -> str:
@@ -8641,9 +8661,9 @@ def format_reply(reply: dict[str, Any]) -> str:
     if "sockets" in reply:
         return "\n".join(_socket_text(socket_info) for socket_info in reply["sockets"])
     if "infos" in reply:  # ``stats`` of every watcher
-        return stats_table(reply["infos"])
+        return stats_table(reply["infos"], reply.get("exits"))
     if "name" in reply:  # ``stats`` of one
-        text = stats_table({reply["name"]: reply["info"]})
+        text = stats_table({reply["name"]: reply["info"]}, {reply["name"]: reply})
         if isinstance(reply.get("tree"), dict):
             text += "\nwhole watcher: " + _tree_text(reply["tree"])
         return text

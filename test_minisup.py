@@ -3542,6 +3542,113 @@ def test_hook_modules_come_from_sys_path_or_the_config_folder(tmp_path):
                              str(tmp_path / "app.ini"))
 
 
+# -- what a review of the parity work found, each kept from coming back --
+
+def test_malformed_watchdog_heartbeats_are_ignored_and_the_daemon_lives(make_daemon):
+    port = free_udp_port()
+    daemon = make_daemon(f"""
+[plugin:watchdog]
+use = circus.plugins.watchdog.WatchDog
+loop_rate = 60
+port = {port}
+msg_regex = ^(?P<pid>[^;]*)?;?(?P<timestamp>.*)$
+[watcher:web]
+cmd = {py_cmd(SLEEP)}
+""")
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as sender:
+        for junk in ["²;1", ";", "", "abc;def", "9" * 40 + ";1", "\udcff", "-1;2"]:
+            sender.sendto(junk.encode("utf-8", "surrogateescape"), ("127.0.0.1", port))
+        sender.sendto(b"\xff\xfe;1", ("127.0.0.1", port))
+    wait_until_quiet(lambda: False)
+    assert daemon.client.call("status", name="web")["status"] == "active"
+
+
+def test_two_watchers_share_a_slow_hook_module_that_runs_once(make_daemon, tmp_path):
+    name = f"slowhooks_{os.getpid()}_{next(HOOK_MODULE_NUMBERS)}"
+    (tmp_path / f"{name}.py").write_text(
+        "import pathlib, time\n"
+        "with open(pathlib.Path(__file__).parent / 'imports.log', 'a') as log:\n"
+        "    log.write('x')\n"
+        "time.sleep(0.3)  # a slow import: the other hook thread comes meanwhile\n"
+        "def allow(**kwargs):\n    return True\n")
+    try:
+        daemon = make_daemon("".join(
+            f"[watcher:{w}]\ncmd = {py_cmd(SLEEP)}\nhooks.before_start = {name}.allow\n"
+            for w in ("a", "b")), source=str(tmp_path / "app.ini"))
+        wait_for(lambda: daemon.client.call("status")["statuses"] == {"a": "active",
+                                                                       "b": "active"})
+        assert (tmp_path / "imports.log").read_text() == "x"
+    finally:
+        sys.modules.pop(name, None)
+
+
+def test_a_slow_before_signal_does_not_eat_the_grace_period(make_daemon, tmp_path, hooks):
+    (tmp_path / f"{hooks}_slow.py").write_text(
+        "import time\ndef slow_yes(**kwargs):\n    time.sleep(0.3)\n    return True\n")
+    daemon = hooked(make_daemon, tmp_path, f"hooks.before_signal = {hooks}_slow.slow_yes",
+                    n=4, grace=0.5, metrics_endpoint="127.0.0.1:0")
+    try:
+        wait_for(lambda: daemon.client.call("status", name="a")["status"] == "active")
+        daemon.client.call("stop", name="a", waiting=True)
+        families, _ = scrape(daemon)
+        exits = {s.labels["reason"]: s.value for s in families["minisup_process_exits"].samples
+                 if s.labels.get("watcher") == "a"}
+        assert exits == {"SIGTERM": 4}  # each got its signal, none a SIGKILL
+    finally:
+        sys.modules.pop(f"{hooks}_slow", None)
+
+
+def test_a_stale_ready_file_is_removed_with_a_watchdog_too(make_arbiter, tmp_path):
+    stale = tmp_path / "ready.1"
+    stale.touch()
+    arbiter, _, watcher = start_one(make_arbiter, f"""
+        [watcher:w]
+        cmd = {py_cmd(SLEEP)}
+        ready = file:{tmp_path}/ready.$(circus.wid)
+        watchdog_sec = 10
+        """)
+    arbiter.tick()
+    assert watcher.processes and not stale.exists()
+
+
+def test_watchdog_messages_change_nothing_without_watchdog_sec(make_arbiter):
+    arbiter, clock, watcher = start_one(make_arbiter, f"[watcher:w]\ncmd = {py_cmd(SLEEP)}\n")
+    arbiter.tick()
+    [process] = watcher.processes.values()
+    for message in (b"WATCHDOG_USEC=1000", b"WATCHDOG=trigger", b"WATCHDOG=1"):
+        watcher.feed_watchdog(process, clock.now, message)
+    assert process.watchdog_at is None
+    assert arbiter.tick() > 1  # nothing due: no spin
+
+
+def test_a_quit_waits_for_hung_hooks_at_most_one_hook_timeout(make_daemon, tmp_path, hooks):
+    daemon = hooked(make_daemon, tmp_path, f"hooks.before_reap = {hooks}.slow\n"
+                    "hook_timeout = 0.5", n=3)
+    wait_for(lambda: daemon.client.call("status", name="a")["status"] == "active")
+    began = time.monotonic()
+    daemon.stop()  # three reaps, each before_reap hung: 1.5 s in a row, cut at 0.5 s
+    assert time.monotonic() - began < 1.4
+    sys.modules[hooks].release.set()  # the hung threads end
+
+
+def test_errors_in_an_included_file_name_that_file(tmp_path):
+    (tmp_path / "conf.d").mkdir()
+    (tmp_path / "conf.d" / "b.ini").write_text("[watcher:b]\nnumprocesses = 2\n")
+    main = tmp_path / "main.ini"
+    main.write_text("[circus]\ninclude = conf.d/*.ini\n[watcher:a]\ncmd = x\n")
+    with pytest.raises(minisup.ConfigError, match=r"conf.d/b.ini: \[watcher:b\]: cmd"):
+        minisup.load_config(main)
+
+
+def test_the_reader_keeps_form_feeds_and_cuts_a_first_semicolon_as_circus(tmp_path,
+                                                                         monkeypatch):
+    circus, ours = load_both(tmp_path, {"circus.ini": (
+        "[watcher:w]\ncmd = sleep 1\n"
+        "[env]\nFEED = a\x0cb\nKEPT = ;kept\nCUT = ;gone   \n")})
+    assert minisup_watchers(ours) == circus_watchers(circus)
+    assert ours.watchers[0].env == {"FEED": "a\x0cb", "KEPT": ";kept", "CUT": ""}
+
+
 # ============================================== protocol over real zmq ======
 
 class raw_socket:
@@ -5455,6 +5562,19 @@ def test_ctl_stats_has_a_header_the_whole_command_and_cpu_over_an_interval(
     cold = next(line for line in lines if line.startswith("cold "))
     assert float(cold.split()[4]) < 5
     assert re.match(r"CPU% over the last 0\.\d\ds", lines[-1])
+
+
+def test_ctl_stats_says_why_each_watcher_last_died(make_daemon, capsys):
+    daemon = make_daemon(sleepers(n=1) + sleepers("calm", 1))
+    [pid] = daemon.client.call("list", name="web")["pids"]
+    os.kill(pid, signal.SIGKILL)
+    info_once(daemon.client, "web", lambda i: i["restarts"] == 1 and len(i["processes"]) == 1)
+    code, out, _ = ctl(capsys, daemon.endpoint, "stats", "-n", "0.05")
+    assert code == 0 and "web: 1 restarts, last exit SIGKILL (killed by SIGKILL)" in out
+    assert "calm:" not in out
+    reply = daemon.client.call("stats", name="web")
+    assert (reply["restarts"], reply["last_exit"], reply["last_exit_reason"]) == (
+        1, -9, "killed by SIGKILL")
 
 
 def test_ctl_status_extended_json_says_when_the_next_retry_comes(make_daemon, capsys):
