@@ -952,7 +952,9 @@ class WatcherConfig:
                                                       metadata=meta(STREAM, True))
     stderr_stream: dict[str, Any] = dataclasses.field(default_factory=dict,
                                                       metadata=meta(STREAM, True))
-    max_line: int = option(_integer(1, MAX_LINE), 65536, reload=True)  # longer lines are split
+    # A line is held back until it ends, up to max_line bytes: a longer one
+    # is written in pieces of that size (nothing added).
+    max_line: int = option(_integer(1, MAX_LINE), 65536, reload=True)
     tail_lines: int = option(_integer(0, MAX_TAIL), 100)  # kept in memory for ``tail``
     # minisup's own: env names (glob patterns) whose values options/get hide.
     redact_env: list[str] = dataclasses.field(default_factory=list, metadata=meta(LIST))
@@ -1919,6 +1921,26 @@ def resolve_rlimits(config: WatcherConfig) -> list[tuple[int, int]]:
     return limits
 
 
+#: The soft RLIMIT_NOFILE this process had before the first Daemon raised
+#: it (see raise_fd_limit): what each child gets.  Written once, by the
+#: main thread of the first Daemon to start; read by the workers.
+FD_LIMIT_BEFORE: list[int] = []
+
+
+def raise_fd_limit() -> None:
+    """Raise this process's soft RLIMIT_NOFILE to its hard limit, as systemd
+    and nginx do for a daemon that holds an fd or more per child, noting in
+    FD_LIMIT_BEFORE the soft limit it had (children keep that: a program
+    that still uses select() must not see 500,000).  Main thread, by
+    Daemon.start; never raises: a limit that cannot move stays as it is."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if not FD_LIMIT_BEFORE:
+        FD_LIMIT_BEFORE.append(soft)
+    if soft < hard:
+        with contextlib.suppress(ValueError, OSError):  # a hard limit past nr_open
+            resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+
+
 def uses_helper(config: WatcherConfig) -> bool:
     """Whether ``config``'s children start through the exec helper: limits
     with other ids, which prlimit could set only with CAP_SYS_RESOURCE."""
@@ -2168,8 +2190,7 @@ def spawn_process(config: WatcherConfig, wid: int, now: float,
                                      stdin=stdin, stdout=outputs["stdout"][1],
                                      stderr=outputs["stderr"][1], pass_fds=sorted(inherited),
                                      umask=_child_umask(config))
-        if not helper:  # else the helper has set them, before the program's exec
-            _set_limits(popen.pid, limits)
+        _limit_child(popen.pid, config, limits, helper)
     except BaseException:
         close_fds(read_end for read_end, _ in outputs.values())
         if popen is not None:  # never leave a child running without its limits
@@ -2188,13 +2209,21 @@ def _circus_values(wid: int, sockets: dict[str, socket.socket]) -> dict[str, str
     return {"wid": str(wid), **fds}
 
 
-def _set_limits(pid: int, limits: list[tuple[int, int]]) -> None:
-    """Set ``limits`` (resolve_rlimits') on child ``pid``, which has our
-    ids, so prlimit needs no capability; for spawn_process, just after
-    exec: the program's first instructions run under our limits.  Raise
-    OSError (the caller then kills the child)."""
-    for which, limit in limits:
-        resource.prlimit(pid, which, (limit, limit))
+def _limit_child(pid: int, config: WatcherConfig, limits: list[tuple[int, int]],
+                 helper: bool) -> None:
+    """Set a new child's limits, for spawn_process, just after exec (the
+    program's first instructions run under ours): ``limits``
+    (resolve_rlimits'), unless the exec helper has set them; and unless
+    ``rlimit_nofile`` says, the soft fd limit the daemon had before it
+    raised its own (see raise_fd_limit).  Without a helper the child has
+    our ids, so prlimit needs no capability.  Raise OSError (the caller
+    then kills the child)."""
+    if not helper:
+        for which, limit in limits:
+            resource.prlimit(pid, which, (limit, limit))
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if FD_LIMIT_BEFORE and FD_LIMIT_BEFORE[0] < soft and "nofile" not in config.rlimits:
+        resource.prlimit(pid, resource.RLIMIT_NOFILE, (FD_LIMIT_BEFORE[0], hard))
 
 
 def _inherited_fds(config: WatcherConfig, sockets: dict[str, socket.socket]) -> list[int]:
@@ -2875,29 +2904,9 @@ def cgroup_usage(folder: str) -> dict[str, Any]:
 READ_SIZE = 1 << 18
 #: A drain reads at most this many chunks: a descendant may keep writing.
 DRAIN_READS = 64
-#: Ends the first part of a line longer than the watcher's ``max_line``.
-SPLIT_MARK = b" [minisup: line split]\n"
 #: Ends a partial line a failed write left where it cannot be cut off.
 CUT_MARK = b" [minisup: line cut]\n"
 ROTATE_SECONDS = {"s": 1, "m": 60, "h": 3600, "d": 86400}
-
-
-def split_long_lines(data: bytes, limit: int) -> bytes:
-    """Cut every line of ``data`` longer than ``limit`` with SPLIT_MARK,
-    a window of ``limit`` bytes at a time: a search or two per chunk."""
-    start = 0  # where the rest of data begins
-    parts = []
-    while len(data) - start > limit:
-        newline = data.rfind(b"\n", start, start + limit + 1)
-        if newline < 0:
-            parts += [data[start:start + limit], SPLIT_MARK]
-            start += limit
-        else:
-            parts.append(data[start:newline + 1])
-            start = newline + 1
-    if not parts:  # nothing to cut: no copy
-        return data
-    return b"".join([*parts, data[start:]])
 
 
 class Sink:
@@ -2916,6 +2925,9 @@ class Sink:
         if options.get("utc"):
             self._clock = time.gmtime
         self.errors = 0  # chunks lost or cut short
+        # The writer (pid) whose last line the target ends in, unfinished
+        # (it died mid-line): another's first write begins on a new line.
+        self.unended: int | None = None
         self.lost_bytes = 0  # what those failures lost
         self.fd = -1  # the target, -1 while closed
         self.size = 0  # what the target holds, for max_bytes
@@ -2953,14 +2965,34 @@ class Sink:
             self.open()
 
     def write(self, pid: int, data: bytes) -> None:
-        """Write whole lines (``data`` ends with a newline), each after its
-        prefix: ``NAME.PID | `` on stdout, the time with ``time_format``.
-        On the output thread; may block on a slow disk; a failed write or
-        rotation is counted and logged (see _failed), not raised."""
-        data = self._with_prefixes(pid, data)
+        """Write ``data`` from process ``pid``, each line after its prefix:
+        ``NAME.PID | `` on stdout, the time with ``time_format``.  What
+        does not end with a newline (a piece of a line longer than
+        max_line, or a dead child's last line) is written as it is, and the
+        line goes on at that writer's next write; a newline is added only
+        before another writer's output, to keep lines apart.  Rotation
+        happens only between lines.  On the output thread; may block on a
+        slow disk; a failed write or rotation is counted and logged (see
+        _failed), not raised."""
+        continued = self.unended == pid
+        data = self._with_prefixes(pid, data, continued)
+        if self.unended is not None and not continued:
+            data = b"\n" + data  # after another's unfinished line: ours begin anew
+        self.unended = None
+        if not data.endswith(b"\n"):
+            self.unended = pid
+        if continued:  # the line's rest first, into the file where it began
+            first = data.find(b"\n") + 1 or len(data)
+            self._put(data[:first])
+            data = data[first:]
         if self.stream_class == "watchedfilestream":
             self._follow_moves()
-        while data:  # rotating between lines
+        self._write_lines(data)
+
+    def _write_lines(self, data: bytes) -> None:
+        """Append ``data``, which begins a line, rotating between lines as
+        the options say (see write)."""
+        while data:
             if self.rollover_at is not None and time.time() >= self.rollover_at:
                 self._rotate()
                 self.rollover_at = self._next_rollover(time.time())
@@ -2972,14 +3004,16 @@ class Sink:
                 return
             cut = data.rfind(b"\n", 0, max(limit - self.size, 0)) + 1
             if not cut and not self.size:  # one line longer than a whole file
-                cut = data.index(b"\n") + 1
+                cut = data.find(b"\n") + 1 or len(data)
             self._put(data[:cut])
-            self._rotate()
+            if cut < len(data) or data.endswith(b"\n"):
+                self._rotate()
             data = data[cut:]
 
-    def _with_prefixes(self, pid: int, data: bytes) -> bytes:
-        """``data`` (whole lines) with each line's prefix for write: ``NAME.PID | ``
-        on stdout, then the time with ``time_format``; unchanged without."""
+    def _with_prefixes(self, pid: int, data: bytes, continued: bool = False) -> bytes:
+        """``data`` with each line's prefix for write: ``NAME.PID | `` on
+        stdout, then the time with ``time_format``; unchanged without.  A
+        ``continued`` line (begun by an earlier write) gets none at its start."""
         head = b""
         if self.stream_class == "stdoutstream":
             head = f"{self.name}.{pid} | ".encode()
@@ -2987,7 +3021,14 @@ class Sink:
             head += time.strftime(self.options["time_format"]).encode() + b" "
         if not head:
             return data
-        return b"".join(head + line + b"\n" for line in data.split(b"\n")[:-1])
+        lines = data.split(b"\n")
+        unfinished = lines.pop()  # b"" after a newline
+        prefixed = b"".join(head + line + b"\n" for line in lines)
+        if unfinished:
+            prefixed += head + unfinished
+        if continued and prefixed.startswith(head):
+            return prefixed[len(head):]
+        return prefixed
 
     def _put(self, data: bytes) -> None:
         """Append ``data`` (whole lines) to the target; on the output thread,
@@ -3245,10 +3286,11 @@ class Pump:
                 self._finish(pipe)
                 return
             self._read_bytes[(pipe.config.name, pipe.stream)] += len(data)
-            # Long lines are cut first, so what is kept back is never too long.
-            data = split_long_lines(pipe.partial + data, pipe.config.max_line)
+            data = pipe.partial + data
             end = data.rfind(b"\n") + 1
             lines, pipe.partial = data[:end], data[end:]
+            if len(pipe.partial) >= pipe.config.max_line:  # never hold back more: a piece
+                lines, pipe.partial = data, b""
             if lines:
                 self._deliver(pipe, lines)
 
@@ -3259,8 +3301,10 @@ class Pump:
         self._lines[pipe.pid] += lines.count(b"\n")
         now = time.time()
         tail = self._tails[pipe.config.name]  # split off only the lines it keeps:
-        tail.extend((pipe.stream, pipe.pid, pipe.wid, now, line)
-                    for line in lines.rsplit(b"\n", tail.maxlen + 1)[-tail.maxlen - 1:-1])
+        kept = lines.rsplit(b"\n", tail.maxlen + 1)[-tail.maxlen - 1:]
+        if kept[-1] == b"":  # after the last newline: nothing (else an unfinished line)
+            kept.pop()
+        tail.extend((pipe.stream, pipe.pid, pipe.wid, now, line) for line in kept[-tail.maxlen:])
         topic = f"watcher.{pipe.config.name}.output"
         if self.publish is not None and self.wanted(topic):  # JSON only for a subscriber
             self.publish(topic, {"pid": pipe.pid, "wid": pipe.wid, "stream": pipe.stream,
@@ -3277,8 +3321,8 @@ class Pump:
         pipe.fd = -1
         partial = pipe.partial
         pipe.partial = b""
-        if partial:  # the child died mid-line: the line ends here
-            self._deliver(pipe, partial + b"\n")
+        if partial:  # the child died mid-line: its bytes as they are (see Sink.write)
+            self._deliver(pipe, partial)
 
     @_queued
     def drain(self, pid: int, done: Callable[[], None]) -> None:
@@ -4842,8 +4886,9 @@ def process_limit(max_processes: int) -> tuple[int, str]:
         by_pids = int(stream.read())
     if by_pids < by_fds:
         return by_pids, "the kernel's pid_max"
-    return by_fds, (f"the daemon's fd limit of {soft}, {FDS_PER_PROCESS} a process: raise it "
-                    "with ulimit -n or LimitNOFILE=, or set [circus] max_processes")
+    return by_fds, (f"the daemon's fd limit of {soft}, {FDS_PER_PROCESS} a process: raise the "
+                    "hard limit (LimitNOFILE= in systemd, ulimit -Hn as root, nofile in "
+                    "limits.conf), or set [circus] max_processes")
 
 
 def stop_stages(watchers: list[Watcher]) -> list[list[Watcher]]:
@@ -7280,6 +7325,8 @@ class Daemon:
             raise MinisupError("a Daemon starts only once")
         self.open_containment()
         self._started = True
+        raise_fd_limit()  # before process_limit counts on it
+        self.arbiter.process_limit = process_limit(self.config.max_processes)
         self._warn_at_start()
         # The start is the worker's first job, queued before the control
         # socket exists: a command sent the moment it does runs after it.

@@ -423,12 +423,12 @@ def cli_daemon(tmp_path):
     runs = []
     fds_before = open_fds()
 
-    def start(body, **global_options):
+    def start(body, prefix=(), **global_options):
         endpoint = f"ipc://{tmp_path}/cli.sock"
         ini = tmp_path / "app.ini"
         options = "".join(f"{k} = {v}\n" for k, v in global_options.items())
         ini.write_text(f"[circus]\nendpoint = {endpoint}\n{options}" + textwrap.dedent(body))
-        proc = spawn_cli(tmp_path, "run", str(ini))
+        proc = spawn_cli(tmp_path, "run", str(ini), prefix=prefix)
         client = minisup.Client(endpoint, timeout=1.0)
         runs.append(CliRun(proc, client, tmp_path / "cli.sock", cgroup_dir=own_cgroup_dir()))
         wait_for(lambda: _answers(client), what="the CLI daemon to answer")
@@ -1492,6 +1492,57 @@ def test_pid_1_in_a_container_reaps_orphans_and_stops_on_sigterm(tmp_path):
     assert pids
 
 
+
+def with_fd_limits(soft, hard=None):
+    """A spawn_cli prefix that starts the daemon with these RLIMIT_NOFILE
+    limits (``hard`` None: ours), as a stock shell's ulimit -n 1024 does."""
+    code = ("import os, resource, sys; hard = int(sys.argv[2]) or "
+            "resource.getrlimit(resource.RLIMIT_NOFILE)[1]; "
+            "resource.setrlimit(resource.RLIMIT_NOFILE, (int(sys.argv[1]), hard)); "
+            "os.execv(sys.argv[3], sys.argv[3:])")
+    return (PY, "-c", code, str(soft), str(hard or 0))
+
+
+def fd_limits(pid):
+    """The soft and hard RLIMIT_NOFILE of process ``pid``, from /proc."""
+    for line in pathlib.Path(f"/proc/{pid}/limits").read_text().splitlines():
+        if line.startswith("Max open files"):
+            return tuple(int(word) for word in line.split()[3:5])
+    raise AssertionError(f"no fd limit for {pid}")
+
+
+def test_the_daemon_raises_its_fd_limit_and_children_keep_the_one_it_had(cli_daemon):
+    proc, client = cli_daemon(sleepers(n=1) + sleepers("many", 1, "rlimit_nofile = 4096"),
+                              prefix=with_fd_limits(256))
+    hard = resource.getrlimit(resource.RLIMIT_NOFILE)[1]
+    assert fd_limits(proc.pid) == (hard, hard)
+    [child] = client.call("list", name="web")["pids"]
+    assert fd_limits(child) == (256, hard)  # a select() program sees what it would have
+    [configured] = client.call("list", name="many")["pids"]
+    assert fd_limits(configured) == (4096, 4096)
+    limit = client.call("globaloptions")["options"]["max_processes"]
+    assert limit == min((hard - minisup.RESERVED_FDS) // minisup.FDS_PER_PROCESS,
+                        int(pathlib.Path("/proc/sys/kernel/pid_max").read_text()))
+
+
+def test_a_hard_fd_limit_too_low_for_the_config_is_a_warning_then_a_clear_error(
+        cli_daemon, tmp_path):
+    """100 captured processes need 300 fds: with a hard limit of 200 the
+    daemon says at start how many it can hold and how to raise the limit,
+    and the spawns that find no fd fail with a reason in status."""
+    _, client = cli_daemon(sleepers(n=100, extra=(
+        f"stdout_stream.class = FileStream\nstdout_stream.filename = {tmp_path}/out.log\n"
+        f"stderr_stream.class = FileStream\nstderr_stream.filename = {tmp_path}/err.log\n"
+        "max_retry = 1\nretry_in = 0.1\n")), prefix=with_fd_limits(64, 200))
+    log = (tmp_path / "daemon.log").read_text()
+    assert "the watchers want 100 processes, but this daemon can hold 45" in log
+    assert "raise the hard limit (LimitNOFILE= in systemd" in log
+    with minisup.Client(client.endpoint, timeout=DEADLINE) as patient:
+        info = info_once(patient, "web", lambda i: i["reason"])
+        assert "Too many open files" in info["reason"], info["reason"]
+        assert patient.call("numwatchers")["numwatchers"] == 1  # it answers on
+
+
 # ========================================================= containment ======
 # Every process a watcher starts dies with it, wherever it went: one cgroup
 # v2 per process under one per watcher (R/w.NAME/WID.SERIAL), or without a
@@ -2235,8 +2286,43 @@ def test_file_stream_keeps_every_byte_of_both_streams(make_daemon, tmp_path):
         stderr_stream.filename = {tmp_path}/err.log
         """)
     wait_for(finished(daemon))
-    assert (tmp_path / "out.log").read_bytes() == b"one\n\xff\xfe binary\nlast words\n"
+    assert (tmp_path / "out.log").read_bytes() == b"one\n\xff\xfe binary\nlast words"
     assert (tmp_path / "err.log").read_bytes() == b"an error\n"
+
+
+def test_a_megabyte_that_ends_mid_line_is_kept_byte_for_byte(make_daemon, tmp_path):
+    code = ("import os, random; data = bytes(random.Random(7).choice(b'ab\\n') "
+            "for _ in range((1 << 20) - 3)) + b'end'; "
+            "open(os.environ['EXPECTED'], 'wb').write(data); os.write(1, data)")
+    daemon = make_daemon(f"""
+        [watcher:w]
+        cmd = {py_cmd(code)}
+        restart = never
+        stdout_stream.class = FileStream
+        stdout_stream.filename = {tmp_path}/out.log
+        [env:w]
+        EXPECTED = {tmp_path}/expected
+        """)
+    wait_for(finished(daemon))
+    expected = (tmp_path / "expected").read_bytes()
+    assert len(expected) == 1 << 20 and (tmp_path / "out.log").read_bytes() == expected
+
+
+def test_unfinished_last_lines_of_writers_sharing_a_file_stay_apart(make_daemon, tmp_path):
+    code = "import os; os.write(1, b'line\\npart')"
+    daemon = make_daemon(f"""
+        [watcher:w]
+        cmd = {py_cmd(code)}
+        numprocesses = 3
+        restart = never
+        stdout_stream.class = FileStream
+        stdout_stream.filename = {tmp_path}/out.log
+        """)
+    wait_for(finished(daemon))
+    content = (tmp_path / "out.log").read_bytes()
+    # Each writer's last line is its own; a newline goes only between writers.
+    assert sorted(content.split(b"\n")) == [b"line"] * 3 + [b"part"] * 3
+    assert not content.endswith(b"\n")
 
 
 def test_rotation_by_size_keeps_every_line_once_and_whole(make_daemon, tmp_path):
@@ -2323,13 +2409,15 @@ def test_a_child_killed_mid_line_keeps_its_partial_line(make_daemon, tmp_path):
     daemon = make_daemon(f"""
         [watcher:w]
         cmd = {py_cmd(code)}
+        restart = never
         stdout_stream.class = FileStream
         stdout_stream.filename = {tmp_path}/out.log
         """)
     (pid,) = daemon.client.call("list", name="w")["pids"]
     wait_for(lambda: daemon.client.call("tail", name="w")["lines"] == ["whole"])
     os.kill(pid, signal.SIGKILL)
-    wait_for(lambda: (tmp_path / "out.log").read_bytes() == b"whole\nhalf a li\n")
+    wait_for(lambda: (tmp_path / "out.log").read_bytes() == b"whole\nhalf a li")
+    assert daemon.client.call("tail", name="w")["lines"] == ["whole", "half a li"]
 
 
 def test_a_descendant_writing_forever_does_not_hold_up_the_reap(make_daemon, tmp_path):
@@ -2345,12 +2433,27 @@ def test_a_descendant_writing_forever_does_not_hold_up_the_reap(make_daemon, tmp
     wait_for(finished(daemon), what="the reap, despite the endless writer")
 
 
-def test_over_long_lines_are_split_with_a_mark(make_daemon, tmp_path):
-    code = "import os; os.write(1, b'a' * 250 + b'\\nshort\\n')"
-    captured(make_daemon, tmp_path, code, "max_line = 100\n")
-    mark = b" [minisup: line split]\n"
-    assert (tmp_path / "out.log").read_bytes() == (
-        b"a" * 100 + mark + b"a" * 100 + mark + b"a" * 50 + b"\nshort\n")
+def test_over_long_lines_are_written_in_pieces_and_nothing_added(make_daemon, tmp_path):
+    code = ("import os, time; os.write(1, b'a' * 250); time.sleep(0.2); "
+            "os.write(1, b'b' * 20 + b'\\nshort\\n')")
+    daemon = captured(make_daemon, tmp_path, code, "max_line = 100\n"
+                      "stdout_stream.time_format = T\n")
+    assert (tmp_path / "out.log").read_bytes() == b"T " + b"a" * 250 + b"b" * 20 + b"\nT short\n"
+    assert daemon.client.call("tail", name="w")["lines"][-1] == "short"
+
+
+def test_lines_longer_than_max_line_never_straddle_a_rotation(make_daemon, tmp_path):
+    code = ("import os\nfor n in range(8):\n    os.write(1, str(n).encode() * 299)\n"
+            "    os.write(1, b'\\n')")
+    captured(make_daemon, tmp_path, f"exec({code!r})", "max_line = 100\n"
+             "stdout_stream.max_bytes = 500\nstdout_stream.backup_count = 20\n")
+    files = [tmp_path / "out.log", *tmp_path.glob("out.log.*")]
+    lines = []
+    for path in files:
+        content = path.read_bytes()
+        assert content.endswith(b"\n") or not content, path
+        lines += content.splitlines()
+    assert sorted(lines) == [str(n).encode() * 299 for n in range(8)]
 
 
 def test_time_format_prefixes_each_line(make_daemon, tmp_path):
@@ -3373,7 +3476,8 @@ def snapshot(watcher, arbiter, hook_name, **kwargs):
             "env": watcher.env, "stdout_stream": watcher.stdout_stream,
             "endpoint": arbiter.endpoint, "same_arbiter": watcher.arbiter is arbiter,
             "kwargs": sorted(kwargs), "values": {k: v for k, v in kwargs.items() if k != "time"}}
-    (FOLDER / (hook_name + ".json")).write_text(json.dumps(seen))
+    (FOLDER / (hook_name + ".tmp")).write_text(json.dumps(seen))  # then whole, at once:
+    (FOLDER / (hook_name + ".tmp")).rename(FOLDER / (hook_name + ".json"))
     return True
 '''
 
@@ -3489,7 +3593,7 @@ def test_hooks_get_circus_arguments_in_circus_order(make_daemon, tmp_path, hooks
     wait_for(lambda: client.call("status", name="a")["status"] == "active")
     [pid] = client.call("list", name="a")["pids"]
     client.call("stop", name="a", waiting=True)
-    wait_for(lambda: "after_stop" in hook_calls(tmp_path))
+    wait_for(lambda: (tmp_path / "after_stop.json").exists(), what="the last hook's record")
     assert hook_calls(tmp_path) == names
     seen = {name: json.loads((tmp_path / f"{name}.json").read_text()) for name in names}
     started = seen["after_start"]
