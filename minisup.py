@@ -2441,7 +2441,8 @@ def process_stats(pid: int, children: bool = False) -> dict[str, Any] | str:
 # started in (as root, in a systemd unit with Delegate=yes, in a container
 # with its own cgroup namespace), each Daemon makes a subtree there:
 #
-#     C/minisup.PID.START.N/    the Daemon's (START: its process's start time)
+#     C/minisup.PID.START.N.NS/ the Daemon's (START: its process's start time,
+#                               NS: its PID namespace)
 #         w.NAME/               one per watcher
 #             WID.SERIAL/       one per process: it and all it starts
 #
@@ -2471,12 +2472,22 @@ EMPTY_TIMEOUT = 5.0
 _DAEMON_NUMBERS = itertools.count(1)  # N in each Daemon's token: next() is atomic
 
 
+def pid_namespace() -> int:
+    """This process's PID namespace: the inode of /proc/self/ns/pid (0
+    where it cannot be read)."""
+    try:
+        return os.stat("/proc/self/ns/pid").st_ino
+    except OSError:
+        return 0
+
+
 def daemon_token() -> str:
     """A name for a new Daemon no other can have, now or after a reboot:
-    PID.START.N (this process's pid and start time, and which Daemon of
-    it).  A subtree so named whose process is gone is stale."""
+    PID.START.N.NS (this process's pid and start time, which Daemon of it,
+    and the PID namespace those pids belong to).  A subtree so named whose
+    process is gone is stale; only a daemon in the same namespace can tell."""
     start = read_stat(os.getpid())[19]  # starttime: ticks after boot
-    return f"{os.getpid()}.{start}.{next(_DAEMON_NUMBERS)}"
+    return f"{os.getpid()}.{start}.{next(_DAEMON_NUMBERS)}.{pid_namespace()}"
 
 
 def cgroup2_mount() -> tuple[str, str] | None:
@@ -2618,12 +2629,16 @@ def _alive_since(pid: int, start: int) -> bool:
 
 def remove_stale_subtrees(folder: str) -> None:
     """Empty and remove the subtrees that daemons now dead (SIGKILLed, say)
-    left in ``folder``: named ``minisup.PID.START.N`` where no process PID
-    started at START lives.  A live daemon's is never touched.  Blocks
-    while they empty; logs each, and what it cannot remove."""
+    left in ``folder``: named ``minisup.PID.START.N.NS`` where no process
+    PID started at START lives.  A live daemon's is never touched, nor one
+    of another PID namespace (a container's: its pids are not ours to
+    look up).  Blocks while they empty; logs each, and what it cannot remove."""
+    ours = pid_namespace()
     for entry in os.scandir(folder):
-        match = re.fullmatch(r"minisup\.(\d+)\.(\d+)\.\d+", entry.name)
-        if not match or not entry.is_dir() or _alive_since(*map(int, match.groups())):
+        match = re.fullmatch(r"minisup\.(\d+)\.(\d+)\.\d+\.(\d+)", entry.name)
+        if not match or not entry.is_dir() or int(match.group(3)) != ours:
+            continue
+        if _alive_since(int(match.group(1)), int(match.group(2))):
             continue
         try:
             killed = empty_and_remove(entry.path)
@@ -3206,7 +3221,11 @@ class Pump:
         self._sinks: dict[tuple[str, str], Sink] = {}  # by file (or stream) and options
         # A watcher's last lines, each with (stream, pid, wid, time): for ``tail``.
         self._tails: dict[str, collections.deque[tuple[str, int, int, float, bytes]]] = {}
-        self._lines: collections.Counter[int] = collections.Counter()  # lines, by pid
+        self._lines: collections.Counter[int] = collections.Counter()  # lines, by live pid
+        self._pipes_of: collections.Counter[int] = collections.Counter()  # open pipes, by pid
+        # Chunks delivered, by watcher: a tail says the last it holds, each
+        # output event its own, so that follow prints each line once.
+        self._chunks: collections.Counter[str] = collections.Counter()
         self._read_bytes: collections.Counter[tuple[str, str]] = collections.Counter()
 
     @_queued
@@ -3271,6 +3290,7 @@ class Pump:
                 self._tails[config.name] = collections.deque(tail or (), config.tail_lines)
             pipe = Pipe(config, pid, wid, stream, fd, self._sinks[key])
             self._selector.register(fd, selectors.EVENT_READ, pipe)
+            self._pipes_of[pid] += 1
 
     def _read(self, pipe: Pipe, chunks: int = 1) -> None:
         """Read and deliver up to ``chunks`` chunks, until the pipe is empty
@@ -3299,6 +3319,7 @@ class Pump:
         and any subscriber; on the output thread."""
         pipe.sink.write(pipe.pid, lines)
         self._lines[pipe.pid] += lines.count(b"\n")
+        self._chunks[pipe.config.name] += 1
         now = time.time()
         tail = self._tails[pipe.config.name]  # split off only the lines it keeps:
         kept = lines.rsplit(b"\n", tail.maxlen + 1)[-tail.maxlen - 1:]
@@ -3308,7 +3329,8 @@ class Pump:
         topic = f"watcher.{pipe.config.name}.output"
         if self.publish is not None and self.wanted(topic):  # JSON only for a subscriber
             self.publish(topic, {"pid": pipe.pid, "wid": pipe.wid, "stream": pipe.stream,
-                                 "data": lines.decode("utf-8", "replace"), "time": now})
+                                 "data": lines.decode("utf-8", "replace"), "time": now,
+                                 "seq": self._chunks[pipe.config.name]})
 
     def _finish(self, pipe: Pipe) -> None:
         """Stop reading ``pipe`` (at its end, or when a read failed) and close
@@ -3323,6 +3345,10 @@ class Pump:
         pipe.partial = b""
         if partial:  # the child died mid-line: its bytes as they are (see Sink.write)
             self._deliver(pipe, partial)
+        self._pipes_of[pipe.pid] -= 1
+        if not self._pipes_of[pipe.pid]:  # its last pipe: forget its counts
+            del self._pipes_of[pipe.pid]
+            self._lines.pop(pipe.pid, None)
 
     @_queued
     def drain(self, pid: int, done: Callable[[], None]) -> None:
@@ -3337,10 +3363,11 @@ class Pump:
 
     @_queued
     def tail(self, name: str, count: int, only_stream: str | None,
-             reply: Callable[[list[str]], None]) -> None:
+             reply: Callable[[list[dict[str, Any]], int], None]) -> None:
         """Call ``reply`` with a watcher's last ``count`` lines, of
         ``only_stream`` ("stdout" or "stderr") if not None, each as
-        {stream, pid, wid, time, line}."""
+        {stream, pid, wid, time, line}, and the number of the last chunk
+        they come from (output events carry theirs as ``seq``)."""
         kept = [entry for entry in self._tails.get(name, ())
                 if only_stream in (None, entry[0])]
         entries: list[dict[str, Any]] = []
@@ -3348,7 +3375,7 @@ class Pump:
             entries = [{"stream": stream, "pid": pid, "wid": wid, "time": when,
                         "line": line.decode("utf-8", "replace")}
                        for stream, pid, wid, when, line in kept[-count:]]
-        reply(entries)
+        reply(entries, self._chunks[name])
 
     @_queued
     def totals(self, reply: Callable[[dict[str, Any]], None]) -> None:
@@ -3356,8 +3383,13 @@ class Pump:
         (``output``: [watcher, stream, bytes] rows) and those a log file
         failed to take (``lost``), for the metrics; queued by the worker."""
         rows = [[name, stream, count] for (name, stream), count in self._read_bytes.items()]
-        reply({"output": rows, "lost": sum(sink.lost_bytes for sink in self._sinks.values()),
-               "lines": dict(self._lines)})
+        reply({"output": rows, "lost": sum(sink.lost_bytes for sink in self._sinks.values())})
+
+    @_queued
+    def line_counts(self, pids: list[int], reply: Callable[[dict[int, int]], None]) -> None:
+        """Call ``reply`` with the lines each of ``pids`` wrote to its
+        captured streams (``stats`` with ``output``); queued by the worker."""
+        reply({pid: self._lines.get(pid, 0) for pid in pids})
 
     @_queued
     def reopen(self) -> None:
@@ -3467,6 +3499,7 @@ class Watcher:
         self.lingering = 0
         self.spawn_failures = 0  # ever: a waiting start answers at the next one
         self.exits: collections.Counter[str] = collections.Counter()  # by exit_label
+        self.dead_cpu = 0.0  # CPU seconds of its reaped children (fallback mode's metrics)
         # Respawn times, for the metrics: when each death to be replaced was
         # seen (time.monotonic), and the latencies the arbiter has yet to take.
         self._respawn_due: collections.deque[float] = collections.deque()
@@ -5396,6 +5429,8 @@ class Arbiter:
             finish = functools.partial(self._reap, watcher, process, True)
             self.pump.drain(process.pid, functools.partial(self.call_on_worker, finish))
             return
+        if self.cgroups is None:  # the zombie's CPU, before it is gone (the metrics' total)
+            watcher.dead_cpu += tree_usage([process.pid])["cpu"]
         code = self.reaper.collect(process)
         if code is not None:
             watcher.reap(process, code, self.clock(), self._release_cgroup(watcher, process))
@@ -6177,15 +6212,16 @@ class OutputLines:
         """Ask the output thread for the counts of the processes in ``infos``."""
         self._arbiter = arbiter
         self._infos = infos
-        self._found: list[dict[str, Any]] = []  # appended on the worker thread only
+        self._found: list[dict[int, int]] = []  # appended on the worker thread only
         if arbiter.pump is None:
-            self._found.append({"lines": {}})
+            self._found.append({})
         else:
-            arbiter.pump.totals(self._deliver)
+            pids = [pid for by_pid in infos.values() for pid in by_pid]
+            arbiter.pump.line_counts(pids, self._deliver)
 
-    def _deliver(self, totals: dict[str, Any]) -> None:
-        """On the output thread: hand its totals to the worker thread."""
-        self._arbiter.call_on_worker(functools.partial(self._found.append, totals))
+    def _deliver(self, counts: dict[int, int]) -> None:
+        """On the output thread: hand its counts to the worker thread."""
+        self._arbiter.call_on_worker(functools.partial(self._found.append, counts))
 
     def done(self) -> bool:
         """Whether the counts have arrived."""
@@ -6193,7 +6229,7 @@ class OutputLines:
 
     def merge(self) -> None:
         """Add ``lines`` to each process's stats."""
-        counts = self._found[0]["lines"]
+        counts = self._found[0]
         for by_pid in self._infos.values():
             for pid, stats in by_pid.items():
                 if isinstance(stats, dict):
@@ -6278,9 +6314,9 @@ def _metrics_usage(arbiter: Arbiter, watcher: Watcher) -> tuple[float, int]:
     each); with no memory controller, its processes' resident memory (one
     /proc read each, their descendants left out); in fallback mode, its
     processes' own CPU and memory from /proc (one read each)."""
-    if arbiter.cgroups is None:
+    if arbiter.cgroups is None:  # the reaped ones' CPU too: a counter never falls
         usage = tree_usage(watcher.processes)
-        return usage["cpu"], usage["memory"]
+        return round(usage["cpu"] + watcher.dead_cpu, 3), usage["memory"]
     folder = arbiter.cgroups.watcher_folder(watcher.name)
     cpu = round(read_keyed(folder, "cpu.stat").get("usage_usec", 0) / 1e6, 3)
     try:
@@ -6387,20 +6423,22 @@ def handle_tail(arbiter: Arbiter, properties: dict[str, Any]) -> dict[str, Any] 
         raise MessageError(f"{name} captures no output: set stdout_stream.class (and "
                            "stderr_stream.class) to keep its lines", BAD_MSG_DATA_ERROR)
     if arbiter.pump is None:
-        return {"lines": [], "entries": []}
-    found: list[list[dict[str, Any]]] = []  # appended on the worker thread only
+        return {"lines": [], "entries": [], "seq": 0}
+    found: list[tuple[list[dict[str, Any]], int]] = []  # appended on the worker thread only
 
-    def deliver(entries: list[dict[str, Any]]) -> None:
+    def deliver(entries: list[dict[str, Any]], seq: int) -> None:
         """On the output thread: hand the lines to the worker thread."""
-        arbiter.call_on_worker(functools.partial(found.append, entries))
+        arbiter.call_on_worker(functools.partial(found.append, (entries, seq)))
 
     def done() -> bool:
         """Whether the lines have arrived."""
         return bool(found)
 
     def result() -> dict[str, Any]:
-        """The reply, once they have: the lines, and each with its origin."""
-        return {"lines": [entry["line"] for entry in found[0]], "entries": found[0]}
+        """The reply, once they have: the lines, each with its origin, and
+        the number of the last output event they hold (``seq``)."""
+        entries, seq = found[0]
+        return {"lines": [entry["line"] for entry in entries], "entries": entries, "seq": seq}
     arbiter.pump.tail(name, properties.get("lines", 10), properties.get("stream"), deliver)
     return Pending(done, result)
 
@@ -6672,10 +6710,19 @@ def http_response(status: int, body: bytes, content_type: str = "text/plain; cha
     return head + body
 
 
+def _head_end(received: bytes) -> int:
+    """Where a request's head ends in ``received`` (its blank line, CRLF or
+    a bare LF as RFC 9112 lets a server take), or -1 if not yet."""
+    ends = [i for i in (received.find(b"\r\n\r\n"), received.find(b"\n\n")) if i >= 0]
+    if not ends:
+        return -1
+    return min(ends)
+
+
 def http_problem(head: bytes) -> tuple[int, str] | None:
     """What is wrong with a request's ``head`` for the metrics endpoint, as
     (status, reason), or None for a GET or HEAD of /metrics."""
-    lines = head.split(b"\r\n")
+    lines = head.replace(b"\r\n", b"\n").split(b"\n")
     parts = lines[0].split(b" ")
     if len(parts) != 3 or not re.fullmatch(rb"HTTP/1\.[01]", parts[2]):
         return 400, "not an HTTP/1.x request line"
@@ -6701,22 +6748,26 @@ class MetricsConnection:
         self.head_only = False  # a HEAD request
         self.waiting = False  # its figures are asked of the worker
         self.answered = False  # all sent: what it still sends is read and dropped
+        self.reading = True  # polled for input (not once the client has half-closed)
 
 
 class MetricsServer:
     """The ``metrics_endpoint`` listener: ``GET /metrics`` in plain HTTP/1.x,
     one request per connection, bounded in size, count and time.  Owned by
     the controller thread, whose zmq.Poller polls its sockets (``poller``);
-    a scrape asks the worker for figures by ``ask(number)`` and is answered
-    by ``answer`` when they come back."""
+    scrapes ask the worker for figures by ``ask()``, one job for all those
+    waiting, and are answered by ``answer`` when they come back."""
 
     def __init__(self, address: tuple[str, int], poller: Any,
-                 ask: Callable[[int], None]) -> None:
+                 ask: Callable[[], None]) -> None:
         """Bind the listener on ``address``; raise ConfigError."""
         self._poller = poller
         self._ask = ask
+        self._asked = False  # a job for figures is with the worker
         self._numbers = itertools.count(1)
         self._connections: dict[int, MetricsConnection] = {}  # by fd
+        self._listening = True  # the listener is polled
+        self._paused_until = 0.0  # after EMFILE: no accept before then (monotonic)
         family = socket.AF_INET6 if ":" in address[0] else socket.AF_INET
         self.listener = socket.socket(family, socket.SOCK_STREAM | socket.SOCK_NONBLOCK
                                       | socket.SOCK_CLOEXEC)
@@ -6742,12 +6793,29 @@ class MetricsServer:
                 sock, _ = self.listener.accept()
             except BlockingIOError:
                 return
+            except OSError as exc:  # out of fds or memory: pause; a connection reset: go on
+                if exc.errno in (errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM):
+                    logger.warning("metrics endpoint: cannot accept (%s): pausing 1 s", exc)
+                    self._paused_until = time.monotonic() + 1.0
+                    self._listen(False)
+                    return
+                continue
             sock.setblocking(False)
             connection = MetricsConnection(sock, next(self._numbers),
                                            time.monotonic() + METRICS_IDLE_TIMEOUT)
             self._connections[sock.fileno()] = connection
             self._poller.register(sock.fileno(), zmq.POLLIN)
-        self._poller.unregister(self.listener)
+        self._listen(False)
+
+    def _listen(self, on: bool) -> None:
+        """Poll the listener (``on``) or not, if that changes."""
+        if on == self._listening:
+            return
+        self._listening = on
+        if on:
+            self._poller.register(self.listener, zmq.POLLIN)
+        else:
+            self._poller.unregister(self.listener)
 
     def owns(self, fd: Any) -> bool:
         """Whether ``fd`` (as the poller names it) is one of its connections."""
@@ -6770,13 +6838,17 @@ class MetricsServer:
             return
         except OSError:
             data = b""
+        if not data and (connection.waiting or connection.outgoing):
+            connection.reading = False  # half-closed: its answer still goes
+            self._poller.modify(connection.sock.fileno(), zmq.POLLOUT * bool(connection.outgoing))
+            return
         if not data:  # the client has read the answer, or went away
             self._close(connection)
             return
         if connection.waiting or connection.outgoing or connection.answered:
             return  # more than one request, or the rest of a refused one: dropped
         connection.received += data
-        end = connection.received.find(b"\r\n\r\n")
+        end = _head_end(connection.received)
         if end < 0 and len(connection.received) >= METRICS_REQUEST_LIMIT:
             self._respond(connection, http_response(431, b"request head too large\n"))
         elif end >= 0:
@@ -6794,20 +6866,22 @@ class MetricsServer:
             return
         connection.head_only = head.startswith(b"HEAD ")
         connection.waiting = True
-        self._ask(connection.number)
+        if not self._asked:  # one job serves every scrape waiting for it
+            self._asked = True
+            self._ask()
 
-    def answer(self, number: int, reply: Reply, requests: dict[tuple[str, str], int]) -> None:
-        """Send scrape ``number`` its metrics (503 if the worker refused),
-        if its connection is still open."""
-        found = [c for c in self._connections.values() if c.number == number]
-        if not found:
-            return  # closed meanwhile (timed out, or the client left)
+    def answer(self, reply: Reply, requests: dict[tuple[str, str], int]) -> None:
+        """Send every scrape waiting its metrics (503 if the worker refused)."""
+        self._asked = False
+        waiting = [c for c in self._connections.values() if c.waiting]
         if not reply.ok:
-            self._respond(found[0], http_response(503, f"{reply.reason}\n".encode()))
+            for connection in waiting:
+                self._respond(connection, http_response(503, f"{reply.reason}\n".encode()))
             return
         body = metrics_text(reply.fields, requests).encode()
-        self._respond(found[0], http_response(200, body, "text/plain; version=0.0.4; "
-                                              "charset=utf-8", found[0].head_only))
+        for connection in waiting:
+            self._respond(connection, http_response(200, body, "text/plain; version=0.0.4; "
+                                                    "charset=utf-8", connection.head_only))
 
     def _respond(self, connection: MetricsConnection, response: bytes) -> None:
         """Start sending ``response``; the connection ends once it is sent."""
@@ -6827,7 +6901,11 @@ class MetricsServer:
             return
         connection.outgoing = connection.outgoing[sent:]
         if connection.outgoing:
-            self._poller.modify(connection.sock.fileno(), zmq.POLLIN | zmq.POLLOUT)
+            self._poller.modify(connection.sock.fileno(),
+                                zmq.POLLIN * connection.reading | zmq.POLLOUT)
+            return
+        if not connection.reading:  # the client ended its side: nothing to linger for
+            self._close(connection)
             return
         # All sent: end our side, and read (and drop) until the client ends
         # its own (or the deadline comes).  Closing with its bytes unread
@@ -6838,30 +6916,49 @@ class MetricsServer:
             connection.sock.shutdown(socket.SHUT_WR)
 
     def expire(self, now: float) -> None:
-        """Close every connection open past its deadline (time.monotonic)."""
+        """Close every connection open past its deadline (time.monotonic),
+        and accept again once a pause for want of fds is over."""
         for connection in [c for c in self._connections.values() if now >= c.deadline]:
             self._close(connection)
+        if self._paused_until and now >= self._paused_until:
+            self._paused_until = 0.0
+            self._listen(len(self._connections) < METRICS_CONNECTIONS)
 
     def next_timeout(self, now: float) -> float | None:
-        """Seconds until the next deadline, None if no connection is open."""
-        if not self._connections:
+        """Seconds until the next deadline, None if there is none."""
+        deadlines = [c.deadline for c in self._connections.values()]
+        if self._paused_until:
+            deadlines.append(self._paused_until)
+        if not deadlines:
             return None
-        return max(0.0, min(c.deadline for c in self._connections.values()) - now)
+        return max(0.0, min(deadlines) - now)
 
     def _close(self, connection: MetricsConnection) -> None:
         """Forget and close one connection."""
         fd = connection.sock.fileno()
-        self._poller.unregister(fd)
+        with contextlib.suppress(KeyError):  # not polled once it half-closed and waits
+            self._poller.unregister(fd)
         del self._connections[fd]
         connection.sock.close()
-        if len(self._connections) == METRICS_CONNECTIONS - 1:  # room again: accept
-            self._poller.register(self.listener, zmq.POLLIN)
+        if not self._paused_until:  # room again: accept
+            self._listen(True)
 
     def close(self) -> None:
         """Close every connection and the listener."""
+        self._paused_until = 1.0  # closing: never listen again
         for connection in list(self._connections.values()):
             self._close(connection)
         self.listener.close()
+
+
+def _guarded_metrics(function: Callable[..., None], *args: Any) -> None:
+    """Call a MetricsServer method for the controller's loop, logging what
+    it raises: a fault of the metrics endpoint must never end the thread
+    that answers the control socket."""
+    try:
+        function(*args)
+    except Exception:
+        logger.exception("metrics endpoint: %s failed", getattr(function, "__name__", function))
 
 
 def _command_label(message: Any) -> str:
@@ -6941,16 +7038,15 @@ class Controller:
             self._outbox.put(("pubsub", [topic.encode(), json.dumps(payload).encode()], None))
             self._waker.wake()
 
-    def _ask_figures(self, number: int) -> None:
-        """Hand the worker a job for scrape ``number``'s figures (see
+    def _ask_figures(self) -> None:
+        """Hand the worker a job for the figures of the scrapes waiting (see
         collect_metrics); its reply comes back by the outbox.  Numbered 0:
         it changes nothing, so the View stays good for reads meanwhile."""
-        self._submit(Job("metrics", collect_metrics, {},
-                         functools.partial(self._figures_ready, number), 0))
+        self._submit(Job("metrics", collect_metrics, {}, self._figures_ready, 0))
 
-    def _figures_ready(self, number: int, reply: Reply) -> None:
-        """Queue the worker's figures for scrape ``number``.  Worker thread."""
-        self._outbox.put(("metrics", number, reply))
+    def _figures_ready(self, reply: Reply) -> None:
+        """Queue the worker's figures for the waiting scrapes.  Worker thread."""
+        self._outbox.put(("metrics", None, reply))
         self._waker.wake()
 
     def shutdown(self) -> None:
@@ -7069,15 +7165,15 @@ class Controller:
         metrics = self._metrics
         if metrics is not None:
             poller.register(metrics.listener, zmq.POLLIN)
-            read[metrics.listener.fileno()] = metrics.accept
+            read[metrics.listener.fileno()] = functools.partial(_guarded_metrics, metrics.accept)
         while True:
             for ready, events in poller.poll(self._poll_timeout()):
                 if ready in read:
                     read[ready]()
                 elif metrics is not None and metrics.owns(ready):
-                    metrics.ready(ready, events)
+                    _guarded_metrics(metrics.ready, ready, events)
             if metrics is not None:
-                metrics.expire(time.monotonic())
+                _guarded_metrics(metrics.expire, time.monotonic())
             while not self._outbox.empty():  # we alone take from it: get won't block
                 item = self._outbox.get()
                 if item is None:
@@ -7099,7 +7195,7 @@ class Controller:
         command and status), an event, or a scrape's figures."""
         if role == "metrics":
             if self._metrics is not None:
-                self._metrics.answer(payload, label, self.requests)
+                self._metrics.answer(label, self.requests)
             return
         if role == "control":
             self.requests[label] += 1
@@ -7974,25 +8070,30 @@ def many_text(command: str, replies: dict[str, dict[str, Any]]) -> str:
 #: daemon the line names (``--endpoint``, ``-c``), asked with ``ctl list``.
 BASH_COMPLETION = r"""# minisup's bash completion: eval "$(minisup completion bash)" in ~/.bashrc
 _minisup() {
-    local cur=${COMP_WORDS[COMP_CWORD]} prev=${COMP_WORDS[COMP_CWORD-1]}
+    # The words as the line has them: COMP_WORDS splits ipc:///x at each ':'.
+    local line=${COMP_LINE:0:COMP_POINT} words
+    read -ra words <<< "$line"
+    [[ $line == *[[:space:]] || ${#words[@]} -eq 0 ]] && words+=("")
+    local cword=$(( ${#words[@]} - 1 ))
+    local cur=${words[cword]} prev=${words[cword-1]}
     local commands="{commands}" options="--endpoint --endpoints-file --config --timeout --json --curve-key --server-key"
-    if [ "$COMP_CWORD" -eq 1 ]; then
+    if [ "$cword" -eq 1 ]; then
         COMPREPLY=($(compgen -W "run ctl keygen completion --help --version" -- "$cur")); return
     fi
-    case ${COMP_WORDS[1]} in
+    case ${words[1]} in
         run) COMPREPLY=($(compgen -f -- "$cur")); return;;
         completion) COMPREPLY=($(compgen -W "bash" -- "$cur")); return;;
         ctl) ;;
         *) return;;
     esac
     local i command="" target=()
-    for ((i = 2; i < COMP_CWORD; i++)); do
-        case ${COMP_WORDS[i]} in
+    for ((i = 2; i < cword; i++)); do
+        case ${words[i]} in
             --endpoint|-c|--config|--endpoints-file|--curve-key|--server-key)
-                target+=("${COMP_WORDS[i]}" "${COMP_WORDS[i+1]}"); ((i++));;
+                target+=("${words[i]}" "${words[i+1]}"); ((i++));;
             --timeout) ((i++));;
             -*) ;;
-            *) command=${COMP_WORDS[i]}; break;;
+            *) command=${words[i]}; break;;
         esac
     done
     case $prev in
@@ -8007,7 +8108,7 @@ _minisup() {
 {flags}
     esac
     local watchers
-    watchers=$("${COMP_WORDS[0]}" ctl --timeout 1 "${target[@]}" list 2>/dev/null | tr ',' ' ')
+    watchers=$("${words[0]}" ctl --timeout 1 "${target[@]}" list 2>/dev/null | tr ',' ' ')
     COMPREPLY=($(compgen -W "$flags $watchers" -- "$cur"))
 }
 complete -F _minisup minisup
@@ -8199,9 +8300,9 @@ def _event_entries(payload: dict[str, Any]) -> list[dict[str, Any]]:
 
 def follow(client: Client, name: str, properties: dict[str, Any], raw_json: bool = False) -> int:
     """``ctl tail --follow`` (``-f``): subscribe to the watcher's output
-    events, print its last lines, drop what was published meanwhile (those
-    lines are in them), then print each line as it is written, until
-    interrupted.  Raise CallError."""
+    events, print its last lines, then each line as it is written (an event
+    the tail already held, by its ``seq``, is skipped), until interrupted.
+    Raise CallError."""
     try:
         with zmq.Context() as context, context.socket(zmq.SUB) as sub:
             sub.linger = 0
@@ -8215,10 +8316,11 @@ def follow(client: Client, name: str, properties: dict[str, Any], raw_json: bool
                 print(f"error: {reply.get('reason')}", file=sys.stderr)
                 return EXIT_ERROR_REPLY
             _print_tail(reply.get("entries", []), raw_json)
-            while sub.poll(0):  # published before the tail: already printed
-                sub.recv_multipart()
+            printed = reply.get("seq", 0)  # events up to this one are in the tail
             while True:
-                _print_tail(_event_entries(json.loads(sub.recv_multipart()[1])), raw_json)
+                payload = json.loads(sub.recv_multipart()[1])
+                if payload.get("seq", printed + 1) > printed:
+                    _print_tail(_event_entries(payload), raw_json)
     except KeyboardInterrupt:
         return EXIT_OK
     except zmq.ZMQError:  # an endpoint we cannot connect to
@@ -8329,40 +8431,73 @@ def _top_process_cells(daemon: TopDaemon, name: str, process: dict[str, Any]) ->
             stats.get("cpu", "-"), memory, rate_text)
 
 
-def top_lines(daemons: list[TopDaemon], selected: int, width: int) -> tuple[list[str], int]:
-    """``ctl top``'s table as text lines cut to ``width``: a row per watcher
-    (with a DAEMON column for several daemons), the selected one marked,
-    its processes indented below it; and the index of the selected row."""
+def _top_rows(daemons: list[TopDaemon]) -> list[tuple[tuple[Any, ...], TopDaemon, str | None]]:
+    """top_lines's watcher rows, each with its daemon and watcher name (None
+    for the row of a daemon that did not answer: not selectable)."""
     several = len(daemons) > 1
-    header = TOP_WATCHER_HEADER
-    if several:
-        header = ("DAEMON", *header)
-    watcher_rows: list[tuple[Any, ...]] = [header]
+    rows: list[tuple[tuple[Any, ...], TopDaemon, str | None]] = []
     for daemon in daemons:
         if daemon.error is not None and not daemon.watchers:
-            watcher_rows.append((daemon.label,) * several + ("-", daemon.error, "", "", "", ""))
+            rows.append(((daemon.label,) * several + ("-", daemon.error, "", "", "", ""),
+                         daemon, None))
         for name, info in sorted(daemon.watchers.items()):
             running = sum(1 for p in info["processes"] if p.get("state") != "stopping")
             cells = (name, info["status"], f"{running}/{info['numprocesses']}",
                      info["restarts"], last_exit_text(info), info.get("last_exit_reason") or "")
-            watcher_rows.append((daemon.label,) * several + cells)
-    aligned = _aligned(watcher_rows)
-    lines = ["  " + aligned[0]]
+            rows.append(((daemon.label,) * several + cells, daemon, name))
+    return rows
+
+
+def top_lines(daemons: list[TopDaemon], selected: int, width: int) -> tuple[list[str], int]:
+    """``ctl top``'s table as text lines fit to ``width`` columns: a row per
+    watcher (with a DAEMON column for several daemons; a daemon that did
+    not answer gets a row saying so), the selected watcher (``selected``:
+    its index among the watchers; -1: none) marked, its processes indented
+    below it; and the selection, kept within the watchers."""
+    header = TOP_WATCHER_HEADER
+    if len(daemons) > 1:
+        header = ("DAEMON", *header)
+    rows = _top_rows(daemons)
+    aligned = _aligned([header, *[cells for cells, _, _ in rows]])
+    count = sum(1 for _, _, name in rows if name is not None)
     if selected >= 0:  # -1: none (the plain table)
-        selected = max(0, min(selected, len(aligned) - 2))
+        selected = max(0, min(selected, count - 1))
+    lines = ["  " + aligned[0]]
     index = 0
-    for daemon in daemons:
-        for name, info in sorted(daemon.watchers.items()):
-            marker = "  "
-            if index == selected:
-                marker = "> "
-            lines.append(marker + aligned[index + 1])
-            index += 1
+    for text, (_, daemon, name) in zip(aligned[1:], rows, strict=True):
+        marker = "  "
+        if name is not None and index == selected:
+            marker = "> "
+        lines.append(marker + text)
+        if name is None:
+            continue
+        index += 1
+        info = daemon.watchers[name]
+        if info["processes"]:
             processes = [TOP_PROCESS_HEADER] + [_top_process_cells(daemon, name, p)
                                                 for p in info["processes"]]
-            if info["processes"]:
-                lines += ["      " + row for row in _aligned(processes)]
-    return [line[:width] for line in lines], selected
+            lines += ["      " + row for row in _aligned(processes)]
+    return [fit_to_width(line, width) for line in lines], selected
+
+
+def fit_to_width(text: str, width: int) -> str:
+    """``text`` as one terminal line at most ``width`` columns wide: tabs
+    expanded, other control characters shown as ``?`` (a NUL or an escape
+    must not reach the terminal), wide characters counted as two."""
+    import unicodedata  # here: only top needs it
+    shown = []
+    used = 0
+    for char in text.expandtabs(8):
+        if unicodedata.category(char) in ("Cc", "Cf", "Cs", "Co", "Cn"):
+            char = "?"
+        columns = 1
+        if unicodedata.east_asian_width(char) in ("W", "F"):
+            columns = 2
+        if used + columns > width:
+            break
+        shown.append(char)
+        used += columns
+    return "".join(shown)
 
 
 def top_selection(daemons: list[TopDaemon], selected: int) -> tuple[TopDaemon, str] | None:
@@ -8405,7 +8540,7 @@ def top_output(daemon: TopDaemon, name: str, count: int, width: int) -> list[str
         return [f"no answer ({exc})"]
     if reply.get("status") != "ok":
         return [f"{name}: {reply.get('reason')}"]
-    return [tail_line(entry)[:width] for entry in reply.get("entries", [])]
+    return [fit_to_width(tail_line(entry), width) for entry in reply.get("entries", [])]
 
 
 def run_top(targets: list[Target], args: argparse.Namespace, properties: dict[str, Any]) -> int:
@@ -8449,6 +8584,12 @@ def _top_plain(daemons: list[TopDaemon], interval: float) -> None:
         threading.Event().wait(interval)
 
 
+def curses_error() -> type[Exception]:
+    """curses's error class (imported only when top runs)."""
+    import curses
+    return curses.error
+
+
 class TopScreen:
     """``ctl top`` on a terminal, with curses: states redrawn the moment an
     event says they changed, figures every ``interval``, keys acted on at
@@ -8472,6 +8613,10 @@ class TopScreen:
         previous = signal.signal(signal.SIGWINCH, self._on_resize)
         try:
             curses.wrapper(self._loop)
+        except curses.error as exc:  # a terminal curses cannot drive (an unknown TERM)
+            print(f"minisup: ctl top cannot use this terminal ({exc}): plain tables",
+                  file=sys.stderr)
+            _top_plain(self.daemons, self.interval)
         finally:
             signal.signal(signal.SIGWINCH, previous)
             self._resized.close()
@@ -8488,7 +8633,8 @@ class TopScreen:
     def _loop(self, screen: Any) -> None:
         """The view's loop: wait on the keyboard, the events and the clock."""
         import curses
-        curses.curs_set(0)
+        with contextlib.suppress(curses.error):  # a terminal without cursor control
+            curses.curs_set(0)
         screen.nodelay(True)
         screen.keypad(True)
         self._poller.register(sys.stdin.fileno(), zmq.POLLIN)
@@ -8564,11 +8710,12 @@ class TopScreen:
         errors = [f"{d.label}: {d.error}" for d in self.daemons if d.error]
         footer = [self.message or "; ".join(errors), TOP_KEYS]
         screen.erase()
-        for row, text in enumerate([head, *lines][:max(0, height - 2)]):
-            screen.addnstr(row, 0, text, max(0, width - 1))
-        for offset, text in enumerate(footer):
-            if height - 2 + offset > 0:
-                screen.addnstr(height - 2 + offset, 0, text, max(0, width - 1))
+        rows = [(row, text) for row, text in enumerate([head, *lines][:max(0, height - 2)])]
+        rows += [(height - 2 + offset, text) for offset, text in enumerate(footer)
+                 if height - 2 + offset > 0]
+        for row, text in rows:
+            with contextlib.suppress(curses_error()):  # a corner curses cannot fill
+                screen.addstr(row, 0, fit_to_width(text, max(0, width - 1)))
         screen.refresh()
 
 

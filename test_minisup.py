@@ -1458,7 +1458,11 @@ def test_children_die_with_a_sigkilled_daemon(cli_daemon):
 
 @pytest.mark.skipif(os.geteuid() != 0 or not shutil.which("unshare"),
                     reason="needs root and unshare for a PID namespace")
-def test_pid_1_in_a_container_reaps_orphans_and_stops_on_sigterm(tmp_path):
+def test_pid_1_in_a_container_reaps_orphans_and_stops_on_sigterm(make_daemon, tmp_path):
+    # A daemon of the host in the same cgroup: the container's, which cannot
+    # see the host's pids, must not take its cgroup for a dead daemon's.
+    host = make_daemon(sleepers("host", 1))
+    host_pids = host.client.call("list", name="host")["pids"]
     script = tmp_path / "orphaner.py"
     script.write_text(ORPHANER)
     ini = tmp_path / "pid1.ini"
@@ -1485,6 +1489,9 @@ def test_pid_1_in_a_container_reaps_orphans_and_stops_on_sigterm(tmp_path):
         os.kill(pid1, signal.SIGTERM)
         assert outer.wait(DEADLINE) == 0
         assert "web: stopping -> stopped" in (tmp_path / "daemon.log").read_text()
+        assert "removed the cgroup" not in (tmp_path / "daemon.log").read_text()
+        assert all(alive(pid) for pid in host_pids)
+        assert host.client.call("list", name="host")["pids"] == host_pids
     finally:
         if outer.poll() is None:
             outer.kill()
@@ -2187,7 +2194,7 @@ def test_health_and_status_say_which_containment_is_in_force(contained_daemon,
     if mode == "auto":
         assert containment["mode"] == "cgroup"
         root = as_cgroup_path(containment["cgroup"])
-        name = rf"minisup\.{os.getpid()}\.\d+\.\d+"
+        name = rf"minisup\.{os.getpid()}\.\d+\.\d+\.\d+"
         assert re.fullmatch(rf"{re.escape(as_cgroup_path(str(scratch_cgroup)))}/{name}", root)
         assert cgroup_dir(root).is_dir()
     else:
@@ -5010,12 +5017,13 @@ def http_exchange(endpoint, request, read=True):
 @pytest.mark.parametrize("request_bytes, status", [
     (b"GET /metrics HTTP/1.1\r\nHost: x\r\n\r\n", b"200"),
     (b"HEAD /metrics HTTP/1.0\r\n\r\n", b"200"),
+    (b"GET /metrics HTTP/1.0\n\n", b"200"),  # bare LFs, as RFC 9112 lets a server take
     (b"POST /metrics HTTP/1.1\r\nContent-Length: 0\r\n\r\n", b"405"),
     (b"GET /other HTTP/1.1\r\n\r\n", b"404"),
     (b"GET /metrics SPDY/3\r\n\r\n", b"400"),
     (b"\x16\x03\x01\x02\x00\x01\x00\x01\xfc\x03\x03\r\n\r\n", b"400"),  # a TLS hello
     (b"GET /metrics HTTP/1.1\r\nX: " + b"a" * 9000, b"431"),
-], ids=["get", "head", "post", "other-path", "not-http", "tls-hello", "oversized"])
+], ids=["get", "head", "bare-lf", "post", "other-path", "not-http", "tls-hello", "oversized"])
 def test_bad_http_gets_a_clear_4xx_and_the_daemon_is_unharmed(make_daemon, request_bytes,
                                                                  status):
     daemon = metrics_daemon(make_daemon, sleepers(n=1))
@@ -5056,6 +5064,82 @@ def test_idle_and_excess_metrics_connections_never_stall_the_control_channel(
         for sock in idle:
             sock.close()
 
+
+
+def test_a_client_that_half_closes_after_its_request_still_gets_the_answer(make_daemon):
+    daemon = metrics_daemon(make_daemon, sleepers(n=1))
+    host, port = daemon.client.call("globaloptions")["options"]["metrics_endpoint"].split(":")
+    for _ in range(20):
+        with socket.create_connection((host, int(port)), timeout=DEADLINE) as sock:
+            sock.sendall(b"GET /metrics HTTP/1.1\r\nHost: x\r\n\r\n")
+            sock.shutdown(socket.SHUT_WR)  # as curl --http1.0 and some probes do
+            answer = b"".join(iter(lambda: sock.recv(65536), b""))
+        assert answer.startswith(b"HTTP/1.1 200 ") and b"minisup_build_info" in answer
+
+
+def test_running_out_of_fds_pauses_the_metrics_listener_not_the_control_channel(cli_daemon,
+                                                                                tmp_path):
+    proc, client = cli_daemon(sleepers(n=1), metrics_endpoint="127.0.0.1:0")
+    endpoint = client.call("globaloptions")["options"]["metrics_endpoint"]
+    host, port = endpoint.split(":")
+    used = len(os.listdir(f"/proc/{proc.pid}/fd"))
+    soft, hard = resource.prlimit(proc.pid, resource.RLIMIT_NOFILE)
+    resource.prlimit(proc.pid, resource.RLIMIT_NOFILE, (used + 2, hard))
+    sockets = [socket.create_connection((host, int(port)), timeout=DEADLINE) for _ in range(6)]
+    try:
+        wait_for(lambda: "metrics endpoint: cannot accept" in (tmp_path / "daemon.log").read_text(),
+                 what="the listener to pause")
+        assert client.call("status", name="web")["status"] == "active"  # it answers on
+    finally:
+        for sock in sockets:
+            sock.close()
+    resource.prlimit(proc.pid, resource.RLIMIT_NOFILE, (soft, hard))
+    wait_for(lambda: http_exchange(endpoint, b"GET /metrics HTTP/1.1\r\n\r\n").startswith(
+        b"HTTP/1.1 200 "), what="scrapes served again")
+    assert client.call("status", name="web")["status"] == "active"
+
+
+@pytest.mark.parametrize("mode", ["auto", "off"])
+def test_the_cpu_counter_never_falls_as_processes_die(make_daemon, mode):
+    burn = ("import time; end = time.process_time() + 0.15; "
+            "[0 for _ in iter(lambda: time.process_time() < end, False)]")
+    daemon = metrics_daemon(make_daemon, f"[watcher:burn]\ncmd = {PY} -c {shlex.quote(burn)}\n"
+                            "backoff_delay = 0\nmin_uptime = 0\n", cgroup=mode)
+    seen = []
+
+    def climbed():
+        families, _ = scrape(daemon)
+        seen.append(value(families, "minisup_watcher_cpu_seconds",
+                          "minisup_watcher_cpu_seconds_total", watcher="burn"))
+        return value(families, "minisup_watcher_restarts", "minisup_watcher_restarts_total",
+                     watcher="burn") >= 3
+    wait_for(climbed, what="three restarts")
+    assert seen == sorted(seen) and seen[-1] >= 0.3, seen
+
+
+def test_ctl_top_rows_select_watchers_and_skip_a_silent_daemons_row():
+    up = minisup.TopDaemon("ipc:///a", None)
+    up.watchers = {name: {"status": "active", "numprocesses": 1, "restarts": 0,
+                          "last_exit": None, "last_exit_reason": None, "processes": []}
+                   for name in ("x", "y")}
+    down = minisup.TopDaemon("ipc:///b", None)
+    down.error = "no answer"
+    later = minisup.TopDaemon("ipc:///c", None)
+    later.watchers = {"z": dict(up.watchers["x"])}
+    daemons = [up, down, later]
+    lines, selected = minisup.top_lines(daemons, 2, 200)
+    assert selected == 2 and [line[:2] for line in lines] == ["  ", "  ", "  ", "  ", "> "]
+    assert "ipc:///b" in lines[3] and "no answer" in lines[3] and "z" in lines[4]
+    assert minisup.top_selection(daemons, 2) == (later, "z")
+    assert minisup.top_lines(daemons, 99, 200)[1] == 2  # kept within the watchers
+
+
+@pytest.mark.parametrize("text, width, shown", [
+    ("a\0b", 10, "a?b"), ("a\x1b[2Jb", 10, "a?[2Jb"), ("\tx", 10, "        x"),
+    ("日本語", 5, "日本"), ("abc", 0, ""),
+])
+def test_top_fits_any_text_to_the_terminal(text, width, shown):
+    assert minisup.fit_to_width(text, width) == shown
 
 def test_no_metrics_endpoint_means_no_listener(make_daemon):
     daemon = make_daemon(sleepers(n=1))
@@ -5708,9 +5792,10 @@ def test_bash_completion_completes_commands_flags_and_watcher_names(make_daemon,
                             text=True, check=True, cwd=os.path.dirname(minisup.__file__)).stdout
 
     def complete(*words):
-        line = " ".join(shlex.quote(w) for w in [str(wrapper), *words])
-        program = (f'{script}\nCOMP_WORDS=({line}); COMP_CWORD={len(words)}; _minisup; '
-                   'echo "${COMPREPLY[@]}"')
+        # As bash sets them: the line so far, COMP_WORDS split at ':' too.
+        line = " ".join([str(wrapper), *words])
+        program = (f'{script}\nCOMP_LINE={shlex.quote(line)}; COMP_POINT={len(line)}; '
+                   '_minisup; echo "${COMPREPLY[@]}"')
         run = subprocess.run(["bash", "-c", program], capture_output=True, text=True,
                              check=True, cwd=os.path.dirname(minisup.__file__))
         return sorted(run.stdout.split())
