@@ -4985,6 +4985,7 @@ class Arbiter:
         self._woke_at = time.monotonic()  # when the loop last woke: a death seen then
         self.respawn_histogram = Histogram(RESPAWN_BUCKETS)  # death seen to new child, s
         self._hooks_deadline: float | None = None  # a quit waits for hooks until then
+        self._next_sweep = 0.0  # the next periodic sweep for orphans (see _sweep_turn)
         folder = None
         if config.source is not None:
             folder = os.path.dirname(os.path.abspath(config.source))
@@ -5041,14 +5042,28 @@ class Arbiter:
             self._read_heartbeats()
         if "cgroups" in events:
             self._forget_emptied()
-        if self.reaper.should_adopt(bool(exited), not events):
+        if self.reaper.should_adopt(bool(exited), self._sweep_turn(events)):
             every = [*self.watchers.values(), *self._retiring]
             self.reaper.adopt_orphans({p.pid: w for w, p in self._all_processes()},
                                       {w.name: w for w in every})
-        if not events or self.reaper.unwatched:  # every child: no pidfd, or a quiet turn
-            exited = self._all_processes()
+        if self.reaper.unwatched:  # children without a pidfd (an old kernel): each turn
+            exited = [(w, p) for w, p in self._all_processes() if p.pidfd is None]
         for watcher, process in exited:
             self._reap(watcher, process)
+
+    def _sweep_turn(self, events: list[Any]) -> bool:
+        """Whether this turn is the periodic sweep for orphans: no event
+        woke it and ``check_delay`` has passed since the last (never at or
+        below 0).  Not every quiet turn: with 10,000 children, each sweep
+        reads every child's list, and a start has a quiet turn per batch.
+        A child with a pidfd needs no sweep: its death wakes the selector."""
+        if events or self.config.check_delay <= 0:
+            return False
+        now = self.clock()
+        if now < self._next_sweep:
+            return False
+        self._next_sweep = now + self.config.check_delay
+        return True
 
     def tick(self) -> float | None:
         """Run queued jobs and calls, manage watchers and answer finished
