@@ -3500,6 +3500,14 @@ class Watcher:
         self.spawn_failures = 0  # ever: a waiting start answers at the next one
         self.exits: collections.Counter[str] = collections.Counter()  # by exit_label
         self.dead_cpu = 0.0  # CPU seconds of its reaped children (fallback mode's metrics)
+        # Its children in two states, by pid, so that a turn of the loop
+        # looks at those alone, not at all 10,000: told to stop (a
+        # stop_deadline), and running but not yet ready.
+        self._stopping: dict[int, Process] = {}
+        self._unready: dict[int, Process] = {}
+        self._wids: set[int] = set()  # the wids its children hold
+        self._changes = 0  # counts changes to the running set: pids() is kept till the next
+        self._pids: tuple[int, list[int]] = (-1, [])  # (_changes then, the pids)
         # Respawn times, for the metrics: when each death to be replaced was
         # seen (time.monotonic), and the latencies the arbiter has yet to take.
         self._respawn_due: collections.deque[float] = collections.deque()
@@ -3583,12 +3591,12 @@ class Watcher:
     def settled(self) -> bool:
         """True when no start, stop, restart or reload is in progress."""
         return (self.state in (ACTIVE, STOPPED, FLAPPING) and not self._restart_pending
-                and not self._replace and all(p.ready for p in self.running()))
+                and not self._replace and not self._unready)
 
     @property
     def up(self) -> bool:
         """Active, with every child ready: what ``depends_on`` waits for."""
-        return self.state == ACTIVE and all(p.ready for p in self.running())
+        return self.state == ACTIVE and not self._unready
 
     @property
     def target(self) -> int:
@@ -3609,7 +3617,7 @@ class Watcher:
         flapping pause; None if nothing waits."""
         if self.state not in (STARTING, ACTIVE, FLAPPING) or now >= self._next_spawn:
             return None
-        if self.state != FLAPPING and len(self.running()) >= self.target:
+        if self.state != FLAPPING and self.running_count() >= self.target:
             return None
         return round(time.time() + self._next_spawn - now, 3)
 
@@ -3629,11 +3637,27 @@ class Watcher:
     def running(self) -> list[Process]:
         """Children that are not being stopped, oldest first (``processes``
         keeps spawn order: no sort, in a tick that may run for 500)."""
-        return [p for p in self.processes.values() if not p.stopping]
+        if not self._stopping:
+            return list(self.processes.values())
+        return [p for p in self.processes.values() if p.pid not in self._stopping]
+
+    def running_count(self) -> int:
+        """How many children are not being stopped, without listing them."""
+        return len(self.processes) - len(self._stopping)
+
+    def _note_stopping(self, process: Process) -> None:
+        """A child was told to stop (it has a stop_deadline now): it is no
+        longer running, nor waited for to be ready."""
+        self._stopping[process.pid] = process
+        self._unready.pop(process.pid, None)
+        self._changes += 1
 
     def pids(self) -> list[int]:
-        """The pids of ``running``, oldest first."""
-        return [p.pid for p in self.running()]
+        """The pids of ``running``, oldest first: a list made once per
+        change of the running set (each View holds it; no one changes it)."""
+        if self._pids[0] != self._changes:
+            self._pids = (self._changes, [p.pid for p in self.running()])
+        return self._pids[1]
 
     def start(self, not_before: float = 0.0) -> None:
         """Begin (or resume) keeping the children running, spawning no
@@ -3702,7 +3726,7 @@ class Watcher:
             for process in self.running():
                 process.send_signal(signal.SIGHUP)
         elif sequential or self.config.ready:
-            self._replace = self.pids()
+            self._replace = list(self.pids())  # a copy: pids() is shared
             self._finished = 0
         else:
             self._finished = 0
@@ -3726,6 +3750,7 @@ class Watcher:
             logger.debug("%s: stopping pid %d with %s (%gs grace)", self.name,
                          process.pid, _signal_name(signum), timeout)
             process.stop_deadline = now + timeout  # when SIGKILL is due
+            self._note_stopping(process)
             self.signal_process(process, signum, self.config.stop_children, timeout)
             self.emit("kill", process_pid=process.pid)
             if timeout == 0:
@@ -3764,7 +3789,7 @@ class Watcher:
         if pids is None:
             return self.running()
         found = [self.processes.get(pid) for pid in pids]
-        return [p for p in found if p is not None and not p.stopping]
+        return [p for p in found if p is not None and p.pid not in self._stopping]
 
     def set_numprocesses(self, count: int) -> None:
         """Change how many children are wanted (a singleton stays at 1)."""
@@ -3806,12 +3831,17 @@ class Watcher:
         for process in self.processes.values():
             if process.stop_deadline is None:  # stopping: its exit is no crash
                 process.stop_deadline = 0.0
+                self._note_stopping(process)
             process.kill()
 
     def reap(self, process: Process, code: int, now: float, reason: str | None = None) -> None:
         """Forget a child that exited (``reason``: why, if more than its
         exit code tells, as an OOM kill); apply the restart policy to it."""
         self.processes.pop(process.pid, None)
+        self._changes += 1
+        self._stopping.pop(process.pid, None)
+        self._unready.pop(process.pid, None)
+        self._wids.discard(process.wid)
         how = reason
         if how is None:
             how = describe_exit(code)
@@ -3899,9 +3929,8 @@ class Watcher:
         spawned = []
         if not held:
             spawned = self._fill(now)
-        running = self.running()
-        if self.state == STARTING and len(running) >= self.target and all(
-                p.ready for p in running) and self._waiting_on is None:
+        if (self.state == STARTING and self.running_count() >= self.target
+                and not self._unready and self._waiting_on is None):
             self._become_active()
         elif self.state == ACTIVE and self._finished and not self.processes and not self.target:
             self._set_state(STOPPED)  # every process is done
@@ -3927,8 +3956,8 @@ class Watcher:
         """SIGKILL every child that outlived its grace period, with all it
         started (``kill_tree``; else its group).  The signal hooks hear of
         it, as in Circus, but cannot hold it back."""
-        for process in self.processes.values():
-            if process.stopping and not process.killed and now >= process.stop_deadline:
+        for process in list(self._stopping.values()):
+            if not process.killed and now >= process.stop_deadline:
                 logger.warning("%s: pid %d outlived its grace period, SIGKILL to it and all "
                                "it started", self.name, process.pid)
                 self._call_hook("before_signal", pid=process.pid, signum=signal.SIGKILL)
@@ -3940,23 +3969,22 @@ class Watcher:
 
     def next_deadline(self) -> float | None:
         """When ``manage`` next has something to do on its own, if ever."""
-        running = self.running()
-        deadlines = [p.stop_deadline for p in self.processes.values()
-                     if p.stopping and not p.killed]
-        deadlines += [p.expires for p in running if p.expires is not None]
-        unready = [p for p in running if not p.ready]
-        if self._waiting_on is None and self._waits_to_spawn(running, unready):
+        deadlines = [p.stop_deadline for p in self._stopping.values() if not p.killed]
+        if self.config.max_age:  # else no child expires: no need to list them
+            deadlines += [p.expires for p in self.running() if p.expires is not None]
+        unready = list(self._unready.values())
+        if self._waiting_on is None and self._waits_to_spawn():
             deadlines.append(self._next_spawn)
         deadlines += [p.ready_by for p in unready]
         if self.config.watchdog_sec:  # as _check_watchdogs: only then
-            deadlines += [p.watchdog_at for p in running if p.watchdog_at is not None]
+            deadlines += [p.watchdog_at for p in self.running() if p.watchdog_at is not None]
         if unready and self.config.ready != "notify":
             deadlines.append(self._probe_at)
         if not deadlines:
             return None
         return min(deadlines)
 
-    def _waits_to_spawn(self, running: list[Process], unready: list[Process]) -> bool:
+    def _waits_to_spawn(self) -> bool:
         """Whether ``_next_spawn`` is a deadline: a flapping pause ends then,
         or a child is missing, or a rolling reload's next old child may go
         (none stopping, all ready)."""
@@ -3964,21 +3992,23 @@ class Watcher:
             return True
         if self.state not in (STARTING, ACTIVE):
             return False
-        replacing = self._replace and len(running) == len(self.processes) and not unready
-        return len(running) < self.target or bool(replacing)
+        replacing = self._replace and not self._stopping and not self._unready
+        return self.running_count() < self.target or bool(replacing)
 
     def _stop_unwanted(self, now: float) -> None:
         """Stop the children no longer wanted: extras, those past max_age
         and, in a rolling reload, the next old one once the last is gone
         and its replacement (and, with ``ready``, one more) is ready."""
-        running = self.running()
-        self.stop_processes(now, [p.pid for p in running[:max(0, len(running) - self.target)]])
-        for process in self.running():
-            if process.expires is not None and now >= process.expires:
-                logger.info("%s: pid %d reached max_age", self.name, process.pid)
-                self.stop_processes(now, [process.pid])
-        if (self._replace and now >= self._next_spawn and len(self.running()) >= self.target
-                and not any(p.stopping or not p.ready for p in self.processes.values())):
+        extra = self.running_count() - self.target
+        if extra > 0:
+            self.stop_processes(now, [p.pid for p in self.running()[:extra]])
+        if self.config.max_age:  # else no child expires: no need to list them
+            for process in self.running():
+                if process.expires is not None and now >= process.expires:
+                    logger.info("%s: pid %d reached max_age", self.name, process.pid)
+                    self.stop_processes(now, [process.pid])
+        if (self._replace and now >= self._next_spawn and self.running_count() >= self.target
+                and not self._stopping and not self._unready):
             self.stop_processes(now, [self._replace.pop(0)])  # if it is still there
 
     def _fill(self, now: float) -> list[Process]:
@@ -3987,7 +4017,7 @@ class Watcher:
         so a large ``incr`` never keeps the worker from its other jobs."""
         config = self.config
         spawned: list[Process] = []
-        missing = min(self.target - len(self.running()), SPAWN_BATCH)
+        missing = min(self.target - self.running_count(), SPAWN_BATCH)
         free = self._free_wids()
         while len(spawned) < missing and now >= self._next_spawn and self._waiting_on is None:
             if not self._may_spawn():
@@ -4001,6 +4031,10 @@ class Watcher:
             self.retries = 0
             process.ready = not config.ready
             process.ready_by = now + config.ready_timeout
+            self._wids.add(wid)
+            self._changes += 1
+            if not process.ready:
+                self._unready[process.pid] = process
             process.watchdog_sec = config.watchdog_sec
             if process.ready and config.watchdog_sec:  # start-up done: armed, as systemd
                 process.watchdog_at = now + config.watchdog_sec
@@ -4061,20 +4095,20 @@ class Watcher:
 
     def _free_wids(self) -> Iterator[int]:
         """The wids no child holds, lowest first, found as they are taken."""
-        used = {p.wid for p in self.processes.values()}
-        return (wid for wid in itertools.count(1) if wid not in used)
+        return (wid for wid in itertools.count(1) if wid not in self._wids)
 
     def mark_ready(self, process: Process) -> None:
         """Note that a child passed its ``ready`` check (or sent READY=1)."""
         if not process.ready and not process.stopping:
             process.ready = True
+            self._unready.pop(process.pid, None)
             logger.info("%s: pid %d is ready", self.name, process.pid)
             self.emit("ready", process_pid=process.pid)
 
     def _check_ready(self, now: float) -> None:
         """Probe tcp: and file: checks every READY_POLL; a child not ready
         by its deadline is replaced, as a quick crash (the backoff applies)."""
-        unready = [p for p in self.running() if not p.ready]
+        unready = list(self._unready.values())
         probe = self.config.ready != "notify" and now >= self._probe_at
         for process in unready:
             if not self.config.ready or probe and probe_ready(self.config.ready, process.wid):
@@ -4783,6 +4817,28 @@ class Reaper:
             elif pid not in self._strays and pid not in self._killed_orphans:
                 self._adopt(pid, known, watchers or {})
 
+    def reap_dead_orphans(self, known: Callable[[int], bool]) -> None:
+        """Reap the dead orphans without listing every child, for cgroup
+        mode, where a live orphan needs no watch (its cgroup dies with its
+        watcher): peek at the next zombie (waitid P_ALL, WNOWAIT) and reap
+        it if no watcher knows it (``known(pid)``); a known child's stops
+        the peeking (its pidfd has it), and the next turn peeks again."""
+        self.orphans_died = False
+        while True:
+            try:
+                found = os.waitid(os.P_ALL, 0, os.WEXITED | os.WNOHANG | os.WNOWAIT)
+            except ChildProcessError:  # no child at all
+                return
+            if found is None:  # no zombie
+                return
+            guardian = self._guardian is not None and found.si_pid == self._guardian.pid
+            if known(found.si_pid) or guardian:
+                self.orphans_died = True  # more may wait behind it
+                return
+            with contextlib.suppress(ChildProcessError):  # reaped meanwhile
+                os.waitpid(found.si_pid, 0)  # a zombie: returns at once
+            logger.info("reaped orphan pid %d", found.si_pid)
+
     def _adopt(self, pid: int, known: dict[int, Watcher | None],
                watchers: dict[str, Watcher]) -> None:
         """Note a live orphan and the watcher it belongs to, if any."""
@@ -5042,7 +5098,8 @@ class Arbiter:
             self._read_heartbeats()
         if "cgroups" in events:
             self._forget_emptied()
-        if self.reaper.should_adopt(bool(exited), self._sweep_turn(events)):
+        sweep = self._sweep_turn(events)
+        if self.cgroups is None and self.reaper.should_adopt(bool(exited), sweep):
             every = [*self.watchers.values(), *self._retiring]
             self.reaper.adopt_orphans({p.pid: w for w, p in self._all_processes()},
                                       {w.name: w for w in every})
@@ -5050,6 +5107,12 @@ class Arbiter:
             exited = [(w, p) for w, p in self._all_processes() if p.pidfd is None]
         for watcher, process in exited:
             self._reap(watcher, process)
+        if self.cgroups is not None and self.reaper.should_adopt(bool(exited), sweep):
+            self.reaper.reap_dead_orphans(self._knows)
+
+    def _knows(self, pid: int) -> bool:
+        """Whether ``pid`` is a child a watcher holds (removed ones' too)."""
+        return any(pid in w.processes for w in [*self.watchers.values(), *self._retiring])
 
     def _sweep_turn(self, events: list[Any]) -> bool:
         """Whether this turn is the periodic sweep for orphans: no event
