@@ -367,8 +367,9 @@ def check_udp_endpoint(endpoint: str) -> tuple[str, int]:
 def check_metrics_endpoint(text: str) -> tuple[str, int]:
     """Split ``metrics_endpoint`` (``HOST:PORT``, ``[IPv6]:PORT``); raise
     ConfigError naming it."""
-    host, _, port = text.rpartition(":")
-    host = host.removeprefix("[").removesuffix("]")
+    split = text.rpartition(":")
+    host = split[0].removeprefix("[").removesuffix("]")
+    port = split[2]
     if not host or not port.isdigit() or int(port) > 65535:
         raise ConfigError("use HOST:PORT, as 127.0.0.1:9101", option="metrics_endpoint",
                           value=text)
@@ -3500,14 +3501,7 @@ class Watcher:
         self.spawn_failures = 0  # ever: a waiting start answers at the next one
         self.exits: collections.Counter[str] = collections.Counter()  # by exit_label
         self.dead_cpu = 0.0  # CPU seconds of its reaped children (fallback mode's metrics)
-        # Its children in two states, by pid, so that a turn of the loop
-        # looks at those alone, not at all 10,000: told to stop (a
-        # stop_deadline), and running but not yet ready.
-        self._stopping: dict[int, Process] = {}
-        self._unready: dict[int, Process] = {}
-        self._wids: set[int] = set()  # the wids its children hold
-        self._changes = 0  # counts changes to the running set: pids() is kept till the next
-        self._pids: tuple[int, list[int]] = (-1, [])  # (_changes then, the pids)
+        self._index_children()
         # Respawn times, for the metrics: when each death to be replaced was
         # seen (time.monotonic), and the latencies the arbiter has yet to take.
         self._respawn_due: collections.deque[float] = collections.deque()
@@ -3528,6 +3522,18 @@ class Watcher:
         self._crashes = 0  # consecutive deaths younger than min_uptime
         self._deaths: list[float] = []  # restart times within flapping_window
         self._flaps = 0  # flapping pauses since the last start
+
+    def _index_children(self) -> None:
+        """Make the indexes of its children, empty, for __init__: its
+        children in two states, by pid, so that a turn of the loop looks at
+        those alone, not at all 10,000 (told to stop: a stop_deadline; and
+        running but not yet ready), the wids they hold, and the running
+        set's pids, made once per change of it."""
+        self._stopping: dict[int, Process] = {}
+        self._unready: dict[int, Process] = {}
+        self._wids: set[int] = set()
+        self._changes = 0  # changes to the running set: pids() is kept till the next
+        self._pids: tuple[int, list[int]] = (-1, [])  # (_changes then, the pids)
 
     def emit(self, topic: str, **payload: Any) -> None:
         """Publish ``watcher.<name>.<topic>`` (Circus's event payloads)."""
@@ -3855,7 +3861,9 @@ class Watcher:
         self._call_hook("after_reap", process_pid=process.pid, time=time.time(), exit_code=code,
                         process_status=None)
         if process.stopping:
-            logger.info("%s: pid %d stopped (%s)", self.name, process.pid, how)
+            # Asked for: at debug (a stop of 10,000 would log 10,000 lines);
+            # the watcher's "stopping -> stopped" says it at info.
+            logger.debug("%s: pid %d stopped (%s)", self.name, process.pid, how)
             return
         logger.info("%s: pid %d %s after %.3fs", self.name, process.pid, how,
                     now - process.started)
@@ -5139,6 +5147,8 @@ class Arbiter:
         # The dict's view, not a list: most ticks, with no systemd, read none of it.
         self.systemd.report(now, self.watchers.values(), self._quit_stages is not None)
         self._bound_hook_wait(now)
+        if self._quit_stages == [] and self.cgroups is not None:
+            self.reaper.reap_dead_orphans(self._knows)  # the last, killed with their cgroups
         self.done = self.quit_finished
         if self.on_view is not None:  # before the replies: see View
             self.on_view(self, self.jobs.seq)
@@ -5521,7 +5531,17 @@ class Arbiter:
         if not process.stopping and not watcher.config.kill_leftovers:
             return
         process.send_signal(signal.SIGKILL, group=True)
-        if process.cgroup is not None and is_populated(process.cgroup):
+        if process.cgroup is None:
+            return
+        if "memory" in self.cgroups.controllers:  # its memory.events is read first (OOM)
+            if is_populated(process.cgroup):
+                self._kill_cgroup(process.cgroup)
+            return
+        try:  # an empty cgroup goes at once (the usual case: one read saved)
+            os.rmdir(process.cgroup)
+        except FileNotFoundError:
+            pass
+        except OSError:  # EBUSY: something is left in it
             self._kill_cgroup(process.cgroup)
 
     def _release_cgroup(self, watcher: Watcher, process: Process) -> str | None:
@@ -5532,7 +5552,8 @@ class Arbiter:
         if folder is None:
             return None
         reason = None
-        if read_keyed(folder, "memory.events").get("oom_kill"):
+        oom = "memory" in self.cgroups.controllers  # else no memory.events to read
+        if oom and read_keyed(folder, "memory.events").get("oom_kill"):
             limit = watcher.config.memory_max
             reason = "OOM kill (the machine's memory)"
             if limit is not None:
@@ -6846,7 +6867,9 @@ class MetricsServer:
         self._connections: dict[int, MetricsConnection] = {}  # by fd
         self._listening = True  # the listener is polled
         self._paused_until = 0.0  # after EMFILE: no accept before then (monotonic)
-        family = socket.AF_INET6 if ":" in address[0] else socket.AF_INET
+        family = socket.AF_INET
+        if ":" in address[0]:
+            family = socket.AF_INET6
         self.listener = socket.socket(family, socket.SOCK_STREAM | socket.SOCK_NONBLOCK
                                       | socket.SOCK_CLOEXEC)
         self.listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
