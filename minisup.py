@@ -6836,11 +6836,9 @@ class MetricsConnection:
     """One HTTP connection to the metrics endpoint: what it sent, what is
     left to send it, and when it is closed whatever its state."""
 
-    def __init__(self, sock: socket.socket, number: int, deadline: float) -> None:
-        """A connection just accepted (``number``: its name while a scrape
-        waits on the worker, as its fd may be reused once closed)."""
+    def __init__(self, sock: socket.socket, deadline: float) -> None:
+        """A connection just accepted, closed at ``deadline`` (monotonic)."""
         self.sock = sock
-        self.number = number
         self.deadline = deadline
         self.received = b""
         self.outgoing = b""
@@ -6863,7 +6861,6 @@ class MetricsServer:
         self._poller = poller
         self._ask = ask
         self._asked = False  # a job for figures is with the worker
-        self._numbers = itertools.count(1)
         self._connections: dict[int, MetricsConnection] = {}  # by fd
         self._listening = True  # the listener is polled
         self._paused_until = 0.0  # after EMFILE: no accept before then (monotonic)
@@ -6902,8 +6899,7 @@ class MetricsServer:
                     return
                 continue
             sock.setblocking(False)
-            connection = MetricsConnection(sock, next(self._numbers),
-                                           time.monotonic() + METRICS_IDLE_TIMEOUT)
+            connection = MetricsConnection(sock, time.monotonic() + METRICS_IDLE_TIMEOUT)
             self._connections[sock.fileno()] = connection
             self._poller.register(sock.fileno(), zmq.POLLIN)
         self._listen(False)

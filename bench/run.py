@@ -399,6 +399,8 @@ def remove_cgroup(path):
             try:
                 os.rmdir(folder)
                 break
+            except FileNotFoundError:  # removed meanwhile (by its daemon's guardian)
+                break
             except OSError:  # EBUSY until its last process has exited
                 if time.monotonic() > deadline:
                     raise

@@ -56,6 +56,8 @@ sys.path.insert(0, ROOT)
 # daemon's bytecode goes to the temp folder (see compile_minisup).
 sys.dont_write_bytecode = True
 
+from run import cgroup_home, minisup_cgroups, remove_cgroup  # bench/run.py's own
+
 import minisup
 
 SLEEP = shutil.which("sleep") or "/bin/sleep"  # absolute: a child's PATH may be empty
@@ -71,45 +73,6 @@ def percentile(values, fraction):
     ordered = sorted(values)
     rank = max(1, -(-len(ordered) * fraction // 1))  # ceil
     return ordered[int(rank) - 1]
-
-
-def cgroup_home():
-    """The cgroup2 directory this script runs in (the daemon makes its
-    minisup.* cgroups there), or None without a cgroup2 mount."""
-    with open("/proc/self/mountinfo") as stream:
-        mounts = [line.split() for line in stream]
-    roots = [f[4] for f in mounts if "-" in f and f[f.index("-") + 1] == "cgroup2"]
-    with open("/proc/self/cgroup") as stream:
-        paths = [line[3:].strip() for line in stream if line.startswith("0::")]
-    if not roots or not paths:
-        return None
-    return os.path.normpath(os.path.join(roots[0], paths[0].lstrip("/")))
-
-
-def minisup_cgroups(home):
-    """The names of the minisup.* cgroups right under ``home``."""
-    if home is None:
-        return []
-    return sorted(n for n in os.listdir(home) if n.startswith("minisup."))
-
-
-def remove_cgroup(path):
-    """Kill every process in cgroup ``path`` and below, then remove it,
-    the leaves first."""
-    with contextlib.suppress(OSError), open(os.path.join(path, "cgroup.kill"), "w") as stream:
-        stream.write("1")
-    deadline = time.monotonic() + 5
-    for folder, _, _ in os.walk(path, topdown=False):
-        while True:
-            try:
-                os.rmdir(folder)
-                break
-            except FileNotFoundError:  # removed meanwhile (by its daemon's guardian)
-                break
-            except OSError:  # EBUSY until its last process has exited
-                if time.monotonic() > deadline:
-                    raise
-                time.sleep(0.01)
 
 
 def children(pid):
