@@ -2923,6 +2923,11 @@ DRAIN_READS = 64
 #: Ends a partial line a failed write left where it cannot be cut off.
 CUT_MARK = b" [minisup: line cut]\n"
 ROTATE_SECONDS = {"s": 1, "m": 60, "h": 3600, "d": 86400}
+#: A tail keeps of a big chunk only its end, this many bytes per line it
+#: keeps, when that end holds them all: one small copy per chunk.
+TAIL_LINE_BYTES = 256
+#: Seconds after the last ``stats`` with ``output`` that lines are counted.
+LINE_COUNT_LEASE = 600.0
 
 
 class Sink:
@@ -2980,7 +2985,7 @@ class Sink:
         with contextlib.suppress(OSError):
             self.open()
 
-    def write(self, pid: int, data: bytes) -> None:
+    def write(self, pid: int, data: bytes | memoryview) -> None:
         """Write ``data`` from process ``pid``, each line after its prefix:
         ``NAME.PID | `` on stdout, the time with ``time_format``.  What
         does not end with a newline (a piece of a line longer than
@@ -2995,9 +3000,10 @@ class Sink:
         if self.unended is not None and not continued:
             data = b"\n" + data  # after another's unfinished line: ours begin anew
         self.unended = None
-        if not data.endswith(b"\n"):
+        if data[-1:] != b"\n":
             self.unended = pid
         if continued:  # the line's rest first, into the file where it began
+            data = bytes(data)
             first = data.find(b"\n") + 1 or len(data)
             self._put(data[:first])
             data = data[first:]
@@ -3005,7 +3011,7 @@ class Sink:
             self._follow_moves()
         self._write_lines(data)
 
-    def _write_lines(self, data: bytes) -> None:
+    def _write_lines(self, data: bytes | memoryview) -> None:
         """Append ``data``, which begins a line, rotating between lines as
         the options say (see write)."""
         while data:
@@ -3018,6 +3024,7 @@ class Sink:
             if not limit or self.size + len(data) <= limit:
                 self._put(data)
                 return
+            data = bytes(data)  # a copy only when a rotation is due
             cut = data.rfind(b"\n", 0, max(limit - self.size, 0)) + 1
             if not cut and not self.size:  # one line longer than a whole file
                 cut = data.find(b"\n") + 1 or len(data)
@@ -3026,7 +3033,8 @@ class Sink:
                 self._rotate()
             data = data[cut:]
 
-    def _with_prefixes(self, pid: int, data: bytes, continued: bool = False) -> bytes:
+    def _with_prefixes(self, pid: int, data: bytes | memoryview,
+                       continued: bool = False) -> bytes | memoryview:
         """``data`` with each line's prefix for write: ``NAME.PID | `` on
         stdout, then the time with ``time_format``; unchanged without.  A
         ``continued`` line (begun by an earlier write) gets none at its start."""
@@ -3037,7 +3045,7 @@ class Sink:
             head += time.strftime(self.options["time_format"]).encode() + b" "
         if not head:
             return data
-        lines = data.split(b"\n")
+        lines = bytes(data).split(b"\n")
         unfinished = lines.pop()  # b"" after a newline
         prefixed = b"".join(head + line + b"\n" for line in lines)
         if unfinished:
@@ -3046,7 +3054,7 @@ class Sink:
             return prefixed[len(head):]
         return prefixed
 
-    def _put(self, data: bytes) -> None:
+    def _put(self, data: bytes | memoryview) -> None:
         """Append ``data`` (whole lines) to the target; on the output thread,
         may block on a slow disk, never raises.  A write that fails loses
         the rest of the chunk (logged) and leaves no partial line behind."""
@@ -3062,7 +3070,7 @@ class Sink:
         except OSError as exc:  # a full disk loses this chunk, not the daemon
             self.lost_bytes += len(data) - written
             self._failed(exc)
-            written = self._discard_partial_line(data, written)
+            written = self._discard_partial_line(bytes(data), written)
         self.size += written  # what the file holds, for max_bytes
 
     def _discard_partial_line(self, data: bytes, written: int) -> int:
@@ -3188,6 +3196,78 @@ class Pipe:
     partial: bytes = b""
 
 
+def _lines_start(data: bytes | bytearray, end: int, count: int) -> int:
+    """Where the last ``count`` whole lines of ``data[:end]`` begin (0 if
+    it holds fewer): for TailBuffer, which looks at a window of the end
+    that grows until it holds them, not at the whole chunk."""
+    window = count * TAIL_LINE_BYTES
+    while True:
+        start = max(end - window, 0)
+        if not start:
+            return 0
+        if data.count(b"\n", start, end - 1) >= count:  # a last newline ends the last line
+            return data.find(b"\n", start, end) + 1
+        window *= 4
+
+
+class TailBuffer:
+    """A watcher's last lines for ``tail``, kept as the chunks they came
+    in (a copy of each chunk's end), and split into lines only when asked:
+    a chunk costs one copy, not one object per line.  Owned by the output
+    thread."""
+
+    def __init__(self, size: int) -> None:
+        """Keep at least the last ``size`` lines (``tail_lines``)."""
+        self.size = size
+        # (source, lines in it, data): source is (stream, pid, wid, time).
+        self._chunks: collections.deque[tuple[tuple[str, int, int, float], int, bytes]]
+        self._chunks = collections.deque()
+        self._count = 0  # lines in _chunks
+
+    def resize(self, size: int) -> None:
+        """Keep ``size`` lines from now on (``tail_lines`` changed)."""
+        self.size = size
+        self._trim()
+
+    def add(self, source: tuple[str, int, int, float], data: bytes | bytearray,
+            end: int) -> None:
+        """Keep the last lines of chunk ``data[:end]`` (whole lines, or a
+        piece of one: that counts as a line too) from ``source`` (stream,
+        pid, wid, time): only as much of its end as holds ``size`` lines is
+        looked at and copied."""
+        if not self.size:
+            return
+        start = _lines_start(data, end, self.size)
+        chunk = bytes(memoryview(data)[start:end])
+        lines = chunk.count(b"\n")
+        if chunk[-1:] != b"\n":
+            lines += 1
+        self._chunks.append((source, lines, chunk))
+        self._count += lines
+        self._trim()
+
+    def _trim(self) -> None:
+        """Drop the oldest chunks while the rest hold ``size`` lines."""
+        while self._chunks and self._count - self._chunks[0][1] >= self.size:
+            self._count -= self._chunks.popleft()[1]
+
+    def last(self, count: int, only_stream: str | None) -> list[tuple[str, int, int, float, bytes]]:
+        """Of the last ``size`` lines, the last ``count`` (of ``only_stream``
+        if not None), oldest first, each as (stream, pid, wid, time, line)."""
+        kept: list[tuple[str, int, int, float, bytes]] = []  # newest first
+        for source, _, data in reversed(self._chunks):
+            if len(kept) >= self.size:
+                break
+            lines = data.split(b"\n")
+            if lines[-1] == b"":  # after the last newline: nothing (else a piece)
+                lines.pop()
+            kept.extend((*source, line) for line in reversed(lines))
+        chosen = [entry for entry in kept[:self.size] if only_stream in (None, entry[0])]
+        chosen = chosen[:count]
+        chosen.reverse()
+        return chosen
+
+
 def _queued(method: Callable[..., None]) -> Callable[..., None]:
     """Make a Pump method run on the output thread: a call from any thread
     (or signal handler) queues it and wakes the thread."""
@@ -3220,9 +3300,10 @@ class Pump:
         self._selector = selectors.DefaultSelector()
         self._selector.register(self._waker, selectors.EVENT_READ, None)
         self._sinks: dict[tuple[str, str], Sink] = {}  # by file (or stream) and options
-        # A watcher's last lines, each with (stream, pid, wid, time): for ``tail``.
-        self._tails: dict[str, collections.deque[tuple[str, int, int, float, bytes]]] = {}
+        self._tails: dict[str, TailBuffer] = {}  # a watcher's last lines, for ``tail``
+        self._buffer = bytearray(READ_SIZE)  # each read's, reused
         self._lines: collections.Counter[int] = collections.Counter()  # lines, by live pid
+        self._count_lines_until = 0.0  # monotonic: see line_counts
         self._pipes_of: collections.Counter[int] = collections.Counter()  # open pipes, by pid
         # Chunks delivered, by watcher: a tail says the last it holds, each
         # output event its own, so that follow prints each line once.
@@ -3286,51 +3367,58 @@ class Pump:
                    json.dumps(options, sort_keys=True))
             if key not in self._sinks:
                 self._sinks[key] = Sink(config.name, options)
-            tail = self._tails.get(config.name)
-            if tail is None or tail.maxlen != config.tail_lines:
-                self._tails[config.name] = collections.deque(tail or (), config.tail_lines)
+            if config.name not in self._tails:
+                self._tails[config.name] = TailBuffer(config.tail_lines)
+            self._tails[config.name].resize(config.tail_lines)
             pipe = Pipe(config, pid, wid, stream, fd, self._sinks[key])
             self._selector.register(fd, selectors.EVENT_READ, pipe)
             self._pipes_of[pid] += 1
 
     def _read(self, pipe: Pipe, chunks: int = 1) -> None:
         """Read and deliver up to ``chunks`` chunks, until the pipe is empty
-        for now (or for good: then it is closed)."""
+        for now (or for good: then it is closed).  Each read goes into one
+        reused buffer, after the line the pipe holds back: no copy is made
+        of what is written whole."""
         for _ in range(chunks):
+            held = len(pipe.partial)
+            if len(self._buffer) < held + READ_SIZE:  # a long line held back
+                self._buffer = bytearray(held + READ_SIZE)
+            buffer = self._buffer
+            buffer[:held] = pipe.partial
             try:
-                data = os.read(pipe.fd, READ_SIZE)
+                count = os.readv(pipe.fd, [memoryview(buffer)[held:held + READ_SIZE]])
             except BlockingIOError:
                 return
             except OSError:
-                data = b""
-            if not data:
+                count = 0
+            if not count:
                 self._finish(pipe)
                 return
-            self._read_bytes[(pipe.config.name, pipe.stream)] += len(data)
-            data = pipe.partial + data
-            end = data.rfind(b"\n") + 1
-            lines, pipe.partial = data[:end], data[end:]
-            if len(pipe.partial) >= pipe.config.max_line:  # never hold back more: a piece
-                lines, pipe.partial = data, b""
-            if lines:
-                self._deliver(pipe, lines)
+            self._read_bytes[(pipe.config.name, pipe.stream)] += count
+            size = held + count
+            end = buffer.rfind(b"\n", 0, size) + 1
+            if size - end >= pipe.config.max_line:  # never hold back more: a piece
+                end = size
+            pipe.partial = bytes(memoryview(buffer)[end:size])
+            if end:
+                self._deliver(pipe, buffer, end)
 
-    def _deliver(self, pipe: Pipe, lines: bytes) -> None:
-        """Hand whole ``lines`` from ``pipe`` to its sink, its watcher's tail
-        and any subscriber; on the output thread."""
+    def _deliver(self, pipe: Pipe, data: bytes | bytearray, end: int) -> None:
+        """Hand the first ``end`` bytes of ``data`` (whole lines, or a piece
+        of one) from ``pipe`` to its sink, its watcher's tail and any
+        subscriber; on the output thread."""
+        lines = memoryview(data)[:end]
         pipe.sink.write(pipe.pid, lines)
-        self._lines[pipe.pid] += lines.count(b"\n")
+        if time.monotonic() < self._count_lines_until:  # someone asks for them
+            self._lines[pipe.pid] += data.count(b"\n", 0, end)
         self._chunks[pipe.config.name] += 1
         now = time.time()
-        tail = self._tails[pipe.config.name]  # split off only the lines it keeps:
-        kept = lines.rsplit(b"\n", tail.maxlen + 1)[-tail.maxlen - 1:]
-        if kept[-1] == b"":  # after the last newline: nothing (else an unfinished line)
-            kept.pop()
-        tail.extend((pipe.stream, pipe.pid, pipe.wid, now, line) for line in kept[-tail.maxlen:])
+        self._tails[pipe.config.name].add((pipe.stream, pipe.pid, pipe.wid, now), data, end)
         topic = f"watcher.{pipe.config.name}.output"
         if self.publish is not None and self.wanted(topic):  # JSON only for a subscriber
+            text = bytes(lines).decode("utf-8", "replace")
             self.publish(topic, {"pid": pipe.pid, "wid": pipe.wid, "stream": pipe.stream,
-                                 "data": lines.decode("utf-8", "replace"), "time": now,
+                                 "data": text, "time": now,
                                  "seq": self._chunks[pipe.config.name]})
 
     def _finish(self, pipe: Pipe) -> None:
@@ -3345,7 +3433,7 @@ class Pump:
         partial = pipe.partial
         pipe.partial = b""
         if partial:  # the child died mid-line: its bytes as they are (see Sink.write)
-            self._deliver(pipe, partial)
+            self._deliver(pipe, partial, len(partial))
         self._pipes_of[pipe.pid] -= 1
         if not self._pipes_of[pipe.pid]:  # its last pipe: forget its counts
             del self._pipes_of[pipe.pid]
@@ -3369,13 +3457,12 @@ class Pump:
         ``only_stream`` ("stdout" or "stderr") if not None, each as
         {stream, pid, wid, time, line}, and the number of the last chunk
         they come from (output events carry theirs as ``seq``)."""
-        kept = [entry for entry in self._tails.get(name, ())
-                if only_stream in (None, entry[0])]
         entries: list[dict[str, Any]] = []
-        if count:  # kept[-0:] would be all of them
+        if name in self._tails:
             entries = [{"stream": stream, "pid": pid, "wid": wid, "time": when,
                         "line": line.decode("utf-8", "replace")}
-                       for stream, pid, wid, when, line in kept[-count:]]
+                       for stream, pid, wid, when, line
+                       in self._tails[name].last(count, only_stream)]
         reply(entries, self._chunks[name])
 
     @_queued
@@ -3389,7 +3476,11 @@ class Pump:
     @_queued
     def line_counts(self, pids: list[int], reply: Callable[[dict[int, int]], None]) -> None:
         """Call ``reply`` with the lines each of ``pids`` wrote to its
-        captured streams (``stats`` with ``output``); queued by the worker."""
+        captured streams (``stats`` with ``output``) since lines were first
+        asked for: counting every newline would cost capture a third of its
+        CPU, so it begins at the first ask and ends LINE_COUNT_LEASE after
+        the last.  Queued by the worker."""
+        self._count_lines_until = time.monotonic() + LINE_COUNT_LEASE
         reply({pid: self._lines.get(pid, 0) for pid in pids})
 
     @_queued

@@ -2554,6 +2554,37 @@ def test_a_fifo_target_is_never_rotated(make_daemon, tmp_path):
     assert len(data.splitlines()) == 50 and not list(tmp_path.glob("fifo.*"))
 
 
+def test_tail_keeps_exact_lines_of_big_chunks_short_and_long(make_daemon, tmp_path):
+    # One write of 1.3 MiB of short lines, then 600 lines of 1000 bytes: the
+    # tail looks at the end of each chunk only, and must still hold the last
+    # tail_lines lines exactly, however long they are.
+    code = ("import os; os.write(1, b''.join(b'%d\\n' % n for n in range(200000))); "
+            "os.write(1, b''.join(b'%04d' % n + b'y' * 995 + b'\\n' for n in range(600)))")
+    daemon = captured(make_daemon, tmp_path, code, "tail_lines = 300\n")
+    lines = daemon.client.call("tail", name="w", lines=1000)["lines"]
+    assert lines == [f"{n:04d}" + "y" * 995 for n in range(300, 600)]
+    daemon.client.call("stop", name="w")
+    assert (tmp_path / "out.log").stat().st_size == len(
+        "".join(f"{n}\n" for n in range(200000))) + 600 * 1000
+
+
+def test_stats_output_counts_lines_from_the_first_ask(make_daemon, tmp_path):
+    go = tmp_path / "go"
+    code = (f"import os, time; [time.sleep(0.01) for _ in iter(lambda: os.path.exists("
+            f"{str(go)!r}), True)]; os.write(1, b'x\\n' * 500); time.sleep(300)")
+    daemon = make_daemon(f"[watcher:w]\ncmd = {py_cmd(code)}\n"
+                         f"stdout_stream.class = FileStream\n"
+                         f"stdout_stream.filename = {tmp_path}/out.log\n")
+    wait_for(lambda: daemon.client.call("list", name="w")["pids"])
+
+    def lines():
+        infos = daemon.client.call("stats", name="w", output=True)["info"]
+        return [info["lines"] for info in infos.values()]
+    assert lines() == [0]  # the first ask starts the count
+    go.touch()
+    wait_for(lambda: lines() == [500])
+
+
 def test_tail_returns_the_last_lines(make_daemon, tmp_path):
     code = "import os; os.write(1, b''.join(b'%d\\n' % n for n in range(50))); os.write(2, b'oops\\n')"
     daemon = captured(make_daemon, tmp_path, code, (
