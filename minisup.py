@@ -29,6 +29,10 @@ shared state.
 * The **output thread** (``Pump``) alone touches the children's stdout and
   stderr pipes and the log files, so a slow disk never stalls supervision.
   It hands results back with ``Arbiter.call_on_worker``.
+* The **spawner thread** (``Spawner``) forks each child for the worker,
+  which waits for it, from a private fd table that holds almost nothing:
+  a fork's cost grows with the forking thread's table, and the worker's
+  holds a pidfd per child.  Fds cross between the tables by SCM_RIGHTS.
 
 Two references are shared on purpose, each an immutable value swapped
 whole by one thread and read by others: ``Controller.view`` (written by
@@ -104,6 +108,7 @@ import errno
 import fcntl
 import fnmatch
 import functools
+import gc
 import glob
 import grp
 import itertools
@@ -2154,16 +2159,19 @@ class Process:
         close_fds([fd])
 
 
-def spawn_process(config: WatcherConfig, wid: int, now: float,
-                  sockets: dict[str, socket.socket] | None = None,
-                  capture: bool = False, extra_env: dict[str, str] | None = None,
-                  birthplace: contextlib.AbstractContextManager | None = None) -> Process:
-    """Start one child of ``config`` for the worker thread; blocks only until
-    Popen's exec; raise if it cannot start, leaving nothing running.  No
-    Python runs between fork and exec (the exec helper runs after one), so
-    Popen keeps its vfork path (a ``uid`` costs it); each child leads its
-    group, out of reach of the terminal's Ctrl-C.  ``birthplace`` is
-    entered around the fork: a child born in its cgroup (see Cgroups)."""
+def launch_child(config: WatcherConfig, wid: int,
+                 sockets: dict[str, socket.socket] | None = None,
+                 capture: bool = False, extra_env: dict[str, str] | None = None,
+                 birthplace: contextlib.AbstractContextManager | None = None,
+                 ) -> tuple[subprocess.Popen, dict[str, int]]:
+    """Start one child of ``config`` for spawn_process (on the Spawner's
+    thread, or the worker's): its Popen and the read ends of its output
+    pipes, by stream.  Blocks only until Popen's exec; raise if it cannot
+    start, leaving nothing running.  No Python runs between fork and exec
+    (the exec helper runs after one), so Popen keeps its vfork path (a
+    ``uid`` costs it); each child leads its group, out of reach of the
+    terminal's Ctrl-C.  ``birthplace`` is entered around the fork: a child
+    born in its cgroup (see Cgroups)."""
     if birthplace is None:
         birthplace = contextlib.nullcontext()
     if sockets is None:
@@ -2200,6 +2208,21 @@ def spawn_process(config: WatcherConfig, wid: int, now: float,
     finally:  # the child has the write ends and the environment; we keep the read ends
         close_fds([env_fd, *(write for read, write in outputs.values() if read is not None)])
     pipes = {stream: read for stream, (read, _) in outputs.items() if read is not None}
+    return popen, pipes
+
+
+def spawn_process(config: WatcherConfig, wid: int, now: float,
+                  sockets: dict[str, socket.socket] | None = None,
+                  capture: bool = False, extra_env: dict[str, str] | None = None,
+                  birthplace: contextlib.AbstractContextManager | None = None,
+                  spawner: Spawner | None = None) -> Process:
+    """Start one child of ``config`` (see launch_child) on the worker
+    thread, through ``spawner`` if there is one, and wrap it as a Process;
+    raise if it cannot start, leaving nothing running."""
+    if spawner is None:
+        popen, pipes = launch_child(config, wid, sockets, capture, extra_env, birthplace)
+    else:
+        popen, pipes = spawner.launch(config, wid, sockets, capture, extra_env, birthplace)
     return Process(popen, wid, now, _expiry(config, now), pipes)
 
 
@@ -2435,6 +2458,156 @@ def process_stats(pid: int, children: bool = False) -> dict[str, Any] | str:
         "cpu_seconds": cpu_seconds, "cmdline": os.path.basename(cmdline) or "N/A",
         "command": shlex.join(w.decode(errors="replace") for w in words),
         "children": child_stats}
+
+
+#: unshare(2)'s flag for a private copy of the fd table (<sched.h>).
+CLONE_FILES = 0x400
+
+
+def unshare_fd_table() -> bool:
+    """Give the calling thread a private copy of this process's fd table
+    (unshare(CLONE_FILES)), for the Spawner's thread; False where libc or
+    the kernel refuse."""
+    import ctypes  # here: a ctl never needs it
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        return libc.unshare(CLONE_FILES) == 0
+    except (OSError, AttributeError):
+        return False
+
+
+def _open_fds(fds: Iterable[int]) -> list[int]:
+    """Those of ``fds`` open in this process's (shared) table."""
+    found = []
+    for fd in fds:
+        with contextlib.suppress(OSError):
+            fcntl.fcntl(fd, fcntl.F_GETFD)
+            found.append(fd)
+    return found
+
+
+class Spawner:
+    """Forks a Daemon's children from a thread of its own whose fd table
+    is a private copy holding almost nothing.  A fork copies the forking
+    thread's fd table and the child's exec closes every fd in it, so a
+    worker that holds a pidfd and pipes per child would pay for all its
+    children at each spawn: starting 10,000 took twice as long per child
+    at the end as at the start.  The worker calls ``launch`` and blocks
+    until it returns, as it blocked on the fork itself; this thread owns
+    nothing but its table.  The fds a child inherits (stdio, its sockets)
+    cross over a socketpair (SCM_RIGHTS) and take the numbers they have in
+    the daemon's table, so ``$(circus.sockets.NAME)`` and ``listsockets``
+    agree; its pipes' read ends cross back.  The garbage collector is held
+    off while this thread runs Python: a finalizer of another thread's
+    object must never close or write an fd of this table."""
+
+    def __init__(self) -> None:
+        """Start the thread and wait until its table is its own; raise
+        OSError if it cannot be (then the worker forks itself)."""
+        self._calls: queue.SimpleQueue[tuple[list[int], tuple[Any, ...]] | None]
+        self._calls = queue.SimpleQueue()
+        self._results: queue.SimpleQueue[Any] = queue.SimpleQueue()
+        self._ours, self._theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+        self._thread = threading.Thread(target=self._run, name="minisup-spawner", daemon=True)
+        self._thread.start()
+        if not self._results.get():
+            self.close()
+            raise OSError(errno.ENOSYS, "no private fd table (unshare CLONE_FILES)")
+
+    def launch(self, config: WatcherConfig, wid: int, sockets: dict[str, socket.socket] | None,
+               capture: bool, extra_env: dict[str, str] | None,
+               birthplace: contextlib.AbstractContextManager | None,
+               ) -> tuple[subprocess.Popen, dict[str, int]]:
+        """launch_child on the spawner's thread, for the worker, which it
+        blocks until the child has exec'd; the pipes come back as fds of
+        the daemon's table.  Raise what launch_child raises, or OSError if
+        the read ends cannot cross (the child is then killed)."""
+        named = {name: sock for name, sock in (sockets or {}).items()}
+        needed = _open_fds([0, 1, 2, *_inherited_fds(config, named)])
+        if config.stdin_socket and config.stdin_socket.lower() in named:
+            needed.append(named[config.stdin_socket.lower()].fileno())
+        needed = sorted(set(needed))
+        self._calls.put((needed, (config, wid, sockets, capture, extra_env, birthplace)))
+        if needed:
+            socket.send_fds(self._ours, [b"f"], needed)
+        outcome = self._results.get()
+        if isinstance(outcome, BaseException):
+            raise outcome
+        popen, streams = outcome
+        if not streams:
+            return popen, {}
+        _, fds, flags, _ = socket.recv_fds(self._ours, 1, len(streams))
+        if len(fds) < len(streams) or flags & socket.MSG_CTRUNC:  # out of fds here
+            close_fds(fds)
+            kill_failed_spawn(popen)
+            raise OSError(errno.EMFILE, "Too many open files (a child's output pipes)")
+        return popen, dict(zip(streams, fds))
+
+    def close(self) -> None:
+        """End the thread (its table, and every fd in it, goes with it) and
+        close the socketpair; by the Daemon once the worker has ended."""
+        self._calls.put(None)
+        self._thread.join()
+        self._ours.close()
+        self._theirs.close()
+
+    def _run(self) -> None:
+        """The spawner thread: make its table private and empty, then run
+        each call the worker queues, until a None."""
+        private = unshare_fd_table()
+        if private:  # keep 0-2 and our end: every other fd here is a copy
+            keep = self._theirs.fileno()
+            os.closerange(3, keep)
+            os.closerange(keep + 1, resource.getrlimit(resource.RLIMIT_NOFILE)[1])
+        self._results.put(private)
+        if not private:
+            return
+        while (call := self._calls.get()) is not None:
+            collecting = gc.isenabled()
+            gc.disable()
+            try:
+                self._results.put(self._launch_here(*call))
+            finally:
+                if collecting:
+                    gc.enable()
+
+    def _launch_here(self, needed: list[int], args: tuple[Any, ...]) -> Any:
+        """On the spawner's thread: place the fds the worker sent under the
+        numbers in ``needed``, launch_child(*args), send the read ends of
+        its pipes back; return (popen, their streams) or the exception."""
+        try:
+            self._place(needed)
+            popen, pipes = launch_child(*args)
+        except BaseException as exc:  # noqa: BLE001 - raised by launch, on the worker
+            return exc
+        finally:
+            close_fds(fd for fd in needed if fd > 2)
+        try:
+            if pipes:
+                socket.send_fds(self._theirs, [b"p"], list(pipes.values()))
+        except BaseException as exc:  # noqa: BLE001 - raised by launch, on the worker
+            kill_failed_spawn(popen)
+            return exc
+        finally:
+            close_fds(pipes.values())
+        return popen, list(pipes)
+
+    def _place(self, needed: list[int]) -> None:
+        """Receive the worker's copies of the fds ``needed`` and put each
+        under its number; a std stream the daemon has closed is closed here
+        too.  Raise OSError."""
+        for fd in {0, 1, 2} - set(needed):
+            with contextlib.suppress(OSError):
+                os.close(fd)
+        if not needed:
+            return
+        _, received, _, _ = socket.recv_fds(self._theirs, 1, len(needed))
+        # Above every number needed first: a received fd may sit on one.
+        above = [fcntl.fcntl(fd, fcntl.F_DUPFD_CLOEXEC, needed[-1] + 1) for fd in received]
+        close_fds(received)
+        for fd, number in zip(above, needed):
+            os.dup2(fd, number, inheritable=number <= 2)  # stdio is inherited, sockets passed
+        close_fds(above)
 
 
 # ============================================================= Cgroups ======
@@ -5148,6 +5321,7 @@ class Arbiter:
         # Containment (see Cgroups), set by open_containment: the cgroup
         # subtree, or in fallback mode the tag of each child's environment.
         self.cgroups: CgroupTree | None = None
+        self.spawner: Spawner | None = None  # the Daemon's, once started: see Spawner
         self.containment = {"mode": "process groups", "reason": "no Daemon opened a cgroup"}
         self.owner_tag: str | None = None
         self._lingering: dict[str, Watcher] = {}  # dead children's cgroups not yet empty
@@ -5542,7 +5716,8 @@ class Arbiter:
         if self.owner_tag is not None:  # fallback mode: how an orphan is traced back
             extra[OWNER_VARIABLE] = self.owner_tag + config.name
         if self.cgroups is None:
-            return spawn_process(config, wid, now, self.sockets, self.pump is not None, extra)
+            return spawn_process(config, wid, now, self.sockets, self.pump is not None, extra,
+                                 spawner=self.spawner)
         return self._spawn_contained(config, wid, now, extra)
 
     def _spawn_contained(self, config: WatcherConfig, wid: int, now: float,
@@ -5554,7 +5729,7 @@ class Arbiter:
         process = None
         try:
             process = spawn_process(config, wid, now, self.sockets, self.pump is not None,
-                                    extra, self.cgroups.born_in(folder))
+                                    extra, self.cgroups.born_in(folder), self.spawner)
             self.cgroups.set_limits(folder, config)
         except BaseException:
             if process is not None:  # never a child without its limits
@@ -7670,6 +7845,10 @@ class Daemon:
             set_child_subreaper()
         if self.config.guardian:
             self.arbiter.start_guardian()
+        try:
+            self.arbiter.spawner = Spawner()
+        except OSError as exc:  # no private fd table: the worker forks, as it can
+            logger.debug("no spawner thread: %s", exc)
         # What the controller really bound (an ephemeral port, say) is what
         # globaloptions reports.
         self.endpoint = self.controller.endpoint
@@ -7742,6 +7921,9 @@ class Daemon:
         if self._worker_thread is not None:
             self.request_quit()  # left unanswered if the worker has quit already
             self._worker_thread.join()
+        if self.arbiter.spawner is not None:  # after the worker: no spawn can come
+            self.arbiter.spawner.close()
+            self.arbiter.spawner = None
         self.controller.shutdown()  # as the worker did as it ended, if it ran
         self._controller_thread.join()
         if self._client is not None:

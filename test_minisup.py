@@ -4231,7 +4231,8 @@ def test_daemon_stop_is_idempotent_and_a_context_manager(tmp_path):
     text = f"[circus]\nendpoint = ipc://{tmp_path}/c.sock\n" + sleepers(n=2)
     with minisup.Daemon.from_ini(text) as daemon:
         pids = daemon.client.call("list", name="web")["pids"]
-        assert sorted(minisup_threads()) == ["minisup-controller", "minisup-output", "minisup-worker"]
+        assert sorted(minisup_threads()) == ["minisup-controller", "minisup-output",
+                                            "minisup-spawner", "minisup-worker"]
     daemon.stop()
     assert not any(alive(p) for p in pids)
     assert not (tmp_path / "c.sock").exists()
@@ -4707,7 +4708,8 @@ def test_malformed_requests_get_their_own_error(make_daemon, body, errno, reason
     assert reason in reply["reason"]
     assert isinstance(reply["time"], float) and "tb" in reply
     assert daemon.client.call("numwatchers")["numwatchers"] == 1
-    assert sorted(minisup_threads()) == ["minisup-controller", "minisup-output", "minisup-worker"]
+    assert sorted(minisup_threads()) == ["minisup-controller", "minisup-output",
+                                         "minisup-spawner", "minisup-worker"]
 
 
 def test_a_huge_incr_is_refused_at_once_naming_the_limit(make_daemon):
@@ -4857,7 +4859,7 @@ def test_fuzzed_requests_get_circus_shaped_replies(make_daemon, fuzz_state, body
                 assert reply["errno"] in range(7) and isinstance(reply["reason"], str)
     assert daemon.client.call("numwatchers")["numwatchers"] == 1
     assert sorted(minisup_threads()) == ["minisup-controller", "minisup-output",
-                                         "minisup-worker"]
+                                         "minisup-spawner", "minisup-worker"]
 
 
 # =========================================================== endpoints ======
