@@ -4425,6 +4425,43 @@ def test_sockets_are_bound_listed_and_inherited_alone(make_daemon, tmp_path):
     assert len(fds) == 5  # stdin, stdout, stderr, the socket, listdir's own
 
 
+def spawner_fds():
+    """The fds in the fd table of the running Daemon's spawner thread."""
+    (tid,) = [t.native_id for t in threading.enumerate() if t.name == "minisup-spawner"]
+    return os.listdir(f"/proc/self/task/{tid}/fd")
+
+
+def test_children_are_forked_from_a_private_table_that_stays_short(make_daemon):
+    # A fork copies the forking thread's fd table and the exec closes every
+    # fd in it: the spawner's table must not grow with the pidfds and pipes.
+    before = len(open_fds())
+    daemon = make_daemon(sleepers(n=40, extra="stdout_stream.class = StdoutStream"))
+    assert len(open_fds()) >= before + 80  # a pidfd and a pipe per child, here
+    assert len(spawner_fds()) <= 4, spawner_fds()  # 0-2 and its end of the socketpair
+    daemon.client.call("incr", name="web", nb=5, waiting=True)
+    assert len(daemon.client.call("list", name="web")["pids"]) == 45
+    assert len(spawner_fds()) <= 4, spawner_fds()
+
+
+def test_an_uncaptured_child_writes_to_the_daemons_stdout_of_the_moment(make_daemon, tmp_path):
+    # The spawner's table is a copy made at start: a child must still get
+    # the stdout the daemon has when it spawns.
+    code = "import os; os.write(1, b'to stdout ' + str(os.getpid()).encode() + b'\\n')"
+    daemon = make_daemon(f"[watcher:w]\ncmd = {py_cmd(code)}\nautostart = false\n"
+                         "restart = never\n")
+    target = os.open(tmp_path / "now.out", os.O_WRONLY | os.O_CREAT, 0o600)
+    saved = os.dup(1)
+    try:
+        os.dup2(target, 1)
+        daemon.client.call("start", name="w", waiting=True)
+        pid = daemon.client.call("list", name="w")["pids"][0]
+        wait_for(lambda: (tmp_path / "now.out").read_bytes() == b"to stdout %d\n" % pid)
+    finally:
+        os.dup2(saved, 1)
+        os.close(saved)
+        os.close(target)
+
+
 def test_globaloptions(make_daemon):
     daemon = make_daemon(sleepers(n=1))
     options = daemon.client.call("globaloptions")["options"]
