@@ -2125,6 +2125,7 @@ class Process:
         self.death_seen: float | None = None  # time.monotonic() when its exit was seen
         self.cpu_sample: tuple[float, float] | None = None  # (CPU s, monotonic) at the last stats
         self.cgroup: str | None = None  # its own cgroup's folder (cgroup mode)
+        self.cgroup_gone = False  # that folder was removed as it died, empty
         if HAS_PIDFD:  # a zombie has one too: a child already dead reads as exited
             with contextlib.suppress(OSError):  # old kernel: the worker polls instead
                 self.pidfd = os.pidfd_open(self.pid)
@@ -2476,14 +2477,19 @@ def unshare_fd_table() -> bool:
         return False
 
 
-def _open_fds(fds: Iterable[int]) -> list[int]:
-    """Those of ``fds`` open in this process's (shared) table."""
-    found = []
-    for fd in fds:
-        with contextlib.suppress(OSError):
-            fcntl.fcntl(fd, fcntl.F_GETFD)
-            found.append(fd)
-    return found
+def _stdio_files() -> list[tuple[int, int] | None]:
+    """Which file each of fds 0-2 is in this process's (shared) table, as
+    (device, inode), None where it is closed: what the Spawner's copies
+    must match."""
+    files: list[tuple[int, int] | None] = []
+    for fd in (0, 1, 2):
+        try:
+            info = os.fstat(fd)
+        except OSError:
+            files.append(None)
+            continue
+        files.append((info.st_dev, info.st_ino))
+    return files
 
 
 class Spawner:
@@ -2504,9 +2510,10 @@ class Spawner:
     def __init__(self) -> None:
         """Start the thread and wait until its table is its own; raise
         OSError if it cannot be (then the worker forks itself)."""
-        self._calls: queue.SimpleQueue[tuple[list[int], tuple[Any, ...]] | None]
+        self._calls: queue.SimpleQueue[tuple[list[int], list[int], tuple[Any, ...]] | None]
         self._calls = queue.SimpleQueue()
         self._results: queue.SimpleQueue[Any] = queue.SimpleQueue()
+        self._stdio: list[tuple[int, int] | None] = []  # the daemon's, as last sent
         self._ours, self._theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
         self._thread = threading.Thread(target=self._run, name="minisup-spawner", daemon=True)
         self._thread.start()
@@ -2523,15 +2530,21 @@ class Spawner:
         the daemon's table.  Raise what launch_child raises, or OSError if
         the read ends cannot cross (the child is then killed)."""
         named = {name: sock for name, sock in (sockets or {}).items()}
-        needed = _open_fds([0, 1, 2, *_inherited_fds(config, named)])
+        needed = _inherited_fds(config, named)
         if config.stdin_socket and config.stdin_socket.lower() in named:
             needed.append(named[config.stdin_socket.lower()].fileno())
+        stdio = _stdio_files()
+        if stdio != self._stdio:  # the daemon's stdio changed (or this is the first)
+            needed += [fd for fd, file in enumerate(stdio) if file is not None]
         needed = sorted(set(needed))
-        self._calls.put((needed, (config, wid, sockets, capture, extra_env, birthplace)))
+        closed = [fd for fd, file in enumerate(stdio) if file is None]
+        self._stdio = stdio
+        self._calls.put((needed, closed, (config, wid, sockets, capture, extra_env, birthplace)))
         if needed:
             socket.send_fds(self._ours, [b"f"], needed)
         outcome = self._results.get()
         if isinstance(outcome, BaseException):
+            self._stdio = []  # placed or not: sent again next time
             raise outcome
         popen, streams = outcome
         if not streams:
@@ -2571,12 +2584,13 @@ class Spawner:
                 if collecting:
                     gc.enable()
 
-    def _launch_here(self, needed: list[int], args: tuple[Any, ...]) -> Any:
+    def _launch_here(self, needed: list[int], closed: list[int], args: tuple[Any, ...]) -> Any:
         """On the spawner's thread: place the fds the worker sent under the
-        numbers in ``needed``, launch_child(*args), send the read ends of
-        its pipes back; return (popen, their streams) or the exception."""
+        numbers in ``needed`` (and close the std ones in ``closed``),
+        launch_child(*args), send the read ends of its pipes back; return
+        (popen, their streams) or the exception."""
         try:
-            self._place(needed)
+            self._place(needed, closed)
             popen, pipes = launch_child(*args)
         except BaseException as exc:  # noqa: BLE001 - raised by launch, on the worker
             return exc
@@ -2592,11 +2606,11 @@ class Spawner:
             close_fds(pipes.values())
         return popen, list(pipes)
 
-    def _place(self, needed: list[int]) -> None:
+    def _place(self, needed: list[int], closed: list[int]) -> None:
         """Receive the worker's copies of the fds ``needed`` and put each
-        under its number; a std stream the daemon has closed is closed here
-        too.  Raise OSError."""
-        for fd in {0, 1, 2} - set(needed):
+        under its number; close the std streams the daemon has ``closed``.
+        Raise OSError."""
+        for fd in closed:
             with contextlib.suppress(OSError):
                 os.close(fd)
         if not needed:
@@ -4976,6 +4990,7 @@ class Reaper:
         self._strays: dict[int, Watcher | None] = {}  # live adopted orphans, by owner
         self._killed_orphans: set[int] = set()  # SIGKILLed, not yet reaped
         self._guardian: subprocess.Popen | None = None
+        self._guardian_news: list[str] = []  # lines for it: see flush_guardian
         self.owner_tag: str | None = None  # fallback mode: the Arbiter's owner_tag
 
     def start_guardian(self, cgroup: str | None = None, tag: str | None = None) -> None:
@@ -4995,15 +5010,26 @@ class Reaper:
             self.tell_guardian("c", cgroup)
         if tag is not None:
             self.tell_guardian("t", tag)
+        self.flush_guardian()
 
     def tell_guardian(self, sign: str, value: int | str) -> None:
         """Tell the guardian to hold (``+``) or forget (``-``) a pid's
-        group, or (``c``, ``t``) a cgroup or tag (see start_guardian); if
-        it is gone, say so once and go on without it."""
-        if self._guardian is None:
+        group, or (``c``, ``t``) a cgroup or tag (see start_guardian), at
+        the next ``flush_guardian``: one write a turn, not one a child."""
+        if self._guardian is not None:
+            self._guardian_news.append(f"{sign}{value}\n")
+
+    def flush_guardian(self) -> None:
+        """Write what tell_guardian queued; by the worker at the end of each
+        turn, before it blocks.  If the guardian is gone, say so once and
+        go on without it."""
+        if not self._guardian_news or self._guardian is None:
             return
+        news = memoryview("".join(self._guardian_news).encode())
+        self._guardian_news.clear()
         try:
-            self._guardian.stdin.write(f"{sign}{value}\n".encode())  # unbuffered
+            while news:  # unbuffered: a signal may cut a long write short
+                news = news[self._guardian.stdin.write(news):]
         except OSError as exc:
             logger.error("the guardian is gone (%s): children now outlive a crash", exc)
             self._guardian.kill()
@@ -5147,6 +5173,7 @@ class Reaper:
 
     def close(self) -> None:
         """Close the guardian's pipe: on EOF it kills what is left, exits."""
+        self.flush_guardian()  # the forgotten pids first: none is killed
         if self._guardian is not None:
             self._guardian.communicate()
 
@@ -5351,6 +5378,7 @@ class Arbiter:
             while not self.done:
                 self.poll(timeout)
                 timeout = self.tick()
+                self.reaper.flush_guardian()
         except BaseException:
             logger.exception("worker thread failed; killing every child")
             self.failed = True
@@ -5792,22 +5820,26 @@ class Arbiter:
     def _kill_leftovers(self, watcher: Watcher, process: Process) -> None:
         """A child died: SIGKILL what it left, its group (the zombie keeps
         the group id) and its cgroup, unless it died on its own and its
-        watcher keeps leftovers (``kill_leftovers = false``).  Before its
-        pipes are drained: a leftover could hold them open."""
+        watcher keeps leftovers (``kill_leftovers = false``).  A cgroup that
+        can be removed at once (no memory controller to read first) was
+        empty: nothing is left, no signal is sent.  Before its pipes are
+        drained: a leftover could hold them open."""
         if not process.stopping and not watcher.config.kill_leftovers:
             return
-        process.send_signal(signal.SIGKILL, group=True)
-        if process.cgroup is None:
-            return
-        if "memory" in self.cgroups.controllers:  # its memory.events is read first (OOM)
-            if is_populated(process.cgroup):
+        if process.cgroup is not None and "memory" not in self.cgroups.controllers:
+            try:  # an empty cgroup goes at once (the usual case): nothing is left
+                os.rmdir(process.cgroup)
+            except FileNotFoundError:
+                pass
+            except OSError:  # EBUSY: something is left in it
+                process.send_signal(signal.SIGKILL, group=True)
                 self._kill_cgroup(process.cgroup)
+                return
+            process.cgroup_gone = True
             return
-        try:  # an empty cgroup goes at once (the usual case: one read saved)
-            os.rmdir(process.cgroup)
-        except FileNotFoundError:
-            pass
-        except OSError:  # EBUSY: something is left in it
+        process.send_signal(signal.SIGKILL, group=True)
+        # With a memory controller its memory.events is read first (OOM).
+        if process.cgroup is not None and is_populated(process.cgroup):
             self._kill_cgroup(process.cgroup)
 
     def _release_cgroup(self, watcher: Watcher, process: Process) -> str | None:
@@ -5815,7 +5847,7 @@ class Arbiter:
         left in it (the watcher is not stopped until it is empty); return
         why it died if its exit code does not tell: an OOM kill."""
         folder = process.cgroup
-        if folder is None:
+        if folder is None or process.cgroup_gone:
             return None
         reason = None
         oom = "memory" in self.cgroups.controllers  # else no memory.events to read
