@@ -5,8 +5,8 @@ Each scenario runs against the three daemons in turn, alternating
 same child programs (by absolute path) and equivalent configs.  Each group
 of scenarios gets three fresh daemons, each in a temp folder of its own,
 whose config holds only that group's programs: 1-5, 7 and 12 share one
-(N sleeps, stopped, and one running); 6, 8, 9, 10-11 and 13-14 have one
-each (13-14 has a second minisup).
+(N sleeps, stopped, and one running); 6, 8, 9, 10-11, 13-14 and 15-16
+have one each (13-14 has a second minisup), and 17-24 a minisup alone.
 That matters: supervisord's main loop visits every configured process on
 every turn, so with all the programs in one config (some 1100 processes at
 N=500) its round trip went from about 0.6 to 5 ms and its capture from
@@ -98,6 +98,38 @@ in the same run: what the machine does with no supervisor in the way (the
     each minisup reports in ``health``, and the minisup.* cgroups in this
     script's cgroup before and after (one left by these daemons is killed
     and removed, and said).
+15. start 2000, stock fd limit (ms): as 3, with N=2000 (--scale-all;
+    --quick 500), and every daemon of 15-24 started with the soft
+    RLIMIT_NOFILE a login shell has, 1024, its hard limit unchanged (a
+    ``python -S -c`` that sets it and execs the daemon: same pid; the
+    notes give each daemon's limits once it runs: minisup raises its soft
+    limit to the hard one, circusd and supervisord keep 1024).  A start
+    that gets no new exec'd child for 10 s has stalled: the cell says
+    "stalls at K of 2000" (supervisord: 3 pipes a process), the notes how
+    long the stop of those K took.  The daemon's children are looked at
+    every 20 ms here and in 16-20 (a look at 10000 is some 4 ms).  3 runs
+    (--quick 1; fewer with --reps).  Floor: as 3.
+16. stop 2000 (ms): as 4, after 15 (a stalled start: its cell again).
+    Floor: as 4.
+17-24: minisup alone, in a daemon of its own (the same stock soft limit),
+    with N=10000 (--scale; --quick 2000) ``sleep`` (respawning) and N deaf
+    children as in 6, both stopped; one run each, in this order: 17-18,
+    21, 23, 24, 22, 19, 20.  Targets at 10000 in brackets.
+17. start N (ms, <= 8000): as 3 (or a stall, as 15).
+18. start N, per process (ms, flat from 500 to 10000): 17 / N; the notes
+    give each daemon's median per process at every N measured (3, 15, 17).
+19. stop N (ms, <= 1000): as 4, once 21-24 are over.
+20. stop N deaf, grace 1 s (ms, <= 1500): as 6.
+21. idle CPU (s, <= 0.05; --quick window 10 s): as 9, with the N running,
+    from 1 s after the start; the guardian's in the notes.
+22. daemon RSS (MiB, <= 60): VmRSS with the N running, after 21, 23 and
+    24; the notes give the peak (VmHWM), the start's included.
+23. status command (ms, <= 300): as 12, with the N running; 5 runs.
+24. respawn (ms, <= 10): kill -9 one of the N (each time another of those
+    the start made: no backoff), until the daemon has a new child that has
+    exec'd sleep; 5 kills (--quick 3), 0.5 s apart.  The new child is
+    found among the pids allocated since the kill (ns_last_pid), not by a
+    walk of the N.
 
 Rows show the median (min-max) over repetitions, the floor likewise, and the
 ratios minisup/circusd and minisup/supervisord of the medians; the
@@ -105,10 +137,12 @@ ratios minisup/circusd and minisup/supervisord of the medians; the
 
     bash bench/setup.sh            # the anchors, in venvs of their own
     python bench/run.py [--quick] [--processes N] [--reps R] [--rst]
-                        [--only GROUP ...]
+                        [--scale N] [--scale-all N] [--only GROUP ...]
 
 ``--only`` runs some groups of scenarios: ``base`` (1-5, 7, 12), ``deaf``
-(6), ``crash`` (8), ``idle`` (9), ``capture`` (10-11), ``orphans`` (13-14).
+(6), ``crash`` (8), ``idle`` (9), ``capture`` (10-11), ``orphans``
+(13-14), ``scale`` (15-24).  The full run has them all; ``scale`` takes
+some 3 to 4 minutes of it.
 
 An anchor that is not installed is skipped (its column shows "-").  Every
 endpoint is an ipc:// path or unix socket in a temp folder (circusd's
@@ -124,6 +158,7 @@ import itertools
 import os
 import py_compile
 import re
+import resource
 import select
 import shutil
 import signal
@@ -157,15 +192,36 @@ CLIENTS = 8
 LIMIT = 60.0  # seconds: a wait longer than this is a failure, not a sample
 NAMES = ("minisup", "circusd", "supervisord")
 # The groups of scenarios, each with daemons of its own (--only names them).
-GROUPS = ("base", "deaf", "crash", "idle", "capture", "orphans")
+GROUPS = ("base", "deaf", "crash", "idle", "capture", "orphans", "scale")
+GROUP_ROWS = {"base": "1-5, 7, 12", "deaf": "6", "crash": "8", "idle": "9",
+              "capture": "10-11", "orphans": "13-14", "scale": "15-24"}
 ORPHANS = 50  # 13-14: the setsid'd descendants the watcher's process leaves
 ORPHAN_LIMIT = 10.0  # seconds after the stop: what is still alive then survived
 ORPHAN_SLEEP = "5000"  # seconds: a survivor the bench failed to kill ends on its own
 # 13-14, minisup's fallback (issue 18); a minisup without the option warns.
 FALLBACK = "cgroup = off\n"
+# 15-24: the sleeps of the scale programs (15-16; 17-24: respawning, deaf).
+SCALE_ARG, BIG_ARG, BIG_DEAF_ARG = b"6000", b"7000", b"8000"
+STOCK_NOFILE = 1024  # the soft RLIMIT_NOFILE the scale daemons start with
+STALL = 10.0  # seconds without a new exec'd child: a start has stalled
+SCALE_PAUSE = 0.02  # seconds between two looks at thousands of children
+NS_LAST_PID = "/proc/sys/kernel/ns_last_pid"
+# Runs argv[2:] (an absolute path first) with the soft RLIMIT_NOFILE
+# argv[1], the hard one unchanged: exec, so the pid is the daemon's.
+STOCK_LIMIT_CODE = ("import os, resource, sys; which = resource.RLIMIT_NOFILE; "
+                    "resource.setrlimit(which, (int(sys.argv[1]), resource.getrlimit(which)[1])); "
+                    "os.execv(sys.argv[2], sys.argv[2:])")
+STOCK_LIMIT = (PYTHON, "-S", "-c", STOCK_LIMIT_CODE, str(STOCK_NOFILE))
 
-# No " ;" and no "%" in a command: both INI dialects would take them.
-DEAF_CMD = f"{SH} -c \"trap '' TERM; exec {SLEEP} {DEAF_ARG.decode()}\""
+
+def deaf_cmd(arg):
+    """A child that ignores SIGTERM (an ignored signal stays ignored across
+    exec), then is ``sleep arg`` (bytes).  No " ;" and no "%": both INI
+    dialects would take them."""
+    return f"{SH} -c \"trap '' TERM; exec {SLEEP} {arg.decode()}\""
+
+
+DEAF_CMD = deaf_cmd(DEAF_ARG)
 CRASH_CODE = "import time,sys; open({!r},'a').write(repr(time.time())+chr(10)); sys.exit(1)"
 # The child of 13-14: leaves COUNT daemons as a classic daemon does (fork,
 # setsid, fork, the middle process exits, stdio on /dev/null), each an
@@ -272,17 +328,27 @@ def birth(pid):
     return int(fields[19]) if fields else None
 
 
-def rss_mib(pid):
+def rss_mib(pid, field="VmRSS"):
+    """A memory figure of ``pid`` from /proc/PID/status (VmRSS, VmHWM), MiB."""
     with open(f"/proc/{pid}/status") as stream:
         for line in stream:
-            if line.startswith("VmRSS:"):
+            if line.startswith(f"{field}:"):
                 return int(line.split()[1]) / 1024
-    raise RuntimeError(f"no VmRSS for {pid}")
+    raise RuntimeError(f"no {field} for {pid}")
 
 
-def execd(parent, arg, count, started, known=None):
-    """Wait until ``count`` children of ``parent`` have exec'd ``sleep arg``;
-    returns (seconds since ``started``, their pids)."""
+def open_files_limit(pid):
+    """The soft and hard RLIMIT_NOFILE of ``pid`` (text), from /proc/PID/limits."""
+    with open(f"/proc/{pid}/limits") as stream:
+        for line in stream:
+            if line.startswith("Max open files"):
+                return "/".join(line.split()[3:5])
+    raise RuntimeError(f"no open files limit for {pid}")
+
+
+def execd(parent, arg, count, started, known=None, pause=0.001):
+    """Wait until ``count`` children of ``parent`` have exec'd ``sleep arg``,
+    looking every ``pause`` s; returns (seconds since ``started``, their pids)."""
     known = set() if known is None else known
     while True:
         for pid in children(parent) - known:
@@ -293,19 +359,66 @@ def execd(parent, arg, count, started, known=None):
         if time.perf_counter() - started > LIMIT:
             raise RuntimeError(f"only {len(known)} of {count} children exec'd "
                                f"within {LIMIT:g}s")
-        time.sleep(0.001)  # 2 cores: leave one to the daemon
+        time.sleep(pause)  # 2 cores: leave one to the daemon
 
 
-def reaped(parent, pids, started):
-    """Wait until no pid of ``pids`` is a child of ``parent`` any more."""
+class Stalled:
+    """A sample of 15-17 that is no time: the start got ``count`` of
+    ``total`` children, then none for STALL s; ``stop_ms``, the stop of
+    those it had."""
+
+    def __init__(self, count, total):
+        self.count, self.total, self.stop_ms = count, total, None
+
+
+def execd_or_stall(parent, arg, count, started):
+    """As execd, looking every SCALE_PAUSE s; the seconds are Stalled once
+    no new child has exec'd for STALL s."""
+    known, last = set(), time.perf_counter()
+    while len(known) < count:
+        new = {p for p in children(parent) - known if sleep_arg(p) == arg}
+        now = time.perf_counter()
+        if new:
+            known |= new
+            last = now
+        elif now - last > STALL:
+            return Stalled(len(known), count), known
+        if now - started > LIMIT:
+            raise RuntimeError(f"only {len(known)} of {count} children exec'd "
+                               f"within {LIMIT:g}s")
+        time.sleep(SCALE_PAUSE)
+    return time.perf_counter() - started, known
+
+
+def reaped(parent, pids, started, pause=0.001):
+    """Wait until no pid of ``pids`` is a child of ``parent`` any more (a
+    zombie still is: it stays in the children file until reaped), looking
+    every ``pause`` s: one read of the children files, whatever their
+    number."""
     alive = set(pids)
     while alive:
-        alive = {p for p in alive if parent_of(p) == parent}
+        alive &= children(parent)
         if time.perf_counter() - started > LIMIT:
             raise RuntimeError(f"{len(alive)} children still there after {LIMIT:g}s")
         if alive:
-            time.sleep(0.001)
+            time.sleep(pause)
     return time.perf_counter() - started
+
+
+def pids_after(last, newest):
+    """The pids the kernel allocated after ``last`` up to ``newest`` (both
+    read from ns_last_pid), oldest first: pids wrap at pid_max."""
+    if newest >= last:
+        return list(range(last + 1, newest + 1))
+    with open("/proc/sys/kernel/pid_max") as stream:
+        pid_max = int(stream.read())
+    return [*range(last + 1, pid_max), *range(1, newest + 1)]
+
+
+def last_pid():
+    """The last pid the kernel allocated in this PID namespace."""
+    with open(NS_LAST_PID) as stream:
+        return int(stream.read())
 
 
 def kill_pids(pids):
@@ -483,6 +596,20 @@ def orphan_programs(folder, settings):
     return [Program("orphans", cmd, respawn=False, grace=1)]
 
 
+def scale_programs(folder, settings):
+    """15-16: N (2000, --quick 500) sleeps, stopped."""
+    return [Program("scale", f"{SLEEP} {SCALE_ARG.decode()}", settings.scale_all,
+                    respawn=False, grace=10)]
+
+
+def big_programs(folder, settings):
+    """17-24, minisup alone: N (10000, --quick 2000) sleeps that respawn (24
+    kills one at a time), and N that ignore SIGTERM (20); both stopped."""
+    return [Program("big", f"{SLEEP} {BIG_ARG.decode()}", settings.scale, grace=10),
+            Program("bigdeaf", deaf_cmd(BIG_DEAF_ARG), settings.scale, respawn=False,
+                    grace=1)]
+
+
 def capture_programs(folder, settings):
     return [Program("cat", f"{CAT} {settings.data}", respawn=False,
                     log=os.path.join(folder, "capture.out"))]
@@ -624,7 +751,7 @@ def supervisor_proxy(path):
 class Supervisord(Daemon):
     name = "supervisord"
 
-    def __init__(self, folder, progs):
+    def __init__(self, folder, progs, launcher=()):
         super().__init__(folder)
         self.conf = os.path.join(folder, "supervisord.conf")
         sock = os.path.join(folder, "supervisor.sock")
@@ -638,7 +765,8 @@ class Supervisord(Daemon):
                     "supervisor.rpcinterface:make_main_rpcinterface\n"
                     f"[supervisorctl]\nserverurl = unix://{sock}\n")
             f.write("".join(p.supervisord() for p in progs))
-        self.proc = subprocess.Popen([f"{ANCHORS}/supervisor/bin/supervisord", "-c", self.conf],
+        self.proc = subprocess.Popen([*launcher, f"{ANCHORS}/supervisor/bin/supervisord",
+                                      "-c", self.conf],
                                      stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         self.rpc = supervisor_proxy(sock)
         deadline = time.monotonic() + 30
@@ -821,9 +949,8 @@ def spawn_sleeps(argv, count):
                              stderr=subprocess.DEVNULL) for _ in range(count)]
 
 
-def floor_start_stop(count, echo):
-    """Start N sleeps from here, then SIGTERM and wait for each; and the
-    echo server's RSS."""
+def floor_cycle(count):
+    """Start N sleeps from here, then SIGTERM and wait for each: ms, ms."""
     started = time.perf_counter()
     procs = spawn_sleeps([SLEEP, FLOOR_ARG.decode()], count)
     start_s, _ = execd(os.getpid(), FLOOR_ARG, count, started)
@@ -832,18 +959,23 @@ def floor_start_stop(count, echo):
         proc.terminate()
     for proc in procs:
         proc.wait(LIMIT)
-    return start_s * 1000, (time.perf_counter() - started) * 1000, rss_mib(echo.pid)
+    return start_s * 1000, (time.perf_counter() - started) * 1000
 
 
-def stop_deaf(daemon, count):
+def floor_start_stop(count, echo):
+    """floor_cycle, and the echo server's RSS."""
+    return (*floor_cycle(count), rss_mib(echo.pid))
+
+
+def stop_deaf(daemon, count, name="deaf", arg=DEAF_ARG, pause=0.001):
     """Start N children that ignore SIGTERM; ms from the stop request until
-    all are reaped.  The start is waited for: circusd refuses a command
-    while its start is still running."""
-    daemon.start("deaf", wait=True)
-    _, pids = execd(daemon.pid, DEAF_ARG, count, time.perf_counter())
+    all are reaped, looking every ``pause`` s.  The start is waited for:
+    circusd refuses a command while its start is still running."""
+    daemon.start(name, wait=True)
+    _, pids = execd(daemon.pid, arg, count, time.perf_counter(), pause=pause)
     started = time.perf_counter()
-    daemon.stop("deaf")
-    return reaped(daemon.pid, pids, started) * 1000
+    daemon.stop(name)
+    return reaped(daemon.pid, pids, started, pause) * 1000
 
 
 def floor_stop_deaf(count):
@@ -1375,6 +1507,226 @@ def clean_orphans(suite, daemons, home, before):
         suite.notes.append(f"13-14. minisup left cgroups {ours} (killed, removed)")
 
 
+def scale_cycle(daemon, count):
+    """15-16 on ``daemon``: start N until all have exec'd, then stop until
+    all are reaped: ms, ms; or, if the start stalls, its Stalled sample
+    twice (with the ms it took to stop those it had started)."""
+    started = time.perf_counter()
+    daemon.start("scale")
+    start_s, pids = execd_or_stall(daemon.pid, SCALE_ARG, count, started)
+    stalled = isinstance(start_s, Stalled)
+    if stalled:  # all that run now, a late one too
+        pids = {p for p in children(daemon.pid) if sleep_arg(p) == SCALE_ARG}
+    started = time.perf_counter()
+    daemon.stop("scale")
+    stop_s = reaped(daemon.pid, pids, started, SCALE_PAUSE)
+    if stalled:
+        start_s.stop_ms = stop_s * 1000
+        return start_s, start_s
+    return start_s * 1000, stop_s * 1000
+
+
+def run_scale_shared(suite):
+    """15-16: start and stop N (2000) on the three daemons; then a note on
+    each stall."""
+    count, reps = suite.settings.scale_all, suite.settings.scale_reps
+    labels = (suite.row(f"15. start {count}, stock fd limit", "ms"),
+              suite.row(f"16. stop {count} until reaped", "ms"))
+    print(f"15-16. start/stop {count}, soft fd limit {STOCK_NOFILE}: {reps} cycles each",
+          file=sys.stderr)
+    note_limits(suite, "15-16")
+    repeat(suite, labels, reps, lambda d: scale_cycle(d, count), lambda: floor_cycle(count),
+           lambda d: d.wait_gone("scale", SCALE_ARG))
+    for name, samples in suite.rows[labels[1]].items():
+        stalls = [s for s in samples if isinstance(s, Stalled)]
+        if stalls:
+            reached = ", ".join(f"{s.count}" for s in stalls)
+            stops = ", ".join(f"{s.stop_ms:.0f}" for s in stalls)
+            suite.notes.append(f"15-16. {name} stalled (no new child for {STALL:g} s) in "
+                               f"{len(stalls)} of {len(samples)} runs, at {reached} of "
+                               f"{count}; stopping those took {stops} ms")
+
+
+def note_limits(suite, rows):
+    """Note the RLIMIT_NOFILE each daemon has now: started with the stock
+    soft limit, minisup raises its own to the hard one."""
+    own = "/".join(map(str, resource.getrlimit(resource.RLIMIT_NOFILE)))
+    texts = []
+    for daemon in suite.alive():
+        try:
+            texts.append(f"{daemon.name} {open_files_limit(daemon.pid)}")
+        except (OSError, RuntimeError) as exc:
+            texts.append(f"{daemon.name} unknown ({exc})")
+    suite.notes.append(f"{rows}. daemons started with the soft fd limit {STOCK_NOFILE} "
+                       f"(hard unchanged; this script's {own}); soft/hard now: "
+                       + ", ".join(texts))
+
+
+def big_rows(suite, count):
+    """The rows 17-24 (minisup alone), by what they measure."""
+    window = suite.settings.idle
+    return {"start": suite.row(f"17. start {count} until exec'd", "ms"),
+            "cost": suite.row(f"18. start {count}: per process", "ms"),
+            "stop": suite.row(f"19. stop {count} until reaped", "ms"),
+            "deaf": suite.row(f"20. stop {count} deaf, grace 1 s", "ms"),
+            "idle": suite.row(f"21. idle CPU, {count} procs, {window:g} s", "s"),
+            "rss": suite.row(f"22. daemon RSS with {count}", "MiB"),
+            "status": suite.row(f"23. status command, {count} procs", "ms"),
+            "respawn": suite.row(f"24. respawn, kill -9 1 of {count}", "ms")}
+
+
+def run_scale_big(suite):
+    """17-24 on a minisup alone: start N, then with them running idle CPU,
+    status commands, respawns, RSS, then stop; then N deaf, stopped."""
+    count, kills = suite.settings.scale, suite.settings.kills
+    rows = big_rows(suite, count)
+    print(f"17-24. minisup alone, {count} processes: one run each, {kills} kills for 24",
+          file=sys.stderr)
+    note_limits(suite, "17-24")
+    suite.notes.append(f"17-24. minisup alone (circusd and supervisord not run at {count}), "
+                       "one run each")
+    for daemon in suite.alive():
+        victims = big_start(suite, daemon, rows, count)
+        if victims:
+            big_running(suite, daemon, rows, victims)
+        else:
+            for key in ("idle", "status", "respawn", "rss", "stop"):
+                suite.skips[(rows[key], daemon.name)] = f"the start of {count} did not end"
+            daemon.wait_gone("big", BIG_ARG)
+        time.sleep(0.5)
+        if not attempt(suite, (rows["deaf"],), daemon.name,
+                       lambda d=daemon: stop_deaf(d, count, "bigdeaf", BIG_DEAF_ARG,
+                                                  SCALE_PAUSE)):
+            daemon.wait_gone("bigdeaf", BIG_DEAF_ARG)
+
+
+def big_start(suite, daemon, rows, count):
+    """17-18: start the N; their pids once all have exec'd, else None (the
+    cells say the failure or the stall)."""
+    found = {}
+
+    def measure():
+        """17 and 18, or the Stalled sample twice; keeps the pids."""
+        started = time.perf_counter()
+        daemon.start("big")
+        value, found["pids"] = execd_or_stall(daemon.pid, BIG_ARG, count, started)
+        if isinstance(value, Stalled):
+            return value, value
+        return value * 1000, value * 1000 / count
+
+    if not attempt(suite, (rows["start"], rows["cost"]), daemon.name, measure):
+        return None
+    if isinstance(suite.rows[rows["start"]][daemon.name][-1], Stalled):
+        return None
+    return found["pids"]
+
+
+def big_running(suite, daemon, rows, victims):
+    """19 and 21-24 with the N running: idle CPU, status commands, kills
+    (each of one of ``victims``, the first N), RSS, then the stop."""
+    name, settings = daemon.name, suite.settings
+    attempt(suite, (rows["idle"],), name, lambda: idle_window(suite, daemon, settings.idle))
+    for _ in range(settings.status_runs):
+        attempt(suite, (rows["status"],), name, lambda: status_command(daemon))
+    for _ in range(settings.kills):
+        time.sleep(0.5)
+        attempt(suite, (rows["respawn"],), name, lambda: respawn_one(daemon, victims))
+    attempt(suite, (rows["rss"],), name, lambda: big_rss(suite, daemon))
+    if not attempt(suite, (rows["stop"],), name, lambda: stop_big(daemon)):
+        daemon.wait_gone("big", BIG_ARG)
+
+
+def idle_window(suite, daemon, window):
+    """21: the daemon's CPU seconds over ``window`` s, 1 s after the start
+    (its helper's in the notes)."""
+    time.sleep(1.0)  # the start is over, the window is idle
+    watched = [p for p in (daemon.pid, helper(daemon)) if p]  # the helper if any
+    before = [cpu_seconds(p) for p in watched]
+    time.sleep(window)
+    used = [cpu_seconds(p) - b for p, b in zip(watched, before)]
+    if len(used) > 1:
+        suite.notes.append(f"21. CPU of {daemon.name}'s guardian, not counted above: "
+                           f"{used[1]:.2f} s")
+    return used[0]
+
+
+def respawn_one(daemon, victims):
+    """24: kill -9 one of ``victims`` (started long before: no crash-loop
+    backoff); ms until the daemon has a new child that has exec'd ``sleep
+    BIG_ARG``.  The new pids are read from ns_last_pid, not from a walk of
+    the N children (some 4 ms at 10000)."""
+    old = victims.pop()
+    last, pending = last_pid(), set()
+    started = time.perf_counter()
+    os.kill(old, signal.SIGKILL)
+    while time.perf_counter() - started < LIMIT:
+        newest = last_pid()
+        pending.update(pids_after(last, newest))
+        last = newest
+        if newborn(daemon.pid, BIG_ARG, pending):
+            return (time.perf_counter() - started) * 1000
+    raise RuntimeError(f"no respawn within {LIMIT:g}s")
+
+
+def newborn(parent, arg, pending):
+    """The first of ``pending`` (new pids) that is a child of ``parent``
+    and has exec'd ``sleep arg``, or None; drops from ``pending`` the pids
+    of others (one not in /proc yet stays: it may be being born)."""
+    for pid in sorted(pending):
+        fields = stat_fields(pid)
+        if fields is None:
+            continue
+        if int(fields[1]) != parent:
+            pending.discard(pid)
+        elif sleep_arg(pid) == arg:
+            return pid
+    return None
+
+
+def big_rss(suite, daemon):
+    """22: VmRSS with the N running (after 21, 23 and 24); VmHWM noted."""
+    rss = rss_mib(daemon.pid)
+    suite.notes.append(f"22. {daemon.name} peak RSS (VmHWM) {rss_mib(daemon.pid, 'VmHWM'):.1f} "
+                       "MiB")
+    return rss
+
+
+def stop_big(daemon):
+    """19: ms from the stop request until every running child is reaped."""
+    pids = {p for p in children(daemon.pid) if sleep_arg(p) == BIG_ARG}
+    started = time.perf_counter()
+    daemon.stop("big")
+    return reaped(daemon.pid, pids, started, SCALE_PAUSE) * 1000
+
+
+def note_start_cost(suite):
+    """18's note: each daemon's start cost per process (median ms / N) at
+    every N measured (3, 15, 17)."""
+    settings = suite.settings
+    sizes = (("3", settings.count), ("15", settings.scale_all), ("17", settings.scale))
+    texts = []
+    for name in NAMES:
+        costs = []
+        for number, count in sizes:
+            cells = [c for label, c in suite.rows.items() if label.startswith(f"{number}. ")]
+            samples = [v for c in cells for v in c.get(name, []) if isinstance(v, float)]
+            if samples:
+                costs.append(f"{statistics.median(samples) / count:.3f} at {count} ({number})")
+        if costs:
+            texts.append(f"{name} " + ", ".join(costs))
+    suite.notes.append("18. start cost per process, ms at N (row): " + "; ".join(texts))
+
+
+def run_scale(suite):
+    """15-24, every daemon started with the stock soft fd limit: 15-16 on
+    the three, then 17-24 on a minisup alone."""
+    with daemons_for(suite, "scale", scale_programs, launcher=STOCK_LIMIT):
+        run_scale_shared(suite)
+    with daemons_for(suite, "big", big_programs, ("minisup",), STOCK_LIMIT):
+        run_scale_big(suite)
+    note_start_cost(suite)
+
+
 def run_base(suite):
     """Scenarios 1-5, 7 and 12: one set of daemons, and the echo server."""
     echo = Echo(suite.top)
@@ -1410,18 +1762,22 @@ def run_all(suite):
             run_capture(suite, suite.settings.data, suite.top)
     if "orphans" in chosen:
         run_orphans(suite)
+    if "scale" in chosen:
+        run_scale(suite)
 
 
 @contextlib.contextmanager
-def daemons_for(suite, tag, make_programs):
-    """Fresh daemons for a group of scenarios, each with a config of only
-    ``make_programs(folder, settings)``, in folders under the one yielded;
-    stopped (and their children checked) after."""
+def daemons_for(suite, tag, make_programs, names=NAMES, launcher=()):
+    """Fresh daemons (those of ``names`` that are installed) for a group of
+    scenarios, each with a config of only ``make_programs(folder,
+    settings)``, in folders under the one yielded, each started through
+    ``launcher`` (an argv prefix); stopped (and their children checked)
+    after."""
     top = os.path.join(suite.top, tag)
     os.mkdir(top)
     suite.daemons = []
     try:
-        start_daemons(top, suite, make_programs)
+        start_daemons(top, suite, make_programs, names, launcher)
         yield top
     finally:
         for daemon in suite.daemons:
@@ -1459,6 +1815,10 @@ def table(suite):
             if survived:
                 line.append(survivors_text(survived, len(samples)))
                 continue
+            stalled = [s for s in samples if isinstance(s, Stalled)]
+            if stalled:
+                line.append(stalled_text(stalled, len(samples)))
+                continue
             if not samples:
                 line.append(empty_cell(suite, label, name))
                 continue
@@ -1478,6 +1838,19 @@ def survivors_text(counts, runs):
     text = f"{max(counts)} of {ORPHANS} survive"
     if len(counts) < runs:
         text += f" ({len(counts)} of {runs} runs)"
+    return text
+
+
+def stalled_text(stalls, runs):
+    """A cell of 15-18 where some start stalled: how far it got, and in
+    how many runs if not all."""
+    reached = sorted({s.count for s in stalls})
+    text = f"stalls at {reached[0]}"
+    if len(reached) > 1:
+        text += f"-{reached[-1]}"
+    text += f" of {stalls[0].total}"
+    if len(stalls) < runs:
+        text += f" ({len(stalls)} of {runs} runs)"
     return text
 
 
@@ -1522,7 +1895,8 @@ def report(suite, args, began):
     print(f"minisup {minisup.__version__} vs circusd 0.19.0 vs supervisord 4.3.0; "
           f"N={s.count}, {s.reps} repetitions ({s.calls} calls for 1, "
           f"{CLIENTS}x{s.requests} requests for 2, {s.kills} kills for 7, {s.crash_reps} "
-          f"runs for 8, {s.status_runs} runs for 12, {s.orphan_reps} runs for 13-14); "
+          f"runs for 8, {s.status_runs} runs for 12, {s.orphan_reps} runs for 13-14, "
+          f"{s.scale_reps} for 15-16 at N={s.scale_all}, 1 for 17-23 at N={s.scale}); "
           "median (min-max)")
     head, lines = table(suite)
     print(rst(head, lines) if args.rst else plain(head, lines))
@@ -1545,27 +1919,34 @@ def settings_for(args):
         calls=300 if quick else 1000, requests=500 if quick else 2000,
         kills=3 if quick else 5, crash_reps=2 if quick else 3, window=5.0,
         idle=10.0 if quick else 30.0, mib=50 if quick else 200, status_runs=5,
-        orphan_reps=2 if quick else 3, only=tuple(args.only or GROUPS))
+        orphan_reps=2 if quick else 3, only=tuple(args.only or GROUPS),
+        scale=args.scale or (2000 if quick else 10000),
+        scale_all=args.scale_all or (500 if quick else 2000),
+        scale_reps=1 if quick else min(args.reps or 3, 3))
 
 
-def start_daemons(top, suite, make_programs):
+def start_daemons(top, suite, make_programs, names=NAMES, launcher=()):
+    """Start minisup, circusd and supervisord (those of ``names`` that are
+    installed), in that order, each through ``launcher``."""
     def folder(name):
         path = os.path.join(top, name)
         os.mkdir(path)
         return path, make_programs(path, suite.settings)
 
-    path, progs = folder("minisup")
-    suite.daemons.append(Circusish("minisup", [PYTHON, "-m", "minisup", "run"], path, progs,
-                                   [PYTHON, "-m", "minisup", "ctl"]))
-    if "circusd" not in suite.missing:
+    wanted = [n for n in names if n not in suite.missing]
+    if "minisup" in wanted:
+        path, progs = folder("minisup")
+        suite.daemons.append(Circusish("minisup", [*launcher, PYTHON, "-m", "minisup", "run"],
+                                       path, progs, [PYTHON, "-m", "minisup", "ctl"]))
+    if "circusd" in wanted:
         path, progs = folder("circusd")
-        suite.daemons.append(Circusish("circusd", [f"{ANCHORS}/circus/bin/circusd"], path,
-                                       progs, [f"{ANCHORS}/circus/bin/circusctl"],
+        suite.daemons.append(Circusish("circusd", [*launcher, f"{ANCHORS}/circus/bin/circusd"],
+                                       path, progs, [f"{ANCHORS}/circus/bin/circusctl"],
                                        extra=f"multicast_endpoint =\n"
                                        f"stats_endpoint = ipc://{path}/stats.sock\n"))
-    if "supervisord" not in suite.missing:
+    if "supervisord" in wanted:
         path, progs = folder("supervisord")
-        suite.daemons.append(Supervisord(path, progs))
+        suite.daemons.append(Supervisord(path, progs, launcher))
 
 
 def missing_anchors():
@@ -1578,12 +1959,17 @@ def main():
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--quick", action="store_true",
                         help="N=100, 3 repetitions, fewer calls, kills and runs, "
-                             "10 s idle, 50 MiB capture")
+                             "10 s idle, 50 MiB capture, scale 500 and 2000")
     parser.add_argument("--processes", type=int, help="N (default 500, --quick 100)")
     parser.add_argument("--reps", type=int, help="repetitions (default 5, --quick 3)")
+    parser.add_argument("--scale", type=int, metavar="N",
+                        help="N of 17-24, minisup alone (default 10000, --quick 2000)")
+    parser.add_argument("--scale-all", type=int, metavar="N",
+                        help="N of 15-16, all three (default 2000, --quick 500)")
     parser.add_argument("--rst", action="store_true", help="print the table as RST")
     parser.add_argument("--only", nargs="+", choices=GROUPS, metavar="GROUP",
-                        help="run only these groups of scenarios: " + ", ".join(GROUPS))
+                        help="run only these groups of scenarios: "
+                             + ", ".join(f"{g} ({GROUP_ROWS[g]})" for g in GROUPS))
     parser.add_argument("--worker", nargs="+", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.worker:
