@@ -29,6 +29,7 @@ import errno
 import io
 import itertools
 import json
+import logging
 import os
 import pathlib
 import pwd
@@ -1842,6 +1843,24 @@ def test_a_child_forking_in_a_loop_through_the_stop_leaves_nothing(contained_dae
     wait_for(lambda: len(marked(str(folder))) >= 10, what="the loop to fork ten orphans")
     assert daemon.client.call("stop", name="loop", waiting=True)["status"] == "ok"
     assert marked(str(folder)) == set()
+
+
+def test_deaf_children_forking_through_a_stop_die_in_one_watcher_wide_kill(
+        contained_daemon, tmp_path, caplog):
+    """Three such children, all past their grace period together: the
+    watcher's own cgroup is killed in one write, which takes every one and
+    all they forked, and one warning names them."""
+    folder = family_folder(tmp_path)
+    daemon = contained_daemon(f"[watcher:loop]\n{script_cmd(folder, FORK_LOOP)}"
+                              "graceful_timeout = 0.3\nnumprocesses = 3\n")
+    pids = daemon.client.call("list", name="loop")["pids"]
+    wait_for(lambda: len(marked(str(folder))) >= 30, what="the loops to fork thirty orphans")
+    with caplog.at_level(logging.WARNING, logger="minisup"):
+        assert daemon.client.call("stop", name="loop", waiting=True)["status"] == "ok"
+    assert marked(str(folder)) == set()
+    warnings = [r.getMessage() for r in caplog.records if "grace period" in r.getMessage()]
+    assert len(warnings) == 1 and warnings[0].startswith("loop: 3 outlived"), warnings
+    assert all(str(pid) in warnings[0] for pid in pids)
 
 
 #: The child forks a helper that moves to a process group of its own
