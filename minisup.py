@@ -6990,6 +6990,12 @@ def build_view(arbiter: Arbiter, seq: int) -> View:
 
 #: Requests read per poll wake-up before replies are flushed (fairness).
 RECEIVE_BATCH = 256
+# pyzmq's flags and options are enum members, and each | or & of one runs
+# Python code (a tenth of a ``list`` round trip): plain ints on the hot path.
+NOBLOCK = int(zmq.NOBLOCK)
+NOBLOCK_MORE = int(zmq.NOBLOCK | zmq.SNDMORE)
+POLLIN = int(zmq.POLLIN)
+EVENTS = int(zmq.EVENTS)
 
 
 class NotFinite(ValueError):
@@ -7010,14 +7016,18 @@ def _refuse_constant(name: str) -> float:
     raise NotFinite(f"{name} is not a JSON number")
 
 
+#: Strict JSON, made once: json.loads with these hooks would make a decoder
+#: (and its scanner) per request.
+REQUEST_DECODER = json.JSONDecoder(parse_float=_finite_float, parse_constant=_refuse_constant)
+
+
 def decode_request(body: bytes, limit: int = 1 << 20) -> dict[str, Any]:
     """Parse one request frame into a dict; raise MinisupError if it is not
     a JSON object of at most ``limit`` bytes, strict JSON (no NaN)."""
     if len(body) > limit:
         raise MessageError(f"message too large ({len(body)} bytes, limit {limit})")
     try:
-        message = json.loads(body.decode(), parse_float=_finite_float,
-                             parse_constant=_refuse_constant)
+        message = REQUEST_DECODER.decode(body.decode())
     except NotFinite as exc:
         raise MinisupError(f"json invalid: {exc}", INVALID_JSON) from None
     except (ValueError, RecursionError):
@@ -7694,8 +7704,8 @@ class Controller:
         """Track the topics someone subscribes to: the XPUB tells of each
         topic's first subscriber (``\\x01`` TOPIC) and of its last (``\\x00``)."""
         topics = set(self.subscribed)
-        while sock.getsockopt(zmq.EVENTS) & zmq.POLLIN:  # then a recv cannot fail
-            message = sock.recv(zmq.NOBLOCK)
+        while sock.getsockopt(EVENTS) & POLLIN:  # then a recv cannot fail
+            message = sock.recv(NOBLOCK)
             if message[:1] == b"\x01":
                 topics.add(message[1:])
             else:
@@ -7717,9 +7727,9 @@ class Controller:
         zmq.Again: an exception per wake-up costs); a ROUTER that says so
         holds it already, so the recv cannot fail."""
         for _ in range(RECEIVE_BATCH):
-            if not sock.getsockopt(zmq.EVENTS) & zmq.POLLIN:
+            if not sock.getsockopt(EVENTS) & POLLIN:
                 return
-            frames = sock.recv_multipart(zmq.NOBLOCK)
+            frames = sock.recv_multipart(NOBLOCK)
             try:
                 self._handle(frames)
             except Exception as exc:  # noqa: BLE001 - a bug must not silence the daemon
@@ -7787,8 +7797,8 @@ class Controller:
         sock = self._sockets[role]  # send per frame: pyzmq's send_multipart costs more
         try:
             for frame in frames[:-1]:
-                sock.send(frame, zmq.NOBLOCK | zmq.SNDMORE)
-            sock.send(frames[-1], zmq.NOBLOCK)
+                sock.send(frame, NOBLOCK_MORE)
+            sock.send(frames[-1], NOBLOCK)
         except zmq.ZMQError as exc:  # a client that stopped reading: never block
             logger.debug("%s message dropped: %s", role, exc)
 
