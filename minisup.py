@@ -37,12 +37,14 @@ shared state.
 Two references are shared on purpose, each an immutable value swapped
 whole by one thread and read by others: ``Controller.view`` (written by
 the worker) and ``Controller.subscribed`` (written by the controller, read
-to skip events no one wants).  Everything else crosses by a queue.  Two
+to skip events no one wants).  Everything else crosses by a queue.  Three
 locks exist.  ``PLACEMENT.lock``: a process sits in one cgroup, so the
-worker threads of several Daemons in one process take turns moving it
+spawner threads of several Daemons in one process take turns moving it
 into a new child's cgroup for the fork (see Cgroups).  ``HOOK_IMPORT_LOCK``:
 the threads that run Circus's hooks (see Hooks; each hands its outcome
 back by a queue) take turns loading a hook module from the config folder.
+``GC_HOLD``'s: the spawner threads hold the garbage collector off while
+they run Python in their private fd tables (see Spawner).
 
 Life of a process
 -----------------
@@ -2464,6 +2466,8 @@ def process_stats(pid: int, children: bool = False) -> dict[str, Any] | str:
 
 #: unshare(2)'s flag for a private copy of the fd table (<sched.h>).
 CLONE_FILES = 0x400
+#: How often (s) the worker, waiting for a spawn, checks the spawner lives.
+SPAWNER_CHECK = 1.0
 
 
 def unshare_fd_table() -> bool:
@@ -2481,7 +2485,7 @@ def unshare_fd_table() -> bool:
 def _stdio_files() -> list[tuple[int, int] | None]:
     """Which file each of fds 0-2 is in this process's (shared) table, as
     (device, inode), None where it is closed: what the Spawner's copies
-    must match."""
+    must match.  On the worker, for Spawner.launch."""
     files: list[tuple[int, int] | None] = []
     for fd in (0, 1, 2):
         try:
@@ -2491,6 +2495,44 @@ def _stdio_files() -> list[tuple[int, int] | None]:
             continue
         files.append((info.st_dev, info.st_ino))
     return files
+
+
+#: The most fds one SCM_RIGHTS message carries (the kernel's SCM_MAX_FD).
+MAX_FDS_PER_MESSAGE = 253
+
+
+class GcHold:
+    """Holds the garbage collector off while any Spawner runs Python: a
+    finalizer of another thread's object run there would close or write an
+    fd of the spawner's own table, not the one it meant.  One per process,
+    ``GC_HOLD``, shared on purpose by every Daemon's spawner thread: its
+    lock (one of the module's three) keeps the count and gc's state together, and
+    gc is enabled again only if it was when the first hold began."""
+
+    def __init__(self) -> None:
+        """No hold yet: made once, at import."""
+        self._lock = threading.Lock()
+        self._holds = 0
+        self._was_enabled = False
+
+    @contextlib.contextmanager
+    def held(self) -> Iterator[None]:
+        """Keep gc off for the with-block; any thread, never blocks long."""
+        with self._lock:
+            if not self._holds:
+                self._was_enabled = gc.isenabled()
+                gc.disable()
+            self._holds += 1
+        try:
+            yield
+        finally:
+            with self._lock:
+                self._holds -= 1
+                if not self._holds and self._was_enabled:
+                    gc.enable()
+
+
+GC_HOLD = GcHold()
 
 
 class Spawner:
@@ -2504,13 +2546,14 @@ class Spawner:
     nothing but its table.  The fds a child inherits (stdio, its sockets)
     cross over a socketpair (SCM_RIGHTS) and take the numbers they have in
     the daemon's table, so ``$(circus.sockets.NAME)`` and ``listsockets``
-    agree; its pipes' read ends cross back.  The garbage collector is held
-    off while this thread runs Python: a finalizer of another thread's
-    object must never close or write an fd of this table."""
+    agree; its pipes' read ends cross back.  The fds go before the call
+    that needs them, so a failed send never leaves the two out of step.
+    Garbage collection is held off while this thread runs Python (GC_HOLD)."""
 
     def __init__(self) -> None:
         """Start the thread and wait until its table is its own; raise
-        OSError if it cannot be (then the worker forks itself)."""
+        OSError if it cannot be (then the worker forks itself).  By the
+        Daemon on the main thread, before the worker runs."""
         self._calls: queue.SimpleQueue[tuple[list[int], list[int], tuple[Any, ...]] | None]
         self._calls = queue.SimpleQueue()
         self._results: queue.SimpleQueue[Any] = queue.SimpleQueue()
@@ -2526,36 +2569,66 @@ class Spawner:
                capture: bool, extra_env: dict[str, str] | None,
                birthplace: contextlib.AbstractContextManager | None,
                ) -> tuple[subprocess.Popen, dict[str, int]]:
-        """launch_child on the spawner's thread, for the worker, which it
-        blocks until the child has exec'd; the pipes come back as fds of
-        the daemon's table.  Raise what launch_child raises, or OSError if
-        the read ends cannot cross (the child is then killed)."""
-        named = {name: sock for name, sock in (sockets or {}).items()}
-        needed = _inherited_fds(config, named)
-        if config.stdin_socket and config.stdin_socket.lower() in named:
-            needed.append(named[config.stdin_socket.lower()].fileno())
+        """launch_child on the spawner's thread, for the worker thread,
+        which it blocks until the child has exec'd; the pipes come back as
+        fds of the daemon's table.  Raise what launch_child raises, or
+        OSError if the fds cannot cross (the child, if any, is killed).
+        More fds than one message carries, or a spawner thread gone: the
+        worker forks itself."""
+        args = (config, wid, sockets, capture, extra_env, birthplace)
+        needed = self._sockets_needed(config, sockets or {})
         stdio = _stdio_files()
         if stdio != self._stdio:  # the daemon's stdio changed (or this is the first)
-            needed += [fd for fd, file in enumerate(stdio) if file is not None]
-        needed = sorted(set(needed))
-        closed = [fd for fd, file in enumerate(stdio) if file is None]
-        self._stdio = stdio
-        self._calls.put((needed, closed, (config, wid, sockets, capture, extra_env, birthplace)))
+            needed = sorted({*needed, *(fd for fd, file in enumerate(stdio) if file)})
+        if len(needed) > MAX_FDS_PER_MESSAGE or not self._thread.is_alive():
+            return launch_child(*args)
+        self._stdio = []  # until the spawner has placed them: sent again if it fails
         if needed:
-            socket.send_fds(self._ours, [b"f"], needed)
-        outcome = self._results.get()
+            socket.send_fds(self._ours, [b"f"], needed)  # before the call: see the class
+        closed = [fd for fd, file in enumerate(stdio) if file is None]
+        self._calls.put((needed, closed, args))
+        outcome = self._outcome()
         if isinstance(outcome, BaseException):
-            self._stdio = []  # placed or not: sent again next time
             raise outcome
+        self._stdio = stdio
         popen, streams = outcome
         if not streams:
             return popen, {}
-        _, fds, flags, _ = socket.recv_fds(self._ours, 1, len(streams))
-        if len(fds) < len(streams) or flags & socket.MSG_CTRUNC:  # out of fds here
+        return popen, dict(zip(streams, self._receive_pipes(popen, len(streams))))
+
+    @staticmethod
+    def _sockets_needed(config: WatcherConfig, sockets: dict[str, socket.socket]) -> list[int]:
+        """The daemon's fds of the sockets a child of ``config`` inherits."""
+        needed = _inherited_fds(config, sockets)
+        if config.stdin_socket and config.stdin_socket.lower() in sockets:
+            needed.append(sockets[config.stdin_socket.lower()].fileno())
+        return sorted(set(needed))
+
+    def _outcome(self) -> Any:
+        """The spawner's answer to the call just queued; on the worker,
+        blocking until it comes, or raising OSError if the thread died."""
+        while True:
+            with contextlib.suppress(queue.Empty):
+                return self._results.get(timeout=SPAWNER_CHECK)
+            if not self._thread.is_alive():
+                raise OSError(errno.ECHILD, "the spawner thread is gone")
+
+    def _receive_pipes(self, popen: subprocess.Popen, count: int) -> list[int]:
+        """The read ends of a new child's ``count`` pipes, as fds of the
+        daemon's table, close-on-exec; on the worker.  If they do not all
+        arrive (no fd left here), kill the child and raise OSError."""
+        try:
+            _, fds, flags, _ = socket.recv_fds(self._ours, 1, count)
+        except OSError:
+            kill_failed_spawn(popen)
+            raise
+        for fd in fds:
+            os.set_inheritable(fd, False)  # recv_fds takes no MSG_CMSG_CLOEXEC
+        if len(fds) < count or flags & socket.MSG_CTRUNC:
             close_fds(fds)
             kill_failed_spawn(popen)
             raise OSError(errno.EMFILE, "Too many open files (a child's output pipes)")
-        return popen, dict(zip(streams, fds))
+        return fds
 
     def close(self) -> None:
         """End the thread (its table, and every fd in it, goes with it) and
@@ -2567,23 +2640,24 @@ class Spawner:
 
     def _run(self) -> None:
         """The spawner thread: make its table private and empty, then run
-        each call the worker queues, until a None."""
-        private = unshare_fd_table()
-        if private:  # keep 0-2 and our end: every other fd here is a copy
-            keep = self._theirs.fileno()
-            os.closerange(3, keep)
-            os.closerange(keep + 1, resource.getrlimit(resource.RLIMIT_NOFILE)[1])
+        each call the worker queues, until a None.  Never raises: a failure
+        is the call's answer."""
+        with GC_HOLD.held():
+            private = unshare_fd_table()
+            if private:  # keep 0-2 and our end: every other fd here is a copy
+                keep = self._theirs.fileno()
+                os.closerange(3, keep)
+                os.closerange(keep + 1, resource.getrlimit(resource.RLIMIT_NOFILE)[1])
         self._results.put(private)
         if not private:
             return
         while (call := self._calls.get()) is not None:
-            collecting = gc.isenabled()
-            gc.disable()
-            try:
-                self._results.put(self._launch_here(*call))
-            finally:
-                if collecting:
-                    gc.enable()
+            with GC_HOLD.held():
+                try:
+                    outcome = self._launch_here(*call)
+                except BaseException as exc:  # noqa: BLE001 - raised by launch, on the worker
+                    outcome = exc
+            self._results.put(outcome)
 
     def _launch_here(self, needed: list[int], closed: list[int], args: tuple[Any, ...]) -> Any:
         """On the spawner's thread: place the fds the worker sent under the
@@ -2596,7 +2670,10 @@ class Spawner:
         except BaseException as exc:  # noqa: BLE001 - raised by launch, on the worker
             return exc
         finally:
-            close_fds(fd for fd in needed if fd > 2)
+            for fd in needed:
+                if fd > 2:
+                    with contextlib.suppress(OSError):  # placed or not
+                        os.close(fd)
         try:
             if pipes:
                 socket.send_fds(self._theirs, [b"p"], list(pipes.values()))
@@ -2608,15 +2685,18 @@ class Spawner:
         return popen, list(pipes)
 
     def _place(self, needed: list[int], closed: list[int]) -> None:
-        """Receive the worker's copies of the fds ``needed`` and put each
-        under its number; close the std streams the daemon has ``closed``.
-        Raise OSError."""
+        """On the spawner's thread: receive the worker's copies of the fds
+        ``needed`` and put each under its number; close the std streams
+        the daemon has ``closed``.  Raise OSError."""
         for fd in closed:
             with contextlib.suppress(OSError):
                 os.close(fd)
         if not needed:
             return
-        _, received, _, _ = socket.recv_fds(self._theirs, 1, len(needed))
+        _, received, flags, _ = socket.recv_fds(self._theirs, 1, len(needed))
+        if len(received) != len(needed) or flags & socket.MSG_CTRUNC:
+            close_fds(received)
+            raise OSError(errno.EMFILE, "the fds a child inherits did not all arrive")
         # Above every number needed first: a received fd may sit on one.
         above = [fcntl.fcntl(fd, fcntl.F_DUPFD_CLOEXEC, needed[-1] + 1) for fd in received]
         close_fds(received)
@@ -2738,7 +2818,8 @@ def is_populated(folder: str) -> bool:
 
 def holds_this_process(folder: str) -> bool:
     """Whether this process sits in the cgroup ``folder`` or below it,
-    from /proc/self: a few reads, however many cgroups are below."""
+    from /proc/self: a few reads, however many cgroups are below.  Any
+    thread (kill_cgroup's, the worker's)."""
     mount = cgroup2_mount()
     own = cgroup_path()
     if mount is None or own is None:
@@ -2854,8 +2935,9 @@ def remove_stale_subtrees(folder: str) -> None:
 class Placement:
     """Moves this whole process (all its threads: cgroup v2 places
     processes) into a child's cgroup for its fork, and back.  One per
-    process, ``PLACEMENT``, shared on purpose by the worker threads of every
-    Daemon in it: its lock (the module's one) keeps two spawns' moves apart.
+    process, ``PLACEMENT``, shared on purpose by the spawner threads (or
+    workers, see Spawner) of every Daemon in it: its lock keeps two spawns'
+    moves apart.
     A process another thread of a host program forks meanwhile (well under
     a millisecond) would start in that cgroup too."""
 
@@ -2881,6 +2963,8 @@ PLACEMENT = Placement()
 
 #: The most emptied cgroups the worker removes in one turn (see CgroupTree.discard).
 DISCARD_BATCH = 200
+#: So many waiting, they are removed even on a turn with deaths.
+DISCARD_BACKLOG = 2000
 
 
 class CgroupTree:
@@ -2945,16 +3029,20 @@ class CgroupTree:
         death (see remove_discarded): an rmdir while thousands of stopped
         processes are still exiting waits on the kernel's cgroup locks
         (0.3-0.6 ms each here, 0.03 ms once they are gone), and nothing
-        waits for it."""
+        waits for it.  On the worker."""
         self._discarded.append(folder)
 
-    def remove_discarded(self, count: int = DISCARD_BATCH) -> bool:
-        """Remove up to ``count`` discarded cgroups (one a process of ours
-        entered meanwhile is awaited, as remove_when_empty does); whether
-        some are left.  The worker calls it each turn; never blocks."""
+    @property
+    def discarded(self) -> int:
+        """How many discarded cgroups wait to be removed."""
+        return len(self._discarded)
+
+    def remove_discarded(self, count: int = DISCARD_BATCH) -> None:
+        """Remove up to ``count`` discarded cgroups, oldest first (one a
+        process of ours entered meanwhile is awaited, as remove_when_empty
+        does).  The worker calls it each turn; never blocks."""
         for _ in range(min(count, len(self._discarded))):
             self.remove_when_empty(self._discarded.popleft())
-        return bool(self._discarded)
 
     def remove_when_empty(self, folder: str) -> bool:
         """Remove a dead child's cgroup, or await it if a process is still
@@ -3420,8 +3508,9 @@ class Pipe:
 
 def _lines_start(data: bytes | bytearray, end: int, count: int) -> int:
     """Where the last ``count`` whole lines of ``data[:end]`` begin (0 if
-    it holds fewer): for TailBuffer, which looks at a window of the end
-    that grows until it holds them, not at the whole chunk."""
+    it holds fewer): for TailBuffer on the output thread, which looks at a
+    window of the end that grows until it holds them, not at the whole
+    chunk."""
     window = count * TAIL_LINE_BYTES
     while True:
         start = max(end - window, 0)
@@ -4516,7 +4605,7 @@ class Watcher:
 
 #: Held while a hook thread loads a module from the config folder (two hook
 #: threads must not run one module's code twice, nor see it half run); the
-#: modules on sys.path have importlib's own locks.  One of the module's two
+#: modules on sys.path have importlib's own locks.  One of the module's three
 #: locks (see the docstring's Threads).
 HOOK_IMPORT_LOCK = threading.Lock()
 #: How long a Daemon's stop waits for the threads of hooks past their timeout.
@@ -5388,7 +5477,6 @@ class Arbiter:
         self.respawn_histogram = Histogram(RESPAWN_BUCKETS)  # death seen to new child, s
         self._hooks_deadline: float | None = None  # a quit waits for hooks until then
         self._next_sweep = 0.0  # the next periodic sweep for orphans (see _sweep_turn)
-        self._discards_left = False  # emptied cgroups wait to be removed (CgroupTree.discard)
         self._deaths_this_turn = False  # then they wait on: the deaths go first
         folder = None
         if config.source is not None:
@@ -5488,8 +5576,10 @@ class Arbiter:
         now = self.clock()
         self.hooks.expire(now)
         self.manage_watchers(now)
-        if self.cgroups is not None and not self._deaths_this_turn:  # see discard
-            self._discards_left = self.cgroups.remove_discarded()
+        # Removals wait for a turn with no death (see discard), or a backlog.
+        if self.cgroups is not None and (not self._deaths_this_turn
+                                         or self.cgroups.discarded > DISCARD_BACKLOG):
+            self.cgroups.remove_discarded()
         # The dict's view, not a list: most ticks, with no systemd, read none of it.
         self.systemd.report(now, self.watchers.values(), self._quit_stages is not None)
         self._bound_hook_wait(now)
@@ -5529,8 +5619,8 @@ class Arbiter:
         if self.config.check_delay > 0:
             waits.append(self.config.check_delay)
         timeout = min([LONGEST_WAIT, *waits])
-        if self._discards_left:  # emptied cgroups to remove: the next turn at once
-            return 0.0
+        if self.cgroups is not None and self.cgroups.discarded:  # see CgroupTree.discard
+            return 0.0  # emptied cgroups to remove: the next turn at once
         if self.reaper.polling:
             return min(timeout, FALLBACK_POLL)
         return timeout
@@ -5595,21 +5685,21 @@ class Arbiter:
     def _kill_trees(self, watcher: Watcher, processes: list[Process],
                     tree: Callable[[], dict[int, list[int]]]) -> None:
         """SIGKILL children of ``watcher`` and all they started (Watcher's
-        ``kill_trees``).  When they are all it has and it is stopping, its
-        own cgroup goes in one write (cgroup.kill kills the whole subtree,
-        dead children's leftovers too, as a stop would): 10,000 deaf
-        children are not 10,000 reads and writes.  Else each one's tree."""
+        ``kill_trees``, on the worker).  When they are all it has and it is
+        stopping, its own cgroup goes in one write (cgroup.kill kills the
+        whole subtree, dead children's leftovers too, as a stop would):
+        10,000 deaf children are not 10,000 reads and writes.  Else, or if
+        that write fails, each one's tree."""
         whole = (self.cgroups is not None and watcher.state == STOPPING
                  and self.watchers.get(watcher.name) is watcher  # rm'd: its name may be reused
                  and len(processes) == len(watcher.processes) > 1)
-        if not whole:
+        if whole and self._kill_cgroup(self.cgroups.watcher_folder(watcher.name)):
             for process in processes:
-                self._kill_tree(process, tree)
+                process.killed = True
+                process.tree_killed = True
             return
-        for process in processes:
-            process.killed = True
-            process.tree_killed = True
-        self._kill_cgroup(self.cgroups.watcher_folder(watcher.name))
+        for process in processes:  # one by one (or the whole kill failed)
+            self._kill_tree(process, tree)
 
     def _kill_tree(self, process: Process, tree: Callable[[], dict[int, list[int]]]) -> None:
         """SIGKILL a child and all it started (for _kill_trees): its
@@ -5622,17 +5712,22 @@ class Arbiter:
         self._kill_cgroup(process.cgroup)
 
     def _remove_watcher_cgroup(self, watcher: Watcher) -> None:
-        """Remove the cgroup of a watcher ``rm`` took away, once stopped."""
+        """Remove the cgroup of a watcher ``rm`` took away, once stopped:
+        its dead children's cgroups first, discarded or not."""
         if self.cgroups is not None:
+            self.cgroups.remove_discarded(self.cgroups.discarded)
             with contextlib.suppress(OSError):  # never made, or re-added meanwhile
                 os.rmdir(self.cgroups.watcher_folder(watcher.name))
 
-    def _kill_cgroup(self, folder: str) -> None:
-        """SIGKILL what is in a child's cgroup; log if the kernel refuses."""
+    def _kill_cgroup(self, folder: str) -> bool:
+        """SIGKILL what is in a cgroup; whether it was done (the kernel's
+        refusal is logged).  On the worker."""
         try:
             kill_cgroup(folder)
         except OSError as exc:
             logger.error("cannot kill the processes of %s: %s", folder, exc)
+            return False
+        return True
 
     def _kill_lingering(self) -> None:
         """Kill what dead children left in their cgroups (with

@@ -2100,6 +2100,30 @@ def born_inside(client, root, name, count):
     return leaves
 
 
+def test_kill_cgroup_refuses_a_cgroup_this_process_sits_in(scratch_cgroup):
+    # What kill_cgroup checks (from /proc/self, not by walking the subtree):
+    # the folder itself, or one above the process, is refused; others not.
+    inner = scratch_cgroup / "inner"
+    sibling = scratch_cgroup / "sibling"
+    inner.mkdir()
+    sibling.mkdir()
+    home = cgroup_dir(cgroup_of())
+    try:
+        move_to_cgroup(inner)
+        assert minisup.holds_this_process(str(inner))
+        assert minisup.holds_this_process(str(scratch_cgroup) + "/")
+        assert not minisup.holds_this_process(str(sibling))
+        assert not minisup.holds_this_process(str(inner) + "2")  # a prefix, not a parent
+        with pytest.raises(OSError) as refused:
+            minisup.kill_cgroup(str(scratch_cgroup))
+        assert refused.value.errno == errno.EBUSY
+    finally:
+        move_to_cgroup(home)
+    minisup.kill_cgroup(str(sibling))  # empty: nothing to kill, no error
+    inner.rmdir()
+    sibling.rmdir()
+
+
 def test_every_process_is_born_in_its_own_cgroup_under_its_watchers(contained_daemon):
     """A child is in its cgroup R/w.NAME/WID.SERIAL before it can fork: a
     shell that forks at once has its child there too, over 40 spawns; the
@@ -4460,6 +4484,18 @@ def test_children_are_forked_from_a_private_table_that_stays_short(make_daemon):
     daemon.client.call("incr", name="web", nb=5, waiting=True)
     assert len(daemon.client.call("list", name="web")["pids"]) == 45
     assert len(spawner_fds()) <= 4, spawner_fds()
+
+
+def test_more_inherited_sockets_than_one_message_carries_still_spawn(make_daemon, tmp_path):
+    # SCM_RIGHTS carries 253 fds at most: a child that inherits 260 sockets
+    # is forked by the worker itself, and the spawner goes on for the rest.
+    sockets = "".join(f"[socket:s{n}]\npath = {tmp_path}/s{n}.sock\n" for n in range(260))
+    daemon = make_daemon(sockets + f"[watcher:many]\ncmd = {py_cmd(SLEEP)}\nuse_sockets = true\n"
+                         + sleepers("plain", n=2))
+    (pid,) = daemon.client.call("list", name="many")["pids"]
+    assert len(os.listdir(f"/proc/{pid}/fd")) >= 263  # 0-2 and every socket
+    daemon.client.call("incr", name="plain", waiting=True)
+    assert len(daemon.client.call("list", name="plain")["pids"]) == 3
 
 
 def test_an_uncaptured_child_writes_to_the_daemons_stdout_of_the_moment(make_daemon, tmp_path):
