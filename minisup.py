@@ -2618,7 +2618,7 @@ class Spawner:
         daemon's table, close-on-exec; on the worker.  If they do not all
         arrive (no fd left here), kill the child and raise OSError."""
         try:
-            _, fds, flags, _ = socket.recv_fds(self._ours, 1, count)
+            fds, flags = socket.recv_fds(self._ours, 1, count)[1:3]  # fds, flags
         except OSError:
             kill_failed_spawn(popen)
             raise
@@ -2693,7 +2693,7 @@ class Spawner:
                 os.close(fd)
         if not needed:
             return
-        _, received, flags, _ = socket.recv_fds(self._theirs, 1, len(needed))
+        received, flags = socket.recv_fds(self._theirs, 1, len(needed))[1:3]  # fds, flags
         if len(received) != len(needed) or flags & socket.MSG_CTRUNC:
             close_fds(received)
             raise OSError(errno.EMFILE, "the fds a child inherits did not all arrive")
