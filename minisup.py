@@ -2128,7 +2128,7 @@ class Process:
         self.cpu_sample: tuple[float, float] | None = None  # (CPU s, monotonic) at the last stats
         self.cgroup: str | None = None  # its own cgroup's folder (cgroup mode)
         self.cgroup_empty = False  # that folder was empty as it died: see CgroupTree.discard
-        self.tree_killed = False  # its watcher's whole cgroup was killed (a stop's SIGKILL)
+        self.with_watcher = False  # leftovers and cgroup dealt with at its watcher's stop end
         if HAS_PIDFD:  # a zombie has one too: a child already dead reads as exited
             with contextlib.suppress(OSError):  # old kernel: the worker polls instead
                 self.pidfd = os.pidfd_open(self.pid)
@@ -2963,8 +2963,8 @@ PLACEMENT = Placement()
 
 #: The most emptied cgroups the worker removes in one turn (see CgroupTree.discard).
 DISCARD_BATCH = 200
-#: So many waiting, they are removed even on a turn with deaths.
-DISCARD_BACKLOG = 2000
+#: So many waiting, they are removed even on a turn with deaths or stops.
+DISCARD_BACKLOG = 10_000
 
 
 class CgroupTree:
@@ -5489,7 +5489,7 @@ class Arbiter:
         self.containment = {"mode": "process groups", "reason": "no Daemon opened a cgroup"}
         self.owner_tag: str | None = None
         self._lingering: dict[str, Watcher] = {}  # dead children's cgroups not yet empty
-        self._killed_folders: dict[Watcher, list[str]] = {}  # see _release_killed
+        self._released_folders: dict[Watcher, list[str]] = {}  # see _release_with_watcher
         for watcher_config in config.watchers:
             self.add_watcher(watcher_config)
 
@@ -5576,9 +5576,7 @@ class Arbiter:
         now = self.clock()
         self.hooks.expire(now)
         self.manage_watchers(now)
-        # Removals wait for a turn with no death (see discard), or a backlog.
-        if self.cgroups is not None and (not self._deaths_this_turn
-                                         or self.cgroups.discarded > DISCARD_BACKLOG):
+        if self.cgroups is not None and self._may_remove_discarded():
             self.cgroups.remove_discarded()
         # The dict's view, not a list: most ticks, with no systemd, read none of it.
         self.systemd.report(now, self.watchers.values(), self._quit_stages is not None)
@@ -5605,6 +5603,16 @@ class Arbiter:
             self._hooks_deadline = now + longest
         elif now >= self._hooks_deadline:
             self.hooks.abandon()
+
+    def _may_remove_discarded(self) -> bool:
+        """Whether this turn may remove emptied cgroups (see discard): none
+        died in it and no stop is under way, or too many wait."""
+        if self.cgroups.discarded > DISCARD_BACKLOG:
+            return True
+        if self._deaths_this_turn:
+            return False
+        every = [*self.watchers.values(), *self._retiring]
+        return all(w.running_count() == len(w.processes) for w in every)  # none stopping
 
     def _timeout(self, now: float) -> float:
         """How long the next poll may block: until the nearest deadline of
@@ -5696,7 +5704,7 @@ class Arbiter:
         if whole and self._kill_cgroup(self.cgroups.watcher_folder(watcher.name)):
             for process in processes:
                 process.killed = True
-                process.tree_killed = True
+                process.with_watcher = True
             return
         for process in processes:  # one by one (or the whole kill failed)
             self._kill_tree(process, tree)
@@ -5991,10 +5999,13 @@ class Arbiter:
         the group id) and its cgroup, unless it died on its own and its
         watcher keeps leftovers (``kill_leftovers = false``).  An empty
         cgroup (the usual case) means nothing is left: no signal is sent.
-        Before its pipes are drained: a leftover could hold them open."""
+        In a stop of its whole watcher, that is done for all at the end
+        (see _release_with_watcher).  Before its pipes are drained: a
+        leftover could hold them open."""
         if not process.stopping and not watcher.config.kill_leftovers:
             return
-        if process.tree_killed:  # its watcher's cgroup was killed: so was all it left
+        if self._released_with_watcher(watcher, process):  # see _release_with_watcher
+            process.with_watcher = True
             return
         if process.cgroup is not None and not is_populated(process.cgroup):
             process.cgroup_empty = True  # the usual case: nothing is left
@@ -6020,12 +6031,12 @@ class Arbiter:
                 reason = f"OOM kill (memory_max {size_text(limit)})"
         if process.cgroup_empty:
             self.cgroups.discard(folder)
-        elif not process.tree_killed:
+        elif process.with_watcher:  # looked at once the last is reaped
+            self._released_folders.setdefault(watcher, []).append(folder)
+        else:
             self._remove_when_empty(watcher, folder)
-        else:  # looked at once the last of them is reaped: see _release_killed
-            self._killed_folders.setdefault(watcher, []).append(folder)
-            if len(watcher.processes) <= 1:
-                self._release_killed(watcher)
+        if len(watcher.processes) <= 1 and watcher in self._released_folders:  # the last
+            self._release_with_watcher(watcher)
         return reason
 
     def _remove_when_empty(self, watcher: Watcher, folder: str) -> None:
@@ -6035,16 +6046,32 @@ class Arbiter:
             self._lingering[folder] = watcher
             watcher.lingering += 1
 
-    def _release_killed(self, watcher: Watcher) -> None:
-        """Discard or await the cgroups of children that died in a
-        watcher-wide kill (see _kill_trees), once the last is reaped: a
-        read of each while thousands are still exiting waits on the
-        kernel's cgroup locks, and what they left was killed with them."""
-        for folder in self._killed_folders.pop(watcher, []):
-            if is_populated(folder):
-                self._remove_when_empty(watcher, folder)
-            else:
+    def _released_with_watcher(self, watcher: Watcher, process: Process) -> bool:
+        """Whether a dead child's leftovers and cgroup wait for the end of
+        its watcher's stop (see _release_with_watcher): cgroup mode, the
+        watcher stopping as a whole, the child one it told to stop."""
+        return (process.with_watcher or self.cgroups is not None and process.cgroup is not None
+                and watcher.state == STOPPING and process.stopping
+                and self.watchers.get(watcher.name) is watcher)  # rm'd: its name may be reused
+
+    def _release_with_watcher(self, watcher: Watcher) -> None:
+        """Once the last child of a stopping watcher is reaped, deal with
+        the cgroups of those that died in the stop: one read of the
+        watcher's cgroup says whether anything is left; if not, each is
+        discarded, else what is left is killed and each awaited until
+        empty.  10,000 reads (or rmdirs) while thousands of processes are
+        still exiting wait on the kernel's cgroup locks (0.04-0.6 ms
+        each); one read at the end does not."""
+        folders = self._released_folders.pop(watcher, [])
+        top = self.cgroups.watcher_folder(watcher.name)
+        if not is_populated(top):
+            for folder in folders:
                 self.cgroups.discard(folder)
+            return
+        self._kill_cgroup(top)
+        for folder in folders:
+            self._remove_when_empty(watcher, folder)
+
     def check_process_count(self, name: str, count: int) -> None:
         """Raise MessageError if ``count`` processes for the watcher ``name``
         (new or not) would take the sum of every watcher's numprocesses past
