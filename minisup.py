@@ -2715,9 +2715,10 @@ class Spawner:
 #         w.NAME/               one per watcher
 #             WID.SERIAL/       one per process: it and all it starts
 #
-# A child is born in its own cgroup: the worker moves this whole process
-# into it around the fork and back (``Placement``), so no window lets a
-# grandchild start outside.  Killing a cgroup reaches everything started
+# A child is born in its own cgroup: the spawner thread (see Spawner; the
+# worker where there is none) moves this whole process into it around the
+# fork and back (``Placement``), so no window lets a grandchild start
+# outside.  Killing a cgroup reaches everything started
 # in it, whatever session or process group it moved to, and an empty
 # cgroup (``populated 0`` in cgroup.events) is how a stop knows nothing is
 # left.  Elsewhere, the fallback: process groups, the descendant walk, the
