@@ -6036,7 +6036,8 @@ class Arbiter:
             self._released_folders.setdefault(watcher, []).append(folder)
         else:
             self._remove_when_empty(watcher, folder)
-        if len(watcher.processes) <= 1 and watcher in self._released_folders:  # the last
+        stopping = len(watcher.processes) - watcher.running_count()  # this one among them
+        if stopping <= 1 and watcher in self._released_folders:  # the last of the stop
             self._release_with_watcher(watcher)
         return reason
 
@@ -6065,6 +6066,10 @@ class Arbiter:
         each); one read at the end does not."""
         folders = self._released_folders.pop(watcher, [])
         top = self.cgroups.watcher_folder(watcher.name)
+        if watcher.running_count():  # started again meanwhile: never kill the new ones
+            for folder in folders:
+                self._release_alone(watcher, folder)
+            return
         if not is_populated(top):
             for folder in folders:
                 self.cgroups.discard(folder)
@@ -6072,6 +6077,15 @@ class Arbiter:
         self._kill_cgroup(top)
         for folder in folders:
             self._remove_when_empty(watcher, folder)
+
+    def _release_alone(self, watcher: Watcher, folder: str) -> None:
+        """A dead child's cgroup on its own: discarded if empty, else what
+        is left is killed and the cgroup awaited."""
+        if not is_populated(folder):
+            self.cgroups.discard(folder)
+            return
+        self._kill_cgroup(folder)
+        self._remove_when_empty(watcher, folder)
 
     def check_process_count(self, name: str, count: int) -> None:
         """Raise MessageError if ``count`` processes for the watcher ``name``
