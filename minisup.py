@@ -1886,6 +1886,9 @@ def user_options(config: WatcherConfig) -> dict[str, Any]:
 
 #: linux/capability.h: the capability to raise a hard limit.
 CAP_SYS_RESOURCE = 24
+#: linux/capability.h: with CAP_SYS_RESOURCE, what frees pipes from the
+#: per-user budget (see may_enlarge_pipes).
+CAP_SYS_ADMIN = 21
 
 
 def has_capability(bit: int) -> bool:
@@ -2318,6 +2321,17 @@ def _launch(config: WatcherConfig, argv: list[str], env: dict[str, str],
             **user_options(config)}
 
 
+@functools.cache
+def may_enlarge_pipes() -> bool:
+    """Whether capture pipes may grow to READ_SIZE: only where the kernel
+    does not count them against the user's pipe budget
+    (``fs.pipe-user-pages-soft``, 64 MiB by default), that is with
+    CAP_SYS_RESOURCE or CAP_SYS_ADMIN.  Past that budget every new pipe
+    of the user, other programs' too, gets 8 KiB: a container's root
+    without them keeps the kernel's default 64 KiB.  Read once; any thread."""
+    return has_capability(CAP_SYS_RESOURCE) or has_capability(CAP_SYS_ADMIN)
+
+
 def _output_target(config: WatcherConfig, stream: str,
                    capture: bool) -> tuple[int | None, int | None]:
     """(our read end, the child's fd) for a child's ``stream`` ("stdout" or
@@ -2329,8 +2343,9 @@ def _output_target(config: WatcherConfig, stream: str,
     if capture and getattr(config, f"{stream}_stream"):
         read_end, write_end = os.pipe2(os.O_CLOEXEC)
         os.set_blocking(read_end, False)
-        with contextlib.suppress(OSError):  # bigger pipes: fewer, larger reads
-            fcntl.fcntl(read_end, fcntl.F_SETPIPE_SZ, READ_SIZE)
+        if may_enlarge_pipes():
+            with contextlib.suppress(OSError):  # bigger pipes: fewer, larger reads
+                fcntl.fcntl(read_end, fcntl.F_SETPIPE_SZ, READ_SIZE)
         return read_end, write_end
     return None, None
 
@@ -5395,6 +5410,9 @@ LONGEST_WAIT = 3600.0
 RESERVED_FDS = 64
 #: The most fds the daemon holds for one child: its pidfd and two pipes.
 FDS_PER_PROCESS = 3
+#: Free fds a spawn must leave the daemon, past process_limit: for clients'
+#: connections (libzmq aborts the process when an accept finds none).
+SPARE_FDS = 16
 
 
 def process_limit(max_processes: int) -> tuple[int, str]:
@@ -5910,7 +5928,10 @@ class Arbiter:
     def _spawn(self, config: WatcherConfig, wid: int, now: float) -> Process:
         """Start one child of ``config`` (Watcher's ``spawn``): with the
         sockets, capture if there is an output thread, and for ``ready``
-        its notify socket, or no stale ready file."""
+        its notify socket, or no stale ready file.  Past the process limit
+        (see _check_fds_to_spare), raise OSError (EMFILE) unless the daemon
+        still has fds to spare."""
+        self._check_fds_to_spare()
         extra = {}
         if config.ready == "notify" or config.watchdog_sec:
             extra["NOTIFY_SOCKET"] = self._notify_address()
@@ -5925,6 +5946,25 @@ class Arbiter:
             return spawn_process(config, wid, now, self.sockets, self.pump is not None, extra,
                                  spawner=self.spawner)
         return self._spawn_contained(config, wid, now, extra)
+
+    def _check_fds_to_spare(self) -> None:
+        """Raise OSError (EMFILE) if a new child would leave the daemon
+        fewer than SPARE_FDS free fds: libzmq aborts the whole process when
+        an accept finds none, and the spawner, forking from its own table,
+        would otherwise fill the daemon's to the last one.  Looked at only
+        past ``process_limit`` (then a probe of SPARE_FDS dups); on the worker."""
+        count = sum(len(w.processes) for w in [*self.watchers.values(), *self._retiring])
+        if count < self.process_limit[0]:
+            return
+        probes: list[int] = []
+        try:
+            for _ in range(SPARE_FDS + FDS_PER_PROCESS):
+                probes.append(fcntl.fcntl(self._waker.read_fd, fcntl.F_DUPFD_CLOEXEC, 0))
+        except OSError as exc:
+            raise OSError(errno.EMFILE, f"Too many open files: {count} processes leave too "
+                                        f"few fds for the daemon's own ({SPARE_FDS} kept)") from exc
+        finally:
+            close_fds(probes)
 
     def _spawn_contained(self, config: WatcherConfig, wid: int, now: float,
                          extra: dict[str, str]) -> Process:

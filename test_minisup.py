@@ -2597,6 +2597,26 @@ def test_a_fifo_target_is_never_rotated(make_daemon, tmp_path):
     assert len(data.splitlines()) == 50 and not list(tmp_path.glob("fifo.*"))
 
 
+PIPE_SIZE_CODE = "import fcntl; print(fcntl.fcntl(1, fcntl.F_GETPIPE_SZ), flush=True)"
+
+
+@pytest.mark.skipif(shutil.which("setpriv") is None, reason="no setpriv to drop capabilities")
+@pytest.mark.parametrize("drop, size", [((), 1 << 18), (("-sys_admin", "-sys_resource"), 1 << 16)])
+def test_capture_pipes_grow_only_outside_the_users_pipe_budget(cli_daemon, tmp_path, drop, size):
+    # Without CAP_SYS_ADMIN and CAP_SYS_RESOURCE the kernel counts big pipes
+    # against the user's budget, past which every new pipe of the user is
+    # 8 KiB: the daemon then leaves them at the kernel's 64 KiB.
+    prefix = ()
+    if drop:
+        caps = ",".join(drop)
+        prefix = ("setpriv", f"--inh-caps={caps}", f"--bounding-set={caps}", "--")
+    cli_daemon(f"[watcher:w]\ncmd = {py_cmd(PIPE_SIZE_CODE)}\nrestart = never\n"
+               f"stdout_stream.class = FileStream\nstdout_stream.filename = {tmp_path}/out.log\n",
+               prefix=prefix)
+    wait_for(lambda: (tmp_path / "out.log").exists()
+             and (tmp_path / "out.log").read_text() == f"{size}\n", what=f"a pipe of {size}")
+
+
 def test_tail_keeps_exact_lines_of_big_chunks_short_and_long(make_daemon, tmp_path):
     # One write of 1.3 MiB of short lines, then 600 lines of 1000 bytes: the
     # tail looks at the end of each chunk only, and must still hold the last
