@@ -5626,6 +5626,8 @@ class Arbiter:
     def _may_remove_discarded(self) -> bool:
         """Whether this turn may remove emptied cgroups (see discard): none
         died in it and no stop is under way, or too many wait."""
+        if not self.cgroups.discarded:  # the usual turn: nothing to look at
+            return False
         if self.cgroups.discarded > DISCARD_BACKLOG:
             return True
         if self._deaths_this_turn:
@@ -9033,12 +9035,19 @@ class TopDaemon:
         self._counts: tuple[float, dict[int, int]] = (0.0, {})  # (monotonic, lines by pid)
         self._subscribed: set[str] = set()
 
-    def read_status(self) -> None:
-        """Read every watcher's state; on failure keep the last and say why."""
+    def _ask(self, command: str, **properties: Any) -> dict[str, Any] | None:
+        """The daemon's reply to ``command``, or None if it did not answer
+        (``error`` says so)."""
         try:
-            reply = self.client.call("status", extended=True)
+            return self.client.call(command, **properties)
         except CallError as exc:
             self.error = f"no answer ({exc})"
+            return None
+
+    def read_status(self) -> None:
+        """Read every watcher's state; on failure keep the last and say why."""
+        reply = self._ask("status", extended=True)
+        if reply is None:
             return
         if reply.get("status") != "ok":
             self.error = str(reply.get("reason"))
@@ -9049,12 +9058,8 @@ class TopDaemon:
     def read_stats(self) -> None:
         """Read every process's CPU (since the last read), memory and line
         count, and make each process's lines per second from the counts."""
-        try:
-            reply = self.client.call("stats", output=True)
-        except CallError as exc:
-            self.error = f"no answer ({exc})"
-            return
-        if reply.get("status") != "ok":
+        reply = self._ask("stats", output=True)
+        if reply is None or reply.get("status") != "ok":
             return
         self.stats = reply["infos"]
         now = time.monotonic()

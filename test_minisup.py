@@ -2344,16 +2344,7 @@ def test_a_megabyte_that_ends_mid_line_is_kept_byte_for_byte(make_daemon, tmp_pa
     code = ("import os, random; data = bytes(random.Random(7).choice(b'ab\\n') "
             "for _ in range((1 << 20) - 3)) + b'end'; "
             "open(os.environ['EXPECTED'], 'wb').write(data); os.write(1, data)")
-    daemon = make_daemon(f"""
-        [watcher:w]
-        cmd = {py_cmd(code)}
-        restart = never
-        stdout_stream.class = FileStream
-        stdout_stream.filename = {tmp_path}/out.log
-        [env:w]
-        EXPECTED = {tmp_path}/expected
-        """)
-    wait_for(finished(daemon))
+    captured(make_daemon, tmp_path, code, f"[env:w]\nEXPECTED = {tmp_path}/expected\n")
     expected = (tmp_path / "expected").read_bytes()
     assert len(expected) == 1 << 20 and (tmp_path / "out.log").read_bytes() == expected
 
